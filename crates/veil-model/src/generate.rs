@@ -1,0 +1,222 @@
+//! The generation loop: prefill, then one token at a time, streaming text as it firms up.
+//!
+//! It runs over anything that turns new tokens into next-token logits ([`TokenStep`]): a model in
+//! this process, a chain of local shards, or (in `veil-net`) a chain of nodes.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{ModelError, Result};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::GgufTokenizer;
+
+/// Feeds new tokens to a model session and returns the logits after the last one.
+pub trait TokenStep {
+    /// Appends `tokens` to the session and returns the next-token logits (`vocab_size` long).
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+}
+
+/// What to generate and when to stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    /// The most tokens to generate.
+    pub max_tokens: usize,
+    /// How to pick each token.
+    pub sampling: SamplingParams,
+    /// Strings that end the answer; they are not part of the returned text.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced its end-of-sequence token.
+    Eos,
+    /// A stop string appeared.
+    Stop,
+    /// `max_tokens` (or the context window) ran out.
+    Length,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The answer, without the stop string or end token.
+    pub text: String,
+    /// Every sampled token, including a final end-of-sequence token if there was one.
+    pub tokens: Vec<u32>,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Time spent on the prompt (prefill and first token).
+    pub prefill_time: Duration,
+    /// Time spent on the tokens after the first.
+    pub decode_time: Duration,
+}
+
+/// Runs generation from `prompt` over `model`, calling `on_text` with each new piece of text.
+pub fn generate(
+    model: &mut dyn TokenStep,
+    tokenizer: &GgufTokenizer,
+    prompt: &[u32],
+    context_length: usize,
+    params: &GenerationParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Completion> {
+    if prompt.is_empty() {
+        return Err(ModelError::EmptyPrompt);
+    }
+    if prompt.len() >= context_length {
+        return Err(ModelError::ContextOverflow {
+            needed: prompt.len() + 1,
+            context: context_length,
+        });
+    }
+    let mut sampler = Sampler::new(params.sampling.clone())?;
+    let budget = params.max_tokens.min(context_length - prompt.len());
+    let mut text = TextStream::new(tokenizer, &params.stop);
+    let mut tokens = Vec::new();
+    let mut finish = FinishReason::Length;
+
+    let started = Instant::now();
+    let mut logits = model.step(prompt)?;
+    let mut prefill_time = started.elapsed();
+    while tokens.len() < budget {
+        let next = sampler.sample(&logits)?;
+        tokens.push(next);
+        if tokens.len() == 1 {
+            prefill_time = started.elapsed();
+        }
+        if next == tokenizer.eos() {
+            finish = FinishReason::Eos;
+            break;
+        }
+        if text.push(next, on_text)? {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if tokens.len() == budget {
+            break;
+        }
+        logits = model.step(&[next])?;
+    }
+    let decode_time = started.elapsed().saturating_sub(prefill_time);
+    let text = text.finish(finish != FinishReason::Stop, on_text);
+    Ok(Completion {
+        text,
+        tokens,
+        finish,
+        prompt_tokens: prompt.len(),
+        prefill_time,
+        decode_time,
+    })
+}
+
+/// Turns a stream of tokens into a stream of text.
+///
+/// A token can end in the middle of a UTF-8 character, and the text may be heading into a stop
+/// string, so text is released only once it can no longer change or be cut.
+pub struct TextStream<'a> {
+    tokenizer: &'a GgufTokenizer,
+    stop: &'a [String],
+    tokens: Vec<u32>,
+    text: String,
+    released: usize,
+}
+
+impl<'a> TextStream<'a> {
+    /// A stream that ends at any of `stop`.
+    pub fn new(tokenizer: &'a GgufTokenizer, stop: &'a [String]) -> Self {
+        Self {
+            tokenizer,
+            stop,
+            tokens: Vec::new(),
+            text: String::new(),
+            released: 0,
+        }
+    }
+
+    /// Adds a token; returns true when a stop string has appeared (the text before it has then
+    /// been released and the stream is done).
+    pub fn push(&mut self, token: u32, on_text: &mut dyn FnMut(&str)) -> Result<bool> {
+        self.tokens.push(token);
+        let decoded = self.tokenizer.decode(&self.tokens, true)?;
+        if decoded.ends_with('\u{FFFD}') {
+            return Ok(false); // the rest of the character is in the next token
+        }
+        self.text = decoded;
+        let search_from = self
+            .released
+            .saturating_sub(self.stop.iter().map(String::len).max().unwrap_or(0));
+        let search_from = floor_char_boundary(&self.text, search_from);
+        let hit = self
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.text[search_from..].find(s.as_str()))
+            .min();
+        if let Some(at) = hit {
+            self.text.truncate(search_from + at);
+            self.release(self.text.len(), on_text);
+            return Ok(true);
+        }
+        let held = self.held_back();
+        self.release(self.text.len() - held, on_text);
+        Ok(false)
+    }
+
+    /// Releases what is left (unless a stop string cut it) and returns the whole text.
+    pub fn finish(mut self, flush: bool, on_text: &mut dyn FnMut(&str)) -> String {
+        if flush {
+            if let Ok(all) = self.tokenizer.decode(&self.tokens, true) {
+                if all.len() >= self.text.len() {
+                    self.text = all;
+                }
+            }
+            self.release(self.text.len(), on_text);
+        }
+        self.text
+    }
+
+    /// Length of the longest tail of the text that could still grow into a stop string.
+    fn held_back(&self) -> usize {
+        self.stop
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n))
+                    .map(move |n| &s[..n])
+            })
+            .filter(|prefix| prefix.len() <= self.text.len() - self.released)
+            .filter(|prefix| self.text.ends_with(*prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn release(&mut self, upto: usize, on_text: &mut dyn FnMut(&str)) {
+        let upto = floor_char_boundary(&self.text, upto);
+        if upto > self.released {
+            on_text(&self.text[self.released..upto]);
+            self.released = upto;
+        }
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}

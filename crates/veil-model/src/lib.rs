@@ -1,0 +1,33 @@
+//! Veil's inference core.
+//!
+//! Runs a llama-family GGUF model on the CPU with candle, whole or as a [`Shard`] (a range of
+//! blocks that takes token ids or hidden states and returns hidden states or logits), with a KV
+//! cache per session, a tokenizer and chat template read from the file itself, seeded sampling,
+//! and a cache that fetches the default model.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod local;
+pub mod model;
+pub mod sampling;
+pub mod shard;
+pub mod store;
+pub mod tokenizer;
+pub mod weights;
+
+pub use candle_core::Tensor;
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::LlamaConfig;
+pub use error::{ModelError, Result};
+pub use generate::{generate, Completion, FinishReason, GenerationParams, TextStream, TokenStep};
+pub use gguf::GgufFile;
+pub use local::{LocalModel, LocalSession};
+pub use model::{LogitsAt, ShardCache, ShardInput, ShardModel};
+pub use sampling::{Sampler, SamplingParams};
+pub use shard::{LayerRange, Shard};
+pub use store::{FetchEvent, KnownModel, ModelStore, KNOWN_MODELS, SMOLLM2_135M};
+pub use tokenizer::GgufTokenizer;
+pub use weights::WeightFormat;

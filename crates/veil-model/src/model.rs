@@ -1,0 +1,439 @@
+//! The llama-family forward pass over a shard (a range of blocks).
+//!
+//! Owned here rather than taken from `candle-transformers` because Veil needs what that model
+//! does not offer: running any block range, taking hidden states in and handing them out, KV
+//! caches that live outside the weights (one per session, many sessions per loaded shard), and
+//! taps on every block's output for verification.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::shard::Shard;
+use crate::weights::WeightFormat;
+
+/// KV caches grow in steps of this many positions, so a short chat does not reserve the whole
+/// context window up front.
+const KV_GROW_STEP: usize = 256;
+
+/// What a shard is fed: token ids (first shard) or the previous shard's hidden states.
+#[derive(Debug, Clone)]
+pub enum ShardInput<'a> {
+    /// Token ids, for a shard that holds the embedding.
+    Tokens(&'a [u32]),
+    /// Hidden states `(tokens, hidden_size)` from the shard before.
+    Hidden(Tensor),
+}
+
+/// Which positions a head shard returns logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// Only the last position: all that generation needs.
+    Last,
+    /// Every position: what teacher-forced validation needs.
+    All,
+}
+
+/// The key/value cache of one session on one shard.
+#[derive(Debug, Clone)]
+pub struct ShardCache {
+    layers: Vec<KvCache>,
+    position: usize,
+}
+
+impl ShardCache {
+    /// How many positions the cache holds.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Empties the cache for a new sequence.
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::reset);
+        self.position = 0;
+    }
+}
+
+/// Precomputed RoPE angles for every position of the context.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(config: &LlamaConfig) -> Result<Self> {
+        let half = config.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_base
+                    .powf(2.0 * i as f32 / config.head_dim as f32)
+            })
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), &Device::Cpu)?;
+        let positions = Tensor::arange(0u32, config.context_length as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .reshape((config.context_length, 1))?;
+        let angles = positions.matmul(&inv_freq)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+
+    /// Rotates `x` `(batch, heads, tokens, head_dim)` for positions `start..start + tokens`.
+    /// GGUF llama weights are stored for the interleaved pairing `(2i, 2i+1)`.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let tokens = x.dim(2)?;
+        let cos = self.cos.narrow(0, start, tokens)?;
+        let sin = self.sin.narrow(0, start, tokens)?;
+        Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+/// One transformer block's weights.
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// The token embedding: looked up from quantized rows, or from a dense table.
+#[derive(Debug, Clone)]
+enum Embedding {
+    Quantized(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Quantized(q) => q.embedding(ids)?,
+            Self::Dense(t) => t.index_select(ids, 0)?,
+        })
+    }
+}
+
+/// The weights of one shard, loaded and ready to serve any number of sessions.
+#[derive(Debug, Clone)]
+pub struct ShardModel {
+    config: LlamaConfig,
+    shard: Shard,
+    format: WeightFormat,
+    embedding: Option<Embedding>,
+    blocks: Vec<Block>,
+    head: Option<(Tensor, QMatMul)>,
+    rope: Rope,
+}
+
+impl ShardModel {
+    /// Loads the tensors of `shard` from `gguf`, converting matrix weights to `format`.
+    pub fn load(gguf: &mut GgufFile, shard: &Shard, format: WeightFormat) -> Result<Self> {
+        let config = LlamaConfig::from_gguf(gguf)?;
+        shard.check(config.block_count)?;
+        let _span = tracing::info_span!("load_shard", %shard, %format).entered();
+        let h = config.hidden_size;
+
+        let needs_embd = shard.embedding || (shard.head && !gguf.has_tensor("output.weight"));
+        let token_embd = if needs_embd {
+            Some(Arc::new(load(
+                gguf,
+                "token_embd.weight",
+                &[config.vocab_size, h],
+            )?))
+        } else {
+            None
+        };
+        let embedding = match (&token_embd, shard.embedding) {
+            (Some(q), true) if q.dtype().block_size() > 1 => Some(Embedding::Quantized(q.clone())),
+            (Some(q), true) => Some(Embedding::Dense(q.dequantize(&Device::Cpu)?)),
+            _ => None,
+        };
+
+        let mut blocks = Vec::with_capacity(shard.layers.len());
+        for i in shard.layers.clone() {
+            let mut matmul = |name: &str, shape: &[usize]| -> Result<QMatMul> {
+                let q = load(gguf, &format!("blk.{i}.{name}.weight"), shape)?;
+                format.matmul(Arc::new(q))
+            };
+            let (kv, ffn) = (config.kv_size(), config.ffn_size);
+            blocks.push(Block {
+                wq: matmul("attn_q", &[h, h])?,
+                wk: matmul("attn_k", &[kv, h])?,
+                wv: matmul("attn_v", &[kv, h])?,
+                wo: matmul("attn_output", &[h, h])?,
+                w_gate: matmul("ffn_gate", &[ffn, h])?,
+                w_up: matmul("ffn_up", &[ffn, h])?,
+                w_down: matmul("ffn_down", &[h, ffn])?,
+                attn_norm: dense(gguf, &format!("blk.{i}.attn_norm.weight"), h)?,
+                ffn_norm: dense(gguf, &format!("blk.{i}.ffn_norm.weight"), h)?,
+            });
+        }
+
+        let head = if shard.head {
+            let norm = dense(gguf, "output_norm.weight", h)?;
+            let weight = match token_embd {
+                Some(tied) if !gguf.has_tensor("output.weight") => tied,
+                _ => Arc::new(load(gguf, "output.weight", &[config.vocab_size, h])?),
+            };
+            Some((norm, format.matmul(weight)?))
+        } else {
+            None
+        };
+
+        Ok(Self {
+            rope: Rope::new(&config)?,
+            config,
+            shard: shard.clone(),
+            format,
+            embedding,
+            blocks,
+            head,
+        })
+    }
+
+    /// The model's architecture numbers.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Which part of the model this is.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// The format matrix weights run in.
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// A fresh, empty KV cache for a new session on this shard.
+    pub fn new_cache(&self) -> ShardCache {
+        ShardCache {
+            layers: (0..self.blocks.len())
+                .map(|_| KvCache::new(2, KV_GROW_STEP))
+                .collect(),
+            position: 0,
+        }
+    }
+
+    /// Runs the shard on new positions of a session and advances its cache.
+    ///
+    /// Returns hidden states `(tokens, hidden_size)`, or, for a shard with the head, logits
+    /// `(positions, vocab_size)` at the positions `logits_at` asks for.
+    pub fn forward(
+        &self,
+        input: ShardInput<'_>,
+        cache: &mut ShardCache,
+        logits_at: LogitsAt,
+    ) -> Result<Tensor> {
+        self.forward_tapped(input, cache, logits_at, &mut |_, _| Ok(()))
+    }
+
+    /// [`forward`](Self::forward), calling `tap(block, hidden)` with each block's output
+    /// `(tokens, hidden_size)`; `block` is the block's index in the whole model.
+    pub fn forward_tapped(
+        &self,
+        input: ShardInput<'_>,
+        cache: &mut ShardCache,
+        logits_at: LogitsAt,
+        tap: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        if cache.layers.len() != self.blocks.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "cache has {} layers but shard {} has {}",
+                cache.layers.len(),
+                self.shard,
+                self.blocks.len()
+            )));
+        }
+        let mut x = self.embed(input)?;
+        let tokens = x.dim(1)?;
+        let start = cache.position;
+        let needed = start + tokens;
+        if needed > self.config.context_length {
+            return Err(ModelError::ContextOverflow {
+                needed,
+                context: self.config.context_length,
+            });
+        }
+        let mask = causal_mask(tokens, start)?;
+        for ((i, block), kv) in self
+            .shard
+            .layers
+            .clone()
+            .zip(&self.blocks)
+            .zip(&mut cache.layers)
+        {
+            x = block.forward(&x, kv, &self.rope, &self.config, start, mask.as_ref())?;
+            tap(i, &x.squeeze(0)?)?;
+        }
+        cache.position = needed;
+
+        let Some((norm, head)) = &self.head else {
+            return Ok(x.squeeze(0)?);
+        };
+        if logits_at == LogitsAt::Last {
+            x = x.narrow(1, tokens - 1, 1)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x.contiguous()?, norm, self.config.rms_eps as f32)?;
+        Ok(head.forward(&x)?.squeeze(0)?)
+    }
+
+    /// Turns the input into `(1, tokens, hidden_size)` hidden states, checking it fits the shard.
+    fn embed(&self, input: ShardInput<'_>) -> Result<Tensor> {
+        match (input, &self.embedding) {
+            (ShardInput::Tokens(ids), Some(embedding)) => {
+                if ids.is_empty() {
+                    return Err(ModelError::InvalidInput("no tokens to run".into()));
+                }
+                if let Some(bad) = ids
+                    .iter()
+                    .find(|&&id| id as usize >= self.config.vocab_size)
+                {
+                    return Err(ModelError::InvalidInput(format!(
+                        "token id {bad} is outside the vocabulary of {} tokens",
+                        self.config.vocab_size
+                    )));
+                }
+                let ids = Tensor::new(ids, &Device::Cpu)?;
+                Ok(embedding.lookup(&ids)?.unsqueeze(0)?)
+            }
+            (ShardInput::Hidden(h), None) => {
+                let (tokens, width) = h.dims2().map_err(|_| {
+                    ModelError::InvalidInput(format!(
+                        "hidden states must be (tokens, hidden), got {:?}",
+                        h.dims()
+                    ))
+                })?;
+                if tokens == 0 || width != self.config.hidden_size || h.dtype() != DType::F32 {
+                    return Err(ModelError::InvalidInput(format!(
+                        "hidden states must be f32 (tokens > 0, {}), got {:?} {:?}",
+                        self.config.hidden_size,
+                        h.dtype(),
+                        h.dims()
+                    )));
+                }
+                Ok(h.unsqueeze(0)?)
+            }
+            (ShardInput::Tokens(_), None) => Err(ModelError::InvalidInput(format!(
+                "shard {} takes hidden states, not token ids",
+                self.shard
+            ))),
+            (ShardInput::Hidden(_), Some(_)) => Err(ModelError::InvalidInput(format!(
+                "shard {} takes token ids, not hidden states",
+                self.shard
+            ))),
+        }
+    }
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        kv: &mut KvCache,
+        rope: &Rope,
+        config: &LlamaConfig,
+        start: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let eps = config.rms_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, eps)?;
+        let x = (x + self.attention(&h, kv, rope, config, start, mask)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, eps)?;
+        let ffn = (self.w_gate.forward(&h)?.silu()? * self.w_up.forward(&h)?)?;
+        Ok((x + self.w_down.forward(&ffn)?)?)
+    }
+
+    /// Grouped-query attention. The query heads of a group are laid out next to each other, so
+    /// reshaping queries to `(kv_heads, group * tokens)` lets each group attend to its one KV
+    /// head without copying the cache `group` times.
+    fn attention(
+        &self,
+        x: &Tensor,
+        kv: &mut KvCache,
+        rope: &Rope,
+        config: &LlamaConfig,
+        start: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (batch, tokens, _) = x.dims3()?;
+        let (heads, kv_heads, dim) = (config.head_count, config.kv_head_count, config.head_dim);
+        let group = heads / kv_heads;
+        let split = |t: Tensor, n: usize| t.reshape((batch, tokens, n, dim))?.transpose(1, 2);
+        let q = rope.apply(&split(self.wq.forward(x)?, heads)?, start)?;
+        let k = rope.apply(&split(self.wk.forward(x)?, kv_heads)?, start)?;
+        let v = split(self.wv.forward(x)?, kv_heads)?.contiguous()?;
+        let (k, v) = kv.append(&k, &v)?;
+        let seen = k.dim(2)?;
+
+        let q = q.reshape((batch, kv_heads, group * tokens, dim))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (dim as f64).sqrt()))?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((batch, kv_heads, group, tokens, seen))?
+                .broadcast_add(mask)?
+                .reshape((batch, kv_heads, group * tokens, seen))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v.contiguous()?)?;
+        let y = y
+            .reshape((batch, heads, tokens, dim))?
+            .transpose(1, 2)?
+            .reshape((batch, tokens, heads * dim))?;
+        Ok(self.wo.forward(&y)?)
+    }
+}
+
+/// The additive causal mask `(tokens, start + tokens)` for new positions after `start` cached
+/// ones; `None` for a single token, which may see everything.
+fn causal_mask(tokens: usize, start: usize) -> Result<Option<Tensor>> {
+    if tokens <= 1 {
+        return Ok(None);
+    }
+    let seen = start + tokens;
+    let mask: Vec<f32> = (0..tokens)
+        .flat_map(|i| {
+            (0..seen).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (tokens, seen), &Device::Cpu)?))
+}
+
+/// Reads a tensor and checks its shape (GGUF stores `(out, in)` as candle sees it).
+fn load(gguf: &mut GgufFile, name: &str, shape: &[usize]) -> Result<QTensor> {
+    let q = gguf.tensor(name)?;
+    if q.shape().dims() != shape {
+        return Err(ModelError::BadTensor {
+            name: name.to_string(),
+            reason: format!("shape {:?}, expected {shape:?}", q.shape().dims()),
+        });
+    }
+    Ok(q)
+}
+
+/// Reads a norm weight as a dense f32 vector of length `len`.
+fn dense(gguf: &mut GgufFile, name: &str, len: usize) -> Result<Tensor> {
+    Ok(load(gguf, name, &[len])?.dequantize(&Device::Cpu)?)
+}

@@ -1,0 +1,108 @@
+//! Options shared by every command that runs the model.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use veil_model::{
+    GenerationParams, LayerRange, LocalModel, ModelStore, SamplingParams, WeightFormat,
+    SMOLLM2_135M,
+};
+
+use crate::progress;
+
+/// Which model to run and how.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A llama-family GGUF file; default: SmolLM2-135M-Instruct, fetched into $VEIL_HOME.
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// Weight format for matrix weights: stored (as in the file), f32, f16 or q8_0.
+    #[arg(long, default_value = "stored", value_parser = parse_format)]
+    pub dtype: WeightFormat,
+
+    /// Run the model as local shards with these layer ranges, e.g. 0-10,10-20,20-30.
+    #[arg(long, value_delimiter = ',', value_name = "RANGES")]
+    pub layers: Vec<LayerRange>,
+
+    /// Worker threads for the tensor kernels (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+}
+
+fn parse_format(s: &str) -> Result<WeightFormat, String> {
+    s.parse().map_err(|e: veil_model::ModelError| e.to_string())
+}
+
+impl ModelArgs {
+    /// The model file to use: the one given, or the default model, fetched if needed.
+    pub fn resolve_path(&self) -> Result<PathBuf> {
+        if let Some(path) = &self.model {
+            return Ok(path.clone());
+        }
+        let store = ModelStore::from_env();
+        progress::ensure_model(&store, &SMOLLM2_135M)
+    }
+
+    /// Applies `--threads` and loads the model, with a spinner.
+    pub fn load(&self) -> Result<LocalModel> {
+        if let Some(threads) = self.threads {
+            // candle sizes its thread pools from this variable when it first needs them.
+            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        }
+        let path = self.resolve_path()?;
+        let ranges: Vec<_> = self.layers.iter().map(|r| r.0.clone()).collect();
+        let spinner = progress::spinner(format!("loading {} ({})", path.display(), self.dtype));
+        let model = LocalModel::load(&path, self.dtype, &ranges)
+            .with_context(|| format!("cannot load {}", path.display()));
+        spinner.finish_and_clear();
+        model
+    }
+}
+
+/// How to sample and when to stop.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+
+    /// Sample only from the k likeliest tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+
+    /// Sample only from the likeliest tokens whose probability adds up to p.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+
+    /// Random seed: the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+
+    /// Stop when this text appears (may be given several times).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// The generation settings these flags describe, checked.
+    pub fn params(&self) -> Result<GenerationParams> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        };
+        sampling.check()?;
+        Ok(GenerationParams {
+            max_tokens: self.max_tokens,
+            sampling,
+            stop: self.stop.clone(),
+        })
+    }
+}

@@ -1,0 +1,142 @@
+//! `veil bench`: prefill and decode speed and peak memory of the model on this machine.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use clap::Args;
+use serde::Serialize;
+use veil_model::{sampling::argmax, ChatMessage, TokenStep};
+
+use crate::args::ModelArgs;
+
+/// Arguments of `veil bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// How many times to run; the report gives medians.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+
+    /// Tokens to decode in each run (greedy, past any end token).
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+
+    /// The prompt, rendered with the chat template.
+    #[arg(long, default_value = "What is the capital of France?")]
+    pub prompt: String,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// What `veil bench` measured.
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    model: String,
+    format: String,
+    threads: usize,
+    runs: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    load_seconds: f64,
+    prefill_tokens_per_second: f64,
+    decode_tokens_per_second: f64,
+    peak_memory_bytes: Option<u64>,
+}
+
+/// Runs `veil bench`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    ensure!(args.runs >= 1, "--runs must be at least 1");
+    ensure!(args.tokens >= 1, "--tokens must be at least 1");
+    let path = args.model.resolve_path()?;
+    let started = Instant::now();
+    let model = args.model.load()?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let prompt = model.chat_prompt(&[ChatMessage::user(args.prompt.clone())])?;
+    ensure!(
+        prompt.len() + args.tokens <= model.config.context_length,
+        "prompt and --tokens exceed the context of {} tokens",
+        model.config.context_length
+    );
+
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for run in 0..args.runs {
+        let mut session = model.session();
+        let t0 = Instant::now();
+        let mut logits = session.step(&prompt)?;
+        let t1 = Instant::now();
+        for _ in 0..args.tokens {
+            logits = session.step(&[argmax(&logits)])?;
+        }
+        let t2 = Instant::now();
+        prefill.push(prompt.len() as f64 / secs(t1 - t0));
+        decode.push(args.tokens as f64 / secs(t2 - t1));
+        tracing::info!(
+            run,
+            prefill = prefill[run],
+            decode = decode[run],
+            "bench run"
+        );
+    }
+
+    let report = BenchReport {
+        model: path.display().to_string(),
+        format: args.model.dtype.to_string(),
+        threads: std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(args.model.threads.map_or(usize::MAX, usize::from)),
+        runs: args.runs,
+        prompt_tokens: prompt.len(),
+        decode_tokens: args.tokens,
+        load_seconds,
+        prefill_tokens_per_second: median(&mut prefill),
+        decode_tokens_per_second: median(&mut decode),
+        peak_memory_bytes: peak_memory(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("model      {} ({})", report.model, report.format);
+        println!("threads    {}", report.threads);
+        println!("load       {:.2} s", report.load_seconds);
+        println!(
+            "prefill    {:.1} tok/s  ({} tokens, median of {})",
+            report.prefill_tokens_per_second, report.prompt_tokens, report.runs
+        );
+        println!(
+            "decode     {:.1} tok/s  ({} tokens, median of {})",
+            report.decode_tokens_per_second, report.decode_tokens, report.runs
+        );
+        match report.peak_memory_bytes {
+            Some(b) => println!("peak RSS   {:.0} MiB", b as f64 / (1024.0 * 1024.0)),
+            None => println!("peak RSS   unknown on this platform"),
+        }
+    }
+    Ok(())
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64().max(1e-9)
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// The process's peak resident set size, from `/proc/self/status` (Linux only).
+fn peak_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -1,0 +1,76 @@
+//! `veil`: the command-line face of Veil.
+//!
+//! Each subcommand lives in its own module under `commands/`; this file parses the command line,
+//! sets up logging and threads, and turns errors into a message and an exit code.
+
+mod args;
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Private, verifiable, fast LLM inference on a swarm nobody has to trust.
+#[derive(Parser)]
+#[command(name = "veil", version, about, long_about = None)]
+struct Cli {
+    /// Log filter for stderr (e.g. `info`, `veil_model=debug`); also read from VEIL_LOG.
+    #[arg(long, global = true, env = "VEIL_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one prompt, streaming the text.
+    Generate(commands::generate::GenerateArgs),
+    /// Talk with the model; the conversation is kept between turns.
+    Chat(commands::chat::ChatArgs),
+    /// Measure prefill and decode speed and peak memory.
+    Bench(commands::bench::BenchArgs),
+    /// Fetch and list cached models.
+    Models {
+        #[command(subcommand)]
+        command: commands::models::ModelsCommand,
+    },
+    /// Run the whole pipeline on this machine and show what happens.
+    Demo(commands::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let result = match cli.command {
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Chat(args) => commands::chat::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+        Command::Models { command } => commands::models::run(command),
+        Command::Demo(args) => commands::demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("veil: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A closed stdout (`veil generate ... | head`) is the reader's choice, not an error.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
