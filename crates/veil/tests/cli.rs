@@ -1,0 +1,250 @@
+//! The `veil` binary on bad input: a clear error naming the problem, a non-zero exit, no panic.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use assert_cmd::Command;
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use veil_model::{ModelStore, SMOLLM2_135M};
+
+fn model_path() -> PathBuf {
+    ModelStore::from_env()
+        .ensure(&SMOLLM2_135M, &mut |_| {})
+        .expect("the default model can be fetched")
+}
+
+fn veil() -> Command {
+    Command::cargo_bin("veil").unwrap()
+}
+
+/// Runs `veil args...`, expects failure, and returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = veil().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "veil {args:?} succeeded; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "veil {args:?} panicked: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn missing_model_file() {
+    let err = fails(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--model",
+        "/no/such/model.gguf",
+    ]);
+    assert!(
+        err.contains("/no/such/model.gguf") && err.contains("No such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_gguf_file() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    writeln!(f, "this is a text file, not a model").unwrap();
+    let err = fails(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--model",
+        f.path().to_str().unwrap(),
+    ]);
+    assert!(err.contains("is not a GGUF file"), "{err}");
+}
+
+#[test]
+fn truncated_gguf() {
+    let bytes = std::fs::read(model_path()).unwrap();
+    for keep in [20, 4096, bytes.len() / 2, bytes.len() - 1] {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &bytes[..keep]).unwrap();
+        let err = fails(&[
+            "generate",
+            "--prompt",
+            "hi",
+            "--model",
+            f.path().to_str().unwrap(),
+        ]);
+        assert!(
+            err.contains("truncated or corrupt"),
+            "kept {keep} bytes: {err}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_architecture() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let weight = QTensor::quantize(
+        &Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    let arch = Value::String("gemma3".into());
+    let mut file = std::fs::File::create(f.path()).unwrap();
+    gguf_file::write(
+        &mut file,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &weight)],
+    )
+    .unwrap();
+    drop(file);
+    let err = fails(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--model",
+        f.path().to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("unsupported model architecture \"gemma3\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn empty_prompt() {
+    let err = fails(&["generate", "--prompt", "   "]);
+    assert!(err.contains("prompt is empty"), "{err}");
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let model = model_path();
+    let prompt = "word ".repeat(9000);
+    let err = fails(&[
+        "generate",
+        "--raw",
+        "--prompt",
+        &prompt,
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("do not fit in the model's context of 8192 tokens"),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_layer_ranges() {
+    let model = model_path();
+    let model = model.to_str().unwrap();
+    let err = fails(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--model",
+        model,
+        "--layers",
+        "0-10,10-40",
+    ]);
+    assert!(
+        err.contains("invalid shard") && err.contains("30 blocks"),
+        "{err}"
+    );
+    let err = fails(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--model",
+        model,
+        "--layers",
+        "0-10,12-30",
+    ]);
+    assert!(
+        err.contains("invalid shard") && err.contains("gaps"),
+        "{err}"
+    );
+    let err = fails(&["generate", "--prompt", "hi", "--layers", "10-5"]);
+    assert!(err.contains("empty or reversed"), "{err}");
+}
+
+#[test]
+fn invalid_sampling_settings() {
+    let err = fails(&["generate", "--prompt", "hi", "--temperature=-1"]);
+    assert!(err.contains("temperature"), "{err}");
+    let err = fails(&["generate", "--prompt", "hi", "--top-p", "0"]);
+    assert!(err.contains("top-p"), "{err}");
+    let err = fails(&["generate", "--prompt", "hi", "--dtype", "q3"]);
+    assert!(err.contains("unknown weight format"), "{err}");
+}
+
+#[test]
+fn generate_streams_an_answer_as_three_shards() {
+    let model = model_path();
+    let out = veil()
+        .args([
+            "generate",
+            "--prompt",
+            "What is the capital of France?",
+            "--dtype",
+            "f32",
+        ])
+        .args([
+            "--layers",
+            "0-10,10-20,20-30",
+            "--max-tokens",
+            "24",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Paris"), "{stdout}");
+}
+
+#[test]
+fn bench_reports_json() {
+    let model = model_path();
+    let out = veil()
+        .args(["bench", "--json", "--runs", "1", "--tokens", "4", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(report["prefill_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["prompt_tokens"], 37);
+}
+
+#[test]
+fn chat_keeps_the_conversation() {
+    let model = model_path();
+    let out = veil()
+        .args(["chat", "--dtype", "f32", "--max-tokens", "24", "--model"])
+        .arg(&model)
+        .write_stdin("What is the capital of France?\nAnd what is its population?\n/exit\n")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("veil> ").count(), 2, "{stdout}");
+    assert!(stdout.contains("Paris"), "{stdout}");
+}
