@@ -62,11 +62,7 @@ impl LlamaConfig {
             ffn_size: gguf.usize(&key("feed_forward_length"))?,
             head_count,
             kv_head_count,
-            head_dim: if head_count == 0 {
-                0
-            } else {
-                hidden_size / head_count
-            },
+            head_dim: hidden_size.checked_div(head_count).unwrap_or(0),
             rope_base,
             rms_eps: gguf.f64(&key("attention.layer_norm_rms_epsilon"))?,
             context_length: gguf.usize(&key("context_length"))?,
@@ -85,7 +81,7 @@ impl LlamaConfig {
         if self.block_count == 0 {
             return Err(bad("block_count", "the model has no blocks".into()));
         }
-        if self.head_count == 0 || self.hidden_size % self.head_count != 0 {
+        if self.head_count == 0 || !self.hidden_size.is_multiple_of(self.head_count) {
             return Err(bad(
                 "attention.head_count",
                 format!(
@@ -94,7 +90,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.kv_head_count == 0 || self.head_count % self.kv_head_count != 0 {
+        if self.kv_head_count == 0 || !self.head_count.is_multiple_of(self.kv_head_count) {
             return Err(bad(
                 "attention.head_count_kv",
                 format!(
@@ -103,7 +99,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(bad(
                 "embedding_length",
                 format!("head size {} is odd: RoPE needs pairs", self.head_dim),
@@ -115,7 +111,11 @@ impl LlamaConfig {
                 "context, vocabulary and FFN sizes must be positive".into(),
             ));
         }
-        if !(self.rms_eps > 0.0) || !(self.rope_base > 0.0) {
+        if self.rms_eps.is_nan()
+            || self.rms_eps <= 0.0
+            || self.rope_base.is_nan()
+            || self.rope_base <= 0.0
+        {
             return Err(bad(
                 "attention.layer_norm_rms_epsilon",
                 "epsilon and RoPE base must be positive".into(),

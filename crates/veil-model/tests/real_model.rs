@@ -228,6 +228,7 @@ fn three_shards_give_the_same_logits_as_one() {
     let b = split.session().forward(&prompt, LogitsAt::All).unwrap();
     assert_eq!(a.dims(), &[prompt.len(), 49152]);
     let diff = max_abs_diff(&a, &b);
+    eprintln!("one shard vs three: max abs diff {diff}");
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 
@@ -259,8 +260,9 @@ fn kv_cache_decode_matches_a_full_recompute() {
             .zip(step)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
+        eprintln!("position {}: max abs diff {diff}", prompt.len() + i);
         assert!(
-            diff <= 1e-3,
+            diff <= 5e-4,
             "position {}: max abs diff {diff}",
             prompt.len() + i
         );
@@ -280,11 +282,12 @@ fn every_weight_format_runs_close_to_f32() {
     for (format, bound) in [
         (WeightFormat::F16, 0.5),
         (WeightFormat::Q8_0, 2.0),
-        (WeightFormat::AsStored, 6.0),
+        (WeightFormat::AsStored, 3.0),
     ] {
         let model = LocalModel::load(&model_path(), format, &[]).unwrap();
         let got = model.session().forward(&prompt, LogitsAt::Last).unwrap();
         let diff = max_abs_diff(&want, &got);
+        eprintln!("{format}: max abs logit diff from f32 {diff}");
         assert!(
             diff.is_finite() && diff <= bound,
             "{format}: max abs diff {diff}"
