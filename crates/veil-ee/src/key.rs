@@ -1,0 +1,224 @@
+//! The secret of equivariant encryption: which basis the encrypted model works in.
+//!
+//! Each part of a key is a symmetry of a llama block (DESIGN.md, "Equivariant encryption"), so
+//! the transformed model computes the same function in a basis only the key holder can read.
+//! Keys are drawn from a CSPRNG, tied to one model by its digest, and stored encrypted with a
+//! passphrase by `age`.
+
+use nalgebra::DMatrix;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+use veil_model::LlamaConfig;
+
+use crate::error::{EeError, Result};
+
+/// The key file format this build writes and reads.
+pub const KEY_VERSION: u32 = 1;
+
+/// Bytes that start every decrypted key, so a file that decrypts to something else is caught.
+const KEY_MAGIC: &[u8; 8] = b"VEILKEY\0";
+
+/// Secret permutations and rotations for one block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerKey {
+    /// FFN inner dimension: encrypted unit `i` is plaintext unit `ffn[i]`.
+    pub ffn: Vec<u32>,
+    /// KV heads (each with its query group): encrypted head `j` is plaintext head `kv_heads[j]`.
+    pub kv_heads: Vec<u32>,
+    /// Per encrypted KV head, an orthogonal `head_dim × head_dim` map on value vectors
+    /// (row-major), undone in the output projection.
+    pub value_maps: Vec<Vec<f32>>,
+    /// Per encrypted KV head, one angle per RoPE pair, applied to both queries and keys.
+    pub rope_angles: Vec<Vec<f32>>,
+}
+
+/// A complete equivariant-encryption key for one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EeKey {
+    /// Format version ([`KEY_VERSION`]).
+    pub version: u32,
+    /// blake3 digest (hex) of the plaintext GGUF this key belongs to.
+    pub model_digest: String,
+    /// Vocabulary: plaintext token `t` is encrypted as `vocab[t]`.
+    pub vocab: Vec<u32>,
+    /// Residual stream: encrypted coordinate `i` is plaintext coordinate `hidden[i]`.
+    pub hidden: Vec<u32>,
+    /// One entry per block.
+    pub layers: Vec<LayerKey>,
+}
+
+impl EeKey {
+    /// Draws a fresh key for a model from the operating system's entropy.
+    pub fn generate(config: &LlamaConfig, model_digest: &str) -> Self {
+        Self::generate_with(config, model_digest, &mut ChaCha20Rng::from_os_rng())
+    }
+
+    /// Draws a key from `rng` (seeded in tests; the OS in [`generate`](Self::generate)).
+    pub fn generate_with(config: &LlamaConfig, model_digest: &str, rng: &mut impl Rng) -> Self {
+        let d = config.head_dim;
+        let layers = (0..config.block_count)
+            .map(|_| LayerKey {
+                ffn: permutation(config.ffn_size, rng),
+                kv_heads: permutation(config.kv_head_count, rng),
+                value_maps: (0..config.kv_head_count)
+                    .map(|_| orthogonal(d, rng))
+                    .collect(),
+                rope_angles: (0..config.kv_head_count)
+                    .map(|_| {
+                        (0..d / 2)
+                            .map(|_| rng.random_range(0.0..std::f32::consts::TAU))
+                            .collect()
+                    })
+                    .collect(),
+            })
+            .collect();
+        Self {
+            version: KEY_VERSION,
+            model_digest: model_digest.to_string(),
+            vocab: permutation(config.vocab_size, rng),
+            hidden: permutation(config.hidden_size, rng),
+            layers,
+        }
+    }
+
+    /// Checks that every part has the model's sizes and every permutation is one.
+    pub fn check(&self, config: &LlamaConfig) -> Result<()> {
+        let bad = |what: String| Err(EeError::KeyMismatch(what));
+        if self.version != KEY_VERSION {
+            return Err(EeError::KeyVersion(self.version));
+        }
+        check_permutation("vocabulary", &self.vocab, config.vocab_size)?;
+        check_permutation("residual stream", &self.hidden, config.hidden_size)?;
+        if self.layers.len() != config.block_count {
+            return bad(format!(
+                "key has {} blocks, model has {}",
+                self.layers.len(),
+                config.block_count
+            ));
+        }
+        let d = config.head_dim;
+        for (i, layer) in self.layers.iter().enumerate() {
+            check_permutation(&format!("block {i} FFN"), &layer.ffn, config.ffn_size)?;
+            check_permutation(
+                &format!("block {i} KV heads"),
+                &layer.kv_heads,
+                config.kv_head_count,
+            )?;
+            let maps_ok = layer.value_maps.len() == config.kv_head_count
+                && layer
+                    .value_maps
+                    .iter()
+                    .all(|m| m.len() == d * d && m.iter().all(|x| x.is_finite()));
+            let angles_ok = layer.rope_angles.len() == config.kv_head_count
+                && layer
+                    .rope_angles
+                    .iter()
+                    .all(|a| a.len() == d / 2 && a.iter().all(|x| x.is_finite()));
+            if !maps_ok || !angles_ok {
+                return bad(format!(
+                    "block {i}: value maps or RoPE angles do not match head size {d}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Encrypts the key with a passphrase (age, scrypt) for storage.
+    pub fn seal(&self, passphrase: &str) -> Result<Vec<u8>> {
+        self.seal_with_work_factor(passphrase, None)
+    }
+
+    /// [`seal`](Self::seal) with an explicit scrypt work factor (log2), for fast tests.
+    pub fn seal_with_work_factor(
+        &self,
+        passphrase: &str,
+        work_factor: Option<u8>,
+    ) -> Result<Vec<u8>> {
+        let mut plain = KEY_MAGIC.to_vec();
+        plain.extend_from_slice(&KEY_VERSION.to_le_bytes());
+        plain.extend(postcard::to_stdvec(self).map_err(|e| EeError::CorruptKey(e.to_string()))?);
+        let mut recipient = age::scrypt::Recipient::new(passphrase.to_string().into());
+        if let Some(n) = work_factor {
+            recipient.set_work_factor(n);
+        }
+        age::encrypt(&recipient, &plain).map_err(|e| EeError::CorruptKey(e.to_string()))
+    }
+
+    /// Decrypts and decodes a sealed key.
+    pub fn open(sealed: &[u8], passphrase: &str) -> Result<Self> {
+        let identity = age::scrypt::Identity::new(passphrase.to_string().into());
+        let plain = age::decrypt(&identity, sealed).map_err(|e| match e {
+            age::DecryptError::DecryptionFailed | age::DecryptError::NoMatchingKeys => {
+                EeError::WrongPassphrase
+            }
+            other => EeError::CorruptKey(other.to_string()),
+        })?;
+        let body = plain
+            .strip_prefix(KEY_MAGIC.as_slice())
+            .ok_or_else(|| EeError::CorruptKey("not a Veil key".into()))?;
+        let (version, body) = body
+            .split_first_chunk::<4>()
+            .ok_or_else(|| EeError::CorruptKey("key is cut short".into()))?;
+        let version = u32::from_le_bytes(*version);
+        if version != KEY_VERSION {
+            return Err(EeError::KeyVersion(version));
+        }
+        postcard::from_bytes(body).map_err(|e| EeError::CorruptKey(e.to_string()))
+    }
+}
+
+/// The inverse of a permutation: `inverse(p)[p[i]] == i`.
+pub fn inverse(p: &[u32]) -> Vec<u32> {
+    let mut inv = vec![0u32; p.len()];
+    for (i, &x) in p.iter().enumerate() {
+        inv[x as usize] = i as u32;
+    }
+    inv
+}
+
+fn permutation(n: usize, rng: &mut impl Rng) -> Vec<u32> {
+    let mut p: Vec<u32> = (0..n as u32).collect();
+    p.shuffle(rng);
+    p
+}
+
+/// A uniformly random orthogonal matrix: the Q of a Gaussian matrix's QR decomposition, with
+/// signs fixed so the distribution is Haar.
+fn orthogonal(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+    let gaussian = DMatrix::<f64>::from_fn(n, n, |_, _| StandardNormal.sample(rng));
+    let qr = gaussian.qr();
+    let (mut q, r) = (qr.q(), qr.r());
+    for j in 0..n {
+        if r[(j, j)] < 0.0 {
+            q.column_mut(j).neg_mut();
+        }
+    }
+    (0..n)
+        .flat_map(|i| (0..n).map(move |j| (i, j)))
+        .map(|(i, j)| q[(i, j)] as f32)
+        .collect()
+}
+
+fn check_permutation(what: &str, p: &[u32], n: usize) -> Result<()> {
+    let mut seen = vec![false; n];
+    if p.len() != n {
+        return Err(EeError::KeyMismatch(format!(
+            "{what} permutation has {} entries, model has {n}",
+            p.len()
+        )));
+    }
+    for &x in p {
+        match seen.get_mut(x as usize) {
+            Some(s) if !*s => *s = true,
+            _ => {
+                return Err(EeError::KeyMismatch(format!(
+                    "{what} permutation is not a permutation"
+                )))
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! Equivariant encryption (EE): serve a model that works on permuted tokens and transformed
+//! activations, so a node computes answers it cannot read.
+
+pub mod error;
+pub mod key;
+pub mod model_file;
+pub mod transform;
+
+pub use error::{EeError, Result};
+pub use key::{EeKey, LayerKey, KEY_VERSION};
+pub use model_file::{encrypt_model, model_digest};
+pub use transform::{decrypt_logits, decrypt_tokens, encrypt_tokens, encrypt_weights};

@@ -1,0 +1,79 @@
+//! Writing the encrypted model: a GGUF the unchanged runtime loads like any other.
+//!
+//! The tokenizer metadata is left out (its strings in encrypted order would be the vocabulary
+//! permutation in plain sight); the key holder keeps the tokenizer of the plaintext model.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
+use veil_model::{GgufFile, LlamaConfig, ModelError};
+
+use crate::error::{EeError, Result};
+use crate::key::EeKey;
+use crate::transform::encrypt_weights;
+
+/// The blake3 digest (hex) of a model file, which keys are tied to.
+pub fn model_digest(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut hasher = blake3::Hasher::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| ModelError::io(path, e))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Transforms the plaintext GGUF at `base` with `key` and writes an F32 GGUF to `out`.
+pub fn encrypt_model(base: &Path, key: &EeKey, out: &Path) -> Result<()> {
+    let digest = model_digest(base)?;
+    if digest != key.model_digest {
+        return Err(EeError::WrongModel {
+            key: key.model_digest.clone(),
+            model: digest,
+        });
+    }
+    let mut gguf = GgufFile::open(base)?;
+    let config = LlamaConfig::from_gguf(&gguf)?;
+    key.check(&config)?;
+    let names: Vec<String> = gguf.content().tensor_infos.keys().cloned().collect();
+    let mut weights = HashMap::new();
+    for name in names {
+        let dense = gguf.tensor(&name)?.dequantize(&Device::Cpu)?;
+        weights.insert(name, dense);
+    }
+    encrypt_weights(key, &config, &mut weights)?;
+
+    let arch = gguf.string("general.architecture")?.to_string();
+    let vocab_key = format!("{arch}.vocab_size");
+    let vocab_size = Value::U32(config.vocab_size as u32);
+    let mut metadata: Vec<(&str, &Value)> = gguf
+        .content()
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("tokenizer.") && **k != vocab_key)
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    metadata.push((vocab_key.as_str(), &vocab_size));
+    metadata.sort_by_key(|(k, _)| *k);
+
+    let mut tensors: Vec<(String, QTensor)> = weights
+        .into_iter()
+        .map(|(name, t)| Ok((name, QTensor::quantize(&t, GgmlDType::F32)?)))
+        .collect::<Result<_>>()?;
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+
+    let partial = out.with_extension("partial");
+    let file = File::create(&partial).map_err(|e| ModelError::io(&partial, e))?;
+    let mut writer = BufWriter::new(file);
+    gguf_file::write(&mut writer, &metadata, &tensor_refs)?;
+    writer
+        .into_inner()
+        .map_err(|e| ModelError::io(&partial, e.into_error()))?
+        .sync_all()
+        .map_err(|e| ModelError::io(&partial, e))?;
+    std::fs::rename(&partial, out).map_err(|e| ModelError::io(out, e))?;
+    Ok(())
+}
