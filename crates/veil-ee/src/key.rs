@@ -126,6 +126,14 @@ impl EeKey {
         Ok(())
     }
 
+    /// A digest of the whole key, stored in the encrypted model so a wrong key is caught
+    /// before it produces nonsense. It is a hash of 256 bits of secret randomness and more, so it
+    /// reveals nothing usable about the key.
+    pub fn fingerprint(&self) -> String {
+        let bytes = postcard::to_stdvec(self).unwrap_or_default();
+        blake3::hash(&bytes).to_hex().to_string()
+    }
+
     /// Encrypts the key with a passphrase (age, scrypt) for storage.
     pub fn seal(&self, passphrase: &str) -> Result<Vec<u8>> {
         self.seal_with_work_factor(passphrase, None)

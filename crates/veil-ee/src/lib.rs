@@ -4,9 +4,11 @@
 pub mod error;
 pub mod key;
 pub mod model_file;
+pub mod session;
 pub mod transform;
 
 pub use error::{EeError, Result};
 pub use key::{EeKey, LayerKey, KEY_VERSION};
-pub use model_file::{encrypt_model, model_digest};
+pub use model_file::{check_key, encrypt_model, model_digest};
+pub use session::EncryptedSession;
 pub use transform::{decrypt_logits, decrypt_tokens, encrypt_tokens, encrypt_weights};

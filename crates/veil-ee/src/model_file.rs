@@ -17,6 +17,28 @@ use crate::error::{EeError, Result};
 use crate::key::EeKey;
 use crate::transform::encrypt_weights;
 
+/// Metadata key of the encrypted model that names the key it was made with.
+pub const KEY_FINGERPRINT: &str = "veil.ee.key_fingerprint";
+
+/// Checks that `key` is the key an encrypted model was made with.
+pub fn check_key(encrypted: &GgufFile, key: &EeKey) -> Result<()> {
+    let config = LlamaConfig::from_gguf(encrypted)?;
+    key.check(&config)?;
+    let stored = encrypted.string(KEY_FINGERPRINT).map_err(|_| {
+        EeError::KeyMismatch(format!(
+            "{} is not an encrypted model",
+            encrypted.path().display()
+        ))
+    })?;
+    if stored != key.fingerprint() {
+        return Err(EeError::KeyMismatch(format!(
+            "{} was encrypted with another key",
+            encrypted.path().display()
+        )));
+    }
+    Ok(())
+}
+
 /// The blake3 digest (hex) of a model file, which keys are tied to.
 pub fn model_digest(path: &Path) -> Result<String> {
     let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
@@ -56,6 +78,8 @@ pub fn encrypt_model(base: &Path, key: &EeKey, out: &Path) -> Result<()> {
         .map(|(k, v)| (k.as_str(), v))
         .collect();
     metadata.push((vocab_key.as_str(), &vocab_size));
+    let fingerprint = Value::String(key.fingerprint());
+    metadata.push((KEY_FINGERPRINT, &fingerprint));
     metadata.sort_by_key(|(k, _)| *k);
 
     let mut tensors: Vec<(String, QTensor)> = weights

@@ -12,20 +12,34 @@ use veil_model::LlamaConfig;
 use crate::error::Result;
 use crate::key::{inverse, EeKey, LayerKey};
 
-/// Plaintext token ids to the encrypted vocabulary.
+/// Plaintext token ids to the encrypted vocabulary. An id outside the vocabulary becomes
+/// `u32::MAX`, which the model rejects with a clear error.
 pub fn encrypt_tokens(key: &EeKey, ids: &[u32]) -> Vec<u32> {
-    ids.iter().map(|&t| key.vocab[t as usize]).collect()
+    ids.iter()
+        .map(|&t| key.vocab.get(t as usize).copied().unwrap_or(u32::MAX))
+        .collect()
 }
 
 /// Encrypted token ids back to plaintext ids.
 pub fn decrypt_tokens(key: &EeKey, ids: &[u32]) -> Vec<u32> {
     let inv = inverse(&key.vocab);
-    ids.iter().map(|&t| inv[t as usize]).collect()
+    ids.iter()
+        .map(|&t| inv.get(t as usize).copied().unwrap_or(u32::MAX))
+        .collect()
 }
 
-/// Encrypted logits (indexed by encrypted id) back to plaintext order.
+/// Encrypted logits (indexed by encrypted id) back to plaintext order; ids missing from a
+/// short logit vector come back as minus infinity.
 pub fn decrypt_logits(key: &EeKey, logits: &[f32]) -> Vec<f32> {
-    key.vocab.iter().map(|&enc| logits[enc as usize]).collect()
+    key.vocab
+        .iter()
+        .map(|&enc| {
+            logits
+                .get(enc as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY)
+        })
+        .collect()
 }
 
 fn ids(p: &[u32]) -> Result<Tensor> {

@@ -30,7 +30,24 @@ pub struct LocalModel {
 impl LocalModel {
     /// Loads the model at `path`, whole (`ranges` empty) or as shards covering every block.
     pub fn load(path: &Path, format: WeightFormat, ranges: &[Range<usize>]) -> Result<Self> {
+        let mut model = Self::open_text(path)?;
+        let plan = if ranges.is_empty() {
+            vec![Shard::whole(model.config.block_count)]
+        } else {
+            Shard::tiling(ranges, model.config.block_count)?
+        };
         let mut gguf = GgufFile::open(path)?;
+        model.shards = plan
+            .iter()
+            .map(|shard| ShardModel::load(&mut gguf, shard, format))
+            .collect::<Result<_>>()?;
+        Ok(model)
+    }
+
+    /// The tokenizer, chat template and sizes without any weights: what a key holder needs
+    /// beside an encrypted model, which carries no tokenizer.
+    pub fn open_text(path: &Path) -> Result<Self> {
+        let gguf = GgufFile::open(path)?;
         let config = LlamaConfig::from_gguf(&gguf)?;
         let tokenizer = GgufTokenizer::from_gguf(&gguf)?;
         let token_text = |id: Option<u32>| {
@@ -43,20 +60,11 @@ impl LocalModel {
             &token_text(tokenizer.bos()),
             &token_text(Some(tokenizer.eos())),
         )?;
-        let plan = if ranges.is_empty() {
-            vec![Shard::whole(config.block_count)]
-        } else {
-            Shard::tiling(ranges, config.block_count)?
-        };
-        let shards = plan
-            .iter()
-            .map(|shard| ShardModel::load(&mut gguf, shard, format))
-            .collect::<Result<_>>()?;
         Ok(Self {
             config,
             tokenizer,
             chat,
-            shards,
+            shards: Vec::new(),
         })
     }
 

@@ -36,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::models::ModelsCommand,
     },
+    /// Equivariant encryption: keys and encrypted models.
+    Ee {
+        #[command(subcommand)]
+        command: commands::ee::EeCommand,
+    },
     /// Run the whole pipeline on this machine and show what happens.
     Demo(commands::demo::DemoArgs),
 }
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => commands::chat::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Models { command } => commands::models::run(command),
+        Command::Ee { command } => commands::ee::run(command),
         Command::Demo(args) => commands::demo::run(args),
     };
     match result {

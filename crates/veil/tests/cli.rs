@@ -248,3 +248,100 @@ fn chat_keeps_the_conversation() {
     assert_eq!(stdout.matches("veil> ").count(), 2, "{stdout}");
     assert!(stdout.contains("Paris"), "{stdout}");
 }
+
+#[test]
+fn encrypted_round_trip_and_key_errors() {
+    let model = model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (key, other_key, enc, junk) = (
+        path("key.veil"),
+        path("other.veil"),
+        path("enc.gguf"),
+        path("junk.veil"),
+    );
+    let run = |args: &[&str], pass: &str| {
+        veil()
+            .env("VEIL_KEY_PASSPHRASE", pass)
+            .args(args)
+            .arg("--model")
+            .arg(&model)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["ee", "keygen", "--out", &key], "pw").status.success());
+    assert!(run(&["ee", "keygen", "--out", &other_key], "pw")
+        .status
+        .success());
+    let out = run(&["ee", "encrypt", "--key", &key, "--out", &enc], "pw");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ask = |k: &str| -> Vec<String> {
+        [
+            "generate",
+            "--prompt",
+            "What is the capital of France?",
+            "--dtype",
+            "f32",
+            "--max-tokens",
+            "16",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([
+            "--encrypted".to_string(),
+            enc.clone(),
+            "--key".to_string(),
+            k.to_string(),
+        ])
+        .collect()
+    };
+    let out = run(&refs(&ask(&key)), "pw");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+
+    let fails_with = |args: &[&str], pass: &str, want: &str| {
+        let out = run(args, pass);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want) && !err.contains("panicked"),
+            "{err}"
+        );
+    };
+    fails_with(&refs(&ask(&key)), "not the passphrase", "wrong passphrase");
+    fails_with(&refs(&ask(&other_key)), "pw", "encrypted with another key");
+    std::fs::write(&junk, b"junk").unwrap();
+    fails_with(&refs(&ask(&junk)), "pw", "corrupt or not a Veil key");
+    // A key for another model: the encrypted file is not the model the key names.
+    let out = veil()
+        .env("VEIL_KEY_PASSPHRASE", "pw")
+        .args([
+            "ee",
+            "encrypt",
+            "--key",
+            &key,
+            "--out",
+            &path("x.gguf"),
+            "--model",
+            &enc,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("belongs to the model with digest"),
+        "{err}"
+    );
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}

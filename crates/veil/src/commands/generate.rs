@@ -1,10 +1,14 @@
 //! `veil generate`: answer one prompt, streaming the text to stdout.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use veil_model::{generate, ChatMessage, Completion, ModelError};
+use veil_model::{
+    generate, ChatMessage, Completion, GgufFile, LocalModel, ModelError, Shard, ShardModel,
+    TokenStep,
+};
 
 use crate::args::{ModelArgs, SamplingArgs};
 
@@ -23,6 +27,15 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub raw: bool,
 
+    /// Run this encrypted model (from `veil ee encrypt`); `--model` then only supplies the
+    /// tokenizer and chat template, which stay on this side.
+    #[arg(long, value_name = "PATH", requires = "key")]
+    pub encrypted: Option<PathBuf>,
+
+    /// The key the encrypted model was made with.
+    #[arg(long, value_name = "PATH", requires = "encrypted")]
+    pub key: Option<PathBuf>,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -36,7 +49,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.prompt.trim().is_empty() {
         return Err(ModelError::EmptyPrompt.into());
     }
-    let model = args.model.load()?;
+    let (model, encrypted) = match (&args.encrypted, &args.key) {
+        (Some(enc), Some(key)) => {
+            let key = crate::commands::ee::read_key(key)?;
+            let text = LocalModel::open_text(&args.model.resolve_path()?)?;
+            veil_ee::check_key(&GgufFile::open(enc)?, &key)?;
+            let shards = load_encrypted(enc, &args.model, text.config.block_count)?;
+            (text, Some((key, shards)))
+        }
+        _ => (args.model.load()?, None),
+    };
     let prompt = if args.raw {
         model.tokenizer.encode(&args.prompt)?
     } else {
@@ -47,10 +69,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         messages.push(ChatMessage::user(args.prompt.clone()));
         model.chat_prompt(&messages)?
     };
-    let mut session = model.session();
+    let mut local;
+    let mut blind;
+    let session: &mut dyn TokenStep = match &encrypted {
+        Some((key, shards)) => {
+            blind = veil_ee::EncryptedSession::new(key, shards);
+            &mut blind
+        }
+        None => {
+            local = model.session();
+            &mut local
+        }
+    };
     let mut out = StdoutStream::default();
     let completion = generate(
-        &mut session,
+        session,
         &model.tokenizer,
         &prompt,
         model.config.context_length,
@@ -60,6 +93,26 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     out.finish()?;
     print_stats(&completion);
     Ok(())
+}
+
+/// Loads the shards of an encrypted model with the `--layers` and `--dtype` given.
+fn load_encrypted(
+    path: &std::path::Path,
+    args: &ModelArgs,
+    block_count: usize,
+) -> Result<Vec<ShardModel>> {
+    let ranges: Vec<_> = args.layers.iter().map(|r| r.0.clone()).collect();
+    let plan = if ranges.is_empty() {
+        vec![Shard::whole(block_count)]
+    } else {
+        Shard::tiling(&ranges, block_count)?
+    };
+    let mut gguf = GgufFile::open(path)?;
+    let shards = plan
+        .iter()
+        .map(|s| ShardModel::load(&mut gguf, s, args.dtype))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(shards)
 }
 
 /// Streams text to stdout, remembering the first write error (a closed pipe, say) so the

@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod chat;
 pub mod demo;
+pub mod ee;
 pub mod generate;
 pub mod models;

@@ -1,0 +1,92 @@
+//! `veil ee`: equivariant-encryption keys and encrypted models.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use veil_ee::{encrypt_model, model_digest, EeKey};
+use veil_model::{GgufFile, LlamaConfig};
+
+use crate::args::ModelArgs;
+
+/// Subcommands of `veil ee`.
+#[derive(Subcommand, Debug)]
+pub enum EeCommand {
+    /// Draw a fresh key for a model and store it sealed with a passphrase.
+    Keygen {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Where to write the key file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write the model transformed by a key: a GGUF any node can serve without reading it.
+    Encrypt {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The key file from `veil ee keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Where to write the encrypted GGUF.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Runs `veil ee ...`.
+pub fn run(command: EeCommand) -> Result<()> {
+    match command {
+        EeCommand::Keygen { model, out } => {
+            if out.exists() {
+                bail!(
+                    "{} already exists: refusing to overwrite a key",
+                    out.display()
+                );
+            }
+            let path = model.resolve_path()?;
+            let config = LlamaConfig::from_gguf(&GgufFile::open(&path)?)?;
+            let key = EeKey::generate(&config, &model_digest(&path)?);
+            let sealed = key.seal(&passphrase()?)?;
+            std::fs::write(&out, sealed)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("wrote key for {} to {}", path.display(), out.display());
+        }
+        EeCommand::Encrypt { model, key, out } => {
+            let path = model.resolve_path()?;
+            let key = read_key(&key)?;
+            let started = Instant::now();
+            encrypt_model(&path, &key, &out)?;
+            eprintln!(
+                "wrote encrypted model to {} in {:.1} s",
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads and opens a sealed key file.
+pub fn read_key(path: &Path) -> Result<EeKey> {
+    let sealed =
+        std::fs::read(path).with_context(|| format!("cannot read key file {}", path.display()))?;
+    EeKey::open(&sealed, &passphrase()?)
+        .with_context(|| format!("cannot open key file {}", path.display()))
+}
+
+/// The key passphrase: `$VEIL_KEY_PASSPHRASE`, or one line read from stdin.
+fn passphrase() -> Result<String> {
+    if let Ok(p) = std::env::var("VEIL_KEY_PASSPHRASE") {
+        return Ok(p);
+    }
+    eprint!("key passphrase: ");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let line = line.trim_end_matches(['\r', '\n']).to_string();
+    if line.is_empty() {
+        bail!("no passphrase given: set VEIL_KEY_PASSPHRASE or type one");
+    }
+    Ok(line)
+}
