@@ -84,6 +84,30 @@ impl EeKey {
         }
     }
 
+    /// The key that changes nothing. Tests build single-transform keys from it to show that each
+    /// transform is applied and needed.
+    pub fn identity(config: &LlamaConfig, model_digest: &str) -> Self {
+        let id = |n: usize| (0..n as u32).collect::<Vec<_>>();
+        let d = config.head_dim;
+        let eye: Vec<f32> = (0..d * d)
+            .map(|i| if i / d == i % d { 1.0 } else { 0.0 })
+            .collect();
+        Self {
+            version: KEY_VERSION,
+            model_digest: model_digest.to_string(),
+            vocab: id(config.vocab_size),
+            hidden: id(config.hidden_size),
+            layers: (0..config.block_count)
+                .map(|_| LayerKey {
+                    ffn: id(config.ffn_size),
+                    kv_heads: id(config.kv_head_count),
+                    value_maps: vec![eye.clone(); config.kv_head_count],
+                    rope_angles: vec![vec![0.0; d / 2]; config.kv_head_count],
+                })
+                .collect(),
+        }
+    }
+
     /// Checks that every part has the model's sizes and every permutation is one.
     pub fn check(&self, config: &LlamaConfig) -> Result<()> {
         let bad = |what: String| Err(EeError::KeyMismatch(what));
