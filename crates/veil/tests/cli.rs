@@ -308,6 +308,34 @@ fn encrypted_round_trip_and_key_errors() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
 
+    let out = run(
+        &[
+            "bench",
+            "--json",
+            "--runs",
+            "1",
+            "--tokens",
+            "2",
+            "--dtype",
+            "f32",
+            "--encrypted",
+            &enc,
+            "--key",
+            &key,
+        ],
+        "pw",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["encrypted"]["decode_ratio"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+
     let fails_with = |args: &[&str], pass: &str, want: &str| {
         let out = run(args, pass);
         let err = String::from_utf8_lossy(&out.stderr);

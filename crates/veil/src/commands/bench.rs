@@ -1,5 +1,6 @@
 //! `veil bench`: prefill and decode speed and peak memory of the model on this machine.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -24,6 +25,15 @@ pub struct BenchArgs {
     #[arg(long, default_value = "What is the capital of France?")]
     pub prompt: String,
 
+    /// Also run this encrypted model (from `veil ee encrypt`) in the same run, alternating with
+    /// the plaintext model, and report the speed ratio.
+    #[arg(long, value_name = "PATH", requires = "key")]
+    pub encrypted: Option<PathBuf>,
+
+    /// The key the encrypted model was made with.
+    #[arg(long, value_name = "PATH", requires = "encrypted")]
+    pub key: Option<PathBuf>,
+
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -45,6 +55,32 @@ struct BenchReport {
     prefill_tokens_per_second: f64,
     decode_tokens_per_second: f64,
     peak_memory_bytes: Option<u64>,
+    /// Present with `--encrypted`: the encrypted model's medians, measured alternately.
+    encrypted: Option<EncryptedReport>,
+}
+
+/// The encrypted model beside the plaintext one.
+#[derive(Debug, Serialize)]
+struct EncryptedReport {
+    prefill_tokens_per_second: f64,
+    decode_tokens_per_second: f64,
+    /// Encrypted decode speed over plaintext decode speed.
+    decode_ratio: f64,
+}
+
+/// Times one prefill of `prompt` and `tokens` greedy decode steps; returns tokens/s for each.
+fn measure(session: &mut dyn TokenStep, prompt: &[u32], tokens: usize) -> Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let mut logits = session.step(prompt)?;
+    let t1 = Instant::now();
+    for _ in 0..tokens {
+        logits = session.step(&[argmax(&logits)])?;
+    }
+    let t2 = Instant::now();
+    Ok((
+        prompt.len() as f64 / secs(t1 - t0),
+        tokens as f64 / secs(t2 - t1),
+    ))
 }
 
 /// Runs `veil bench`.
@@ -62,26 +98,41 @@ pub fn run(args: BenchArgs) -> Result<()> {
         model.config.context_length
     );
 
-    let mut prefill = Vec::new();
-    let mut decode = Vec::new();
-    for run in 0..args.runs {
-        let mut session = model.session();
-        let t0 = Instant::now();
-        let mut logits = session.step(&prompt)?;
-        let t1 = Instant::now();
-        for _ in 0..args.tokens {
-            logits = session.step(&[argmax(&logits)])?;
+    let encrypted = match (&args.encrypted, &args.key) {
+        (Some(path), Some(key)) => {
+            let key = crate::commands::ee::read_key(key)?;
+            let shards = crate::commands::ee::load_encrypted(path, &key, &args.model)?;
+            Some((key, shards))
         }
-        let t2 = Instant::now();
-        prefill.push(prompt.len() as f64 / secs(t1 - t0));
-        decode.push(args.tokens as f64 / secs(t2 - t1));
-        tracing::info!(
-            run,
-            prefill = prefill[run],
-            decode = decode[run],
-            "bench run"
-        );
+        _ => None,
+    };
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let (mut enc_prefill, mut enc_decode) = (Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        let (p, d) = measure(&mut model.session(), &prompt, args.tokens)?;
+        prefill.push(p);
+        decode.push(d);
+        tracing::info!(run, prefill = p, decode = d, "bench run");
+        if let Some((key, shards)) = &encrypted {
+            let (p, d) = measure(
+                &mut veil_ee::EncryptedSession::new(key, shards),
+                &prompt,
+                args.tokens,
+            )?;
+            enc_prefill.push(p);
+            enc_decode.push(d);
+            tracing::info!(run, prefill = p, decode = d, "bench run, encrypted");
+        }
     }
+    let decode_median = median(&mut decode);
+    let encrypted = encrypted.map(|_| {
+        let enc_decode_median = median(&mut enc_decode);
+        EncryptedReport {
+            prefill_tokens_per_second: median(&mut enc_prefill),
+            decode_tokens_per_second: enc_decode_median,
+            decode_ratio: enc_decode_median / decode_median,
+        }
+    });
 
     let report = BenchReport {
         model: path.display().to_string(),
@@ -94,8 +145,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         decode_tokens: args.tokens,
         load_seconds,
         prefill_tokens_per_second: median(&mut prefill),
-        decode_tokens_per_second: median(&mut decode),
+        decode_tokens_per_second: decode_median,
         peak_memory_bytes: peak_memory(),
+        encrypted,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -111,6 +163,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "decode     {:.1} tok/s  ({} tokens, median of {})",
             report.decode_tokens_per_second, report.decode_tokens, report.runs
         );
+        if let Some(enc) = &report.encrypted {
+            println!(
+                "encrypted  prefill {:.1} tok/s, decode {:.1} tok/s: {:.3}x plaintext decode",
+                enc.prefill_tokens_per_second, enc.decode_tokens_per_second, enc.decode_ratio
+            );
+        }
         match report.peak_memory_bytes {
             Some(b) => println!("peak RSS   {:.0} MiB", b as f64 / (1024.0 * 1024.0)),
             None => println!("peak RSS   unknown on this platform"),

@@ -5,10 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use veil_model::{
-    generate, ChatMessage, Completion, GgufFile, LocalModel, ModelError, Shard, ShardModel,
-    TokenStep,
-};
+use veil_model::{generate, ChatMessage, Completion, LocalModel, ModelError, TokenStep};
 
 use crate::args::{ModelArgs, SamplingArgs};
 
@@ -53,8 +50,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (Some(enc), Some(key)) => {
             let key = crate::commands::ee::read_key(key)?;
             let text = LocalModel::open_text(&args.model.resolve_path()?)?;
-            veil_ee::check_key(&GgufFile::open(enc)?, &key)?;
-            let shards = load_encrypted(enc, &args.model, text.config.block_count)?;
+            let shards = crate::commands::ee::load_encrypted(enc, &key, &args.model)?;
             (text, Some((key, shards)))
         }
         _ => (args.model.load()?, None),
@@ -93,26 +89,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     out.finish()?;
     print_stats(&completion);
     Ok(())
-}
-
-/// Loads the shards of an encrypted model with the `--layers` and `--dtype` given.
-fn load_encrypted(
-    path: &std::path::Path,
-    args: &ModelArgs,
-    block_count: usize,
-) -> Result<Vec<ShardModel>> {
-    let ranges: Vec<_> = args.layers.iter().map(|r| r.0.clone()).collect();
-    let plan = if ranges.is_empty() {
-        vec![Shard::whole(block_count)]
-    } else {
-        Shard::tiling(&ranges, block_count)?
-    };
-    let mut gguf = GgufFile::open(path)?;
-    let shards = plan
-        .iter()
-        .map(|s| ShardModel::load(&mut gguf, s, args.dtype))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(shards)
 }
 
 /// Streams text to stdout, remembering the first write error (a closed pipe, say) so the
