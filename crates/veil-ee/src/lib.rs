@@ -1,12 +1,14 @@
 //! Equivariant encryption (EE): serve a model that works on permuted tokens and transformed
 //! activations, so a node computes answers it cannot read.
 
+pub mod agreement;
 pub mod error;
 pub mod key;
 pub mod model_file;
 pub mod session;
 pub mod transform;
 
+pub use agreement::{agreement, Agreement, EVAL_PROMPTS};
 pub use error::{EeError, Result};
 pub use key::{EeKey, LayerKey, KEY_VERSION};
 pub use model_file::{check_key, encrypt_model, model_digest};

@@ -33,6 +33,20 @@ pub enum EeCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Compare the encrypted model's greedy output with the plaintext model's on 20 prompts.
+    Agreement {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The encrypted model from `veil ee encrypt`.
+        #[arg(long)]
+        encrypted: PathBuf,
+        /// The key it was made with.
+        #[arg(long)]
+        key: PathBuf,
+        /// Greedy tokens per prompt.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+    },
 }
 
 /// Runs `veil ee ...`.
@@ -62,6 +76,25 @@ pub fn run(command: EeCommand) -> Result<()> {
                 "wrote encrypted model to {} in {:.1} s",
                 out.display(),
                 started.elapsed().as_secs_f64()
+            );
+        }
+        EeCommand::Agreement {
+            model,
+            encrypted,
+            key,
+            tokens,
+        } => {
+            let key = read_key(&key)?;
+            let shards = load_encrypted(&encrypted, &key, &model)?;
+            let plain = model.load()?;
+            let r = veil_ee::agreement(&plain, &key, &shards, &veil_ee::EVAL_PROMPTS, tokens)?;
+            println!(
+                "{} of {} prompts identical over {tokens} greedy tokens ({}); token agreement {:.1}%; max relative logit error {:.2e}",
+                r.identical,
+                r.prompts,
+                model.dtype,
+                100.0 * r.token_agreement,
+                r.max_relative_logit_error
             );
         }
     }
