@@ -1,7 +1,8 @@
 //! The encrypted model is the plaintext model in another basis: same greedy text, same logits.
 
 use veil_ee::{
-    decrypt_logits, decrypt_tokens, encrypt_model, encrypt_tokens, model_digest, EeError, EeKey,
+    agreement, decrypt_logits, decrypt_tokens, encrypt_model, encrypt_tokens, model_digest,
+    EeError, EeKey, EVAL_PROMPTS,
 };
 use veil_model::sampling::argmax;
 use veil_model::{
@@ -88,6 +89,12 @@ fn encrypted_model_computes_the_same_function() {
             "{question}"
         );
     }
+
+    // The acceptance figure: 20 varied prompts, 64 greedy tokens each, all identical.
+    let report = agreement(&plain, &key, std::slice::from_ref(&enc), &EVAL_PROMPTS, 64).unwrap();
+    eprintln!("{report:?}");
+    assert_eq!(report.identical, 20, "{report:?}");
+    assert!(report.max_relative_logit_error <= 1e-3, "{report:?}");
 }
 
 #[test]
