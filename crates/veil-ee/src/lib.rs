@@ -2,6 +2,7 @@
 //! activations, so a node computes answers it cannot read.
 
 pub mod agreement;
+pub mod attack;
 pub mod error;
 pub mod key;
 pub mod model_file;
@@ -9,6 +10,7 @@ pub mod session;
 pub mod transform;
 
 pub use agreement::{agreement, Agreement, EVAL_PROMPTS};
+pub use attack::{match_embeddings, WeightMatch};
 pub use error::{EeError, Result};
 pub use key::{EeKey, LayerKey, KEY_VERSION};
 pub use model_file::{check_key, encrypt_model, model_digest};
