@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use veil_ee::{encrypt_model, model_digest, EeKey};
 use veil_model::{GgufFile, LlamaConfig, Shard, ShardModel};
 
@@ -37,12 +37,8 @@ pub enum EeCommand {
     Agreement {
         #[command(flatten)]
         model: ModelArgs,
-        /// The encrypted model from `veil ee encrypt`.
-        #[arg(long)]
-        encrypted: PathBuf,
-        /// The key it was made with.
-        #[arg(long)]
-        key: PathBuf,
+        #[command(flatten)]
+        pair: EncryptedPair,
         /// Greedy tokens per prompt.
         #[arg(long, default_value_t = 64)]
         tokens: usize,
@@ -52,13 +48,21 @@ pub enum EeCommand {
     AttackWeights {
         #[command(flatten)]
         model: ModelArgs,
-        /// The encrypted model from `veil ee encrypt`.
-        #[arg(long)]
-        encrypted: PathBuf,
-        /// The key it was made with (to score the recovery).
-        #[arg(long)]
-        key: PathBuf,
+        /// The key only scores the recovery.
+        #[command(flatten)]
+        pair: EncryptedPair,
     },
+}
+
+/// An encrypted model and the key it was made with.
+#[derive(Args, Debug)]
+pub struct EncryptedPair {
+    /// The encrypted model from `veil ee encrypt`.
+    #[arg(long)]
+    encrypted: PathBuf,
+    /// The key it was made with.
+    #[arg(long)]
+    key: PathBuf,
 }
 
 /// Runs `veil ee ...`.
@@ -92,12 +96,11 @@ pub fn run(command: EeCommand) -> Result<()> {
         }
         EeCommand::Agreement {
             model,
-            encrypted,
-            key,
+            pair,
             tokens,
         } => {
-            let key = read_key(&key)?;
-            let shards = load_encrypted(&encrypted, &key, &model)?;
+            let key = read_key(&pair.key)?;
+            let shards = load_encrypted(&pair.encrypted, &key, &model)?;
             let plain = model.load()?;
             let r = veil_ee::agreement(&plain, &key, &shards, &veil_ee::EVAL_PROMPTS, tokens)?;
             println!(
@@ -109,12 +112,8 @@ pub fn run(command: EeCommand) -> Result<()> {
                 r.max_relative_logit_error
             );
         }
-        EeCommand::AttackWeights {
-            model,
-            encrypted,
-            key,
-        } => {
-            let key = read_key(&key)?;
+        EeCommand::AttackWeights { model, pair } => {
+            let key = read_key(&pair.key)?;
             let embedding = |path: &Path| -> Result<veil_model::Tensor> {
                 let q = GgufFile::open(path)?.tensor("token_embd.weight")?;
                 Ok(q.dequantize(&candle_core::Device::Cpu)?)
@@ -122,7 +121,7 @@ pub fn run(command: EeCommand) -> Result<()> {
             let started = Instant::now();
             let found = veil_ee::match_embeddings(
                 &embedding(&model.resolve_path()?)?,
-                &embedding(&encrypted)?,
+                &embedding(&pair.encrypted)?,
             )?;
             let (vocab, hidden) = found.score(&key);
             println!(
