@@ -41,10 +41,7 @@ pub fn check_key(encrypted: &GgufFile, key: &EeKey) -> Result<()> {
 
 /// The blake3 digest (hex) of a model file, which keys are tied to.
 pub fn model_digest(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let mut hasher = blake3::Hasher::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| ModelError::io(path, e))?;
-    Ok(hasher.finalize().to_hex().to_string())
+    Ok(veil_model::store::file_digest(path)?.1)
 }
 
 /// Transforms the plaintext GGUF at `base` with `key` and writes an F32 GGUF to `out`.

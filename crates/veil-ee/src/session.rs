@@ -1,7 +1,7 @@
 //! The key holder's side of a round trip: plaintext tokens in, plaintext logits out, with only
 //! encrypted ids and activations reaching the encrypted model.
 
-use veil_model::{LogitsAt, Result, ShardCache, ShardInput, ShardModel, TokenStep};
+use veil_model::{forward_chain, LogitsAt, Result, ShardCache, ShardModel, TokenStep};
 
 use crate::key::EeKey;
 use crate::transform::{decrypt_logits, encrypt_tokens};
@@ -27,15 +27,7 @@ impl<'a> EncryptedSession<'a> {
 impl TokenStep for EncryptedSession<'_> {
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let encrypted = encrypt_tokens(self.key, tokens);
-        let mut input = ShardInput::Tokens(&encrypted);
-        let mut out = None;
-        for (shard, cache) in self.shards.iter().zip(&mut self.caches) {
-            let y = shard.forward(input, cache, LogitsAt::Last)?;
-            input = ShardInput::Hidden(y.clone());
-            out = Some(y);
-        }
-        let logits = out
-            .ok_or_else(|| veil_model::ModelError::InvalidShard("no shards".into()))?
+        let logits = forward_chain(self.shards, &mut self.caches, &encrypted, LogitsAt::Last)?
             .squeeze(0)?
             .to_vec1::<f32>()?;
         Ok(decrypt_logits(self.key, &logits))

@@ -25,7 +25,7 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, Completion, FinishReason, GenerationParams, TextStream, TokenStep};
 pub use gguf::GgufFile;
 pub use local::{LocalModel, LocalSession};
-pub use model::{LogitsAt, ShardCache, ShardInput, ShardModel};
+pub use model::{forward_chain, LogitsAt, ShardCache, ShardInput, ShardModel};
 pub use sampling::{Sampler, SamplingParams};
 pub use shard::{LayerRange, Shard};
 pub use store::{FetchEvent, KnownModel, ModelStore, KNOWN_MODELS, SMOLLM2_135M};

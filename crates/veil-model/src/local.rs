@@ -10,8 +10,7 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::generate::TokenStep;
 use crate::gguf::GgufFile;
-use crate::model::{LogitsAt, ShardCache, ShardInput, ShardModel};
-use crate::shard::Shard;
+use crate::model::{forward_chain, LogitsAt, ShardCache, ShardModel};
 use crate::tokenizer::GgufTokenizer;
 use crate::weights::WeightFormat;
 
@@ -31,16 +30,7 @@ impl LocalModel {
     /// Loads the model at `path`, whole (`ranges` empty) or as shards covering every block.
     pub fn load(path: &Path, format: WeightFormat, ranges: &[Range<usize>]) -> Result<Self> {
         let mut model = Self::open_text(path)?;
-        let plan = if ranges.is_empty() {
-            vec![Shard::whole(model.config.block_count)]
-        } else {
-            Shard::tiling(ranges, model.config.block_count)?
-        };
-        let mut gguf = GgufFile::open(path)?;
-        model.shards = plan
-            .iter()
-            .map(|shard| ShardModel::load(&mut gguf, shard, format))
-            .collect::<Result<_>>()?;
+        model.shards = ShardModel::load_chain(&mut GgufFile::open(path)?, ranges, format)?;
         Ok(model)
     }
 
@@ -95,14 +85,7 @@ pub struct LocalSession<'a> {
 impl LocalSession<'_> {
     /// Runs `tokens` through every shard and returns logits at the positions asked for.
     pub fn forward(&mut self, tokens: &[u32], logits_at: LogitsAt) -> Result<Tensor> {
-        let mut input = ShardInput::Tokens(tokens);
-        let mut out = None;
-        for (shard, cache) in self.model.shards.iter().zip(&mut self.caches) {
-            let y = shard.forward(input, cache, logits_at)?;
-            input = ShardInput::Hidden(y.clone());
-            out = Some(y);
-        }
-        out.ok_or_else(|| ModelError::InvalidShard("the model has no shards".into()))
+        forward_chain(&self.model.shards, &mut self.caches, tokens, logits_at)
     }
 
     /// Empties every cache, for a new sequence.

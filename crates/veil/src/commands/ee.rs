@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use veil_ee::{encrypt_model, model_digest, EeKey};
-use veil_model::{GgufFile, LlamaConfig, Shard, ShardModel};
+use veil_model::{GgufFile, LlamaConfig, ShardModel};
 
 use crate::args::ModelArgs;
 
@@ -140,18 +140,11 @@ pub fn run(command: EeCommand) -> Result<()> {
 pub fn load_encrypted(path: &Path, key: &EeKey, args: &ModelArgs) -> Result<Vec<ShardModel>> {
     let mut gguf = GgufFile::open(path)?;
     veil_ee::check_key(&gguf, key)?;
-    let block_count = LlamaConfig::from_gguf(&gguf)?.block_count;
-    let ranges: Vec<_> = args.layers.iter().map(|r| r.0.clone()).collect();
-    let plan = if ranges.is_empty() {
-        vec![Shard::whole(block_count)]
-    } else {
-        Shard::tiling(&ranges, block_count)?
-    };
-    let shards = plan
-        .iter()
-        .map(|s| ShardModel::load(&mut gguf, s, args.dtype))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(shards)
+    Ok(ShardModel::load_chain(
+        &mut gguf,
+        &args.ranges(),
+        args.dtype,
+    )?)
 }
 
 /// Reads and opens a sealed key file.
