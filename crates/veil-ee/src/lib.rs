@@ -4,15 +4,19 @@
 pub mod agreement;
 pub mod attack;
 pub mod error;
+pub mod frequency;
 pub mod key;
 pub mod model_file;
+pub mod rotation;
 pub mod session;
 pub mod transform;
 
 pub use agreement::{agreement, Agreement, EVAL_PROMPTS};
 pub use attack::{match_embeddings, WeightMatch};
 pub use error::{EeError, Result};
+pub use frequency::{FrequencyAttack, FrequencyGuess};
 pub use key::{EeKey, LayerKey, KEY_VERSION};
 pub use model_file::{check_key, encrypt_model, model_digest};
+pub use rotation::{KeyUsage, RotationPolicy};
 pub use session::EncryptedSession;
 pub use transform::{decrypt_logits, decrypt_tokens, encrypt_tokens, encrypt_weights};

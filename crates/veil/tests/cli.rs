@@ -360,3 +360,42 @@ fn encrypted_round_trip_and_key_errors() {
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
+
+#[test]
+fn frequency_attack_runs_on_the_projects_own_text() {
+    let model = model_path();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = |name: &str| root.join(name).to_str().unwrap().to_string();
+    let (readme, threats) = (text("README.md"), text("docs/THREAT_MODEL.md"));
+    let args = |tokens: &str| {
+        vec![
+            "ee".to_string(),
+            "attack-frequency".into(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--text".into(),
+            readme.clone(),
+            "--text".into(),
+            threats.clone(),
+            "--tokens".into(),
+            tokens.into(),
+        ]
+    };
+    let out = veil().args(args("300,600")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    // One row per length, each with its recovery shares.
+    for n in ["300 |", "600 |"] {
+        let row = stdout.lines().find(|l| l.trim_start().starts_with(n));
+        assert!(row.is_some_and(|r| r.matches('%').count() == 4), "{stdout}");
+    }
+
+    let err = fails(&refs(&args("0")));
+    assert!(err.contains("--tokens must be positive"), "{err}");
+    let err = fails(&refs(&args("100000000")));
+    assert!(err.contains("pass more text"), "{err}");
+    let mut missing = args("300");
+    missing[5] = "/nonexistent/text".into();
+    let err = fails(&refs(&missing));
+    assert!(err.contains("cannot read /nonexistent/text"), "{err}");
+}

@@ -1,13 +1,17 @@
 //! `veil ee`: equivariant-encryption keys and encrypted models.
 
+use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use veil_ee::{encrypt_model, model_digest, EeKey};
-use veil_model::{GgufFile, LlamaConfig, ShardModel};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use veil_ee::{encrypt_model, model_digest, EeKey, FrequencyAttack, FrequencyGuess};
+use veil_model::{ChatMessage, GgufFile, LlamaConfig, LocalModel, ShardModel};
 
 use crate::args::ModelArgs;
 
@@ -51,6 +55,25 @@ pub enum EeCommand {
         /// The key only scores the recovery.
         #[command(flatten)]
         pair: EncryptedPair,
+    },
+    /// Frequency analysis: recover token ids from a ciphertext token stream alone, for several
+    /// stream lengths, by frequency ranks and bigram-scored hill climbing.
+    ///
+    /// The text files (plain text; passages separated by blank lines or `%` lines, as in
+    /// fortune files) are shuffled into passages, half becoming the attacker's reference and
+    /// half the victim's chats, encrypted under a fresh key.
+    AttackFrequency {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// English text files to draw passages from.
+        #[arg(long = "text", required = true)]
+        texts: Vec<PathBuf>,
+        /// Ciphertext tokens the node sees under one key, one measurement each.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        tokens: Vec<usize>,
+        /// Seed for the passage shuffle and the key, so a run can be repeated.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -131,8 +154,125 @@ pub fn run(command: EeCommand) -> Result<()> {
                 started.elapsed().as_secs_f64()
             );
         }
+        EeCommand::AttackFrequency {
+            model,
+            texts,
+            tokens,
+            seed,
+        } => attack_frequency(&model, &texts, &tokens, seed)?,
     }
     Ok(())
+}
+
+/// Runs the frequency attack on chats built from `texts` and prints one line per stream length.
+fn attack_frequency(
+    model: &ModelArgs,
+    texts: &[PathBuf],
+    tokens: &[usize],
+    seed: u64,
+) -> Result<()> {
+    if tokens.contains(&0) {
+        bail!("--tokens must be positive");
+    }
+    let mut passages = Vec::new();
+    for path in texts {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        passages.extend(split_passages(&String::from_utf8_lossy(&bytes)));
+    }
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    passages.shuffle(&mut rng);
+    let text = LocalModel::open_text(&model.resolve_path()?)?;
+    let (reference, victim) = passages.split_at(passages.len() / 2);
+    let reference = chat_stream(&text, reference)?;
+    let victim = chat_stream(&text, victim)?;
+    let longest = tokens.iter().copied().max().unwrap_or(0);
+    if victim.len() < longest {
+        bail!(
+            "the text gives {} victim tokens (and {} reference tokens), fewer than --tokens {longest}: pass more text",
+            victim.len(),
+            reference.len()
+        );
+    }
+
+    let key = EeKey::generate_with(&text.config, "frequency-attack", &mut rng);
+    let truth = veil_ee::key::inverse(&key.vocab);
+    println!(
+        "reference: {} tokens from {} passages; fresh key per run",
+        reference.len(),
+        passages.len() / 2
+    );
+    // Content tokens: outside the reference's 1000 most frequent, where names and numbers live.
+    let mut by_count: HashMap<u32, usize> = HashMap::new();
+    reference
+        .iter()
+        .for_each(|&t| *by_count.entry(t).or_default() += 1);
+    let mut common: Vec<(u32, usize)> = by_count.into_iter().collect();
+    common.sort_by_key(|&(t, n)| (std::cmp::Reverse(n), t));
+    let common: HashSet<u32> = common.iter().take(1000).map(|&(t, _)| t).collect();
+    println!(
+        "tokens seen | distinct ids | recovered by rank | after climb | content tokens: share, recovered | time"
+    );
+    for &n in tokens {
+        let cipher = veil_ee::encrypt_tokens(&key, &victim[..n]);
+        let started = Instant::now();
+        let guess = FrequencyAttack::default().run(&reference, &cipher, text.config.vocab_size);
+        let elapsed = started.elapsed().as_secs_f64();
+        let plain = |c: u32| truth[c as usize];
+        let content: Vec<u32> = cipher
+            .iter()
+            .copied()
+            .filter(|&c| !common.contains(&plain(c)))
+            .collect();
+        let score = |g, stream: &[u32]| 100.0 * FrequencyGuess::recovered(g, stream, plain);
+        println!(
+            "{n:>11} | {:>12} | {:>16.1}% | {:>10.1}% | {:>20.1}%, {:>8.1}% | {elapsed:.1} s",
+            guess.climbed.len(),
+            score(&guess.by_rank, &cipher),
+            score(&guess.climbed, &cipher),
+            100.0 * content.len() as f64 / n as f64,
+            score(&guess.climbed, &content),
+        );
+    }
+    Ok(())
+}
+
+/// Passages of a text: runs of lines split at blank lines and at `%` lines (fortune files).
+fn split_passages(text: &str) -> Vec<String> {
+    let mut passages = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        if line.trim().is_empty() || line.trim() == "%" {
+            if !current.trim().is_empty() {
+                passages.push(std::mem::take(&mut current).trim().to_string());
+            }
+            current.clear();
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    if !current.trim().is_empty() {
+        passages.push(current.trim().to_string());
+    }
+    passages
+}
+
+/// Token ids of two-turn chats (user, assistant) made of consecutive passages, as a node would
+/// see them, concatenated.
+fn chat_stream(text: &LocalModel, passages: &[String]) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for turn in passages.chunks(2) {
+        let mut messages = vec![ChatMessage::user(turn[0].clone())];
+        if let Some(answer) = turn.get(1) {
+            messages.push(ChatMessage::assistant(answer.clone()));
+        }
+        ids.extend(
+            text.tokenizer
+                .encode(&text.chat.render(&messages, false)?)?,
+        );
+    }
+    Ok(ids)
 }
 
 /// Checks that `key` made the encrypted model at `path` and loads its shards with the
