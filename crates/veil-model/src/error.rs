@@ -64,6 +64,9 @@ pub enum ModelError {
     /// The input handed to a shard does not match what the shard takes.
     #[error("invalid shard input: {0}")]
     InvalidInput(String),
+    /// A shard served by another process failed, and no replacement could take over.
+    #[error("remote shard: {0}")]
+    Remote(String),
     /// The prompt renders to no tokens.
     #[error("the prompt is empty: give some text to complete")]
     EmptyPrompt,

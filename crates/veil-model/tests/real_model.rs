@@ -383,3 +383,56 @@ fn taps_see_every_block_output_in_order() {
     assert_eq!(max_abs_diff(&seen[14].1, &handed_on), 0.0);
     assert!(max_abs_diff(&seen[13].1, &handed_on) > 0.0);
 }
+
+#[test]
+fn shard_files_hold_only_their_range_and_compute_what_the_whole_model_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = model_path();
+    let plan = veil_model::Shard::tiling(&[0..10, 10..20, 20..30], 30).unwrap();
+    let mut steps = Vec::new();
+    let manifests =
+        veil_model::write_shard_files(&path, &plan, dir.path(), &mut |d, t| steps.push((d, t)))
+            .unwrap();
+    assert_eq!(steps.last(), Some(&(3, 3)));
+    assert_eq!(manifests.len(), 3);
+    let json = std::fs::read_to_string(dir.path().join("manifest.json")).unwrap();
+    let listed: Vec<veil_model::ShardManifest> = serde_json::from_str(&json).unwrap();
+    assert_eq!(listed, manifests);
+
+    // Each file names its part, holds no block outside it, and together they are smaller than
+    // three copies of the model.
+    let mut shards = Vec::new();
+    let mut total = 0;
+    for m in &manifests {
+        let file = dir.path().join(&m.file);
+        total += std::fs::metadata(&file).unwrap().len();
+        let mut gguf = veil_model::GgufFile::open(&file).unwrap();
+        let read = veil_model::ShardManifest::of(&gguf).unwrap();
+        assert_eq!(&read, m);
+        for name in gguf.content().tensor_infos.keys() {
+            if let Some(block) = name.strip_prefix("blk.") {
+                let b: usize = block.split('.').next().unwrap().parse().unwrap();
+                assert!(m.shard().layers.contains(&b), "{name} in {}", m.file);
+            }
+        }
+        shards.push(
+            veil_model::ShardModel::load(&mut gguf, &m.shard(), WeightFormat::AsStored).unwrap(),
+        );
+    }
+    let whole_size = std::fs::metadata(&path).unwrap().len();
+    assert!(total < 2 * whole_size, "{total} vs {whole_size}");
+
+    // Bit-identical logits: the blocks were copied, not re-encoded.
+    let whole = LocalModel::load(&path, WeightFormat::AsStored, &[]).unwrap();
+    let prompt = whole
+        .chat_prompt(&[ChatMessage::user("Name three colours.")])
+        .unwrap();
+    let a = whole.session().forward(&prompt, LogitsAt::Last).unwrap();
+    let mut caches: Vec<_> = shards.iter().map(|s| s.new_cache()).collect();
+    let b = veil_model::forward_chain(&shards, &mut caches, &prompt, LogitsAt::Last).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+
+    // The whole model file describes itself as the whole model.
+    let whole_info = veil_model::ShardManifest::of(&veil_model::GgufFile::open(&path).unwrap());
+    assert_eq!(whole_info.unwrap().model_digest, manifests[0].model_digest);
+}

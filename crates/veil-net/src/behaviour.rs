@@ -1,0 +1,82 @@
+//! The libp2p behaviour every Veil peer runs, composed from maintained parts: identify (learn a
+//! peer's listen addresses), ping (liveness, latency), Kademlia (who serves which shard) and
+//! request-response (the inference protocol, CBOR with bounded message sizes).
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::request_response::{self, cbor, ProtocolSupport};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{identify, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
+
+use crate::error::{NetError, Result};
+use crate::wire::{Request, Response, MAX_MESSAGE_BYTES, PROTOCOL};
+
+/// Veil's private Kademlia protocol, so the DHT holds only Veil peers.
+const KAD_PROTOCOL: &str = "/veil/kad/1.0.0";
+
+/// The parts of a Veil peer.
+#[derive(NetworkBehaviour)]
+pub struct VeilBehaviour {
+    /// Exchanges listen addresses and protocol lists.
+    pub identify: identify::Behaviour,
+    /// Keeps connections alive and measures round trips.
+    pub ping: ping::Behaviour,
+    /// Provider records: which peers serve which shard.
+    pub kad: kad::Behaviour<MemoryStore>,
+    /// The inference protocol.
+    pub infer: cbor::Behaviour<Request, Response>,
+}
+
+/// Builds a swarm over TCP and QUIC (Noise, Yamux) for `key`; `request_timeout` bounds how long
+/// a request may wait for its answer (a peer that stalls).
+pub fn build_swarm(key: Keypair, request_timeout: Duration) -> Result<Swarm<VeilBehaviour>> {
+    let swarm = SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NetError::Network(e.to_string()))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+            kad.set_mode(Some(kad::Mode::Server));
+            let codec = cbor::codec::Codec::default()
+                .set_request_size_maximum(MAX_MESSAGE_BYTES)
+                .set_response_size_maximum(MAX_MESSAGE_BYTES);
+            VeilBehaviour {
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/veil/1.0.0".into(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::default(),
+                kad,
+                infer: request_response::Behaviour::with_codec(
+                    codec,
+                    [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(request_timeout),
+                ),
+            }
+        })
+        .map_err(|e| NetError::Network(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
+        .build();
+    Ok(swarm)
+}
+
+/// The provider key for every node serving some part of a model.
+pub fn model_key(model_digest: &str) -> kad::RecordKey {
+    kad::RecordKey::new(&format!("veil/model/{model_digest}"))
+}
+
+/// The provider key for nodes serving one block range of a model.
+pub fn range_key(model_digest: &str, first_block: usize, end_block: usize) -> kad::RecordKey {
+    kad::RecordKey::new(&format!(
+        "veil/model/{model_digest}/{first_block}-{end_block}"
+    ))
+}

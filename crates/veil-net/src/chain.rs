@@ -1,0 +1,337 @@
+//! Generation through a chain of remote shards, surviving node loss.
+//!
+//! Each hop keeps every input it sent, step by step. When a node dies (or forgets the session),
+//! the chain opens a session on another node serving the same range and replays those inputs
+//! with the same step shapes, so the rebuilt cache is the one the dead node held (a batched
+//! prefill and one-token steps round differently, so replaying the steps as one batch would
+//! not be), then carries on: the text does not change.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use tokio::runtime::Handle;
+use tracing::{info, warn};
+use veil_model::{LogitsAt, ModelError, ShardCache, ShardInput, ShardModel, TokenStep};
+
+use crate::client::{Candidate, SwarmClient};
+use crate::error::{NetError, Result};
+use crate::route::plan_route;
+use crate::wire::{RequestBody, Response, SessionId, StepInput, WireTensor};
+
+/// How many replacements one step may go through before giving up.
+const MAX_FAILOVERS_PER_STEP: usize = 3;
+
+/// One remote hop and what it has been sent.
+struct Hop {
+    node: Candidate,
+    session: SessionId,
+    history: Vec<StepInput>,
+    stats: HopStats,
+}
+
+/// What one hop cost, for the route report and the benchmark.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HopStats {
+    /// Time spent waiting for this hop's answers (network and compute).
+    pub busy: Duration,
+    /// Requests answered.
+    pub steps: usize,
+    /// Tensor and token bytes sent to the hop.
+    pub bytes_sent: u64,
+    /// Tensor bytes received from it.
+    pub bytes_received: u64,
+}
+
+/// What happened when a node was replaced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failover {
+    /// Blocks of the hop.
+    pub blocks: (usize, usize),
+    /// The node that failed.
+    pub from: PeerId,
+    /// Its replacement.
+    pub to: PeerId,
+    /// Why.
+    pub reason: String,
+    /// Steps replayed to rebuild the replacement's cache.
+    pub replayed_steps: usize,
+}
+
+/// Layers the client runs itself, so nodes see only hidden states (never ids or logits).
+pub struct ClientSplit {
+    /// Embedding and the first blocks.
+    pub front: Arc<ShardModel>,
+    /// Final norm and head.
+    pub head: Arc<ShardModel>,
+}
+
+/// A generation session spread over remote nodes (and, with a client split, this process).
+pub struct RemoteChain {
+    client: SwarmClient,
+    runtime: Handle,
+    model_digest: String,
+    hops: Vec<Hop>,
+    split: Option<(ClientSplit, ShardCache, ShardCache)>,
+    failed: HashSet<PeerId>,
+    failovers: Vec<Failover>,
+}
+
+impl RemoteChain {
+    /// Finds nodes serving the model `model_digest` of `block_count` blocks, plans the fastest
+    /// chain (after the client's own blocks, if `split`), and opens a session on each.
+    ///
+    /// Call from outside the runtime: the chain blocks on `runtime` for each request.
+    pub fn open(
+        client: SwarmClient,
+        runtime: Handle,
+        model_digest: &str,
+        block_count: usize,
+        split: Option<ClientSplit>,
+    ) -> Result<Self> {
+        let candidates = runtime.block_on(client.discover(model_digest))?;
+        let start = split.as_ref().map_or(0, |s| s.front.shard().layers.end);
+        let route = plan_route(
+            &candidates,
+            start,
+            block_count,
+            split.is_none(),
+            &HashSet::new(),
+        )?;
+        let mut hops = Vec::new();
+        for node in route {
+            let session = runtime.block_on(open_session(&client, node.peer))?;
+            hops.push(Hop {
+                node,
+                session,
+                history: Vec::new(),
+                stats: HopStats::default(),
+            });
+        }
+        let split = split.map(|s| {
+            let (front, head) = (s.front.new_cache(), s.head.new_cache());
+            (s, front, head)
+        });
+        Ok(Self {
+            client,
+            runtime,
+            model_digest: model_digest.to_string(),
+            hops,
+            split,
+            failed: HashSet::new(),
+            failovers: Vec::new(),
+        })
+    }
+
+    /// The nodes in use, in order, with their blocks and costs.
+    pub fn route(&self) -> Vec<(Candidate, HopStats)> {
+        self.hops
+            .iter()
+            .map(|h| (h.node.clone(), h.stats.clone()))
+            .collect()
+    }
+
+    /// The replacements made so far.
+    pub fn failovers(&self) -> &[Failover] {
+        &self.failovers
+    }
+
+    /// Frees the sessions on every node.
+    pub fn close(&mut self) {
+        for hop in self.hops.drain(..) {
+            let body = RequestBody::Close {
+                session: hop.session,
+            };
+            let _ = self.runtime.block_on(self.client.request(hop.node.peer, body));
+        }
+    }
+
+    fn run(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut input = match &mut self.split {
+            Some((split, cache, _)) => {
+                let hidden = split
+                    .front
+                    .forward(ShardInput::Tokens(tokens), cache, LogitsAt::Last)?;
+                StepInput::Hidden(WireTensor::from_tensor(&hidden)?)
+            }
+            None => StepInput::Tokens(tokens.to_vec()),
+        };
+        for i in 0..self.hops.len() {
+            let output = self.run_hop(i, input)?;
+            input = StepInput::Hidden(output);
+        }
+        let StepInput::Hidden(last) = input else {
+            return Err(NetError::NoRoute("the chain has no hops".into()));
+        };
+        let logits = match &mut self.split {
+            Some((split, _, head_cache)) => split.head.forward(
+                ShardInput::Hidden(last.to_tensor()?),
+                head_cache,
+                LogitsAt::Last,
+            )?,
+            None => last.to_tensor()?,
+        };
+        Ok(logits.squeeze(0)?.to_vec1()?)
+    }
+
+    /// Runs `input` on hop `i`, replacing its node if it fails.
+    fn run_hop(&mut self, i: usize, input: StepInput) -> Result<WireTensor> {
+        let mut attempts = 0;
+        loop {
+            let hop = &self.hops[i];
+            let started = Instant::now();
+            let body = RequestBody::Step {
+                session: hop.session,
+                input: input.clone(),
+            };
+            let answer = self.runtime.block_on(self.client.request(hop.node.peer, body));
+            let answer = answer.and_then(|r| self.check_output(i, &input, r));
+            match answer {
+                Ok(output) => {
+                    let hop = &mut self.hops[i];
+                    hop.stats.busy += started.elapsed();
+                    hop.stats.steps += 1;
+                    hop.stats.bytes_sent += payload_bytes(&input);
+                    hop.stats.bytes_received += output.data.len() as u64;
+                    hop.history.push(input);
+                    return Ok(output);
+                }
+                Err(e) if attempts < MAX_FAILOVERS_PER_STEP => {
+                    attempts += 1;
+                    self.fail_over(i, &e.to_string())?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Checks a node's answer has the shape the next stage expects.
+    fn check_output(&self, i: usize, input: &StepInput, response: Response) -> Result<WireTensor> {
+        let hop = &self.hops[i];
+        let Response::Output(t) = response else {
+            return Err(NetError::BadMessage(format!(
+                "{} answered a step with {response:?}",
+                hop.node.peer
+            )));
+        };
+        let want = if hop.node.info.head {
+            None
+        } else {
+            Some(vec![input.len(), hop.node.info.hidden_size])
+        };
+        if let Some(want) = want {
+            if t.shape != want {
+                return Err(NetError::BadMessage(format!(
+                    "{} returned shape {:?}, expected {want:?}",
+                    hop.node.peer, t.shape
+                )));
+            }
+        } else if t.shape.len() != 2 || t.shape[0] != 1 {
+            return Err(NetError::BadMessage(format!(
+                "{} returned logits of shape {:?}",
+                hop.node.peer, t.shape
+            )));
+        }
+        t.to_tensor()?;
+        Ok(t)
+    }
+
+    /// Replaces hop `i`'s node with another serving the same range and replays its history.
+    fn fail_over(&mut self, i: usize, reason: &str) -> Result<()> {
+        let (first, end) = (self.hops[i].node.info.first_block, self.hops[i].node.info.end_block);
+        let dead = self.hops[i].node.peer;
+        warn!("node {dead} for blocks {first}-{end} failed: {reason}");
+        self.failed.insert(dead);
+        let found = self.runtime.block_on(self.client.discover_range(
+            &self.model_digest,
+            first,
+            end,
+        ))?;
+        let mut replacements: Vec<Candidate> = found
+            .into_iter()
+            .filter(|c| !self.failed.contains(&c.peer) && c.info == self.hops[i].node.info)
+            .collect();
+        replacements.sort_by_key(|c| c.latency);
+        let Some(next) = replacements.into_iter().next() else {
+            return Err(NetError::NoRoute(format!(
+                "node {dead} for blocks {first}-{end} failed ({reason}) and no other node serves that range"
+            )));
+        };
+        let session = self
+            .runtime
+            .block_on(open_session(&self.client, next.peer))?;
+        let history = self.hops[i].history.clone();
+        for step in &history {
+            let body = RequestBody::Step {
+                session,
+                input: step.clone(),
+            };
+            match self.runtime.block_on(self.client.request(next.peer, body))? {
+                Response::Output(_) => {}
+                other => {
+                    return Err(NetError::BadMessage(format!(
+                        "{} answered a replayed step with {other:?}",
+                        next.peer
+                    )))
+                }
+            }
+        }
+        info!(
+            "switched blocks {first}-{end} from {dead} to {}, replayed {} steps",
+            next.peer,
+            history.len()
+        );
+        self.failovers.push(Failover {
+            blocks: (first, end),
+            from: dead,
+            to: next.peer,
+            reason: reason.to_string(),
+            replayed_steps: history.len(),
+        });
+        let hop = &mut self.hops[i];
+        hop.node = next;
+        hop.session = session;
+        Ok(())
+    }
+}
+
+impl TokenStep for RemoteChain {
+    fn step(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<f32>> {
+        self.run(tokens).map_err(|e| match e {
+            NetError::Model(m) => m,
+            other => ModelError::Remote(other.to_string()),
+        })
+    }
+}
+
+impl Drop for RemoteChain {
+    fn drop(&mut self) {
+        // Best effort, without blocking (the drop may run inside the runtime).
+        for hop in self.hops.drain(..) {
+            let client = self.client.clone();
+            let body = RequestBody::Close {
+                session: hop.session,
+            };
+            self.runtime.spawn(async move {
+                let _ = client.request(hop.node.peer, body).await;
+            });
+        }
+    }
+}
+
+async fn open_session(client: &SwarmClient, peer: PeerId) -> Result<SessionId> {
+    match client.request(peer, RequestBody::Open).await? {
+        Response::Opened { session } => Ok(session),
+        other => Err(NetError::BadMessage(format!(
+            "{peer} answered Open with {other:?}"
+        ))),
+    }
+}
+
+fn payload_bytes(input: &StepInput) -> u64 {
+    match input {
+        StepInput::Tokens(ids) => 4 * ids.len() as u64,
+        StepInput::Hidden(t) => t.data.len() as u64,
+    }
+}

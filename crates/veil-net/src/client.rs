@@ -1,0 +1,241 @@
+//! The client side of the swarm: a libp2p peer that finds the nodes serving a model and sends
+//! them requests. A background task owns the swarm; [`SwarmClient`] talks to it over channels,
+//! so callers just `await` answers.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::kad::{self, GetProvidersOk, QueryResult, RecordKey};
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, Multiaddr, PeerId, Swarm};
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+use crate::behaviour::{build_swarm, model_key, range_key, VeilBehaviour, VeilBehaviourEvent};
+use crate::error::{NetError, Result};
+use crate::node::join;
+use crate::wire::{Request, RequestBody, Response, ShardInfo, WIRE_VERSION};
+
+/// A node found serving part of a model, with how fast it answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// The node.
+    pub peer: PeerId,
+    /// What it serves.
+    pub info: ShardInfo,
+    /// Round trip of its `Info` request.
+    pub latency: Duration,
+}
+
+enum Command {
+    Request {
+        peer: PeerId,
+        body: RequestBody,
+        reply: oneshot::Sender<Result<Response>>,
+    },
+    Providers {
+        key: RecordKey,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Connected {
+        reply: oneshot::Sender<usize>,
+    },
+}
+
+/// A handle on the client's swarm task; cheap to clone.
+#[derive(Clone)]
+pub struct SwarmClient {
+    commands: mpsc::UnboundedSender<Command>,
+    local_id: PeerId,
+}
+
+impl SwarmClient {
+    /// Starts a client peer (fresh identity) that joins through `bootstrap`, and waits up to
+    /// `join_timeout` for a first connection.
+    pub async fn connect(
+        bootstrap: &[Multiaddr],
+        request_timeout: Duration,
+        join_timeout: Duration,
+    ) -> Result<Self> {
+        if bootstrap.is_empty() {
+            return Err(NetError::Network(
+                "give at least one bootstrap address (--bootstrap /ip4/.../p2p/<peer id>)".into(),
+            ));
+        }
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let local_id = key.public().to_peer_id();
+        let mut swarm = build_swarm(key, request_timeout)?;
+        swarm
+            .behaviour_mut()
+            .kad
+            .set_mode(Some(kad::Mode::Client));
+        join(&mut swarm, bootstrap)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(drive(swarm, rx));
+        let client = Self {
+            commands: tx,
+            local_id,
+        };
+        let deadline = Instant::now() + join_timeout;
+        while client.connected().await? == 0 {
+            if Instant::now() > deadline {
+                return Err(NetError::Network(format!(
+                    "no bootstrap peer answered within {join_timeout:?}: is the node running?"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(client)
+    }
+
+    /// This client's peer id.
+    pub fn local_id(&self) -> PeerId {
+        self.local_id
+    }
+
+    /// Sends a request and waits for the answer; a peer that is gone, stalls past the request
+    /// timeout, or sends garbage is a [`NetError::PeerFailed`].
+    pub async fn request(&self, peer: PeerId, body: RequestBody) -> Result<Response> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Request { peer, body, reply })?;
+        answer.await.map_err(|_| task_gone())?
+    }
+
+    /// Peers announcing `key` in the DHT.
+    pub async fn providers(&self, key: RecordKey) -> Result<Vec<PeerId>> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Providers { key, reply })?;
+        answer.await.map_err(|_| task_gone())
+    }
+
+    async fn connected(&self) -> Result<usize> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Connected { reply })?;
+        answer.await.map_err(|_| task_gone())
+    }
+
+    fn send(&self, command: Command) -> Result<()> {
+        self.commands.send(command).map_err(|_| task_gone())
+    }
+
+    /// Every node serving part of the model `model_digest`, asked what it serves; nodes that do
+    /// not answer, or serve another model, are left out.
+    pub async fn discover(&self, model_digest: &str) -> Result<Vec<Candidate>> {
+        let peers = self.providers(model_key(model_digest)).await?;
+        self.describe(peers, model_digest).await
+    }
+
+    /// Nodes serving exactly `first..end` of the model, for failover.
+    pub async fn discover_range(
+        &self,
+        model_digest: &str,
+        first: usize,
+        end: usize,
+    ) -> Result<Vec<Candidate>> {
+        let peers = self.providers(range_key(model_digest, first, end)).await?;
+        let found = self.describe(peers, model_digest).await?;
+        Ok(found
+            .into_iter()
+            .filter(|c| c.info.first_block == first && c.info.end_block == end)
+            .collect())
+    }
+
+    async fn describe(&self, peers: Vec<PeerId>, model_digest: &str) -> Result<Vec<Candidate>> {
+        let asks = peers.into_iter().map(|peer| async move {
+            let started = Instant::now();
+            match self.request(peer, RequestBody::Info).await {
+                Ok(Response::Info(info)) if info.model_digest == model_digest => Some(Candidate {
+                    peer,
+                    info,
+                    latency: started.elapsed(),
+                }),
+                other => {
+                    debug!("{peer} left out: {other:?}");
+                    None
+                }
+            }
+        });
+        Ok(futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+}
+
+fn task_gone() -> NetError {
+    NetError::Network("the client's network task stopped".into())
+}
+
+/// The swarm task: runs commands, routes answers back.
+async fn drive(mut swarm: Swarm<VeilBehaviour>, mut commands: mpsc::UnboundedReceiver<Command>) {
+    let mut pending: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<Response>>)> =
+        HashMap::new();
+    let mut queries: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)> =
+        HashMap::new();
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                None => return,
+                Some(Command::Request { peer, body, reply }) => {
+                    let id = swarm.behaviour_mut().infer.send_request(&peer, Request { version: WIRE_VERSION, body });
+                    pending.insert(id, (peer, reply));
+                }
+                Some(Command::Providers { key, reply }) => {
+                    let id = swarm.behaviour_mut().kad.get_providers(key);
+                    queries.insert(id, (HashSet::new(), reply));
+                }
+                Some(Command::Connected { reply }) => {
+                    let _ = reply.send(swarm.connected_peers().count());
+                }
+            },
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                })) => {
+                    if let Some((peer, reply)) = pending.remove(&request_id) {
+                        let _ = reply.send(match response {
+                            Response::Error { message, .. } => Err(NetError::Refused { peer: peer.to_string(), message }),
+                            r => Ok(r),
+                        });
+                    }
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::OutboundFailure { request_id, error, peer, .. })) => {
+                    if let Some((_, reply)) = pending.remove(&request_id) {
+                        let _ = reply.send(Err(NetError::PeerFailed { peer: peer.to_string(), reason: error.to_string() }));
+                    }
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. })) => {
+                    if let QueryResult::GetProviders(result) = result {
+                        if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {
+                            for peer in &providers {
+                                // Dial now, while the query still knows the provider's address.
+                                if !swarm.is_connected(peer) {
+                                    let _ = swarm.dial(DialOpts::peer_id(*peer).build());
+                                }
+                            }
+                            if let Some((found, _)) = queries.get_mut(&id) {
+                                found.extend(providers);
+                            }
+                        }
+                        if step.last {
+                            if let Some((found, reply)) = queries.remove(&id) {
+                                let _ = reply.send(found.into_iter().collect());
+                            }
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                    for addr in info.listen_addrs {
+                        swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+                other => debug!("{other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Veil's swarm: nodes serving model shards over libp2p, and the client that finds them, chains
+//! them into a whole model and survives losing one.
+
+pub mod behaviour;
+pub mod chain;
+pub mod client;
+pub mod error;
+pub mod node;
+pub mod node_state;
+pub mod route;
+pub mod sessions;
+pub mod wire;
+
+pub use chain::{ClientSplit, Failover, HopStats, RemoteChain};
+pub use client::{Candidate, SwarmClient};
+pub use error::{NetError, Result};
+pub use node::{peer_of, run_node, NodeConfig};
+pub use node_state::NodeState;
+pub use route::plan_route;
+pub use sessions::{SessionLimits, SessionTable};
+pub use wire::{ShardInfo, PROTOCOL, WIRE_VERSION};

@@ -1,0 +1,325 @@
+//! `veil node`: serve one shard to the swarm.
+//!
+//! The event loop owns the swarm and the session table; each step runs on a blocking thread
+//! with its session taken out of the table, so a long prefill does not stall the network or
+//! other sessions' requests.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::request_response::{self, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, Multiaddr, PeerId, Swarm};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use veil_model::{GgufFile, LogitsAt, ShardCache, ShardInput, ShardManifest, ShardModel, WeightFormat};
+
+use crate::behaviour::{build_swarm, model_key, range_key, VeilBehaviour, VeilBehaviourEvent};
+use crate::error::{NetError, Result};
+use crate::node_state::NodeState;
+use crate::sessions::{SessionLimits, SessionTable};
+use crate::wire::{
+    ErrorKind, Request, RequestBody, Response, SessionId, ShardInfo, StepInput, WireTensor,
+    WIRE_VERSION,
+};
+
+/// How a node is started.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The shard file (or a whole model file) to serve.
+    pub shard: PathBuf,
+    /// Weight format to run in.
+    pub format: WeightFormat,
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join through, each ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// The node's database (identity, known peers).
+    pub state: PathBuf,
+    /// Session limits.
+    pub limits: SessionLimits,
+    /// How long an answer may take before the asker gives up.
+    pub request_timeout: Duration,
+}
+
+/// A step finished on a blocking thread, on its way back to the event loop.
+struct StepDone {
+    session: SessionId,
+    cache: ShardCache,
+    result: Result<WireTensor>,
+    channel: ResponseChannel<Response>,
+}
+
+/// How often provider records are published again, so peers that joined later learn them.
+const REANNOUNCE: Duration = Duration::from_secs(15);
+
+/// Loads the shard, joins the swarm and serves until `shutdown` resolves.
+pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let state = NodeState::open(&config.state)?;
+    let key = state.identity()?;
+    let local_id = key.public().to_peer_id();
+
+    let path = config.shard.clone();
+    let format = config.format;
+    let (model, manifest) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut gguf = GgufFile::open(&path)?;
+        let manifest = ShardManifest::of(&gguf)?;
+        let model = ShardModel::load(&mut gguf, &manifest.shard(), format)?;
+        Ok((model, manifest))
+    })
+    .await
+    .map_err(|e| NetError::Network(format!("loading task failed: {e}")))??;
+    let model = Arc::new(model);
+    let shard_info = ShardInfo {
+        model_digest: manifest.model_digest.clone(),
+        first_block: manifest.first_block,
+        end_block: manifest.end_block,
+        block_count: manifest.block_count,
+        embedding: manifest.embedding,
+        head: manifest.head,
+        hidden_size: model.config().hidden_size,
+        max_session_tokens: config.limits.max_tokens.min(model.config().context_length),
+    };
+    let vocab_size = model.config().vocab_size;
+    info!(
+        "serving {} of model {} as {local_id}",
+        model.shard(),
+        &shard_info.model_digest[..12.min(shard_info.model_digest.len())]
+    );
+
+    let mut swarm = build_swarm(key, config.request_timeout)?;
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Network(format!("cannot listen on {addr}: {e}")))?;
+    }
+    let mut bootstrap = config.bootstrap.clone();
+    bootstrap.extend(state.peers()?.into_iter().map(|(_, a)| a));
+    join(&mut swarm, &bootstrap)?;
+    announce(&mut swarm, &shard_info);
+
+    let mut sessions: SessionTable<ShardCache> = SessionTable::new(SessionLimits {
+        max_tokens: shard_info.max_session_tokens,
+        ..config.limits
+    });
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<StepDone>();
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut reannounce = tokio::time::interval(REANNOUNCE);
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!("shutting down with {} sessions open", sessions.len());
+                return Ok(());
+            }
+            _ = sweep.tick() => {
+                let expired = sessions.expire(Instant::now());
+                if expired > 0 {
+                    info!("freed {expired} idle sessions");
+                }
+            }
+            _ = reannounce.tick() => announce(&mut swarm, &shard_info),
+            Some(done) = done_rx.recv() => {
+                let response = match done.result {
+                    Ok(tensor) => {
+                        let held = done.cache.position();
+                        sessions.put_back(done.session, done.cache, held, Instant::now());
+                        Response::Output(tensor)
+                    }
+                    Err(e) => {
+                        sessions.discard();
+                        warn!("session {} failed and was dropped: {e}", done.session);
+                        refuse(ErrorKind::Internal, e.to_string())
+                    }
+                };
+                let _ = swarm.behaviour_mut().infer.send_response(done.channel, response);
+            }
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    // Parents (the demo, tests) read this line to find the node.
+                    println!("listening on {address}/p2p/{local_id}");
+                    let _ = std::io::stdout().flush();
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                    for addr in info.listen_addrs {
+                        if is_routable(&addr) {
+                            swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                            if let Err(e) = state.remember_peer(&peer_id.to_string(), &addr.with_p2p(peer_id).unwrap_or_else(|a| a)) {
+                                debug!("cannot remember {peer_id}: {e}");
+                            }
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::Message {
+                    peer,
+                    message: request_response::Message::Request { request, channel, .. },
+                    ..
+                })) => {
+                    let answer = handle(&mut sessions, &model, &shard_info, vocab_size, peer, request);
+                    match answer {
+                        Handled::Now(response) => {
+                            let _ = swarm.behaviour_mut().infer.send_response(channel, response);
+                        }
+                        Handled::Step { session, cache, input } => {
+                            let model = Arc::clone(&model);
+                            let tx = done_tx.clone();
+                            tokio::task::spawn_blocking(move || {
+                                let mut cache = cache;
+                                let result = run_step(&model, &mut cache, input);
+                                let _ = tx.send(StepDone { session, cache, result, channel });
+                            });
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::InboundFailure { peer, error, .. })) => {
+                    // Garbage, oversized or truncated requests end here; the node carries on.
+                    warn!("request from {peer} failed: {error}");
+                }
+                SwarmEvent::ConnectionClosed { peer_id, cause: Some(cause), .. } => {
+                    debug!("connection to {peer_id} closed: {cause}");
+                }
+                other => debug!("{other:?}"),
+            }
+        }
+    }
+}
+
+/// What the event loop does with a request.
+enum Handled {
+    /// Answer at once.
+    Now(Response),
+    /// Run a step on a blocking thread.
+    Step {
+        session: SessionId,
+        cache: ShardCache,
+        input: StepInput,
+    },
+}
+
+fn refuse(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// Validates a request and answers it, or hands a step to a worker.
+fn handle(
+    sessions: &mut SessionTable<ShardCache>,
+    model: &ShardModel,
+    info: &ShardInfo,
+    vocab_size: usize,
+    peer: PeerId,
+    request: Request,
+) -> Handled {
+    if request.version != WIRE_VERSION {
+        return Handled::Now(refuse(
+            ErrorKind::Version,
+            format!(
+                "protocol version {} is not spoken here (this node speaks {WIRE_VERSION})",
+                request.version
+            ),
+        ));
+    }
+    let now = Instant::now();
+    Handled::Now(match request.body {
+        RequestBody::Info => Response::Info(info.clone()),
+        RequestBody::Open => match sessions.open(model.new_cache(), now) {
+            Ok(session) => {
+                debug!("opened session {session} for {peer}");
+                Response::Opened { session }
+            }
+            Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+        },
+        RequestBody::Close { session } => {
+            if sessions.close(session) {
+                Response::Closed
+            } else {
+                refuse(ErrorKind::UnknownSession, format!("unknown session {session}"))
+            }
+        }
+        RequestBody::Step { session, input } => {
+            if let Err(e) = info.check_input(&input, vocab_size) {
+                return Handled::Now(refuse(ErrorKind::BadRequest, e.to_string()));
+            }
+            match sessions.take(session, input.len()) {
+                Ok((cache, _)) => {
+                    return Handled::Step {
+                        session,
+                        cache,
+                        input,
+                    }
+                }
+                Err(e @ crate::sessions::SessionRefusal::Unknown(_)) => {
+                    refuse(ErrorKind::UnknownSession, e.to_string())
+                }
+                Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+            }
+        }
+    })
+}
+
+/// Runs one step of a session: hidden states out, or last-position logits for a head shard.
+fn run_step(model: &ShardModel, cache: &mut ShardCache, input: StepInput) -> Result<WireTensor> {
+    let output = match input {
+        StepInput::Tokens(ids) => model.forward(ShardInput::Tokens(&ids), cache, LogitsAt::Last)?,
+        StepInput::Hidden(t) => {
+            model.forward(ShardInput::Hidden(t.to_tensor()?), cache, LogitsAt::Last)?
+        }
+    };
+    WireTensor::from_tensor(&output)
+}
+
+/// Dials the bootstrap peers and adds them to the routing table.
+pub(crate) fn join(swarm: &mut Swarm<VeilBehaviour>, bootstrap: &[Multiaddr]) -> Result<()> {
+    for addr in bootstrap {
+        let Some(peer) = peer_of(addr) else {
+            return Err(NetError::Network(format!(
+                "bootstrap address {addr} must end in /p2p/<peer id> (as printed by the node)"
+            )));
+        };
+        if peer == *swarm.local_peer_id() {
+            continue;
+        }
+        swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!("cannot dial {addr}: {e}");
+        }
+    }
+    if !bootstrap.is_empty() {
+        let _ = swarm.behaviour_mut().kad.bootstrap();
+    }
+    Ok(())
+}
+
+fn announce(swarm: &mut Swarm<VeilBehaviour>, info: &ShardInfo) {
+    let kad = &mut swarm.behaviour_mut().kad;
+    for key in [
+        model_key(&info.model_digest),
+        range_key(&info.model_digest, info.first_block, info.end_block),
+    ] {
+        if let Err(e) = kad.start_providing(key) {
+            warn!("cannot announce: {e}");
+        }
+    }
+}
+
+/// The peer id at the end of an address, if any.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+/// Whether an address is worth keeping in the routing table (not unspecified).
+fn is_routable(addr: &Multiaddr) -> bool {
+    !addr.iter().any(|p| {
+        matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified())
+            || matches!(p, libp2p::multiaddr::Protocol::Ip6(ip) if ip.is_unspecified())
+    })
+}

@@ -1,0 +1,152 @@
+//! What a node keeps across restarts, in an embedded database (`redb`): its identity key, so
+//! its peer id (and any reputation attached to it) survives, and the peers it has met, so it can
+//! rejoin without being told a bootstrap address again.
+
+use std::path::{Path, PathBuf};
+
+use libp2p::identity::Keypair;
+use libp2p::Multiaddr;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::error::{NetError, Result};
+
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+const PEERS: TableDefinition<&str, &str> = TableDefinition::new("peers");
+const IDENTITY: &str = "identity";
+
+/// Most peer addresses remembered; older ones are dropped first.
+const MAX_PEERS: usize = 256;
+
+/// A node's persistent state.
+pub struct NodeState {
+    db: Database,
+    path: PathBuf,
+}
+
+impl NodeState {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| db_error(path, e))?;
+        }
+        let db = Database::create(path).map_err(|e| db_error(path, e))?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The node's identity key, made on first use and kept from then on.
+    pub fn identity(&self) -> Result<Keypair> {
+        let stored = {
+            let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+            match txn.open_table(SETTINGS) {
+                Ok(table) => table
+                    .get(IDENTITY)
+                    .map_err(|e| self.error(e))?
+                    .map(|v| v.value().to_vec()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(self.error(e)),
+            }
+        };
+        if let Some(bytes) = stored {
+            return Keypair::from_protobuf_encoding(&bytes).map_err(|e| NetError::Database {
+                path: self.path.display().to_string(),
+                reason: format!("the stored identity key is unreadable ({e}); move the file away to make a new identity"),
+            });
+        }
+        let key = Keypair::generate_ed25519();
+        let bytes = key
+            .to_protobuf_encoding()
+            .map_err(|e| NetError::Network(e.to_string()))?;
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        txn.open_table(SETTINGS)
+            .map_err(|e| self.error(e))?
+            .insert(IDENTITY, bytes.as_slice())
+            .map_err(|e| self.error(e))?;
+        txn.commit().map_err(|e| self.error(e))?;
+        Ok(key)
+    }
+
+    /// Remembers a peer's address.
+    pub fn remember_peer(&self, peer: &str, addr: &Multiaddr) -> Result<()> {
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut table = txn.open_table(PEERS).map_err(|e| self.error(e))?;
+            let full = table.len().map_err(|e| self.error(e))? as usize >= MAX_PEERS;
+            if full && table.get(peer).map_err(|e| self.error(e))?.is_none() {
+                let first = table
+                    .first()
+                    .map_err(|e| self.error(e))?
+                    .map(|(k, _)| k.value().to_string());
+                if let Some(first) = first {
+                    table.remove(first.as_str()).map_err(|e| self.error(e))?;
+                }
+            }
+            table
+                .insert(peer, addr.to_string().as_str())
+                .map_err(|e| self.error(e))?;
+        }
+        txn.commit().map_err(|e| self.error(e))
+    }
+
+    /// The peers remembered, as (peer id, address); unreadable entries are skipped.
+    pub fn peers(&self) -> Result<Vec<(String, Multiaddr)>> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let table = match txn.open_table(PEERS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.error(e)),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.error(e))? {
+            let (k, v) = row.map_err(|e| self.error(e))?;
+            if let Ok(addr) = v.value().parse() {
+                out.push((k.value().to_string(), addr));
+            }
+        }
+        Ok(out)
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> NetError {
+        db_error(&self.path, e)
+    }
+}
+
+fn db_error(path: &Path, e: impl std::fmt::Display) -> NetError {
+    NetError::Database {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_and_peers_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let (id, addr): (String, Multiaddr) = ("peer-a".into(), "/ip4/127.0.0.1/tcp/4001".parse().unwrap());
+        let first = {
+            let state = NodeState::open(&path).unwrap();
+            state.remember_peer(&id, &addr).unwrap();
+            state.identity().unwrap().public().to_peer_id()
+        };
+        let state = NodeState::open(&path).unwrap();
+        assert_eq!(state.identity().unwrap().public().to_peer_id(), first);
+        assert_eq!(state.peers().unwrap(), vec![(id, addr)]);
+        let other = NodeState::open(&dir.path().join("other.redb")).unwrap();
+        assert_ne!(other.identity().unwrap().public().to_peer_id(), first);
+    }
+
+    #[test]
+    fn a_corrupt_database_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        std::fs::write(&path, b"not a database at all").unwrap();
+        let err = NodeState::open(&path).err().expect("refused");
+        assert!(err.to_string().contains("node.redb"), "{err}");
+    }
+}
