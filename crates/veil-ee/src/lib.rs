@@ -18,5 +18,5 @@ pub use frequency::{FrequencyAttack, FrequencyGuess};
 pub use key::{EeKey, LayerKey, KEY_VERSION};
 pub use model_file::{check_key, encrypt_model, model_digest};
 pub use rotation::{KeyUsage, RotationPolicy};
-pub use session::EncryptedSession;
+pub use session::{EncryptedSession, EncryptedStep};
 pub use transform::{decrypt_logits, decrypt_tokens, encrypt_tokens, encrypt_weights};

@@ -33,3 +33,29 @@ impl TokenStep for EncryptedSession<'_> {
         Ok(decrypt_logits(self.key, &logits))
     }
 }
+
+/// Any session over an encrypted model (a remote chain, say), seen from the key holder: ids are
+/// encrypted on the way in and logits decrypted on the way out.
+pub struct EncryptedStep<'a, S> {
+    key: &'a EeKey,
+    inner: S,
+}
+
+impl<'a, S: TokenStep> EncryptedStep<'a, S> {
+    /// Wraps `inner`, which runs the model encrypted with `key`.
+    pub fn new(key: &'a EeKey, inner: S) -> Self {
+        Self { key, inner }
+    }
+
+    /// The wrapped session.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: TokenStep> TokenStep for EncryptedStep<'_, S> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let logits = self.inner.step(&encrypt_tokens(self.key, tokens))?;
+        Ok(decrypt_logits(self.key, &logits))
+    }
+}

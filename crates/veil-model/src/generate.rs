@@ -15,6 +15,12 @@ pub trait TokenStep {
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
 }
 
+impl<T: TokenStep + ?Sized> TokenStep for &mut T {
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        (**self).step(tokens)
+    }
+}
+
 /// What to generate and when to stop.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {

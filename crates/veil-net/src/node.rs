@@ -230,7 +230,7 @@ fn handle(
         RequestBody::Info => Response::Info(info.clone()),
         RequestBody::Open => match sessions.open(model.new_cache(), now) {
             Ok(session) => {
-                debug!("opened session {session} for {peer}");
+                info!("opened session {session} for {peer}");
                 Response::Opened { session }
             }
             Err(e) => refuse(ErrorKind::Busy, e.to_string()),

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "veil", version, about, long_about = None)]
 struct Cli {
     /// Log filter for stderr (e.g. `info`, `veil_model=debug`); also read from VEIL_LOG.
-    #[arg(long, global = true, env = "VEIL_LOG", default_value = "warn")]
+    #[arg(long, global = true, env = "VEIL_LOG", default_value = "warn,libp2p_kad=error")]
     log: String,
 
     #[command(subcommand)]
@@ -41,6 +41,10 @@ enum Command {
         #[command(subcommand)]
         command: commands::ee::EeCommand,
     },
+    /// Cut a model into shard files, one per layer range, for nodes to serve.
+    Shard(commands::swarm::ShardArgs),
+    /// Serve a shard to the swarm.
+    Node(commands::swarm::NodeArgs),
     /// Run the whole pipeline on this machine and show what happens.
     Demo(commands::demo::DemoArgs),
 }
@@ -60,6 +64,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => commands::bench::run(args),
         Command::Models { command } => commands::models::run(command),
         Command::Ee { command } => commands::ee::run(command),
+        Command::Shard(args) => commands::swarm::shard(args),
+        Command::Node(args) => commands::swarm::node(args),
         Command::Demo(args) => commands::demo::run(args),
     };
     match result {

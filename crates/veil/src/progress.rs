@@ -52,3 +52,14 @@ pub fn spinner(message: String) -> ProgressBar {
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
 }
+
+/// A bar counting `len` steps of some work, with a message.
+pub fn bar(len: u64, message: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len}").expect("valid template"),
+    );
+    bar.set_message(message.to_string());
+    bar
+}

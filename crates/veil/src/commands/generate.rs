@@ -8,6 +8,7 @@ use clap::Args;
 use veil_model::{generate, ChatMessage, Completion, LocalModel, ModelError, TokenStep};
 
 use crate::args::{ModelArgs, SamplingArgs};
+use crate::commands::swarm::{describe_route, open_chain, SwarmArgs};
 
 /// Arguments of `veil generate`.
 #[derive(Args, Debug)]
@@ -38,6 +39,9 @@ pub struct GenerateArgs {
 
     #[command(flatten)]
     pub sampling: SamplingArgs,
+
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
 }
 
 /// Runs `veil generate`.
@@ -45,6 +49,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let params = args.sampling.params()?;
     if args.prompt.trim().is_empty() {
         return Err(ModelError::EmptyPrompt.into());
+    }
+    if !args.swarm.bootstrap.is_empty() {
+        return run_on_swarm(&args, &params);
     }
     let (model, encrypted) = match (&args.encrypted, &args.key) {
         (Some(enc), Some(key)) => {
@@ -55,16 +62,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         _ => (args.model.load()?, None),
     };
-    let prompt = if args.raw {
-        model.tokenizer.encode(&args.prompt)?
-    } else {
-        let mut messages = Vec::new();
-        if let Some(system) = &args.system {
-            messages.push(ChatMessage::system(system.clone()));
-        }
-        messages.push(ChatMessage::user(args.prompt.clone()));
-        model.chat_prompt(&messages)?
-    };
+    let prompt = prompt_ids(&args, &model)?;
     let mut local;
     let mut blind;
     let session: &mut dyn TokenStep = match &encrypted {
@@ -77,18 +75,78 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             &mut local
         }
     };
+    answer(session, &model, &prompt, &params)?;
+    Ok(())
+}
+
+/// The prompt's token ids: chat-formatted unless `--raw`.
+fn prompt_ids(args: &GenerateArgs, model: &LocalModel) -> Result<Vec<u32>> {
+    Ok(if args.raw {
+        model.tokenizer.encode(&args.prompt)?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::system(system.clone()));
+        }
+        messages.push(ChatMessage::user(args.prompt.clone()));
+        model.chat_prompt(&messages)?
+    })
+}
+
+/// Generates from `prompt`, streaming to stdout, with the stats line on stderr.
+fn answer(
+    session: &mut dyn TokenStep,
+    model: &LocalModel,
+    prompt: &[u32],
+    params: &veil_model::GenerationParams,
+) -> Result<Completion> {
     let mut out = StdoutStream::default();
     let completion = generate(
         session,
         &model.tokenizer,
-        &prompt,
+        prompt,
         model.config.context_length,
-        &params,
+        params,
         &mut |text| out.write(text),
     )?;
     out.finish()?;
     print_stats(&completion);
-    Ok(())
+    Ok(completion)
+}
+
+/// `veil generate --bootstrap ...`: the same answer, computed by the swarm's nodes.
+fn run_on_swarm(args: &GenerateArgs, params: &veil_model::GenerationParams) -> Result<()> {
+    let text_model = args.model.resolve_path()?;
+    let model = LocalModel::open_text(&text_model)?;
+    let key = match &args.key {
+        Some(key) => Some(crate::commands::ee::read_key(key)?),
+        None => None,
+    };
+    // Nodes serve shards of the file the client names: the encrypted one when there is a key.
+    let served = args.encrypted.clone().unwrap_or(text_model);
+    let runtime = crate::commands::swarm::runtime()?;
+    let mut chain = open_chain(&runtime, &args.swarm, &served, args.model.dtype)?;
+    let prompt = prompt_ids(args, &model)?;
+    let result = match &key {
+        Some(key) => answer(
+            &mut veil_ee::EncryptedStep::new(key, &mut chain),
+            &model,
+            &prompt,
+            params,
+        ),
+        None => answer(&mut chain, &model, &prompt, params),
+    };
+    for line in describe_route(&chain) {
+        eprintln!("route: {line}");
+    }
+    for f in chain.failovers() {
+        eprintln!(
+            "failover: blocks {}-{} moved from {} to {} after {} ({} steps replayed)",
+            f.blocks.0, f.blocks.1, f.from, f.to, f.reason, f.replayed_steps
+        );
+    }
+    chain.close();
+    result.map(|_| ())
 }
 
 /// Streams text to stdout, remembering the first write error (a closed pipe, say) so the

@@ -6,3 +6,4 @@ pub mod demo;
 pub mod ee;
 pub mod generate;
 pub mod models;
+pub mod swarm;

@@ -1,0 +1,255 @@
+//! `veil shard`, `veil node`, and the client side of the swarm used by `generate` and `demo`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use libp2p::Multiaddr;
+use veil_model::{GgufFile, LayerRange, LlamaConfig, Shard, ShardModel, WeightFormat};
+use veil_net::{ClientSplit, NodeConfig, RemoteChain, SessionLimits, SwarmClient};
+
+use crate::args::ModelArgs;
+use crate::progress;
+
+/// Arguments of `veil shard`.
+#[derive(Args, Debug)]
+pub struct ShardArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Layer ranges, one file each, e.g. 0-10,10-20,20-30; together they must cover every block
+    /// after `--client-layers`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ranges: Vec<LayerRange>,
+    /// For a client-side split: the ranges start after the client's first K blocks, and the
+    /// last file carries no head (the client applies it).
+    #[arg(long, default_value_t = 0)]
+    pub client_layers: usize,
+    /// Directory to write the shard files and manifest.json into.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Runs `veil shard`.
+pub fn shard(args: ShardArgs) -> Result<()> {
+    let path = args.model.resolve_path()?;
+    let config = LlamaConfig::from_gguf(&GgufFile::open(&path)?)?;
+    let shards = plan_shards(&args.ranges, args.client_layers, config.block_count)?;
+    let bar = progress::bar(shards.len() as u64, "writing shards");
+    let manifests = veil_model::write_shard_files(&path, &shards, &args.out, &mut |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    for m in &manifests {
+        eprintln!("wrote {} ({})", args.out.join(&m.file).display(), m.shard());
+    }
+    Ok(())
+}
+
+/// The shards for `ranges`, which must tile `client_layers..block_count`.
+pub fn plan_shards(
+    ranges: &[LayerRange],
+    client_layers: usize,
+    block_count: usize,
+) -> Result<Vec<Shard>> {
+    if client_layers >= block_count {
+        bail!("--client-layers {client_layers} leaves no block for the nodes (the model has {block_count})");
+    }
+    let mut next = client_layers;
+    let mut shards = Vec::new();
+    for r in ranges {
+        let r = &r.0;
+        if r.start != next {
+            bail!(
+                "ranges must cover blocks {client_layers}..{block_count} in order without gaps; {}-{} starts at {} but should start at {next}",
+                r.start, r.end, r.start
+            );
+        }
+        let mut shard = Shard::span(r.clone(), block_count)?;
+        shard.head &= client_layers == 0;
+        shards.push(shard);
+        next = r.end;
+    }
+    if next != block_count {
+        bail!("ranges end at block {next}, but the model has {block_count} blocks");
+    }
+    Ok(shards)
+}
+
+/// Arguments of `veil node`.
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// The shard file to serve (from `veil shard`), or a whole model file.
+    #[arg(long)]
+    pub shard: PathBuf,
+    /// Addresses to listen on (default: every interface, TCP and QUIC, ports chosen by the OS).
+    #[arg(long, default_values = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"])]
+    pub listen: Vec<Multiaddr>,
+    /// A peer to join through, as printed by that node: /ip4/.../tcp/PORT/p2p/PEER_ID.
+    #[arg(long)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// The node's database (identity key, known peers); default $VEIL_HOME/node.redb.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Weight format to run in: stored, f32, f16 or q8_0.
+    #[arg(long, default_value = "stored", value_parser = parse_format)]
+    pub dtype: WeightFormat,
+    /// Worker threads for the tensor kernels (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+    /// Sessions served at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_sessions: usize,
+    /// Positions one session may hold.
+    #[arg(long, default_value_t = 8192)]
+    pub max_session_tokens: usize,
+    /// Seconds an unused session is kept.
+    #[arg(long, default_value_t = 120)]
+    pub idle_timeout: u64,
+}
+
+fn parse_format(s: &str) -> Result<WeightFormat, String> {
+    s.parse().map_err(|e: veil_model::ModelError| e.to_string())
+}
+
+/// Runs `veil node` until interrupted.
+pub fn node(args: NodeArgs) -> Result<()> {
+    if let Some(threads) = args.threads {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    if args.max_sessions == 0 || args.max_session_tokens == 0 || args.idle_timeout == 0 {
+        bail!("--max-sessions, --max-session-tokens and --idle-timeout must be positive");
+    }
+    if !args.shard.is_file() {
+        bail!("no shard file at {}", args.shard.display());
+    }
+    let state = args.state.clone().unwrap_or_else(|| {
+        veil_model::ModelStore::from_env()
+            .home()
+            .join("node.redb")
+    });
+    let config = NodeConfig {
+        shard: args.shard,
+        format: args.dtype,
+        listen: args.listen,
+        bootstrap: args.bootstrap,
+        state,
+        limits: SessionLimits {
+            max_sessions: args.max_sessions,
+            max_tokens: args.max_session_tokens,
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+        },
+        request_timeout: Duration::from_secs(60),
+    };
+    let runtime = runtime()?;
+    runtime
+        .block_on(veil_net::run_node(config, shutdown_signal()))
+        .context("the node stopped")
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+/// The async runtime the network runs on; generation blocks on it from the main thread.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// How to reach the swarm from a client command.
+#[derive(Args, Debug, Clone)]
+pub struct SwarmArgs {
+    /// Run through the swarm, joining through this node (as printed by `veil node`); may be
+    /// given several times.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Run the embedding, the first K blocks and the head here, so nodes see only hidden states.
+    #[arg(long, value_name = "K", requires = "bootstrap")]
+    pub client_layers: Option<usize>,
+}
+
+/// Opens a generation chain over the swarm for the model file at `model` (plaintext or
+/// encrypted: nodes serve shards cut from that very file).
+pub fn open_chain(
+    runtime: &tokio::runtime::Runtime,
+    swarm: &SwarmArgs,
+    model: &Path,
+    format: WeightFormat,
+) -> Result<RemoteChain> {
+    let mut gguf = GgufFile::open(model)?;
+    let config = LlamaConfig::from_gguf(&gguf)?;
+    let digest = veil_model::store::file_digest(model)?.1;
+    let split = match swarm.client_layers {
+        None => None,
+        Some(k) if k == 0 || k >= config.block_count => {
+            bail!("--client-layers must be between 1 and {}", config.block_count - 1)
+        }
+        Some(k) => {
+            let front = Shard {
+                layers: 0..k,
+                embedding: true,
+                head: false,
+            };
+            let n = config.block_count;
+            let head = Shard {
+                layers: n..n,
+                embedding: false,
+                head: true,
+            };
+            Some(ClientSplit {
+                front: ShardModel::load(&mut gguf, &front, format)?.into(),
+                head: ShardModel::load(&mut gguf, &head, format)?.into(),
+            })
+        }
+    };
+    let client = runtime.block_on(SwarmClient::connect(
+        &swarm.bootstrap,
+        Duration::from_secs(60),
+        Duration::from_secs(10),
+    ))?;
+    let chain = RemoteChain::open(
+        client,
+        runtime.handle().clone(),
+        &digest,
+        config.block_count,
+        split,
+    )?;
+    Ok(chain)
+}
+
+/// One line per hop: blocks, node, steps, time spent and bytes sent.
+pub fn describe_route(chain: &RemoteChain) -> Vec<String> {
+    chain
+        .route()
+        .iter()
+        .map(|(node, stats)| {
+            format!(
+                "blocks {:>2}-{:<2} on {}: {} steps, {:.0} ms, {} KiB sent",
+                node.info.first_block,
+                node.info.end_block,
+                node.peer,
+                stats.steps,
+                stats.busy.as_secs_f64() * 1000.0,
+                stats.bytes_sent / 1024
+            )
+        })
+        .collect()
+}
