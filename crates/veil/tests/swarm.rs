@@ -1,0 +1,184 @@
+//! The swarm with real `veil node` processes on loopback: a chain gives the single-process
+//! answer, and survives losing the node it is using.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use veil_model::{ModelStore, SMOLLM2_135M};
+
+fn veil_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_veil"))
+}
+
+fn model_path() -> PathBuf {
+    ModelStore::from_env()
+        .ensure(&SMOLLM2_135M, &mut |_| {})
+        .expect("the default model can be fetched")
+}
+
+/// A `veil node` process; killed when dropped. Its stderr lines are collected as they come.
+struct NodeProcess {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl NodeProcess {
+    fn start(shard: &Path, state: &Path, bootstrap: Option<&str>) -> Self {
+        let mut cmd = Command::new(veil_bin());
+        cmd.args(["--log", "info", "node", "--threads", "1", "--listen"])
+            .arg("/ip4/127.0.0.1/tcp/0")
+            .arg("--shard")
+            .arg(shard)
+            .arg("--state")
+            .arg(state)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        let mut child = cmd.spawn().expect("veil node starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("the node prints its address");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}; log: {:?}", log.lock()))
+            .to_string();
+        Self { child, addr, log }
+    }
+
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Shards of the default model at 0-10,10-20,20-30 in `dir`.
+fn shards(dir: &Path) -> Vec<PathBuf> {
+    let out = Command::new(veil_bin())
+        .args(["shard", "--ranges", "0-10,10-20,20-30", "--model"])
+        .arg(model_path())
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ["0-10", "10-20", "20-30"]
+        .iter()
+        .map(|r| dir.join(format!("SmolLM2-135M-Instruct.Q4_1.{r}.gguf")))
+        .collect()
+}
+
+const PROMPT: &str = "Write a short poem about the sea.";
+
+fn generate(extra: &[&str]) -> (String, String) {
+    let out = Command::new(veil_bin())
+        .args(["generate", "--threads", "1", "--max-tokens", "48", "--prompt", PROMPT])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    (stdout, stderr)
+}
+
+/// Waits until `bootstrap` knows the providers for every range, by asking the swarm.
+fn wait_for_route(bootstrap: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new(veil_bin())
+            .args(["generate", "--max-tokens", "1", "--prompt", "hi", "--bootstrap", bootstrap])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no route: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_three_node_chain_answers_like_one_process_and_survives_losing_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = shards(dir.path());
+    let state = |name: &str| dir.path().join(format!("{name}.redb"));
+    let first = NodeProcess::start(&files[0], &state("first"), None);
+    let boot = first.addr.clone();
+    let middle_a = NodeProcess::start(&files[1], &state("middle-a"), Some(&boot));
+    let last = NodeProcess::start(&files[2], &state("last"), Some(&boot));
+    wait_for_route(&boot);
+
+    let (alone, _) = generate(&[]);
+    let (chained, log) = generate(&["--bootstrap", &boot]);
+    assert_eq!(chained, alone, "{log}");
+    assert!(log.contains("route: blocks 10-20"), "{log}");
+
+    // A replica for the middle range joins; the client uses one of the two, and that one is
+    // killed while it generates.
+    let middle_b = NodeProcess::start(&files[1], &state("middle-b"), Some(&boot));
+    std::thread::sleep(Duration::from_secs(2));
+    let mut client = Command::new(veil_bin())
+        .args(["generate", "--threads", "1", "--max-tokens", "48", "--prompt", PROMPT])
+        .args(["--bootstrap", &boot])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut middles = [Some(middle_a), Some(middle_b)];
+    let opened = |m: &Option<NodeProcess>| sessions_opened(m.as_ref().unwrap());
+    let before: Vec<usize> = middles.iter().map(opened).collect();
+    // Wait for the client's first answer bytes, then kill the middle node it opened a session on.
+    let mut stdout = BufReader::new(client.stdout.take().unwrap());
+    let mut first_bytes = [0u8; 8];
+    std::io::Read::read_exact(&mut stdout, &mut first_bytes).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let in_use = loop {
+        if let Some(i) = (0..2).find(|&i| opened(&middles[i]) > before[i]) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no middle node opened a session");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(middles[in_use].take());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let output = client.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    let text = format!("{}{rest}", String::from_utf8_lossy(&first_bytes));
+    assert_eq!(text, alone, "{log}");
+    assert!(log.contains("failover: blocks 10-20"), "{log}");
+    drop(last);
+}
+
+/// Sessions `node` has logged opening.
+fn sessions_opened(node: &NodeProcess) -> usize {
+    node.log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("opened session"))
+        .count()
+}
