@@ -43,14 +43,24 @@ pub struct NodeConfig {
     pub limits: SessionLimits,
     /// How long an answer may take before the asker gives up.
     pub request_timeout: Duration,
+    /// Told each address the node listens on (for a node run inside another program).
+    pub on_listen: Option<mpsc::UnboundedSender<Multiaddr>>,
 }
 
 /// A step finished on a blocking thread, on its way back to the event loop.
 struct StepDone {
     session: SessionId,
     cache: ShardCache,
-    result: Result<WireTensor>,
+    result: std::result::Result<WireTensor, StepError>,
     channel: ResponseChannel<Response>,
+}
+
+/// Why a step failed, which decides whether its session survives.
+enum StepError {
+    /// The input did not decode; the cache is untouched.
+    BadInput(NetError),
+    /// The model failed part-way; the cache may be half-updated.
+    Failed(NetError),
 }
 
 /// How often provider records are published again, so peers that joined later learn them.
@@ -130,7 +140,12 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                         sessions.put_back(done.session, done.cache, held, Instant::now());
                         Response::Output(tensor)
                     }
-                    Err(e) => {
+                    Err(StepError::BadInput(e)) => {
+                        let held = done.cache.position();
+                        sessions.put_back(done.session, done.cache, held, Instant::now());
+                        refuse(ErrorKind::BadRequest, e.to_string())
+                    }
+                    Err(StepError::Failed(e)) => {
                         sessions.discard();
                         warn!("session {} failed and was dropped: {e}", done.session);
                         refuse(ErrorKind::Internal, e.to_string())
@@ -143,6 +158,9 @@ pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Out
                     // Parents (the demo, tests) read this line to find the node.
                     println!("listening on {address}/p2p/{local_id}");
                     let _ = std::io::stdout().flush();
+                    if let Some(tx) = &config.on_listen {
+                        let _ = tx.send(address.with_p2p(local_id).unwrap_or_else(|a| a));
+                    }
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                     for addr in info.listen_addrs {
@@ -264,14 +282,19 @@ fn handle(
 }
 
 /// Runs one step of a session: hidden states out, or last-position logits for a head shard.
-fn run_step(model: &ShardModel, cache: &mut ShardCache, input: StepInput) -> Result<WireTensor> {
-    let output = match input {
-        StepInput::Tokens(ids) => model.forward(ShardInput::Tokens(&ids), cache, LogitsAt::Last)?,
-        StepInput::Hidden(t) => {
-            model.forward(ShardInput::Hidden(t.to_tensor()?), cache, LogitsAt::Last)?
-        }
+fn run_step(
+    model: &ShardModel,
+    cache: &mut ShardCache,
+    input: StepInput,
+) -> std::result::Result<WireTensor, StepError> {
+    let input = match &input {
+        StepInput::Tokens(ids) => ShardInput::Tokens(ids),
+        StepInput::Hidden(t) => ShardInput::Hidden(t.to_tensor().map_err(StepError::BadInput)?),
     };
-    WireTensor::from_tensor(&output)
+    let output = model
+        .forward(input, cache, LogitsAt::Last)
+        .map_err(|e| StepError::Failed(e.into()))?;
+    WireTensor::from_tensor(&output).map_err(StepError::Failed)
 }
 
 /// Dials the bootstrap peers and adds them to the routing table.

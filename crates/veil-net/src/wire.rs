@@ -26,8 +26,10 @@ pub type SessionId = u64;
 /// Element types a tensor may travel in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WireDType {
-    /// 32-bit float.
+    /// 32-bit float: the only type nodes accept today.
     F32,
+    /// 16-bit float: named so a peer sending it gets a clear refusal, not a decode error.
+    F16,
 }
 
 /// A tensor on the wire.
@@ -56,8 +58,8 @@ impl WireTensor {
         })
     }
 
-    /// Decodes, checking that the bytes match the shape and the values are finite.
-    pub fn to_tensor(&self) -> Result<Tensor> {
+    /// Checks the dtype and that the bytes match the shape, without decoding.
+    pub fn check(&self) -> Result<()> {
         let elements = self
             .shape
             .iter()
@@ -65,6 +67,11 @@ impl WireTensor {
             .ok_or_else(|| NetError::BadMessage(format!("shape {:?} overflows", self.shape)))?;
         let width = match self.dtype {
             WireDType::F32 => 4,
+            WireDType::F16 => {
+                return Err(NetError::BadMessage(
+                    "f16 tensors are not accepted; send f32".into(),
+                ))
+            }
         };
         if elements.checked_mul(width) != Some(self.data.len()) {
             return Err(NetError::BadMessage(format!(
@@ -74,6 +81,12 @@ impl WireTensor {
                 self.data.len()
             )));
         }
+        Ok(())
+    }
+
+    /// Decodes, checking that the bytes match the shape and the values are finite.
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        self.check()?;
         let values: Vec<f32> = self
             .data
             .chunks_exact(4)
@@ -232,7 +245,7 @@ impl ShardInfo {
                         self.hidden_size, t.shape
                     )));
                 }
-                Ok(())
+                t.check()
             }
         }
     }

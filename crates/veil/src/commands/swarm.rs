@@ -140,6 +140,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
             idle_timeout: Duration::from_secs(args.idle_timeout),
         },
         request_timeout: Duration::from_secs(60),
+        on_listen: None,
     };
     let runtime = runtime()?;
     runtime

@@ -1,0 +1,226 @@
+//! A node facing bad peers: every malformed request gets an error or a timeout, and the node
+//! keeps serving everyone else.
+
+use std::io;
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{noise, tcp, yamux, Multiaddr, StreamProtocol, SwarmBuilder};
+use tokio::sync::mpsc;
+use veil_model::{ModelStore, Shard, WeightFormat, SMOLLM2_135M};
+use veil_net::wire::{RequestBody, Response, StepInput, WireDType, WireTensor, PROTOCOL};
+use veil_net::{peer_of, NetError, NodeConfig, SessionLimits, SwarmClient};
+
+/// Starts a node serving blocks 10-20 of the default model; returns its address.
+async fn start_node(dir: &std::path::Path) -> Multiaddr {
+    let model = ModelStore::from_env()
+        .ensure(&SMOLLM2_135M, &mut |_| {})
+        .expect("the default model can be fetched");
+    let shards = dir.join("shards");
+    let manifests = veil_model::write_shard_files(
+        &model,
+        &[Shard::span(10..20, 30).unwrap()],
+        &shards,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let config = NodeConfig {
+        shard: shards.join(&manifests[0].file),
+        format: WeightFormat::AsStored,
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap: Vec::new(),
+        state: dir.join("node.redb"),
+        limits: SessionLimits {
+            max_sessions: 2,
+            ..SessionLimits::default()
+        },
+        request_timeout: Duration::from_secs(5),
+        on_listen: Some(tx),
+    };
+    tokio::spawn(async move {
+        veil_net::run_node(config, futures::future::pending())
+            .await
+            .expect("node runs")
+    });
+    rx.recv().await.expect("the node listens")
+}
+
+fn hidden(shape: Vec<usize>) -> StepInput {
+    let n: usize = shape.iter().product();
+    StepInput::Hidden(WireTensor {
+        dtype: WireDType::F32,
+        shape,
+        data: vec![0; n * 4],
+    })
+}
+
+/// A codec that sends raw bytes under Veil's protocol name: garbage, or a request that starts
+/// and then stalls forever.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl request_response::Codec for RawCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let mut v = Vec::new();
+        io.read_to_end(&mut v).await?;
+        Ok(v)
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let mut v = Vec::new();
+        io.take(1 << 20).read_to_end(&mut v).await?;
+        Ok(v)
+    }
+
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&req).await?;
+        if req.starts_with(b"STALL") {
+            io.flush().await?;
+            futures::future::pending::<()>().await;
+        }
+        io.close().await
+    }
+
+    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Vec<u8>) -> io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&res).await?;
+        io.close().await
+    }
+}
+
+/// Sends `bytes` raw to the node and returns how the exchange ended.
+async fn send_raw(node: &Multiaddr, bytes: Vec<u8>, wait: Duration) -> String {
+    let mut swarm = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                RawCodec,
+                [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
+                request_response::Config::default().with_request_timeout(wait),
+            )
+        })
+        .unwrap()
+        .build();
+    let peer = peer_of(node).unwrap();
+    swarm.dial(node.clone()).unwrap();
+    swarm.behaviour_mut().send_request(&peer, bytes);
+    loop {
+        match swarm.select_next_some().await {
+            SwarmEvent::Behaviour(request_response::Event::Message {
+                message: request_response::Message::Response { response, .. },
+                ..
+            }) => return format!("answered {} bytes", response.len()),
+            SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => {
+                return format!("failed: {error}")
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_bad_requests_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let peer = peer_of(&node).unwrap();
+    let client = SwarmClient::connect(
+        std::slice::from_ref(&node),
+        Duration::from_secs(10),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let ask = |body| client.request(peer, body);
+    let refused = |r: Result<Response, NetError>, want: &str| match r {
+        Err(NetError::Refused { message, .. }) => {
+            assert!(message.contains(want), "{message:?} lacks {want:?}")
+        }
+        other => panic!("expected a refusal mentioning {want:?}, got {other:?}"),
+    };
+
+    let Response::Info(info) = ask(RequestBody::Info).await.unwrap() else {
+        panic!("no info")
+    };
+    assert_eq!((info.first_block, info.end_block), (10, 20));
+    let Response::Opened { session } = ask(RequestBody::Open).await.unwrap() else {
+        panic!("no session")
+    };
+
+    let step = |session, input| RequestBody::Step { session, input };
+    refused(ask(step(session ^ 0xdead, hidden(vec![1, 576]))).await, "unknown session");
+    refused(ask(step(session, hidden(vec![1, 100]))).await, "shape");
+    refused(ask(step(session, hidden(vec![576]))).await, "shape");
+    refused(ask(step(session, hidden(vec![0, 576]))).await, "at least one position");
+    refused(ask(step(session, StepInput::Tokens(vec![1, 2]))).await, "hidden states, not token ids");
+    let f16 = StepInput::Hidden(WireTensor {
+        dtype: WireDType::F16,
+        shape: vec![1, 576],
+        data: vec![0; 2 * 576],
+    });
+    refused(ask(step(session, f16)).await, "f16");
+    let short = StepInput::Hidden(WireTensor {
+        dtype: WireDType::F32,
+        shape: vec![2, 576],
+        data: vec![0; 4 * 576],
+    });
+    refused(ask(step(session, short)).await, "needs");
+    let mut nan = vec![0u8; 4 * 576];
+    nan[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let nan = StepInput::Hidden(WireTensor {
+        dtype: WireDType::F32,
+        shape: vec![1, 576],
+        data: nan,
+    });
+    refused(ask(step(session, nan)).await, "NaN");
+    // Two sessions at most: the third is refused, not queued without bound.
+    ask(RequestBody::Open).await.unwrap();
+    refused(ask(RequestBody::Open).await, "session slots");
+
+    // Oversized: 40 MiB of hidden states is cut off at the node's 32 MiB limit.
+    let big = ask(step(session, hidden(vec![18_000, 576]))).await;
+    assert!(matches!(big, Err(NetError::PeerFailed { .. })), "{big:?}");
+
+    // Garbage bytes and a request that stalls half-way: errors, not answers.
+    let garbage = send_raw(&node, vec![0xff, 0x00, 0x13, 0x37, 0x42], Duration::from_secs(5)).await;
+    // The node closes the stream without a word (the raw reader sees an empty answer).
+    assert!(garbage.starts_with("failed") || garbage == "answered 0 bytes", "{garbage}");
+    let stall = tokio::spawn({
+        let node = node.clone();
+        async move { send_raw(&node, b"STALL\xa1\x67".to_vec(), Duration::from_secs(4)).await }
+    });
+
+    // Meanwhile, and after all of it, the node serves real work.
+    let ok = ask(step(session, hidden(vec![3, 576]))).await.unwrap();
+    let Response::Output(out) = ok else {
+        panic!("no output: {ok:?}")
+    };
+    assert_eq!(out.shape, vec![3, 576]);
+    let stalled = stall.await.unwrap();
+    assert!(stalled.starts_with("failed") || stalled == "answered 0 bytes", "{stalled}");
+    assert!(matches!(ask(RequestBody::Info).await, Ok(Response::Info(_))));
+    assert!(matches!(
+        ask(RequestBody::Close { session }).await,
+        Ok(Response::Closed)
+    ));
+    refused(ask(RequestBody::Close { session }).await, "unknown session");
+}
