@@ -44,7 +44,8 @@ pub fn build_swarm(key: Keypair, request_timeout: Duration) -> Result<Swarm<Veil
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
-            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+            let mut kad =
+                kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
             kad.set_mode(Some(kad::Mode::Server));
             let codec = cbor::codec::Codec::default()
                 .set_request_size_maximum(MAX_MESSAGE_BYTES)

@@ -42,6 +42,10 @@ pub struct HopStats {
     pub bytes_sent: u64,
     /// Tensor bytes received from it.
     pub bytes_received: u64,
+    /// Steps of one position (decoding), and the bytes sent for them.
+    pub decode_steps: usize,
+    /// Bytes sent in one-position steps.
+    pub decode_bytes_sent: u64,
 }
 
 /// What happened when a node was replaced.
@@ -143,16 +147,19 @@ impl RemoteChain {
             let body = RequestBody::Close {
                 session: hop.session,
             };
-            let _ = self.runtime.block_on(self.client.request(hop.node.peer, body));
+            let _ = self
+                .runtime
+                .block_on(self.client.request(hop.node.peer, body));
         }
     }
 
     fn run(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut input = match &mut self.split {
             Some((split, cache, _)) => {
-                let hidden = split
-                    .front
-                    .forward(ShardInput::Tokens(tokens), cache, LogitsAt::Last)?;
+                let hidden =
+                    split
+                        .front
+                        .forward(ShardInput::Tokens(tokens), cache, LogitsAt::Last)?;
                 StepInput::Hidden(WireTensor::from_tensor(&hidden)?)
             }
             None => StepInput::Tokens(tokens.to_vec()),
@@ -185,7 +192,9 @@ impl RemoteChain {
                 session: hop.session,
                 input: input.clone(),
             };
-            let answer = self.runtime.block_on(self.client.request(hop.node.peer, body));
+            let answer = self
+                .runtime
+                .block_on(self.client.request(hop.node.peer, body));
             let answer = answer.and_then(|r| self.check_output(i, &input, r));
             match answer {
                 Ok(output) => {
@@ -193,6 +202,10 @@ impl RemoteChain {
                     hop.stats.busy += started.elapsed();
                     hop.stats.steps += 1;
                     hop.stats.bytes_sent += payload_bytes(&input);
+                    if input.len() == 1 {
+                        hop.stats.decode_steps += 1;
+                        hop.stats.decode_bytes_sent += payload_bytes(&input);
+                    }
                     hop.stats.bytes_received += output.data.len() as u64;
                     hop.history.push(input);
                     return Ok(output);
@@ -239,15 +252,16 @@ impl RemoteChain {
 
     /// Replaces hop `i`'s node with another serving the same range and replays its history.
     fn fail_over(&mut self, i: usize, reason: &str) -> Result<()> {
-        let (first, end) = (self.hops[i].node.info.first_block, self.hops[i].node.info.end_block);
+        let (first, end) = (
+            self.hops[i].node.info.first_block,
+            self.hops[i].node.info.end_block,
+        );
         let dead = self.hops[i].node.peer;
         warn!("node {dead} for blocks {first}-{end} failed: {reason}");
         self.failed.insert(dead);
-        let found = self.runtime.block_on(self.client.discover_range(
-            &self.model_digest,
-            first,
-            end,
-        ))?;
+        let found =
+            self.runtime
+                .block_on(self.client.discover_range(&self.model_digest, first, end))?;
         let mut replacements: Vec<Candidate> = found
             .into_iter()
             .filter(|c| !self.failed.contains(&c.peer) && c.info == self.hops[i].node.info)
@@ -267,7 +281,10 @@ impl RemoteChain {
                 session,
                 input: step.clone(),
             };
-            match self.runtime.block_on(self.client.request(next.peer, body))? {
+            match self
+                .runtime
+                .block_on(self.client.request(next.peer, body))?
+            {
                 Response::Output(_) => {}
                 other => {
                     return Err(NetError::BadMessage(format!(

@@ -15,7 +15,9 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use veil_model::{GgufFile, LogitsAt, ShardCache, ShardInput, ShardManifest, ShardModel, WeightFormat};
+use veil_model::{
+    GgufFile, LogitsAt, ShardCache, ShardInput, ShardManifest, ShardModel, WeightFormat,
+};
 
 use crate::behaviour::{build_swarm, model_key, range_key, VeilBehaviour, VeilBehaviourEvent};
 use crate::error::{NetError, Result};
@@ -67,7 +69,10 @@ enum StepError {
 const REANNOUNCE: Duration = Duration::from_secs(15);
 
 /// Loads the shard, joins the swarm and serves until `shutdown` resolves.
-pub async fn run_node(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn run_node(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let state = NodeState::open(&config.state)?;
     let key = state.identity()?;
     let local_id = key.public().to_peer_id();
@@ -257,7 +262,10 @@ fn handle(
             if sessions.close(session) {
                 Response::Closed
             } else {
-                refuse(ErrorKind::UnknownSession, format!("unknown session {session}"))
+                refuse(
+                    ErrorKind::UnknownSession,
+                    format!("unknown session {session}"),
+                )
             }
         }
         RequestBody::Step { session, input } => {

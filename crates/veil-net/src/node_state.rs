@@ -128,7 +128,8 @@ mod tests {
     fn identity_and_peers_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.redb");
-        let (id, addr): (String, Multiaddr) = ("peer-a".into(), "/ip4/127.0.0.1/tcp/4001".parse().unwrap());
+        let (id, addr): (String, Multiaddr) =
+            ("peer-a".into(), "/ip4/127.0.0.1/tcp/4001".parse().unwrap());
         let first = {
             let state = NodeState::open(&path).unwrap();
             state.remember_peer(&id, &addr).unwrap();

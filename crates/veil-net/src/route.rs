@@ -42,9 +42,7 @@ pub fn plan_route(
             let next = cost + c.latency.as_micros() + HOP_COST_MICROS;
             let better = match best[info.end_block] {
                 None => true,
-                Some((old, j, _)) => {
-                    next < old || (next == old && c.peer < candidates[j].peer)
-                }
+                Some((old, j, _)) => next < old || (next == old && c.peer < candidates[j].peer),
             };
             if better {
                 best[info.end_block] = Some((next, i, pos));
@@ -57,7 +55,11 @@ pub fn plan_route(
         let Some((_, i, prev)) = best[pos] else {
             return Err(NetError::NoRoute(format!(
                 "no chain of nodes covers blocks {start}..{block_count}{}; found: {}",
-                if remote_head { " with the head" } else { " without the head" },
+                if remote_head {
+                    " with the head"
+                } else {
+                    " without the head"
+                },
                 describe(candidates)
             )));
         };

@@ -51,7 +51,10 @@ impl std::fmt::Display for SessionRefusal {
             Self::Full(n) => write!(f, "all {n} session slots are in use"),
             Self::Unknown(id) => write!(f, "unknown session {id} (closed or expired)"),
             Self::TooLong { wanted, limit } => {
-                write!(f, "the session would hold {wanted} positions, over the limit of {limit}")
+                write!(
+                    f,
+                    "the session would hold {wanted} positions, over the limit of {limit}"
+                )
             }
         }
     }
@@ -119,11 +122,7 @@ impl<S> SessionTable<S> {
     /// Takes a session out to run a step of `tokens` positions; [`put_back`](Self::put_back)
     /// returns it. Taking it out lets the step run on another thread while the table serves
     /// other requests.
-    pub fn take(
-        &mut self,
-        id: SessionId,
-        tokens: usize,
-    ) -> Result<(S, usize), SessionRefusal> {
+    pub fn take(&mut self, id: SessionId, tokens: usize) -> Result<(S, usize), SessionRefusal> {
         let entry = self.sessions.get(&id).ok_or(SessionRefusal::Unknown(id))?;
         let wanted = entry.tokens + tokens;
         if wanted > self.limits.max_tokens {
@@ -132,7 +131,10 @@ impl<S> SessionTable<S> {
                 limit: self.limits.max_tokens,
             });
         }
-        let entry = self.sessions.remove(&id).ok_or(SessionRefusal::Unknown(id))?;
+        let entry = self
+            .sessions
+            .remove(&id)
+            .ok_or(SessionRefusal::Unknown(id))?;
         self.busy += 1;
         Ok((entry.state, entry.tokens))
     }
@@ -209,7 +211,10 @@ mod tests {
         assert_eq!(table.len(), 1);
         assert!(table.close(b));
         assert!(!table.close(b));
-        assert_eq!(table.take(b, 1).map(|_| ()), Err(SessionRefusal::Unknown(b)));
+        assert_eq!(
+            table.take(b, 1).map(|_| ()),
+            Err(SessionRefusal::Unknown(b))
+        );
     }
 
     #[test]

@@ -47,10 +47,7 @@ pub struct WireTensor {
 impl WireTensor {
     /// Encodes an f32 tensor.
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
-        let values: Vec<f32> = t
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         Ok(Self {
             dtype: WireDType::F32,
             shape: t.dims().to_vec(),
@@ -95,7 +92,11 @@ impl WireTensor {
         if values.iter().any(|v| !v.is_finite()) {
             return Err(NetError::BadMessage("tensor holds NaN or infinity".into()));
         }
-        Ok(Tensor::from_vec(values, self.shape.as_slice(), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            values,
+            self.shape.as_slice(),
+            &Device::Cpu,
+        )?)
     }
 }
 
@@ -217,7 +218,9 @@ impl ShardInfo {
     /// Checks that a step's input fits this shard before it reaches the model.
     pub fn check_input(&self, input: &StepInput, vocab_size: usize) -> Result<()> {
         if input.is_empty() {
-            return Err(NetError::BadMessage("a step needs at least one position".into()));
+            return Err(NetError::BadMessage(
+                "a step needs at least one position".into(),
+            ));
         }
         if input.len() > MAX_STEP_TOKENS {
             return Err(NetError::BadMessage(format!(
@@ -270,8 +273,8 @@ mod tests {
 
     #[test]
     fn tensors_round_trip_and_bad_bytes_are_refused() {
-        let t = Tensor::from_vec(vec![1f32, -2.5, 3.0, 0.0, 5.0, 6.0], (3, 2), &Device::Cpu)
-            .unwrap();
+        let t =
+            Tensor::from_vec(vec![1f32, -2.5, 3.0, 0.0, 5.0, 6.0], (3, 2), &Device::Cpu).unwrap();
         let wire = WireTensor::from_tensor(&t).unwrap();
         let back = wire.to_tensor().unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
@@ -310,7 +313,9 @@ mod tests {
             embedding: true,
             ..info
         };
-        assert!(first.check_input(&StepInput::Tokens(vec![1, 49]), 50).is_ok());
+        assert!(first
+            .check_input(&StepInput::Tokens(vec![1, 49]), 50)
+            .is_ok());
         assert!(first.check_input(&StepInput::Tokens(vec![50]), 50).is_err());
         assert!(first.check_input(&hidden(vec![1, 4]), 50).is_err());
     }

@@ -85,7 +85,12 @@ impl request_response::Codec for RawCodec {
         Ok(v)
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
@@ -97,7 +102,12 @@ impl request_response::Codec for RawCodec {
         io.close().await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Vec<u8>) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
@@ -110,7 +120,11 @@ impl request_response::Codec for RawCodec {
 async fn send_raw(node: &Multiaddr, bytes: Vec<u8>, wait: Duration) -> String {
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .unwrap()
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
@@ -167,11 +181,20 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
     };
 
     let step = |session, input| RequestBody::Step { session, input };
-    refused(ask(step(session ^ 0xdead, hidden(vec![1, 576]))).await, "unknown session");
+    refused(
+        ask(step(session ^ 0xdead, hidden(vec![1, 576]))).await,
+        "unknown session",
+    );
     refused(ask(step(session, hidden(vec![1, 100]))).await, "shape");
     refused(ask(step(session, hidden(vec![576]))).await, "shape");
-    refused(ask(step(session, hidden(vec![0, 576]))).await, "at least one position");
-    refused(ask(step(session, StepInput::Tokens(vec![1, 2]))).await, "hidden states, not token ids");
+    refused(
+        ask(step(session, hidden(vec![0, 576]))).await,
+        "at least one position",
+    );
+    refused(
+        ask(step(session, StepInput::Tokens(vec![1, 2]))).await,
+        "hidden states, not token ids",
+    );
     let f16 = StepInput::Hidden(WireTensor {
         dtype: WireDType::F16,
         shape: vec![1, 576],
@@ -201,9 +224,17 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
     assert!(matches!(big, Err(NetError::PeerFailed { .. })), "{big:?}");
 
     // Garbage bytes and a request that stalls half-way: errors, not answers.
-    let garbage = send_raw(&node, vec![0xff, 0x00, 0x13, 0x37, 0x42], Duration::from_secs(5)).await;
+    let garbage = send_raw(
+        &node,
+        vec![0xff, 0x00, 0x13, 0x37, 0x42],
+        Duration::from_secs(5),
+    )
+    .await;
     // The node closes the stream without a word (the raw reader sees an empty answer).
-    assert!(garbage.starts_with("failed") || garbage == "answered 0 bytes", "{garbage}");
+    assert!(
+        garbage.starts_with("failed") || garbage == "answered 0 bytes",
+        "{garbage}"
+    );
     let stall = tokio::spawn({
         let node = node.clone();
         async move { send_raw(&node, b"STALL\xa1\x67".to_vec(), Duration::from_secs(4)).await }
@@ -216,8 +247,14 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
     };
     assert_eq!(out.shape, vec![3, 576]);
     let stalled = stall.await.unwrap();
-    assert!(stalled.starts_with("failed") || stalled == "answered 0 bytes", "{stalled}");
-    assert!(matches!(ask(RequestBody::Info).await, Ok(Response::Info(_))));
+    assert!(
+        stalled.starts_with("failed") || stalled == "answered 0 bytes",
+        "{stalled}"
+    );
+    assert!(matches!(
+        ask(RequestBody::Info).await,
+        Ok(Response::Info(_))
+    ));
     assert!(matches!(
         ask(RequestBody::Close { session }).await,
         Ok(Response::Closed)

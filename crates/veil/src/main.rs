@@ -16,7 +16,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "veil", version, about, long_about = None)]
 struct Cli {
     /// Log filter for stderr (e.g. `info`, `veil_model=debug`); also read from VEIL_LOG.
-    #[arg(long, global = true, env = "VEIL_LOG", default_value = "warn,libp2p_kad=error")]
+    #[arg(
+        long,
+        global = true,
+        env = "VEIL_LOG",
+        default_value = "warn,libp2p_kad=error"
+    )]
     log: String,
 
     #[command(subcommand)]

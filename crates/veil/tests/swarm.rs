@@ -51,7 +51,9 @@ impl NodeProcess {
         });
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        stdout.read_line(&mut line).expect("the node prints its address");
+        stdout
+            .read_line(&mut line)
+            .expect("the node prints its address");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -59,7 +61,6 @@ impl NodeProcess {
             .to_string();
         Self { child, addr, log }
     }
-
 }
 
 impl Drop for NodeProcess {
@@ -78,7 +79,11 @@ fn shards(dir: &Path) -> Vec<PathBuf> {
         .arg(dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ["0-10", "10-20", "20-30"]
         .iter()
         .map(|r| dir.join(format!("SmolLM2-135M-Instruct.Q4_1.{r}.gguf")))
@@ -89,7 +94,15 @@ const PROMPT: &str = "Write a short poem about the sea.";
 
 fn generate(extra: &[&str]) -> (String, String) {
     let out = Command::new(veil_bin())
-        .args(["generate", "--threads", "1", "--max-tokens", "48", "--prompt", PROMPT])
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--max-tokens",
+            "48",
+            "--prompt",
+            PROMPT,
+        ])
         .args(extra)
         .output()
         .unwrap();
@@ -104,7 +117,15 @@ fn wait_for_route(bootstrap: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = Command::new(veil_bin())
-            .args(["generate", "--max-tokens", "1", "--prompt", "hi", "--bootstrap", bootstrap])
+            .args([
+                "generate",
+                "--max-tokens",
+                "1",
+                "--prompt",
+                "hi",
+                "--bootstrap",
+                bootstrap,
+            ])
             .output()
             .unwrap();
         if out.status.success() {
@@ -140,7 +161,15 @@ fn a_three_node_chain_answers_like_one_process_and_survives_losing_a_node() {
     let middle_b = NodeProcess::start(&files[1], &state("middle-b"), Some(&boot));
     std::thread::sleep(Duration::from_secs(2));
     let mut client = Command::new(veil_bin())
-        .args(["generate", "--threads", "1", "--max-tokens", "48", "--prompt", PROMPT])
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--max-tokens",
+            "48",
+            "--prompt",
+            PROMPT,
+        ])
         .args(["--bootstrap", &boot])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -181,4 +210,102 @@ fn sessions_opened(node: &NodeProcess) -> usize {
         .iter()
         .filter(|l| l.contains("opened session"))
         .count()
+}
+
+#[test]
+fn a_client_side_split_keeps_ids_and_logits_on_the_client_and_answers_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(veil_bin())
+        .args([
+            "shard",
+            "--client-layers",
+            "4",
+            "--ranges",
+            "4-17,17-30",
+            "--model",
+        ])
+        .arg(model_path())
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = |r: &str| {
+        dir.path()
+            .join(format!("SmolLM2-135M-Instruct.Q4_1.{r}.gguf"))
+    };
+    // Neither file can take ids or give logits.
+    for r in ["4-17", "17-30"] {
+        let gguf = veil_model::GgufFile::open(file(r)).unwrap();
+        let m = veil_model::ShardManifest::of(&gguf).unwrap();
+        assert!(!m.embedding && !m.head, "{m:?}");
+        assert!(!gguf.has_tensor("token_embd.weight") && !gguf.has_tensor("output_norm.weight"));
+    }
+    let first = NodeProcess::start(&file("4-17"), &dir.path().join("a.redb"), None);
+    let _second = NodeProcess::start(
+        &file("17-30"),
+        &dir.path().join("b.redb"),
+        Some(&first.addr),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    let (alone, _) = generate(&[]);
+    let (split, log) = generate(&["--bootstrap", &first.addr, "--client-layers", "4"]);
+    assert_eq!(split, alone, "{log}");
+    assert!(
+        log.contains("route: blocks  4-17") && log.contains("route: blocks 17-30"),
+        "{log}"
+    );
+
+    // Without the split, no route: the nodes lack the embedding and the head.
+    let out = Command::new(veil_bin())
+        .args([
+            "generate",
+            "--max-tokens",
+            "4",
+            "--prompt",
+            "hi",
+            "--bootstrap",
+            &first.addr,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no route"), "{err}");
+}
+
+#[test]
+fn the_demo_runs_an_encrypted_swarm_of_processes_and_cleans_up() {
+    let home = tempfile::tempdir().unwrap();
+    // The demo's work directory lives under VEIL_HOME; point it at a fresh one that holds
+    // (a link to) the cached model.
+    let model = model_path();
+    let models = home.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::os::unix::fs::symlink(&model, models.join(model.file_name().unwrap())).unwrap();
+    let out = Command::new(veil_bin())
+        .env("VEIL_HOME", home.path())
+        .args(["demo", "--max-tokens", "16"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("Paris"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("started 4 node processes"), "{stderr}");
+    assert!(stderr.contains("the nodes see ids"), "{stderr}");
+    assert!(
+        stderr.contains("route:") && stderr.contains("stopped the nodes"),
+        "{stderr}"
+    );
+    // Nothing left behind but the model.
+    let left: Vec<_> = std::fs::read_dir(home.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("models")], "{left:?}");
 }

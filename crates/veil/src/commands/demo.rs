@@ -1,11 +1,25 @@
-//! `veil demo`: fetch the model, run it as a chain of shards, answer a prompt.
+//! `veil demo`: the whole pipeline on loopback. Fetch the model, encrypt it under a fresh key,
+//! cut the encrypted model into shards, start a swarm of `veil node` processes (a bootstrap node
+//! serving blocks 0-10, two replicas of 10-20, one node for 20-30), answer a prompt through it,
+//! print the route and what the nodes saw, and stop everything.
 
-use anyhow::Result;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use veil_model::{generate, ChatMessage, GenerationParams, LayerRange, WeightFormat};
+use veil_ee::{encrypt_model, encrypt_tokens, model_digest, EeKey, EncryptedStep};
+use veil_model::{
+    generate, ChatMessage, GenerationParams, GgufFile, LlamaConfig, LocalModel, Shard, ShardModel,
+    WeightFormat,
+};
 
 use crate::args::ModelArgs;
 use crate::commands::generate::{print_stats, StdoutStream};
+use crate::commands::swarm::{describe_route, open_chain, runtime, SwarmArgs};
+use crate::progress;
 
 /// Arguments of `veil demo`.
 #[derive(Args, Debug)]
@@ -17,46 +31,239 @@ pub struct DemoArgs {
     /// The most tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
+
+    /// Also measure decode speed of the swarm against one process, side by side.
+    #[arg(long)]
+    pub bench: bool,
+}
+
+/// A `veil node` child process, stopped when dropped.
+struct NodeChild {
+    child: Child,
+    addr: String,
+    blocks: String,
+}
+
+impl NodeChild {
+    fn start(shard: &Path, blocks: &str, state: &Path, bootstrap: Option<&str>) -> Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the veil binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--shard"])
+            .arg(shard)
+            .arg("--state")
+            .arg(state)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        let mut child = cmd.spawn().context("cannot start a node process")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("node stdout")?;
+        BufReader::new(stdout).read_line(&mut line)?;
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            bail!("node for blocks {blocks} did not start (it printed {line:?})");
+        };
+        Ok(Self {
+            addr: addr.to_string(),
+            child,
+            blocks: blocks.to_string(),
+        })
+    }
+}
+
+impl Drop for NodeChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Runs `veil demo`.
 pub fn run(args: DemoArgs) -> Result<()> {
-    let model_args = ModelArgs {
+    let base_args = ModelArgs {
         model: None,
-        // F32 weights: the shipped Q4_1 file is at a near-tie on this prompt's first token.
         dtype: WeightFormat::F32,
-        layers: ["0-10", "10-20", "20-30"]
-            .iter()
-            .map(|r| r.parse::<LayerRange>())
-            .collect::<Result<_, _>>()?,
+        layers: Vec::new(),
         threads: None,
     };
-    eprintln!("veil demo: the default model, split into three shards, answers one prompt.");
-    let model = model_args.load()?;
-    for shard in &model.shards {
-        eprintln!("  shard {shard}", shard = shard.shard());
-    }
-    let prompt = model.chat_prompt(&[ChatMessage::user(args.prompt.clone())])?;
+    let base = base_args.resolve_path()?;
+    let home = veil_model::ModelStore::from_env().home().to_path_buf();
+    let work = tempfile::Builder::new()
+        .prefix("demo-")
+        .tempdir_in(&home)
+        .with_context(|| format!("cannot make a work directory in {}", home.display()))?;
+    eprintln!("veil demo: a private swarm on loopback answers one prompt.\n");
+
+    // 1. The key holder: a fresh key, the encrypted model, shards of it for the nodes.
+    let started = Instant::now();
+    let config = LlamaConfig::from_gguf(&GgufFile::open(&base)?)?;
+    let key = EeKey::generate(&config, &model_digest(&base)?);
+    let encrypted = work.path().join("encrypted.gguf");
+    let spinner = progress::spinner("encrypting the model under a fresh key".into());
+    encrypt_model(&base, &key, &encrypted)?;
+    let plan = Shard::tiling(&[0..10, 10..20, 20..30], config.block_count)?;
+    let shard_dir = work.path().join("shards");
+    let manifests = veil_model::write_shard_files(&encrypted, &plan, &shard_dir, &mut |_, _| {})?;
+    spinner.finish_and_clear();
     eprintln!(
-        "prompt: {:?} ({} tokens with the chat template)",
-        args.prompt,
-        prompt.len()
+        "1. encrypted the model (F32) under a fresh key and cut it into {} shards in {:.1} s",
+        manifests.len(),
+        started.elapsed().as_secs_f64()
     );
+
+    // 2. The swarm: separate processes, joined through the first.
+    let file = |i: usize| shard_dir.join(&manifests[i].file);
+    let state = |name: &str| work.path().join(format!("{name}.redb"));
+    let mut nodes = vec![NodeChild::start(&file(0), "0-10", &state("boot"), None)?];
+    let boot = nodes[0].addr.clone();
+    for (i, blocks, name) in [(1, "10-20", "a"), (1, "10-20", "b"), (2, "20-30", "c")] {
+        nodes.push(NodeChild::start(
+            &file(i),
+            blocks,
+            &state(name),
+            Some(&boot),
+        )?);
+    }
+    eprintln!("2. started {} node processes:", nodes.len());
+    for n in &nodes {
+        eprintln!("   blocks {:<5} {}", n.blocks, n.addr);
+    }
+
+    // 3. The client: finds a route, sends encrypted ids, decrypts the answer.
+    let text = LocalModel::open_text(&base)?;
+    let prompt = text.chat_prompt(&[ChatMessage::user(args.prompt.clone())])?;
+    let swarm = SwarmArgs {
+        bootstrap: vec![boot.parse()?],
+        client_layers: None,
+    };
+    let rt = runtime()?;
+    let mut chain = open_with_retry(&rt, &swarm, &encrypted)?;
     let params = GenerationParams {
         max_tokens: args.max_tokens,
         ..GenerationParams::default()
     };
-    let mut session = model.session();
+    eprintln!("3. prompt {:?} ({} tokens)", args.prompt, prompt.len());
+    let shown: Vec<u32> = prompt.iter().take(6).copied().collect();
+    eprintln!(
+        "   the nodes see ids {:?}... where the key holder sees {:?}...",
+        encrypt_tokens(&key, &shown),
+        shown
+    );
+    eprint!("   answer: ");
     let mut out = StdoutStream::default();
     let completion = generate(
-        &mut session,
-        &model.tokenizer,
+        &mut EncryptedStep::new(&key, &mut chain),
+        &text.tokenizer,
         &prompt,
-        model.config.context_length,
+        config.context_length,
         &params,
         &mut |t| out.write(t),
     )?;
     out.finish()?;
     print_stats(&completion);
+    eprintln!("4. route:");
+    for line in describe_route(&chain) {
+        eprintln!("   {line}");
+    }
+    if args.bench {
+        // A prompt with a long answer, so decode speed is measured over many tokens.
+        let long = text.chat_prompt(&[ChatMessage::user(
+            "Write a short story about a lighthouse keeper.",
+        )])?;
+        let params = GenerationParams {
+            max_tokens: 96,
+            ..GenerationParams::default()
+        };
+        bench(
+            &rt, &swarm, &encrypted, &key, &text, &long, &params, &mut chain,
+        )?;
+    }
+    chain.close();
+    drop(nodes);
+    eprintln!("5. stopped the nodes and removed {}", work.path().display());
+    Ok(())
+}
+
+/// The first route can take a moment: nodes announce themselves after they join.
+fn open_with_retry(
+    rt: &tokio::runtime::Runtime,
+    swarm: &SwarmArgs,
+    model: &Path,
+) -> Result<veil_net::RemoteChain> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match open_chain(rt, swarm, model, WeightFormat::F32) {
+            Ok(chain) => return Ok(chain),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("no route yet: {e:#}");
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Decode speed through the swarm against the same encrypted model in this process, runs
+/// alternating, medians; and the bytes each hop is sent per generated token.
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    rt: &tokio::runtime::Runtime,
+    swarm: &SwarmArgs,
+    encrypted: &PathBuf,
+    key: &EeKey,
+    text: &LocalModel,
+    prompt: &[u32],
+    params: &GenerationParams,
+    first: &mut veil_net::RemoteChain,
+) -> Result<()> {
+    let shards = vec![ShardModel::load(
+        &mut GgufFile::open(encrypted)?,
+        &Shard::whole(text.config.block_count),
+        WeightFormat::F32,
+    )?];
+    let decode_rate = |c: &veil_model::Completion| {
+        c.tokens.len().saturating_sub(1) as f64 / c.decode_time.as_secs_f64().max(1e-9)
+    };
+    let mut local = Vec::new();
+    let mut remote = Vec::new();
+    for _ in 0..3 {
+        let mut session = veil_ee::EncryptedSession::new(key, &shards);
+        let c = generate(
+            &mut session,
+            &text.tokenizer,
+            prompt,
+            text.config.context_length,
+            params,
+            &mut |_| {},
+        )?;
+        local.push(decode_rate(&c));
+        let mut chain = open_chain(rt, swarm, encrypted, WeightFormat::F32)?;
+        let c = generate(
+            &mut EncryptedStep::new(key, &mut chain),
+            &text.tokenizer,
+            prompt,
+            text.config.context_length,
+            params,
+            &mut |_| {},
+        )?;
+        remote.push(decode_rate(&c));
+        chain.close();
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (l, r) = (median(&mut local), median(&mut remote));
+    eprintln!("bench: decode {r:.1} tok/s through 3 node processes vs {l:.1} tok/s in one process: ratio {:.2} (median of 3)", r / l);
+    for (node, stats) in first.route() {
+        eprintln!(
+            "bench: blocks {}-{}: {} bytes sent per generated token",
+            node.info.first_block,
+            node.info.end_block,
+            stats.decode_bytes_sent / stats.decode_steps.max(1) as u64
+        );
+    }
     Ok(())
 }

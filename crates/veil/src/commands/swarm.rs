@@ -123,11 +123,10 @@ pub fn node(args: NodeArgs) -> Result<()> {
     if !args.shard.is_file() {
         bail!("no shard file at {}", args.shard.display());
     }
-    let state = args.state.clone().unwrap_or_else(|| {
-        veil_model::ModelStore::from_env()
-            .home()
-            .join("node.redb")
-    });
+    let state = args
+        .state
+        .clone()
+        .unwrap_or_else(|| veil_model::ModelStore::from_env().home().join("node.redb"));
     let config = NodeConfig {
         shard: args.shard,
         format: args.dtype,
@@ -201,7 +200,10 @@ pub fn open_chain(
     let split = match swarm.client_layers {
         None => None,
         Some(k) if k == 0 || k >= config.block_count => {
-            bail!("--client-layers must be between 1 and {}", config.block_count - 1)
+            bail!(
+                "--client-layers must be between 1 and {}",
+                config.block_count - 1
+            )
         }
         Some(k) => {
             let front = Shard {
