@@ -46,6 +46,8 @@ pub struct HopStats {
     pub decode_steps: usize,
     /// Bytes sent in one-position steps.
     pub decode_bytes_sent: u64,
+    /// Bytes received for one-position steps.
+    pub decode_bytes_received: u64,
 }
 
 /// What happened when a node was replaced.
@@ -205,6 +207,7 @@ impl RemoteChain {
                     if input.len() == 1 {
                         hop.stats.decode_steps += 1;
                         hop.stats.decode_bytes_sent += payload_bytes(&input);
+                        hop.stats.decode_bytes_received += output.data.len() as u64;
                     }
                     hop.stats.bytes_received += output.data.len() as u64;
                     hop.history.push(input);

@@ -259,10 +259,11 @@ fn bench(
     eprintln!("bench: decode {r:.1} tok/s through 3 node processes vs {l:.1} tok/s in one process: ratio {:.2} (median of 3)", r / l);
     for (node, stats) in first.route() {
         eprintln!(
-            "bench: blocks {}-{}: {} bytes sent per generated token",
+            "bench: blocks {}-{}: {} bytes sent to the node and {} back per generated token",
             node.info.first_block,
             node.info.end_block,
-            stats.decode_bytes_sent / stats.decode_steps.max(1) as u64
+            stats.decode_bytes_sent / stats.decode_steps.max(1) as u64,
+            stats.decode_bytes_received / stats.decode_steps.max(1) as u64
         );
     }
     Ok(())
