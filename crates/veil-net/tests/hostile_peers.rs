@@ -13,8 +13,8 @@ use veil_model::{ModelStore, Shard, WeightFormat, SMOLLM2_135M};
 use veil_net::wire::{RequestBody, Response, StepInput, WireDType, WireTensor, PROTOCOL};
 use veil_net::{peer_of, NetError, NodeConfig, SessionLimits, SwarmClient};
 
-/// Starts a node serving blocks 10-20 of the default model; returns its address.
-async fn start_node(dir: &std::path::Path) -> Multiaddr {
+/// Starts a node serving blocks 10-20 of the default model on `listen`; returns its address.
+async fn start_node(dir: &std::path::Path, listen: &str) -> Multiaddr {
     let model = ModelStore::from_env()
         .ensure(&SMOLLM2_135M, &mut |_| {})
         .expect("the default model can be fetched");
@@ -30,7 +30,7 @@ async fn start_node(dir: &std::path::Path) -> Multiaddr {
     let config = NodeConfig {
         shard: shards.join(&manifests[0].file),
         format: WeightFormat::AsStored,
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        listen: vec![listen.parse().unwrap()],
         bootstrap: Vec::new(),
         state: dir.join("node.redb"),
         limits: SessionLimits {
@@ -155,7 +155,7 @@ async fn send_raw(node: &Multiaddr, bytes: Vec<u8>, wait: Duration) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_refuses_bad_requests_and_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(dir.path()).await;
+    let node = start_node(dir.path(), "/ip4/127.0.0.1/tcp/0").await;
     let peer = peer_of(&node).unwrap();
     let client = SwarmClient::connect(
         std::slice::from_ref(&node),
@@ -260,4 +260,29 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
         Ok(Response::Closed)
     ));
     refused(ask(RequestBody::Close { session }).await, "unknown session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_over_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "/ip4/127.0.0.1/udp/0/quic-v1").await;
+    assert!(node.to_string().contains("/quic-v1/"), "{node}");
+    let peer = peer_of(&node).unwrap();
+    let client = SwarmClient::connect(
+        std::slice::from_ref(&node),
+        Duration::from_secs(10),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let Response::Opened { session } = client.request(peer, RequestBody::Open).await.unwrap()
+    else {
+        panic!("no session")
+    };
+    let input = hidden(vec![2, 576]);
+    let answer = client
+        .request(peer, RequestBody::Step { session, input })
+        .await
+        .unwrap();
+    assert!(matches!(answer, Response::Output(t) if t.shape == vec![2, 576]));
 }
