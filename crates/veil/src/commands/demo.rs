@@ -223,32 +223,26 @@ fn bench(
         &Shard::whole(text.config.block_count),
         WeightFormat::F32,
     )?];
-    let decode_rate = |c: &veil_model::Completion| {
-        c.tokens.len().saturating_sub(1) as f64 / c.decode_time.as_secs_f64().max(1e-9)
+    // Decode tokens/s of one greedy run of `prompt` on `session`.
+    let decode_rate = |session: &mut dyn veil_model::TokenStep| -> Result<f64> {
+        let c = generate(
+            session,
+            &text.tokenizer,
+            prompt,
+            text.config.context_length,
+            params,
+            &mut |_| {},
+        )?;
+        Ok(c.tokens.len().saturating_sub(1) as f64 / c.decode_time.as_secs_f64().max(1e-9))
     };
     let mut local = Vec::new();
     let mut remote = Vec::new();
     for _ in 0..3 {
-        let mut session = veil_ee::EncryptedSession::new(key, &shards);
-        let c = generate(
-            &mut session,
-            &text.tokenizer,
-            prompt,
-            text.config.context_length,
-            params,
-            &mut |_| {},
-        )?;
-        local.push(decode_rate(&c));
+        local.push(decode_rate(&mut veil_ee::EncryptedSession::new(
+            key, &shards,
+        ))?);
         let mut chain = open_chain(rt, swarm, encrypted, WeightFormat::F32)?;
-        let c = generate(
-            &mut EncryptedStep::new(key, &mut chain),
-            &text.tokenizer,
-            prompt,
-            text.config.context_length,
-            params,
-            &mut |_| {},
-        )?;
-        remote.push(decode_rate(&c));
+        remote.push(decode_rate(&mut EncryptedStep::new(key, &mut chain))?);
         chain.close();
     }
     let median = |v: &mut Vec<f64>| {
