@@ -46,11 +46,6 @@ impl<'a, S: TokenStep> EncryptedStep<'a, S> {
     pub fn new(key: &'a EeKey, inner: S) -> Self {
         Self { key, inner }
     }
-
-    /// The wrapped session.
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: TokenStep> TokenStep for EncryptedStep<'_, S> {

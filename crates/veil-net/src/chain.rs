@@ -40,8 +40,6 @@ pub struct HopStats {
     pub steps: usize,
     /// Tensor and token bytes sent to the hop.
     pub bytes_sent: u64,
-    /// Tensor bytes received from it.
-    pub bytes_received: u64,
     /// Steps of one position (decoding), and the bytes sent for them.
     pub decode_steps: usize,
     /// Bytes sent in one-position steps.
@@ -209,7 +207,6 @@ impl RemoteChain {
                         hop.stats.decode_bytes_sent += payload_bytes(&input);
                         hop.stats.decode_bytes_received += output.data.len() as u64;
                     }
-                    hop.stats.bytes_received += output.data.len() as u64;
                     hop.history.push(input);
                     return Ok(output);
                 }
@@ -249,7 +246,8 @@ impl RemoteChain {
                 hop.node.peer, t.shape
             )));
         }
-        t.to_tensor()?;
+        // Dtype and length only: the values are decoded once, by the next node or by `run`.
+        t.check()?;
         Ok(t)
     }
 

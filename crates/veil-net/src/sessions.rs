@@ -86,11 +86,6 @@ impl<S> SessionTable<S> {
         }
     }
 
-    /// The limits in force.
-    pub fn limits(&self) -> SessionLimits {
-        self.limits
-    }
-
     /// Sessions open now, including those running a step.
     pub fn len(&self) -> usize {
         self.sessions.len() + self.busy
