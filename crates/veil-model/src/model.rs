@@ -138,6 +138,8 @@ pub struct ShardModel {
     blocks: Vec<Block>,
     head: Option<(Tensor, QMatMul)>,
     rope: Rope,
+    /// Blocks (model indices) passed over: only ever set to test that verification catches it.
+    skipped: Vec<usize>,
 }
 
 impl ShardModel {
@@ -203,6 +205,7 @@ impl ShardModel {
             embedding,
             blocks,
             head,
+            skipped: Vec::new(),
         })
     }
 
@@ -237,6 +240,34 @@ impl ShardModel {
     /// The format matrix weights run in.
     pub fn format(&self) -> WeightFormat {
         self.format
+    }
+
+    /// Makes the shard pass over `blocks` (model indices): a cheat that saves their cost. Only
+    /// misbehaving test nodes do this, so that verification can be shown to catch it.
+    pub fn skip_blocks(&mut self, blocks: &[usize]) {
+        self.skipped = blocks.to_vec();
+    }
+
+    /// Multiplies every block weight by `1 + relative * n` with `n` standard normal noise from
+    /// `seed`, keeping the weight's format: "another model" that is close to this one. Only
+    /// misbehaving test nodes do this.
+    pub fn perturb_weights(&mut self, relative: f32, seed: u64) -> Result<()> {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        for block in &mut self.blocks {
+            for w in [
+                &mut block.wq,
+                &mut block.wk,
+                &mut block.wv,
+                &mut block.wo,
+                &mut block.w_gate,
+                &mut block.w_up,
+                &mut block.w_down,
+            ] {
+                *w = perturb(w, relative, &mut rng)?;
+            }
+        }
+        Ok(())
     }
 
     /// A fresh, empty KV cache for a new session on this shard.
@@ -297,7 +328,9 @@ impl ShardModel {
             .zip(&self.blocks)
             .zip(&mut cache.layers)
         {
-            x = block.forward(&x, kv, &self.rope, &self.config, start, mask.as_ref())?;
+            if !self.skipped.contains(&i) {
+                x = block.forward(&x, kv, &self.rope, &self.config, start, mask.as_ref())?;
+            }
             tap(i, &x.squeeze(0)?)?;
         }
         cache.position = needed;
@@ -442,6 +475,63 @@ pub fn forward_chain(
         out = Some(y);
     }
     out.ok_or_else(|| ModelError::InvalidShard("the chain has no shards".into()))
+}
+
+/// [`forward_chain`], also returning the last block's output `(tokens, hidden_size)`: the
+/// final hidden state that verification commits to.
+pub fn forward_chain_final_hidden(
+    shards: &[ShardModel],
+    caches: &mut [ShardCache],
+    tokens: &[u32],
+    logits_at: LogitsAt,
+) -> Result<(Tensor, Tensor)> {
+    if shards.is_empty() || shards.len() != caches.len() {
+        return Err(ModelError::InvalidShard(format!(
+            "{} shards with {} caches",
+            shards.len(),
+            caches.len()
+        )));
+    }
+    let mut input = ShardInput::Tokens(tokens);
+    let mut out = None;
+    let mut hidden = None;
+    for (shard, cache) in shards.iter().zip(caches) {
+        let y = shard.forward_tapped(input, cache, logits_at, &mut |_, x| {
+            hidden = Some(x.clone());
+            Ok(())
+        })?;
+        input = ShardInput::Hidden(y.clone());
+        out = Some(y);
+    }
+    match (out, hidden) {
+        (Some(out), Some(hidden)) => Ok((out, hidden)),
+        _ => Err(ModelError::InvalidShard("the chain runs no blocks".into())),
+    }
+}
+
+/// One weight with relative normal noise, in its own format.
+fn perturb(w: &QMatMul, relative: f32, rng: &mut rand_chacha::ChaCha20Rng) -> Result<QMatMul> {
+    use rand::Rng;
+    let dense = match w {
+        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+    };
+    let shape = dense.shape().clone();
+    let noisy: Vec<f32> = dense
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|x| {
+            let n: f32 = rng.sample(rand_distr::StandardNormal);
+            x * (1.0 + relative * n)
+        })
+        .collect();
+    let noisy = Tensor::from_vec(noisy, shape, &Device::Cpu)?;
+    Ok(match w {
+        QMatMul::QTensor(q) => QMatMul::from_qtensor(QTensor::quantize(&noisy, q.dtype())?)?,
+        QMatMul::Tensor(_) => QMatMul::Tensor(noisy),
+        QMatMul::TensorF16(_) => QMatMul::TensorF16(noisy.to_dtype(DType::F16)?),
+    })
 }
 
 /// The additive causal mask `(tokens, start + tokens)` for new positions after `start` cached

@@ -25,11 +25,20 @@ pub enum WeightFormat {
     F16,
     /// Re-quantized to 8-bit blocks (from the dequantized values).
     Q8_0,
+    /// Re-quantized to symmetric 4-bit blocks: cheaper and less precise than Q8_0. Offered so
+    /// that verification can be tested against a node that serves it while claiming Q8_0.
+    Q4_0,
 }
 
 impl WeightFormat {
     /// Every format, in the order the CLI lists them.
-    pub const ALL: [WeightFormat; 4] = [Self::AsStored, Self::F32, Self::F16, Self::Q8_0];
+    pub const ALL: [WeightFormat; 5] = [
+        Self::AsStored,
+        Self::F32,
+        Self::F16,
+        Self::Q8_0,
+        Self::Q4_0,
+    ];
 
     /// Prepares one matrix weight (stored `(out, in)`) for multiplication.
     pub(crate) fn matmul(self, weight: Arc<QTensor>) -> Result<QMatMul> {
@@ -38,10 +47,9 @@ impl WeightFormat {
             Self::F32 => QMatMul::Tensor(weight.dequantize(&Device::Cpu)?),
             Self::F16 => QMatMul::TensorF16(weight.dequantize_f16(&Device::Cpu)?),
             Self::Q8_0 if weight.dtype() == GgmlDType::Q8_0 => QMatMul::from_arc(weight)?,
-            Self::Q8_0 => {
-                let dense = weight.dequantize(&Device::Cpu)?;
-                QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?
-            }
+            Self::Q8_0 => requantize(&weight, GgmlDType::Q8_0)?,
+            Self::Q4_0 if weight.dtype() == GgmlDType::Q4_0 => QMatMul::from_arc(weight)?,
+            Self::Q4_0 => requantize(&weight, GgmlDType::Q4_0)?,
         })
     }
 }
@@ -53,6 +61,7 @@ impl fmt::Display for WeightFormat {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
         })
     }
 }
@@ -66,9 +75,15 @@ impl FromStr for WeightFormat {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
             "q8_0" | "q8" => Ok(Self::Q8_0),
+            "q4_0" | "q4" => Ok(Self::Q4_0),
             _ => Err(ModelError::InvalidInput(format!(
-                "unknown weight format {s:?}: use stored, f32, f16 or q8_0"
+                "unknown weight format {s:?}: use stored, f32, f16, q8_0 or q4_0"
             ))),
         }
     }
+}
+
+fn requantize(weight: &QTensor, dtype: GgmlDType) -> Result<QMatMul> {
+    let dense = weight.dequantize(&Device::Cpu)?;
+    Ok(QMatMul::from_qtensor(QTensor::quantize(&dense, dtype)?)?)
 }

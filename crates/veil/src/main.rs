@@ -50,6 +50,13 @@ enum Command {
     Shard(commands::swarm::ShardArgs),
     /// Serve a shard to the swarm.
     Node(commands::swarm::NodeArgs),
+    /// Verification: calibration and detection figures, benchmark.
+    Verify {
+        #[command(subcommand)]
+        command: commands::verify::VerifyCommand,
+    },
+    /// Re-check an evidence file offline: signatures, then the answer recomputed.
+    VerifyEvidence(commands::verify::EvidenceArgs),
     /// Run the whole pipeline on this machine and show what happens.
     Demo(commands::demo::DemoArgs),
 }
@@ -72,6 +79,8 @@ fn main() -> ExitCode {
         Command::Shard(args) => commands::swarm::shard(args),
         Command::Node(args) => commands::swarm::node(args),
         Command::Demo(args) => commands::demo::run(args),
+        Command::Verify { command } => commands::verify::run(command),
+        Command::VerifyEvidence(args) => commands::verify::verify_evidence(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,3 +7,4 @@ pub mod ee;
 pub mod generate;
 pub mod models;
 pub mod swarm;
+pub mod verify;

@@ -1,0 +1,27 @@
+//! Veil's verification: catch a lying node without accusing an honest one.
+//!
+//! The node that generates commits to its final hidden states ([`commitment`]); validators
+//! recompute the answer in one teacher-forced pass and check the commitment and the sampling
+//! within calibrated tolerances ([`validate`]); a committee chosen by hash commits to its
+//! verdicts and reveals them, all signed, and a failed answer leaves [`Evidence`] anyone can
+//! re-check ([`consensus`]). [`serving`] is the generating side, with the ways a node can cheat.
+
+pub mod commitment;
+pub mod consensus;
+pub mod error;
+pub mod serving;
+pub mod trials;
+pub mod validate;
+
+pub use commitment::{ActivationCommitment, ChunkCommitment, CommitmentBuilder, CHUNK_TOKENS, TOP_K};
+pub use consensus::{
+    committee, quorum, tally, Evidence, Job, Proven, Signed, Tally, VerdictCommit, VerdictReveal,
+    EVIDENCE_VERSION,
+};
+pub use error::{Result, VerifyError};
+pub use libp2p_identity::{Keypair, PeerId};
+pub use serving::{
+    cheaper_format, load_serving_shard, serve_fixed_length, Misbehaviour, ServedAnswer,
+    ServingSession,
+};
+pub use validate::{validate, Claim, Deviations, SamplingSpec, Tolerances, Validation, Verdict};

@@ -1,0 +1,206 @@
+//! Calibration and detection trials on a real model: honest answers that vary what honest nodes
+//! vary (threads, prefill batch, which copy generates and which validates), and answers from
+//! each kind of cheat. `veil verify calibrate` prints the figures; the tests assert on them.
+
+use std::path::Path;
+
+use veil_model::{ChatMessage, GgufFile, LocalModel, SamplingParams, Shard, ShardModel, WeightFormat};
+
+use crate::error::{Result, VerifyError};
+use crate::serving::{load_serving_shard, serve_fixed_length, Misbehaviour, ServingSession};
+use crate::validate::{validate, Deviations, Tolerances, Validation, Verdict};
+
+/// Varied questions for trials: facts, code, lists, stories, arithmetic, other languages.
+pub const TRIAL_PROMPTS: [&str; 25] = [
+    "What is the capital of France?",
+    "Write a haiku about autumn rain.",
+    "Explain photosynthesis to a ten-year-old.",
+    "List three prime numbers greater than 50.",
+    "Write a Python function that reverses a string.",
+    "What is 17 times 23?",
+    "Give me a recipe for pancakes.",
+    "Translate 'good morning' into Spanish and German.",
+    "Why is the sky blue?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What are the benefits of regular exercise?",
+    "Write a short story that begins with a knock at the door.",
+    "How does a bicycle stay upright?",
+    "Name five animals that live in the ocean.",
+    "What is the difference between weather and climate?",
+    "Write a SQL query that counts rows in a table named users.",
+    "Describe the water cycle.",
+    "Quelle est la plus grande ville du Canada ?",
+    "Suggest a name for a friendly robot.",
+    "What should I pack for a weekend hiking trip?",
+    "How do vaccines work?",
+    "Write a limerick about a cat.",
+    "What is a black hole?",
+    "Give three tips for learning a new language.",
+    "Explain what a hash function is.",
+];
+
+/// The answer length of honest trials: two chunks, a full one and one token.
+pub const TRIAL_TOKENS: usize = 33;
+
+/// The answer length of cheating trials; the altered-token cheat needs a hundred tokens to be
+/// sure to act, so its trials are that long.
+pub const CHEAT_TOKENS: usize = 17;
+
+/// Runs `f` on a pool of `threads` threads, so candle's kernels split work that many ways.
+pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| VerifyError::InvalidClaim(format!("cannot start {threads} threads: {e}")))?;
+    Ok(pool.install(f))
+}
+
+/// The sampling of the `n`th trial: greedy for even `n`, seeded sampling (temperature 0.8,
+/// top-p 0.95, seed `n`) for odd.
+pub fn trial_sampling(n: usize) -> SamplingParams {
+    if n % 2 == 0 {
+        SamplingParams::greedy()
+    } else {
+        SamplingParams {
+            temperature: 0.8,
+            top_k: None,
+            top_p: Some(0.95),
+            seed: n as u64,
+        }
+    }
+}
+
+/// Honest runs and their verdicts.
+#[derive(Debug, Clone, Default)]
+pub struct HonestReport {
+    /// Validations run.
+    pub runs: usize,
+    /// Those that failed (each one a false accusation).
+    pub failures: Vec<(String, Verdict)>,
+    /// The largest deviations seen.
+    pub worst: Deviations,
+    /// The closest an honest run came to failing, as a multiple of the tolerance (below 1).
+    pub closest: f32,
+}
+
+/// Runs `runs` honest validations: answers generated with 1 or 2 threads and prefill batches
+/// of 1 or 4 tokens, each checked by validators on 1 and 2 threads, with greedy and seeded
+/// sampling alternating.
+pub fn honest_trials(
+    model: &Path,
+    format: WeightFormat,
+    runs: usize,
+    tol: &Tolerances,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<HonestReport> {
+    let text = LocalModel::open_text(model)?;
+    let generator = load_whole(model, format, None)?;
+    let validator = load_whole(model, format, None)?;
+    let mut report = HonestReport::default();
+    let mut n = 0;
+    while report.runs < runs {
+        let prompt = text.chat_prompt(&[ChatMessage::user(TRIAL_PROMPTS[n % TRIAL_PROMPTS.len()])])?;
+        let (gen_threads, batch) = [(1, 1), (2, 4), (2, 1), (1, 4)][(n / TRIAL_PROMPTS.len()) % 4];
+        let sampling = trial_sampling(n);
+        let answer = with_threads(gen_threads, || {
+            let session = ServingSession::new(std::slice::from_ref(&generator), sampling, None, 0)?
+                .with_prefill_chunk(batch);
+            serve_fixed_length(std::slice::from_ref(&generator), session, &prompt, TRIAL_TOKENS)
+        })??;
+        for val_threads in [1, 2] {
+            if report.runs == runs {
+                break;
+            }
+            let v = with_threads(val_threads, || {
+                validate(std::slice::from_ref(&validator), &answer.claim, tol)
+            })??;
+            report.worst = report.worst.max(v.deviations);
+            report.closest = report.closest.max(v.deviations.over(tol));
+            if !v.verdict.passed() {
+                report.failures.push((
+                    format!("prompt {n}, generator {gen_threads} threads batch {batch}, validator {val_threads} threads"),
+                    v.verdict,
+                ));
+            }
+            report.runs += 1;
+            progress(report.runs, runs);
+        }
+        n += 1;
+    }
+    Ok(report)
+}
+
+/// A cheat's trials and how many were caught.
+#[derive(Debug, Clone)]
+pub struct DetectionReport {
+    /// The cheat.
+    pub kind: Misbehaviour,
+    /// Trials run.
+    pub trials: usize,
+    /// Trials whose verdict was a failure.
+    pub caught: usize,
+    /// The largest deviations seen.
+    pub worst: Deviations,
+    /// The least damning trial's largest deviation, as a multiple of its tolerance (above 1
+    /// when every trial is caught).
+    pub closest: f32,
+    /// One failing verdict, as an example of the reason given.
+    pub example: Option<Verdict>,
+}
+
+/// Runs `trials` answers from a node cheating with `kind`, each checked by an honest validator.
+pub fn detection_trials(
+    model: &Path,
+    format: WeightFormat,
+    kind: Misbehaviour,
+    trials: usize,
+    tol: &Tolerances,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<DetectionReport> {
+    let text = LocalModel::open_text(model)?;
+    let cheat = load_whole(model, format, Some(kind))?;
+    let validator = load_whole(model, format, None)?;
+    let tokens = if kind == Misbehaviour::AlteredToken { 100 } else { CHEAT_TOKENS };
+    let mut report = DetectionReport {
+        kind,
+        trials,
+        caught: 0,
+        worst: Deviations::default(),
+        closest: f32::INFINITY,
+        example: None,
+    };
+    for n in 0..trials {
+        let prompt = text.chat_prompt(&[ChatMessage::user(TRIAL_PROMPTS[n % TRIAL_PROMPTS.len()])])?;
+        let session = ServingSession::new(
+            std::slice::from_ref(&cheat),
+            trial_sampling(n),
+            Some(kind),
+            n as u64,
+        )?;
+        let answer = serve_fixed_length(std::slice::from_ref(&cheat), session, &prompt, tokens)?;
+        // The cheat claims the prompt it was sent, which is what the client knows.
+        let mut claim = answer.claim;
+        claim.prompt = prompt;
+        let Validation { verdict, deviations } =
+            validate(std::slice::from_ref(&validator), &claim, tol)?;
+        report.worst = report.worst.max(deviations);
+        report.closest = report.closest.min(deviations.over(tol));
+        if !verdict.passed() {
+            report.caught += 1;
+            report.example.get_or_insert(verdict);
+        }
+        progress(n + 1, trials);
+    }
+    Ok(report)
+}
+
+/// Loads the whole model as a (possibly cheating) node serving `format` would.
+pub fn load_whole(
+    model: &Path,
+    format: WeightFormat,
+    fault: Option<Misbehaviour>,
+) -> Result<ShardModel> {
+    let mut gguf = GgufFile::open(model)?;
+    let blocks = veil_model::LlamaConfig::from_gguf(&gguf)?.block_count;
+    load_serving_shard(&mut gguf, &Shard::whole(blocks), format, fault)
+}

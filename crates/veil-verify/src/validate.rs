@@ -1,0 +1,325 @@
+//! Validation by recomputation: one teacher-forced prefill over prompt and claimed answer.
+//!
+//! The validator feeds `prompt + output[..n-1]` through its own copy of the model in one pass,
+//! then checks, token by token, (a) the commitment against its own final hidden states and (b)
+//! the sampling: the claimed token must be the one the shared seed picks from the validator's
+//! logits (for greedy, within δ of the best logit), allowing for near-ties. The verdict names the
+//! first token that fails and why.
+
+use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+use veil_model::sampling::{argmax, candidates, pick};
+use veil_model::{forward_chain_final_hidden, LogitsAt, SamplingParams, ShardModel};
+
+use crate::commitment::{top_k_indices, ActivationCommitment, CHUNK_TOKENS, TOP_K};
+use crate::error::{Result, VerifyError};
+
+/// How far an honest recomputation may stray. Calibrated on the real model (see the README's
+/// verification section and `veil verify calibrate`): honest runs across thread counts, prefill
+/// batch sizes and generator/validator pairs stay more than 10× inside every bound, and every
+/// misbehaviour exceeds one.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Tolerances {
+    /// Mean absolute error of the committed values, over the chunk's mean committed magnitude.
+    pub hidden_mean: f32,
+    /// Largest absolute error of one committed value, over the chunk's mean committed magnitude.
+    pub hidden_max: f32,
+    /// How far below the validator's k-th largest magnitude a committed entry may fall
+    /// (as a share of it): the committed positions must really be the top ones.
+    pub rank_slack: f32,
+    /// δ: how far below the validator's best logit a claimed token's logit may be, for greedy
+    /// decoding and at near-ties of seeded sampling.
+    pub logit_delta: f32,
+    /// How close the seed's uniform draw may fall to the claimed token's interval of the
+    /// validator's distribution and still count.
+    pub probability_slack: f64,
+}
+
+impl Default for Tolerances {
+    fn default() -> Self {
+        Self {
+            hidden_mean: 0.002,
+            hidden_max: 0.02,
+            rank_slack: 0.05,
+            logit_delta: 0.05,
+            probability_slack: 0.001,
+        }
+    }
+}
+
+/// How an answer was sampled, in a form that travels (the verifier replays it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingSpec {
+    /// Softmax temperature; 0 is greedy.
+    pub temperature: f32,
+    /// Top-k filter.
+    pub top_k: Option<u32>,
+    /// Top-p filter.
+    pub top_p: Option<f32>,
+    /// The shared seed of the random stream.
+    pub seed: u64,
+}
+
+impl From<&SamplingParams> for SamplingSpec {
+    fn from(p: &SamplingParams) -> Self {
+        Self {
+            temperature: p.temperature,
+            top_k: p.top_k.map(|k| k as u32),
+            top_p: p.top_p,
+            seed: p.seed,
+        }
+    }
+}
+
+impl SamplingSpec {
+    /// The sampler settings, checked.
+    pub fn params(&self) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k.map(|k| k as usize),
+            top_p: self.top_p,
+            seed: self.seed,
+        };
+        p.check()?;
+        Ok(p)
+    }
+}
+
+/// What a generating node says it did: this prompt gave this answer, with these activations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The prompt's token ids.
+    pub prompt: Vec<u32>,
+    /// The generated token ids.
+    pub output: Vec<u32>,
+    /// How tokens were picked.
+    pub sampling: SamplingSpec,
+    /// The final hidden states behind `output`.
+    pub commitment: ActivationCommitment,
+}
+
+/// Pass, or the first token that fails and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Every check held.
+    Pass,
+    /// A check failed.
+    Fail {
+        /// Index into the answer of the first failing token (a chunk's first token for a
+        /// commitment failure).
+        token: usize,
+        /// For people.
+        reason: String,
+    },
+}
+
+impl Verdict {
+    /// Whether the answer passed.
+    pub fn passed(&self) -> bool {
+        matches!(self, Self::Pass)
+    }
+}
+
+/// The largest deviations a validation saw, in the units of [`Tolerances`]: what calibration
+/// reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Deviations {
+    /// Largest chunk mean error.
+    pub hidden_mean: f32,
+    /// Largest single-value error.
+    pub hidden_max: f32,
+    /// Largest shortfall of a committed entry below the validator's k-th magnitude.
+    pub rank: f32,
+    /// Largest gap between the best logit and a claimed token's (greedy), or between the
+    /// seed's pick and the claimed token at a mismatch (sampled).
+    pub logit_gap: f32,
+}
+
+impl Deviations {
+    /// The largest figure as a multiple of its tolerance: below 1 passes every check.
+    pub fn over(&self, tol: &Tolerances) -> f32 {
+        [
+            self.hidden_mean / tol.hidden_mean,
+            self.hidden_max / tol.hidden_max,
+            self.rank / tol.rank_slack,
+            self.logit_gap / tol.logit_delta,
+        ]
+        .into_iter()
+        .fold(0.0, f32::max)
+    }
+
+    /// The larger of each figure.
+    pub fn max(self, other: Self) -> Self {
+        Self {
+            hidden_mean: self.hidden_mean.max(other.hidden_mean),
+            hidden_max: self.hidden_max.max(other.hidden_max),
+            rank: self.rank.max(other.rank),
+            logit_gap: self.logit_gap.max(other.logit_gap),
+        }
+    }
+}
+
+/// A validation's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validation {
+    /// Pass or fail.
+    pub verdict: Verdict,
+    /// What it measured, for calibration.
+    pub deviations: Deviations,
+}
+
+/// Recomputes `claim` on `shards` (a chain covering the whole model, in the claimed weight
+/// format) and checks it.
+pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Result<Validation> {
+    let config = shards
+        .first()
+        .ok_or_else(|| VerifyError::InvalidClaim("no model to validate with".into()))?
+        .config();
+    let (p, n) = (claim.prompt.len(), claim.output.len());
+    if p == 0 || n == 0 {
+        return Err(VerifyError::InvalidClaim(
+            "the prompt and the answer must each hold at least one token".into(),
+        ));
+    }
+    if p + n - 1 > config.context_length {
+        return Err(VerifyError::InvalidClaim(format!(
+            "{} tokens do not fit the model's context of {}",
+            p + n - 1,
+            config.context_length
+        )));
+    }
+    if let Some(bad) = claim
+        .prompt
+        .iter()
+        .chain(&claim.output)
+        .find(|&&t| t as usize >= config.vocab_size)
+    {
+        return Err(VerifyError::InvalidClaim(format!(
+            "token {bad} is outside the vocabulary of {}",
+            config.vocab_size
+        )));
+    }
+    let sampling = claim.sampling.params()?;
+    let h = config.hidden_size;
+    claim.commitment.check(h, n)?;
+
+    let input: Vec<u32> = claim
+        .prompt
+        .iter()
+        .chain(&claim.output[..n - 1])
+        .copied()
+        .collect();
+    let mut caches: Vec<_> = shards.iter().map(ShardModel::new_cache).collect();
+    let (logits, hidden) =
+        forward_chain_final_hidden(shards, &mut caches, &input, LogitsAt::All)?;
+    let logits = logits.narrow(0, p - 1, n)?.to_vec2::<f32>()?;
+    let hidden = hidden
+        .narrow(0, p - 1, n)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+
+    let mut deviations = Deviations::default();
+    let mut first_fail: Option<(usize, String)> = None;
+    let mut fail = |token: usize, reason: String| {
+        if first_fail.as_ref().is_none_or(|(t, _)| token < *t) {
+            first_fail = Some((token, reason));
+        }
+    };
+
+    for (c, chunk) in claim.commitment.chunks.iter().enumerate() {
+        let start = c * CHUNK_TOKENS;
+        let ours = &hidden[start * h..(start + chunk.tokens as usize) * h];
+        let d = compare_chunk(ours, &chunk.indices, &chunk.values);
+        deviations = deviations.max(d);
+        let end = start + chunk.tokens as usize;
+        if d.hidden_mean > tol.hidden_mean {
+            fail(start, format!("tokens {start}..{end}: committed activations are off by {:.4} on average (tolerance {})", d.hidden_mean, tol.hidden_mean));
+        } else if d.hidden_max > tol.hidden_max {
+            fail(start, format!("tokens {start}..{end}: a committed activation is off by {:.4} (tolerance {})", d.hidden_max, tol.hidden_max));
+        } else if d.rank > tol.rank_slack {
+            fail(start, format!("tokens {start}..{end}: committed positions are not the largest activations (short by {:.3}, tolerance {})", d.rank, tol.rank_slack));
+        }
+    }
+
+    let mut rng = ChaCha20Rng::seed_from_u64(sampling.seed);
+    for (i, (row, &token)) in logits.iter().zip(&claim.output).enumerate() {
+        let best = argmax(row);
+        let gap = row[best as usize] - row[token as usize];
+        if sampling.is_greedy() {
+            deviations.logit_gap = deviations.logit_gap.max(gap);
+            if gap > tol.logit_delta {
+                fail(i, format!("greedy token {token} has logit {:.3}, {gap:.3} below the best (token {best}); δ is {}", row[token as usize], tol.logit_delta));
+            }
+            continue;
+        }
+        let u: f64 = rng.random();
+        let cands = candidates(row, &sampling);
+        let picked = pick(&cands, u);
+        if picked == token {
+            continue;
+        }
+        let near_tie = (row[picked as usize] - row[token as usize]).abs();
+        deviations.logit_gap = deviations.logit_gap.max(near_tie);
+        let near_edge = interval(&cands, token).is_some_and(|(lo, hi)| {
+            u >= lo - tol.probability_slack && u < hi + tol.probability_slack
+        });
+        if !near_edge && near_tie > tol.logit_delta {
+            fail(i, format!("the seed picks token {picked} from the validator's distribution, not the claimed {token} (logits {:.3} vs {:.3})", row[picked as usize], row[token as usize]));
+        }
+    }
+
+    Ok(Validation {
+        verdict: match first_fail {
+            None => Verdict::Pass,
+            Some((token, reason)) => Verdict::Fail { token, reason },
+        },
+        deviations,
+    })
+}
+
+/// The claimed entries of one chunk against the validator's hidden states for it.
+fn compare_chunk(ours: &[f32], indices: &[u16], values: &[u16]) -> Deviations {
+    let mut sum_err = 0.0f32;
+    let mut max_err = 0.0f32;
+    let mut sum_mag = 0.0f32;
+    let mut smallest = f32::INFINITY;
+    for (&i, &v) in indices.iter().zip(values) {
+        let theirs = f16::from_bits(v).to_f32();
+        let mine = ours[i as usize];
+        let err = (theirs - mine).abs();
+        sum_err += err;
+        max_err = max_err.max(err);
+        sum_mag += mine.abs();
+        smallest = smallest.min(mine.abs());
+    }
+    let k = indices.len().max(1) as f32;
+    let scale = (sum_mag / k).max(f32::MIN_POSITIVE);
+    let kth = top_k_indices(ours, TOP_K)
+        .into_iter()
+        .map(|i| ours[i].abs())
+        .fold(f32::INFINITY, f32::min);
+    Deviations {
+        hidden_mean: sum_err / k / scale,
+        hidden_max: max_err / scale,
+        rank: if kth > 0.0 {
+            (1.0 - smallest / kth).max(0.0)
+        } else {
+            0.0
+        },
+        logit_gap: 0.0,
+    }
+}
+
+/// Where `token`'s probability mass sits in the CDF the sampler inverts.
+fn interval(cands: &[(u32, f64)], token: u32) -> Option<(f64, f64)> {
+    let mut lo = 0.0;
+    for &(id, p) in cands {
+        if id == token {
+            return Some((lo, lo + p));
+        }
+        lo += p;
+    }
+    None
+}

@@ -1,0 +1,231 @@
+//! `veil verify ...` and `veil verify-evidence`: calibration and detection figures, the
+//! verification benchmark, and offline re-checking of evidence.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use veil_model::{ChatMessage, LocalModel, SamplingParams, WeightFormat};
+use veil_verify::trials::{detection_trials, honest_trials, load_whole, TRIAL_PROMPTS};
+use veil_verify::{
+    serve_fixed_length, validate, Evidence, Misbehaviour, ServingSession, Tolerances, Verdict,
+};
+
+use crate::args::ModelArgs;
+use crate::progress;
+
+/// Subcommands of `veil verify`.
+#[derive(Subcommand, Debug)]
+pub enum VerifyCommand {
+    /// Honest runs (false accusations must be 0) and cheating runs of every kind (all must be
+    /// caught), with the largest deviations each produced against the tolerances.
+    Calibrate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Honest validations to run.
+        #[arg(long, default_value_t = 200)]
+        honest: usize,
+        /// Trials per kind of cheat.
+        #[arg(long, default_value_t = 50)]
+        trials: usize,
+        /// Only these kinds of cheat (default: all).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<Misbehaviour>,
+    },
+    /// Commitment bytes per token and validation time as a share of generation time.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Tokens to generate per run.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        /// Runs (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+/// Arguments of `veil verify-evidence`.
+#[derive(Args, Debug)]
+pub struct EvidenceArgs {
+    /// The evidence file a client wrote when a committee failed an answer.
+    pub file: PathBuf,
+    /// The model the evidence is about, to recompute the answer (default: the default model).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+}
+
+/// Runs `veil verify ...`.
+pub fn run(command: VerifyCommand) -> Result<()> {
+    match command {
+        VerifyCommand::Calibrate {
+            model,
+            honest,
+            trials,
+            kinds,
+        } => calibrate(&model, honest, trials, &kinds),
+        VerifyCommand::Bench {
+            model,
+            tokens,
+            runs,
+        } => bench(&model, tokens, runs),
+    }
+}
+
+fn claimed_format(model: &ModelArgs) -> WeightFormat {
+    // Verification is calibrated for F32 nodes: candle's Q8_0 kernels quantize activations
+    // differently for one row and for many, so a Q8_0 prefill strays ~1% from Q8_0 decoding.
+    match model.dtype {
+        WeightFormat::AsStored => WeightFormat::F32,
+        f => f,
+    }
+}
+
+fn calibrate(model: &ModelArgs, honest: usize, trials: usize, kinds: &[Misbehaviour]) -> Result<()> {
+    let path = model.resolve_path()?;
+    let format = claimed_format(model);
+    let tol = Tolerances::default();
+    println!("tolerances: {tol:?}");
+    println!("claimed format: {format}");
+    if honest > 0 {
+        let bar = progress::bar(honest as u64, "honest runs");
+        let report = honest_trials(&path, format, honest, &tol, &mut |done, _| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        println!(
+            "honest: {} runs, {} failed; closest call {:.2}x a tolerance; largest deviations: hidden mean {:.2e}, hidden max {:.2e}, rank {:.2e}, logit gap {:.2e}",
+            report.runs,
+            report.failures.len(),
+            report.closest,
+            report.worst.hidden_mean,
+            report.worst.hidden_max,
+            report.worst.rank,
+            report.worst.logit_gap
+        );
+        for (what, verdict) in &report.failures {
+            println!("  false accusation: {what}: {verdict:?}");
+        }
+    }
+    let kinds = if kinds.is_empty() {
+        Misbehaviour::ALL.to_vec()
+    } else {
+        kinds.to_vec()
+    };
+    for kind in kinds {
+        let bar = progress::bar(trials as u64, &kind.to_string());
+        let report = detection_trials(&path, format, kind, trials, &tol, &mut |done, _| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        println!(
+            "{kind}: caught {}/{}; least damning trial {:.1}x a tolerance; largest deviations: hidden mean {:.2e}, hidden max {:.2e}, rank {:.2e}, logit gap {:.2e}",
+            report.caught,
+            report.trials,
+            report.closest,
+            report.worst.hidden_mean,
+            report.worst.hidden_max,
+            report.worst.rank,
+            report.worst.logit_gap
+        );
+        if let Some(Verdict::Fail { token, reason }) = &report.example {
+            println!("  e.g. token {token}: {reason}");
+        }
+    }
+    Ok(())
+}
+
+fn bench(model: &ModelArgs, tokens: usize, runs: usize) -> Result<()> {
+    if tokens == 0 || runs == 0 {
+        bail!("--tokens and --runs must be at least 1");
+    }
+    let path = model.resolve_path()?;
+    let format = claimed_format(model);
+    let text = LocalModel::open_text(&path)?;
+    let shards = [load_whole(&path, format, None)?];
+    let prompt = text.chat_prompt(&[ChatMessage::user(TRIAL_PROMPTS[11])])?;
+    let tol = Tolerances::default();
+    let (mut gen_s, mut val_s, mut bytes) = (Vec::new(), Vec::new(), 0);
+    for run in 0..runs {
+        let started = Instant::now();
+        let session = ServingSession::new(&shards, SamplingParams::greedy(), None, 0)?;
+        let answer = serve_fixed_length(&shards, session, &prompt, tokens)?;
+        gen_s.push(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let v = validate(&shards, &answer.claim, &tol)?;
+        val_s.push(started.elapsed().as_secs_f64());
+        if !v.verdict.passed() {
+            bail!("run {run}: an honest answer failed validation: {:?}", v.verdict);
+        }
+        bytes = answer.claim.commitment.byte_len();
+    }
+    let (g, v) = (median(&mut gen_s), median(&mut val_s));
+    println!("format {format}, prompt {} tokens, {tokens} generated tokens, median of {runs} runs", prompt.len());
+    println!(
+        "commitment: {bytes} bytes = {:.2} bytes/token (target <= 8)",
+        bytes as f64 / tokens as f64
+    );
+    println!(
+        "generation {g:.2} s, validation {v:.2} s: validation = {:.1}% of generation (target <= 10%)",
+        100.0 * v / g
+    );
+    Ok(())
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Runs `veil verify-evidence FILE`: checks every signature, then recomputes the answer and
+/// confirms it fails.
+pub fn verify_evidence(args: EvidenceArgs) -> Result<()> {
+    let bytes = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let evidence = Evidence::from_bytes(&bytes)
+        .with_context(|| format!("{} is not valid evidence", args.file.display()))?;
+    let proven = evidence
+        .check()
+        .with_context(|| format!("{} does not check", args.file.display()))?;
+    let model = ModelArgs {
+        model: args.model,
+        dtype: WeightFormat::AsStored,
+        layers: Vec::new(),
+        threads: None,
+    };
+    let path = model.resolve_path()?;
+    let job = &evidence.job.body;
+    let digest = veil_ee::model_digest(&path)?;
+    if digest != job.model_digest {
+        bail!(
+            "the evidence is about model {}, but {} is model {digest}: pass the right one with --model",
+            job.model_digest,
+            path.display()
+        );
+    }
+    let format: WeightFormat = job
+        .format
+        .parse()
+        .with_context(|| format!("the evidence names an unknown format {:?}", job.format))?;
+    let shards = [load_whole(&path, format, None)?];
+    let v = validate(&shards, &job.claim, &Tolerances::default())
+        .context("the claimed answer cannot be recomputed")?;
+    match v.verdict {
+        Verdict::Pass => bail!(
+            "the signatures hold, but recomputing the answer here passes it: the evidence does not show {} lied",
+            proven.generator
+        ),
+        Verdict::Fail { token, reason } => {
+            println!("evidence holds: {} signed an answer that fails validation", proven.generator);
+            println!("  recomputed here: token {token}: {reason}");
+            for (peer, verdict) in &proven.failed {
+                println!("  failed by {peer}: {verdict:?}");
+            }
+            for peer in &proven.passed {
+                println!("  passed by {peer}");
+            }
+            Ok(())
+        }
+    }
+}
