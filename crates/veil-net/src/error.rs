@@ -44,6 +44,12 @@ pub enum NetError {
     /// Tensor operations.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// Verification: a bad claim, signature or evidence.
+    #[error(transparent)]
+    Verify(#[from] veil_verify::VerifyError),
+    /// A committee could not settle a verified request.
+    #[error("verification failed: {0}")]
+    Verification(String),
 }
 
 /// Results of this crate.

@@ -4,6 +4,7 @@
 pub mod behaviour;
 pub mod chain;
 pub mod client;
+pub mod committee;
 pub mod error;
 pub mod node;
 pub mod node_state;
@@ -13,6 +14,7 @@ pub mod wire;
 
 pub use chain::{ClientSplit, Failover, HopStats, RemoteChain};
 pub use client::{Candidate, SwarmClient};
+pub use committee::{generate_verified, VerifiedAnswer, VerifiedRequest};
 pub use error::{NetError, Result};
 pub use node::{peer_of, run_node, NodeConfig};
 pub use node_state::NodeState;

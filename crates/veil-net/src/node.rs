@@ -16,7 +16,11 @@ use libp2p::{identify, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use veil_model::{
-    GgufFile, LogitsAt, ShardCache, ShardInput, ShardManifest, ShardModel, WeightFormat,
+    GgufFile, LogitsAt, ShardCache, ShardInput, ShardManifest, ShardModel, Tensor, WeightFormat,
+};
+use veil_verify::{
+    load_serving_shard, validate, Job, Keypair, Misbehaviour, ServingSession, Signed, Tolerances,
+    VerdictReveal,
 };
 
 use crate::behaviour::{build_swarm, model_key, range_key, VeilBehaviour, VeilBehaviourEvent};
@@ -47,12 +51,41 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// Told each address the node listens on (for a node run inside another program).
     pub on_listen: Option<mpsc::UnboundedSender<Multiaddr>>,
+    /// Cheat in this way: only for tests and the demo, to show verification catches it.
+    pub misbehave: Option<Misbehaviour>,
 }
+
+/// What the node holds for one session.
+enum NodeSession {
+    /// A plain session: the KV cache.
+    Plain(ShardCache),
+    /// A verified session on a whole-model node: samples, commits, signs at the end.
+    Verified(Box<VerifiedSession>),
+}
+
+/// A verified session and the request it serves.
+struct VerifiedSession {
+    request_id: String,
+    serving: ServingSession,
+}
+
+impl NodeSession {
+    fn position(&self) -> usize {
+        match self {
+            Self::Plain(cache) => cache.position(),
+            Self::Verified(v) => v.serving.position(),
+        }
+    }
+}
+
+/// Verdicts sealed and waiting to be revealed, oldest first; bounded so peers cannot fill
+/// memory with judge requests.
+const MAX_PENDING_REVEALS: usize = 256;
 
 /// A step finished on a blocking thread, on its way back to the event loop.
 struct StepDone {
     session: SessionId,
-    cache: ShardCache,
+    cache: NodeSession,
     result: std::result::Result<WireTensor, StepError>,
     channel: ResponseChannel<Response>,
 }
@@ -79,10 +112,18 @@ pub async fn run_node(
 
     let path = config.shard.clone();
     let format = config.format;
+    let misbehave = config.misbehave;
     let (model, manifest) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut gguf = GgufFile::open(&path)?;
         let manifest = ShardManifest::of(&gguf)?;
-        let model = ShardModel::load(&mut gguf, &manifest.shard(), format)?;
+        let shard = manifest.shard();
+        let whole = shard.embedding && shard.head && shard.layers.len() == manifest.block_count;
+        if let Some(kind) = misbehave.filter(|k| !k.in_weights() && !whole) {
+            return Err(NetError::BadMessage(format!(
+                "--misbehave {kind} needs a node serving the whole model"
+            )));
+        }
+        let model = load_serving_shard(&mut gguf, &shard, format, misbehave)?;
         Ok((model, manifest))
     })
     .await
@@ -97,7 +138,20 @@ pub async fn run_node(
         head: manifest.head,
         hidden_size: model.config().hidden_size,
         max_session_tokens: config.limits.max_tokens.min(model.config().context_length),
+        format: format.to_string(),
     };
+    let whole = shard_info.embedding && shard_info.head && shard_info.first_block == 0
+        && shard_info.end_block == shard_info.block_count;
+    let judge = Arc::new(Judge {
+        key: key.clone(),
+        digest: shard_info.model_digest.clone(),
+        format: shard_info.format.clone(),
+        whole,
+        misbehave,
+    });
+    if let Some(kind) = misbehave {
+        warn!("this node cheats ({kind}): for testing verification only");
+    }
     let vocab_size = model.config().vocab_size;
     info!(
         "serving {} of model {} as {local_id}",
@@ -116,11 +170,13 @@ pub async fn run_node(
     join(&mut swarm, &bootstrap)?;
     announce(&mut swarm, &shard_info);
 
-    let mut sessions: SessionTable<ShardCache> = SessionTable::new(SessionLimits {
+    let mut sessions: SessionTable<NodeSession> = SessionTable::new(SessionLimits {
         max_tokens: shard_info.max_session_tokens,
         ..config.limits
     });
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<StepDone>();
+    let (judged_tx, mut judged_rx) = mpsc::unbounded_channel::<JudgeDone>();
+    let mut reveals: std::collections::VecDeque<Signed<VerdictReveal>> = Default::default();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut reannounce = tokio::time::interval(REANNOUNCE);
     tokio::pin!(shutdown);
@@ -158,6 +214,16 @@ pub async fn run_node(
                 };
                 let _ = swarm.behaviour_mut().infer.send_response(done.channel, response);
             }
+            Some(judged) = judged_rx.recv() => {
+                if let Some(reveal) = judged.reveal {
+                    reveals.retain(|r| r.body.job != reveal.body.job);
+                    if reveals.len() == MAX_PENDING_REVEALS {
+                        reveals.pop_front();
+                    }
+                    reveals.push_back(reveal);
+                }
+                let _ = swarm.behaviour_mut().infer.send_response(judged.channel, judged.response);
+            }
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
                     // Parents (the demo, tests) read this line to find the node.
@@ -182,10 +248,17 @@ pub async fn run_node(
                     message: request_response::Message::Request { request, channel, .. },
                     ..
                 })) => {
-                    let answer = handle(&mut sessions, &model, &shard_info, vocab_size, peer, request);
+                    let answer = handle(&mut sessions, &model, &shard_info, &judge, &reveals, vocab_size, peer, request);
                     match answer {
                         Handled::Now(response) => {
                             let _ = swarm.behaviour_mut().infer.send_response(channel, response);
+                        }
+                        Handled::Judge(job) => {
+                            let (model, judge, tx) = (Arc::clone(&model), Arc::clone(&judge), judged_tx.clone());
+                            tokio::task::spawn_blocking(move || {
+                                let (response, reveal) = judge.judge(&model, &job);
+                                let _ = tx.send(JudgeDone { channel, response, reveal });
+                            });
                         }
                         Handled::Step { session, cache, input } => {
                             let model = Arc::clone(&model);
@@ -218,9 +291,69 @@ enum Handled {
     /// Run a step on a blocking thread.
     Step {
         session: SessionId,
-        cache: ShardCache,
+        cache: NodeSession,
         input: StepInput,
     },
+    /// Recompute a job on a blocking thread.
+    Judge(Box<Signed<Job>>),
+}
+
+/// A judgement finished on a blocking thread.
+struct JudgeDone {
+    channel: ResponseChannel<Response>,
+    response: Response,
+    reveal: Option<Signed<VerdictReveal>>,
+}
+
+/// What a node needs to take part in verification.
+struct Judge {
+    key: Keypair,
+    digest: String,
+    format: String,
+    whole: bool,
+    misbehave: Option<Misbehaviour>,
+}
+
+impl Judge {
+    /// Recomputes a signed job and seals the verdict; the reveal is kept for later.
+    fn judge(&self, model: &ShardModel, job: &Signed<Job>) -> (Response, Option<Signed<VerdictReveal>>) {
+        let body = &job.body;
+        match job.verify() {
+            Ok(peer) if peer.to_string() == body.generator => {}
+            Ok(_) => return (refuse(ErrorKind::BadRequest, "the job is not signed by its generator"), None),
+            Err(e) => return (refuse(ErrorKind::BadRequest, e.to_string()), None),
+        }
+        if body.model_digest != self.digest || body.format != self.format {
+            return (
+                refuse(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "this node runs model {} in {}, the job claims {} in {}",
+                        self.digest, self.format, body.model_digest, body.format
+                    ),
+                ),
+                None,
+            );
+        }
+        let outcome = validate(std::slice::from_ref(model), &body.claim, &Tolerances::default())
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                let digest = body.digest().map_err(|e| e.to_string())?;
+                let reveal = VerdictReveal::new(digest, v.verdict);
+                let commit = reveal
+                    .commit(&self.key.public().to_peer_id())
+                    .map_err(|e| e.to_string())?;
+                let sign = |e: veil_verify::VerifyError| e.to_string();
+                Ok((
+                    Signed::sign(commit, &self.key).map_err(sign)?,
+                    Signed::sign(reveal, &self.key).map_err(sign)?,
+                ))
+            });
+        match outcome {
+            Ok((commit, reveal)) => (Response::Committed(commit), Some(reveal)),
+            Err(e) => (refuse(ErrorKind::BadRequest, e), None),
+        }
+    }
 }
 
 fn refuse(kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -231,10 +364,13 @@ fn refuse(kind: ErrorKind, message: impl Into<String>) -> Response {
 }
 
 /// Validates a request and answers it, or hands a step to a worker.
+#[allow(clippy::too_many_arguments)]
 fn handle(
-    sessions: &mut SessionTable<ShardCache>,
+    sessions: &mut SessionTable<NodeSession>,
     model: &ShardModel,
     info: &ShardInfo,
+    judge: &Judge,
+    reveals: &std::collections::VecDeque<Signed<VerdictReveal>>,
     vocab_size: usize,
     peer: PeerId,
     request: Request,
@@ -251,12 +387,86 @@ fn handle(
     let now = Instant::now();
     Handled::Now(match request.body {
         RequestBody::Info => Response::Info(info.clone()),
-        RequestBody::Open => match sessions.open(model.new_cache(), now) {
+        RequestBody::Open => match sessions.open(NodeSession::Plain(model.new_cache()), now) {
             Ok(session) => {
                 info!("opened session {session} for {peer}");
                 Response::Opened { session }
             }
             Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+        },
+        RequestBody::OpenVerified {
+            request_id,
+            sampling,
+        } => {
+            if !judge.whole {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    "verified sessions need a node serving the whole model",
+                ));
+            }
+            if request_id.len() != 64 || !request_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    "a request id is 64 hex digits",
+                ));
+            }
+            let fault_seed = rand::random();
+            let serving = sampling.params().map_err(|e| e.to_string()).and_then(|p| {
+                ServingSession::new(std::slice::from_ref(model), p, judge.misbehave, fault_seed)
+                    .map_err(|e| e.to_string())
+            });
+            let serving = match serving {
+                Ok(s) => s,
+                Err(e) => return Handled::Now(refuse(ErrorKind::BadRequest, e)),
+            };
+            let state = NodeSession::Verified(Box::new(VerifiedSession {
+                request_id,
+                serving,
+            }));
+            match sessions.open(state, now) {
+                Ok(session) => {
+                    info!("opened verified session {session} for {peer}");
+                    Response::Opened { session }
+                }
+                Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+            }
+        }
+        RequestBody::Finish { session } => match sessions.take(session, 0) {
+            Ok((NodeSession::Verified(v), _)) => {
+                sessions.discard();
+                let job = Job {
+                    request_id: v.request_id,
+                    model_digest: info.model_digest.clone(),
+                    format: info.format.clone(),
+                    generator: judge.key.public().to_peer_id().to_string(),
+                    claim: v.serving.finish().claim,
+                };
+                match Signed::sign(job, &judge.key) {
+                    Ok(signed) => Response::Finished(signed),
+                    Err(e) => refuse(ErrorKind::Internal, e.to_string()),
+                }
+            }
+            Ok((plain, held)) => {
+                sessions.put_back(session, plain, held, now);
+                refuse(ErrorKind::BadRequest, format!("session {session} is not verified"))
+            }
+            Err(e) => refuse(ErrorKind::UnknownSession, e.to_string()),
+        },
+        RequestBody::Judge { job } => {
+            if !judge.whole {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    "judging needs a node serving the whole model",
+                ));
+            }
+            return Handled::Judge(Box::new(job));
+        }
+        RequestBody::Reveal { job } => match reveals.iter().find(|r| r.body.job == job) {
+            Some(reveal) => Response::Revealed(reveal.clone()),
+            None => refuse(
+                ErrorKind::UnknownSession,
+                format!("no sealed verdict on job {job} here"),
+            ),
         },
         RequestBody::Close { session } => {
             if sessions.close(session) {
@@ -292,9 +502,27 @@ fn handle(
 /// Runs one step of a session: hidden states out, or last-position logits for a head shard.
 fn run_step(
     model: &ShardModel,
-    cache: &mut ShardCache,
+    session: &mut NodeSession,
     input: StepInput,
 ) -> std::result::Result<WireTensor, StepError> {
+    let cache = match session {
+        NodeSession::Plain(cache) => cache,
+        NodeSession::Verified(v) => {
+            let StepInput::Tokens(ids) = &input else {
+                return Err(StepError::BadInput(NetError::BadMessage(
+                    "a verified session takes token ids".into(),
+                )));
+            };
+            let logits = v
+                .serving
+                .step(std::slice::from_ref(model), ids)
+                .map_err(|e| StepError::BadInput(NetError::BadMessage(e.to_string())))?;
+            let n = logits.len();
+            let t = Tensor::from_vec(logits, (1, n), &candle_core::Device::Cpu)
+                .map_err(|e| StepError::Failed(NetError::BadMessage(e.to_string())))?;
+            return WireTensor::from_tensor(&t).map_err(StepError::Failed);
+        }
+    };
     let input = match &input {
         StepInput::Tokens(ids) => ShardInput::Tokens(ids),
         StepInput::Hidden(t) => ShardInput::Hidden(t.to_tensor().map_err(StepError::BadInput)?),

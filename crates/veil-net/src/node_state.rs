@@ -8,11 +8,22 @@ use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use veil_verify::{Evidence, Proven};
+
 use crate::error::{NetError, Result};
 
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 const PEERS: TableDefinition<&str, &str> = TableDefinition::new("peers");
+const REPUTATION: TableDefinition<&str, i64> = TableDefinition::new("reputation");
+const EVIDENCE_APPLIED: TableDefinition<&str, &str> = TableDefinition::new("evidence_applied");
 const IDENTITY: &str = "identity";
+
+/// Reputation lost for being proven to lie: enough to be avoided from then on.
+pub const CAUGHT_PENALTY: i64 = 100;
+/// Reputation at or below which a node is avoided.
+pub const AVOID_BELOW: i64 = -CAUGHT_PENALTY + 1;
+/// Reputation lost by a validator that passed an answer a majority proved wrong.
+pub const DISSENT_PENALTY: i64 = 10;
 
 /// Most peer addresses remembered; older ones are dropped first.
 const MAX_PEERS: usize = 256;
@@ -106,6 +117,79 @@ impl NodeState {
             }
         }
         Ok(out)
+    }
+
+    /// Applies a piece of evidence once: checks its signatures, then marks the generator as
+    /// caught and docks validators that passed the failed answer. Evidence that does not
+    /// check moves nothing.
+    pub fn apply_evidence(&self, evidence: &Evidence) -> Result<Proven> {
+        let proven = evidence.check()?;
+        let digest = evidence.job.body.digest()?;
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut applied = txn.open_table(EVIDENCE_APPLIED).map_err(|e| self.error(e))?;
+            if applied.get(digest.as_str()).map_err(|e| self.error(e))?.is_some() {
+                return Ok(proven);
+            }
+            applied
+                .insert(digest.as_str(), proven.generator.as_str())
+                .map_err(|e| self.error(e))?;
+            let mut table = txn.open_table(REPUTATION).map_err(|e| self.error(e))?;
+            let mut add = |peer: &str, delta: i64| -> Result<()> {
+                let now = table.get(peer).map_err(|e| self.error(e))?.map_or(0, |v| v.value());
+                table
+                    .insert(peer, now.saturating_add(delta))
+                    .map_err(|e| self.error(e))?;
+                Ok(())
+            };
+            add(&proven.generator, -CAUGHT_PENALTY)?;
+            for peer in &proven.passed {
+                add(peer, -DISSENT_PENALTY)?;
+            }
+        }
+        txn.commit().map_err(|e| self.error(e))?;
+        Ok(proven)
+    }
+
+    /// Credits the generator of an answer a quorum of validators signed as passing.
+    pub fn record_accepted(&self, generator: &str) -> Result<()> {
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut table = txn.open_table(REPUTATION).map_err(|e| self.error(e))?;
+            let now = table
+                .get(generator)
+                .map_err(|e| self.error(e))?
+                .map_or(0, |v| v.value());
+            table
+                .insert(generator, now.saturating_add(1))
+                .map_err(|e| self.error(e))?;
+        }
+        txn.commit().map_err(|e| self.error(e))
+    }
+
+    /// Every peer's reputation (peers never judged are at 0 and not listed).
+    pub fn reputations(&self) -> Result<Vec<(String, i64)>> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let table = match txn.open_table(REPUTATION) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.error(e)),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.error(e))? {
+            let (k, v) = row.map_err(|e| self.error(e))?;
+            out.push((k.value().to_string(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// A peer's reputation (0 if never judged).
+    pub fn reputation(&self, peer: &str) -> Result<i64> {
+        Ok(self
+            .reputations()?
+            .into_iter()
+            .find(|(p, _)| p == peer)
+            .map_or(0, |(_, r)| r))
     }
 
     fn error(&self, e: impl std::fmt::Display) -> NetError {

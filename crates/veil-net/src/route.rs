@@ -106,6 +106,7 @@ mod tests {
                 head: end == 30,
                 hidden_size: 8,
                 max_session_tokens: 100,
+                format: "f32".into(),
             },
             latency: Duration::from_millis(millis),
         }

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
+use veil_verify::{Job, SamplingSpec, Signed, VerdictCommit, VerdictReveal};
 
 use crate::error::{NetError, Result};
 
@@ -11,7 +12,7 @@ use crate::error::{NetError, Result};
 pub const PROTOCOL: &str = "/veil/infer/1";
 
 /// The protocol version inside every request, so a mismatch is an explicit error.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 /// Largest request or response a peer accepts: 32 MiB, room for a 4096-token prefill of hidden
 /// states of width 2048 in f32.
@@ -153,6 +154,29 @@ pub enum RequestBody {
         /// The session.
         session: SessionId,
     },
+    /// Open a verified session (whole-model nodes only): the node samples each token with the
+    /// client's seed, commits to its activations, and signs the answer at [`RequestBody::Finish`].
+    OpenVerified {
+        /// The request's id: 64 hex digits.
+        request_id: String,
+        /// How the client samples.
+        sampling: SamplingSpec,
+    },
+    /// End a verified session; the answer comes back as a job signed by the node.
+    Finish {
+        /// The session.
+        session: SessionId,
+    },
+    /// Judge another node's signed job by recomputing it; the answer is a sealed verdict.
+    Judge {
+        /// The job, signed by its generator.
+        job: Signed<Job>,
+    },
+    /// Open the sealed verdict on a job judged earlier.
+    Reveal {
+        /// The job's digest.
+        job: String,
+    },
 }
 
 /// A node's answer.
@@ -169,6 +193,12 @@ pub enum Response {
     Output(WireTensor),
     /// The session is gone.
     Closed,
+    /// A verified session ended: its answer, signed.
+    Finished(Signed<Job>),
+    /// A sealed verdict.
+    Committed(Signed<VerdictCommit>),
+    /// An opened verdict.
+    Revealed(Signed<VerdictReveal>),
     /// The request was refused; the message says why.
     Error {
         /// What kind of failure, for the client to act on.
@@ -212,6 +242,8 @@ pub struct ShardInfo {
     pub hidden_size: usize,
     /// Most positions a session may hold.
     pub max_session_tokens: usize,
+    /// The weight format the node runs (and claims in signed answers).
+    pub format: String,
 }
 
 impl ShardInfo {
@@ -268,6 +300,7 @@ mod tests {
             head: false,
             hidden_size: 4,
             max_session_tokens: 100,
+            format: "f32".into(),
         }
     }
 

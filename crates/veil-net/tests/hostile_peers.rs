@@ -11,24 +11,34 @@ use libp2p::{noise, tcp, yamux, Multiaddr, StreamProtocol, SwarmBuilder};
 use tokio::sync::mpsc;
 use veil_model::{ModelStore, Shard, WeightFormat, SMOLLM2_135M};
 use veil_net::wire::{RequestBody, Response, StepInput, WireDType, WireTensor, PROTOCOL};
+use veil_model::SamplingParams;
 use veil_net::{peer_of, NetError, NodeConfig, SessionLimits, SwarmClient};
+use veil_verify::{Keypair, SamplingSpec, Signed, Verdict};
+
+fn model_path() -> std::path::PathBuf {
+    ModelStore::from_env()
+        .ensure(&SMOLLM2_135M, &mut |_| {})
+        .expect("the default model can be fetched")
+}
 
 /// Starts a node serving blocks 10-20 of the default model on `listen`; returns its address.
 async fn start_node(dir: &std::path::Path, listen: &str) -> Multiaddr {
-    let model = ModelStore::from_env()
-        .ensure(&SMOLLM2_135M, &mut |_| {})
-        .expect("the default model can be fetched");
     let shards = dir.join("shards");
     let manifests = veil_model::write_shard_files(
-        &model,
+        &model_path(),
         &[Shard::span(10..20, 30).unwrap()],
         &shards,
         &mut |_, _| {},
     )
     .unwrap();
+    serve(dir, listen, shards.join(&manifests[0].file)).await
+}
+
+/// Starts a node serving `shard` on `listen`; returns its address.
+async fn serve(dir: &std::path::Path, listen: &str, shard: std::path::PathBuf) -> Multiaddr {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let config = NodeConfig {
-        shard: shards.join(&manifests[0].file),
+        shard,
         format: WeightFormat::AsStored,
         listen: vec![listen.parse().unwrap()],
         bootstrap: Vec::new(),
@@ -39,6 +49,7 @@ async fn start_node(dir: &std::path::Path, listen: &str) -> Multiaddr {
         },
         request_timeout: Duration::from_secs(5),
         on_listen: Some(tx),
+        misbehave: None,
     };
     tokio::spawn(async move {
         veil_net::run_node(config, futures::future::pending())
@@ -285,4 +296,92 @@ async fn a_node_serves_over_quic() {
         .await
         .unwrap();
     assert!(matches!(answer, Response::Output(t) if t.shape == vec![2, 576]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_requests_are_checked_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = start_node(dir.path(), "/ip4/127.0.0.1/tcp/0").await;
+    let whole_dir = dir.path().join("whole");
+    let whole = serve(&whole_dir, "/ip4/127.0.0.1/tcp/0", model_path()).await;
+    let client = SwarmClient::connect(
+        &[part.clone(), whole.clone()],
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let (part, node) = (peer_of(&part).unwrap(), peer_of(&whole).unwrap());
+    let refused = |r: Result<Response, NetError>, want: &str| match r {
+        Err(NetError::Refused { message, .. }) => {
+            assert!(message.contains(want), "{message:?} lacks {want:?}")
+        }
+        other => panic!("expected a refusal mentioning {want:?}, got {other:?}"),
+    };
+    let id = "ab".repeat(32);
+    let open = |request_id: String| RequestBody::OpenVerified {
+        request_id,
+        sampling: SamplingSpec::from(&SamplingParams::greedy()),
+    };
+    refused(client.request(part, open(id.clone())).await, "whole model");
+    refused(client.request(node, open("xyz".into())).await, "64 hex digits");
+
+    // A verified session samples what the client will, and signs the answer.
+    let Response::Opened { session } = client.request(node, open(id.clone())).await.unwrap() else {
+        panic!("no session")
+    };
+    let step = |tokens: Vec<u32>| RequestBody::Step {
+        session,
+        input: StepInput::Tokens(tokens),
+    };
+    let Response::Output(logits) = client.request(node, step(vec![1, 9690, 28])).await.unwrap()
+    else {
+        panic!("no logits")
+    };
+    let sampled = veil_model::sampling::argmax(&logits.to_tensor().unwrap().flatten_all().unwrap().to_vec1().unwrap());
+    refused(client.request(node, step(vec![sampled + 1])).await, "sampled");
+    client.request(node, step(vec![sampled])).await.unwrap();
+    let Response::Finished(job) = client.request(node, RequestBody::Finish { session }).await.unwrap()
+    else {
+        panic!("no signed answer")
+    };
+    assert_eq!(job.verify().unwrap(), node);
+    assert_eq!(job.body.claim.prompt, vec![1, 9690, 28]);
+    assert_eq!(job.body.claim.output[0], sampled);
+    assert_eq!(job.body.claim.output.len(), 2);
+
+    // Judged: a sealed verdict, then its opening.
+    let Response::Committed(commit) = client.request(node, RequestBody::Judge { job: job.clone() }).await.unwrap()
+    else {
+        panic!("no commit")
+    };
+    let Response::Revealed(reveal) = client
+        .request(node, RequestBody::Reveal { job: commit.body.job.clone() })
+        .await
+        .unwrap()
+    else {
+        panic!("no reveal")
+    };
+    assert_eq!(reveal.body.commit(&node).unwrap(), commit.body);
+    assert_eq!(reveal.body.verdict, Verdict::Pass);
+
+    // A changed answer breaks the generator's signature; a forged key, a malformed commitment
+    // or another model's job is refused with a reason.
+    let mut forged = job.clone();
+    forged.body.claim.output[0] ^= 1;
+    refused(client.request(node, RequestBody::Judge { job: forged }).await, "signature");
+    let stranger = Keypair::generate_ed25519();
+    let mut body = job.body.clone();
+    body.generator = stranger.public().to_peer_id().to_string();
+    body.claim.commitment.chunks[0].indices.reverse();
+    let malformed = Signed::sign(body.clone(), &stranger).unwrap();
+    refused(client.request(node, RequestBody::Judge { job: malformed }).await, "malformed commitment");
+    body.model_digest = "0".repeat(64);
+    let elsewhere = Signed::sign(body, &stranger).unwrap();
+    refused(client.request(node, RequestBody::Judge { job: elsewhere }).await, "this node runs model");
+    refused(
+        client.request(node, RequestBody::Reveal { job: "f".repeat(64) }).await,
+        "no sealed verdict",
+    );
+    refused(client.request(part, RequestBody::Judge { job }).await, "whole model");
 }

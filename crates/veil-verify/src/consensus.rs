@@ -126,13 +126,17 @@ impl<T: SignedKind> Signed<T> {
     pub fn verify(&self) -> Result<PeerId> {
         let bad = |why: &str| VerifyError::Signature(format!("message from {}: {why}", self.signer));
         let key_bytes = hex::decode(&self.public_key).map_err(|_| bad("public key is not hex"))?;
+        let signature = hex::decode(&self.signature).map_err(|_| bad("signature is not hex"))?;
+        // One spelling only (lowercase), so no byte of a record can change unnoticed.
+        if hex::encode(&key_bytes) != self.public_key || hex::encode(&signature) != self.signature {
+            return Err(bad("hex must be lowercase"));
+        }
         let key = PublicKey::try_decode_protobuf(&key_bytes)
             .map_err(|_| bad("public key does not decode"))?;
         let peer = key.to_peer_id();
         if peer.to_string() != self.signer {
             return Err(bad("public key belongs to another peer"));
         }
-        let signature = hex::decode(&self.signature).map_err(|_| bad("signature is not hex"))?;
         if !key.verify(&signing_bytes(&self.body)?, &signature) {
             return Err(bad("signature does not match the message"));
         }

@@ -18,7 +18,7 @@ pub struct ModelArgs {
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
 
-    /// Weight format for matrix weights: stored (as in the file), f32, f16 or q8_0.
+    /// Weight format for matrix weights: stored (as in the file), f32, f16, q8_0 or q4_0.
     #[arg(long, default_value = "stored", value_parser = parse_format)]
     pub dtype: WeightFormat,
 

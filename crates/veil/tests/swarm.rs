@@ -28,6 +28,11 @@ struct NodeProcess {
 
 impl NodeProcess {
     fn start(shard: &Path, state: &Path, bootstrap: Option<&str>) -> Self {
+        Self::start_with(shard, state, bootstrap, &[])
+    }
+
+    /// A node with more `veil node` flags.
+    fn start_with(shard: &Path, state: &Path, bootstrap: Option<&str>, extra: &[&str]) -> Self {
         let mut cmd = Command::new(veil_bin());
         cmd.args(["--log", "info", "node", "--threads", "1", "--listen"])
             .arg("/ip4/127.0.0.1/tcp/0")
@@ -35,6 +40,7 @@ impl NodeProcess {
             .arg(shard)
             .arg("--state")
             .arg(state)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(b) = bootstrap {
@@ -308,4 +314,115 @@ fn the_demo_runs_an_encrypted_swarm_of_processes_and_cleans_up() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("models")], "{left:?}");
+}
+
+/// The peer id at the end of a node's address.
+fn peer_id(addr: &str) -> String {
+    addr.rsplit('/').next().unwrap().to_string()
+}
+
+#[test]
+fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_lie() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let state = |name: &str| dir.path().join(format!("{name}.redb"));
+    let f32 = ["--dtype", "f32"];
+    let boot_node = NodeProcess::start_with(&model, &state("a"), None, &f32);
+    let boot = boot_node.addr.clone();
+    let honest_b = NodeProcess::start_with(&model, &state("b"), Some(&boot), &f32);
+    let honest_c = NodeProcess::start_with(&model, &state("c"), Some(&boot), &f32);
+    let liar = NodeProcess::start_with(
+        &model,
+        &state("liar"),
+        Some(&boot),
+        &["--dtype", "f32", "--misbehave", "other-model"],
+    );
+    wait_for_route(&boot);
+    let peers: Vec<String> = [&boot_node, &honest_b, &honest_c, &liar]
+        .iter()
+        .map(|n| peer_id(&n.addr))
+        .collect();
+    let liar_id = peer_id(&liar.addr);
+    // A request id for which the liar ranks first, so it generates and is judged.
+    let request_id = (0u32..)
+        .map(|n| format!("{:064x}", n))
+        .find(|id| veil_verify::committee(id, "veil", &peers, 4)[0] == liar_id)
+        .unwrap();
+
+    let (alone, _) = generate(&["--dtype", "f32"]);
+    let evidence_dir = dir.path().join("evidence");
+    let client_state = dir.path().join("client.redb");
+    let args = |id: &str| {
+        vec![
+            "--dtype".to_string(),
+            "f32".into(),
+            "--bootstrap".into(),
+            boot.clone(),
+            "--verify".into(),
+            "4".into(),
+            "--request-id".into(),
+            id.to_string(),
+            "--evidence-dir".into(),
+            evidence_dir.display().to_string(),
+            "--state".into(),
+            client_state.display().to_string(),
+        ]
+    };
+    let first = args(&request_id);
+    let (text, log) = generate(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(text, alone, "{log}");
+    assert!(log.contains(&format!("caught {liar_id} lying")), "{log}");
+    let files: Vec<PathBuf> = std::fs::read_dir(&evidence_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+
+    // The evidence re-checks offline, and not once a byte is changed.
+    let check = |file: &Path| {
+        Command::new(veil_bin())
+            .arg("verify-evidence")
+            .arg(file)
+            .arg("--model")
+            .arg(&model)
+            .output()
+            .unwrap()
+    };
+    let out = check(&files[0]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains(&format!("{liar_id} signed an answer that fails")), "{report}");
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    let tampered = dir.path().join("tampered.json");
+    std::fs::write(&tampered, &bytes).unwrap();
+    let out = check(&tampered);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tampered.json"));
+    // Evidence about another model is refused with a clear message.
+    let other = dir.path().join("other.gguf");
+    std::fs::copy(&model, &other).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&other)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\0"))
+        .unwrap();
+    let out = Command::new(veil_bin())
+        .arg("verify-evidence")
+        .arg(&files[0])
+        .arg("--model")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another model") || String::from_utf8_lossy(&out.stderr).contains("is model"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The client remembers: the liar is left out of the next committee, whatever the id.
+    let again = args(&request_id);
+    let (text, log) = generate(&again.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(text, alone, "{log}");
+    let committee_line = log.lines().find(|l| l.contains("committee")).unwrap_or_default();
+    assert!(!committee_line.contains(&liar_id), "{log}");
+    assert!(!log.contains("lying"), "{log}");
 }

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use veil_model::{generate, ChatMessage, Completion, LocalModel, ModelError, TokenStep};
 
@@ -42,6 +42,30 @@ pub struct GenerateArgs {
 
     #[command(flatten)]
     pub swarm: SwarmArgs,
+
+    #[command(flatten)]
+    pub verify: VerifyArgs,
+}
+
+/// Verified generation through the swarm.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Have a committee of N whole-model nodes check the answer: one generates, the others
+    /// recompute it and vote; the answer is shown only once a majority accepts it.
+    #[arg(long, value_name = "N", requires = "bootstrap")]
+    pub verify: Option<usize>,
+    /// Public seed mixed into the committee choice.
+    #[arg(long, default_value = "veil", requires = "verify")]
+    pub committee_seed: String,
+    /// The request id (64 hex digits; default: random). Fixing it fixes the committee.
+    #[arg(long, requires = "verify")]
+    pub request_id: Option<String>,
+    /// Where to write evidence against nodes caught lying (default: $VEIL_HOME/evidence).
+    #[arg(long, requires = "verify")]
+    pub evidence_dir: Option<PathBuf>,
+    /// This client's database of node reputations (default: $VEIL_HOME/client.redb).
+    #[arg(long, requires = "verify")]
+    pub state: Option<PathBuf>,
 }
 
 /// Runs `veil generate`.
@@ -49,6 +73,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let params = args.sampling.params()?;
     if args.prompt.trim().is_empty() {
         return Err(ModelError::EmptyPrompt.into());
+    }
+    if args.verify.verify.is_some() {
+        return run_verified(&args, &params);
     }
     if !args.swarm.bootstrap.is_empty() {
         return run_on_swarm(&args, &params);
@@ -147,6 +174,100 @@ fn run_on_swarm(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     }
     chain.close();
     result.map(|_| ())
+}
+
+/// `veil generate --bootstrap ... --verify N`: a committee generates and checks the answer.
+fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> Result<()> {
+    let size = args.verify.verify.unwrap_or(0);
+    if args.encrypted.is_some() || args.swarm.client_layers.is_some() {
+        bail!("--verify works with plaintext whole-model nodes; drop --encrypted and --client-layers");
+    }
+    if size < 2 {
+        bail!("--verify needs a committee of at least 2 (one generates, one judges)");
+    }
+    let request_id = match &args.verify.request_id {
+        Some(id) if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) => id.to_lowercase(),
+        Some(id) => bail!("--request-id must be 64 hex digits, got {id:?}"),
+        None => {
+            let bytes: [u8; 32] = rand::random();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    };
+    let path = args.model.resolve_path()?;
+    let model = LocalModel::open_text(&path)?;
+    let prompt = prompt_ids(args, &model)?;
+    let home = veil_model::ModelStore::from_env().home().to_path_buf();
+    let state = veil_net::NodeState::open(
+        &args.verify.state.clone().unwrap_or_else(|| home.join("client.redb")),
+    )?;
+    let runtime = crate::commands::swarm::runtime()?;
+    let client = runtime.block_on(veil_net::SwarmClient::connect(
+        &args.swarm.bootstrap,
+        std::time::Duration::from_secs(120),
+        std::time::Duration::from_secs(10),
+    ))?;
+    let digest = veil_model::store::file_digest(&path)?.1;
+    let request = veil_net::VerifiedRequest {
+        model_digest: &digest,
+        prompt: &prompt,
+        params,
+        context_length: model.config.context_length,
+        size,
+        seed: &args.verify.committee_seed,
+        request_id: request_id.clone(),
+    };
+    let outcome =
+        veil_net::generate_verified(&client, runtime.handle(), &model.tokenizer, &request, Some(&state));
+    let evidence_dir = args.verify.evidence_dir.clone().unwrap_or_else(|| home.join("evidence"));
+    let written = match &outcome {
+        Ok(answer) => write_evidence(&evidence_dir, &answer.evidence)?,
+        Err(_) => Vec::new(),
+    };
+    let answer = outcome.context("verified generation failed")?;
+    let mut out = StdoutStream::default();
+    out.write(&answer.completion.text);
+    out.finish()?;
+    print_stats(&answer.completion);
+    eprintln!("request {request_id}: committee {}", answer.committee.join(", "));
+    eprintln!(
+        "accepted the answer of {}: passed by {} of {} judges; generation {:.2} s, judging {:.2} s",
+        answer.generator,
+        answer.tally.passed.len(),
+        answer.tally.passed.len() + answer.tally.failed.len(),
+        answer.generate_time.as_secs_f64(),
+        answer.judge_time.as_secs_f64()
+    );
+    for (peer, verdict) in &answer.tally.failed {
+        eprintln!("  dissent from {peer}: {verdict:?}");
+    }
+    for (file, record) in written.iter().zip(&answer.evidence) {
+        eprintln!(
+            "caught {} lying: evidence in {} (re-check: veil verify-evidence {})",
+            record.job.body.generator,
+            file.display(),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes each record as `<job digest>.json` (through a temporary file, so none is half
+/// written); returns the paths.
+fn write_evidence(dir: &std::path::Path, records: &[veil_verify::Evidence]) -> Result<Vec<PathBuf>> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut paths = Vec::new();
+    for record in records {
+        let path = dir.join(format!("{}.json", record.job.body.digest()?));
+        let tmp = path.with_extension("json.partial");
+        std::fs::write(&tmp, record.to_bytes()?)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        paths.push(path);
+    }
+    Ok(paths)
 }
 
 /// Streams text to stdout, remembering the first write error (a closed pipe, say) so the

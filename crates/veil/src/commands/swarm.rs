@@ -91,7 +91,8 @@ pub struct NodeArgs {
     /// The node's database (identity key, known peers); default $VEIL_HOME/node.redb.
     #[arg(long)]
     pub state: Option<PathBuf>,
-    /// Weight format to run in: stored, f32, f16 or q8_0.
+    /// Weight format to run in: stored, f32, f16, q8_0 or q4_0 (verification is calibrated for
+    /// f32).
     #[arg(long, default_value = "stored", value_parser = parse_format)]
     pub dtype: WeightFormat,
     /// Worker threads for the tensor kernels (default: all cores).
@@ -106,6 +107,10 @@ pub struct NodeArgs {
     /// Seconds an unused session is kept.
     #[arg(long, default_value_t = 120)]
     pub idle_timeout: u64,
+    /// Cheat, to see verification catch it (tests and demos only): other-model,
+    /// lower-precision, altered-prompt, altered-token, skipped-layers or random-output.
+    #[arg(long, value_name = "KIND")]
+    pub misbehave: Option<veil_verify::Misbehaviour>,
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
@@ -140,6 +145,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
         },
         request_timeout: Duration::from_secs(60),
         on_listen: None,
+        misbehave: args.misbehave,
     };
     let runtime = runtime()?;
     runtime

@@ -1,0 +1,335 @@
+//! Verified generation over the swarm: a committee chosen by hash, one member generating, the
+//! others judging by recomputation with sealed, signed verdicts.
+//!
+//! The committee is the `size` whole-model nodes ranked by blake3(request id, public seed,
+//! peer id). Its first member generates in a verified session (it samples with the client's
+//! seed, commits to its activations and signs the answer); every other member judges, first
+//! sending a sealed verdict, then opening it once all are in. A strict majority of passes
+//! accepts the answer; a strict majority of failures turns the signed messages into
+//! [`Evidence`], and the next member generates.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use libp2p::PeerId;
+use tokio::runtime::Handle;
+use tracing::{info, warn};
+use veil_model::{generate, Completion, GenerationParams, GgufTokenizer, ModelError, TokenStep};
+use veil_verify::{
+    committee, quorum, tally, Evidence, Job, SamplingSpec, Signed, Tally, VerdictCommit,
+    VerdictReveal, EVIDENCE_VERSION,
+};
+
+use crate::client::SwarmClient;
+use crate::error::{NetError, Result};
+use crate::node_state::{NodeState, AVOID_BELOW};
+use crate::wire::{RequestBody, Response, SessionId, StepInput};
+
+/// What a verified request asks for.
+pub struct VerifiedRequest<'a> {
+    /// blake3 of the model file.
+    pub model_digest: &'a str,
+    /// The prompt's token ids.
+    pub prompt: &'a [u32],
+    /// Sampling and stopping.
+    pub params: &'a GenerationParams,
+    /// The model's context window.
+    pub context_length: usize,
+    /// Committee members: one generates, the rest judge (at least 2).
+    pub size: usize,
+    /// Public seed mixed into the committee choice.
+    pub seed: &'a str,
+    /// 64 hex digits, fresh per request.
+    pub request_id: String,
+}
+
+/// An answer a quorum accepted, and what it took.
+pub struct VerifiedAnswer {
+    /// The accepted answer.
+    pub completion: Completion,
+    /// The committee, in rank order.
+    pub committee: Vec<String>,
+    /// The member whose answer was accepted.
+    pub generator: String,
+    /// How the judges voted on it.
+    pub tally: Tally,
+    /// Evidence against members whose answers a majority failed first.
+    pub evidence: Vec<Evidence>,
+    /// Time spent generating the accepted answer and time spent judging it.
+    pub generate_time: std::time::Duration,
+    /// Time from the signed answer to the last reveal.
+    pub judge_time: std::time::Duration,
+}
+
+/// Runs a verified request; blocks on `runtime` (call it from outside the runtime).
+pub fn generate_verified(
+    client: &SwarmClient,
+    runtime: &Handle,
+    tokenizer: &GgufTokenizer,
+    request: &VerifiedRequest<'_>,
+    state: Option<&NodeState>,
+) -> Result<VerifiedAnswer> {
+    if request.size < 2 {
+        return Err(NetError::Verification(
+            "a committee needs at least 2 members: one to generate, one to judge".into(),
+        ));
+    }
+    let avoid: HashSet<String> = match state {
+        Some(s) => s
+            .reputations()?
+            .into_iter()
+            .filter(|(_, r)| *r < AVOID_BELOW)
+            .map(|(p, _)| p)
+            .collect(),
+        None => HashSet::new(),
+    };
+    let whole: Vec<String> = runtime
+        .block_on(client.discover(request.model_digest))?
+        .into_iter()
+        .filter(|c| c.info.embedding && c.info.head && c.info.first_block == 0)
+        .filter(|c| c.info.end_block == c.info.block_count)
+        .map(|c| c.peer.to_string())
+        .filter(|p| !avoid.contains(p))
+        .collect();
+    let members = committee(&request.request_id, request.seed, &whole, request.size);
+    if members.len() < 2 {
+        return Err(NetError::NoRoute(format!(
+            "verification needs at least 2 trusted nodes serving the whole model; found {} ({} avoided for lying)",
+            whole.len(),
+            avoid.len()
+        )));
+    }
+    let mut evidence = Vec::new();
+    let mut caught: HashSet<String> = HashSet::new();
+    for generator in &members {
+        let judges: Vec<String> = members
+            .iter()
+            .filter(|m| *m != generator && !caught.contains(*m))
+            .cloned()
+            .collect();
+        if judges.is_empty() {
+            break;
+        }
+        let started = Instant::now();
+        let (completion, job) = match serve(client, runtime, tokenizer, request, generator) {
+            Ok(done) => done,
+            Err(e) => {
+                warn!("generator {generator} failed: {e}");
+                continue;
+            }
+        };
+        let generate_time = started.elapsed();
+        let started = Instant::now();
+        let (commits, reveals) = runtime.block_on(judge(client, &job, &judges))?;
+        let judge_time = started.elapsed();
+        let digest = job.body.digest()?;
+        let votes = tally(&digest, generator, &commits, &reveals)?;
+        if votes.accepted(quorum(judges.len())) {
+            if let Some(s) = state {
+                s.record_accepted(generator)?;
+            }
+            info!("answer from {generator} accepted by {} of {}", votes.passed.len(), judges.len());
+            return Ok(VerifiedAnswer {
+                completion,
+                committee: members.clone(),
+                generator: generator.clone(),
+                tally: votes,
+                evidence,
+                generate_time,
+                judge_time,
+            });
+        }
+        if !votes.rejected() {
+            return Err(NetError::Verification(format!(
+                "no quorum on {generator}'s answer: {} passed, {} failed, {} judges",
+                votes.passed.len(),
+                votes.failed.len(),
+                judges.len()
+            )));
+        }
+        let record = Evidence {
+            version: EVIDENCE_VERSION,
+            job,
+            commits,
+            reveals,
+        };
+        if let Some(s) = state {
+            s.apply_evidence(&record)?;
+        } else {
+            record.check()?;
+        }
+        warn!("answer from {generator} failed by {} judges: evidence recorded", votes.failed.len());
+        caught.insert(generator.clone());
+        evidence.push(record);
+    }
+    Err(NetError::Verification(format!(
+        "no committee member produced an answer a quorum accepts ({} caught lying)",
+        caught.len()
+    )))
+}
+
+/// Generates on `generator` in a verified session and checks its signed answer against what
+/// it sent.
+fn serve(
+    client: &SwarmClient,
+    runtime: &Handle,
+    tokenizer: &GgufTokenizer,
+    request: &VerifiedRequest<'_>,
+    generator: &str,
+) -> Result<(Completion, Signed<Job>)> {
+    let peer: PeerId = generator
+        .parse()
+        .map_err(|_| NetError::BadMessage(format!("{generator} is not a peer id")))?;
+    let opened = runtime.block_on(client.request(
+        peer,
+        RequestBody::OpenVerified {
+            request_id: request.request_id.clone(),
+            sampling: SamplingSpec::from(&request.params.sampling),
+        },
+    ))?;
+    let session = match opened {
+        Response::Opened { session } => session,
+        other => return Err(refused(peer, other)),
+    };
+    let mut remote = VerifiedStep {
+        client,
+        runtime,
+        peer,
+        session,
+    };
+    let completion = generate(
+        &mut remote,
+        tokenizer,
+        request.prompt,
+        request.context_length,
+        request.params,
+        &mut |_| {},
+    );
+    let finished = runtime.block_on(client.request(peer, RequestBody::Finish { session }))?;
+    let completion = completion?;
+    let job = match finished {
+        Response::Finished(job) => job,
+        other => return Err(refused(peer, other)),
+    };
+    let signer = job.verify()?;
+    let body = &job.body;
+    let mismatch = if signer != peer || body.generator != generator {
+        Some("is not signed by the generator")
+    } else if body.request_id != request.request_id || body.model_digest != request.model_digest {
+        Some("names another request or model")
+    } else if body.claim.prompt != request.prompt {
+        Some("claims another prompt")
+    } else if body.claim.output != completion.tokens {
+        Some("claims other tokens than it sent")
+    } else {
+        None
+    };
+    if let Some(why) = mismatch {
+        return Err(NetError::Verification(format!("{generator}'s signed answer {why}")));
+    }
+    Ok((completion, job))
+}
+
+/// Seals then opens every judge's verdict; judges that fail to answer are left out.
+async fn judge(
+    client: &SwarmClient,
+    job: &Signed<Job>,
+    judges: &[String],
+) -> Result<(Vec<Signed<VerdictCommit>>, Vec<Signed<VerdictReveal>>)> {
+    let digest = job.body.digest()?;
+    let peers: Vec<PeerId> = judges.iter().filter_map(|j| j.parse().ok()).collect();
+    let sealed = futures::future::join_all(peers.iter().map(|&peer| {
+        client.request(
+            peer,
+            RequestBody::Judge {
+                job: job.clone(),
+            },
+        )
+    }))
+    .await;
+    let mut commits = Vec::new();
+    for (peer, answer) in peers.iter().zip(sealed) {
+        match answer {
+            Ok(Response::Committed(c)) if c.signer == peer.to_string() && c.body.job == digest => {
+                commits.push(c)
+            }
+            Ok(other) => warn!("judge {peer} answered {}", short(&other)),
+            Err(e) => warn!("judge {peer} failed: {e}"),
+        }
+    }
+    // Only now, with every verdict sealed, are they opened.
+    let opened = futures::future::join_all(commits.iter().map(|c| {
+        let peer: Option<PeerId> = c.signer.parse().ok();
+        let digest = digest.clone();
+        async move {
+            match peer {
+                Some(peer) => client.request(peer, RequestBody::Reveal { job: digest }).await,
+                None => Err(NetError::BadMessage("bad signer".into())),
+            }
+        }
+    }))
+    .await;
+    let mut kept_commits = Vec::new();
+    let mut reveals = Vec::new();
+    for (commit, answer) in commits.into_iter().zip(opened) {
+        match answer {
+            Ok(Response::Revealed(r)) if r.signer == commit.signer => {
+                kept_commits.push(commit);
+                reveals.push(r);
+            }
+            Ok(other) => warn!("judge {} revealed {}", commit.signer, short(&other)),
+            Err(e) => warn!("judge {} failed to reveal: {e}", commit.signer),
+        }
+    }
+    Ok((kept_commits, reveals))
+}
+
+fn short(r: &Response) -> String {
+    match r {
+        Response::Error { message, .. } => format!("an error: {message}"),
+        _ => "something unexpected".into(),
+    }
+}
+
+fn refused(peer: PeerId, r: Response) -> NetError {
+    match r {
+        Response::Error { message, .. } => NetError::Refused {
+            peer: peer.to_string(),
+            message,
+        },
+        other => NetError::BadMessage(format!("{peer} answered {}", short(&other))),
+    }
+}
+
+/// One remote verified session as a [`TokenStep`].
+struct VerifiedStep<'a> {
+    client: &'a SwarmClient,
+    runtime: &'a Handle,
+    peer: PeerId,
+    session: SessionId,
+}
+
+impl TokenStep for VerifiedStep<'_> {
+    fn step(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<f32>> {
+        let answer = self
+            .runtime
+            .block_on(self.client.request(
+                self.peer,
+                RequestBody::Step {
+                    session: self.session,
+                    input: StepInput::Tokens(tokens.to_vec()),
+                },
+            ))
+            .map_err(|e| ModelError::Remote(e.to_string()))?;
+        match answer {
+            Response::Output(t) => {
+                let logits = t
+                    .to_tensor()
+                    .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                    .map_err(|e| ModelError::Remote(e.to_string()))?;
+                Ok(logits)
+            }
+            other => Err(ModelError::Remote(refused(self.peer, other).to_string())),
+        }
+    }
+}
