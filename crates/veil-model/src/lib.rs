@@ -26,7 +26,9 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, Completion, FinishReason, GenerationParams, TextStream, TokenStep};
 pub use gguf::GgufFile;
 pub use local::{LocalModel, LocalSession};
-pub use model::{forward_chain, forward_chain_final_hidden, LogitsAt, ShardCache, ShardInput, ShardModel};
+pub use model::{
+    forward_chain, forward_chain_final_hidden, LogitsAt, ShardCache, ShardInput, ShardModel,
+};
 pub use sampling::{Sampler, SamplingParams};
 pub use shard::{LayerRange, Shard};
 pub use shard_file::{write_shard_files, ShardManifest};

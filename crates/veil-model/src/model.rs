@@ -36,8 +36,11 @@ pub enum ShardInput<'a> {
 pub enum LogitsAt {
     /// Only the last position: all that generation needs.
     Last,
-    /// Every position: what teacher-forced validation needs.
+    /// Every position.
     All,
+    /// The positions of this step from the given index on: what teacher-forced validation
+    /// needs (the answer's positions, not the prompt's).
+    From(usize),
 }
 
 /// The key/value cache of one session on one shard.
@@ -338,8 +341,15 @@ impl ShardModel {
         let Some((norm, head)) = &self.head else {
             return Ok(x.squeeze(0)?);
         };
-        if logits_at == LogitsAt::Last {
-            x = x.narrow(1, tokens - 1, 1)?;
+        match logits_at {
+            LogitsAt::Last => x = x.narrow(1, tokens - 1, 1)?,
+            LogitsAt::From(first) if first < tokens => x = x.narrow(1, first, tokens - first)?,
+            LogitsAt::From(first) => {
+                return Err(ModelError::InvalidInput(format!(
+                    "logits asked from position {first} of a step of {tokens}"
+                )))
+            }
+            LogitsAt::All => {}
         }
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, norm, self.config.rms_eps as f32)?;
         Ok(head.forward(&x)?.squeeze(0)?)

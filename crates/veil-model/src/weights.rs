@@ -32,13 +32,8 @@ pub enum WeightFormat {
 
 impl WeightFormat {
     /// Every format, in the order the CLI lists them.
-    pub const ALL: [WeightFormat; 5] = [
-        Self::AsStored,
-        Self::F32,
-        Self::F16,
-        Self::Q8_0,
-        Self::Q4_0,
-    ];
+    pub const ALL: [WeightFormat; 5] =
+        [Self::AsStored, Self::F32, Self::F16, Self::Q8_0, Self::Q4_0];
 
     /// Prepares one matrix weight (stored `(out, in)`) for multiplication.
     pub(crate) fn matmul(self, weight: Arc<QTensor>) -> Result<QMatMul> {

@@ -94,15 +94,28 @@ impl RemoteChain {
         block_count: usize,
         split: Option<ClientSplit>,
     ) -> Result<Self> {
+        Self::open_avoiding(
+            client,
+            runtime,
+            model_digest,
+            block_count,
+            split,
+            &HashSet::new(),
+        )
+    }
+
+    /// [`open`](Self::open), leaving out the nodes in `avoid` (those caught lying, say).
+    pub fn open_avoiding(
+        client: SwarmClient,
+        runtime: Handle,
+        model_digest: &str,
+        block_count: usize,
+        split: Option<ClientSplit>,
+        avoid: &HashSet<PeerId>,
+    ) -> Result<Self> {
         let candidates = runtime.block_on(client.discover(model_digest))?;
         let start = split.as_ref().map_or(0, |s| s.front.shard().layers.end);
-        let route = plan_route(
-            &candidates,
-            start,
-            block_count,
-            split.is_none(),
-            &HashSet::new(),
-        )?;
+        let route = plan_route(&candidates, start, block_count, split.is_none(), avoid)?;
         let mut hops = Vec::new();
         for node in route {
             let session = runtime.block_on(open_session(&client, node.peer))?;

@@ -128,7 +128,11 @@ pub fn generate_verified(
             if let Some(s) = state {
                 s.record_accepted(generator)?;
             }
-            info!("answer from {generator} accepted by {} of {}", votes.passed.len(), judges.len());
+            info!(
+                "answer from {generator} accepted by {} of {}",
+                votes.passed.len(),
+                judges.len()
+            );
             return Ok(VerifiedAnswer {
                 completion,
                 committee: members.clone(),
@@ -158,7 +162,10 @@ pub fn generate_verified(
         } else {
             record.check()?;
         }
-        warn!("answer from {generator} failed by {} judges: evidence recorded", votes.failed.len());
+        warn!(
+            "answer from {generator} failed by {} judges: evidence recorded",
+            votes.failed.len()
+        );
         caught.insert(generator.clone());
         evidence.push(record);
     }
@@ -225,7 +232,9 @@ fn serve(
         None
     };
     if let Some(why) = mismatch {
-        return Err(NetError::Verification(format!("{generator}'s signed answer {why}")));
+        return Err(NetError::Verification(format!(
+            "{generator}'s signed answer {why}"
+        )));
     }
     Ok((completion, job))
 }
@@ -238,14 +247,11 @@ async fn judge(
 ) -> Result<(Vec<Signed<VerdictCommit>>, Vec<Signed<VerdictReveal>>)> {
     let digest = job.body.digest()?;
     let peers: Vec<PeerId> = judges.iter().filter_map(|j| j.parse().ok()).collect();
-    let sealed = futures::future::join_all(peers.iter().map(|&peer| {
-        client.request(
-            peer,
-            RequestBody::Judge {
-                job: job.clone(),
-            },
-        )
-    }))
+    let sealed = futures::future::join_all(
+        peers
+            .iter()
+            .map(|&peer| client.request(peer, RequestBody::Judge { job: job.clone() })),
+    )
     .await;
     let mut commits = Vec::new();
     for (peer, answer) in peers.iter().zip(sealed) {
@@ -263,7 +269,11 @@ async fn judge(
         let digest = digest.clone();
         async move {
             match peer {
-                Some(peer) => client.request(peer, RequestBody::Reveal { job: digest }).await,
+                Some(peer) => {
+                    client
+                        .request(peer, RequestBody::Reveal { job: digest })
+                        .await
+                }
                 None => Err(NetError::BadMessage("bad signer".into())),
             }
         }

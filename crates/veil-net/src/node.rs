@@ -140,7 +140,9 @@ pub async fn run_node(
         max_session_tokens: config.limits.max_tokens.min(model.config().context_length),
         format: format.to_string(),
     };
-    let whole = shard_info.embedding && shard_info.head && shard_info.first_block == 0
+    let whole = shard_info.embedding
+        && shard_info.head
+        && shard_info.first_block == 0
         && shard_info.end_block == shard_info.block_count;
     let judge = Arc::new(Judge {
         key: key.clone(),
@@ -316,11 +318,23 @@ struct Judge {
 
 impl Judge {
     /// Recomputes a signed job and seals the verdict; the reveal is kept for later.
-    fn judge(&self, model: &ShardModel, job: &Signed<Job>) -> (Response, Option<Signed<VerdictReveal>>) {
+    fn judge(
+        &self,
+        model: &ShardModel,
+        job: &Signed<Job>,
+    ) -> (Response, Option<Signed<VerdictReveal>>) {
         let body = &job.body;
         match job.verify() {
             Ok(peer) if peer.to_string() == body.generator => {}
-            Ok(_) => return (refuse(ErrorKind::BadRequest, "the job is not signed by its generator"), None),
+            Ok(_) => {
+                return (
+                    refuse(
+                        ErrorKind::BadRequest,
+                        "the job is not signed by its generator",
+                    ),
+                    None,
+                )
+            }
             Err(e) => return (refuse(ErrorKind::BadRequest, e.to_string()), None),
         }
         if body.model_digest != self.digest || body.format != self.format {
@@ -335,20 +349,24 @@ impl Judge {
                 None,
             );
         }
-        let outcome = validate(std::slice::from_ref(model), &body.claim, &Tolerances::default())
-            .map_err(|e| e.to_string())
-            .and_then(|v| {
-                let digest = body.digest().map_err(|e| e.to_string())?;
-                let reveal = VerdictReveal::new(digest, v.verdict);
-                let commit = reveal
-                    .commit(&self.key.public().to_peer_id())
-                    .map_err(|e| e.to_string())?;
-                let sign = |e: veil_verify::VerifyError| e.to_string();
-                Ok((
-                    Signed::sign(commit, &self.key).map_err(sign)?,
-                    Signed::sign(reveal, &self.key).map_err(sign)?,
-                ))
-            });
+        let outcome = validate(
+            std::slice::from_ref(model),
+            &body.claim,
+            &Tolerances::default(),
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|v| {
+            let digest = body.digest().map_err(|e| e.to_string())?;
+            let reveal = VerdictReveal::new(digest, v.verdict);
+            let commit = reveal
+                .commit(&self.key.public().to_peer_id())
+                .map_err(|e| e.to_string())?;
+            let sign = |e: veil_verify::VerifyError| e.to_string();
+            Ok((
+                Signed::sign(commit, &self.key).map_err(sign)?,
+                Signed::sign(reveal, &self.key).map_err(sign)?,
+            ))
+        });
         match outcome {
             Ok((commit, reveal)) => (Response::Committed(commit), Some(reveal)),
             Err(e) => (refuse(ErrorKind::BadRequest, e), None),
@@ -448,7 +466,10 @@ fn handle(
             }
             Ok((plain, held)) => {
                 sessions.put_back(session, plain, held, now);
-                refuse(ErrorKind::BadRequest, format!("session {session} is not verified"))
+                refuse(
+                    ErrorKind::BadRequest,
+                    format!("session {session} is not verified"),
+                )
             }
             Err(e) => refuse(ErrorKind::UnknownSession, e.to_string()),
         },

@@ -127,8 +127,14 @@ impl NodeState {
         let digest = evidence.job.body.digest()?;
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;
         {
-            let mut applied = txn.open_table(EVIDENCE_APPLIED).map_err(|e| self.error(e))?;
-            if applied.get(digest.as_str()).map_err(|e| self.error(e))?.is_some() {
+            let mut applied = txn
+                .open_table(EVIDENCE_APPLIED)
+                .map_err(|e| self.error(e))?;
+            if applied
+                .get(digest.as_str())
+                .map_err(|e| self.error(e))?
+                .is_some()
+            {
                 return Ok(proven);
             }
             applied
@@ -136,7 +142,10 @@ impl NodeState {
                 .map_err(|e| self.error(e))?;
             let mut table = txn.open_table(REPUTATION).map_err(|e| self.error(e))?;
             let mut add = |peer: &str, delta: i64| -> Result<()> {
-                let now = table.get(peer).map_err(|e| self.error(e))?.map_or(0, |v| v.value());
+                let now = table
+                    .get(peer)
+                    .map_err(|e| self.error(e))?
+                    .map_or(0, |v| v.value());
                 table
                     .insert(peer, now.saturating_add(delta))
                     .map_err(|e| self.error(e))?;

@@ -9,9 +9,9 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux, Multiaddr, StreamProtocol, SwarmBuilder};
 use tokio::sync::mpsc;
+use veil_model::SamplingParams;
 use veil_model::{ModelStore, Shard, WeightFormat, SMOLLM2_135M};
 use veil_net::wire::{RequestBody, Response, StepInput, WireDType, WireTensor, PROTOCOL};
-use veil_model::SamplingParams;
 use veil_net::{peer_of, NetError, NodeConfig, SessionLimits, SwarmClient};
 use veil_verify::{Keypair, SamplingSpec, Signed, Verdict};
 
@@ -324,7 +324,10 @@ async fn verification_requests_are_checked_before_any_work() {
         sampling: SamplingSpec::from(&SamplingParams::greedy()),
     };
     refused(client.request(part, open(id.clone())).await, "whole model");
-    refused(client.request(node, open("xyz".into())).await, "64 hex digits");
+    refused(
+        client.request(node, open("xyz".into())).await,
+        "64 hex digits",
+    );
 
     // A verified session samples what the client will, and signs the answer.
     let Response::Opened { session } = client.request(node, open(id.clone())).await.unwrap() else {
@@ -338,10 +341,24 @@ async fn verification_requests_are_checked_before_any_work() {
     else {
         panic!("no logits")
     };
-    let sampled = veil_model::sampling::argmax(&logits.to_tensor().unwrap().flatten_all().unwrap().to_vec1().unwrap());
-    refused(client.request(node, step(vec![sampled + 1])).await, "sampled");
+    let sampled = veil_model::sampling::argmax(
+        &logits
+            .to_tensor()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap(),
+    );
+    refused(
+        client.request(node, step(vec![sampled + 1])).await,
+        "sampled",
+    );
     client.request(node, step(vec![sampled])).await.unwrap();
-    let Response::Finished(job) = client.request(node, RequestBody::Finish { session }).await.unwrap()
+    let Response::Finished(job) = client
+        .request(node, RequestBody::Finish { session })
+        .await
+        .unwrap()
     else {
         panic!("no signed answer")
     };
@@ -351,12 +368,20 @@ async fn verification_requests_are_checked_before_any_work() {
     assert_eq!(job.body.claim.output.len(), 2);
 
     // Judged: a sealed verdict, then its opening.
-    let Response::Committed(commit) = client.request(node, RequestBody::Judge { job: job.clone() }).await.unwrap()
+    let Response::Committed(commit) = client
+        .request(node, RequestBody::Judge { job: job.clone() })
+        .await
+        .unwrap()
     else {
         panic!("no commit")
     };
     let Response::Revealed(reveal) = client
-        .request(node, RequestBody::Reveal { job: commit.body.job.clone() })
+        .request(
+            node,
+            RequestBody::Reveal {
+                job: commit.body.job.clone(),
+            },
+        )
         .await
         .unwrap()
     else {
@@ -369,19 +394,44 @@ async fn verification_requests_are_checked_before_any_work() {
     // or another model's job is refused with a reason.
     let mut forged = job.clone();
     forged.body.claim.output[0] ^= 1;
-    refused(client.request(node, RequestBody::Judge { job: forged }).await, "signature");
+    refused(
+        client
+            .request(node, RequestBody::Judge { job: forged })
+            .await,
+        "signature",
+    );
     let stranger = Keypair::generate_ed25519();
     let mut body = job.body.clone();
     body.generator = stranger.public().to_peer_id().to_string();
     body.claim.commitment.chunks[0].indices.reverse();
     let malformed = Signed::sign(body.clone(), &stranger).unwrap();
-    refused(client.request(node, RequestBody::Judge { job: malformed }).await, "malformed commitment");
+    refused(
+        client
+            .request(node, RequestBody::Judge { job: malformed })
+            .await,
+        "malformed commitment",
+    );
     body.model_digest = "0".repeat(64);
     let elsewhere = Signed::sign(body, &stranger).unwrap();
-    refused(client.request(node, RequestBody::Judge { job: elsewhere }).await, "this node runs model");
     refused(
-        client.request(node, RequestBody::Reveal { job: "f".repeat(64) }).await,
+        client
+            .request(node, RequestBody::Judge { job: elsewhere })
+            .await,
+        "this node runs model",
+    );
+    refused(
+        client
+            .request(
+                node,
+                RequestBody::Reveal {
+                    job: "f".repeat(64),
+                },
+            )
+            .await,
         "no sealed verdict",
     );
-    refused(client.request(part, RequestBody::Judge { job }).await, "whole model");
+    refused(
+        client.request(part, RequestBody::Judge { job }).await,
+        "whole model",
+    );
 }

@@ -31,7 +31,9 @@ pub struct Job {
 impl Job {
     /// The job's hash in hex: what commits and reveals refer to.
     pub fn digest(&self) -> Result<String> {
-        Ok(blake3::hash(&serde_json::to_vec(self)?).to_hex().to_string())
+        Ok(blake3::hash(&serde_json::to_vec(self)?)
+            .to_hex()
+            .to_string())
     }
 }
 
@@ -124,7 +126,8 @@ impl<T: SignedKind> Signed<T> {
 
     /// Checks the signature and that the key is the named signer's; returns the signer.
     pub fn verify(&self) -> Result<PeerId> {
-        let bad = |why: &str| VerifyError::Signature(format!("message from {}: {why}", self.signer));
+        let bad =
+            |why: &str| VerifyError::Signature(format!("message from {}: {why}", self.signer));
         let key_bytes = hex::decode(&self.public_key).map_err(|_| bad("public key is not hex"))?;
         let signature = hex::decode(&self.signature).map_err(|_| bad("signature is not hex"))?;
         // One spelling only (lowercase), so no byte of a record can change unnoticed.

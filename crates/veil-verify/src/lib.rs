@@ -13,7 +13,9 @@ pub mod serving;
 pub mod trials;
 pub mod validate;
 
-pub use commitment::{ActivationCommitment, ChunkCommitment, CommitmentBuilder, CHUNK_TOKENS, TOP_K};
+pub use commitment::{
+    ActivationCommitment, ChunkCommitment, CommitmentBuilder, CHUNK_TOKENS, TOP_K,
+};
 pub use consensus::{
     committee, quorum, tally, Evidence, Job, Proven, Signed, Tally, VerdictCommit, VerdictReveal,
     EVIDENCE_VERSION,
@@ -21,7 +23,7 @@ pub use consensus::{
 pub use error::{Result, VerifyError};
 pub use libp2p_identity::{Keypair, PeerId};
 pub use serving::{
-    cheaper_format, load_serving_shard, serve_fixed_length, Misbehaviour, ServedAnswer,
-    ServingSession,
+    cheaper_format, load_serving_shard, serve_fixed_length, serve_until, Misbehaviour,
+    ServedAnswer, ServingSession,
 };
 pub use validate::{validate, Claim, Deviations, SamplingSpec, Tolerances, Validation, Verdict};

@@ -146,6 +146,7 @@ pub struct ServingSession {
     output: Vec<u32>,
     prefill_chunk: Option<usize>,
     altered_at: usize,
+    cheated: bool,
 }
 
 impl ServingSession {
@@ -173,6 +174,7 @@ impl ServingSession {
             output: Vec::new(),
             prefill_chunk: None,
             altered_at: 0,
+            cheated: false,
         })
     }
 
@@ -181,6 +183,16 @@ impl ServingSession {
     pub fn with_prefill_chunk(mut self, tokens: usize) -> Self {
         self.prefill_chunk = Some(tokens.max(1));
         self
+    }
+
+    /// Whether a per-session cheat (an altered token) has acted yet.
+    pub fn cheated(&self) -> bool {
+        self.cheated
+    }
+
+    /// Tokens sampled so far.
+    pub fn output_len(&self) -> usize {
+        self.output.len()
     }
 
     /// Positions the session holds.
@@ -227,6 +239,7 @@ impl ServingSession {
                 let best = argmax(&logits) as usize;
                 let other = (best + self.rng.random_range(1..self.vocab_size)) % self.vocab_size;
                 logits[other] = logits[best] + 50.0;
+                self.cheated = true;
             }
         }
         self.builder.push(&hidden)?;
@@ -282,12 +295,22 @@ impl ServingSession {
 /// how tests and benchmarks produce answers of a known length.
 pub fn serve_fixed_length(
     shards: &[ShardModel],
-    mut session: ServingSession,
+    session: ServingSession,
     prompt: &[u32],
     tokens: usize,
 ) -> Result<ServedAnswer> {
+    serve_until(shards, session, prompt, &mut |s| s.output_len() >= tokens)
+}
+
+/// Serves answer tokens for `prompt` until `done` says so (checked after each token).
+pub fn serve_until(
+    shards: &[ShardModel],
+    mut session: ServingSession,
+    prompt: &[u32],
+    done: &mut dyn FnMut(&ServingSession) -> bool,
+) -> Result<ServedAnswer> {
     session.step(shards, prompt)?;
-    while session.output.len() < tokens {
+    while !done(&session) {
         let last = session.output[session.output.len() - 1];
         session.step(shards, &[last])?;
     }

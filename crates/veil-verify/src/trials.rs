@@ -4,10 +4,14 @@
 
 use std::path::Path;
 
-use veil_model::{ChatMessage, GgufFile, LocalModel, SamplingParams, Shard, ShardModel, WeightFormat};
+use veil_model::{
+    ChatMessage, GgufFile, LocalModel, SamplingParams, Shard, ShardModel, WeightFormat,
+};
 
 use crate::error::{Result, VerifyError};
-use crate::serving::{load_serving_shard, serve_fixed_length, Misbehaviour, ServingSession};
+use crate::serving::{
+    load_serving_shard, serve_fixed_length, serve_until, Misbehaviour, ServingSession,
+};
 use crate::validate::{validate, Deviations, Tolerances, Validation, Verdict};
 
 /// Varied questions for trials: facts, code, lists, stories, arithmetic, other languages.
@@ -42,9 +46,9 @@ pub const TRIAL_PROMPTS: [&str; 25] = [
 /// The answer length of honest trials: two chunks, a full one and one token.
 pub const TRIAL_TOKENS: usize = 33;
 
-/// The answer length of cheating trials; the altered-token cheat needs a hundred tokens to be
-/// sure to act, so its trials are that long.
-pub const CHEAT_TOKENS: usize = 17;
+/// The answer length of cheating trials. The altered-token cheat changes one token at a random
+/// place in each hundred, so its trials run until it has acted (at most 100 tokens).
+pub const CHEAT_TOKENS: usize = 9;
 
 /// Runs `f` on a pool of `threads` threads, so candle's kernels split work that many ways.
 pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
@@ -99,13 +103,20 @@ pub fn honest_trials(
     let mut report = HonestReport::default();
     let mut n = 0;
     while report.runs < runs {
-        let prompt = text.chat_prompt(&[ChatMessage::user(TRIAL_PROMPTS[n % TRIAL_PROMPTS.len()])])?;
-        let (gen_threads, batch) = [(1, 1), (2, 4), (2, 1), (1, 4)][(n / TRIAL_PROMPTS.len()) % 4];
-        let sampling = trial_sampling(n);
+        let prompt =
+            text.chat_prompt(&[ChatMessage::user(TRIAL_PROMPTS[n % TRIAL_PROMPTS.len()])])?;
+        // Every generator setting, then greedy and seeded in turn, over every prompt.
+        let (gen_threads, batch) = [(1, 1), (2, 4), (2, 1), (1, 4)][n % 4];
+        let sampling = trial_sampling(n / 4);
         let answer = with_threads(gen_threads, || {
             let session = ServingSession::new(std::slice::from_ref(&generator), sampling, None, 0)?
                 .with_prefill_chunk(batch);
-            serve_fixed_length(std::slice::from_ref(&generator), session, &prompt, TRIAL_TOKENS)
+            serve_fixed_length(
+                std::slice::from_ref(&generator),
+                session,
+                &prompt,
+                TRIAL_TOKENS,
+            )
         })??;
         for val_threads in [1, 2] {
             if report.runs == runs {
@@ -160,7 +171,6 @@ pub fn detection_trials(
     let text = LocalModel::open_text(model)?;
     let cheat = load_whole(model, format, Some(kind))?;
     let validator = load_whole(model, format, None)?;
-    let tokens = if kind == Misbehaviour::AlteredToken { 100 } else { CHEAT_TOKENS };
     let mut report = DetectionReport {
         kind,
         trials,
@@ -170,19 +180,28 @@ pub fn detection_trials(
         example: None,
     };
     for n in 0..trials {
-        let prompt = text.chat_prompt(&[ChatMessage::user(TRIAL_PROMPTS[n % TRIAL_PROMPTS.len()])])?;
+        let prompt =
+            text.chat_prompt(&[ChatMessage::user(TRIAL_PROMPTS[n % TRIAL_PROMPTS.len()])])?;
         let session = ServingSession::new(
             std::slice::from_ref(&cheat),
             trial_sampling(n),
             Some(kind),
             n as u64,
         )?;
-        let answer = serve_fixed_length(std::slice::from_ref(&cheat), session, &prompt, tokens)?;
+        let answer = serve_until(std::slice::from_ref(&cheat), session, &prompt, &mut |s| {
+            if kind == Misbehaviour::AlteredToken {
+                s.cheated() || s.output_len() >= 100
+            } else {
+                s.output_len() >= CHEAT_TOKENS
+            }
+        })?;
         // The cheat claims the prompt it was sent, which is what the client knows.
         let mut claim = answer.claim;
         claim.prompt = prompt;
-        let Validation { verdict, deviations } =
-            validate(std::slice::from_ref(&validator), &claim, tol)?;
+        let Validation {
+            verdict,
+            deviations,
+        } = validate(std::slice::from_ref(&validator), &claim, tol)?;
         report.worst = report.worst.max(deviations);
         report.closest = report.closest.min(deviations.over(tol));
         if !verdict.passed() {

@@ -213,8 +213,8 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
         .collect();
     let mut caches: Vec<_> = shards.iter().map(ShardModel::new_cache).collect();
     let (logits, hidden) =
-        forward_chain_final_hidden(shards, &mut caches, &input, LogitsAt::All)?;
-    let logits = logits.narrow(0, p - 1, n)?.to_vec2::<f32>()?;
+        forward_chain_final_hidden(shards, &mut caches, &input, LogitsAt::From(p - 1))?;
+    let logits = logits.to_vec2::<f32>()?;
     let hidden = hidden
         .narrow(0, p - 1, n)?
         .flatten_all()?
@@ -237,7 +237,13 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
         if d.hidden_mean > tol.hidden_mean {
             fail(start, format!("tokens {start}..{end}: committed activations are off by {:.4} on average (tolerance {})", d.hidden_mean, tol.hidden_mean));
         } else if d.hidden_max > tol.hidden_max {
-            fail(start, format!("tokens {start}..{end}: a committed activation is off by {:.4} (tolerance {})", d.hidden_max, tol.hidden_max));
+            fail(
+                start,
+                format!(
+                    "tokens {start}..{end}: a committed activation is off by {:.4} (tolerance {})",
+                    d.hidden_max, tol.hidden_max
+                ),
+            );
         } else if d.rank > tol.rank_slack {
             fail(start, format!("tokens {start}..{end}: committed positions are not the largest activations (short by {:.3}, tolerance {})", d.rank, tol.rank_slack));
         }

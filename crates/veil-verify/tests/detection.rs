@@ -1,8 +1,8 @@
 //! On the real model: honest answers pass whatever threads, prefill batch and generator/validator
 //! pair produced them, every kind of cheat is caught, and bad claims are clear errors.
 //!
-//! These are the acceptance figures (200 honest validations, 50 trials per cheat); `veil verify
-//! calibrate` prints the same runs with their deviations.
+//! The tests run 40 honest validations and 10 trials per cheat to keep the suite within its time
+//! budget; `veil verify calibrate` runs the same code at 200 and 50 for the reported figures.
 
 use veil_model::{ChatMessage, LocalModel, ModelStore, SamplingParams, WeightFormat, SMOLLM2_135M};
 use veil_verify::trials::{detection_trials, honest_trials, load_whole, TRIAL_PROMPTS};
@@ -17,22 +17,28 @@ fn model_path() -> std::path::PathBuf {
 }
 
 #[test]
-fn two_hundred_honest_runs_raise_no_false_accusation() {
+fn honest_runs_raise_no_false_accusation() {
     let tol = Tolerances::default();
-    let report = honest_trials(&model_path(), WeightFormat::F32, 200, &tol, &mut |_, _| {}).unwrap();
-    assert_eq!(report.runs, 200);
+    let report = honest_trials(&model_path(), WeightFormat::F32, 40, &tol, &mut |_, _| {}).unwrap();
+    assert_eq!(report.runs, 40);
     assert!(report.failures.is_empty(), "{:#?}", report.failures);
     assert!(report.closest < 1.0);
 }
 
 #[test]
-fn every_kind_of_cheat_is_caught_in_fifty_trials_of_fifty() {
+fn every_kind_of_cheat_is_caught_in_every_trial() {
     let tol = Tolerances::default();
     for kind in Misbehaviour::ALL {
-        let report =
-            detection_trials(&model_path(), WeightFormat::F32, kind, 50, &tol, &mut |_, _| {})
-                .unwrap();
-        assert_eq!(report.caught, 50, "{kind}: {report:?}");
+        let report = detection_trials(
+            &model_path(),
+            WeightFormat::F32,
+            kind,
+            10,
+            &tol,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(report.caught, 10, "{kind}: {report:?}");
     }
 }
 
@@ -47,24 +53,39 @@ fn bad_claims_are_clear_errors() {
     let session = ServingSession::new(&shards, SamplingParams::greedy(), None, 0).unwrap();
     let answer = serve_fixed_length(&shards, session, &prompt, 4).unwrap();
     let tol = Tolerances::default();
-    assert!(validate(&shards, &answer.claim, &tol).unwrap().verdict.passed());
+    assert!(validate(&shards, &answer.claim, &tol)
+        .unwrap()
+        .verdict
+        .passed());
 
     let mut c = answer.claim.clone();
     c.commitment.chunks[0].values.pop();
-    assert!(matches!(validate(&shards, &c, &tol), Err(VerifyError::MalformedCommitment(_))));
+    assert!(matches!(
+        validate(&shards, &c, &tol),
+        Err(VerifyError::MalformedCommitment(_))
+    ));
     let mut c = answer.claim.clone();
     c.output.push(1);
-    assert!(matches!(validate(&shards, &c, &tol), Err(VerifyError::MalformedCommitment(m)) if m.contains("covers 4 tokens")));
+    assert!(
+        matches!(validate(&shards, &c, &tol), Err(VerifyError::MalformedCommitment(m)) if m.contains("covers 4 tokens"))
+    );
     let mut c = answer.claim.clone();
     c.prompt.clear();
-    assert!(matches!(validate(&shards, &c, &tol), Err(VerifyError::InvalidClaim(_))));
+    assert!(matches!(
+        validate(&shards, &c, &tol),
+        Err(VerifyError::InvalidClaim(_))
+    ));
     let mut c = answer.claim.clone();
     c.output[1] = 1_000_000;
-    assert!(matches!(validate(&shards, &c, &tol), Err(VerifyError::InvalidClaim(m)) if m.contains("vocabulary")));
+    assert!(
+        matches!(validate(&shards, &c, &tol), Err(VerifyError::InvalidClaim(m)) if m.contains("vocabulary"))
+    );
     let mut c = answer.claim.clone();
     c.sampling.temperature = -1.0;
     assert!(validate(&shards, &c, &tol).is_err());
     let mut c = answer.claim;
     c.commitment.hidden_size = 100;
-    assert!(matches!(validate(&shards, &c, &tol), Err(VerifyError::MalformedCommitment(m)) if m.contains("hidden size")));
+    assert!(
+        matches!(validate(&shards, &c, &tol), Err(VerifyError::MalformedCommitment(m)) if m.contains("hidden size"))
+    );
 }

@@ -2,15 +2,19 @@
 //! can change without the check failing.
 
 use veil_verify::{
-    committee, Claim, CommitmentBuilder, Evidence, Job, Keypair, SamplingSpec, Signed,
-    VerdictReveal, Verdict, VerifyError, EVIDENCE_VERSION,
+    committee, Claim, CommitmentBuilder, Evidence, Job, Keypair, SamplingSpec, Signed, Verdict,
+    VerdictReveal, VerifyError, EVIDENCE_VERSION,
 };
 
 fn job(generator: &Keypair) -> Job {
     let mut builder = CommitmentBuilder::new(8).unwrap();
     for t in 0..5 {
         builder
-            .push(&(0..8).map(|d| (t * 8 + d) as f32 - 20.0).collect::<Vec<_>>())
+            .push(
+                &(0..8)
+                    .map(|d| (t * 8 + d) as f32 - 20.0)
+                    .collect::<Vec<_>>(),
+            )
             .unwrap();
     }
     Job {
@@ -70,7 +74,10 @@ fn a_majority_of_signed_failures_proves_the_lie() {
     let judges = keys(3);
     let record = evidence(&generator, &judges, 2);
     let proven = record.check().unwrap();
-    assert_eq!(proven.generator, generator.public().to_peer_id().to_string());
+    assert_eq!(
+        proven.generator,
+        generator.public().to_peer_id().to_string()
+    );
     assert_eq!(proven.failed.len(), 2);
     assert_eq!(proven.passed.len(), 1);
     let bytes = record.to_bytes().unwrap();
@@ -107,7 +114,10 @@ fn forged_and_inconsistent_messages_are_clear_errors() {
     let stolen = Signed::sign(forged.reveals[0].body.clone(), &impostor).unwrap();
     forged.reveals[0].signature = stolen.signature;
     let err = forged.check().unwrap_err();
-    assert!(matches!(&err, VerifyError::Signature(m) if m.contains("does not match")), "{err}");
+    assert!(
+        matches!(&err, VerifyError::Signature(m) if m.contains("does not match")),
+        "{err}"
+    );
 
     // A reveal that does not open its commit (the verdict was changed after sealing).
     let mut switched = good.clone();
@@ -119,20 +129,37 @@ fn forged_and_inconsistent_messages_are_clear_errors() {
     };
     switched.reveals[2] = Signed::sign(body, judge).unwrap();
     let err = switched.check().unwrap_err();
-    assert!(err.to_string().contains("does not open its commit"), "{err}");
+    assert!(
+        err.to_string().contains("does not open its commit"),
+        "{err}"
+    );
 
     // The generator judging itself, or a job signed by someone else.
     let self_judged = evidence(&generator, &[generator.clone(), judges[0].clone()], 2);
-    assert!(self_judged.check().unwrap_err().to_string().contains("own answer"));
+    assert!(self_judged
+        .check()
+        .unwrap_err()
+        .to_string()
+        .contains("own answer"));
     let mut misnamed = good.clone();
     misnamed.job = Signed::sign(good.job.body.clone(), &judges[0]).unwrap();
-    assert!(misnamed.check().unwrap_err().to_string().contains("signed it"));
+    assert!(misnamed
+        .check()
+        .unwrap_err()
+        .to_string()
+        .contains("signed it"));
 
     // Garbage and edited files.
-    assert!(matches!(Evidence::from_bytes(b"{not json"), Err(VerifyError::Json(_))));
+    assert!(matches!(
+        Evidence::from_bytes(b"{not json"),
+        Err(VerifyError::Json(_))
+    ));
     let mut edited = good.to_bytes().unwrap();
     edited.insert(1, b' ');
-    assert!(Evidence::from_bytes(&edited).unwrap_err().to_string().contains("canonical"));
+    assert!(Evidence::from_bytes(&edited)
+        .unwrap_err()
+        .to_string()
+        .contains("canonical"));
 }
 
 #[test]

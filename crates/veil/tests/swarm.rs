@@ -390,8 +390,15 @@ fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_li
     };
     let out = check(&files[0]);
     let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(report.contains(&format!("{liar_id} signed an answer that fails")), "{report}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains(&format!("{liar_id} signed an answer that fails")),
+        "{report}"
+    );
     let mut bytes = std::fs::read(&files[0]).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x01;
@@ -416,13 +423,21 @@ fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_li
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("another model") || String::from_utf8_lossy(&out.stderr).contains("is model"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another model")
+            || String::from_utf8_lossy(&out.stderr).contains("is model"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The client remembers: the liar is left out of the next committee, whatever the id.
     let again = args(&request_id);
     let (text, log) = generate(&again.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(text, alone, "{log}");
-    let committee_line = log.lines().find(|l| l.contains("committee")).unwrap_or_default();
+    let committee_line = log
+        .lines()
+        .find(|l| l.contains("committee"))
+        .unwrap_or_default();
     assert!(!committee_line.contains(&liar_id), "{log}");
     assert!(!log.contains("lying"), "{log}");
 }

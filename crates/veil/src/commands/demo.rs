@@ -38,20 +38,32 @@ pub struct DemoArgs {
 }
 
 /// A `veil node` child process, stopped when dropped.
-struct NodeChild {
+pub(crate) struct NodeChild {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     blocks: String,
 }
 
 impl NodeChild {
     fn start(shard: &Path, blocks: &str, state: &Path, bootstrap: Option<&str>) -> Result<Self> {
+        Self::start_with(shard, blocks, state, bootstrap, &[])
+    }
+
+    /// A node with more `veil node` flags.
+    pub(crate) fn start_with(
+        shard: &Path,
+        blocks: &str,
+        state: &Path,
+        bootstrap: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the veil binary")?;
         let mut cmd = Command::new(exe);
         cmd.args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--shard"])
             .arg(shard)
             .arg("--state")
             .arg(state)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         if let Some(b) = bootstrap {
@@ -182,7 +194,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
     chain.close();
     drop(nodes);
-    eprintln!("5. stopped the nodes and removed {}", work.path().display());
+    eprintln!("5. stopped the nodes");
+    crate::commands::demo_verify::run(work.path(), &base, &text, &args.prompt, args.bench)?;
+    eprintln!("   removed {}", work.path().display());
     Ok(())
 }
 

@@ -180,13 +180,17 @@ fn run_on_swarm(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
 fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> Result<()> {
     let size = args.verify.verify.unwrap_or(0);
     if args.encrypted.is_some() || args.swarm.client_layers.is_some() {
-        bail!("--verify works with plaintext whole-model nodes; drop --encrypted and --client-layers");
+        bail!(
+            "--verify works with plaintext whole-model nodes; drop --encrypted and --client-layers"
+        );
     }
     if size < 2 {
         bail!("--verify needs a committee of at least 2 (one generates, one judges)");
     }
     let request_id = match &args.verify.request_id {
-        Some(id) if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) => id.to_lowercase(),
+        Some(id) if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            id.to_lowercase()
+        }
         Some(id) => bail!("--request-id must be 64 hex digits, got {id:?}"),
         None => {
             let bytes: [u8; 32] = rand::random();
@@ -198,7 +202,11 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     let prompt = prompt_ids(args, &model)?;
     let home = veil_model::ModelStore::from_env().home().to_path_buf();
     let state = veil_net::NodeState::open(
-        &args.verify.state.clone().unwrap_or_else(|| home.join("client.redb")),
+        &args
+            .verify
+            .state
+            .clone()
+            .unwrap_or_else(|| home.join("client.redb")),
     )?;
     let runtime = crate::commands::swarm::runtime()?;
     let client = runtime.block_on(veil_net::SwarmClient::connect(
@@ -216,9 +224,18 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         seed: &args.verify.committee_seed,
         request_id: request_id.clone(),
     };
-    let outcome =
-        veil_net::generate_verified(&client, runtime.handle(), &model.tokenizer, &request, Some(&state));
-    let evidence_dir = args.verify.evidence_dir.clone().unwrap_or_else(|| home.join("evidence"));
+    let outcome = veil_net::generate_verified(
+        &client,
+        runtime.handle(),
+        &model.tokenizer,
+        &request,
+        Some(&state),
+    );
+    let evidence_dir = args
+        .verify
+        .evidence_dir
+        .clone()
+        .unwrap_or_else(|| home.join("evidence"));
     let written = match &outcome {
         Ok(answer) => write_evidence(&evidence_dir, &answer.evidence)?,
         Err(_) => Vec::new(),
@@ -228,7 +245,10 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     out.write(&answer.completion.text);
     out.finish()?;
     print_stats(&answer.completion);
-    eprintln!("request {request_id}: committee {}", answer.committee.join(", "));
+    eprintln!(
+        "request {request_id}: committee {}",
+        answer.committee.join(", ")
+    );
     eprintln!(
         "accepted the answer of {}: passed by {} of {} judges; generation {:.2} s, judging {:.2} s",
         answer.generator,
@@ -253,7 +273,10 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
 
 /// Writes each record as `<job digest>.json` (through a temporary file, so none is half
 /// written); returns the paths.
-fn write_evidence(dir: &std::path::Path, records: &[veil_verify::Evidence]) -> Result<Vec<PathBuf>> {
+fn write_evidence(
+    dir: &std::path::Path,
+    records: &[veil_verify::Evidence],
+) -> Result<Vec<PathBuf>> {
     if records.is_empty() {
         return Ok(Vec::new());
     }

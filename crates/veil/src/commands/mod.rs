@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod chat;
 pub mod demo;
+pub mod demo_verify;
 pub mod ee;
 pub mod generate;
 pub mod models;

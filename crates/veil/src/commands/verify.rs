@@ -82,7 +82,12 @@ fn claimed_format(model: &ModelArgs) -> WeightFormat {
     }
 }
 
-fn calibrate(model: &ModelArgs, honest: usize, trials: usize, kinds: &[Misbehaviour]) -> Result<()> {
+fn calibrate(
+    model: &ModelArgs,
+    honest: usize,
+    trials: usize,
+    kinds: &[Misbehaviour],
+) -> Result<()> {
     let path = model.resolve_path()?;
     let format = claimed_format(model);
     let tol = Tolerances::default();
@@ -156,12 +161,18 @@ fn bench(model: &ModelArgs, tokens: usize, runs: usize) -> Result<()> {
         let v = validate(&shards, &answer.claim, &tol)?;
         val_s.push(started.elapsed().as_secs_f64());
         if !v.verdict.passed() {
-            bail!("run {run}: an honest answer failed validation: {:?}", v.verdict);
+            bail!(
+                "run {run}: an honest answer failed validation: {:?}",
+                v.verdict
+            );
         }
         bytes = answer.claim.commitment.byte_len();
     }
     let (g, v) = (median(&mut gen_s), median(&mut val_s));
-    println!("format {format}, prompt {} tokens, {tokens} generated tokens, median of {runs} runs", prompt.len());
+    println!(
+        "format {format}, prompt {} tokens, {tokens} generated tokens, median of {runs} runs",
+        prompt.len()
+    );
     println!(
         "commitment: {bytes} bytes = {:.2} bytes/token (target <= 8)",
         bytes as f64 / tokens as f64

@@ -1,0 +1,202 @@
+//! The verification part of `veil demo`: whole-model nodes, one of them lying; a committee
+//! catches it, the evidence re-checks, and the next request leaves the liar out. With `--bench`,
+//! a committee of 3 against one unverified node, side by side.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use veil_model::{generate, ChatMessage, GenerationParams, LocalModel, WeightFormat};
+use veil_net::{generate_verified, NodeState, RemoteChain, SwarmClient, VerifiedRequest};
+use veil_verify::trials::load_whole;
+use veil_verify::{committee, validate, Tolerances, Verdict};
+
+use crate::commands::demo::NodeChild;
+use crate::commands::swarm::runtime;
+
+/// Runs the verification demo in `work` with the plaintext model `base`.
+pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: bool) -> Result<()> {
+    let state = |name: &str| work.join(format!("verify-{name}.redb"));
+    let f32 = ["--dtype", "f32"];
+    let mut nodes = vec![NodeChild::start_with(base, "all", &state("a"), None, &f32)?];
+    let boot = nodes[0].addr.clone();
+    for name in ["b", "c"] {
+        nodes.push(NodeChild::start_with(
+            base,
+            "all",
+            &state(name),
+            Some(&boot),
+            &f32,
+        )?);
+    }
+    let liar = NodeChild::start_with(
+        base,
+        "all",
+        &state("liar"),
+        Some(&boot),
+        &["--dtype", "f32", "--misbehave", "other-model"],
+    )?;
+    let peer = |addr: &str| addr.rsplit('/').next().unwrap_or_default().to_string();
+    let liar_id = peer(&liar.addr);
+    nodes.push(liar);
+    let ids: Vec<String> = nodes.iter().map(|n| peer(&n.addr)).collect();
+    eprintln!("6. verification: 4 whole-model F32 nodes; {liar_id} serves weights perturbed by 1% (--misbehave other-model)");
+
+    let rt = runtime()?;
+    let client = rt.block_on(SwarmClient::connect(
+        &[boot.parse()?],
+        std::time::Duration::from_secs(120),
+        std::time::Duration::from_secs(10),
+    ))?;
+    let digest = veil_model::store::file_digest(base)?.1;
+    let client_state = NodeState::open(&work.join("verify-client.redb"))?;
+    let prompt = text.chat_prompt(&[ChatMessage::user(question.to_string())])?;
+    let params = GenerationParams {
+        max_tokens: 48,
+        ..GenerationParams::default()
+    };
+    // A request id for which the liar ranks first, so the demo shows it being caught.
+    let request_id = (0u32..)
+        .map(|n| format!("{n:064x}"))
+        .find(|id| committee(id, "veil", &ids, 3).first() == Some(&liar_id))
+        .context("no request id puts the liar first")?;
+    let request = |request_id: String, size: usize| VerifiedRequest {
+        model_digest: &digest,
+        prompt: &prompt,
+        params: &params,
+        context_length: text.config.context_length,
+        size,
+        seed: "veil",
+        request_id,
+    };
+    let answer = retry(|| {
+        generate_verified(
+            &client,
+            rt.handle(),
+            &text.tokenizer,
+            &request(request_id.clone(), 3),
+            Some(&client_state),
+        )
+        .map_err(anyhow::Error::from)
+    })?;
+    eprintln!("   committee of 3: {}", answer.committee.join(", "));
+    for record in &answer.evidence {
+        let proven = record.check()?;
+        eprintln!(
+            "   {} generated first: failed by {} of {} judges, e.g. {:?}",
+            proven.generator,
+            proven.failed.len(),
+            proven.failed.len() + proven.passed.len(),
+            proven.failed.first().map(|(_, v)| v)
+        );
+        let path = work.join("evidence.json");
+        std::fs::write(&path, record.to_bytes()?)?;
+        let local = [load_whole(base, WeightFormat::F32, None)?];
+        let recheck = validate(&local, &record.job.body.claim, &Tolerances::default())?;
+        eprintln!(
+            "   evidence ({} bytes, every message signed) re-checked here: {}",
+            std::fs::metadata(&path)?.len(),
+            match recheck.verdict {
+                Verdict::Pass => "the answer passes (the evidence would not hold)".to_string(),
+                Verdict::Fail { token, .. } =>
+                    format!("fails at token {token}, as the judges said"),
+            }
+        );
+    }
+    eprintln!(
+        "   accepted {}'s answer, passed by {} of {} judges: {}",
+        answer.generator,
+        answer.tally.passed.len(),
+        answer.tally.passed.len() + answer.tally.failed.len(),
+        answer.completion.text.trim()
+    );
+    eprintln!("   reputation now: {:?}", client_state.reputations()?);
+    if bench {
+        bench_committee(
+            &client,
+            &rt,
+            text,
+            &digest,
+            &prompt,
+            &client_state,
+            &liar_id,
+            &request,
+        )?;
+    }
+    drop(nodes);
+    eprintln!("7. stopped the verification nodes");
+    Ok(())
+}
+
+/// The first request can come before every node has announced itself.
+fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("not yet: {e:#}");
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// End-to-end time of a committee of 3 (one generates, two judge) against one unverified node,
+/// alternating, medians of 3; the liar is left out of both.
+#[allow(clippy::too_many_arguments)]
+fn bench_committee<'a>(
+    client: &SwarmClient,
+    rt: &tokio::runtime::Runtime,
+    text: &LocalModel,
+    digest: &str,
+    prompt: &[u32],
+    state: &NodeState,
+    liar: &str,
+    request: &dyn Fn(String, usize) -> VerifiedRequest<'a>,
+) -> Result<()> {
+    let avoid: HashSet<libp2p::PeerId> = HashSet::from([liar.parse()?]);
+    let params = GenerationParams {
+        max_tokens: 64,
+        ..GenerationParams::default()
+    };
+    let (mut plain, mut verified) = (Vec::new(), Vec::new());
+    for run in 0..3 {
+        let started = Instant::now();
+        let mut chain = RemoteChain::open_avoiding(
+            client.clone(),
+            rt.handle().clone(),
+            digest,
+            text.config.block_count,
+            None,
+            &avoid,
+        )?;
+        generate(
+            &mut chain,
+            &text.tokenizer,
+            prompt,
+            text.config.context_length,
+            &params,
+            &mut |_| {},
+        )?;
+        chain.close();
+        plain.push(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let mut req = request(format!("{:064x}", 1000 + run), 3);
+        req.params = &params;
+        generate_verified(client, rt.handle(), &text.tokenizer, &req, Some(state))?;
+        verified.push(started.elapsed().as_secs_f64());
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (p, v) = (median(&mut plain), median(&mut verified));
+    eprintln!(
+        "bench: 64 greedy tokens end to end: one unverified node {p:.2} s, committee of 3 {v:.2} s: verified costs {:.2}x (median of 3, nodes sharing this machine's cores)",
+        v / p
+    );
+    Ok(())
+}
