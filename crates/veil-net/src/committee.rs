@@ -215,7 +215,7 @@ fn serve(
     let finished = runtime.block_on(client.request(peer, RequestBody::Finish { session }))?;
     let completion = completion?;
     let job = match finished {
-        Response::Finished(job) => job,
+        Response::Finished(job) => *job,
         other => return Err(refused(peer, other)),
     };
     let signer = job.verify()?;
@@ -247,11 +247,14 @@ async fn judge(
 ) -> Result<(Vec<Signed<VerdictCommit>>, Vec<Signed<VerdictReveal>>)> {
     let digest = job.body.digest()?;
     let peers: Vec<PeerId> = judges.iter().filter_map(|j| j.parse().ok()).collect();
-    let sealed = futures::future::join_all(
-        peers
-            .iter()
-            .map(|&peer| client.request(peer, RequestBody::Judge { job: job.clone() })),
-    )
+    let sealed = futures::future::join_all(peers.iter().map(|&peer| {
+        client.request(
+            peer,
+            RequestBody::Judge {
+                job: Box::new(job.clone()),
+            },
+        )
+    }))
     .await;
     let mut commits = Vec::new();
     for (peer, answer) in peers.iter().zip(sealed) {

@@ -460,7 +460,7 @@ fn handle(
                     claim: v.serving.finish().claim,
                 };
                 match Signed::sign(job, &judge.key) {
-                    Ok(signed) => Response::Finished(signed),
+                    Ok(signed) => Response::Finished(Box::new(signed)),
                     Err(e) => refuse(ErrorKind::Internal, e.to_string()),
                 }
             }
@@ -480,7 +480,7 @@ fn handle(
                     "judging needs a node serving the whole model",
                 ));
             }
-            return Handled::Judge(Box::new(job));
+            return Handled::Judge(job);
         }
         RequestBody::Reveal { job } => match reveals.iter().find(|r| r.body.job == job) {
             Some(reveal) => Response::Revealed(reveal.clone()),

@@ -170,7 +170,7 @@ pub enum RequestBody {
     /// Judge another node's signed job by recomputing it; the answer is a sealed verdict.
     Judge {
         /// The job, signed by its generator.
-        job: Signed<Job>,
+        job: Box<Signed<Job>>,
     },
     /// Open the sealed verdict on a job judged earlier.
     Reveal {
@@ -194,7 +194,7 @@ pub enum Response {
     /// The session is gone.
     Closed,
     /// A verified session ended: its answer, signed.
-    Finished(Signed<Job>),
+    Finished(Box<Signed<Job>>),
     /// A sealed verdict.
     Committed(Signed<VerdictCommit>),
     /// An opened verdict.

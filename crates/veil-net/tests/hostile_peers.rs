@@ -407,7 +407,12 @@ async fn verification_requests_are_checked_before_any_work() {
     let malformed = Signed::sign(body.clone(), &stranger).unwrap();
     refused(
         client
-            .request(node, RequestBody::Judge { job: malformed })
+            .request(
+                node,
+                RequestBody::Judge {
+                    job: Box::new(malformed),
+                },
+            )
             .await,
         "malformed commitment",
     );
@@ -415,7 +420,12 @@ async fn verification_requests_are_checked_before_any_work() {
     let elsewhere = Signed::sign(body, &stranger).unwrap();
     refused(
         client
-            .request(node, RequestBody::Judge { job: elsewhere })
+            .request(
+                node,
+                RequestBody::Judge {
+                    job: Box::new(elsewhere),
+                },
+            )
             .await,
         "this node runs model",
     );

@@ -232,7 +232,7 @@ impl ServingSession {
         };
         if self.fault == Some(Misbehaviour::AlteredToken) {
             let i = self.output.len();
-            if i % 100 == 0 {
+            if i.is_multiple_of(100) {
                 self.altered_at = i + self.rng.random_range(0..100);
             }
             if i == self.altered_at {

@@ -62,7 +62,7 @@ pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Re
 /// The sampling of the `n`th trial: greedy for even `n`, seeded sampling (temperature 0.8,
 /// top-p 0.95, seed `n`) for odd.
 pub fn trial_sampling(n: usize) -> SamplingParams {
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         SamplingParams::greedy()
     } else {
         SamplingParams {

@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Answer one prompt, streaming the text.
-    Generate(commands::generate::GenerateArgs),
+    Generate(Box<commands::generate::GenerateArgs>),
     /// Talk with the model; the conversation is kept between turns.
     Chat(commands::chat::ChatArgs),
     /// Measure prefill and decode speed and peak memory.
@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Generate(args) => commands::generate::run(args),
+        Command::Generate(args) => commands::generate::run(*args),
         Command::Chat(args) => commands::chat::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Models { command } => commands::models::run(command),
