@@ -162,7 +162,7 @@ pub fn generate_verified(
         } else {
             record.check()?;
         }
-        warn!(
+        info!(
             "answer from {generator} failed by {} judges: evidence recorded",
             votes.failed.len()
         );

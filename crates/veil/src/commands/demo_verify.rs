@@ -56,10 +56,16 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
         max_tokens: 48,
         ..GenerationParams::default()
     };
+    // Nodes announce themselves after joining: wait until all four are found.
+    retry(|| {
+        let found = rt.block_on(client.discover(&digest))?.len();
+        anyhow::ensure!(found == ids.len(), "{found} of {} nodes found", ids.len());
+        Ok(())
+    })?;
     // A request id for which the liar ranks first, so the demo shows it being caught.
     let request_id = (0u32..)
         .map(|n| format!("{n:064x}"))
-        .find(|id| committee(id, "veil", &ids, 3).first() == Some(&liar_id))
+        .find(|id| committee(id, "veil", &ids, 4).first() == Some(&liar_id))
         .context("no request id puts the liar first")?;
     let request = |request_id: String, size: usize| VerifiedRequest {
         model_digest: &digest,
@@ -80,7 +86,11 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
         )
         .map_err(anyhow::Error::from)
     })?;
-    eprintln!("   committee of 3: {}", answer.committee.join(", "));
+    eprintln!(
+        "   committee of {}: {}",
+        answer.committee.len(),
+        answer.committee.join(", ")
+    );
     for record in &answer.evidence {
         let proven = record.check()?;
         eprintln!(
@@ -113,15 +123,23 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
     );
     eprintln!("   reputation now: {:?}", client_state.reputations()?);
     if bench {
+        // A prompt with a long answer, so the figure covers many tokens.
+        let long = text.chat_prompt(&[ChatMessage::user(
+            "Write a short story about a lighthouse keeper.".to_string(),
+        )])?;
+        let long_request = |request_id: String, size: usize| VerifiedRequest {
+            prompt: &long,
+            ..request(request_id, size)
+        };
         bench_committee(
             &client,
             &rt,
             text,
             &digest,
-            &prompt,
+            &long,
             &client_state,
             &liar_id,
-            &request,
+            &long_request,
         )?;
     }
     drop(nodes);
@@ -163,6 +181,7 @@ fn bench_committee<'a>(
         ..GenerationParams::default()
     };
     let (mut plain, mut verified) = (Vec::new(), Vec::new());
+    let mut tokens = 0;
     for run in 0..3 {
         let started = Instant::now();
         let mut chain = RemoteChain::open_avoiding(
@@ -173,14 +192,16 @@ fn bench_committee<'a>(
             None,
             &avoid,
         )?;
-        generate(
+        tokens = generate(
             &mut chain,
             &text.tokenizer,
             prompt,
             text.config.context_length,
             &params,
             &mut |_| {},
-        )?;
+        )?
+        .tokens
+        .len();
         chain.close();
         plain.push(started.elapsed().as_secs_f64());
         let started = Instant::now();
@@ -195,7 +216,7 @@ fn bench_committee<'a>(
     };
     let (p, v) = (median(&mut plain), median(&mut verified));
     eprintln!(
-        "bench: 64 greedy tokens end to end: one unverified node {p:.2} s, committee of 3 {v:.2} s: verified costs {:.2}x (median of 3, nodes sharing this machine's cores)",
+        "bench: {tokens} greedy tokens end to end: one unverified node {p:.2} s, committee of 3 {v:.2} s: verified costs {:.2}x (median of 3, nodes sharing this machine's cores)",
         v / p
     );
     Ok(())
