@@ -1,7 +1,8 @@
 //! `veil demo`: the whole pipeline on loopback. Fetch the model, encrypt it under a fresh key,
 //! cut the encrypted model into shards, start a swarm of `veil node` processes (a bootstrap node
 //! serving blocks 0-10, two replicas of 10-20, one node for 20-30), answer a prompt through it,
-//! print the route and what the nodes saw, and stop everything.
+//! print the route and what the nodes saw, and stop everything; then show verification catching
+//! a lying node (`demo_verify`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
