@@ -1,34 +1,18 @@
 //! How closely an encrypted model follows its plaintext original: the exactness figure.
 
+use veil_model::prompts::SAMPLE_PROMPTS;
 use veil_model::sampling::argmax;
 use veil_model::{ChatMessage, LocalModel, Result, ShardModel, TokenStep};
 
 use crate::key::EeKey;
 use crate::session::EncryptedSession;
 
-/// Twenty varied prompts (facts, code, lists, stories, arithmetic, other languages).
-pub const EVAL_PROMPTS: [&str; 20] = [
-    "What is the capital of France?",
-    "Write a haiku about autumn rain.",
-    "Explain photosynthesis to a ten-year-old.",
-    "List three prime numbers greater than 50.",
-    "Write a Python function that reverses a string.",
-    "What is 17 times 23?",
-    "Give me a recipe for pancakes.",
-    "Translate 'good morning' into Spanish and German.",
-    "Why is the sky blue?",
-    "Summarize the plot of Romeo and Juliet in two sentences.",
-    "What are the benefits of regular exercise?",
-    "Write a short story that begins with a knock at the door.",
-    "How does a bicycle stay upright?",
-    "Name five animals that live in the ocean.",
-    "What is the difference between weather and climate?",
-    "Write a SQL query that counts rows in a table named users.",
-    "Describe the water cycle.",
-    "Quelle est la plus grande ville du Canada ?",
-    "Suggest a name for a friendly robot.",
-    "What should I pack for a weekend hiking trip?",
-];
+/// Twenty varied prompts (facts, code, lists, stories, arithmetic, other languages): the first
+/// twenty of [`veil_model::prompts::SAMPLE_PROMPTS`].
+pub const EVAL_PROMPTS: [&str; 20] = match SAMPLE_PROMPTS.first_chunk::<20>() {
+    Some(first) => *first,
+    None => panic!("SAMPLE_PROMPTS holds at least twenty prompts"),
+};
 
 /// Plaintext and encrypted greedy outputs compared over a set of prompts.
 #[derive(Debug, Clone, PartialEq)]

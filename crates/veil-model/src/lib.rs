@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf;
 pub mod local;
 pub mod model;
+pub mod prompts;
 pub mod sampling;
 pub mod shard;
 pub mod shard_file;

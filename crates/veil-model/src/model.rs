@@ -470,13 +470,7 @@ pub fn forward_chain(
     tokens: &[u32],
     logits_at: LogitsAt,
 ) -> Result<Tensor> {
-    if shards.is_empty() || shards.len() != caches.len() {
-        return Err(ModelError::InvalidShard(format!(
-            "{} shards with {} caches",
-            shards.len(),
-            caches.len()
-        )));
-    }
+    check_chain(shards, caches)?;
     let mut input = ShardInput::Tokens(tokens);
     let mut out = None;
     for (shard, cache) in shards.iter().zip(caches) {
@@ -495,13 +489,7 @@ pub fn forward_chain_final_hidden(
     tokens: &[u32],
     logits_at: LogitsAt,
 ) -> Result<(Tensor, Tensor)> {
-    if shards.is_empty() || shards.len() != caches.len() {
-        return Err(ModelError::InvalidShard(format!(
-            "{} shards with {} caches",
-            shards.len(),
-            caches.len()
-        )));
-    }
+    check_chain(shards, caches)?;
     let mut input = ShardInput::Tokens(tokens);
     let mut out = None;
     let mut hidden = None;
@@ -517,6 +505,17 @@ pub fn forward_chain_final_hidden(
         (Some(out), Some(hidden)) => Ok((out, hidden)),
         _ => Err(ModelError::InvalidShard("the chain runs no blocks".into())),
     }
+}
+
+fn check_chain(shards: &[ShardModel], caches: &[ShardCache]) -> Result<()> {
+    if shards.is_empty() || shards.len() != caches.len() {
+        return Err(ModelError::InvalidShard(format!(
+            "{} shards with {} caches",
+            shards.len(),
+            caches.len()
+        )));
+    }
+    Ok(())
 }
 
 /// One weight with relative normal noise, in its own format.
