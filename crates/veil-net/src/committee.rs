@@ -62,12 +62,15 @@ pub struct VerifiedAnswer {
 }
 
 /// Runs a verified request; blocks on `runtime` (call it from outside the runtime).
+/// `on_evidence` sees each piece of evidence as soon as it is made, so none is lost if the
+/// request fails later.
 pub fn generate_verified(
     client: &SwarmClient,
     runtime: &Handle,
     tokenizer: &GgufTokenizer,
     request: &VerifiedRequest<'_>,
     state: Option<&NodeState>,
+    on_evidence: &mut dyn FnMut(&Evidence),
 ) -> Result<VerifiedAnswer> {
     if request.size < 2 {
         return Err(NetError::Verification(
@@ -167,6 +170,7 @@ pub fn generate_verified(
             votes.failed.len()
         );
         caught.insert(generator.clone());
+        on_evidence(&record);
         evidence.push(record);
     }
     Err(NetError::Verification(format!(

@@ -81,8 +81,9 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
             &client,
             rt.handle(),
             &text.tokenizer,
-            &request(request_id.clone(), 3),
+            &request(request_id.clone(), 4),
             Some(&client_state),
+            &mut |_| {},
         )
         .map_err(anyhow::Error::from)
     })?;
@@ -207,7 +208,14 @@ fn bench_committee<'a>(
         let started = Instant::now();
         let mut req = request(format!("{:064x}", 1000 + run), 3);
         req.params = &params;
-        generate_verified(client, rt.handle(), &text.tokenizer, &req, Some(state))?;
+        generate_verified(
+            client,
+            rt.handle(),
+            &text.tokenizer,
+            &req,
+            Some(state),
+            &mut |_| {},
+        )?;
         verified.push(started.elapsed().as_secs_f64());
     }
     let median = |v: &mut Vec<f64>| {

@@ -224,22 +224,22 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         seed: &args.verify.committee_seed,
         request_id: request_id.clone(),
     };
+    let evidence_dir = args
+        .verify
+        .evidence_dir
+        .clone()
+        .unwrap_or_else(|| home.join("evidence"));
+    let mut written = Vec::new();
     let outcome = veil_net::generate_verified(
         &client,
         runtime.handle(),
         &model.tokenizer,
         &request,
         Some(&state),
+        &mut |record| written.push(write_evidence(&evidence_dir, record)),
     );
-    let evidence_dir = args
-        .verify
-        .evidence_dir
-        .clone()
-        .unwrap_or_else(|| home.join("evidence"));
-    let written = match &outcome {
-        Ok(answer) => write_evidence(&evidence_dir, &answer.evidence)?,
-        Err(_) => Vec::new(),
-    };
+    // Written before the answer is reported, so evidence survives a failed request.
+    let written = written.into_iter().collect::<Result<Vec<_>>>()?;
     let answer = outcome.context("verified generation failed")?;
     let mut out = StdoutStream::default();
     out.write(&answer.completion.text);
@@ -271,26 +271,16 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     Ok(())
 }
 
-/// Writes each record as `<job digest>.json` (through a temporary file, so none is half
-/// written); returns the paths.
-fn write_evidence(
-    dir: &std::path::Path,
-    records: &[veil_verify::Evidence],
-) -> Result<Vec<PathBuf>> {
-    if records.is_empty() {
-        return Ok(Vec::new());
-    }
+/// Writes a record as `<job digest>.json` (through a temporary file, so none is half
+/// written); returns the path.
+fn write_evidence(dir: &std::path::Path, record: &veil_verify::Evidence) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut paths = Vec::new();
-    for record in records {
-        let path = dir.join(format!("{}.json", record.job.body.digest()?));
-        let tmp = path.with_extension("json.partial");
-        std::fs::write(&tmp, record.to_bytes()?)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        paths.push(path);
-    }
-    Ok(paths)
+    let path = dir.join(format!("{}.json", record.job.body.digest()?));
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, record.to_bytes()?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
 }
 
 /// Streams text to stdout, remembering the first write error (a closed pipe, say) so the
