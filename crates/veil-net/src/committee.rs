@@ -55,7 +55,7 @@ pub struct VerifiedAnswer {
     pub tally: Tally,
     /// Evidence against members whose answers a majority failed first.
     pub evidence: Vec<Evidence>,
-    /// Time spent generating the accepted answer and time spent judging it.
+    /// Time spent generating the accepted answer.
     pub generate_time: std::time::Duration,
     /// Time from the signed answer to the last reveal.
     pub judge_time: std::time::Duration,
