@@ -457,7 +457,7 @@ fn handle(
                     model_digest: info.model_digest.clone(),
                     format: info.format.clone(),
                     generator: judge.key.public().to_peer_id().to_string(),
-                    claim: v.serving.finish().claim,
+                    claim: v.serving.finish(),
                 };
                 match Signed::sign(job, &judge.key) {
                     Ok(signed) => Response::Finished(Box::new(signed)),

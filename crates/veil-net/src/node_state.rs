@@ -192,15 +192,6 @@ impl NodeState {
         Ok(out)
     }
 
-    /// A peer's reputation (0 if never judged).
-    pub fn reputation(&self, peer: &str) -> Result<i64> {
-        Ok(self
-            .reputations()?
-            .into_iter()
-            .find(|(p, _)| p == peer)
-            .map_or(0, |(_, r)| r))
-    }
-
     fn error(&self, e: impl std::fmt::Display) -> NetError {
         db_error(&self.path, e)
     }

@@ -24,6 +24,6 @@ pub use error::{Result, VerifyError};
 pub use libp2p_identity::{Keypair, PeerId};
 pub use serving::{
     cheaper_format, load_serving_shard, serve_fixed_length, serve_until, Misbehaviour,
-    ServedAnswer, ServingSession,
+    ServingSession,
 };
 pub use validate::{validate, Claim, Deviations, SamplingSpec, Tolerances, Validation, Verdict};

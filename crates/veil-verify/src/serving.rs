@@ -121,13 +121,6 @@ pub fn load_serving_shard(
     Ok(model)
 }
 
-/// What a served answer amounts to: the claim a validator checks.
-#[derive(Debug, Clone)]
-pub struct ServedAnswer {
-    /// The prompt the node says it ran, the tokens its logits gave, and its commitment.
-    pub claim: Claim,
-}
-
 /// One sequence served with commitments: the node side of a verified session.
 ///
 /// The node samples each token itself with the client's seed, exactly as the client will from
@@ -249,14 +242,12 @@ impl ServingSession {
 
     /// The answer so far as a claim: the prompt as sent (whatever was run), the sampled tokens
     /// and the commitment.
-    pub fn finish(self) -> ServedAnswer {
-        ServedAnswer {
-            claim: Claim {
-                prompt: self.prompt,
-                output: self.output,
-                sampling: SamplingSpec::from(&self.sampling),
-                commitment: self.builder.finish(),
-            },
+    pub fn finish(self) -> Claim {
+        Claim {
+            prompt: self.prompt,
+            output: self.output,
+            sampling: SamplingSpec::from(&self.sampling),
+            commitment: self.builder.finish(),
         }
     }
 
@@ -298,7 +289,7 @@ pub fn serve_fixed_length(
     session: ServingSession,
     prompt: &[u32],
     tokens: usize,
-) -> Result<ServedAnswer> {
+) -> Result<Claim> {
     serve_until(shards, session, prompt, &mut |s| s.output_len() >= tokens)
 }
 
@@ -308,7 +299,7 @@ pub fn serve_until(
     mut session: ServingSession,
     prompt: &[u32],
     done: &mut dyn FnMut(&ServingSession) -> bool,
-) -> Result<ServedAnswer> {
+) -> Result<Claim> {
     session.step(shards, prompt)?;
     while !done(&session) {
         let last = session.output[session.output.len() - 1];

@@ -97,7 +97,7 @@ pub fn honest_trials(
                 break;
             }
             let v = with_threads(val_threads, || {
-                validate(std::slice::from_ref(&validator), &answer.claim, tol)
+                validate(std::slice::from_ref(&validator), &answer, tol)
             })??;
             report.worst = report.worst.max(v.deviations);
             report.closest = report.closest.max(v.deviations.over(tol));
@@ -162,7 +162,7 @@ pub fn detection_trials(
             Some(kind),
             n as u64,
         )?;
-        let answer = serve_until(std::slice::from_ref(&cheat), session, &prompt, &mut |s| {
+        let mut claim = serve_until(std::slice::from_ref(&cheat), session, &prompt, &mut |s| {
             if kind == Misbehaviour::AlteredToken {
                 s.cheated() || s.output_len() >= 100
             } else {
@@ -170,7 +170,6 @@ pub fn detection_trials(
             }
         })?;
         // The cheat claims the prompt it was sent, which is what the client knows.
-        let mut claim = answer.claim;
         claim.prompt = prompt;
         let Validation {
             verdict,

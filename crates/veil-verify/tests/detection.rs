@@ -53,37 +53,34 @@ fn bad_claims_are_clear_errors() {
     let session = ServingSession::new(&shards, SamplingParams::greedy(), None, 0).unwrap();
     let answer = serve_fixed_length(&shards, session, &prompt, 4).unwrap();
     let tol = Tolerances::default();
-    assert!(validate(&shards, &answer.claim, &tol)
-        .unwrap()
-        .verdict
-        .passed());
+    assert!(validate(&shards, &answer, &tol).unwrap().verdict.passed());
 
-    let mut c = answer.claim.clone();
+    let mut c = answer.clone();
     c.commitment.chunks[0].values.pop();
     assert!(matches!(
         validate(&shards, &c, &tol),
         Err(VerifyError::MalformedCommitment(_))
     ));
-    let mut c = answer.claim.clone();
+    let mut c = answer.clone();
     c.output.push(1);
     assert!(
         matches!(validate(&shards, &c, &tol), Err(VerifyError::MalformedCommitment(m)) if m.contains("covers 4 tokens"))
     );
-    let mut c = answer.claim.clone();
+    let mut c = answer.clone();
     c.prompt.clear();
     assert!(matches!(
         validate(&shards, &c, &tol),
         Err(VerifyError::InvalidClaim(_))
     ));
-    let mut c = answer.claim.clone();
+    let mut c = answer.clone();
     c.output[1] = 1_000_000;
     assert!(
         matches!(validate(&shards, &c, &tol), Err(VerifyError::InvalidClaim(m)) if m.contains("vocabulary"))
     );
-    let mut c = answer.claim.clone();
+    let mut c = answer.clone();
     c.sampling.temperature = -1.0;
     assert!(validate(&shards, &c, &tol).is_err());
-    let mut c = answer.claim;
+    let mut c = answer;
     c.commitment.hidden_size = 100;
     assert!(
         matches!(validate(&shards, &c, &tol), Err(VerifyError::MalformedCommitment(m)) if m.contains("hidden size"))

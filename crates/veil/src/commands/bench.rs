@@ -179,7 +179,8 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64().max(1e-9)
 }
 
-fn median(xs: &mut [f64]) -> f64 {
+/// The median of some measurements (the mean of the middle two for an even count).
+pub(crate) fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n % 2 == 1 {

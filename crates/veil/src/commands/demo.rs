@@ -18,6 +18,7 @@ use veil_model::{
 };
 
 use crate::args::ModelArgs;
+use crate::commands::bench::median;
 use crate::commands::generate::{print_stats, StdoutStream};
 use crate::commands::swarm::{describe_route, open_chain, runtime, SwarmArgs};
 use crate::progress;
@@ -152,7 +153,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         client_layers: None,
     };
     let rt = runtime()?;
-    let mut chain = open_with_retry(&rt, &swarm, &encrypted)?;
+    let mut chain = retry(|| open_chain(&rt, &swarm, &encrypted, WeightFormat::F32))?;
     let params = GenerationParams {
         max_tokens: args.max_tokens,
         ..GenerationParams::default()
@@ -201,18 +202,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// The first route can take a moment: nodes announce themselves after they join.
-fn open_with_retry(
-    rt: &tokio::runtime::Runtime,
-    swarm: &SwarmArgs,
-    model: &Path,
-) -> Result<veil_net::RemoteChain> {
+/// Retries `f` for up to 20 s: right after start, nodes have not all announced themselves.
+pub(crate) fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        match open_chain(rt, swarm, model, WeightFormat::F32) {
-            Ok(chain) => return Ok(chain),
+        match f() {
+            Ok(v) => return Ok(v),
             Err(e) if Instant::now() < deadline => {
-                tracing::debug!("no route yet: {e:#}");
+                tracing::debug!("not yet: {e:#}");
                 std::thread::sleep(std::time::Duration::from_millis(300));
             }
             Err(e) => return Err(e),
@@ -260,10 +257,6 @@ fn bench(
         remote.push(decode_rate(&mut EncryptedStep::new(key, &mut chain))?);
         chain.close();
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (l, r) = (median(&mut local), median(&mut remote));
     eprintln!("bench: decode {r:.1} tok/s through 3 node processes vs {l:.1} tok/s in one process: ratio {:.2} (median of 3)", r / l);
     for (node, stats) in first.route() {

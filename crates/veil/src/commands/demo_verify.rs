@@ -12,7 +12,8 @@ use veil_net::{generate_verified, NodeState, RemoteChain, SwarmClient, VerifiedR
 use veil_verify::trials::load_whole;
 use veil_verify::{committee, validate, Tolerances, Verdict};
 
-use crate::commands::demo::NodeChild;
+use crate::commands::bench::median;
+use crate::commands::demo::{retry, NodeChild};
 use crate::commands::swarm::runtime;
 
 /// Runs the verification demo in `work` with the plaintext model `base`.
@@ -148,21 +149,6 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
     Ok(())
 }
 
-/// The first request can come before every node has announced itself.
-fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("not yet: {e:#}");
-                std::thread::sleep(std::time::Duration::from_millis(300));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// End-to-end time of a committee of 3 (one generates, two judge) against one unverified node,
 /// alternating, medians of 3; the liar is left out of both.
 #[allow(clippy::too_many_arguments)]
@@ -218,10 +204,6 @@ fn bench_committee<'a>(
         )?;
         verified.push(started.elapsed().as_secs_f64());
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (p, v) = (median(&mut plain), median(&mut verified));
     eprintln!(
         "bench: {tokens} greedy tokens end to end: one unverified node {p:.2} s, committee of 3 {v:.2} s: verified costs {:.2}x (median of 3, nodes sharing this machine's cores)",

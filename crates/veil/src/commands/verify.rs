@@ -13,6 +13,7 @@ use veil_verify::{
 };
 
 use crate::args::ModelArgs;
+use crate::commands::bench::median;
 use crate::progress;
 
 /// Subcommands of `veil verify`.
@@ -158,7 +159,7 @@ fn bench(model: &ModelArgs, tokens: usize, runs: usize) -> Result<()> {
         let answer = serve_fixed_length(&shards, session, &prompt, tokens)?;
         gen_s.push(started.elapsed().as_secs_f64());
         let started = Instant::now();
-        let v = validate(&shards, &answer.claim, &tol)?;
+        let v = validate(&shards, &answer, &tol)?;
         val_s.push(started.elapsed().as_secs_f64());
         if !v.verdict.passed() {
             bail!(
@@ -166,7 +167,7 @@ fn bench(model: &ModelArgs, tokens: usize, runs: usize) -> Result<()> {
                 v.verdict
             );
         }
-        bytes = answer.claim.commitment.byte_len();
+        bytes = answer.commitment.byte_len();
     }
     let (g, v) = (median(&mut gen_s), median(&mut val_s));
     println!(
@@ -182,11 +183,6 @@ fn bench(model: &ModelArgs, tokens: usize, runs: usize) -> Result<()> {
         100.0 * v / g
     );
     Ok(())
-}
-
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 /// Runs `veil verify-evidence FILE`: checks every signature, then recomputes the answer and
