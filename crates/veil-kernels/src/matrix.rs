@@ -1,0 +1,279 @@
+//! A quantized weight matrix and the threaded product driver.
+
+use std::cell::RefCell;
+use std::fmt;
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::activation::{quantize_rows, ActivationBlock};
+use crate::{scalar, Isa, KernelError, BLOCK};
+
+/// The GGUF block formats these kernels multiply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// 4-bit values with a scale and an offset per block: `w = d * q + m` (20 bytes).
+    Q4_1,
+    /// 8-bit values with a scale per block: `w = d * q` (34 bytes).
+    Q8_0,
+}
+
+impl QuantFormat {
+    /// Bytes per block of 32 values, as GGUF lays them out.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantFormat::Q4_1 => 20,
+            QuantFormat::Q8_0 => 34,
+        }
+    }
+}
+
+impl fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QuantFormat::Q4_1 => "q4_1",
+            QuantFormat::Q8_0 => "q8_0",
+        })
+    }
+}
+
+/// A `(rows, cols)` weight matrix in a block format, rows stored one after another: the layout
+/// of a GGUF tensor whose rows are the outputs of a linear layer.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+/// How many rows of activations one kernel call multiplies against a weight row, so the weight
+/// block is unpacked once for all of them.
+const ROW_TILE: usize = 4;
+
+thread_local! {
+    /// The quantized activations of the product in progress on this thread, kept between calls
+    /// so decoding does not allocate them per token.
+    static ACTIVATIONS: RefCell<Vec<ActivationBlock>> = const { RefCell::new(Vec::new()) };
+}
+
+impl QuantMatrix {
+    /// Takes a matrix's raw blocks, checking they fit its shape.
+    pub fn new(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self, KernelError> {
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return Err(KernelError::BadMatrix(format!(
+                "shape ({rows}, {cols}): both must be positive and the columns a multiple of {BLOCK}"
+            )));
+        }
+        let expected = rows
+            .checked_mul(cols / BLOCK)
+            .and_then(|blocks| blocks.checked_mul(format.block_bytes()));
+        if expected != Some(data.len()) {
+            return Err(KernelError::BadMatrix(format!(
+                "{} bytes for a ({rows}, {cols}) {format} matrix, expected {expected:?}",
+                data.len()
+            )));
+        }
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// The block format.
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The raw blocks, in GGUF's layout.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The matrix as `rows * cols` floats, row-major: the reference the kernels are tested
+    /// against, and what re-quantizing starts from.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for block in self.data.chunks_exact(self.format.block_bytes()) {
+            let d = f16_at(block, 0);
+            match self.format {
+                QuantFormat::Q4_1 => {
+                    let m = f16_at(block, 2);
+                    let qs = &block[4..20];
+                    out.extend(qs.iter().map(|q| d * f32::from(q & 0x0F) + m));
+                    out.extend(qs.iter().map(|q| d * f32::from(q >> 4) + m));
+                }
+                QuantFormat::Q8_0 => {
+                    out.extend(block[2..34].iter().map(|&q| d * f32::from(q as i8)));
+                }
+            }
+        }
+        out
+    }
+
+    /// `out = x · selfᵀ` for `x` of shape `(tokens, cols)`, `out` of shape `(tokens, rows)`,
+    /// on the fastest kernels this CPU has.
+    pub fn matmul(&self, x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
+        self.matmul_with(Isa::best(), x, out)
+    }
+
+    /// [`matmul`](Self::matmul) on the given kernel family.
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
+        if !isa.is_available() {
+            return Err(KernelError::Unsupported(isa));
+        }
+        if !x.len().is_multiple_of(self.cols) {
+            return Err(KernelError::Shape(format!(
+                "{} activations are not whole rows of {}",
+                x.len(),
+                self.cols
+            )));
+        }
+        let tokens = x.len() / self.cols;
+        if out.len() != tokens * self.rows {
+            return Err(KernelError::Shape(format!(
+                "output holds {} values, {tokens} tokens × {} rows need {}",
+                out.len(),
+                self.rows,
+                tokens * self.rows
+            )));
+        }
+        if tokens == 0 {
+            return Ok(());
+        }
+        let kernel = RowKernel::new(self.format, isa);
+        ACTIVATIONS.with(|cell| {
+            let mut acts = cell.borrow_mut();
+            quantize_rows(x, &mut acts);
+            self.multiply(&kernel, &acts, tokens, out);
+        });
+        Ok(())
+    }
+
+    /// The blocks of weight row `r`.
+    fn row(&self, r: usize) -> &[u8] {
+        let len = self.cols / BLOCK * self.format.block_bytes();
+        &self.data[r * len..(r + 1) * len]
+    }
+
+    /// Splits the weight rows over the rayon pool. One token writes its outputs directly; several
+    /// tokens are computed weight-row by weight-row (each weight row unpacked once for
+    /// [`ROW_TILE`] tokens) into a transposed buffer, then transposed into `out`.
+    fn multiply(
+        &self,
+        kernel: &RowKernel,
+        acts: &[ActivationBlock],
+        tokens: usize,
+        out: &mut [f32],
+    ) {
+        let per_token = self.cols / BLOCK;
+        let token = |t: usize| &acts[t * per_token..(t + 1) * per_token];
+        let chunk_rows = chunk_rows(self.rows);
+        if tokens == 1 {
+            out.par_chunks_mut(chunk_rows)
+                .enumerate()
+                .for_each(|(c, outs)| {
+                    for (i, o) in outs.iter_mut().enumerate() {
+                        *o = kernel.one(self.row(c * chunk_rows + i), acts);
+                    }
+                });
+            return;
+        }
+        let mut transposed = vec![0f32; self.rows * tokens];
+        transposed
+            .par_chunks_mut(chunk_rows * tokens)
+            .enumerate()
+            .for_each(|(c, outs)| {
+                for (i, row_out) in outs.chunks_exact_mut(tokens).enumerate() {
+                    let w = self.row(c * chunk_rows + i);
+                    let mut t = 0;
+                    while t + ROW_TILE <= tokens {
+                        let four = kernel.four(w, [token(t), token(t + 1), token(t + 2), token(t + 3)]);
+                        row_out[t..t + ROW_TILE].copy_from_slice(&four);
+                        t += ROW_TILE;
+                    }
+                    for (t, o) in row_out.iter_mut().enumerate().skip(t) {
+                        *o = kernel.one(w, token(t));
+                    }
+                }
+            });
+        for (r, column) in transposed.chunks_exact(tokens).enumerate() {
+            for (t, &v) in column.iter().enumerate() {
+                out[t * self.rows + r] = v;
+            }
+        }
+    }
+}
+
+/// Rows per unit of parallel work: enough units for the pool to balance, few enough that each
+/// is worth a task.
+fn chunk_rows(rows: usize) -> usize {
+    let units = rayon::current_num_threads() * 4;
+    rows.div_ceil(units).max(16)
+}
+
+/// The dot-product kernels for one format on one instruction set.
+struct RowKernel {
+    format: QuantFormat,
+    isa: Isa,
+}
+
+impl RowKernel {
+    fn new(format: QuantFormat, isa: Isa) -> Self {
+        Self { format, isa }
+    }
+
+    /// One weight row times one token's activations.
+    #[inline]
+    fn one(&self, w: &[u8], a: &[ActivationBlock]) -> f32 {
+        self.dots(w, [a])[0]
+    }
+
+    /// One weight row times four tokens' activations.
+    #[inline]
+    fn four(&self, w: &[u8], a: [&[ActivationBlock]; ROW_TILE]) -> [f32; ROW_TILE] {
+        self.dots(w, a)
+    }
+
+    #[inline]
+    fn dots<const R: usize>(&self, w: &[u8], a: [&[ActivationBlock]; R]) -> [f32; R] {
+        // SAFETY: `matmul_with` checked the CPU has the features of `self.isa`; the slices hold
+        // whole blocks of the same count (the matrix and the activations were checked).
+        match (self.isa, self.format) {
+            (Isa::Scalar, QuantFormat::Q4_1) => scalar::dot_q4_1(w, a),
+            (Isa::Scalar, QuantFormat::Q8_0) => scalar::dot_q8_0(w, a),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, QuantFormat::Q4_1) => unsafe { crate::x86::dot_q4_1_avx2(w, a) },
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, QuantFormat::Q8_0) => unsafe { crate::x86::dot_q8_0_avx2(w, a) },
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, QuantFormat::Q4_1) => unsafe { crate::x86::dot_q4_1_vnni(w, a) },
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, QuantFormat::Q8_0) => unsafe { crate::x86::dot_q8_0_vnni(w, a) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("only the scalar kernels exist off x86-64"),
+        }
+    }
+}
+
+/// The f16 at `offset` in a block.
+fn f16_at(block: &[u8], offset: usize) -> f32 {
+    f16::from_le_bytes([block[offset], block[offset + 1]]).to_f32()
+}
