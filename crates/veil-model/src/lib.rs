@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+mod linear;
 pub mod local;
 pub mod model;
 pub mod prompts;
@@ -26,13 +27,14 @@ pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
 pub use generate::{generate, Completion, FinishReason, GenerationParams, TextStream, TokenStep};
 pub use gguf::GgufFile;
+pub use linear::Kernels;
 pub use local::{LocalModel, LocalSession};
 pub use model::{
     forward_chain, forward_chain_final_hidden, LogitsAt, ShardCache, ShardInput, ShardModel,
 };
 pub use sampling::{Sampler, SamplingParams};
 pub use shard::{LayerRange, Shard};
-pub use shard_file::{write_shard_files, ShardManifest};
+pub use shard_file::{write_converted, write_shard_files, ShardManifest};
 pub use store::{FetchEvent, KnownModel, ModelStore, KNOWN_MODELS, SMOLLM2_135M};
 pub use tokenizer::GgufTokenizer;
 pub use weights::WeightFormat;

@@ -9,6 +9,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::generate::TokenStep;
+use crate::linear::Kernels;
 use crate::gguf::GgufFile;
 use crate::model::{forward_chain, LogitsAt, ShardCache, ShardModel};
 use crate::tokenizer::GgufTokenizer;
@@ -29,8 +30,19 @@ pub struct LocalModel {
 impl LocalModel {
     /// Loads the model at `path`, whole (`ranges` empty) or as shards covering every block.
     pub fn load(path: &Path, format: WeightFormat, ranges: &[Range<usize>]) -> Result<Self> {
+        Self::load_with(path, format, ranges, Kernels::default())
+    }
+
+    /// [`load`](Self::load), choosing whose kernels multiply quantized weights.
+    pub fn load_with(
+        path: &Path,
+        format: WeightFormat,
+        ranges: &[Range<usize>],
+        kernels: Kernels,
+    ) -> Result<Self> {
         let mut model = Self::open_text(path)?;
-        model.shards = ShardModel::load_chain(&mut GgufFile::open(path)?, ranges, format)?;
+        model.shards =
+            ShardModel::load_chain(&mut GgufFile::open(path)?, ranges, format, kernels)?;
         Ok(model)
     }
 

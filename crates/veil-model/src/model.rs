@@ -8,13 +8,14 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::linear::{Kernels, Linear};
 use crate::shard::Shard;
 use crate::weights::WeightFormat;
 
@@ -105,14 +106,14 @@ impl Rope {
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 /// The token embedding: looked up from quantized rows, or from a dense table.
@@ -137,9 +138,10 @@ pub struct ShardModel {
     config: LlamaConfig,
     shard: Shard,
     format: WeightFormat,
+    kernels: Kernels,
     embedding: Option<Embedding>,
     blocks: Vec<Block>,
-    head: Option<(Tensor, QMatMul)>,
+    head: Option<(Tensor, Linear)>,
     rope: Rope,
     /// Blocks (model indices) passed over: only ever set to test that verification catches it.
     skipped: Vec<usize>,
@@ -148,6 +150,16 @@ pub struct ShardModel {
 impl ShardModel {
     /// Loads the tensors of `shard` from `gguf`, converting matrix weights to `format`.
     pub fn load(gguf: &mut GgufFile, shard: &Shard, format: WeightFormat) -> Result<Self> {
+        Self::load_with(gguf, shard, format, Kernels::default())
+    }
+
+    /// [`load`](Self::load), choosing whose kernels multiply quantized weights.
+    pub fn load_with(
+        gguf: &mut GgufFile,
+        shard: &Shard,
+        format: WeightFormat,
+        kernels: Kernels,
+    ) -> Result<Self> {
         let config = LlamaConfig::from_gguf(gguf)?;
         shard.check(config.block_count)?;
         let _span = tracing::info_span!("load_shard", %shard, %format).entered();
@@ -171,9 +183,9 @@ impl ShardModel {
 
         let mut blocks = Vec::with_capacity(shard.layers.len());
         for i in shard.layers.clone() {
-            let mut matmul = |name: &str, shape: &[usize]| -> Result<QMatMul> {
+            let mut matmul = |name: &str, shape: &[usize]| -> Result<Linear> {
                 let q = load(gguf, &format!("blk.{i}.{name}.weight"), shape)?;
-                format.matmul(Arc::new(q))
+                Linear::new(Arc::new(q), format, kernels)
             };
             let (kv, ffn) = (config.kv_size(), config.ffn_size);
             blocks.push(Block {
@@ -195,7 +207,7 @@ impl ShardModel {
                 Some(tied) if !gguf.has_tensor("output.weight") => tied,
                 _ => Arc::new(load(gguf, "output.weight", &[config.vocab_size, h])?),
             };
-            Some((norm, format.matmul(weight)?))
+            Some((norm, Linear::new(weight, format, kernels)?))
         } else {
             None
         };
@@ -205,6 +217,7 @@ impl ShardModel {
             config,
             shard: shard.clone(),
             format,
+            kernels,
             embedding,
             blocks,
             head,
@@ -218,6 +231,7 @@ impl ShardModel {
         gguf: &mut GgufFile,
         ranges: &[Range<usize>],
         format: WeightFormat,
+        kernels: Kernels,
     ) -> Result<Vec<Self>> {
         let block_count = LlamaConfig::from_gguf(gguf)?.block_count;
         let plan = if ranges.is_empty() {
@@ -226,7 +240,7 @@ impl ShardModel {
             Shard::tiling(ranges, block_count)?
         };
         plan.iter()
-            .map(|shard| Self::load(gguf, shard, format))
+            .map(|shard| Self::load_with(gguf, shard, format, kernels))
             .collect()
     }
 
@@ -243,6 +257,11 @@ impl ShardModel {
     /// The format matrix weights run in.
     pub fn format(&self) -> WeightFormat {
         self.format
+    }
+
+    /// Whose kernels multiply the quantized weights.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Makes the shard pass over `blocks` (model indices): a cheat that saves their cost. Only
@@ -519,12 +538,9 @@ fn check_chain(shards: &[ShardModel], caches: &[ShardCache]) -> Result<()> {
 }
 
 /// One weight with relative normal noise, in its own format.
-fn perturb(w: &QMatMul, relative: f32, rng: &mut rand_chacha::ChaCha20Rng) -> Result<QMatMul> {
+fn perturb(w: &Linear, relative: f32, rng: &mut rand_chacha::ChaCha20Rng) -> Result<Linear> {
     use rand::Rng;
-    let dense = match w {
-        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
-        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
-    };
+    let dense = w.dense()?;
     let shape = dense.shape().clone();
     let noisy: Vec<f32> = dense
         .flatten_all()?
@@ -535,12 +551,7 @@ fn perturb(w: &QMatMul, relative: f32, rng: &mut rand_chacha::ChaCha20Rng) -> Re
             x * (1.0 + relative * n)
         })
         .collect();
-    let noisy = Tensor::from_vec(noisy, shape, &Device::Cpu)?;
-    Ok(match w {
-        QMatMul::QTensor(q) => QMatMul::from_qtensor(QTensor::quantize(&noisy, q.dtype())?)?,
-        QMatMul::Tensor(_) => QMatMul::Tensor(noisy),
-        QMatMul::TensorF16(_) => QMatMul::TensorF16(noisy.to_dtype(DType::F16)?),
-    })
+    w.with_weight(Tensor::from_vec(noisy, shape, &Device::Cpu)?)
 }
 
 /// The additive causal mask `(tokens, start + tokens)` for new positions after `start` cached

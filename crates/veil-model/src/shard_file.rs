@@ -10,7 +10,8 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::config::LlamaConfig;
@@ -191,6 +192,34 @@ pub fn write_shard_files(
     })?;
     progress(shards.len(), shards.len());
     Ok(manifests)
+}
+
+/// Writes a copy of the model at `model` to `out` with every matrix weight converted to
+/// `dtype` (F32, F16 or a block format) and everything else as it was: the same model in
+/// another format, for engines that run files as stored (the llama.cpp benchmark).
+pub fn write_converted(model: &Path, dtype: GgmlDType, out: &Path) -> Result<()> {
+    let mut gguf = GgufFile::open(model)?;
+    let names: Vec<String> = gguf.content().tensor_infos.keys().cloned().collect();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let tensor = gguf.tensor(&name)?;
+        let tensor = if tensor.shape().rank() == 2 && tensor.dtype() != dtype {
+            QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, dtype)?
+        } else {
+            tensor
+        };
+        tensors.push((name, tensor));
+    }
+    let mut metadata: Vec<(&str, &Value)> = gguf
+        .content()
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.file_type")
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    metadata.sort_by_key(|(k, _)| *k);
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    write_atomically(out, |w| Ok(gguf_file::write(w, &metadata, &refs)?))
 }
 
 /// Writes `path` through a `.partial` file renamed into place, so a cut-off run leaves no

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use veil_model::{
-    GenerationParams, LayerRange, LocalModel, ModelStore, SamplingParams, WeightFormat,
+    GenerationParams, Kernels, LayerRange, LocalModel, ModelStore, SamplingParams, WeightFormat,
     SMOLLM2_135M,
 };
 
@@ -29,6 +29,15 @@ pub struct ModelArgs {
     /// Worker threads for the tensor kernels (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
+
+    /// Whose kernels multiply quantized weights: veil (SIMD chosen at run time) or candle (as
+    /// it comes, kept for comparison).
+    #[arg(long, default_value = "veil", value_parser = parse_kernels)]
+    pub kernels: Kernels,
+}
+
+fn parse_kernels(s: &str) -> Result<Kernels, String> {
+    s.parse().map_err(|e: veil_model::ModelError| e.to_string())
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
@@ -59,7 +68,7 @@ impl ModelArgs {
         let path = self.resolve_path()?;
         let ranges = self.ranges();
         let spinner = progress::spinner(format!("loading {} ({})", path.display(), self.dtype));
-        let model = LocalModel::load(&path, self.dtype, &ranges)
+        let model = LocalModel::load_with(&path, self.dtype, &ranges, self.kernels)
             .with_context(|| format!("cannot load {}", path.display()));
         spinner.finish_and_clear();
         model

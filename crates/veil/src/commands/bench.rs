@@ -34,6 +34,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH", requires = "encrypted")]
     pub key: Option<PathBuf>,
 
+    /// Also run llama.cpp (llama-cpp-python, installed into $VEIL_HOME the first time) and
+    /// candle's own kernels on the same GGUF files (the model as stored, Q8_0 and F32 copies),
+    /// alternating runs, and print speeds with ratios to llama.cpp. Ignores --dtype and --layers.
+    #[arg(long, conflicts_with = "encrypted")]
+    pub llama_cpp: bool,
+
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -68,18 +74,26 @@ struct EncryptedReport {
     decode_ratio: f64,
 }
 
-/// Times one prefill of `prompt` and `tokens` greedy decode steps; returns tokens/s for each.
-fn measure(session: &mut dyn TokenStep, prompt: &[u32], tokens: usize) -> Result<(f64, f64)> {
+/// Times one prefill of `prompt` and `tokens` greedy decode steps; returns tokens/s for each
+/// and the tokens decoded.
+pub(crate) fn measure(
+    session: &mut dyn TokenStep,
+    prompt: &[u32],
+    tokens: usize,
+) -> Result<(f64, f64, Vec<u32>)> {
     let t0 = Instant::now();
     let mut logits = session.step(prompt)?;
     let t1 = Instant::now();
+    let mut decoded = Vec::with_capacity(tokens);
     for _ in 0..tokens {
-        logits = session.step(&[argmax(&logits)])?;
+        decoded.push(argmax(&logits));
+        logits = session.step(&decoded[decoded.len() - 1..])?;
     }
     let t2 = Instant::now();
     Ok((
         prompt.len() as f64 / secs(t1 - t0),
         tokens as f64 / secs(t2 - t1),
+        decoded,
     ))
 }
 
@@ -87,6 +101,9 @@ fn measure(session: &mut dyn TokenStep, prompt: &[u32], tokens: usize) -> Result
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.runs >= 1, "--runs must be at least 1");
     ensure!(args.tokens >= 1, "--tokens must be at least 1");
+    if args.llama_cpp {
+        return crate::commands::bench_llama_cpp::run(&args);
+    }
     let path = args.model.resolve_path()?;
     let started = Instant::now();
     let model = args.model.load()?;
@@ -109,12 +126,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     let (mut enc_prefill, mut enc_decode) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
-        let (p, d) = measure(&mut model.session(), &prompt, args.tokens)?;
+        let (p, d, _) = measure(&mut model.session(), &prompt, args.tokens)?;
         prefill.push(p);
         decode.push(d);
         tracing::info!(run, prefill = p, decode = d, "bench run");
         if let Some((key, shards)) = &encrypted {
-            let (p, d) = measure(
+            let (p, d, _) = measure(
                 &mut veil_ee::EncryptedSession::new(key, shards),
                 &prompt,
                 args.tokens,

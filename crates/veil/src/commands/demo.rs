@@ -101,6 +101,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         dtype: WeightFormat::F32,
         layers: Vec::new(),
         threads: None,
+        kernels: veil_model::Kernels::default(),
     };
     let base = base_args.resolve_path()?;
     let home = veil_model::ModelStore::from_env().home().to_path_buf();

@@ -284,6 +284,7 @@ pub fn load_encrypted(path: &Path, key: &EeKey, args: &ModelArgs) -> Result<Vec<
         &mut gguf,
         &args.ranges(),
         args.dtype,
+        args.kernels,
     )?)
 }
 

@@ -200,6 +200,7 @@ pub fn verify_evidence(args: EvidenceArgs) -> Result<()> {
         dtype: WeightFormat::AsStored,
         layers: Vec::new(),
         threads: None,
+        kernels: veil_model::Kernels::default(),
     };
     let path = model.resolve_path()?;
     let job = &evidence.job.body;

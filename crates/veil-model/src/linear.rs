@@ -1,0 +1,174 @@
+//! Linear layers: a weight matrix in its format, multiplied by Veil's CPU kernels where they
+//! cover the format (Q4_1, Q8_0) and by candle's otherwise (F32, F16, other block formats).
+//!
+//! The kernels run behind candle's custom-op interface, so the rest of the forward pass keeps
+//! handling plain tensors.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
+use veil_kernels::{QuantFormat, QuantMatrix};
+
+use crate::error::{ModelError, Result};
+use crate::weights::WeightFormat;
+
+/// Whose kernels multiply quantized weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Kernels {
+    /// Veil's (`veil-kernels`): SIMD chosen at run time, the default.
+    #[default]
+    Veil,
+    /// candle's, as it comes: kept to measure against and to fall back on.
+    Candle,
+}
+
+impl fmt::Display for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kernels::Veil => "veil",
+            Kernels::Candle => "candle",
+        })
+    }
+}
+
+impl FromStr for Kernels {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "veil" => Ok(Kernels::Veil),
+            "candle" => Ok(Kernels::Candle),
+            _ => Err(ModelError::InvalidInput(format!(
+                "unknown kernels {s:?}: use veil or candle"
+            ))),
+        }
+    }
+}
+
+/// One weight matrix, stored `(out, in)`, ready to multiply activations `(.., in)`.
+#[derive(Debug, Clone)]
+pub(crate) enum Linear {
+    /// Multiplied by candle.
+    Candle(QMatMul),
+    /// Multiplied by Veil's kernels.
+    Veil(VeilProduct),
+}
+
+impl Linear {
+    /// Prepares `weight` in `format` for `kernels`.
+    pub(crate) fn new(weight: Arc<QTensor>, format: WeightFormat, kernels: Kernels) -> Result<Self> {
+        Self::from_qmatmul(format.matmul(weight)?, kernels)
+    }
+
+    fn from_qmatmul(product: QMatMul, kernels: Kernels) -> Result<Self> {
+        if let (Kernels::Veil, QMatMul::QTensor(q)) = (kernels, &product) {
+            if let Some(op) = VeilProduct::from_qtensor(q)? {
+                return Ok(Self::Veil(op));
+            }
+        }
+        Ok(Self::Candle(product))
+    }
+
+    /// `x · weightᵀ`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Candle(m) => m.forward(x)?,
+            Self::Veil(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
+        })
+    }
+
+    /// The weight as dense f32 `(out, in)`.
+    pub(crate) fn dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Candle(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
+            Self::Veil(op) => op.dense()?,
+        })
+    }
+
+    /// A layer of the same format and kernels holding `dense` instead.
+    pub(crate) fn with_weight(&self, dense: Tensor) -> Result<Self> {
+        Ok(match self {
+            Self::Candle(QMatMul::QTensor(q)) => {
+                Self::Candle(QMatMul::from_qtensor(QTensor::quantize(&dense, q.dtype())?)?)
+            }
+            Self::Candle(QMatMul::Tensor(_)) => Self::Candle(QMatMul::Tensor(dense)),
+            Self::Candle(QMatMul::TensorF16(_)) => {
+                Self::Candle(QMatMul::TensorF16(dense.to_dtype(DType::F16)?))
+            }
+            Self::Veil(op) => {
+                let q = QTensor::quantize(&dense, ggml_dtype(op.0.format()))?;
+                Self::from_qmatmul(QMatMul::from_qtensor(q)?, Kernels::Veil)?
+            }
+        })
+    }
+}
+
+/// A quantized product run by `veil-kernels`, as a candle custom op.
+#[derive(Debug, Clone)]
+pub(crate) struct VeilProduct(Arc<QuantMatrix>);
+
+impl VeilProduct {
+    /// The op for `q`'s bytes, or `None` when the kernels do not cover its format.
+    fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        let format = match q.dtype() {
+            GgmlDType::Q4_1 => QuantFormat::Q4_1,
+            GgmlDType::Q8_0 => QuantFormat::Q8_0,
+            _ => return Ok(None),
+        };
+        let (rows, cols) = q.shape().dims2()?;
+        let matrix = QuantMatrix::new(format, rows, cols, q.data()?.into_owned())
+            .map_err(|e| ModelError::InvalidShard(e.to_string()))?;
+        Ok(Some(Self(Arc::new(matrix))))
+    }
+
+    fn dense(&self) -> Result<Tensor> {
+        let m = &self.0;
+        Ok(Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?)
+    }
+}
+
+fn ggml_dtype(format: QuantFormat) -> GgmlDType {
+    match format {
+        QuantFormat::Q4_1 => GgmlDType::Q4_1,
+        QuantFormat::Q8_0 => GgmlDType::Q8_0,
+    }
+}
+
+impl CustomOp1 for VeilProduct {
+    fn name(&self) -> &'static str {
+        "veil-quantized-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("{} takes f32 activations", self.name());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{} takes contiguous activations", self.name());
+        };
+        let mut dims = layout.shape().dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == self.0.cols() => *last = self.0.rows(),
+            _ => candle_core::bail!(
+                "{}: activations {:?} do not end in {} features",
+                self.name(),
+                layout.shape(),
+                self.0.cols()
+            ),
+        }
+        let x = &data[start..end];
+        let mut out = vec![0f32; x.len() / self.0.cols() * self.0.rows()];
+        self.0
+            .matmul(x, &mut out)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
