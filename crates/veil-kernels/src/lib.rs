@@ -5,7 +5,7 @@
 //! few kernels that close the gap, written the way llama.cpp does them: activations are
 //! quantized to 8-bit blocks once per product, weight blocks are multiplied with integer SIMD
 //! dot products (AVX2, or AVX-512 VNNI where the CPU has it, chosen at run time), and the rows of
-//! the output are split over the rayon pool. Everything else (attention, norms) stays in candle.
+//! the output are split over candle's barrier pool of spinning threads. Everything else (attention, norms) stays in candle.
 //!
 //! The weights keep GGUF's block layout byte for byte, so a loaded file needs no repacking and
 //! the same bytes can be handed back to candle.

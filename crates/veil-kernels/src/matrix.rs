@@ -2,9 +2,9 @@
 
 use std::cell::RefCell;
 use std::fmt;
+use std::sync::{Mutex, PoisonError};
 
 use half::f16;
-use rayon::prelude::*;
 
 use crate::activation::{quantize_rows, ActivationBlock};
 use crate::{scalar, Isa, KernelError, BLOCK};
@@ -173,9 +173,11 @@ impl QuantMatrix {
         &self.data[r * len..(r + 1) * len]
     }
 
-    /// Splits the weight rows over the rayon pool. One token writes its outputs directly; several
-    /// tokens are computed weight-row by weight-row (each weight row unpacked once for
-    /// [`ROW_TILE`] tokens) into a transposed buffer, then transposed into `out`.
+    /// Splits the weight rows over candle's barrier pool (persistent threads that spin
+    /// briefly between calls, so a decode step's hundreds of small products do not each pay a
+    /// thread wake-up; the calling thread takes a share). One token writes its outputs
+    /// directly; several tokens are computed weight row by weight row (each weight row unpacked
+    /// once for [`ROW_TILE`] tokens) into a transposed buffer, then transposed into `out`.
     fn multiply(
         &self,
         kernel: &RowKernel,
@@ -185,35 +187,26 @@ impl QuantMatrix {
     ) {
         let per_token = self.cols / BLOCK;
         let token = |t: usize| &acts[t * per_token..(t + 1) * per_token];
-        let chunk_rows = chunk_rows(self.rows);
+        let rows_of = |first: usize, outs: &mut [f32]| {
+            for (i, row_out) in outs.chunks_exact_mut(tokens).enumerate() {
+                let w = self.row(first + i);
+                let mut t = 0;
+                while t + ROW_TILE <= tokens {
+                    let four = kernel.four(w, [token(t), token(t + 1), token(t + 2), token(t + 3)]);
+                    row_out[t..t + ROW_TILE].copy_from_slice(&four);
+                    t += ROW_TILE;
+                }
+                for (t, o) in row_out.iter_mut().enumerate().skip(t) {
+                    *o = kernel.one(w, token(t));
+                }
+            }
+        };
         if tokens == 1 {
-            out.par_chunks_mut(chunk_rows)
-                .enumerate()
-                .for_each(|(c, outs)| {
-                    for (i, o) in outs.iter_mut().enumerate() {
-                        *o = kernel.one(self.row(c * chunk_rows + i), acts);
-                    }
-                });
+            split_rows(self.rows * per_token, out, 1, rows_of);
             return;
         }
         let mut transposed = vec![0f32; self.rows * tokens];
-        transposed
-            .par_chunks_mut(chunk_rows * tokens)
-            .enumerate()
-            .for_each(|(c, outs)| {
-                for (i, row_out) in outs.chunks_exact_mut(tokens).enumerate() {
-                    let w = self.row(c * chunk_rows + i);
-                    let mut t = 0;
-                    while t + ROW_TILE <= tokens {
-                        let four = kernel.four(w, [token(t), token(t + 1), token(t + 2), token(t + 3)]);
-                        row_out[t..t + ROW_TILE].copy_from_slice(&four);
-                        t += ROW_TILE;
-                    }
-                    for (t, o) in row_out.iter_mut().enumerate().skip(t) {
-                        *o = kernel.one(w, token(t));
-                    }
-                }
-            });
+        split_rows(self.rows * per_token * tokens, &mut transposed, tokens, rows_of);
         for (r, column) in transposed.chunks_exact(tokens).enumerate() {
             for (t, &v) in column.iter().enumerate() {
                 out[t * self.rows + r] = v;
@@ -222,11 +215,31 @@ impl QuantMatrix {
     }
 }
 
-/// Rows per unit of parallel work: enough units for the pool to balance, few enough that each
-/// is worth a task.
-fn chunk_rows(rows: usize) -> usize {
-    let units = rayon::current_num_threads() * 4;
-    rows.div_ceil(units).max(16)
+/// Below this many block products a product runs on the calling thread alone: handing work to
+/// the pool would cost more than it saves.
+const SERIAL_BLOCKS: usize = 2048;
+
+/// Calls `work(first_row, outputs)` on consecutive runs of rows (`per_row` outputs each)
+/// covering `out`, one run per thread of the pool.
+fn split_rows(blocks: usize, out: &mut [f32], per_row: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
+    let pool = candle_core::utils::barrier_pool();
+    let parts = pool.n_workers() + 1;
+    if parts == 1 || blocks < SERIAL_BLOCKS {
+        work(0, out);
+        return;
+    }
+    let rows = out.len() / per_row;
+    let rows_per_part = rows.div_ceil(parts);
+    // Each part takes its own slice; the locks are never contended, they only hand the
+    // disjoint slices across threads safely.
+    let slices: Vec<Mutex<&mut [f32]>> =
+        out.chunks_mut(rows_per_part * per_row).map(Mutex::new).collect();
+    pool.execute(|part| {
+        if let Some(slice) = slices.get(part) {
+            let mut slice = slice.lock().unwrap_or_else(PoisonError::into_inner);
+            work(part * rows_per_part, &mut slice);
+        }
+    });
 }
 
 /// The dot-product kernels for one format on one instruction set.
