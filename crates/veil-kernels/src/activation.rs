@@ -7,7 +7,7 @@
 
 use half::f16;
 
-use crate::BLOCK;
+use crate::{Isa, BLOCK};
 
 /// One block of 32 activations: `x ≈ d * qs`, with `s = d * Σ qs` for formats with an offset.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,14 +48,30 @@ impl ActivationBlock {
     }
 }
 
-/// Quantizes `rows` rows of `cols` values (`cols` a multiple of [`BLOCK`]) into `out`, reusing
-/// its allocation.
-pub(crate) fn quantize_rows(x: &[f32], out: &mut Vec<ActivationBlock>) {
+/// Quantizes `x` (a whole number of blocks) into `out`, reusing its allocation, with the
+/// instructions of `isa` (which the caller checked this CPU has).
+pub(crate) fn quantize_rows(x: &[f32], out: &mut Vec<ActivationBlock>, isa: Isa) {
     out.clear();
     out.resize(x.len() / BLOCK, ActivationBlock::ZERO);
     for (block, xs) in out.iter_mut().zip(x.chunks_exact(BLOCK)) {
         if let Ok(xs) = xs.try_into() {
-            *block = ActivationBlock::quantize(xs);
+            *block = match isa {
+                // SAFETY: both SIMD families include the AVX2 quantizer's features.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 | Isa::Avx512 => unsafe { crate::x86::quantize_avx2(xs) },
+                _ => ActivationBlock::quantize(xs),
+            };
         }
     }
+}
+
+/// [`ActivationBlock::quantize`] on the instructions of `isa`: the same block, bit for bit.
+/// Exposed so tests can hold every family to that.
+pub fn quantize_with(isa: Isa, xs: &[f32; BLOCK]) -> Option<ActivationBlock> {
+    if !isa.is_available() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(1);
+    quantize_rows(xs, &mut out, isa);
+    out.pop()
 }

@@ -12,13 +12,14 @@ pub enum Isa {
     /// 256-bit integer dot products (`vpmaddubsw`), FMA and F16C: every x86-64 from the last
     /// decade.
     Avx2,
-    /// AVX2 with VNNI's fused `vpdpbusd` dot product (AVX-512 VNNI with VL).
-    Avx512Vnni,
+    /// 512-bit VNNI dot products (`vpdpbusd`), two blocks at a time: AVX-512 F, BW, DQ and
+    /// VNNI on top of the AVX2 family's features.
+    Avx512,
 }
 
 impl Isa {
     /// Every family, fastest last.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
 
     /// The fastest family this CPU runs (detected once).
     pub fn best() -> Isa {
@@ -48,10 +49,12 @@ impl Isa {
                     && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => {
+            Isa::Avx512 => {
                 Isa::Avx2.is_available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512dq")
                     && is_x86_feature_detected!("avx512vnni")
-                    && is_x86_feature_detected!("avx512vl")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -64,7 +67,7 @@ impl fmt::Display for Isa {
         f.write_str(match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
-            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Avx512 => "avx512",
         })
     }
 }

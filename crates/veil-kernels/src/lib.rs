@@ -18,7 +18,7 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use activation::ActivationBlock;
+pub use activation::{quantize_with, ActivationBlock};
 pub use error::KernelError;
 pub use isa::Isa;
 pub use matrix::{QuantFormat, QuantMatrix};

@@ -161,7 +161,7 @@ impl QuantMatrix {
         let kernel = RowKernel::new(self.format, isa);
         ACTIVATIONS.with(|cell| {
             let mut acts = cell.borrow_mut();
-            quantize_rows(x, &mut acts);
+            quantize_rows(x, &mut acts, isa);
             self.multiply(&kernel, &acts, tokens, out);
         });
         Ok(())
@@ -277,9 +277,9 @@ impl RowKernel {
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx2, QuantFormat::Q8_0) => unsafe { crate::x86::dot_q8_0_avx2(w, a) },
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, QuantFormat::Q4_1) => unsafe { crate::x86::dot_q4_1_vnni(w, a) },
+            (Isa::Avx512, QuantFormat::Q4_1) => unsafe { crate::x86::dot_q4_1_avx512(w, a) },
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, QuantFormat::Q8_0) => unsafe { crate::x86::dot_q8_0_vnni(w, a) },
+            (Isa::Avx512, QuantFormat::Q8_0) => unsafe { crate::x86::dot_q8_0_avx512(w, a) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("only the scalar kernels exist off x86-64"),
         }

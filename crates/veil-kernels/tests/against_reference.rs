@@ -234,3 +234,29 @@ fn bad_shapes_are_errors_not_panics() {
     assert!(matrix.matmul(&[1.0; 32], &mut out).is_ok());
     assert!(matrix.matmul(&[], &mut []).is_ok());
 }
+
+#[test]
+fn every_family_quantizes_activations_bit_for_bit_like_the_reference() {
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let mut blocks: Vec<[f32; BLOCK]> = (0..2000)
+        .map(|i| {
+            let scale = [1e-6f32, 1e-2, 1.0, 40.0, 3e4][i % 5];
+            std::array::from_fn(|_| rng.random_range(-1.0f32..1.0) * scale)
+        })
+        .collect();
+    // Exact halves after scaling (127 sets the scale to 1): ties round away from zero.
+    blocks.push(std::array::from_fn(|j| if j == 0 { 127.0 } else { j as f32 - 15.5 }));
+    blocks.push(std::array::from_fn(|j| if j == 0 { -127.0 } else { 0.5 - j as f32 }));
+    blocks.push([0.0; BLOCK]);
+    blocks.push(std::array::from_fn(|j| if j == 7 { -2.0 } else { 0.0 }));
+    for xs in &blocks {
+        let reference = ActivationBlock::quantize(xs);
+        for isa in Isa::available() {
+            let got = veil_kernels::quantize_with(isa, xs).expect("available");
+            assert_eq!(got, reference, "{isa} on {xs:?}");
+        }
+    }
+    let tie = ActivationBlock::quantize(&blocks[2000]);
+    assert_eq!(tie.qs[1..5], [-15, -14, -13, -12]);
+    assert_eq!(tie.qs[16..20], [1, 2, 3, 4]);
+}
