@@ -10,39 +10,56 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
-use veil_kernels::{QuantFormat, QuantMatrix};
+use veil_kernels::{Isa, QuantFormat, QuantMatrix};
 
 use crate::error::{ModelError, Result};
 use crate::weights::WeightFormat;
 
 /// Whose kernels multiply quantized weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernels {
-    /// Veil's (`veil-kernels`): SIMD chosen at run time, the default.
-    #[default]
-    Veil,
-    /// candle's, as it comes: kept to measure against and to fall back on.
+    /// Veil's (`veil-kernels`) on one instruction set: the fastest this CPU has by default,
+    /// the scalar reference or another family to compare.
+    Veil(Isa),
+    /// candle's, as it comes: kept to measure against.
     Candle,
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Kernels::Veil(Isa::best())
+    }
 }
 
 impl fmt::Display for Kernels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kernels::Veil => "veil",
-            Kernels::Candle => "candle",
-        })
+        match self {
+            Kernels::Veil(isa) => write!(f, "veil ({isa})"),
+            Kernels::Candle => f.write_str("candle"),
+        }
     }
 }
 
 impl FromStr for Kernels {
     type Err = ModelError;
 
+    /// `veil` (the fastest family here), `candle`, or a family: `scalar`, `avx2`, `avx512`.
     fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "veil" => Ok(Kernels::Veil),
-            "candle" => Ok(Kernels::Candle),
-            _ => Err(ModelError::InvalidInput(format!(
-                "unknown kernels {s:?}: use veil or candle"
+        let s = s.to_ascii_lowercase();
+        if s == "veil" {
+            return Ok(Kernels::default());
+        }
+        if s == "candle" {
+            return Ok(Kernels::Candle);
+        }
+        match Isa::ALL.into_iter().find(|isa| isa.to_string() == s) {
+            Some(isa) if isa.is_available() => Ok(Kernels::Veil(isa)),
+            Some(isa) => Err(ModelError::InvalidInput(format!(
+                "this CPU cannot run the {isa} kernels; it has {:?}",
+                Isa::available()
+            ))),
+            None => Err(ModelError::InvalidInput(format!(
+                "unknown kernels {s:?}: use veil, candle, scalar, avx2 or avx512"
             ))),
         }
     }
@@ -64,8 +81,8 @@ impl Linear {
     }
 
     fn from_qmatmul(product: QMatMul, kernels: Kernels) -> Result<Self> {
-        if let (Kernels::Veil, QMatMul::QTensor(q)) = (kernels, &product) {
-            if let Some(op) = VeilProduct::from_qtensor(q)? {
+        if let (Kernels::Veil(isa), QMatMul::QTensor(q)) = (kernels, &product) {
+            if let Some(op) = VeilProduct::from_qtensor(q, isa)? {
                 return Ok(Self::Veil(op));
             }
         }
@@ -100,8 +117,8 @@ impl Linear {
                 Self::Candle(QMatMul::TensorF16(dense.to_dtype(DType::F16)?))
             }
             Self::Veil(op) => {
-                let q = QTensor::quantize(&dense, ggml_dtype(op.0.format()))?;
-                Self::from_qmatmul(QMatMul::from_qtensor(q)?, Kernels::Veil)?
+                let q = QTensor::quantize(&dense, ggml_dtype(op.matrix.format()))?;
+                Self::from_qmatmul(QMatMul::from_qtensor(q)?, Kernels::Veil(op.isa))?
             }
         })
     }
@@ -109,11 +126,14 @@ impl Linear {
 
 /// A quantized product run by `veil-kernels`, as a candle custom op.
 #[derive(Debug, Clone)]
-pub(crate) struct VeilProduct(Arc<QuantMatrix>);
+pub(crate) struct VeilProduct {
+    matrix: Arc<QuantMatrix>,
+    isa: Isa,
+}
 
 impl VeilProduct {
     /// The op for `q`'s bytes, or `None` when the kernels do not cover its format.
-    fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+    fn from_qtensor(q: &QTensor, isa: Isa) -> Result<Option<Self>> {
         let format = match q.dtype() {
             GgmlDType::Q4_1 => QuantFormat::Q4_1,
             GgmlDType::Q8_0 => QuantFormat::Q8_0,
@@ -122,11 +142,14 @@ impl VeilProduct {
         let (rows, cols) = q.shape().dims2()?;
         let matrix = QuantMatrix::new(format, rows, cols, q.data()?.into_owned())
             .map_err(|e| ModelError::InvalidShard(e.to_string()))?;
-        Ok(Some(Self(Arc::new(matrix))))
+        Ok(Some(Self {
+            matrix: Arc::new(matrix),
+            isa,
+        }))
     }
 
     fn dense(&self) -> Result<Tensor> {
-        let m = &self.0;
+        let m = &self.matrix;
         Ok(Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?)
     }
 }
@@ -156,18 +179,18 @@ impl CustomOp1 for VeilProduct {
         };
         let mut dims = layout.shape().dims().to_vec();
         match dims.last_mut() {
-            Some(last) if *last == self.0.cols() => *last = self.0.rows(),
+            Some(last) if *last == self.matrix.cols() => *last = self.matrix.rows(),
             _ => candle_core::bail!(
                 "{}: activations {:?} do not end in {} features",
                 self.name(),
                 layout.shape(),
-                self.0.cols()
+                self.matrix.cols()
             ),
         }
         let x = &data[start..end];
-        let mut out = vec![0f32; x.len() / self.0.cols() * self.0.rows()];
-        self.0
-            .matmul(x, &mut out)
+        let mut out = vec![0f32; x.len() / self.matrix.cols() * self.matrix.rows()];
+        self.matrix
+            .matmul_with(self.isa, x, &mut out)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }

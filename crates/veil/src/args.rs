@@ -30,8 +30,8 @@ pub struct ModelArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
 
-    /// Whose kernels multiply quantized weights: veil (SIMD chosen at run time) or candle (as
-    /// it comes, kept for comparison).
+    /// Whose kernels multiply quantized weights: veil (the fastest SIMD this CPU has), one of
+    /// its families (scalar, avx2, avx512), or candle (as it comes, kept for comparison).
     #[arg(long, default_value = "veil", value_parser = parse_kernels)]
     pub kernels: Kernels,
 }

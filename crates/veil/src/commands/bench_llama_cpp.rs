@@ -89,7 +89,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             spinner.finish_and_clear();
             model.with_context(|| format!("cannot load {}", file.display()))
         };
-        let veil = load(Kernels::Veil)?;
+        let veil = load(Kernels::default())?;
         let candle = load(Kernels::Candle)?;
         let prompt = veil.chat_prompt(&[ChatMessage::user(args.prompt.clone())])?;
         ensure!(
