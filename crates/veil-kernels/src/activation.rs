@@ -3,7 +3,7 @@
 //!
 //! The rounding follows ggml's `quantize_row_q8_0` / `quantize_row_q8_1` (and candle's copies of
 //! them) exactly, scales rounded through f16 included, so a product here sums the same integers
-//! with the same scales as candle and llama.cpp; only the order of float additions differs.
+//! with the same scales as candle's reference kernels.
 
 use half::f16;
 
@@ -11,7 +11,6 @@ use crate::{Isa, BLOCK};
 
 /// One block of 32 activations: `x ≈ d * qs`, with `s = d * Σ qs` for formats with an offset.
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[repr(C)]
 pub struct ActivationBlock {
     /// The scale (an f16 value, held as f32 so the hot loop needs no conversion).
     pub d: f32,
@@ -22,23 +21,21 @@ pub struct ActivationBlock {
 }
 
 impl ActivationBlock {
-    const ZERO: Self = Self {
-        d: 0.0,
-        s: 0.0,
-        qs: [0; BLOCK],
-    };
-
-    /// Quantizes 32 values.
+    /// Quantizes 32 values: the reference every instruction set matches bit for bit.
     pub fn quantize(xs: &[f32; BLOCK]) -> Self {
         let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut qs = [0i8; BLOCK];
-        let mut sum = 0i32;
         for (q, &x) in qs.iter_mut().zip(xs) {
             *q = (x * id).round() as i8;
-            sum += *q as i32;
         }
+        Self::with_values(d, qs)
+    }
+
+    /// The block for scale `d` (before f16 rounding) and values `qs`.
+    pub(crate) fn with_values(d: f32, qs: [i8; BLOCK]) -> Self {
+        let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
         let d = f16::from_f32(d);
         Self {
             d: d.to_f32(),
@@ -48,19 +45,50 @@ impl ActivationBlock {
     }
 }
 
-/// Quantizes `x` (a whole number of blocks) into `out`, reusing its allocation, with the
-/// instructions of `isa` (which the caller checked this CPU has).
-pub(crate) fn quantize_rows(x: &[f32], out: &mut Vec<ActivationBlock>, isa: Isa) {
-    out.clear();
-    out.resize(x.len() / BLOCK, ActivationBlock::ZERO);
-    for (block, xs) in out.iter_mut().zip(x.chunks_exact(BLOCK)) {
-        if let Ok(xs) = xs.try_into() {
-            *block = match isa {
+/// Rows of quantized activations, each field in its own array so the kernels load eight
+/// scales at once.
+#[derive(Debug, Default)]
+pub(crate) struct Activations {
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub qs: Vec<[i8; BLOCK]>,
+}
+
+/// One row of [`Activations`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ActivationRow<'a> {
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+    pub qs: &'a [[i8; BLOCK]],
+}
+
+impl Activations {
+    /// Quantizes `x` (a whole number of blocks), reusing the allocations, with the
+    /// instructions of `isa` (which the caller checked this CPU has).
+    pub fn quantize(&mut self, x: &[f32], isa: Isa) {
+        self.d.clear();
+        self.s.clear();
+        self.qs.clear();
+        for xs in x.chunks_exact(BLOCK) {
+            let Ok(xs) = xs.try_into() else { continue };
+            let block = match isa {
                 // SAFETY: both SIMD families include the AVX2 quantizer's features.
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 | Isa::Avx512 => unsafe { crate::x86::quantize_avx2(xs) },
                 _ => ActivationBlock::quantize(xs),
             };
+            self.d.push(block.d);
+            self.s.push(block.s);
+            self.qs.push(block.qs);
+        }
+    }
+
+    /// Blocks `first..first + len`.
+    pub fn row(&self, first: usize, len: usize) -> ActivationRow<'_> {
+        ActivationRow {
+            d: &self.d[first..first + len],
+            s: &self.s[first..first + len],
+            qs: &self.qs[first..first + len],
         }
     }
 }
@@ -71,7 +99,11 @@ pub fn quantize_with(isa: Isa, xs: &[f32; BLOCK]) -> Option<ActivationBlock> {
     if !isa.is_available() {
         return None;
     }
-    let mut out = Vec::with_capacity(1);
-    quantize_rows(xs, &mut out, isa);
-    out.pop()
+    let mut out = Activations::default();
+    out.quantize(xs, isa);
+    Some(ActivationBlock {
+        d: *out.d.first()?,
+        s: *out.s.first()?,
+        qs: *out.qs.first()?,
+    })
 }

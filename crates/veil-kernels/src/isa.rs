@@ -12,8 +12,8 @@ pub enum Isa {
     /// 256-bit integer dot products (`vpmaddubsw`), FMA and F16C: every x86-64 from the last
     /// decade.
     Avx2,
-    /// 512-bit VNNI dot products (`vpdpbusd`), two blocks at a time: AVX-512 F, BW, DQ and
-    /// VNNI on top of the AVX2 family's features.
+    /// The AVX2 family with AVX-512 VNNI's fused dot product (`vpdpbusd`, with VL) in place
+    /// of the two-instruction AVX2 one.
     Avx512,
 }
 
@@ -51,10 +51,8 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 Isa::Avx2.is_available()
-                    && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512dq")
                     && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,

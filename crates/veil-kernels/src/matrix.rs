@@ -6,7 +6,7 @@ use std::sync::{Mutex, PoisonError};
 
 use half::f16;
 
-use crate::activation::{quantize_rows, ActivationBlock};
+use crate::activation::{ActivationRow, Activations};
 use crate::{scalar, Isa, KernelError, BLOCK};
 
 /// The GGUF block formats these kernels multiply.
@@ -26,6 +26,14 @@ impl QuantFormat {
             QuantFormat::Q8_0 => 34,
         }
     }
+
+    /// Bytes of quantized values per block (the rest are f16 scale and offset).
+    fn value_bytes(self) -> usize {
+        match self {
+            QuantFormat::Q4_1 => 16,
+            QuantFormat::Q8_0 => 32,
+        }
+    }
 }
 
 impl fmt::Display for QuantFormat {
@@ -37,14 +45,28 @@ impl fmt::Display for QuantFormat {
     }
 }
 
-/// A `(rows, cols)` weight matrix in a block format, rows stored one after another: the layout
-/// of a GGUF tensor whose rows are the outputs of a linear layer.
+/// A `(rows, cols)` weight matrix in a block format: the rows of a GGUF tensor (the outputs of
+/// a linear layer), unpacked at load into values, scales and offsets held apart, so the kernels
+/// load eight scales at once and convert no f16 in the hot loop.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     format: QuantFormat,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    /// Each block's quantized values, blocks in row order.
+    qs: Vec<u8>,
+    /// Each block's scale.
+    d: Vec<f32>,
+    /// Each block's offset (Q4_1 only).
+    m: Vec<f32>,
+}
+
+/// One row of a [`QuantMatrix`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WeightRow<'a> {
+    pub qs: &'a [u8],
+    pub d: &'a [f32],
+    pub m: &'a [f32],
 }
 
 /// How many rows of activations one kernel call multiplies against a weight row, so the weight
@@ -54,16 +76,16 @@ const ROW_TILE: usize = 4;
 thread_local! {
     /// The quantized activations of the product in progress on this thread, kept between calls
     /// so decoding does not allocate them per token.
-    static ACTIVATIONS: RefCell<Vec<ActivationBlock>> = const { RefCell::new(Vec::new()) };
+    static ACTIVATIONS: RefCell<Activations> = RefCell::new(Activations::default());
 }
 
 impl QuantMatrix {
-    /// Takes a matrix's raw blocks, checking they fit its shape.
+    /// Unpacks a matrix's raw GGUF blocks, checking they fit its shape.
     pub fn new(
         format: QuantFormat,
         rows: usize,
         cols: usize,
-        data: Vec<u8>,
+        data: &[u8],
     ) -> Result<Self, KernelError> {
         if rows == 0 || cols == 0 || !cols.is_multiple_of(BLOCK) {
             return Err(KernelError::BadMatrix(format!(
@@ -79,12 +101,26 @@ impl QuantMatrix {
                 data.len()
             )));
         }
-        Ok(Self {
+        let blocks = data.len() / format.block_bytes();
+        let mut matrix = Self {
             format,
             rows,
             cols,
-            data,
-        })
+            qs: Vec::with_capacity(blocks * format.value_bytes()),
+            d: Vec::with_capacity(blocks),
+            m: Vec::new(),
+        };
+        for block in data.chunks_exact(format.block_bytes()) {
+            matrix.d.push(f16_at(block, 0));
+            match format {
+                QuantFormat::Q4_1 => {
+                    matrix.m.push(f16_at(block, 2));
+                    matrix.qs.extend_from_slice(&block[4..]);
+                }
+                QuantFormat::Q8_0 => matrix.qs.extend_from_slice(&block[2..]),
+            }
+        }
+        Ok(matrix)
     }
 
     /// The block format.
@@ -102,27 +138,20 @@ impl QuantMatrix {
         self.cols
     }
 
-    /// The raw blocks, in GGUF's layout.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.data
-    }
-
     /// The matrix as `rows * cols` floats, row-major: the reference the kernels are tested
     /// against, and what re-quantizing starts from.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        for block in self.data.chunks_exact(self.format.block_bytes()) {
-            let d = f16_at(block, 0);
+        let values = self.qs.chunks_exact(self.format.value_bytes());
+        for (b, qs) in values.enumerate() {
+            let d = self.d[b];
             match self.format {
                 QuantFormat::Q4_1 => {
-                    let m = f16_at(block, 2);
-                    let qs = &block[4..20];
+                    let m = self.m[b];
                     out.extend(qs.iter().map(|q| d * f32::from(q & 0x0F) + m));
                     out.extend(qs.iter().map(|q| d * f32::from(q >> 4) + m));
                 }
-                QuantFormat::Q8_0 => {
-                    out.extend(block[2..34].iter().map(|&q| d * f32::from(q as i8)));
-                }
+                QuantFormat::Q8_0 => out.extend(qs.iter().map(|&q| d * f32::from(q as i8))),
             }
         }
         out
@@ -161,16 +190,25 @@ impl QuantMatrix {
         let kernel = RowKernel::new(self.format, isa);
         ACTIVATIONS.with(|cell| {
             let mut acts = cell.borrow_mut();
-            quantize_rows(x, &mut acts, isa);
+            acts.quantize(x, isa);
             self.multiply(&kernel, &acts, tokens, out);
         });
         Ok(())
     }
 
-    /// The blocks of weight row `r`.
-    fn row(&self, r: usize) -> &[u8] {
-        let len = self.cols / BLOCK * self.format.block_bytes();
-        &self.data[r * len..(r + 1) * len]
+    /// Weight row `r`.
+    fn row(&self, r: usize) -> WeightRow<'_> {
+        let blocks = self.cols / BLOCK;
+        let values = blocks * self.format.value_bytes();
+        WeightRow {
+            qs: &self.qs[r * values..(r + 1) * values],
+            d: &self.d[r * blocks..(r + 1) * blocks],
+            m: if self.m.is_empty() {
+                &[]
+            } else {
+                &self.m[r * blocks..(r + 1) * blocks]
+            },
+        }
     }
 
     /// Splits the weight rows over candle's barrier pool (persistent threads that spin
@@ -181,12 +219,12 @@ impl QuantMatrix {
     fn multiply(
         &self,
         kernel: &RowKernel,
-        acts: &[ActivationBlock],
+        acts: &Activations,
         tokens: usize,
         out: &mut [f32],
     ) {
         let per_token = self.cols / BLOCK;
-        let token = |t: usize| &acts[t * per_token..(t + 1) * per_token];
+        let token = |t: usize| acts.row(t * per_token, per_token);
         let rows_of = |first: usize, outs: &mut [f32]| {
             for (i, row_out) in outs.chunks_exact_mut(tokens).enumerate() {
                 let w = self.row(first + i);
@@ -255,18 +293,18 @@ impl RowKernel {
 
     /// One weight row times one token's activations.
     #[inline]
-    fn one(&self, w: &[u8], a: &[ActivationBlock]) -> f32 {
+    fn one(&self, w: WeightRow<'_>, a: ActivationRow<'_>) -> f32 {
         self.dots(w, [a])[0]
     }
 
     /// One weight row times four tokens' activations.
     #[inline]
-    fn four(&self, w: &[u8], a: [&[ActivationBlock]; ROW_TILE]) -> [f32; ROW_TILE] {
+    fn four(&self, w: WeightRow<'_>, a: [ActivationRow<'_>; ROW_TILE]) -> [f32; ROW_TILE] {
         self.dots(w, a)
     }
 
     #[inline]
-    fn dots<const R: usize>(&self, w: &[u8], a: [&[ActivationBlock]; R]) -> [f32; R] {
+    fn dots<const R: usize>(&self, w: WeightRow<'_>, a: [ActivationRow<'_>; R]) -> [f32; R] {
         // SAFETY: `matmul_with` checked the CPU has the features of `self.isa`; the slices hold
         // whole blocks of the same count (the matrix and the activations were checked).
         match (self.isa, self.format) {

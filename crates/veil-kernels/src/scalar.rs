@@ -1,43 +1,40 @@
-//! The reference kernels: plain loops, one block at a time, the sums in ggml's order.
+//! The reference kernels: plain loops in ggml's order. Each block's integer sum is exact; the
+//! float terms are then added block by block, `sum += isum · d_w · d_x (+ m_w · s_x)`, each
+//! operation rounded on its own. The SIMD kernels keep exactly this order, so every family
+//! returns the same bits.
 
-use half::f16;
-
-use crate::activation::ActivationBlock;
+use crate::activation::ActivationRow;
+use crate::matrix::WeightRow;
 
 /// Q4_1 weight row times `R` activation rows.
-pub(crate) fn dot_q4_1<const R: usize>(w: &[u8], a: [&[ActivationBlock]; R]) -> [f32; R] {
-    let mut sums = [0f32; R];
-    for (b, block) in w.chunks_exact(20).enumerate() {
-        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-        let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
-        let qs = &block[4..20];
-        for (sum, a) in sums.iter_mut().zip(a) {
-            let a = &a[b];
+pub(crate) fn dot_q4_1<const R: usize>(w: WeightRow<'_>, a: [ActivationRow<'_>; R]) -> [f32; R] {
+    a.map(|a| {
+        let mut sum = 0f32;
+        for b in 0..w.d.len() {
+            let qs = &w.qs[b * 16..(b + 1) * 16];
             let mut isum = 0i32;
             for (j, &q) in qs.iter().enumerate() {
-                isum += i32::from(q & 0x0F) * i32::from(a.qs[j])
-                    + i32::from(q >> 4) * i32::from(a.qs[j + 16]);
+                isum += i32::from(q & 0x0F) * i32::from(a.qs[b][j])
+                    + i32::from(q >> 4) * i32::from(a.qs[b][j + 16]);
             }
-            *sum += isum as f32 * d * a.d + m * a.s;
+            sum += isum as f32 * w.d[b] * a.d[b] + w.m[b] * a.s[b];
         }
-    }
-    sums
+        sum
+    })
 }
 
 /// Q8_0 weight row times `R` activation rows.
-pub(crate) fn dot_q8_0<const R: usize>(w: &[u8], a: [&[ActivationBlock]; R]) -> [f32; R] {
-    let mut sums = [0f32; R];
-    for (b, block) in w.chunks_exact(34).enumerate() {
-        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-        let qs = &block[2..34];
-        for (sum, a) in sums.iter_mut().zip(a) {
-            let isum: i32 = qs
+pub(crate) fn dot_q8_0<const R: usize>(w: WeightRow<'_>, a: [ActivationRow<'_>; R]) -> [f32; R] {
+    a.map(|a| {
+        let mut sum = 0f32;
+        for b in 0..w.d.len() {
+            let isum: i32 = w.qs[b * 32..(b + 1) * 32]
                 .iter()
-                .zip(&a[b].qs)
+                .zip(&a.qs[b])
                 .map(|(&q, &x)| i32::from(q as i8) * i32::from(x))
                 .sum();
-            *sum += isum as f32 * d * a[b].d;
+            sum += isum as f32 * w.d[b] * a.d[b];
         }
-    }
-    sums
+        sum
+    })
 }

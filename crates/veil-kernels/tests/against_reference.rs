@@ -1,7 +1,6 @@
-//! Every kernel family this CPU has against the plain reference: bit-exact where the float
-//! arithmetic is exact (power-of-two scales, small integers), within a tight tolerance on random
-//! data, on odd shapes, single rows, and the edge values of each format; and against candle's
-//! own quantized matmul on the same bytes.
+//! The scalar reference against exact (f64) arithmetic, and every kernel family this CPU has
+//! against the scalar reference, bit for bit, on random data, odd shapes, single rows and the
+//! edge values of each format; and against candle's own quantized matmul on the same bytes.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -34,7 +33,7 @@ fn random_matrix(
     cols: usize,
     rng: &mut ChaCha20Rng,
     mut scale: impl FnMut(&mut ChaCha20Rng) -> f32,
-) -> QuantMatrix {
+) -> (QuantMatrix, Vec<u8>) {
     let mut data = Vec::new();
     for _ in 0..rows * cols / BLOCK {
         data.extend(f16::from_f32(scale(rng)).to_le_bytes());
@@ -44,12 +43,13 @@ fn random_matrix(
         let values = if format == QuantFormat::Q4_1 { 16 } else { 32 };
         data.extend((0..values).map(|_| rng.random::<u8>()));
     }
-    QuantMatrix::new(format, rows, cols, data).expect("valid matrix")
+    let matrix = QuantMatrix::new(format, rows, cols, &data).expect("valid matrix");
+    (matrix, data)
 }
 
 /// The product in f64 over the dequantized weights and the dequantized activations, with each
 /// block's offset term taken from the activations' stored sum as the kernels do.
-fn reference(matrix: &QuantMatrix, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+fn reference(matrix: &QuantMatrix, bytes: &[u8], x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let (rows, cols) = (matrix.rows(), matrix.cols());
     let w = matrix.dequantize();
     let blocks: Vec<ActivationBlock> = x
@@ -66,7 +66,7 @@ fn reference(matrix: &QuantMatrix, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
                 let wb = &w[r * cols + b * BLOCK..r * cols + (b + 1) * BLOCK];
                 // Q4_1's offset m is the smallest value a block can hold plus 0·d: recover it
                 // from the bytes rather than the floats.
-                let m = offset(matrix, r, b);
+                let m = offset(matrix, bytes, r, b);
                 for (j, &wj) in wb.iter().enumerate() {
                     let term = f64::from(wj - m) * f64::from(a.d) * f64::from(a.qs[j]);
                     sum += term;
@@ -83,11 +83,10 @@ fn reference(matrix: &QuantMatrix, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
 }
 
 /// Q4_1's per-block offset (0 for Q8_0).
-fn offset(matrix: &QuantMatrix, row: usize, block: usize) -> f32 {
+fn offset(matrix: &QuantMatrix, bytes: &[u8], row: usize, block: usize) -> f32 {
     if matrix.format() != QuantFormat::Q4_1 {
         return 0.0;
     }
-    let bytes = matrix.as_bytes();
     let at = (row * matrix.cols() / BLOCK + block) * 20;
     f16::from_le_bytes([bytes[at + 2], bytes[at + 3]]).to_f32()
 }
@@ -98,24 +97,32 @@ fn run(matrix: &QuantMatrix, isa: Isa, x: &[f32]) -> Vec<f32> {
     out
 }
 
+/// Every output within float rounding of the exact product.
+fn assert_close(got: &[f32], expected: &[f64], magnitude: &[f64], what: &str) {
+    for (i, ((&g, &e), &m)) in got.iter().zip(expected).zip(magnitude).enumerate() {
+        let err = (f64::from(g) - e).abs();
+        assert!(
+            g.is_finite() && err <= 1e-5 * m + 1e-6,
+            "{what}, output {i}: {g} vs {e} (error {err:e}, magnitude {m:e})"
+        );
+    }
+}
+
 #[test]
-fn every_family_matches_the_reference_on_random_data() {
+fn every_family_returns_the_references_bits_on_random_data() {
     let mut rng = ChaCha20Rng::seed_from_u64(7);
     println!("kernel families on this CPU: {:?}", Isa::available());
     for format in FORMATS {
         for (rows, cols, tokens) in SHAPES {
-            let matrix = random_matrix(format, rows, cols, &mut rng, |r| r.random_range(0.001..0.05));
+            let (matrix, bytes) =
+                random_matrix(format, rows, cols, &mut rng, |r| r.random_range(0.001..0.05));
             let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
-            let (expected, magnitude) = reference(&matrix, &x);
+            let what = format!("{format} ({rows}, {cols}) × {tokens} tokens");
+            let scalar = run(&matrix, Isa::Scalar, &x);
+            let (expected, magnitude) = reference(&matrix, &bytes, &x);
+            assert_close(&scalar, &expected, &magnitude, &what);
             for isa in Isa::available() {
-                let got = run(&matrix, isa, &x);
-                for (i, ((&g, &e), &m)) in got.iter().zip(&expected).zip(&magnitude).enumerate() {
-                    let err = (f64::from(g) - e).abs();
-                    assert!(
-                        err <= 1e-5 * m + 1e-6,
-                        "{format} {isa} ({rows}, {cols}) × {tokens} tokens, output {i}: {g} vs {e} (error {err:e}, magnitude {m:e})"
-                    );
-                }
+                assert_eq!(run(&matrix, isa, &x), scalar, "{isa} {what}");
             }
         }
     }
@@ -130,12 +137,12 @@ fn families_are_bit_exact_where_float_sums_are_exact() {
     let pow2 = |r: &mut ChaCha20Rng| [0.25f32, 0.5, 1.0, 2.0][r.random_range(0..4)];
     for format in FORMATS {
         for (rows, cols, tokens) in SHAPES {
-            let matrix = random_matrix(format, rows, cols, &mut rng, pow2);
+            let (matrix, bytes) = random_matrix(format, rows, cols, &mut rng, pow2);
             let x: Vec<f32> = (0..tokens * cols)
                 .map(|i| if i % BLOCK == 5 { 127.0 } else { rng.random_range(-40i32..=40) as f32 })
                 .collect();
             let scalar = run(&matrix, Isa::Scalar, &x);
-            let (expected, _) = reference(&matrix, &x);
+            let (expected, _) = reference(&matrix, &bytes, &x);
             for (&s, &e) in scalar.iter().zip(&expected) {
                 assert_eq!(f64::from(s), e, "{format} scalar ({rows}, {cols}) × {tokens}");
             }
@@ -166,20 +173,18 @@ fn edge_values_of_each_format() {
                 }
             }
         }
-        let matrix = QuantMatrix::new(format, 4, cols, data).expect("matrix");
+        let matrix = QuantMatrix::new(format, 4, cols, &data).expect("matrix");
         let inputs: [Vec<f32>; 3] = [
             vec![0.0; cols],
             (0..cols).map(|j| if j % 3 == 0 { -1e4 } else { 7e3 }).collect(),
             (0..cols).map(|j| (j as f32 - 31.5) / 8.0).collect(),
         ];
         for x in inputs {
-            let (expected, magnitude) = reference(&matrix, &x);
+            let (expected, magnitude) = reference(&matrix, &data, &x);
+            let scalar = run(&matrix, Isa::Scalar, &x);
+            assert_close(&scalar, &expected, &magnitude, &format!("{format} edge values"));
             for isa in Isa::available() {
-                let got = run(&matrix, isa, &x);
-                for ((&g, &e), &m) in got.iter().zip(&expected).zip(&magnitude) {
-                    assert!(g.is_finite(), "{format} {isa}: {g}");
-                    assert!((f64::from(g) - e).abs() <= 1e-5 * m + 1e-6, "{format} {isa}: {g} vs {e}");
-                }
+                assert_eq!(run(&matrix, isa, &x), scalar, "{format} {isa} edge values");
             }
         }
     }
@@ -193,8 +198,8 @@ fn agrees_with_candles_quantized_matmul_on_the_same_bytes() {
         let dense: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-0.2..0.2)).collect();
         let dense = Tensor::from_vec(dense, (rows, cols), &Device::Cpu).expect("tensor");
         let q = QTensor::quantize(&dense, dtype).expect("quantize");
-        let matrix = QuantMatrix::new(format, rows, cols, q.data().expect("bytes").into_owned())
-            .expect("matrix");
+        let bytes = q.data().expect("bytes").into_owned();
+        let matrix = QuantMatrix::new(format, rows, cols, &bytes).expect("matrix");
         let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
         let xt = Tensor::from_vec(x.clone(), (tokens, cols), &Device::Cpu).expect("tensor");
         let candle = candle_core::quantized::QMatMul::from_qtensor(q)
@@ -206,7 +211,7 @@ fn agrees_with_candles_quantized_matmul_on_the_same_bytes() {
             .to_vec1::<f32>()
             .expect("vec");
         let ours = run(&matrix, Isa::best(), &x);
-        let (_, magnitude) = reference(&matrix, &x);
+        let (_, magnitude) = reference(&matrix, &bytes, &x);
         for ((&c, &o), &m) in candle.iter().zip(&ours).zip(&magnitude) {
             assert!(
                 (f64::from(c) - f64::from(o)).abs() <= 1e-5 * m + 1e-6,
@@ -219,15 +224,15 @@ fn agrees_with_candles_quantized_matmul_on_the_same_bytes() {
 #[test]
 fn bad_shapes_are_errors_not_panics() {
     let ok = vec![0u8; 2 * 20];
-    assert!(matches!(QuantMatrix::new(QuantFormat::Q4_1, 2, 33, ok.clone()), Err(KernelError::BadMatrix(_))));
-    assert!(matches!(QuantMatrix::new(QuantFormat::Q4_1, 0, 32, vec![]), Err(KernelError::BadMatrix(_))));
-    assert!(matches!(QuantMatrix::new(QuantFormat::Q4_1, 2, 32, vec![0; 39]), Err(KernelError::BadMatrix(_))));
-    assert!(matches!(QuantMatrix::new(QuantFormat::Q8_0, 2, 32, ok.clone()), Err(KernelError::BadMatrix(_))));
-    assert!(matches!(
-        QuantMatrix::new(QuantFormat::Q4_1, usize::MAX / 2, 64, ok.clone()),
-        Err(KernelError::BadMatrix(_))
-    ));
-    let matrix = QuantMatrix::new(QuantFormat::Q4_1, 2, 32, ok).expect("matrix");
+    let bad = |format, rows, cols, data: &[u8]| {
+        matches!(QuantMatrix::new(format, rows, cols, data), Err(KernelError::BadMatrix(_)))
+    };
+    assert!(bad(QuantFormat::Q4_1, 2, 33, &ok));
+    assert!(bad(QuantFormat::Q4_1, 0, 32, &[]));
+    assert!(bad(QuantFormat::Q4_1, 2, 32, &[0; 39]));
+    assert!(bad(QuantFormat::Q8_0, 2, 32, &ok));
+    assert!(bad(QuantFormat::Q4_1, usize::MAX / 2, 64, &ok));
+    let matrix = QuantMatrix::new(QuantFormat::Q4_1, 2, 32, &ok).expect("matrix");
     let mut out = vec![0f32; 2];
     assert!(matches!(matrix.matmul(&[0.0; 31], &mut out), Err(KernelError::Shape(_))));
     assert!(matches!(matrix.matmul(&[0.0; 64], &mut out), Err(KernelError::Shape(_))));

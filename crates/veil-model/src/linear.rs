@@ -140,7 +140,7 @@ impl VeilProduct {
             _ => return Ok(None),
         };
         let (rows, cols) = q.shape().dims2()?;
-        let matrix = QuantMatrix::new(format, rows, cols, q.data()?.into_owned())
+        let matrix = QuantMatrix::new(format, rows, cols, &q.data()?)
             .map_err(|e| ModelError::InvalidShard(e.to_string()))?;
         Ok(Some(Self {
             matrix: Arc::new(matrix),
