@@ -70,8 +70,9 @@ pub(crate) struct WeightRow<'a> {
 }
 
 /// How many rows of activations one kernel call multiplies against a weight row, so the weight
-/// block is unpacked once for all of them.
-const ROW_TILE: usize = 4;
+/// block is unpacked once for all of them (then [`SMALL_TILE`] for what is left, then one).
+const ROW_TILE: usize = 8;
+const SMALL_TILE: usize = 4;
 
 thread_local! {
     /// The quantized activations of the product in progress on this thread, kept between calls
@@ -230,9 +231,14 @@ impl QuantMatrix {
                 let w = self.row(first + i);
                 let mut t = 0;
                 while t + ROW_TILE <= tokens {
-                    let four = kernel.four(w, [token(t), token(t + 1), token(t + 2), token(t + 3)]);
-                    row_out[t..t + ROW_TILE].copy_from_slice(&four);
+                    let tile: [ActivationRow<'_>; ROW_TILE] = std::array::from_fn(|i| token(t + i));
+                    row_out[t..t + ROW_TILE].copy_from_slice(&kernel.dots(w, tile));
                     t += ROW_TILE;
+                }
+                while t + SMALL_TILE <= tokens {
+                    let tile: [ActivationRow<'_>; SMALL_TILE] = std::array::from_fn(|i| token(t + i));
+                    row_out[t..t + SMALL_TILE].copy_from_slice(&kernel.dots(w, tile));
+                    t += SMALL_TILE;
                 }
                 for (t, o) in row_out.iter_mut().enumerate().skip(t) {
                     *o = kernel.one(w, token(t));
@@ -297,12 +303,7 @@ impl RowKernel {
         self.dots(w, [a])[0]
     }
 
-    /// One weight row times four tokens' activations.
-    #[inline]
-    fn four(&self, w: WeightRow<'_>, a: [ActivationRow<'_>; ROW_TILE]) -> [f32; ROW_TILE] {
-        self.dots(w, a)
-    }
-
+    /// One weight row times `R` tokens' activations.
     #[inline]
     fn dots<const R: usize>(&self, w: WeightRow<'_>, a: [ActivationRow<'_>; R]) -> [f32; R] {
         // SAFETY: `matmul_with` checked the CPU has the features of `self.isa`; the slices hold

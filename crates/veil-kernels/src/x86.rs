@@ -51,16 +51,63 @@ unsafe fn lane_total(v: __m256i) -> i32 {
     lanes.iter().sum()
 }
 
-/// `sum` plus each of the eight terms, one after another (the reference's order).
+/// Adds each row's eight block terms (`terms[r]`, one lane per block) to `sums[r]` one block
+/// after another, the reference's order. Eight rows are transposed so that one vector addition
+/// per block serves all of them; fewer are added lane by lane.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn add_in_order(mut sum: f32, terms: __m256) -> f32 {
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), terms);
-    for t in lanes {
-        sum += t;
+unsafe fn add_in_order<const R: usize>(sums: &mut [f32; R], terms: &[__m256; R]) {
+    if let (Ok(sums), Ok(terms)) = (
+        <&mut [f32; 8]>::try_from(&mut sums[..]),
+        <&[__m256; 8]>::try_from(&terms[..]),
+    ) {
+        let by_block = transpose(terms);
+        let mut acc = _mm256_loadu_ps(sums.as_ptr());
+        for block in by_block {
+            acc = _mm256_add_ps(acc, block);
+        }
+        _mm256_storeu_ps(sums.as_mut_ptr(), acc);
+        return;
     }
-    sum
+    for (sum, &t) in sums.iter_mut().zip(terms) {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), t);
+        for t in lanes {
+            *sum += t;
+        }
+    }
+}
+
+/// The 8×8 transpose: lane `j` of result `i` is lane `i` of `rows[j]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose(rows: &[__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(rows[0], rows[1]);
+    let t1 = _mm256_unpackhi_ps(rows[0], rows[1]);
+    let t2 = _mm256_unpacklo_ps(rows[2], rows[3]);
+    let t3 = _mm256_unpackhi_ps(rows[2], rows[3]);
+    let t4 = _mm256_unpacklo_ps(rows[4], rows[5]);
+    let t5 = _mm256_unpackhi_ps(rows[4], rows[5]);
+    let t6 = _mm256_unpacklo_ps(rows[6], rows[7]);
+    let t7 = _mm256_unpackhi_ps(rows[6], rows[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
 }
 
 /// A Q4_1 block's 16 bytes of nibbles as 32 bytes: low nibbles (values 0..16), then high
@@ -107,6 +154,7 @@ macro_rules! block_kernels {
             let mut sums = [0f32; R];
             let mut q = [_mm256_setzero_si256(); 8];
             let mut products = [_mm256_setzero_si256(); 8];
+            let mut terms = [_mm256_setzero_ps(); R];
             let mut b = 0;
             while b + 8 <= blocks {
                 for i in 0..8 {
@@ -115,14 +163,15 @@ macro_rules! block_kernels {
                 let (dw, mw) = (load8(&w.d[b..]), load8(&w.m[b..]));
                 for r in 0..R {
                     let x = a[r];
+                    let xq = &x.qs[b..b + 8];
                     for i in 0..8 {
-                        products[i] = $dot(q[i], load32(&x.qs[b + i]));
+                        products[i] = $dot(q[i], load32(&xq[i]));
                     }
                     let isums = _mm256_cvtepi32_ps(lane_sums(&products));
                     let scaled = _mm256_mul_ps(_mm256_mul_ps(isums, dw), load8(&x.d[b..]));
-                    let terms = _mm256_add_ps(scaled, _mm256_mul_ps(mw, load8(&x.s[b..])));
-                    sums[r] = add_in_order(sums[r], terms);
+                    terms[r] = _mm256_add_ps(scaled, _mm256_mul_ps(mw, load8(&x.s[b..])));
                 }
+                add_in_order(&mut sums, &terms);
                 b += 8;
             }
             for b in b..blocks {
@@ -149,25 +198,29 @@ macro_rules! block_kernels {
             let blocks = w.d.len();
             let mut sums = [0f32; R];
             let mut q = [_mm256_setzero_si256(); 8];
+            let mut magnitude = [_mm256_setzero_si256(); 8];
             let mut products = [_mm256_setzero_si256(); 8];
+            let mut terms = [_mm256_setzero_ps(); R];
             let mut b = 0;
             // The dot products take one unsigned operand: |q| (-128 reads as 128 unsigned, as
             // it should), with the weights' signs moved onto the activations.
             while b + 8 <= blocks {
                 for i in 0..8 {
                     q[i] = load32(&w.qs[(b + i) * 32..]);
+                    magnitude[i] = _mm256_sign_epi8(q[i], q[i]);
                 }
                 let dw = load8(&w.d[b..]);
                 for r in 0..R {
                     let x = a[r];
+                    let xq = &x.qs[b..b + 8];
                     for i in 0..8 {
-                        let signed = _mm256_sign_epi8(load32(&x.qs[b + i]), q[i]);
-                        products[i] = $dot(_mm256_sign_epi8(q[i], q[i]), signed);
+                        let signed = _mm256_sign_epi8(load32(&xq[i]), q[i]);
+                        products[i] = $dot(magnitude[i], signed);
                     }
                     let isums = _mm256_cvtepi32_ps(lane_sums(&products));
-                    let terms = _mm256_mul_ps(_mm256_mul_ps(isums, dw), load8(&x.d[b..]));
-                    sums[r] = add_in_order(sums[r], terms);
+                    terms[r] = _mm256_mul_ps(_mm256_mul_ps(isums, dw), load8(&x.d[b..]));
                 }
+                add_in_order(&mut sums, &terms);
                 b += 8;
             }
             for b in b..blocks {
