@@ -35,7 +35,10 @@ impl Isa {
 
     /// Every family this CPU runs: what tests and benchmarks compare.
     pub fn available() -> Vec<Isa> {
-        Self::ALL.into_iter().filter(|isa| isa.is_available()).collect()
+        Self::ALL
+            .into_iter()
+            .filter(|isa| isa.is_available())
+            .collect()
     }
 
     /// Whether this CPU has the features the family needs.

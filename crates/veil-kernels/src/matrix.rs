@@ -217,13 +217,7 @@ impl QuantMatrix {
     /// thread wake-up; the calling thread takes a share). One token writes its outputs
     /// directly; several tokens are computed weight row by weight row (each weight row unpacked
     /// once for [`ROW_TILE`] tokens) into a transposed buffer, then transposed into `out`.
-    fn multiply(
-        &self,
-        kernel: &RowKernel,
-        acts: &Activations,
-        tokens: usize,
-        out: &mut [f32],
-    ) {
+    fn multiply(&self, kernel: &RowKernel, acts: &Activations, tokens: usize, out: &mut [f32]) {
         let per_token = self.cols / BLOCK;
         let token = |t: usize| acts.row(t * per_token, per_token);
         let rows_of = |first: usize, outs: &mut [f32]| {
@@ -236,7 +230,8 @@ impl QuantMatrix {
                     t += ROW_TILE;
                 }
                 while t + SMALL_TILE <= tokens {
-                    let tile: [ActivationRow<'_>; SMALL_TILE] = std::array::from_fn(|i| token(t + i));
+                    let tile: [ActivationRow<'_>; SMALL_TILE] =
+                        std::array::from_fn(|i| token(t + i));
                     row_out[t..t + SMALL_TILE].copy_from_slice(&kernel.dots(w, tile));
                     t += SMALL_TILE;
                 }
@@ -250,7 +245,12 @@ impl QuantMatrix {
             return;
         }
         let mut transposed = vec![0f32; self.rows * tokens];
-        split_rows(self.rows * per_token * tokens, &mut transposed, tokens, rows_of);
+        split_rows(
+            self.rows * per_token * tokens,
+            &mut transposed,
+            tokens,
+            rows_of,
+        );
         for (r, column) in transposed.chunks_exact(tokens).enumerate() {
             for (t, &v) in column.iter().enumerate() {
                 out[t * self.rows + r] = v;
@@ -265,7 +265,12 @@ const SERIAL_BLOCKS: usize = 2048;
 
 /// Calls `work(first_row, outputs)` on consecutive runs of rows (`per_row` outputs each)
 /// covering `out`, one run per thread of the pool.
-fn split_rows(blocks: usize, out: &mut [f32], per_row: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
+fn split_rows(
+    blocks: usize,
+    out: &mut [f32],
+    per_row: usize,
+    work: impl Fn(usize, &mut [f32]) + Sync,
+) {
     let pool = candle_core::utils::barrier_pool();
     let parts = pool.n_workers() + 1;
     if parts == 1 || blocks < SERIAL_BLOCKS {
@@ -276,8 +281,10 @@ fn split_rows(blocks: usize, out: &mut [f32], per_row: usize, work: impl Fn(usiz
     let rows_per_part = rows.div_ceil(parts);
     // Each part takes its own slice; the locks are never contended, they only hand the
     // disjoint slices across threads safely.
-    let slices: Vec<Mutex<&mut [f32]>> =
-        out.chunks_mut(rows_per_part * per_row).map(Mutex::new).collect();
+    let slices: Vec<Mutex<&mut [f32]>> = out
+        .chunks_mut(rows_per_part * per_row)
+        .map(Mutex::new)
+        .collect();
     pool.execute(|part| {
         if let Some(slice) = slices.get(part) {
             let mut slice = slice.lock().unwrap_or_else(PoisonError::into_inner);

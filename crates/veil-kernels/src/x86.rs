@@ -17,10 +17,7 @@ use crate::BLOCK;
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn dot_avx2(unsigned: __m256i, signed: __m256i) -> __m256i {
-    _mm256_madd_epi16(
-        _mm256_maddubs_epi16(unsigned, signed),
-        _mm256_set1_epi16(1),
-    )
+    _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
 }
 
 /// Eight i32 sums of four u8 × i8 products each, with VNNI.

@@ -114,9 +114,12 @@ fn every_family_returns_the_references_bits_on_random_data() {
     println!("kernel families on this CPU: {:?}", Isa::available());
     for format in FORMATS {
         for (rows, cols, tokens) in SHAPES {
-            let (matrix, bytes) =
-                random_matrix(format, rows, cols, &mut rng, |r| r.random_range(0.001..0.05));
-            let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let (matrix, bytes) = random_matrix(format, rows, cols, &mut rng, |r| {
+                r.random_range(0.001..0.05)
+            });
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|_| rng.random_range(-3.0..3.0))
+                .collect();
             let what = format!("{format} ({rows}, {cols}) × {tokens} tokens");
             let scalar = run(&matrix, Isa::Scalar, &x);
             let (expected, magnitude) = reference(&matrix, &bytes, &x);
@@ -139,15 +142,29 @@ fn families_are_bit_exact_where_float_sums_are_exact() {
         for (rows, cols, tokens) in SHAPES {
             let (matrix, bytes) = random_matrix(format, rows, cols, &mut rng, pow2);
             let x: Vec<f32> = (0..tokens * cols)
-                .map(|i| if i % BLOCK == 5 { 127.0 } else { rng.random_range(-40i32..=40) as f32 })
+                .map(|i| {
+                    if i % BLOCK == 5 {
+                        127.0
+                    } else {
+                        rng.random_range(-40i32..=40) as f32
+                    }
+                })
                 .collect();
             let scalar = run(&matrix, Isa::Scalar, &x);
             let (expected, _) = reference(&matrix, &bytes, &x);
             for (&s, &e) in scalar.iter().zip(&expected) {
-                assert_eq!(f64::from(s), e, "{format} scalar ({rows}, {cols}) × {tokens}");
+                assert_eq!(
+                    f64::from(s),
+                    e,
+                    "{format} scalar ({rows}, {cols}) × {tokens}"
+                );
             }
             for isa in Isa::available() {
-                assert_eq!(run(&matrix, isa, &x), scalar, "{format} {isa} ({rows}, {cols}) × {tokens}");
+                assert_eq!(
+                    run(&matrix, isa, &x),
+                    scalar,
+                    "{format} {isa} ({rows}, {cols}) × {tokens}"
+                );
             }
         }
     }
@@ -166,7 +183,10 @@ fn edge_values_of_each_format() {
             match format {
                 QuantFormat::Q4_1 => {
                     data.extend(f16::from_f32(-1.0).to_le_bytes());
-                    data.extend(std::iter::repeat_n(if b % 2 == 0 { 0xF0 } else { 0x0F }, 16));
+                    data.extend(std::iter::repeat_n(
+                        if b % 2 == 0 { 0xF0 } else { 0x0F },
+                        16,
+                    ));
                 }
                 QuantFormat::Q8_0 => {
                     data.extend((0..32).map(|j| if j % 2 == 0 { 0x80u8 } else { 0x7F }));
@@ -176,13 +196,20 @@ fn edge_values_of_each_format() {
         let matrix = QuantMatrix::new(format, 4, cols, &data).expect("matrix");
         let inputs: [Vec<f32>; 3] = [
             vec![0.0; cols],
-            (0..cols).map(|j| if j % 3 == 0 { -1e4 } else { 7e3 }).collect(),
+            (0..cols)
+                .map(|j| if j % 3 == 0 { -1e4 } else { 7e3 })
+                .collect(),
             (0..cols).map(|j| (j as f32 - 31.5) / 8.0).collect(),
         ];
         for x in inputs {
             let (expected, magnitude) = reference(&matrix, &data, &x);
             let scalar = run(&matrix, Isa::Scalar, &x);
-            assert_close(&scalar, &expected, &magnitude, &format!("{format} edge values"));
+            assert_close(
+                &scalar,
+                &expected,
+                &magnitude,
+                &format!("{format} edge values"),
+            );
             for isa in Isa::available() {
                 assert_eq!(run(&matrix, isa, &x), scalar, "{format} {isa} edge values");
             }
@@ -193,14 +220,21 @@ fn edge_values_of_each_format() {
 #[test]
 fn agrees_with_candles_quantized_matmul_on_the_same_bytes() {
     let mut rng = ChaCha20Rng::seed_from_u64(3);
-    for (format, dtype) in [(QuantFormat::Q4_1, GgmlDType::Q4_1), (QuantFormat::Q8_0, GgmlDType::Q8_0)] {
+    for (format, dtype) in [
+        (QuantFormat::Q4_1, GgmlDType::Q4_1),
+        (QuantFormat::Q8_0, GgmlDType::Q8_0),
+    ] {
         let (rows, cols, tokens) = (96, 576, 5);
-        let dense: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-0.2..0.2)).collect();
+        let dense: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-0.2..0.2))
+            .collect();
         let dense = Tensor::from_vec(dense, (rows, cols), &Device::Cpu).expect("tensor");
         let q = QTensor::quantize(&dense, dtype).expect("quantize");
         let bytes = q.data().expect("bytes").into_owned();
         let matrix = QuantMatrix::new(format, rows, cols, &bytes).expect("matrix");
-        let x: Vec<f32> = (0..tokens * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let x: Vec<f32> = (0..tokens * cols)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
         let xt = Tensor::from_vec(x.clone(), (tokens, cols), &Device::Cpu).expect("tensor");
         let candle = candle_core::quantized::QMatMul::from_qtensor(q)
             .expect("qmatmul")
@@ -225,7 +259,10 @@ fn agrees_with_candles_quantized_matmul_on_the_same_bytes() {
 fn bad_shapes_are_errors_not_panics() {
     let ok = vec![0u8; 2 * 20];
     let bad = |format, rows, cols, data: &[u8]| {
-        matches!(QuantMatrix::new(format, rows, cols, data), Err(KernelError::BadMatrix(_)))
+        matches!(
+            QuantMatrix::new(format, rows, cols, data),
+            Err(KernelError::BadMatrix(_))
+        )
     };
     assert!(bad(QuantFormat::Q4_1, 2, 33, &ok));
     assert!(bad(QuantFormat::Q4_1, 0, 32, &[]));
@@ -234,8 +271,14 @@ fn bad_shapes_are_errors_not_panics() {
     assert!(bad(QuantFormat::Q4_1, usize::MAX / 2, 64, &ok));
     let matrix = QuantMatrix::new(QuantFormat::Q4_1, 2, 32, &ok).expect("matrix");
     let mut out = vec![0f32; 2];
-    assert!(matches!(matrix.matmul(&[0.0; 31], &mut out), Err(KernelError::Shape(_))));
-    assert!(matches!(matrix.matmul(&[0.0; 64], &mut out), Err(KernelError::Shape(_))));
+    assert!(matches!(
+        matrix.matmul(&[0.0; 31], &mut out),
+        Err(KernelError::Shape(_))
+    ));
+    assert!(matches!(
+        matrix.matmul(&[0.0; 64], &mut out),
+        Err(KernelError::Shape(_))
+    ));
     assert!(matrix.matmul(&[1.0; 32], &mut out).is_ok());
     assert!(matrix.matmul(&[], &mut []).is_ok());
 }
@@ -250,8 +293,20 @@ fn every_family_quantizes_activations_bit_for_bit_like_the_reference() {
         })
         .collect();
     // Exact halves after scaling (127 sets the scale to 1): ties round away from zero.
-    blocks.push(std::array::from_fn(|j| if j == 0 { 127.0 } else { j as f32 - 15.5 }));
-    blocks.push(std::array::from_fn(|j| if j == 0 { -127.0 } else { 0.5 - j as f32 }));
+    blocks.push(std::array::from_fn(|j| {
+        if j == 0 {
+            127.0
+        } else {
+            j as f32 - 15.5
+        }
+    }));
+    blocks.push(std::array::from_fn(|j| {
+        if j == 0 {
+            -127.0
+        } else {
+            0.5 - j as f32
+        }
+    }));
     blocks.push([0.0; BLOCK]);
     blocks.push(std::array::from_fn(|j| if j == 7 { -2.0 } else { 0.0 }));
     for xs in &blocks {

@@ -76,7 +76,11 @@ pub(crate) enum Linear {
 
 impl Linear {
     /// Prepares `weight` in `format` for `kernels`.
-    pub(crate) fn new(weight: Arc<QTensor>, format: WeightFormat, kernels: Kernels) -> Result<Self> {
+    pub(crate) fn new(
+        weight: Arc<QTensor>,
+        format: WeightFormat,
+        kernels: Kernels,
+    ) -> Result<Self> {
         Self::from_qmatmul(format.matmul(weight)?, kernels)
     }
 
@@ -109,9 +113,9 @@ impl Linear {
     /// A layer of the same format and kernels holding `dense` instead.
     pub(crate) fn with_weight(&self, dense: Tensor) -> Result<Self> {
         Ok(match self {
-            Self::Candle(QMatMul::QTensor(q)) => {
-                Self::Candle(QMatMul::from_qtensor(QTensor::quantize(&dense, q.dtype())?)?)
-            }
+            Self::Candle(QMatMul::QTensor(q)) => Self::Candle(QMatMul::from_qtensor(
+                QTensor::quantize(&dense, q.dtype())?,
+            )?),
             Self::Candle(QMatMul::Tensor(_)) => Self::Candle(QMatMul::Tensor(dense)),
             Self::Candle(QMatMul::TensorF16(_)) => {
                 Self::Candle(QMatMul::TensorF16(dense.to_dtype(DType::F16)?))
@@ -150,7 +154,11 @@ impl VeilProduct {
 
     fn dense(&self) -> Result<Tensor> {
         let m = &self.matrix;
-        Ok(Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            m.dequantize(),
+            (m.rows(), m.cols()),
+            &Device::Cpu,
+        )?)
     }
 }
 

@@ -9,8 +9,8 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::generate::TokenStep;
-use crate::linear::Kernels;
 use crate::gguf::GgufFile;
+use crate::linear::Kernels;
 use crate::model::{forward_chain, LogitsAt, ShardCache, ShardModel};
 use crate::tokenizer::GgufTokenizer;
 use crate::weights::WeightFormat;
@@ -41,8 +41,7 @@ impl LocalModel {
         kernels: Kernels,
     ) -> Result<Self> {
         let mut model = Self::open_text(path)?;
-        model.shards =
-            ShardModel::load_chain(&mut GgufFile::open(path)?, ranges, format, kernels)?;
+        model.shards = ShardModel::load_chain(&mut GgufFile::open(path)?, ranges, format, kernels)?;
         Ok(model)
     }
 

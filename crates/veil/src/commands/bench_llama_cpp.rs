@@ -108,7 +108,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
         let mut samples: [Vec<(f64, f64)>; 3] = Default::default();
         let mut tokens: [Vec<u32>; 3] = Default::default();
-        let bar = progress::bar(args.runs as u64, &format!("{label}: veil, candle, llama.cpp"));
+        let bar = progress::bar(
+            args.runs as u64,
+            &format!("{label}: veil, candle, llama.cpp"),
+        );
         for _ in 0..args.runs {
             for (i, model) in [&veil, &candle].into_iter().enumerate() {
                 let (p, d, t) = measure(&mut model.session(), &prompt, args.tokens)?;
@@ -140,7 +143,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 decode_tokens_per_second: d,
                 prefill_ratio: p / llama_p,
                 decode_ratio: d / llama_d,
-                greedy_tokens_agreeing: t.iter().zip(&tokens[2]).take_while(|(a, b)| a == b).count(),
+                greedy_tokens_agreeing: t
+                    .iter()
+                    .zip(&tokens[2])
+                    .take_while(|(a, b)| a == b)
+                    .count(),
             })
             .collect();
         groups.push(FormatFigures {
@@ -188,7 +195,8 @@ fn converted(base: &Path, home: &Path, label: &str, dtype: GgmlDType) -> Result<
     let dir = home.join("bench");
     let out = dir.join(format!("{stem}.as-{label}.gguf"));
     if !out.exists() {
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let spinner = progress::spinner(format!("writing a {label} copy to {}", out.display()));
         let written = veil_model::write_converted(base, dtype, &out);
         spinner.finish_and_clear();
@@ -233,15 +241,19 @@ fn llama_cpp_python(home: &Path) -> Result<PathBuf> {
 fn install_llama_cpp(venv: &Path, log: &Path) -> Result<()> {
     std::fs::create_dir_all(venv.parent().unwrap_or(venv))
         .with_context(|| format!("cannot create {}", venv.display()))?;
-    let out = std::fs::File::create(log).with_context(|| format!("cannot write {}", log.display()))?;
+    let out =
+        std::fs::File::create(log).with_context(|| format!("cannot write {}", log.display()))?;
     let status = Command::new("python3")
         .args(["-m", "venv"])
         .arg(venv)
         .status()
         .context("cannot run python3 -m venv: is Python 3 installed?")?;
-    ensure!(status.success(), "python3 -m venv {} failed", venv.display());
-    let cmake_args =
-        std::env::var("CMAKE_ARGS").unwrap_or_else(|_| DEFAULT_CMAKE_ARGS.to_string());
+    ensure!(
+        status.success(),
+        "python3 -m venv {} failed",
+        venv.display()
+    );
+    let cmake_args = std::env::var("CMAKE_ARGS").unwrap_or_else(|_| DEFAULT_CMAKE_ARGS.to_string());
     let status = Command::new(venv.join("bin").join("pip"))
         .args(["install", LLAMA_CPP_PYTHON, "numpy"])
         .env("CMAKE_ARGS", cmake_args)
