@@ -45,6 +45,9 @@ impl ActivationBlock {
     }
 }
 
+/// Tokens per [`ActivationTile`].
+pub(crate) const TILE: usize = 8;
+
 /// Rows of quantized activations, each field in its own array so the kernels load eight
 /// scales at once.
 #[derive(Debug, Default)]
@@ -52,6 +55,22 @@ pub(crate) struct Activations {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
     pub qs: Vec<[i8; BLOCK]>,
+    /// For each tile of [`TILE`] tokens, block by block, the tokens' scales side by side.
+    tiled_d: Vec<[f32; TILE]>,
+    /// The same for the `s` terms.
+    tiled_s: Vec<[f32; TILE]>,
+    /// `qs + 128` as unsigned bytes: the unsigned operand of VNNI's dot product.
+    shifted: Vec<[u8; BLOCK]>,
+}
+
+/// [`TILE`] tokens' activations, laid out for kernels that compute eight tokens at once with
+/// one lane per token.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ActivationTile<'a> {
+    pub rows: [ActivationRow<'a>; TILE],
+    pub shifted: [&'a [[u8; BLOCK]]; TILE],
+    pub d: &'a [[f32; TILE]],
+    pub s: &'a [[f32; TILE]],
 }
 
 /// One row of [`Activations`].
@@ -80,6 +99,40 @@ impl Activations {
             self.d.push(block.d);
             self.s.push(block.s);
             self.qs.push(block.qs);
+        }
+    }
+
+    /// Lays out the whole tiles of [`TILE`] tokens (`per_token` blocks each) for
+    /// [`tile`](Self::tile).
+    pub fn prepare_tiles(&mut self, per_token: usize) {
+        let tiles = self.d.len() / per_token / TILE;
+        self.tiled_d.clear();
+        self.tiled_s.clear();
+        for tile in 0..tiles {
+            for b in 0..per_token {
+                let at = |t: usize| (tile * TILE + t) * per_token + b;
+                self.tiled_d.push(std::array::from_fn(|t| self.d[at(t)]));
+                self.tiled_s.push(std::array::from_fn(|t| self.s[at(t)]));
+            }
+        }
+        self.shifted.clear();
+        if tiles > 0 {
+            let shift = |qs: &[i8; BLOCK]| qs.map(|q| (q as u8) ^ 0x80);
+            self.shifted.extend(self.qs.iter().map(shift));
+        }
+    }
+
+    /// Tokens `TILE * tile..TILE * (tile + 1)`, after [`prepare_tiles`](Self::prepare_tiles).
+    pub fn tile(&self, tile: usize, per_token: usize) -> ActivationTile<'_> {
+        let first = tile * TILE;
+        ActivationTile {
+            rows: std::array::from_fn(|t| self.row((first + t) * per_token, per_token)),
+            shifted: std::array::from_fn(|t| {
+                let start = (first + t) * per_token;
+                &self.shifted[start..start + per_token]
+            }),
+            d: &self.tiled_d[tile * per_token..(tile + 1) * per_token],
+            s: &self.tiled_s[tile * per_token..(tile + 1) * per_token],
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::{Mutex, PoisonError};
 
 use half::f16;
 
-use crate::activation::{ActivationRow, Activations};
+use crate::activation::{ActivationRow, ActivationTile, Activations, TILE};
 use crate::{scalar, Isa, KernelError, BLOCK};
 
 /// The GGUF block formats these kernels multiply.
@@ -59,6 +59,9 @@ pub struct QuantMatrix {
     d: Vec<f32>,
     /// Each block's offset (Q4_1 only).
     m: Vec<f32>,
+    /// Each block's sum of quantized values (Q8_0 only): VNNI multiplies `q · (x + 128)` and
+    /// takes `128 · Σq` back off.
+    sums: Vec<i32>,
 }
 
 /// One row of a [`QuantMatrix`].
@@ -67,11 +70,11 @@ pub(crate) struct WeightRow<'a> {
     pub qs: &'a [u8],
     pub d: &'a [f32],
     pub m: &'a [f32],
+    pub sums: &'a [i32],
 }
 
-/// How many rows of activations one kernel call multiplies against a weight row, so the weight
-/// block is unpacked once for all of them (then [`SMALL_TILE`] for what is left, then one).
-const ROW_TILE: usize = 8;
+/// After whole tiles of [`TILE`] tokens, this many tokens are multiplied at once against a
+/// weight row (then one at a time), so the weight block is unpacked once for all of them.
 const SMALL_TILE: usize = 4;
 
 thread_local! {
@@ -110,6 +113,7 @@ impl QuantMatrix {
             qs: Vec::with_capacity(blocks * format.value_bytes()),
             d: Vec::with_capacity(blocks),
             m: Vec::new(),
+            sums: Vec::new(),
         };
         for block in data.chunks_exact(format.block_bytes()) {
             matrix.d.push(f16_at(block, 0));
@@ -118,7 +122,12 @@ impl QuantMatrix {
                     matrix.m.push(f16_at(block, 2));
                     matrix.qs.extend_from_slice(&block[4..]);
                 }
-                QuantFormat::Q8_0 => matrix.qs.extend_from_slice(&block[2..]),
+                QuantFormat::Q8_0 => {
+                    matrix.qs.extend_from_slice(&block[2..]);
+                    matrix
+                        .sums
+                        .push(block[2..].iter().map(|&q| i32::from(q as i8)).sum());
+                }
             }
         }
         Ok(matrix)
@@ -192,6 +201,7 @@ impl QuantMatrix {
         ACTIVATIONS.with(|cell| {
             let mut acts = cell.borrow_mut();
             acts.quantize(x, isa);
+            acts.prepare_tiles(self.cols / BLOCK);
             self.multiply(&kernel, &acts, tokens, out);
         });
         Ok(())
@@ -204,11 +214,11 @@ impl QuantMatrix {
         WeightRow {
             qs: &self.qs[r * values..(r + 1) * values],
             d: &self.d[r * blocks..(r + 1) * blocks],
-            m: if self.m.is_empty() {
-                &[]
-            } else {
-                &self.m[r * blocks..(r + 1) * blocks]
-            },
+            m: self.m.get(r * blocks..(r + 1) * blocks).unwrap_or_default(),
+            sums: self
+                .sums
+                .get(r * blocks..(r + 1) * blocks)
+                .unwrap_or_default(),
         }
     }
 
@@ -224,10 +234,10 @@ impl QuantMatrix {
             for (i, row_out) in outs.chunks_exact_mut(tokens).enumerate() {
                 let w = self.row(first + i);
                 let mut t = 0;
-                while t + ROW_TILE <= tokens {
-                    let tile: [ActivationRow<'_>; ROW_TILE] = std::array::from_fn(|i| token(t + i));
-                    row_out[t..t + ROW_TILE].copy_from_slice(&kernel.dots(w, tile));
-                    t += ROW_TILE;
+                while t + TILE <= tokens {
+                    let tile = acts.tile(t / TILE, per_token);
+                    row_out[t..t + TILE].copy_from_slice(&kernel.eight(w, tile));
+                    t += TILE;
                 }
                 while t + SMALL_TILE <= tokens {
                     let tile: [ActivationRow<'_>; SMALL_TILE] =
@@ -308,6 +318,25 @@ impl RowKernel {
     #[inline]
     fn one(&self, w: WeightRow<'_>, a: ActivationRow<'_>) -> f32 {
         self.dots(w, [a])[0]
+    }
+
+    /// One weight row times a tile of eight tokens' activations.
+    #[inline]
+    fn eight(&self, w: WeightRow<'_>, tile: ActivationTile<'_>) -> [f32; TILE] {
+        // SAFETY: as in `dots`.
+        match (self.isa, self.format) {
+            (Isa::Scalar, _) => self.dots(w, tile.rows),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, QuantFormat::Q4_1) => unsafe { crate::x86::tile_q4_1_avx2(w, tile) },
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, QuantFormat::Q8_0) => unsafe { crate::x86::tile_q8_0_avx2(w, tile) },
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, QuantFormat::Q4_1) => unsafe { crate::x86::tile_q4_1_avx512(w, tile) },
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, QuantFormat::Q8_0) => unsafe { crate::x86::tile_q8_0_vnni(w, tile) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("only the scalar kernels exist off x86-64"),
+        }
     }
 
     /// One weight row times `R` tokens' activations.

@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::activation::{ActivationBlock, ActivationRow};
+use crate::activation::{ActivationBlock, ActivationRow, ActivationTile, TILE};
 use crate::matrix::WeightRow;
 use crate::BLOCK;
 
@@ -49,23 +49,10 @@ unsafe fn lane_total(v: __m256i) -> i32 {
 }
 
 /// Adds each row's eight block terms (`terms[r]`, one lane per block) to `sums[r]` one block
-/// after another, the reference's order. Eight rows are transposed so that one vector addition
-/// per block serves all of them; fewer are added lane by lane.
+/// after another: the reference's order.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn add_in_order<const R: usize>(sums: &mut [f32; R], terms: &[__m256; R]) {
-    if let (Ok(sums), Ok(terms)) = (
-        <&mut [f32; 8]>::try_from(&mut sums[..]),
-        <&[__m256; 8]>::try_from(&terms[..]),
-    ) {
-        let by_block = transpose(terms);
-        let mut acc = _mm256_loadu_ps(sums.as_ptr());
-        for block in by_block {
-            acc = _mm256_add_ps(acc, block);
-        }
-        _mm256_storeu_ps(sums.as_mut_ptr(), acc);
-        return;
-    }
     for (sum, &t) in sums.iter_mut().zip(terms) {
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), t);
@@ -73,38 +60,6 @@ unsafe fn add_in_order<const R: usize>(sums: &mut [f32; R], terms: &[__m256; R])
             *sum += t;
         }
     }
-}
-
-/// The 8×8 transpose: lane `j` of result `i` is lane `i` of `rows[j]`.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn transpose(rows: &[__m256; 8]) -> [__m256; 8] {
-    let t0 = _mm256_unpacklo_ps(rows[0], rows[1]);
-    let t1 = _mm256_unpackhi_ps(rows[0], rows[1]);
-    let t2 = _mm256_unpacklo_ps(rows[2], rows[3]);
-    let t3 = _mm256_unpackhi_ps(rows[2], rows[3]);
-    let t4 = _mm256_unpacklo_ps(rows[4], rows[5]);
-    let t5 = _mm256_unpackhi_ps(rows[4], rows[5]);
-    let t6 = _mm256_unpacklo_ps(rows[6], rows[7]);
-    let t7 = _mm256_unpackhi_ps(rows[6], rows[7]);
-    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    [
-        _mm256_permute2f128_ps::<0x20>(u0, u4),
-        _mm256_permute2f128_ps::<0x20>(u1, u5),
-        _mm256_permute2f128_ps::<0x20>(u2, u6),
-        _mm256_permute2f128_ps::<0x20>(u3, u7),
-        _mm256_permute2f128_ps::<0x31>(u0, u4),
-        _mm256_permute2f128_ps::<0x31>(u1, u5),
-        _mm256_permute2f128_ps::<0x31>(u2, u6),
-        _mm256_permute2f128_ps::<0x31>(u3, u7),
-    ]
 }
 
 /// A Q4_1 block's 16 bytes of nibbles as 32 bytes: low nibbles (values 0..16), then high
@@ -235,6 +190,98 @@ macro_rules! block_kernels {
 }
 
 block_kernels!("avx2,fma,f16c", dot_avx2, dot_q4_1_avx2, dot_q8_0_avx2);
+
+/// Kernels for a tile of eight tokens, block by block with one lane per token: each block's
+/// eight dot products are reduced to the eight tokens' exact sums, scaled in one vector, and
+/// added to the eight running sums, block after block: the reference's order without a
+/// transpose.
+macro_rules! tile_kernels {
+    ($features:literal, $q4_1:ident, $q8_0:ident, $product:ident) => {
+        /// Q4_1 weight row times a tile of eight tokens.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; the tile holds as many blocks as the
+        /// weight row.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $q4_1(w: WeightRow<'_>, x: ActivationTile<'_>) -> [f32; TILE] {
+            let mut acc = _mm256_setzero_ps();
+            let mut products = [_mm256_setzero_si256(); TILE];
+            for b in 0..w.d.len() {
+                let q = q4_1_values(&w.qs[b * 16..]);
+                for t in 0..TILE {
+                    products[t] = dot_avx2_or_vnni!($product, q, load32(&x.rows[t].qs[b]));
+                }
+                let isums = _mm256_cvtepi32_ps(lane_sums(&products));
+                let scaled =
+                    _mm256_mul_ps(_mm256_mul_ps(isums, _mm256_set1_ps(w.d[b])), load8(&x.d[b]));
+                let offsets = _mm256_mul_ps(_mm256_set1_ps(w.m[b]), load8(&x.s[b]));
+                acc = _mm256_add_ps(acc, _mm256_add_ps(scaled, offsets));
+            }
+            let mut out = [0f32; TILE];
+            _mm256_storeu_ps(out.as_mut_ptr(), acc);
+            out
+        }
+
+        /// Q8_0 weight row times a tile of eight tokens.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; the tile holds as many blocks as the
+        /// weight row.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $q8_0(w: WeightRow<'_>, x: ActivationTile<'_>) -> [f32; TILE] {
+            let mut acc = _mm256_setzero_ps();
+            let mut products = [_mm256_setzero_si256(); TILE];
+            for b in 0..w.d.len() {
+                let q = load32(&w.qs[b * 32..]);
+                let isums = q8_0_tile_sums!($product, q, x, b, w.sums[b], products);
+                let isums = _mm256_cvtepi32_ps(isums);
+                let scaled =
+                    _mm256_mul_ps(_mm256_mul_ps(isums, _mm256_set1_ps(w.d[b])), load8(&x.d[b]));
+                acc = _mm256_add_ps(acc, scaled);
+            }
+            let mut out = [0f32; TILE];
+            _mm256_storeu_ps(out.as_mut_ptr(), acc);
+            out
+        }
+    };
+}
+
+/// One block's u8 × i8 dot product on either family.
+macro_rules! dot_avx2_or_vnni {
+    (avx2, $u:expr, $s:expr) => {
+        dot_avx2($u, $s)
+    };
+    (vnni, $u:expr, $s:expr) => {
+        dot_vnni($u, $s)
+    };
+}
+
+/// Eight tokens' exact integer sums for Q8_0 block `b` with weights `q`.
+macro_rules! q8_0_tile_sums {
+    // AVX2: |q| unsigned, the weights' signs moved onto the activations.
+    (avx2, $q:expr, $x:expr, $b:expr, $sum:expr, $products:expr) => {{
+        let magnitude = _mm256_sign_epi8($q, $q);
+        for t in 0..TILE {
+            $products[t] = dot_avx2(magnitude, _mm256_sign_epi8(load32(&$x.rows[t].qs[$b]), $q));
+        }
+        lane_sums(&$products)
+    }};
+    // VNNI: (x + 128) unsigned times q, then 128 · Σq taken back off.
+    (vnni, $q:expr, $x:expr, $b:expr, $sum:expr, $products:expr) => {{
+        for t in 0..TILE {
+            $products[t] = dot_vnni(load32(&$x.shifted[t][$b]), $q);
+        }
+        _mm256_sub_epi32(lane_sums(&$products), _mm256_set1_epi32(128 * $sum))
+    }};
+}
+
+tile_kernels!("avx2,fma,f16c", tile_q4_1_avx2, tile_q8_0_avx2, avx2);
+tile_kernels!(
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    tile_q4_1_avx512,
+    tile_q8_0_vnni,
+    vnni
+);
 block_kernels!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     dot_vnni,
