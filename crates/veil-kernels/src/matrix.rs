@@ -231,11 +231,13 @@ impl QuantMatrix {
         let per_token = self.cols / BLOCK;
         let token = |t: usize| acts.row(t * per_token, per_token);
         let rows_of = |first: usize, outs: &mut [f32]| {
+            let tiles: Vec<ActivationTile<'_>> = (0..tokens / TILE)
+                .map(|i| acts.tile(i, per_token))
+                .collect();
             for (i, row_out) in outs.chunks_exact_mut(tokens).enumerate() {
                 let w = self.row(first + i);
                 let mut t = 0;
-                while t + TILE <= tokens {
-                    let tile = acts.tile(t / TILE, per_token);
+                for tile in &tiles {
                     row_out[t..t + TILE].copy_from_slice(&kernel.eight(w, tile));
                     t += TILE;
                 }
@@ -322,7 +324,7 @@ impl RowKernel {
 
     /// One weight row times a tile of eight tokens' activations.
     #[inline]
-    fn eight(&self, w: WeightRow<'_>, tile: ActivationTile<'_>) -> [f32; TILE] {
+    fn eight(&self, w: WeightRow<'_>, tile: &ActivationTile<'_>) -> [f32; TILE] {
         // SAFETY: as in `dots`.
         match (self.isa, self.format) {
             (Isa::Scalar, _) => self.dots(w, tile.rows),

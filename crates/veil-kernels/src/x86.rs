@@ -203,7 +203,7 @@ macro_rules! tile_kernels {
         /// The CPU must have the features named above; the tile holds as many blocks as the
         /// weight row.
         #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $q4_1(w: WeightRow<'_>, x: ActivationTile<'_>) -> [f32; TILE] {
+        pub(crate) unsafe fn $q4_1(w: WeightRow<'_>, x: &ActivationTile<'_>) -> [f32; TILE] {
             let mut acc = _mm256_setzero_ps();
             let mut products = [_mm256_setzero_si256(); TILE];
             for b in 0..w.d.len() {
@@ -228,7 +228,7 @@ macro_rules! tile_kernels {
         /// The CPU must have the features named above; the tile holds as many blocks as the
         /// weight row.
         #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $q8_0(w: WeightRow<'_>, x: ActivationTile<'_>) -> [f32; TILE] {
+        pub(crate) unsafe fn $q8_0(w: WeightRow<'_>, x: &ActivationTile<'_>) -> [f32; TILE] {
             let mut acc = _mm256_setzero_ps();
             let mut products = [_mm256_setzero_si256(); TILE];
             for b in 0..w.d.len() {
