@@ -55,7 +55,9 @@ pub(crate) struct Activations {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
     pub qs: Vec<[i8; BLOCK]>,
-    /// For each tile of [`TILE`] tokens, block by block, the tokens' scales side by side.
+    /// The first token of each tile of [`TILE`] tokens.
+    tile_starts: Vec<usize>,
+    /// For each tile, block by block, the tokens' scales side by side.
     tiled_d: Vec<[f32; TILE]>,
     /// The same for the `s` terms.
     tiled_s: Vec<[f32; TILE]>,
@@ -67,6 +69,8 @@ pub(crate) struct Activations {
 /// one lane per token.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ActivationTile<'a> {
+    /// The tile's first token.
+    pub start: usize,
     pub rows: [ActivationRow<'a>; TILE],
     pub shifted: [&'a [[u8; BLOCK]]; TILE],
     pub d: &'a [[f32; TILE]],
@@ -102,15 +106,24 @@ impl Activations {
         }
     }
 
-    /// Lays out the whole tiles of [`TILE`] tokens (`per_token` blocks each) for
-    /// [`tile`](Self::tile).
+    /// Lays out tiles of [`TILE`] tokens (`per_token` blocks each) for [`tile`](Self::tile):
+    /// every whole tile, and when tokens are left over, one more ending at the last token
+    /// (overlapping the one before: a token's result does not depend on its tile, so the
+    /// overlap is computed twice to the same bits, cheaper than the leftovers one by one).
     pub fn prepare_tiles(&mut self, per_token: usize) {
-        let tiles = self.d.len() / per_token / TILE;
+        let tokens = self.d.len() / per_token;
+        self.tile_starts.clear();
+        self.tile_starts
+            .extend((0..tokens / TILE).map(|i| i * TILE));
+        if tokens > TILE && !tokens.is_multiple_of(TILE) {
+            self.tile_starts.push(tokens - TILE);
+        }
+        let tiles = self.tile_starts.len();
         self.tiled_d.clear();
         self.tiled_s.clear();
-        for tile in 0..tiles {
+        for &first in &self.tile_starts {
             for b in 0..per_token {
-                let at = |t: usize| (tile * TILE + t) * per_token + b;
+                let at = |t: usize| (first + t) * per_token + b;
                 self.tiled_d.push(std::array::from_fn(|t| self.d[at(t)]));
                 self.tiled_s.push(std::array::from_fn(|t| self.s[at(t)]));
             }
@@ -122,10 +135,16 @@ impl Activations {
         }
     }
 
-    /// Tokens `TILE * tile..TILE * (tile + 1)`, after [`prepare_tiles`](Self::prepare_tiles).
+    /// How many tiles [`prepare_tiles`](Self::prepare_tiles) laid out.
+    pub fn tile_count(&self) -> usize {
+        self.tile_starts.len()
+    }
+
+    /// Tile number `tile`, after [`prepare_tiles`](Self::prepare_tiles).
     pub fn tile(&self, tile: usize, per_token: usize) -> ActivationTile<'_> {
-        let first = tile * TILE;
+        let first = self.tile_starts[tile];
         ActivationTile {
+            start: first,
             rows: std::array::from_fn(|t| self.row((first + t) * per_token, per_token)),
             shifted: std::array::from_fn(|t| {
                 let start = (first + t) * per_token;

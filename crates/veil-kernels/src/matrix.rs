@@ -231,15 +231,15 @@ impl QuantMatrix {
         let per_token = self.cols / BLOCK;
         let token = |t: usize| acts.row(t * per_token, per_token);
         let rows_of = |first: usize, outs: &mut [f32]| {
-            let tiles: Vec<ActivationTile<'_>> = (0..tokens / TILE)
+            let tiles: Vec<ActivationTile<'_>> = (0..acts.tile_count())
                 .map(|i| acts.tile(i, per_token))
                 .collect();
             for (i, row_out) in outs.chunks_exact_mut(tokens).enumerate() {
                 let w = self.row(first + i);
                 let mut t = 0;
                 for tile in &tiles {
-                    row_out[t..t + TILE].copy_from_slice(&kernel.eight(w, tile));
-                    t += TILE;
+                    row_out[tile.start..tile.start + TILE].copy_from_slice(&kernel.eight(w, tile));
+                    t = tile.start + TILE;
                 }
                 while t + SMALL_TILE <= tokens {
                     let tile: [ActivationRow<'_>; SMALL_TILE] =
@@ -257,17 +257,17 @@ impl QuantMatrix {
             return;
         }
         let mut transposed = vec![0f32; self.rows * tokens];
-        split_rows(
-            self.rows * per_token * tokens,
-            &mut transposed,
-            tokens,
-            rows_of,
-        );
-        for (r, column) in transposed.chunks_exact(tokens).enumerate() {
-            for (t, &v) in column.iter().enumerate() {
-                out[t * self.rows + r] = v;
+        let blocks = self.rows * per_token * tokens;
+        split_rows(blocks, &mut transposed, tokens, rows_of);
+        // Transposed back on the pool as well, each thread writing whole tokens' rows of `out`.
+        split_rows(blocks, out, self.rows, |first, outs| {
+            for (t, token_out) in outs.chunks_exact_mut(self.rows).enumerate() {
+                let column = transposed[first + t..].iter().step_by(tokens);
+                for (o, &v) in token_out.iter_mut().zip(column) {
+                    *o = v;
+                }
             }
-        }
+        });
     }
 }
 
