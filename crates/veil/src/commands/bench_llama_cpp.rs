@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::quantized::GgmlDType;
 use serde::{Deserialize, Serialize};
-use veil_model::{ChatMessage, Kernels, LocalModel, WeightFormat};
+use veil_model::{ChatMessage, Kernels, LocalModel, TokenStep, WeightFormat};
 
 use crate::commands::bench::{measure, median, BenchArgs};
 use crate::progress;
@@ -106,6 +106,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         })
         .to_string();
 
+        // One untimed prefill each, so no engine's first timed run pays for cold caches
+        // (the llama.cpp script does the same in its process).
+        for model in [&veil, &candle] {
+            model.session().step(&prompt)?;
+        }
         let mut samples: [Vec<(f64, f64)>; 3] = Default::default();
         let mut tokens: [Vec<u32>; 3] = Default::default();
         let bar = progress::bar(
