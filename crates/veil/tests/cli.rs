@@ -399,3 +399,14 @@ fn frequency_attack_runs_on_the_projects_own_text() {
     let err = fails(&refs(&missing));
     assert!(err.contains("cannot read /nonexistent/text"), "{err}");
 }
+
+#[test]
+fn bad_kernel_choices() {
+    let err = fails(&["bench", "--kernels", "turbo"]);
+    assert!(
+        err.contains("unknown kernels") && err.contains("avx2"),
+        "{err}"
+    );
+    let err = fails(&["verify", "bench", "--kernels", "scalar", "--tokens", "4"]);
+    assert!(err.contains("drop --kernels"), "{err}");
+}
