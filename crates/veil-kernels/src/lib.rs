@@ -1,14 +1,19 @@
 //! Quantized matrix products for the CPU: the hot path of every forward pass.
 //!
-//! candle's CPU kernels multiply Q4_1 weights with a scalar loop on x86 and spread work over
-//! threads that wake per call; llama.cpp is 2-6× faster on the same files. This crate holds the
-//! few kernels that close the gap, written the way llama.cpp does them: activations are
-//! quantized to 8-bit blocks once per product, weight blocks are multiplied with integer SIMD
-//! dot products (AVX2, or AVX-512 VNNI where the CPU has it, chosen at run time), and the rows of
-//! the output are split over candle's barrier pool of spinning threads. Everything else (attention, norms) stays in candle.
+//! candle's CPU kernels multiply Q4_1 weights with a scalar loop on x86; llama.cpp was 2-6×
+//! faster on the same files. This crate holds the few kernels that close the gap, written the
+//! way llama.cpp does them: activations are quantized to 8-bit blocks once per product, weight
+//! blocks are multiplied with integer SIMD dot products (AVX2, or AVX-512 VNNI where the CPU has
+//! it, chosen at run time, with a plain-Rust reference as the fallback), prompts run in tiles of
+//! eight tokens, and the rows of the output are split over candle's barrier pool of spinning
+//! threads. Everything else (attention, norms) stays in candle.
 //!
-//! The weights keep GGUF's block layout byte for byte, so a loaded file needs no repacking and
-//! the same bytes can be handed back to candle.
+//! Every family adds each block's exact integer sum into the result in the reference's order,
+//! with its roundings, so a model gives the same bits on every CPU: 8-bit activations would
+//! otherwise turn summation-order noise into different answers.
+//!
+//! Weights are read from GGUF's blocks once, at load, into values, scales and offsets held
+//! apart (`QuantMatrix::new`).
 
 mod activation;
 mod error;

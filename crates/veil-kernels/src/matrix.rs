@@ -226,7 +226,7 @@ impl QuantMatrix {
     /// briefly between calls, so a decode step's hundreds of small products do not each pay a
     /// thread wake-up; the calling thread takes a share). One token writes its outputs
     /// directly; several tokens are computed weight row by weight row (each weight row unpacked
-    /// once for [`ROW_TILE`] tokens) into a transposed buffer, then transposed into `out`.
+    /// once for a tile of [`TILE`] tokens) into a transposed buffer, then transposed into `out`.
     fn multiply(&self, kernel: &RowKernel, acts: &Activations, tokens: usize, out: &mut [f32]) {
         let per_token = self.cols / BLOCK;
         let token = |t: usize| acts.row(t * per_token, per_token);

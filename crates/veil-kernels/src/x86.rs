@@ -1,11 +1,11 @@
 //! x86-64 kernels: the block sums of [`crate::scalar`], bit for bit, with SIMD.
 //!
 //! Written with `core::arch` intrinsics because no maintained crate offers ggml's block formats
-//! with run-time dispatch. Eight blocks at a time: each block's 32 products are summed by one
-//! 256-bit integer dot product (AVX2's `vpmaddubsw` + `vpmaddwd`, or VNNI's `vpdpbusd`), the
-//! eight blocks' lanes are reduced to one exact integer sum per block, the float terms of the
-//! eight blocks are formed in one vector with the reference's roundings, and then added to the
-//! row's sum one block after another, in the reference's order.
+//! with run-time dispatch. Each block's 32 products are summed by one 256-bit integer dot
+//! product (AVX2's `vpmaddubsw` + `vpmaddwd`, or VNNI's `vpdpbusd`) and reduced to an exact
+//! integer sum; the float terms are formed in vectors with the reference's roundings and added
+//! block after block, in the reference's order. One or four tokens go eight blocks at a time
+//! (one lane per block); a tile of eight tokens goes block by block (one lane per token).
 
 use std::arch::x86_64::*;
 
