@@ -90,6 +90,9 @@ pub enum ModelError {
     /// Fetching the default model failed.
     #[error("fetching the model failed: {0}")]
     Fetch(String),
+    /// Whoever asked for the generation stopped waiting for it (a client that disconnected).
+    #[error("generation cancelled: the client went away")]
+    Cancelled,
     /// A tensor operation failed inside candle.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -5,6 +5,7 @@
 
 mod args;
 mod commands;
+mod gateway;
 mod progress;
 
 use std::process::ExitCode;
@@ -59,6 +60,8 @@ enum Command {
     VerifyEvidence(commands::verify::EvidenceArgs),
     /// Run the whole pipeline on this machine and show what happens.
     Demo(commands::demo::DemoArgs),
+    /// An OpenAI-compatible HTTP gateway: point any OpenAI client at it.
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(*args),
         Command::Chat(args) => commands::chat::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Serve(args) => commands::serve::run(args),
         Command::Models { command } => commands::models::run(command),
         Command::Ee { command } => commands::ee::run(command),
         Command::Shard(args) => commands::swarm::shard(args),

@@ -8,5 +8,6 @@ pub mod demo_verify;
 pub mod ee;
 pub mod generate;
 pub mod models;
+pub mod serve;
 pub mod swarm;
 pub mod verify;

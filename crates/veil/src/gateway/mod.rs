@@ -1,0 +1,532 @@
+//! `veil serve`: an OpenAI-compatible HTTP gateway (axum). Handlers are thin: they check the
+//! request, turn it into a generation job, and stream or collect what the job produces.
+//!
+//! This first version runs the model in the gateway's process (`--local`); generations run on
+//! blocking threads, a bounded fair queue (a FIFO semaphore) admits them, and a client that
+//! goes away stops its generation at the next token.
+
+pub mod metrics;
+pub mod openai;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use veil_model::{
+    generate, ChatMessage, Completion, FinishReason, GenerationParams, LocalModel, ModelError,
+    SamplingParams, TokenStep,
+};
+
+use metrics::GatewayMetrics;
+use openai::{
+    ApiError, ChatRequest, CompletionRequest, GenerationOptions, StopField, Usage, VeilInfo,
+};
+
+/// Bounds on what the gateway takes on.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Generations running at once.
+    pub max_concurrent: usize,
+    /// Requests waiting for a slot before new ones are turned away (429).
+    pub max_queued: usize,
+    /// Largest request body, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens: usize,
+}
+
+/// What the gateway serves and how.
+pub struct Gateway {
+    model: LocalModel,
+    model_id: String,
+    info: VeilInfo,
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    metrics: GatewayMetrics,
+}
+
+/// A checked request, ready to run.
+struct Job {
+    chat: bool,
+    stream: bool,
+    prompt: Vec<u32>,
+    params: GenerationParams,
+}
+
+/// What a running generation reports.
+enum Progress {
+    Text(String),
+    Done(Result<Completion, String>),
+}
+
+impl Gateway {
+    /// A gateway serving `model` under the name `model_id`.
+    pub fn new(model: LocalModel, model_id: String, info: VeilInfo, limits: Limits) -> Self {
+        Self {
+            model,
+            model_id,
+            info,
+            slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
+            limits,
+            waiting: AtomicUsize::new(0),
+            metrics: GatewayMetrics::new(),
+        }
+    }
+
+    /// The routes, with the body limit applied.
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/health", get(health))
+            .route("/v1/models", get(models))
+            .route("/metrics", get(metrics_text))
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .layer(DefaultBodyLimit::max(self.limits.max_body_bytes))
+            .with_state(self)
+    }
+
+    fn check_model(&self, asked: &str) -> Result<(), ApiError> {
+        if asked == self.model_id {
+            Ok(())
+        } else {
+            Err(ApiError::unknown_model(asked, &self.model_id))
+        }
+    }
+
+    fn chat_job(&self, request: ChatRequest) -> Result<Job, ApiError> {
+        self.check_model(&request.model)?;
+        if request.messages.is_empty() {
+            return Err(ApiError::invalid("messages is empty", Some("messages")));
+        }
+        let mut messages = Vec::with_capacity(request.messages.len());
+        for m in request.messages {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                return Err(ApiError::invalid(
+                    format!("unknown role {:?}: use system, user or assistant", m.role),
+                    Some("messages"),
+                ));
+            }
+            messages.push(ChatMessage {
+                role: m.role,
+                content: m.content,
+            });
+        }
+        let prompt = self.model.chat_prompt(&messages).map_err(prompt_error)?;
+        self.job(true, prompt, &request.options)
+    }
+
+    fn completion_job(&self, request: CompletionRequest) -> Result<Job, ApiError> {
+        self.check_model(&request.model)?;
+        if request.prompt.trim().is_empty() {
+            return Err(ApiError::invalid("prompt is empty", Some("prompt")));
+        }
+        let prompt = self
+            .model
+            .tokenizer
+            .encode(&request.prompt)
+            .map_err(prompt_error)?;
+        self.job(false, prompt, &request.options)
+    }
+
+    fn job(
+        &self,
+        chat: bool,
+        prompt: Vec<u32>,
+        options: &GenerationOptions,
+    ) -> Result<Job, ApiError> {
+        let context = self.model.config.context_length;
+        if prompt.len() >= context {
+            return Err(ApiError::context_too_long(format!(
+                "the prompt is {} tokens; this model's context holds {context}",
+                prompt.len()
+            )));
+        }
+        let max_tokens = options
+            .max_completion_tokens
+            .or(options.max_tokens)
+            .unwrap_or(256.min(self.limits.max_tokens as u64));
+        if max_tokens == 0 || max_tokens > self.limits.max_tokens as u64 {
+            return Err(ApiError::invalid(
+                format!(
+                    "max_tokens {max_tokens} is outside 1..={} (this gateway's limit)",
+                    self.limits.max_tokens
+                ),
+                Some("max_tokens"),
+            ));
+        }
+        let stop = match &options.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 || stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid(
+                "stop takes at most 4 non-empty strings",
+                Some("stop"),
+            ));
+        }
+        // OpenAI's defaults: temperature 1, no nucleus cut, a fresh seed per request.
+        let sampling = SamplingParams {
+            temperature: options.temperature.unwrap_or(1.0),
+            top_k: None,
+            top_p: options.top_p.filter(|&p| p < 1.0),
+            seed: options.seed.unwrap_or_else(rand::random),
+        };
+        sampling
+            .check()
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("temperature")))?;
+        Ok(Job {
+            chat,
+            stream: options.stream,
+            prompt,
+            params: GenerationParams {
+                max_tokens: max_tokens as usize,
+                sampling,
+                stop,
+            },
+        })
+    }
+
+    /// Waits for a generation slot in arrival order, or turns the request away when the queue
+    /// is full.
+    async fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let waiting = WaitingGuard::enter(self);
+        if waiting.position > self.limits.max_queued {
+            return Err(ApiError::busy(waiting.position - 1));
+        }
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::internal("the gateway is shutting down"))
+    }
+
+    /// Runs `job` once admitted: streams server-sent events, or answers with the whole text.
+    async fn run(self: Arc<Self>, job: Job) -> Result<Response, ApiError> {
+        let permit = self.admit().await?;
+        let (tx, rx) = mpsc::channel(64);
+        let gateway = self.clone();
+        let (prompt, params) = (job.prompt.clone(), job.params.clone());
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            gateway.generate(&prompt, &params, &tx);
+        });
+        let reply = Reply::new(&self, &job);
+        if job.stream {
+            return Ok(reply.stream(rx).into_response());
+        }
+        reply.collect(rx).await
+    }
+
+    /// One generation on this thread, reporting text and the end through `tx`. Stops at the
+    /// next token once nobody listens.
+    fn generate(&self, prompt: &[u32], params: &GenerationParams, tx: &mpsc::Sender<Progress>) {
+        self.metrics.active_generations.inc();
+        let cancelled = AtomicBool::new(false);
+        let mut session = Cancellable {
+            inner: self.model.session(),
+            cancelled: &cancelled,
+        };
+        let result = generate(
+            &mut session,
+            &self.model.tokenizer,
+            prompt,
+            self.model.config.context_length,
+            params,
+            &mut |text| {
+                if tx.blocking_send(Progress::Text(text.to_string())).is_err() {
+                    cancelled.store(true, Ordering::Relaxed);
+                }
+            },
+        );
+        drop(session);
+        self.metrics.active_generations.dec();
+        match &result {
+            Ok(c) => {
+                self.metrics.generated_tokens.inc_by(c.tokens.len() as u64);
+            }
+            Err(ModelError::Cancelled) => {
+                self.metrics.cancelled_generations.inc();
+            }
+            Err(_) => {}
+        }
+        let _ = tx.blocking_send(Progress::Done(result.map_err(|e| e.to_string())));
+    }
+}
+
+/// Counts a request among the waiting for as long as it waits, even if its client leaves.
+struct WaitingGuard<'a> {
+    gateway: &'a Gateway,
+    position: usize,
+}
+
+impl<'a> WaitingGuard<'a> {
+    fn enter(gateway: &'a Gateway) -> Self {
+        let position = gateway.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+        gateway.metrics.queued_requests.inc();
+        Self { gateway, position }
+    }
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.gateway.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.gateway.metrics.queued_requests.dec();
+    }
+}
+
+/// A model session that fails its next step once its client has gone.
+struct Cancellable<'a, S> {
+    inner: S,
+    cancelled: &'a AtomicBool,
+}
+
+impl<S: TokenStep> TokenStep for Cancellable<'_, S> {
+    fn step(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<f32>> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(ModelError::Cancelled);
+        }
+        self.inner.step(tokens)
+    }
+}
+
+/// Builds the response bodies of one request.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    chat: bool,
+    info: VeilInfo,
+}
+
+impl Reply {
+    fn new(gateway: &Gateway, job: &Job) -> Self {
+        let prefix = if job.chat { "chatcmpl" } else { "cmpl" };
+        Self {
+            id: format!("{prefix}-{:016x}", rand::random::<u64>()),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model: gateway.model_id.clone(),
+            chat: job.chat,
+            info: gateway.info.clone(),
+        }
+    }
+
+    /// One streamed chunk: new text, or the end with its reason.
+    fn chunk(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> serde_json::Value {
+        let choice = if self.chat {
+            let delta = match (first, text) {
+                (true, _) => serde_json::json!({"role": "assistant", "content": ""}),
+                (false, Some(t)) => serde_json::json!({"content": t}),
+                (false, None) => serde_json::json!({}),
+            };
+            serde_json::json!({"index": 0, "delta": delta, "finish_reason": finish})
+        } else {
+            serde_json::json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish})
+        };
+        serde_json::json!({
+            "id": self.id,
+            "object": if self.chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        })
+    }
+
+    fn stream(
+        self,
+        rx: mpsc::Receiver<Progress>,
+    ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+        enum Stage {
+            Start,
+            Body,
+            Finish,
+            Done,
+        }
+        let events = futures::stream::unfold(
+            (self, rx, Stage::Start),
+            |(reply, mut rx, stage)| async move {
+                let data = match stage {
+                    Stage::Done => return None,
+                    Stage::Finish => {
+                        return Some((
+                            Ok(Event::default().data("[DONE]")),
+                            (reply, rx, Stage::Done),
+                        ))
+                    }
+                    Stage::Start if reply.chat => {
+                        let first = reply.chunk(None, None, true).to_string();
+                        return Some((Ok(Event::default().data(first)), (reply, rx, Stage::Body)));
+                    }
+                    Stage::Start | Stage::Body => rx.recv().await,
+                };
+                let (event, next) = match data {
+                    Some(Progress::Text(t)) => (reply.chunk(Some(&t), None, false), Stage::Body),
+                    Some(Progress::Done(Ok(c))) => {
+                        let mut last = reply.chunk(None, Some(finish_reason(c.finish)), false);
+                        last["usage"] = serde_json::json!(usage(&c));
+                        last["veil"] = serde_json::json!(reply.info_for(&c));
+                        (last, Stage::Finish)
+                    }
+                    Some(Progress::Done(Err(e))) => (ApiError::internal(e).body(), Stage::Finish),
+                    None => (
+                        ApiError::internal("the generation ended early").body(),
+                        Stage::Finish,
+                    ),
+                };
+                Some((
+                    Ok(Event::default().data(event.to_string())),
+                    (reply, rx, next),
+                ))
+            },
+        );
+        Sse::new(events)
+    }
+
+    async fn collect(self, mut rx: mpsc::Receiver<Progress>) -> Result<Response, ApiError> {
+        let completion = loop {
+            match rx.recv().await {
+                Some(Progress::Text(_)) => {}
+                Some(Progress::Done(Ok(c))) => break c,
+                Some(Progress::Done(Err(e))) => return Err(ApiError::internal(e)),
+                None => return Err(ApiError::internal("the generation ended early")),
+            }
+        };
+        let finish = finish_reason(completion.finish);
+        let choice = if self.chat {
+            serde_json::json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text},
+                "finish_reason": finish,
+            })
+        } else {
+            serde_json::json!({"index": 0, "text": completion.text, "finish_reason": finish})
+        };
+        Ok(Json(serde_json::json!({
+            "id": self.id,
+            "object": if self.chat { "chat.completion" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(&completion),
+            "veil": self.info_for(&completion),
+        }))
+        .into_response())
+    }
+
+    fn info_for(&self, c: &Completion) -> VeilInfo {
+        let decoded = c.tokens.len().saturating_sub(1) as f64;
+        VeilInfo {
+            tokens_per_second: decoded / c.decode_time.as_secs_f64().max(1e-9),
+            ..self.info.clone()
+        }
+    }
+}
+
+fn usage(c: &Completion) -> Usage {
+    Usage {
+        prompt_tokens: c.prompt_tokens,
+        completion_tokens: c.tokens.len(),
+        total_tokens: c.prompt_tokens + c.tokens.len(),
+    }
+}
+
+fn finish_reason(finish: FinishReason) -> &'static str {
+    match finish {
+        FinishReason::Eos | FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+/// A prompt that could not be turned into tokens.
+fn prompt_error(e: ModelError) -> ApiError {
+    match e {
+        ModelError::EmptyPrompt => ApiError::invalid(e.to_string(), Some("messages")),
+        e => ApiError::invalid(e.to_string(), None),
+    }
+}
+
+/// A body axum could not read as the request: too large keeps its 413; bad JSON, missing
+/// fields and a wrong content type are 400, as OpenAI answers them.
+fn rejected(rejection: JsonRejection) -> ApiError {
+    let status = match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiError {
+        status,
+        ..ApiError::invalid(rejection.body_text(), None)
+    }
+}
+
+/// Answers with `result`, counting it.
+fn answer(gateway: &Gateway, endpoint: &str, result: Result<Response, ApiError>) -> Response {
+    let response = result.unwrap_or_else(IntoResponse::into_response);
+    gateway
+        .metrics
+        .answered(endpoint, response.status().as_u16());
+    response
+}
+
+async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
+    let body = Json(serde_json::json!({"status": "ok", "model": gateway.model_id}));
+    answer(&gateway, "health", Ok(body.into_response()))
+}
+
+async fn models(State(gateway): State<Arc<Gateway>>) -> Response {
+    let body = Json(serde_json::json!({
+        "object": "list",
+        "data": [{"id": gateway.model_id, "object": "model", "created": 0, "owned_by": "veil"}],
+    }));
+    answer(&gateway, "models", Ok(body.into_response()))
+}
+
+async fn metrics_text(State(gateway): State<Arc<Gateway>>) -> Response {
+    let headers = [(
+        axum::http::header::CONTENT_TYPE,
+        "text/plain; version=0.0.4; charset=utf-8",
+    )];
+    (headers, gateway.metrics.render()).into_response()
+}
+
+async fn chat(
+    State(gateway): State<Arc<Gateway>>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Response {
+    let job = body
+        .map_err(rejected)
+        .and_then(|Json(r)| gateway.chat_job(r));
+    let result = match job {
+        Ok(job) => gateway.clone().run(job).await,
+        Err(e) => Err(e),
+    };
+    answer(&gateway, "chat", result)
+}
+
+async fn completions(
+    State(gateway): State<Arc<Gateway>>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Response {
+    let job = body
+        .map_err(rejected)
+        .and_then(|Json(r)| gateway.completion_job(r));
+    let result = match job {
+        Ok(job) => gateway.clone().run(job).await,
+        Err(e) => Err(e),
+    };
+    answer(&gateway, "completions", result)
+}

@@ -1,0 +1,284 @@
+//! `veil serve --local` as a real process on loopback: OpenAI-shaped answers, streamed and not,
+//! every error case in OpenAI's shape, limits, and a client that leaves mid-stream.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{json, Value};
+
+const MODEL: &str = "SmolLM2-135M-Instruct";
+
+/// A running gateway, killed when dropped.
+struct Gateway {
+    child: Child,
+    base: String,
+}
+
+impl Gateway {
+    fn start(extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_veil"))
+            .args(["serve", "--local", "--dtype", "f32", "--threads", "2"])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("veil serve starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("a first line");
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        Self {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = client()
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .expect("request sent");
+        let status = response.status().as_u16();
+        (status, response.json().expect("a JSON body"))
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = client()
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .and_then(|r| r.text())
+            .expect("metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .expect("client")
+}
+
+fn ask(question: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": 24,
+    });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// The data payloads of a server-sent event stream.
+fn sse_data(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_openai_error(status: u16, body: &Value, want_status: u16, want_code: Option<&str>) {
+    assert_eq!(status, want_status, "{body}");
+    let error = &body["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["type"].as_str().is_some(), "{body}");
+    if let Some(code) = want_code {
+        assert_eq!(error["code"], code, "{body}");
+    }
+}
+
+#[test]
+fn answers_chat_streamed_and_not_with_the_same_text() {
+    let gateway = Gateway::start(&[]);
+    let (status, body) = gateway.post(
+        "/v1/chat/completions",
+        &ask("What is the capital of France?", json!({})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string();
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], MODEL);
+    assert_eq!(
+        body["usage"]["completion_tokens"].as_u64().map(|n| n > 0),
+        Some(true)
+    );
+    assert_eq!(body["veil"]["mode"], "local");
+
+    let response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .json(&ask(
+            "What is the capital of France?",
+            json!({"stream": true}),
+        ))
+        .send()
+        .expect("stream");
+    assert_eq!(response.status().as_u16(), 200);
+    let events = sse_data(&response.text().expect("body"));
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("a JSON chunk"))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    let last = chunks.last().expect("a last chunk");
+    assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+
+    let (status, body) = gateway.post(
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "The capital of France is", "temperature": 0, "max_tokens": 5}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert!(
+        body["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Paris")),
+        "{body}"
+    );
+
+    let models: Value = client()
+        .get(format!("{}/v1/models", gateway.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL);
+    let health: Value = client()
+        .get(format!("{}/health", gateway.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(gateway.metric("veil_active_generations"), 0.0);
+}
+
+#[test]
+fn every_bad_request_answers_in_the_openai_error_shape() {
+    let gateway = Gateway::start(&["--max-body-bytes", "200000", "--max-tokens", "64"]);
+    let url = format!("{}/v1/chat/completions", gateway.base);
+    let raw = |body: &str| {
+        let r = client()
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .expect("sent");
+        (
+            r.status().as_u16(),
+            r.json::<Value>().expect("JSON error body"),
+        )
+    };
+    let (s, b) = raw("{not json");
+    assert_openai_error(s, &b, 400, None);
+    let (s, b) = raw(r#"{"model": "SmolLM2-135M-Instruct"}"#);
+    assert_openai_error(s, &b, 400, None);
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"model": "gpt-4o"})),
+    );
+    assert_openai_error(s, &b, 404, Some("model_not_found"));
+    let long = "word ".repeat(9000);
+    let (s, b) = gateway.post("/v1/chat/completions", &ask(&long, json!({})));
+    assert_openai_error(s, &b, 400, Some("context_length_exceeded"));
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"max_tokens": 65})),
+    );
+    assert_openai_error(s, &b, 400, None);
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"temperature": -1})),
+    );
+    assert_openai_error(s, &b, 400, None);
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}),
+    );
+    assert_openai_error(s, &b, 400, None);
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": []}),
+    );
+    assert_openai_error(s, &b, 400, None);
+    let huge = "x".repeat(300_000);
+    let (s, b) = gateway.post("/v1/chat/completions", &ask(&huge, json!({})));
+    assert_openai_error(s, &b, 413, None);
+    // The gateway still answers after all that.
+    let (s, _) = gateway.post("/v1/chat/completions", &ask("hi", json!({"max_tokens": 2})));
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_stops_its_generation() {
+    let gateway = Gateway::start(&["--max-concurrent", "1", "--max-queued", "0"]);
+    let mut response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .json(&ask(
+            "Write a long story about the sea.",
+            json!({"stream": true, "max_tokens": 2000, "temperature": 0.8}),
+        ))
+        .send()
+        .expect("stream");
+    let mut first = [0u8; 64];
+    response.read_exact(&mut first).expect("the stream starts");
+    assert_eq!(gateway.metric("veil_active_generations"), 1.0);
+
+    // The one slot is taken and nothing may wait: a second request is turned away.
+    let (s, b) = gateway.post("/v1/chat/completions", &ask("hi", json!({"max_tokens": 2})));
+    assert_openai_error(s, &b, 429, Some("queue_full"));
+
+    drop(response);
+    let mut active = 1.0;
+    for _ in 0..600 {
+        active = gateway.metric("veil_active_generations");
+        if active == 0.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        active, 0.0,
+        "the generation kept running after its client left"
+    );
+    assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
+    assert!(gateway.metric("veil_generated_tokens_total") < 2000.0);
+    let (s, _) = gateway.post("/v1/chat/completions", &ask("hi", json!({"max_tokens": 2})));
+    assert_eq!(s, 200, "the slot is free again");
+}
