@@ -282,3 +282,60 @@ fn a_client_that_leaves_mid_stream_stops_its_generation() {
     let (s, _) = gateway.post("/v1/chat/completions", &ask("hi", json!({"max_tokens": 2})));
     assert_eq!(s, 200, "the slot is free again");
 }
+
+/// A venv with the official `openai` package, made once under `$VEIL_HOME`.
+fn openai_python() -> std::path::PathBuf {
+    let home = std::env::var_os("VEIL_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/veil")
+        });
+    let venv = home.join("test-openai-venv");
+    let python = venv.join("bin/python");
+    let imports = || {
+        Command::new(&python)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !imports() {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 runs");
+        assert!(made.success(), "python3 -m venv failed");
+        let installed = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "openai>=1,<3"])
+            .status()
+            .expect("pip runs");
+        assert!(installed.success(), "pip install openai failed");
+    }
+    python
+}
+
+#[test]
+fn the_official_openai_client_gets_answers_streamed_and_not() {
+    let python = openai_python();
+    let gateway = Gateway::start(&[]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/openai_client.py"
+    );
+    let out = Command::new(python)
+        .arg(script)
+        .arg(&gateway.base)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let plain = result["plain"].as_str().expect("plain answer");
+    assert!(plain.contains("Paris"), "{result}");
+    assert_eq!(result["streamed"], plain, "{result}");
+    assert!(result["finish"].is_string(), "{result}");
+    assert_eq!(result["unknown_model"], "NotFoundError", "{result}");
+}
