@@ -187,6 +187,31 @@ fn answers_chat_streamed_and_not_with_the_same_text() {
         .unwrap();
     assert_eq!(health["status"], "ok");
     assert_eq!(gateway.metric("veil_active_generations"), 0.0);
+
+    // The dashboard page ships in the binary and its data lists what just happened.
+    let page = client().get(&gateway.base).send().unwrap().text().unwrap();
+    assert!(page.contains("<title>Veil gateway</title>") && page.contains("/api/dashboard"));
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "the page fetches nothing outside"
+    );
+    let board: Value = client()
+        .get(format!("{}/api/dashboard", gateway.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(board["model"], MODEL);
+    assert_eq!(board["nodes"].as_array().map(Vec::len), Some(1));
+    let requests = board["requests"].as_array().expect("requests");
+    assert_eq!(requests.len(), 3, "{board}");
+    assert!(
+        requests
+            .iter()
+            .all(|r| r["tokens_per_second"].as_f64().is_some_and(|v| v > 0.0)),
+        "{board}"
+    );
+    assert_eq!(requests[2]["endpoint"], "completions");
 }
 
 #[test]

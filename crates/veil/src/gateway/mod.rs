@@ -5,6 +5,7 @@
 //! blocking threads, a bounded fair queue (a FIFO semaphore) admits them, and a client that
 //! goes away stops its generation at the next token.
 
+pub mod dashboard;
 pub mod metrics;
 pub mod openai;
 
@@ -26,6 +27,7 @@ use veil_model::{
     SamplingParams, TokenStep,
 };
 
+use dashboard::{NodeRow, RecentRequests, RequestRecord};
 use metrics::GatewayMetrics;
 use openai::{
     ApiError, ChatRequest, CompletionRequest, GenerationOptions, StopField, Usage, VeilInfo,
@@ -53,6 +55,7 @@ pub struct Gateway {
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
     metrics: GatewayMetrics,
+    recent: RecentRequests,
 }
 
 /// A checked request, ready to run.
@@ -80,12 +83,15 @@ impl Gateway {
             limits,
             waiting: AtomicUsize::new(0),
             metrics: GatewayMetrics::new(),
+            recent: RecentRequests::default(),
         }
     }
 
     /// The routes, with the body limit applied.
     pub fn router(self: Arc<Self>) -> Router {
         Router::new()
+            .route("/", get(dashboard_page))
+            .route("/api/dashboard", get(dashboard_data))
             .route("/health", get(health))
             .route("/v1/models", get(models))
             .route("/metrics", get(metrics_text))
@@ -219,10 +225,10 @@ impl Gateway {
         let permit = self.admit().await?;
         let (tx, rx) = mpsc::channel(64);
         let gateway = self.clone();
-        let (prompt, params) = (job.prompt.clone(), job.params.clone());
+        let (prompt, params, chat) = (job.prompt.clone(), job.params.clone(), job.chat);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            gateway.generate(&prompt, &params, &tx);
+            gateway.generate(chat, &prompt, &params, &tx);
         });
         let reply = Reply::new(&self, &job);
         if job.stream {
@@ -233,7 +239,13 @@ impl Gateway {
 
     /// One generation on this thread, reporting text and the end through `tx`. Stops at the
     /// next token once nobody listens.
-    fn generate(&self, prompt: &[u32], params: &GenerationParams, tx: &mpsc::Sender<Progress>) {
+    fn generate(
+        &self,
+        chat: bool,
+        prompt: &[u32],
+        params: &GenerationParams,
+        tx: &mpsc::Sender<Progress>,
+    ) {
         self.metrics.active_generations.inc();
         let cancelled = AtomicBool::new(false);
         let mut session = Cancellable {
@@ -263,8 +275,70 @@ impl Gateway {
             }
             Err(_) => {}
         }
+        self.recent.push(self.record(chat, prompt.len(), &result));
         let _ = tx.blocking_send(Progress::Done(result.map_err(|e| e.to_string())));
     }
+}
+
+impl Gateway {
+    /// Where this gateway's answers are computed.
+    fn route(&self) -> String {
+        format!("this process, blocks 0-{}", self.model.config.block_count)
+    }
+
+    /// What the dashboard remembers of a finished generation.
+    fn record(
+        &self,
+        chat: bool,
+        prompt_tokens: usize,
+        result: &veil_model::Result<Completion>,
+    ) -> RequestRecord {
+        let (completion_tokens, tokens_per_second, outcome) = match result {
+            Ok(c) => {
+                let decoded = c.tokens.len().saturating_sub(1) as f64;
+                let speed = decoded / c.decode_time.as_secs_f64().max(1e-9);
+                (c.tokens.len(), speed, finish_reason(c.finish).to_string())
+            }
+            Err(ModelError::Cancelled) => (0, 0.0, "cancelled".to_string()),
+            Err(_) => (0, 0.0, "error".to_string()),
+        };
+        RequestRecord {
+            finished: unix_now(),
+            endpoint: if chat { "chat" } else { "completions" },
+            route: self.route(),
+            prompt_tokens,
+            completion_tokens,
+            tokens_per_second,
+            outcome,
+            verification: "none",
+        }
+    }
+
+    /// What `/api/dashboard` answers.
+    fn dashboard(&self) -> serde_json::Value {
+        let nodes = [NodeRow {
+            name: format!("local ({})", self.model_id),
+            ranges: self.route(),
+            replicas: 1,
+            reputation: None,
+        }];
+        serde_json::json!({
+            "model": self.model_id,
+            "mode": self.info.mode,
+            "format": self.info.format,
+            "kernels": self.info.kernels,
+            "active": self.metrics.active_generations.get(),
+            "queued": self.metrics.queued_requests.get(),
+            "nodes": nodes,
+            "requests": self.recent.snapshot(),
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Counts a request among the waiting for as long as it waits, even if its client leaves.
@@ -317,9 +391,7 @@ impl Reply {
         let prefix = if job.chat { "chatcmpl" } else { "cmpl" };
         Self {
             id: format!("{prefix}-{:016x}", rand::random::<u64>()),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created: unix_now(),
             model: gateway.model_id.clone(),
             chat: job.chat,
             info: gateway.info.clone(),
@@ -480,6 +552,14 @@ fn answer(gateway: &Gateway, endpoint: &str, result: Result<Response, ApiError>)
         .metrics
         .answered(endpoint, response.status().as_u16());
     response
+}
+
+async fn dashboard_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(dashboard::PAGE)
+}
+
+async fn dashboard_data(State(gateway): State<Arc<Gateway>>) -> Json<serde_json::Value> {
+    Json(gateway.dashboard())
 }
 
 async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
