@@ -364,3 +364,69 @@ fn the_official_openai_client_gets_answers_streamed_and_not() {
     assert!(result["finish"].is_string(), "{result}");
     assert_eq!(result["unknown_model"], "NotFoundError", "{result}");
 }
+
+/// Headless Chromium (Debian's `chromium`, which `.ci/run` installs) with the flags this
+/// offline machine needs.
+fn chromium(profile: &std::path::Path, extra: &[&str], url: &str) -> std::process::Output {
+    let binary = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("headless Chromium is needed: apt-get install chromium (.ci/run does)");
+    Command::new(binary)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("chromium runs")
+}
+
+#[test]
+fn the_dashboard_in_headless_chromium_lists_the_swarm_and_the_requests() {
+    let gateway = Gateway::start(&[]);
+    let (status, _) = gateway.post(
+        "/v1/chat/completions",
+        &ask("Hello!", json!({"max_tokens": 8})),
+    );
+    assert_eq!(status, 200);
+    let profile = tempfile::tempdir().unwrap();
+    let dom = chromium(profile.path(), &["--dump-dom"], &gateway.base);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    // Filled in by the page's script from /api/dashboard.
+    assert!(
+        dom.contains(&format!("local ({MODEL})")),
+        "the node is not listed: {dom}"
+    );
+    assert!(dom.contains("this process, blocks 0-30"), "{dom}");
+    assert!(
+        dom.contains("<td>chat</td>"),
+        "the request is not listed: {dom}"
+    );
+    assert!(dom.contains("<circle"), "the chart has no points: {dom}");
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let size = format!("--screenshot={}", shot.display());
+    chromium(
+        profile.path(),
+        &[&size, "--window-size=1200,900"],
+        &gateway.base,
+    );
+    let png = std::fs::read(&shot).expect("a screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+}
