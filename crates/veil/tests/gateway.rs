@@ -1,10 +1,15 @@
-//! `veil serve --local` as a real process on loopback: OpenAI-shaped answers, streamed and not,
-//! every error case in OpenAI's shape, limits, and a client that leaves mid-stream.
+//! `veil serve` as a real process on loopback, in front of the model in its own process and in
+//! front of a swarm of `veil node` processes: OpenAI-shaped answers, streamed and not, every
+//! error case in OpenAI's shape, limits, a client that leaves mid-stream, the dashboard.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 
 use serde_json::{json, Value};
+
+mod common;
+
+use common::{model_path, shards, NodeProcess};
 
 const MODEL: &str = "SmolLM2-135M-Instruct";
 
@@ -15,11 +20,17 @@ struct Gateway {
 }
 
 impl Gateway {
+    /// A gateway running the model (F32) in its own process.
     fn start(extra: &[&str]) -> Self {
+        let mut args = vec!["--local", "--dtype", "f32"];
+        args.extend_from_slice(extra);
+        Self::start_with(&args)
+    }
+
+    fn start_with(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_veil"))
-            .args(["serve", "--local", "--dtype", "f32", "--threads", "2"])
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
+            .args(["serve", "--threads", "2", "--listen", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -429,4 +440,152 @@ fn the_dashboard_in_headless_chromium_lists_the_swarm_and_the_requests() {
         png.len()
     );
     eprintln!("dashboard screenshot: {}", shot.display());
+}
+
+/// What the default model (as stored) answers greedily in one process, for comparison.
+fn answer_in_one_process(question: &str, max_tokens: usize) -> String {
+    let model =
+        veil_model::LocalModel::load(&model_path(), veil_model::WeightFormat::AsStored, &[])
+            .expect("model loads");
+    let prompt = model
+        .chat_prompt(&[veil_model::ChatMessage::user(question)])
+        .expect("prompt");
+    let params = veil_model::GenerationParams {
+        max_tokens,
+        ..Default::default()
+    };
+    veil_model::generate(
+        &mut model.session(),
+        &model.tokenizer,
+        &prompt,
+        model.config.context_length,
+        &params,
+        &mut |_| {},
+    )
+    .expect("generates")
+    .text
+}
+
+#[test]
+fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = shards(dir.path());
+    let first = NodeProcess::start(&files[0], &dir.path().join("a.redb"), None);
+    let _second = NodeProcess::start(&files[1], &dir.path().join("b.redb"), Some(&first.addr));
+    let _third = NodeProcess::start(&files[2], &dir.path().join("c.redb"), Some(&first.addr));
+    let gateway = Gateway::start_with(&["--bootstrap", &first.addr]);
+
+    // Until every range is announced, requests get the no-route error in OpenAI's shape.
+    let question = "What is the capital of France?";
+    let body = ask(question, json!({"max_tokens": 16}));
+    let mut answered = None;
+    for _ in 0..100 {
+        let (status, reply) = gateway.post("/v1/chat/completions", &body);
+        if status == 200 {
+            answered = Some(reply);
+            break;
+        }
+        assert_openai_error(status, &reply, 503, Some("no_route"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let reply = answered.expect("the swarm answered within 30 s");
+    assert_eq!(reply["veil"]["mode"], "swarm");
+    let text = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert_eq!(text, answer_in_one_process(question, 16));
+
+    let streamed = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .json(&ask(question, json!({"max_tokens": 16, "stream": true})))
+        .send()
+        .and_then(|r| r.text())
+        .expect("stream");
+    let streamed: String = sse_data(&streamed)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(streamed, text);
+
+    // A client that leaves mid-stream: the chain's three node sessions close.
+    let mut response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .json(&ask(
+            "Write a long story about the sea.",
+            json!({"stream": true, "max_tokens": 2000, "temperature": 0.8}),
+        ))
+        .send()
+        .expect("stream");
+    // Past the first chunk (the role, sent at once) into the text: the chain is open.
+    let mut first_bytes = [0u8; 1024];
+    response
+        .read_exact(&mut first_bytes)
+        .expect("the stream starts");
+    assert_eq!(gateway.metric("veil_open_node_sessions"), 3.0);
+    drop(response);
+    let mut open = 3.0;
+    for _ in 0..600 {
+        open = gateway.metric("veil_open_node_sessions");
+        if open == 0.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(open, 0.0, "node sessions stayed open after the client left");
+    assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
+
+    // The dashboard lists the three nodes with their ranges.
+    let board: Value = client()
+        .get(format!("{}/api/dashboard", gateway.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let mut ranges: Vec<String> = board["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["ranges"].as_str().map(str::to_string))
+        .collect();
+    ranges.sort();
+    assert_eq!(
+        ranges,
+        ["blocks 0-10", "blocks 10-20", "blocks 20-30"],
+        "{board}"
+    );
+
+    // The same in headless Chromium, with a screenshot of the swarm's dashboard.
+    let profile = tempfile::tempdir().unwrap();
+    let dom = chromium(profile.path(), &["--dump-dom"], &gateway.base);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for range in ["blocks 0-10", "blocks 10-20", "blocks 20-30"] {
+        assert!(
+            dom.contains(&format!("<td>{range}</td>")),
+            "{range} is not listed: {dom}"
+        );
+    }
+    assert!(
+        dom.contains("cancelled"),
+        "the cancelled request is not listed: {dom}"
+    );
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-swarm.png");
+    let _ = std::fs::remove_file(&shot);
+    let size = format!("--screenshot={}", shot.display());
+    chromium(
+        profile.path(),
+        &[&size, "--window-size=1200,900"],
+        &gateway.base,
+    );
+    let png = std::fs::read(&shot).expect("a screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!("swarm dashboard screenshot: {}", shot.display());
 }

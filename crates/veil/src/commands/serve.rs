@@ -7,15 +7,15 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::args::ModelArgs;
+use crate::commands::swarm::SwarmArgs;
 use crate::gateway::openai::VeilInfo;
-use crate::gateway::{Gateway, Limits};
+use crate::gateway::{Backend, Gateway, Limits, SwarmBackend};
 
 /// Arguments of `veil serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Run the model in this process. (The gateway in front of the swarm comes later; for now
-    /// this flag is required.)
-    #[arg(long)]
+    /// Run the model in this process instead of on the swarm.
+    #[arg(long, conflicts_with = "bootstrap")]
     pub local: bool,
 
     /// Address to listen on (loopback by default: the gateway holds your keys).
@@ -40,26 +40,43 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
 }
 
 /// Runs `veil serve` until interrupted.
 pub fn run(args: ServeArgs) -> Result<()> {
-    if !args.local {
-        bail!(
-            "veil serve needs --local for now: the gateway in front of the swarm is not built yet"
-        );
+    if !args.local && args.swarm.bootstrap.is_empty() {
+        bail!("give --bootstrap ADDR to serve through the swarm, or --local to run the model here");
+    }
+    if args.swarm.client_layers.is_some() {
+        bail!("veil serve does not split the model with the swarm yet: drop --client-layers");
     }
     let path = args.model.resolve_path()?;
-    let model = args.model.load()?;
+    let model = if args.local {
+        args.model.load()?
+    } else {
+        veil_model::LocalModel::open_text(&path)?
+    };
     let model_id = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let model_id = model_id.split('.').next().unwrap_or(&model_id).to_string();
     let info = VeilInfo {
-        mode: "local",
-        format: args.model.dtype.to_string(),
-        kernels: args.model.kernels.to_string(),
+        mode: if args.local { "local" } else { "swarm" },
+        // On the swarm, each node runs the format and kernels it was started with.
+        format: if args.local {
+            args.model.dtype.to_string()
+        } else {
+            "the nodes'".into()
+        },
+        kernels: if args.local {
+            args.model.kernels.to_string()
+        } else {
+            "the nodes'".into()
+        },
         tokens_per_second: 0.0,
     };
     let limits = Limits {
@@ -68,13 +85,29 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_tokens: args.max_tokens as usize,
     };
-    let gateway = Arc::new(Gateway::new(model, model_id.clone(), info, limits));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let backend = if args.local {
+            Backend::Local
+        } else {
+            let client = veil_net::SwarmClient::connect(
+                &args.swarm.bootstrap,
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .context("cannot join the swarm")?;
+            Backend::Swarm(SwarmBackend {
+                client,
+                runtime: tokio::runtime::Handle::current(),
+                digest: veil_model::store::file_digest(&path)?.1,
+            })
+        };
+        let gateway = Arc::new(Gateway::new(model, backend, model_id.clone(), info, limits));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

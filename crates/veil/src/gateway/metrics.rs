@@ -22,6 +22,8 @@ pub struct GatewayMetrics {
     pub queued_requests: Gauge,
     /// Generations stopped because their client went away.
     pub cancelled_generations: Counter,
+    /// Sessions open on the swarm's nodes for this gateway's generations.
+    pub open_node_sessions: Gauge,
 }
 
 impl GatewayMetrics {
@@ -33,6 +35,7 @@ impl GatewayMetrics {
         let active_generations = Gauge::default();
         let queued_requests = Gauge::default();
         let cancelled_generations = Counter::default();
+        let open_node_sessions = Gauge::default();
         registry.register(
             "veil_requests",
             "Requests answered, by endpoint and status code",
@@ -58,9 +61,15 @@ impl GatewayMetrics {
             "Generations stopped because their client went away",
             cancelled_generations.clone(),
         );
+        registry.register(
+            "veil_open_node_sessions",
+            "Sessions open on the swarm's nodes for this gateway's generations",
+            open_node_sessions.clone(),
+        );
         Self {
             registry,
             cancelled_generations,
+            open_node_sessions,
             requests,
             generated_tokens,
             active_generations,

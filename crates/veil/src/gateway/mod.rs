@@ -1,9 +1,10 @@
 //! `veil serve`: an OpenAI-compatible HTTP gateway (axum). Handlers are thin: they check the
 //! request, turn it into a generation job, and stream or collect what the job produces.
 //!
-//! This first version runs the model in the gateway's process (`--local`); generations run on
-//! blocking threads, a bounded fair queue (a FIFO semaphore) admits them, and a client that
-//! goes away stops its generation at the next token.
+//! The model runs in the gateway's process (`--local`) or on the swarm's nodes, through a
+//! chain opened per request; the gateway keeps the tokenizer and chat template either way.
+//! Generations run on blocking threads, a bounded fair queue (a FIFO semaphore) admits them, and
+//! a client that goes away stops its generation at the next token and closes its node sessions.
 
 pub mod dashboard;
 pub mod metrics;
@@ -21,11 +22,13 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use veil_model::{
     generate, ChatMessage, Completion, FinishReason, GenerationParams, LocalModel, ModelError,
     SamplingParams, TokenStep,
 };
+use veil_net::{RemoteChain, SwarmClient};
 
 use dashboard::{NodeRow, RecentRequests, RequestRecord};
 use metrics::GatewayMetrics;
@@ -46,9 +49,28 @@ pub struct Limits {
     pub max_tokens: usize,
 }
 
+/// Where generations run.
+pub enum Backend {
+    /// On the model loaded in this process.
+    Local,
+    /// On the swarm's nodes.
+    Swarm(SwarmBackend),
+}
+
+/// What the gateway needs to open chains over the swarm.
+pub struct SwarmBackend {
+    /// A connected client.
+    pub client: SwarmClient,
+    /// The runtime the client runs on.
+    pub runtime: Handle,
+    /// The served model file's digest: nodes serve shards cut from it.
+    pub digest: String,
+}
+
 /// What the gateway serves and how.
 pub struct Gateway {
     model: LocalModel,
+    backend: Backend,
     model_id: String,
     info: VeilInfo,
     limits: Limits,
@@ -69,14 +91,39 @@ struct Job {
 /// What a running generation reports.
 enum Progress {
     Text(String),
-    Done(Result<Completion, String>),
+    Done(Result<Completion, Failure>),
+}
+
+/// Why a generation produced no answer.
+enum Failure {
+    /// No chain of nodes covers the model.
+    NoRoute(String),
+    /// It failed on the way.
+    Failed(String),
+}
+
+impl Failure {
+    fn to_api(&self) -> ApiError {
+        match self {
+            Failure::NoRoute(why) => ApiError::no_route(why),
+            Failure::Failed(why) => ApiError::internal(why.clone()),
+        }
+    }
 }
 
 impl Gateway {
-    /// A gateway serving `model` under the name `model_id`.
-    pub fn new(model: LocalModel, model_id: String, info: VeilInfo, limits: Limits) -> Self {
+    /// A gateway serving `model` (loaded, or only its tokenizer and template for the swarm)
+    /// under the name `model_id`.
+    pub fn new(
+        model: LocalModel,
+        backend: Backend,
+        model_id: String,
+        info: VeilInfo,
+        limits: Limits,
+    ) -> Self {
         Self {
             model,
+            backend,
             model_id,
             info,
             slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
@@ -248,41 +295,82 @@ impl Gateway {
     ) {
         self.metrics.active_generations.inc();
         let cancelled = AtomicBool::new(false);
-        let mut session = Cancellable {
-            inner: self.model.session(),
-            cancelled: &cancelled,
+        let mut on_text = |text: &str| {
+            if tx.blocking_send(Progress::Text(text.to_string())).is_err() {
+                cancelled.store(true, Ordering::Relaxed);
+            }
         };
-        let result = generate(
-            &mut session,
-            &self.model.tokenizer,
-            prompt,
-            self.model.config.context_length,
-            params,
-            &mut |text| {
-                if tx.blocking_send(Progress::Text(text.to_string())).is_err() {
-                    cancelled.store(true, Ordering::Relaxed);
+        let context = self.model.config.context_length;
+        let tokenizer = &self.model.tokenizer;
+        let (result, route) = match &self.backend {
+            Backend::Local => {
+                let mut session = Cancellable {
+                    inner: self.model.session(),
+                    cancelled: &cancelled,
+                };
+                let result = generate(
+                    &mut session,
+                    tokenizer,
+                    prompt,
+                    context,
+                    params,
+                    &mut on_text,
+                );
+                (result.map_err(Failure::from), self.local_route())
+            }
+            Backend::Swarm(swarm) => {
+                let blocks = self.model.config.block_count;
+                match RemoteChain::open(
+                    swarm.client.clone(),
+                    swarm.runtime.clone(),
+                    &swarm.digest,
+                    blocks,
+                    None,
+                ) {
+                    Err(e) => (Err(Failure::NoRoute(e.to_string())), "no route".to_string()),
+                    Ok(mut chain) => {
+                        let mut counted = CountedChain {
+                            chain: &mut chain,
+                            counted: 0,
+                            gauge: &self.metrics.open_node_sessions,
+                        };
+                        let result = generate(
+                            &mut Cancellable {
+                                inner: &mut counted,
+                                cancelled: &cancelled,
+                            },
+                            tokenizer,
+                            prompt,
+                            context,
+                            params,
+                            &mut on_text,
+                        );
+                        let route = describe_route(counted.chain);
+                        counted.close();
+                        (result.map_err(Failure::from), route)
+                    }
                 }
-            },
-        );
-        drop(session);
+            }
+        };
         self.metrics.active_generations.dec();
         match &result {
             Ok(c) => {
                 self.metrics.generated_tokens.inc_by(c.tokens.len() as u64);
             }
-            Err(ModelError::Cancelled) => {
+            Err(Failure::Failed(_)) if cancelled.load(Ordering::Relaxed) => {
                 self.metrics.cancelled_generations.inc();
             }
             Err(_) => {}
         }
-        self.recent.push(self.record(chat, prompt.len(), &result));
-        let _ = tx.blocking_send(Progress::Done(result.map_err(|e| e.to_string())));
+        self.recent
+            .push(self.record(chat, prompt.len(), route, &result, cancelled.into_inner()));
+        let _ = tx.blocking_send(Progress::Done(result));
     }
 }
 
 impl Gateway {
-    /// Where this gateway's answers are computed.
-    fn route(&self) -> String {
+    /// The route of a generation in this process.
+    fn local_route(&self) -> String {
         format!("this process, blocks 0-{}", self.model.config.block_count)
     }
 
@@ -291,7 +379,9 @@ impl Gateway {
         &self,
         chat: bool,
         prompt_tokens: usize,
-        result: &veil_model::Result<Completion>,
+        route: String,
+        result: &Result<Completion, Failure>,
+        cancelled: bool,
     ) -> RequestRecord {
         let (completion_tokens, tokens_per_second, outcome) = match result {
             Ok(c) => {
@@ -299,13 +389,14 @@ impl Gateway {
                 let speed = decoded / c.decode_time.as_secs_f64().max(1e-9);
                 (c.tokens.len(), speed, finish_reason(c.finish).to_string())
             }
-            Err(ModelError::Cancelled) => (0, 0.0, "cancelled".to_string()),
-            Err(_) => (0, 0.0, "error".to_string()),
+            Err(_) if cancelled => (0, 0.0, "cancelled".to_string()),
+            Err(Failure::NoRoute(_)) => (0, 0.0, "no route".to_string()),
+            Err(Failure::Failed(_)) => (0, 0.0, "error".to_string()),
         };
         RequestRecord {
             finished: unix_now(),
             endpoint: if chat { "chat" } else { "completions" },
-            route: self.route(),
+            route,
             prompt_tokens,
             completion_tokens,
             tokens_per_second,
@@ -314,14 +405,41 @@ impl Gateway {
         }
     }
 
+    /// The nodes the dashboard lists: this process, or what the swarm says it serves.
+    async fn nodes(&self) -> Vec<NodeRow> {
+        let Backend::Swarm(swarm) = &self.backend else {
+            return vec![NodeRow {
+                name: format!("local ({})", self.model_id),
+                ranges: self.local_route(),
+                replicas: 1,
+                reputation: None,
+            }];
+        };
+        let mut found = swarm
+            .client
+            .discover(&swarm.digest)
+            .await
+            .unwrap_or_default();
+        found.sort_by_key(|c| (c.info.first_block, c.info.end_block));
+        let replicas = |first: usize, end: usize| {
+            found
+                .iter()
+                .filter(|c| c.info.first_block == first && c.info.end_block == end)
+                .count()
+        };
+        found
+            .iter()
+            .map(|c| NodeRow {
+                name: c.peer.to_string(),
+                ranges: format!("blocks {}-{}", c.info.first_block, c.info.end_block),
+                replicas: replicas(c.info.first_block, c.info.end_block),
+                reputation: None,
+            })
+            .collect()
+    }
+
     /// What `/api/dashboard` answers.
-    fn dashboard(&self) -> serde_json::Value {
-        let nodes = [NodeRow {
-            name: format!("local ({})", self.model_id),
-            ranges: self.route(),
-            replicas: 1,
-            reputation: None,
-        }];
+    async fn dashboard(&self) -> serde_json::Value {
         serde_json::json!({
             "model": self.model_id,
             "mode": self.info.mode,
@@ -329,10 +447,31 @@ impl Gateway {
             "kernels": self.info.kernels,
             "active": self.metrics.active_generations.get(),
             "queued": self.metrics.queued_requests.get(),
-            "nodes": nodes,
+            "nodes": self.nodes().await,
             "requests": self.recent.snapshot(),
         })
     }
+}
+
+impl From<ModelError> for Failure {
+    fn from(e: ModelError) -> Self {
+        Failure::Failed(e.to_string())
+    }
+}
+
+/// A chain's hops, for the dashboard: `blocks 0-10 on 12D3…; blocks 10-30 on 12D3…`.
+fn describe_route(chain: &RemoteChain) -> String {
+    chain
+        .route()
+        .iter()
+        .map(|(node, _)| {
+            format!(
+                "blocks {}-{} on {}",
+                node.info.first_block, node.info.end_block, node.peer
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn unix_now() -> u64 {
@@ -374,6 +513,31 @@ impl<S: TokenStep> TokenStep for Cancellable<'_, S> {
             return Err(ModelError::Cancelled);
         }
         self.inner.step(tokens)
+    }
+}
+
+/// A chain that keeps the open-node-sessions gauge in step with its hops (sessions open as the
+/// chain first runs, and move on failover).
+struct CountedChain<'a> {
+    chain: &'a mut RemoteChain,
+    counted: i64,
+    gauge: &'a prometheus_client::metrics::gauge::Gauge,
+}
+
+impl CountedChain<'_> {
+    fn close(self) {
+        self.chain.close();
+        self.gauge.dec_by(self.counted);
+    }
+}
+
+impl TokenStep for CountedChain<'_> {
+    fn step(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<f32>> {
+        let result = self.chain.step(tokens);
+        let hops = self.chain.route().len() as i64;
+        self.gauge.inc_by(hops - self.counted);
+        self.counted = hops;
+        result
     }
 }
 
@@ -454,7 +618,7 @@ impl Reply {
                         last["veil"] = serde_json::json!(reply.info_for(&c));
                         (last, Stage::Finish)
                     }
-                    Some(Progress::Done(Err(e))) => (ApiError::internal(e).body(), Stage::Finish),
+                    Some(Progress::Done(Err(e))) => (e.to_api().body(), Stage::Finish),
                     None => (
                         ApiError::internal("the generation ended early").body(),
                         Stage::Finish,
@@ -474,7 +638,7 @@ impl Reply {
             match rx.recv().await {
                 Some(Progress::Text(_)) => {}
                 Some(Progress::Done(Ok(c))) => break c,
-                Some(Progress::Done(Err(e))) => return Err(ApiError::internal(e)),
+                Some(Progress::Done(Err(e))) => return Err(e.to_api()),
                 None => return Err(ApiError::internal("the generation ended early")),
             }
         };
@@ -559,7 +723,7 @@ async fn dashboard_page() -> axum::response::Html<&'static str> {
 }
 
 async fn dashboard_data(State(gateway): State<Arc<Gateway>>) -> Json<serde_json::Value> {
-    Json(gateway.dashboard())
+    Json(gateway.dashboard().await)
 }
 
 async fn health(State(gateway): State<Arc<Gateway>>) -> Response {

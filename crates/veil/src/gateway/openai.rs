@@ -64,7 +64,7 @@ pub struct Usage {
 /// What Veil adds to a response: how the answer was made.
 #[derive(Debug, Clone, Serialize)]
 pub struct VeilInfo {
-    /// Where the model ran: `local` (in the gateway's process).
+    /// Where the model ran: `local` (in the gateway's process) or `swarm`.
     pub mode: &'static str,
     /// The weight format the model runs in.
     pub format: String,
@@ -125,6 +125,17 @@ impl ApiError {
             code: Some("queue_full"),
             param: None,
             message: format!("{queued} requests are already waiting; try again shortly"),
+        }
+    }
+
+    /// No chain of nodes covers the model right now (503).
+    pub fn no_route(why: &str) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "service_unavailable",
+            code: Some("no_route"),
+            param: None,
+            message: format!("no route through the swarm: {why}"),
         }
     }
 

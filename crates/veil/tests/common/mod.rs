@@ -95,4 +95,3 @@ pub fn shards(dir: &Path) -> Vec<PathBuf> {
         .map(|r| dir.join(format!("SmolLM2-135M-Instruct.Q4_1.{r}.gguf")))
         .collect()
 }
-
