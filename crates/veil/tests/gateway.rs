@@ -539,6 +539,29 @@ fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions(
     assert_eq!(open, 0.0, "node sessions stayed open after the client left");
     assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
 
+    // The official openai package gets the same answer through the swarm.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/openai_client.py"
+    );
+    let out = Command::new(openai_python())
+        .arg(script)
+        .arg(&gateway.base)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(
+        result["plain"],
+        answer_in_one_process(question, 24),
+        "{result}"
+    );
+    assert_eq!(result["streamed"], result["plain"], "{result}");
+
     // The dashboard lists the three nodes with their ranges.
     let board: Value = client()
         .get(format!("{}/api/dashboard", gateway.base))
@@ -588,4 +611,38 @@ fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions(
         png.len()
     );
     eprintln!("swarm dashboard screenshot: {}", shot.display());
+}
+
+#[test]
+fn the_gateway_benchmark_prints_its_ratio_and_concurrency_rows() {
+    let out = Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args([
+            "bench",
+            "--gateway",
+            "--threads",
+            "2",
+            "--runs",
+            "1",
+            "--tokens",
+            "8",
+        ])
+        .output()
+        .expect("veil bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ratio: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ratio")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ratio in {stdout}"));
+    assert!(ratio.is_finite() && ratio > 0.0, "{stdout}");
+    for n in ["  1 ", "  4 ", " 16 "] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(n)),
+            "no row for {n}: {stdout}"
+        );
+    }
 }

@@ -40,6 +40,12 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "encrypted")]
     pub llama_cpp: bool,
 
+    /// Measure the gateway instead: tokens/s through its HTTP API against generating directly
+    /// (alternating, same answer), then time to first token and aggregate tokens/s for 1, 4 and
+    /// 16 concurrent streamed requests.
+    #[arg(long, conflicts_with_all = ["encrypted", "llama_cpp"])]
+    pub gateway: bool,
+
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -103,6 +109,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.tokens >= 1, "--tokens must be at least 1");
     if args.llama_cpp {
         return crate::commands::bench_llama_cpp::run(&args);
+    }
+    if args.gateway {
+        return crate::commands::bench_gateway::run(&args);
     }
     let path = args.model.resolve_path()?;
     let started = Instant::now();

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_gateway;
 pub mod bench_llama_cpp;
 pub mod chat;
 pub mod demo;
