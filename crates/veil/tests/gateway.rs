@@ -273,6 +273,17 @@ fn every_bad_request_answers_in_the_openai_error_shape() {
         &json!({"model": MODEL, "messages": []}),
     );
     assert_openai_error(s, &b, 400, None);
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"veil": {"verify": 3}})),
+    );
+    assert_openai_error(s, &b, 400, None);
+    assert_eq!(b["error"]["param"], "veil.verify");
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"veil": {"verfy": 3}})),
+    );
+    assert_openai_error(s, &b, 400, None);
     let huge = "x".repeat(300_000);
     let (s, b) = gateway.post("/v1/chat/completions", &ask(&huge, json!({})));
     assert_openai_error(s, &b, 413, None);
@@ -645,4 +656,89 @@ fn the_gateway_benchmark_prints_its_ratio_and_concurrency_rows() {
             "no row for {n}: {stdout}"
         );
     }
+}
+
+/// Waits until the gateway answers `body` (503 `no_route` until the swarm is announced).
+fn first_answer(gateway: &Gateway, body: &Value) -> (u16, Value) {
+    for _ in 0..100 {
+        let (status, reply) = gateway.post("/v1/chat/completions", body);
+        if status != 503 || reply["error"]["code"] != "no_route" {
+            return (status, reply);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    panic!("no route through the swarm within 30 s");
+}
+
+#[test]
+fn verified_answers_come_from_a_committee_and_a_committee_of_liars_is_a_502() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let model_arg = model.to_str().expect("a UTF-8 path");
+    let state = |name: &str| dir.path().join(format!("{name}.redb"));
+    let f32 = ["--dtype", "f32"];
+    let a = NodeProcess::start_with(&model, &state("a"), None, &f32);
+    let _b = NodeProcess::start_with(&model, &state("b"), Some(&a.addr), &f32);
+    let _c = NodeProcess::start_with(&model, &state("c"), Some(&a.addr), &f32);
+    let evidence = dir.path().join("evidence");
+    let evidence_arg = evidence.to_str().expect("a UTF-8 path");
+    let gateway = Gateway::start_with(&[
+        "--bootstrap",
+        &a.addr,
+        "--model",
+        model_arg,
+        "--evidence-dir",
+        evidence_arg,
+    ]);
+
+    let question = "What is the capital of France?";
+    let (status, reply) = first_answer(
+        &gateway,
+        &ask(question, json!({"max_tokens": 12, "veil": {"verify": 3}})),
+    );
+    assert_eq!(status, 200, "{reply}");
+    let verdict = reply["veil"]["verification"].as_str().expect("a verdict");
+    assert!(
+        verdict.starts_with("accepted by 2 of 2 judges"),
+        "{verdict}"
+    );
+    let text = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(text.contains("Paris"), "{text}");
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"veil": {"verify": 17}})),
+    );
+    assert_openai_error(s, &b, 400, None);
+
+    // Two liars of different kinds (two nodes serving the same wrong model would agree with each
+    // other): each fails the other's answer.
+    let x = NodeProcess::start_with(
+        &model,
+        &state("x"),
+        None,
+        &["--dtype", "f32", "--misbehave", "other-model"],
+    );
+    let _y = NodeProcess::start_with(
+        &model,
+        &state("y"),
+        Some(&x.addr),
+        &["--dtype", "f32", "--misbehave", "random-output"],
+    );
+    let liars = Gateway::start_with(&[
+        "--bootstrap",
+        &x.addr,
+        "--model",
+        model_arg,
+        "--evidence-dir",
+        evidence_arg,
+    ]);
+    let (status, reply) = first_answer(
+        &liars,
+        &ask(question, json!({"max_tokens": 12, "veil": {"verify": 2}})),
+    );
+    assert_openai_error(status, &reply, 502, Some("verification_failed"));
+    let written = std::fs::read_dir(&evidence).map(|d| d.count()).unwrap_or(0);
+    assert!(written >= 1, "the lie a judge proved left no evidence");
 }

@@ -30,6 +30,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         format: args.model.dtype.to_string(),
         kernels: args.model.kernels.to_string(),
         tokens_per_second: 0.0,
+        verification: "none".into(),
     };
     let limits = Limits {
         max_concurrent: 1,

@@ -273,7 +273,10 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
 
 /// Writes a record as `<job digest>.json` (through a temporary file, so none is half
 /// written); returns the path.
-fn write_evidence(dir: &std::path::Path, record: &veil_verify::Evidence) -> Result<PathBuf> {
+pub(crate) fn write_evidence(
+    dir: &std::path::Path,
+    record: &veil_verify::Evidence,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!("{}.json", record.job.body.digest()?));
     let tmp = path.with_extension("json.partial");

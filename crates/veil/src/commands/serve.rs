@@ -38,6 +38,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens: u32,
 
+    /// Where evidence against nodes a committee caught lying is written (default:
+    /// $VEIL_HOME/evidence).
+    #[arg(long, value_name = "DIR")]
+    pub evidence_dir: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -78,6 +83,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             "the nodes'".into()
         },
         tokens_per_second: 0.0,
+        verification: "none".into(),
     };
     let limits = Limits {
         max_concurrent: usize::from(args.max_concurrent),
@@ -105,6 +111,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 client,
                 runtime: tokio::runtime::Handle::current(),
                 digest: veil_model::store::file_digest(&path)?.1,
+                evidence_dir: args
+                    .evidence_dir
+                    .clone()
+                    .unwrap_or_else(|| veil_model::ModelStore::from_env().home().join("evidence")),
             })
         };
         let gateway = Arc::new(Gateway::new(model, backend, model_id.clone(), info, limits));

@@ -28,7 +28,7 @@ pub struct RequestRecord {
     /// `stop`, `length`, `cancelled` or `error`.
     pub outcome: String,
     /// The verification verdict, or `none` when the request was not verified.
-    pub verification: &'static str,
+    pub verification: String,
 }
 
 /// A node of the swarm as the dashboard lists it.

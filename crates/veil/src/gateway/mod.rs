@@ -65,6 +65,8 @@ pub struct SwarmBackend {
     pub runtime: Handle,
     /// The served model file's digest: nodes serve shards cut from it.
     pub digest: String,
+    /// Where evidence against nodes caught lying is written.
+    pub evidence_dir: std::path::PathBuf,
 }
 
 /// What the gateway serves and how.
@@ -86,18 +88,23 @@ struct Job {
     stream: bool,
     prompt: Vec<u32>,
     params: GenerationParams,
+    /// Committee size, for a verified answer.
+    verify: Option<usize>,
 }
 
 /// What a running generation reports.
 enum Progress {
     Text(String),
-    Done(Result<Completion, Failure>),
+    /// The answer and how it was verified, or why there is none.
+    Done(Result<(Completion, String), Failure>),
 }
 
 /// Why a generation produced no answer.
 enum Failure {
     /// No chain of nodes covers the model.
     NoRoute(String),
+    /// A committee accepted no answer.
+    Verification(String),
     /// It failed on the way.
     Failed(String),
 }
@@ -106,6 +113,7 @@ impl Failure {
     fn to_api(&self) -> ApiError {
         match self {
             Failure::NoRoute(why) => ApiError::no_route(why),
+            Failure::Verification(why) => ApiError::verification_failed(why),
             Failure::Failed(why) => ApiError::internal(why.clone()),
         }
     }
@@ -238,7 +246,25 @@ impl Gateway {
         sampling
             .check()
             .map_err(|e| ApiError::invalid(e.to_string(), Some("temperature")))?;
+        let verify = options.veil.verify;
+        match (verify, &self.backend) {
+            (None, _) => {}
+            (Some(_), Backend::Local) => {
+                return Err(ApiError::invalid(
+                    "verification needs the swarm: this gateway runs the model itself (--local)",
+                    Some("veil.verify"),
+                ))
+            }
+            (Some(n), Backend::Swarm(_)) if !(2..=16).contains(&n) => {
+                return Err(ApiError::invalid(
+                    format!("veil.verify is a committee size from 2 to 16, got {n}"),
+                    Some("veil.verify"),
+                ))
+            }
+            (Some(_), Backend::Swarm(_)) => {}
+        }
         Ok(Job {
+            verify,
             chat,
             stream: options.stream,
             prompt,
@@ -272,10 +298,14 @@ impl Gateway {
         let permit = self.admit().await?;
         let (tx, rx) = mpsc::channel(64);
         let gateway = self.clone();
-        let (prompt, params, chat) = (job.prompt.clone(), job.params.clone(), job.chat);
+        let (prompt, params, chat, verify) =
+            (job.prompt.clone(), job.params.clone(), job.chat, job.verify);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            gateway.generate(chat, &prompt, &params, &tx);
+            match verify {
+                Some(size) => gateway.generate_verified(chat, size, &prompt, &params, &tx),
+                None => gateway.generate(chat, &prompt, &params, &tx),
+            }
         });
         let reply = Reply::new(&self, &job);
         if job.stream {
@@ -362,9 +392,89 @@ impl Gateway {
             }
             Err(_) => {}
         }
-        self.recent
-            .push(self.record(chat, prompt.len(), route, &result, cancelled.into_inner()));
-        let _ = tx.blocking_send(Progress::Done(result));
+        let verification = "none".to_string();
+        let record = self.record(chat, prompt.len(), route, &result, cancelled.into_inner());
+        self.recent.push(RequestRecord {
+            verification,
+            ..record
+        });
+        let _ = tx.blocking_send(Progress::Done(result.map(|c| (c, "none".to_string()))));
+    }
+
+    /// A generation checked by a committee of `size` nodes: the text is sent once a majority
+    /// accepts it; evidence against nodes caught lying is written as soon as it is made.
+    fn generate_verified(
+        &self,
+        chat: bool,
+        size: usize,
+        prompt: &[u32],
+        params: &GenerationParams,
+        tx: &mpsc::Sender<Progress>,
+    ) {
+        let Backend::Swarm(swarm) = &self.backend else {
+            return;
+        };
+        self.metrics.active_generations.inc();
+        let request_id: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let request = veil_net::VerifiedRequest {
+            model_digest: &swarm.digest,
+            prompt,
+            params,
+            context_length: self.model.config.context_length,
+            size,
+            seed: "veil",
+            request_id,
+        };
+        let outcome = veil_net::generate_verified(
+            &swarm.client,
+            &swarm.runtime,
+            &self.model.tokenizer,
+            &request,
+            None,
+            &mut |evidence| {
+                if let Err(e) =
+                    crate::commands::generate::write_evidence(&swarm.evidence_dir, evidence)
+                {
+                    tracing::warn!("cannot keep evidence: {e:#}");
+                }
+            },
+        );
+        self.metrics.active_generations.dec();
+        let (result, route, verification) = match outcome {
+            Ok(answer) => {
+                let verdict = format!(
+                    "accepted by {} of {} judges ({} caught lying)",
+                    answer.tally.passed.len(),
+                    answer.tally.passed.len() + answer.tally.failed.len(),
+                    answer.evidence.len()
+                );
+                let route = format!("committee of {size}, answer by {}", answer.generator);
+                (Ok(answer.completion), route, verdict)
+            }
+            Err(veil_net::NetError::Verification(why)) => (
+                Err(Failure::Verification(why)),
+                format!("committee of {size}"),
+                "failed".into(),
+            ),
+            Err(e) => (
+                Err(Failure::NoRoute(e.to_string())),
+                "no committee".into(),
+                "failed".into(),
+            ),
+        };
+        if let Ok(c) = &result {
+            self.metrics.generated_tokens.inc_by(c.tokens.len() as u64);
+            let _ = tx.blocking_send(Progress::Text(c.text.clone()));
+        }
+        let record = self.record(chat, prompt.len(), route, &result, false);
+        self.recent.push(RequestRecord {
+            verification: verification.clone(),
+            ..record
+        });
+        let _ = tx.blocking_send(Progress::Done(result.map(|c| (c, verification))));
     }
 }
 
@@ -391,6 +501,7 @@ impl Gateway {
             }
             Err(_) if cancelled => (0, 0.0, "cancelled".to_string()),
             Err(Failure::NoRoute(_)) => (0, 0.0, "no route".to_string()),
+            Err(Failure::Verification(_)) => (0, 0.0, "not verified".to_string()),
             Err(Failure::Failed(_)) => (0, 0.0, "error".to_string()),
         };
         RequestRecord {
@@ -401,7 +512,7 @@ impl Gateway {
             completion_tokens,
             tokens_per_second,
             outcome,
-            verification: "none",
+            verification: "none".to_string(),
         }
     }
 
@@ -612,10 +723,10 @@ impl Reply {
                 };
                 let (event, next) = match data {
                     Some(Progress::Text(t)) => (reply.chunk(Some(&t), None, false), Stage::Body),
-                    Some(Progress::Done(Ok(c))) => {
+                    Some(Progress::Done(Ok((c, verification)))) => {
                         let mut last = reply.chunk(None, Some(finish_reason(c.finish)), false);
                         last["usage"] = serde_json::json!(usage(&c));
-                        last["veil"] = serde_json::json!(reply.info_for(&c));
+                        last["veil"] = serde_json::json!(reply.info_for(&c, verification));
                         (last, Stage::Finish)
                     }
                     Some(Progress::Done(Err(e))) => (e.to_api().body(), Stage::Finish),
@@ -634,10 +745,10 @@ impl Reply {
     }
 
     async fn collect(self, mut rx: mpsc::Receiver<Progress>) -> Result<Response, ApiError> {
-        let completion = loop {
+        let (completion, verification) = loop {
             match rx.recv().await {
                 Some(Progress::Text(_)) => {}
-                Some(Progress::Done(Ok(c))) => break c,
+                Some(Progress::Done(Ok(done))) => break done,
                 Some(Progress::Done(Err(e))) => return Err(e.to_api()),
                 None => return Err(ApiError::internal("the generation ended early")),
             }
@@ -659,15 +770,16 @@ impl Reply {
             "model": self.model,
             "choices": [choice],
             "usage": usage(&completion),
-            "veil": self.info_for(&completion),
+            "veil": self.info_for(&completion, verification),
         }))
         .into_response())
     }
 
-    fn info_for(&self, c: &Completion) -> VeilInfo {
+    fn info_for(&self, c: &Completion, verification: String) -> VeilInfo {
         let decoded = c.tokens.len().saturating_sub(1) as f64;
         VeilInfo {
             tokens_per_second: decoded / c.decode_time.as_secs_f64().max(1e-9),
+            verification,
             ..self.info.clone()
         }
     }

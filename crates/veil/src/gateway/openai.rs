@@ -36,6 +36,18 @@ pub struct GenerationOptions {
     pub top_p: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<StopField>,
+    /// Veil's own settings; plain OpenAI clients leave them out.
+    #[serde(default)]
+    pub veil: VeilOptions,
+}
+
+/// Veil's request fields (`"veil": {...}`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VeilOptions {
+    /// Have a committee of this many whole-model nodes check the answer (swarm only): one
+    /// generates, the others recompute it; the answer is sent once a majority accepts it.
+    pub verify: Option<usize>,
 }
 
 /// `stop` is a string or a list of strings.
@@ -72,6 +84,8 @@ pub struct VeilInfo {
     pub kernels: String,
     /// Decode speed of this answer.
     pub tokens_per_second: f64,
+    /// How the answer was checked: `none`, or the committee's verdict.
+    pub verification: String,
 }
 
 /// An error in OpenAI's shape.
@@ -136,6 +150,17 @@ impl ApiError {
             code: Some("no_route"),
             param: None,
             message: format!("no route through the swarm: {why}"),
+        }
+    }
+
+    /// A committee could not accept any answer (502).
+    pub fn verification_failed(why: &str) -> Self {
+        Self {
+            status: StatusCode::BAD_GATEWAY,
+            kind: "verification_error",
+            code: Some("verification_failed"),
+            param: None,
+            message: format!("verification failed: {why}"),
         }
     }
 
