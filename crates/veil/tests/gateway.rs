@@ -484,7 +484,13 @@ fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions(
     let first = NodeProcess::start(&files[0], &dir.path().join("a.redb"), None);
     let _second = NodeProcess::start(&files[1], &dir.path().join("b.redb"), Some(&first.addr));
     let _third = NodeProcess::start(&files[2], &dir.path().join("c.redb"), Some(&first.addr));
-    let gateway = Gateway::start_with(&["--bootstrap", &first.addr]);
+    let client_state = dir.path().join("client.redb");
+    let gateway = Gateway::start_with(&[
+        "--bootstrap",
+        &first.addr,
+        "--state",
+        client_state.to_str().expect("a UTF-8 path"),
+    ]);
 
     // Until every range is announced, requests get the no-route error in OpenAI's shape.
     let question = "What is the capital of France?";
@@ -677,6 +683,22 @@ fn verified_answers_come_from_a_committee_and_a_committee_of_liars_is_a_502() {
     let model_arg = model.to_str().expect("a UTF-8 path");
     let state = |name: &str| dir.path().join(format!("{name}.redb"));
     let f32 = ["--dtype", "f32"];
+    let state_paths: Vec<(String, String)> = ["gateway", "liars-gateway"]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                state(n).to_str().expect("a UTF-8 path").to_string(),
+            )
+        })
+        .collect();
+    let state_arg = |name: &str| -> &str {
+        &state_paths
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("a known state")
+            .1
+    };
     let a = NodeProcess::start_with(&model, &state("a"), None, &f32);
     let _b = NodeProcess::start_with(&model, &state("b"), Some(&a.addr), &f32);
     let _c = NodeProcess::start_with(&model, &state("c"), Some(&a.addr), &f32);
@@ -689,6 +711,8 @@ fn verified_answers_come_from_a_committee_and_a_committee_of_liars_is_a_502() {
         model_arg,
         "--evidence-dir",
         evidence_arg,
+        "--state",
+        state_arg("gateway"),
     ]);
 
     let question = "What is the capital of France?";
@@ -733,6 +757,8 @@ fn verified_answers_come_from_a_committee_and_a_committee_of_liars_is_a_502() {
         model_arg,
         "--evidence-dir",
         evidence_arg,
+        "--state",
+        state_arg("liars-gateway"),
     ]);
     let (status, reply) = first_answer(
         &liars,
@@ -741,4 +767,18 @@ fn verified_answers_come_from_a_committee_and_a_committee_of_liars_is_a_502() {
     assert_openai_error(status, &reply, 502, Some("verification_failed"));
     let written = std::fs::read_dir(&evidence).map(|d| d.count()).unwrap_or(0);
     assert!(written >= 1, "the lie a judge proved left no evidence");
+    // The proven liar's reputation shows on the dashboard.
+    let board: Value = client()
+        .get(format!("{}/api/dashboard", liars.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let scores: Vec<i64> = board["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["reputation"].as_i64())
+        .collect();
+    assert!(scores.contains(&-100), "{board}");
 }

@@ -38,6 +38,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens: u32,
 
+    /// The client's database of node reputations, moved by committee verdicts (default:
+    /// $VEIL_HOME/client.redb; one process at a time).
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<std::path::PathBuf>,
+
     /// Where evidence against nodes a committee caught lying is written (default:
     /// $VEIL_HOME/evidence).
     #[arg(long, value_name = "DIR")]
@@ -96,6 +101,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let home = veil_model::ModelStore::from_env().home().to_path_buf();
     runtime.block_on(async move {
         let backend = if args.local {
             Backend::Local
@@ -114,7 +120,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 evidence_dir: args
                     .evidence_dir
                     .clone()
-                    .unwrap_or_else(|| veil_model::ModelStore::from_env().home().join("evidence")),
+                    .unwrap_or_else(|| home.join("evidence")),
+                state: veil_net::NodeState::open(
+                    &args
+                        .state
+                        .clone()
+                        .unwrap_or_else(|| home.join("client.redb")),
+                )
+                .context(
+                    "cannot open the reputation database (is another veil client using it?)",
+                )?,
             })
         };
         let gateway = Arc::new(Gateway::new(model, backend, model_id.clone(), info, limits));

@@ -67,6 +67,8 @@ pub struct SwarmBackend {
     pub digest: String,
     /// Where evidence against nodes caught lying is written.
     pub evidence_dir: std::path::PathBuf,
+    /// Reputation of the nodes, moved only by checked, signed verdicts.
+    pub state: veil_net::NodeState,
 }
 
 /// What the gateway serves and how.
@@ -433,7 +435,7 @@ impl Gateway {
             &swarm.runtime,
             &self.model.tokenizer,
             &request,
-            None,
+            Some(&swarm.state),
             &mut |evidence| {
                 if let Err(e) =
                     crate::commands::generate::write_evidence(&swarm.evidence_dir, evidence)
@@ -532,6 +534,12 @@ impl Gateway {
             .await
             .unwrap_or_default();
         found.sort_by_key(|c| (c.info.first_block, c.info.end_block));
+        let reputation: std::collections::HashMap<String, i64> = swarm
+            .state
+            .reputations()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let replicas = |first: usize, end: usize| {
             found
                 .iter()
@@ -544,7 +552,7 @@ impl Gateway {
                 name: c.peer.to_string(),
                 ranges: format!("blocks {}-{}", c.info.first_block, c.info.end_block),
                 replicas: replicas(c.info.first_block, c.info.end_block),
-                reputation: None,
+                reputation: reputation.get(&c.peer.to_string()).copied(),
             })
             .collect()
     }
