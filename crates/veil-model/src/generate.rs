@@ -21,6 +21,12 @@ impl<T: TokenStep + ?Sized> TokenStep for &mut T {
     }
 }
 
+impl<T: TokenStep + ?Sized> TokenStep for Box<T> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        (**self).step(tokens)
+    }
+}
+
 /// What to generate and when to stop.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {

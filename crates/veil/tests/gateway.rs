@@ -13,6 +13,9 @@ use common::{model_path, shards, NodeProcess};
 
 const MODEL: &str = "SmolLM2-135M-Instruct";
 
+/// The passphrase of the keys the tests make.
+const PASSPHRASE: &str = "gateway test";
+
 /// A running gateway, killed when dropped.
 struct Gateway {
     child: Child,
@@ -30,6 +33,7 @@ impl Gateway {
     fn start_with(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_veil"))
             .args(["serve", "--threads", "2", "--listen", "127.0.0.1:0"])
+            .env("VEIL_KEY_PASSPHRASE", PASSPHRASE)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -781,4 +785,66 @@ fn verified_answers_come_from_a_committee_and_a_committee_of_liars_is_a_502() {
         .filter_map(|n| n["reputation"].as_i64())
         .collect();
     assert!(scores.contains(&-100), "{board}");
+}
+
+#[test]
+fn an_encrypted_model_behind_the_gateway_answers_like_the_plaintext_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, enc) = (dir.path().join("key.veil"), dir.path().join("enc.gguf"));
+    for args in [
+        vec!["ee", "keygen", "--out", key.to_str().unwrap()],
+        vec![
+            "ee",
+            "encrypt",
+            "--key",
+            key.to_str().unwrap(),
+            "--out",
+            enc.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_veil"))
+            .args(&args)
+            .env("VEIL_KEY_PASSPHRASE", PASSPHRASE)
+            .output()
+            .expect("veil ee runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let question = "What is the capital of France?";
+    let plain = Gateway::start(&[]);
+    let (status, want) = plain.post("/v1/chat/completions", &ask(question, json!({})));
+    assert_eq!(status, 200, "{want}");
+    assert_eq!(want["veil"]["privacy"], "plain");
+    drop(plain);
+
+    let encrypted = Gateway::start(&[
+        "--encrypted",
+        enc.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    let (status, got) = encrypted.post("/v1/chat/completions", &ask(question, json!({})));
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["veil"]["privacy"], "encrypted");
+    assert_eq!(
+        got["choices"][0]["message"]["content"], want["choices"][0]["message"]["content"],
+        "the encrypted model answers differently"
+    );
+    let (s, b) = encrypted.post(
+        "/v1/chat/completions",
+        &ask(question, json!({"veil": {"privacy": "plain"}})),
+    );
+    assert_openai_error(s, &b, 400, None);
+    assert_eq!(b["error"]["param"], "veil.privacy");
+    let (s, _) = encrypted.post(
+        "/v1/chat/completions",
+        &ask(
+            question,
+            json!({"veil": {"privacy": "encrypted"}, "max_tokens": 2}),
+        ),
+    );
+    assert_eq!(s, 200);
 }

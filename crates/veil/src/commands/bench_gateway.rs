@@ -31,6 +31,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         kernels: args.model.kernels.to_string(),
         tokens_per_second: 0.0,
         verification: "none".into(),
+        privacy: "plain",
     };
     let limits = Limits {
         max_concurrent: 1,
@@ -41,6 +42,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let gateway = Arc::new(Gateway::new(
         served,
         Backend::Local,
+        None,
         model_id.clone(),
         info,
         limits,

@@ -9,7 +9,7 @@ use clap::Args;
 use crate::args::ModelArgs;
 use crate::commands::swarm::SwarmArgs;
 use crate::gateway::openai::VeilInfo;
-use crate::gateway::{Backend, Gateway, Limits, SwarmBackend};
+use crate::gateway::{Backend, Gateway, Limits, Privacy, SwarmBackend};
 
 /// Arguments of `veil serve`.
 #[derive(Args, Debug)]
@@ -38,6 +38,16 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens: u32,
 
+    /// Serve this encrypted model (from `veil ee encrypt`): the gateway keeps the key, the
+    /// tokenizer and the chat template; the model (or the swarm's nodes) sees only permuted ids
+    /// and rotated activations. The key's passphrase comes from $VEIL_KEY_PASSPHRASE.
+    #[arg(long, value_name = "PATH", requires = "key")]
+    pub encrypted: Option<std::path::PathBuf>,
+
+    /// The key the encrypted model was made with.
+    #[arg(long, value_name = "PATH", requires = "encrypted")]
+    pub key: Option<std::path::PathBuf>,
+
     /// The client's database of node reputations, moved by committee verdicts (default:
     /// $VEIL_HOME/client.redb; one process at a time).
     #[arg(long, value_name = "PATH")]
@@ -64,11 +74,25 @@ pub fn run(args: ServeArgs) -> Result<()> {
         bail!("veil serve does not split the model with the swarm yet: drop --client-layers");
     }
     let path = args.model.resolve_path()?;
-    let model = if args.local {
+    let privacy = match (&args.encrypted, &args.key) {
+        (Some(encrypted), Some(key)) => {
+            let key = crate::commands::ee::read_key(key)?;
+            let shards = if args.local {
+                crate::commands::ee::load_encrypted(encrypted, &key, &args.model)?
+            } else {
+                Vec::new()
+            };
+            Some(Privacy { key, shards })
+        }
+        _ => None,
+    };
+    let model = if args.local && privacy.is_none() {
         args.model.load()?
     } else {
         veil_model::LocalModel::open_text(&path)?
     };
+    // Nodes serve shards cut from the file they run: the encrypted one when there is a key.
+    let served = args.encrypted.clone().unwrap_or_else(|| path.clone());
     let model_id = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -89,6 +113,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
         tokens_per_second: 0.0,
         verification: "none".into(),
+        privacy: if privacy.is_some() {
+            "encrypted"
+        } else {
+            "plain"
+        },
     };
     let limits = Limits {
         max_concurrent: usize::from(args.max_concurrent),
@@ -116,7 +145,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             Backend::Swarm(SwarmBackend {
                 client,
                 runtime: tokio::runtime::Handle::current(),
-                digest: veil_model::store::file_digest(&path)?.1,
+                digest: veil_model::store::file_digest(&served)?.1,
                 evidence_dir: args
                     .evidence_dir
                     .clone()
@@ -132,7 +161,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 )?,
             })
         };
-        let gateway = Arc::new(Gateway::new(model, backend, model_id.clone(), info, limits));
+        let gateway = Arc::new(Gateway::new(
+            model,
+            backend,
+            privacy,
+            model_id.clone(),
+            info,
+            limits,
+        ));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -71,10 +71,20 @@ pub struct SwarmBackend {
     pub state: veil_net::NodeState,
 }
 
+/// An encrypted model behind the gateway: the key stays here; nodes (or the local shards) run
+/// the transformed weights.
+pub struct Privacy {
+    /// The model's key.
+    pub key: veil_ee::EeKey,
+    /// The encrypted shards, for a gateway that runs the model itself (empty on the swarm).
+    pub shards: Vec<veil_model::ShardModel>,
+}
+
 /// What the gateway serves and how.
 pub struct Gateway {
     model: LocalModel,
     backend: Backend,
+    privacy: Option<Privacy>,
     model_id: String,
     info: VeilInfo,
     limits: Limits,
@@ -127,6 +137,7 @@ impl Gateway {
     pub fn new(
         model: LocalModel,
         backend: Backend,
+        privacy: Option<Privacy>,
         model_id: String,
         info: VeilInfo,
         limits: Limits,
@@ -134,6 +145,7 @@ impl Gateway {
         Self {
             model,
             backend,
+            privacy,
             model_id,
             info,
             slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
@@ -248,7 +260,34 @@ impl Gateway {
         sampling
             .check()
             .map_err(|e| ApiError::invalid(e.to_string(), Some("temperature")))?;
+        let encrypted = self.privacy.is_some();
+        match options.veil.privacy.as_deref() {
+            None => {}
+            Some("encrypted") if encrypted => {}
+            Some("plain") if !encrypted => {}
+            Some(asked @ ("encrypted" | "plain")) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "veil.privacy {asked:?} is not what this gateway serves ({})",
+                        if encrypted { "encrypted" } else { "plain" }
+                    ),
+                    Some("veil.privacy"),
+                ))
+            }
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    format!("veil.privacy is encrypted or plain, got {other:?}"),
+                    Some("veil.privacy"),
+                ))
+            }
+        }
         let verify = options.veil.verify;
+        if verify.is_some() && encrypted {
+            return Err(ApiError::invalid(
+                "verification runs on plaintext whole-model nodes; this gateway serves an encrypted model",
+                Some("veil.verify"),
+            ));
+        }
         match (verify, &self.backend) {
             (None, _) => {}
             (Some(_), Backend::Local) => {
@@ -336,8 +375,12 @@ impl Gateway {
         let tokenizer = &self.model.tokenizer;
         let (result, route) = match &self.backend {
             Backend::Local => {
+                let inner: Box<dyn TokenStep + '_> = match &self.privacy {
+                    Some(p) => Box::new(veil_ee::EncryptedSession::new(&p.key, &p.shards)),
+                    None => Box::new(self.model.session()),
+                };
                 let mut session = Cancellable {
-                    inner: self.model.session(),
+                    inner,
                     cancelled: &cancelled,
                 };
                 let result = generate(
@@ -366,9 +409,13 @@ impl Gateway {
                             counted: 0,
                             gauge: &self.metrics.open_node_sessions,
                         };
+                        let inner: Box<dyn TokenStep + '_> = match &self.privacy {
+                            Some(p) => Box::new(veil_ee::EncryptedStep::new(&p.key, &mut counted)),
+                            None => Box::new(&mut counted),
+                        };
                         let result = generate(
                             &mut Cancellable {
-                                inner: &mut counted,
+                                inner,
                                 cancelled: &cancelled,
                             },
                             tokenizer,

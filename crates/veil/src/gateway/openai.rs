@@ -48,6 +48,9 @@ pub struct VeilOptions {
     /// Have a committee of this many whole-model nodes check the answer (swarm only): one
     /// generates, the others recompute it; the answer is sent once a majority accepts it.
     pub verify: Option<usize>,
+    /// `encrypted` or `plain`: what the request expects the gateway to serve; a mismatch is an
+    /// error rather than a silent downgrade.
+    pub privacy: Option<String>,
 }
 
 /// `stop` is a string or a list of strings.
@@ -86,6 +89,9 @@ pub struct VeilInfo {
     pub tokens_per_second: f64,
     /// How the answer was checked: `none`, or the committee's verdict.
     pub verification: String,
+    /// `encrypted` (equivariant encryption: nodes saw permuted ids and rotated activations) or
+    /// `plain`.
+    pub privacy: &'static str,
 }
 
 /// An error in OpenAI's shape.
