@@ -288,6 +288,27 @@ fn every_bad_request_answers_in_the_openai_error_shape() {
         &ask("hi", json!({"veil": {"verfy": 3}})),
     );
     assert_openai_error(s, &b, 400, None);
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"veil": {"accel": "candle"}})),
+    );
+    assert_openai_error(s, &b, 400, None);
+    assert_eq!(b["error"]["param"], "veil.accel");
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"veil": {"accel": "warp"}})),
+    );
+    assert_openai_error(s, &b, 400, None);
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"max_tokens": 2, "veil": {"accel": "auto"}})),
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"max_tokens": 2, "veil": {"accel": "veil"}})),
+    );
+    assert_eq!(s, 200, "{b}");
     let huge = "x".repeat(300_000);
     let (s, b) = gateway.post("/v1/chat/completions", &ask(&huge, json!({})));
     assert_openai_error(s, &b, 413, None);

@@ -170,6 +170,29 @@ impl Gateway {
             .with_state(self)
     }
 
+    /// A request's `veil.accel` against the kernels this gateway runs. The choice per request
+    /// (MetaInf) is issue 8's; until then a request may name what it expects.
+    fn check_accel(&self, asked: &str) -> Result<(), ApiError> {
+        let wrong = |message: String| Err(ApiError::invalid(message, Some("veil.accel")));
+        if matches!(self.backend, Backend::Swarm(_)) {
+            return wrong(format!(
+                "veil.accel {asked:?}: on the swarm each node runs its own kernels; use auto"
+            ));
+        }
+        let Ok(kernels) = asked.parse::<veil_model::Kernels>() else {
+            return wrong(format!(
+                "veil.accel is auto or one of veil, candle, scalar, avx2, avx512 (on this CPU), got {asked:?}"
+            ));
+        };
+        if kernels.to_string() != self.info.kernels {
+            return wrong(format!(
+                "this gateway runs {} kernels, not {kernels}; start it with --kernels to change",
+                self.info.kernels
+            ));
+        }
+        Ok(())
+    }
+
     fn check_model(&self, asked: &str) -> Result<(), ApiError> {
         if asked == self.model_id {
             Ok(())
@@ -280,6 +303,10 @@ impl Gateway {
                     Some("veil.privacy"),
                 ))
             }
+        }
+        match options.veil.accel.as_deref() {
+            None | Some("auto") => {}
+            Some(asked) => self.check_accel(asked)?,
         }
         let verify = options.veil.verify;
         if verify.is_some() && encrypted {

@@ -51,6 +51,9 @@ pub struct VeilOptions {
     /// `encrypted` or `plain`: what the request expects the gateway to serve; a mismatch is an
     /// error rather than a silent downgrade.
     pub privacy: Option<String>,
+    /// The acceleration method: `auto` (the gateway's choice), or the kernels to run with
+    /// (`veil`, `candle`, `scalar`, `avx2`, `avx512`), refused when the gateway runs others.
+    pub accel: Option<String>,
 }
 
 /// `stop` is a string or a list of strings.
