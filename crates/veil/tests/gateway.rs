@@ -438,6 +438,22 @@ fn chromium(profile: &std::path::Path, extra: &[&str], url: &str) -> std::proces
         .expect("chromium runs")
 }
 
+/// Saves a screenshot of the dashboard under `target/tmp/NAME` (a test artifact) and checks it
+/// is a real picture.
+fn screenshot(profile: &std::path::Path, gateway: &Gateway, name: &str) {
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_file(&shot);
+    let size = format!("--screenshot={}", shot.display());
+    chromium(profile, &[&size, "--window-size=1200,900"], &gateway.base);
+    let png = std::fs::read(&shot).expect("a screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+}
+
 #[test]
 fn the_dashboard_in_headless_chromium_lists_the_swarm_and_the_requests() {
     let gateway = Gateway::start(&[]);
@@ -461,21 +477,7 @@ fn the_dashboard_in_headless_chromium_lists_the_swarm_and_the_requests() {
     );
     assert!(dom.contains("<circle"), "the chart has no points: {dom}");
 
-    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
-    let _ = std::fs::remove_file(&shot);
-    let size = format!("--screenshot={}", shot.display());
-    chromium(
-        profile.path(),
-        &[&size, "--window-size=1200,900"],
-        &gateway.base,
-    );
-    let png = std::fs::read(&shot).expect("a screenshot was written");
-    assert!(
-        png.starts_with(b"\x89PNG") && png.len() > 10_000,
-        "{} bytes",
-        png.len()
-    );
-    eprintln!("dashboard screenshot: {}", shot.display());
+    screenshot(profile.path(), &gateway, "dashboard.png");
 }
 
 /// What the default model (as stored) answers greedily in one process, for comparison.
@@ -521,7 +523,7 @@ fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions(
     let question = "What is the capital of France?";
     let body = ask(question, json!({"max_tokens": 16}));
     let mut answered = None;
-    for _ in 0..100 {
+    for _ in 0..400 {
         let (status, reply) = gateway.post("/v1/chat/completions", &body);
         if status == 200 {
             answered = Some(reply);
@@ -530,7 +532,7 @@ fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions(
         assert_openai_error(status, &reply, 503, Some("no_route"));
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    let reply = answered.expect("the swarm answered within 30 s");
+    let reply = answered.expect("the swarm answered within 2 minutes");
     assert_eq!(reply["veil"]["mode"], "swarm");
     let text = reply["choices"][0]["message"]["content"]
         .as_str()
@@ -638,21 +640,7 @@ fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions(
         dom.contains("cancelled"),
         "the cancelled request is not listed: {dom}"
     );
-    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-swarm.png");
-    let _ = std::fs::remove_file(&shot);
-    let size = format!("--screenshot={}", shot.display());
-    chromium(
-        profile.path(),
-        &[&size, "--window-size=1200,900"],
-        &gateway.base,
-    );
-    let png = std::fs::read(&shot).expect("a screenshot was written");
-    assert!(
-        png.starts_with(b"\x89PNG") && png.len() > 10_000,
-        "{} bytes",
-        png.len()
-    );
-    eprintln!("swarm dashboard screenshot: {}", shot.display());
+    screenshot(profile.path(), &gateway, "dashboard-swarm.png");
 }
 
 #[test]
@@ -691,14 +679,15 @@ fn the_gateway_benchmark_prints_its_ratio_and_concurrency_rows() {
 
 /// Waits until the gateway answers `body` (503 `no_route` until the swarm is announced).
 fn first_answer(gateway: &Gateway, body: &Value) -> (u16, Value) {
-    for _ in 0..100 {
+    // Generous: under a loaded CI machine the nodes take a while to load and announce.
+    for _ in 0..400 {
         let (status, reply) = gateway.post("/v1/chat/completions", body);
         if status != 503 || reply["error"]["code"] != "no_route" {
             return (status, reply);
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    panic!("no route through the swarm within 30 s");
+    panic!("no route through the swarm within 2 minutes");
 }
 
 #[test]

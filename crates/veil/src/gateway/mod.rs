@@ -948,11 +948,7 @@ async fn chat(
     let job = body
         .map_err(rejected)
         .and_then(|Json(r)| gateway.chat_job(r));
-    let result = match job {
-        Ok(job) => gateway.clone().run(job).await,
-        Err(e) => Err(e),
-    };
-    answer(&gateway, "chat", result)
+    run_and_answer(gateway, "chat", job).await
 }
 
 async fn completions(
@@ -962,9 +958,18 @@ async fn completions(
     let job = body
         .map_err(rejected)
         .and_then(|Json(r)| gateway.completion_job(r));
+    run_and_answer(gateway, "completions", job).await
+}
+
+/// Runs a checked job (or answers why it could not be made), counting the answer.
+async fn run_and_answer(
+    gateway: Arc<Gateway>,
+    endpoint: &str,
+    job: Result<Job, ApiError>,
+) -> Response {
     let result = match job {
         Ok(job) => gateway.clone().run(job).await,
         Err(e) => Err(e),
     };
-    answer(&gateway, "completions", result)
+    answer(&gateway, endpoint, result)
 }
