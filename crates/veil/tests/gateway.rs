@@ -386,15 +386,14 @@ fn openai_python() -> std::path::PathBuf {
     python
 }
 
-#[test]
-fn the_official_openai_client_gets_answers_streamed_and_not() {
-    let python = openai_python();
-    let gateway = Gateway::start(&[]);
+/// Runs the `openai` package's client against `gateway`: its plain and streamed answers and
+/// what it raised for an unknown model, as one JSON object.
+fn run_openai_client(gateway: &Gateway) -> Value {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/openai_client.py"
     );
-    let out = Command::new(python)
+    let out = Command::new(openai_python())
         .arg(script)
         .arg(&gateway.base)
         .output()
@@ -404,7 +403,13 @@ fn the_official_openai_client_gets_answers_streamed_and_not() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let result: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
+#[test]
+fn the_official_openai_client_gets_answers_streamed_and_not() {
+    let gateway = Gateway::start(&[]);
+    let result = run_openai_client(&gateway);
     let plain = result["plain"].as_str().expect("plain answer");
     assert!(plain.contains("Paris"), "{result}");
     assert_eq!(result["streamed"], plain, "{result}");
@@ -584,21 +589,7 @@ fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions(
     assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
 
     // The official openai package gets the same answer through the swarm.
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/openai_client.py"
-    );
-    let out = Command::new(openai_python())
-        .arg(script)
-        .arg(&gateway.base)
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let result = run_openai_client(&gateway);
     assert_eq!(
         result["plain"],
         answer_in_one_process(question, 24),

@@ -468,12 +468,8 @@ impl Gateway {
             }
             Err(_) => {}
         }
-        let verification = "none".to_string();
-        let record = self.record(chat, prompt.len(), route, &result, cancelled.into_inner());
-        self.recent.push(RequestRecord {
-            verification,
-            ..record
-        });
+        self.recent
+            .push(self.record(chat, prompt.len(), route, &result, cancelled.into_inner()));
         let _ = tx.blocking_send(Progress::Done(result.map(|c| (c, "none".to_string()))));
     }
 
