@@ -51,10 +51,10 @@ pub fn build_swarm(key: Keypair, request_timeout: Duration) -> Result<Swarm<Veil
                 .set_request_size_maximum(MAX_MESSAGE_BYTES)
                 .set_response_size_maximum(MAX_MESSAGE_BYTES);
             VeilBehaviour {
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/veil/1.0.0".into(),
-                    key.public(),
-                )),
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/veil/1.0.0".into(), key.public())
+                        .with_push_listen_addr_updates(true),
+                ),
                 ping: ping::Behaviour::default(),
                 kad,
                 infer: request_response::Behaviour::with_codec(

@@ -167,6 +167,24 @@ pub async fn run_node(
             .listen_on(addr.clone())
             .map_err(|e| NetError::Network(format!("cannot listen on {addr}: {e}")))?;
     }
+    // Join only once every listener has its address: identify tells peers our listen addresses
+    // when a connection opens, and a peer told none cannot route anyone to this node.
+    let mut listening = 0;
+    while listening < config.listen.len() {
+        let event = tokio::time::timeout(Duration::from_secs(30), swarm.select_next_some())
+            .await
+            .map_err(|_| NetError::Network("no listen address within 30 s".into()))?;
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                report_listening(&address, local_id, config.on_listen.as_ref());
+                listening += 1;
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                return Err(NetError::Network(format!("listener failed: {error}")));
+            }
+            other => debug!("{other:?}"),
+        }
+    }
     let mut bootstrap = config.bootstrap.clone();
     bootstrap.extend(state.peers()?.into_iter().map(|(_, a)| a));
     join(&mut swarm, &bootstrap)?;
@@ -228,12 +246,7 @@ pub async fn run_node(
             }
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
-                    // Parents (the demo, tests) read this line to find the node.
-                    println!("listening on {address}/p2p/{local_id}");
-                    let _ = std::io::stdout().flush();
-                    if let Some(tx) = &config.on_listen {
-                        let _ = tx.send(address.with_p2p(local_id).unwrap_or_else(|a| a));
-                    }
+                    report_listening(&address, local_id, config.on_listen.as_ref());
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                     for addr in info.listen_addrs {
@@ -555,6 +568,20 @@ fn run_step(
 }
 
 /// Dials the bootstrap peers and adds them to the routing table.
+/// Prints a listen address (parents, the demo and tests, read this line to find the node) and
+/// hands it to whoever asked.
+fn report_listening(
+    address: &Multiaddr,
+    local_id: PeerId,
+    on_listen: Option<&mpsc::UnboundedSender<Multiaddr>>,
+) {
+    println!("listening on {address}/p2p/{local_id}");
+    let _ = std::io::stdout().flush();
+    if let Some(tx) = on_listen {
+        let _ = tx.send(address.clone().with_p2p(local_id).unwrap_or_else(|a| a));
+    }
+}
+
 pub(crate) fn join(swarm: &mut Swarm<VeilBehaviour>, bootstrap: &[Multiaddr]) -> Result<()> {
     for addr in bootstrap {
         let Some(peer) = peer_of(addr) else {

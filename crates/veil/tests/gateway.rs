@@ -671,14 +671,16 @@ fn the_gateway_benchmark_prints_its_ratio_and_concurrency_rows() {
 /// Waits until the gateway answers `body` (503 `no_route` until the swarm is announced).
 fn first_answer(gateway: &Gateway, body: &Value) -> (u16, Value) {
     // Generous: under a loaded CI machine the nodes take a while to load and announce.
+    let mut last = Value::Null;
     for _ in 0..400 {
         let (status, reply) = gateway.post("/v1/chat/completions", body);
         if status != 503 || reply["error"]["code"] != "no_route" {
             return (status, reply);
         }
+        last = reply;
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    panic!("no route through the swarm within 2 minutes");
+    panic!("no route through the swarm within 2 minutes; last answer: {last}");
 }
 
 #[test]
