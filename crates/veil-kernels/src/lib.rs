@@ -6,7 +6,9 @@
 //! blocks are multiplied with integer SIMD dot products (AVX2, or AVX-512 VNNI where the CPU has
 //! it, chosen at run time, with a plain-Rust reference as the fallback), prompts run in tiles of
 //! eight tokens, and the rows of the output are split over candle's barrier pool of spinning
-//! threads. Everything else (attention, norms) stays in candle.
+//! threads. Causal attention is here too, computed one query at a time in a fixed order, so a
+//! prompt gives the same bits however its positions are grouped into passes. Norms and the rest
+//! stay in candle.
 //!
 //! Every family adds each block's exact integer sum into the result in the reference's order,
 //! with its roundings, so a model gives the same bits on every CPU: 8-bit activations would
@@ -16,6 +18,7 @@
 //! apart (`QuantMatrix::new`).
 
 mod activation;
+mod attention;
 mod error;
 mod isa;
 mod matrix;
@@ -24,6 +27,7 @@ mod scalar;
 mod x86;
 
 pub use activation::{quantize_with, ActivationBlock};
+pub use attention::{causal_attention, AttentionShape};
 pub use error::KernelError;
 pub use isa::Isa;
 pub use matrix::{QuantFormat, QuantMatrix};

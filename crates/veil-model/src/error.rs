@@ -90,6 +90,9 @@ pub enum ModelError {
     /// Fetching the default model failed.
     #[error("fetching the model failed: {0}")]
     Fetch(String),
+    /// A batched decode step failed; every sequence in the batch ends with this.
+    #[error("a batched decode step failed: {0}")]
+    Batch(String),
     /// Whoever asked for the generation stopped waiting for it (a client that disconnected).
     #[error("generation cancelled: the client went away")]
     Cancelled,

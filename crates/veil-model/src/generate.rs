@@ -85,53 +85,131 @@ pub fn generate(
     params: &GenerationParams,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Completion> {
-    if prompt.is_empty() {
-        return Err(ModelError::EmptyPrompt);
-    }
-    if prompt.len() >= context_length {
-        return Err(ModelError::ContextOverflow {
-            needed: prompt.len() + 1,
-            context: context_length,
-        });
-    }
-    let mut sampler = Sampler::new(params.sampling.clone())?;
-    let budget = params.max_tokens.min(context_length - prompt.len());
-    let mut text = TextStream::new(tokenizer, &params.stop);
-    let mut tokens = Vec::new();
-    let mut finish = FinishReason::Length;
-
+    let mut answer = Answer::new(tokenizer, prompt, context_length, params)?;
     let started = Instant::now();
     let mut logits = model.step(prompt)?;
-    let mut prefill_time = started.elapsed();
-    while tokens.len() < budget {
-        let next = sampler.sample(&logits)?;
-        tokens.push(next);
-        if tokens.len() == 1 {
-            prefill_time = started.elapsed();
-        }
-        if next == tokenizer.eos() {
-            finish = FinishReason::Eos;
-            break;
-        }
-        if text.push(next, on_text)? {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if tokens.len() == budget {
-            break;
-        }
+    while let Some(next) = answer.sample(&logits, on_text)? {
         logits = model.step(&[next])?;
     }
-    let decode_time = started.elapsed().saturating_sub(prefill_time);
-    let text = text.finish(finish != FinishReason::Stop, on_text);
-    Ok(Completion {
-        text,
-        tokens,
-        finish,
-        prompt_tokens: prompt.len(),
-        prefill_time,
-        decode_time,
-    })
+    Ok(answer.finish(started, on_text))
+}
+
+/// One answer being generated: the sampler, the tokens so far, the text released so far, and
+/// why it ended. The plain loop, the accelerated loop and continuous batching all drive it, so
+/// they stop, stream and count alike.
+pub(crate) struct Answer<'a> {
+    sampler: Sampler,
+    text: TextStream<'a>,
+    tokens: Vec<u32>,
+    budget: usize,
+    eos: u32,
+    finish: Option<FinishReason>,
+    prompt_tokens: usize,
+    prefill_time: Option<Duration>,
+    started: Option<Instant>,
+}
+
+impl<'a> Answer<'a> {
+    /// Checks the prompt fits the context and sets the budget of new tokens.
+    pub(crate) fn new(
+        tokenizer: &'a GgufTokenizer,
+        prompt: &[u32],
+        context_length: usize,
+        params: &'a GenerationParams,
+    ) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        if prompt.len() >= context_length {
+            return Err(ModelError::ContextOverflow {
+                needed: prompt.len() + 1,
+                context: context_length,
+            });
+        }
+        Ok(Self {
+            sampler: Sampler::new(params.sampling.clone())?,
+            text: TextStream::new(tokenizer, &params.stop),
+            tokens: Vec::new(),
+            budget: params.max_tokens.min(context_length - prompt.len()),
+            eos: tokenizer.eos(),
+            finish: if params.max_tokens == 0 {
+                Some(FinishReason::Length)
+            } else {
+                None
+            },
+            prompt_tokens: prompt.len(),
+            prefill_time: None,
+            started: None,
+        })
+    }
+
+    /// Samples the next token from `logits` and records it; returns it when the answer goes on
+    /// (the caller feeds it to the model), `None` when the answer is complete.
+    pub(crate) fn sample(
+        &mut self,
+        logits: &[f32],
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<u32>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        let next = self.sampler.sample(logits)?;
+        self.push(next, on_text)
+    }
+
+    /// Records `token` as the next one; returns it when the answer goes on.
+    pub(crate) fn push(
+        &mut self,
+        token: u32,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<u32>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        self.tokens.push(token);
+        if self.tokens.len() == 1 {
+            self.prefill_time = self.started.map(|s| s.elapsed());
+        }
+        if token == self.eos {
+            self.finish = Some(FinishReason::Eos);
+        } else if self.text.push(token, on_text)? {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.tokens.len() >= self.budget {
+            self.finish = Some(FinishReason::Length);
+        }
+        Ok(self.finish.is_none().then_some(token))
+    }
+
+    /// New tokens the answer may still take.
+    pub(crate) fn remaining(&self) -> usize {
+        self.budget.saturating_sub(self.tokens.len())
+    }
+
+    /// Whether sampling is greedy (what speculative decoding can check drafts against).
+    pub(crate) fn is_greedy(&self) -> bool {
+        self.sampler.is_greedy()
+    }
+
+    /// Notes when work on this answer began (for its prefill time).
+    pub(crate) fn start_clock(&mut self, at: Instant) {
+        self.started.get_or_insert(at);
+    }
+
+    /// The finished answer; `started` is when its prompt began to run.
+    pub(crate) fn finish(mut self, started: Instant, on_text: &mut dyn FnMut(&str)) -> Completion {
+        let started = *self.started.get_or_insert(started);
+        let finish = self.finish.unwrap_or(FinishReason::Length);
+        let prefill_time = self.prefill_time.unwrap_or_else(|| started.elapsed());
+        let decode_time = started.elapsed().saturating_sub(prefill_time);
+        Completion {
+            text: self.text.finish(finish != FinishReason::Stop, on_text),
+            tokens: self.tokens,
+            finish,
+            prompt_tokens: self.prompt_tokens,
+            prefill_time,
+            decode_time,
+        }
+    }
 }
 
 /// Turns a stream of tokens into a stream of text.

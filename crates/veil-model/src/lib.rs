@@ -5,11 +5,14 @@
 //! cache per session, a tokenizer and chat template read from the file itself, seeded sampling,
 //! and a cache that fetches the default model.
 
+pub mod accel;
+pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+mod kv;
 mod linear;
 pub mod local;
 pub mod model;
@@ -21,6 +24,8 @@ pub mod store;
 pub mod tokenizer;
 pub mod weights;
 
+pub use accel::{generate_accelerated, prompt_lookup, Accel, DraftStats, Drafting};
+pub use batch::{generate_batch, BatchRequest};
 pub use candle_core::Tensor;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
@@ -28,7 +33,7 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, Completion, FinishReason, GenerationParams, TextStream, TokenStep};
 pub use gguf::GgufFile;
 pub use linear::Kernels;
-pub use local::{LocalModel, LocalSession};
+pub use local::{LocalModel, LocalSession, PrefixCache};
 pub use model::{
     forward_chain, forward_chain_final_hidden, LogitsAt, ShardCache, ShardInput, ShardModel,
 };

@@ -5,13 +5,14 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
+use crate::accel::Drafting;
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::generate::TokenStep;
 use crate::gguf::GgufFile;
 use crate::linear::Kernels;
-use crate::model::{forward_chain, LogitsAt, ShardCache, ShardModel};
+use crate::model::{forward_chain, LogitsAt, ShardCache, ShardInput, ShardModel};
 use crate::tokenizer::GgufTokenizer;
 use crate::weights::WeightFormat;
 
@@ -116,5 +117,201 @@ impl TokenStep for LocalSession<'_> {
             .forward(tokens, LogitsAt::Last)?
             .squeeze(0)?
             .to_vec1()?)
+    }
+}
+
+impl Drafting for LocalSession<'_> {
+    fn step_each(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.forward(tokens, LogitsAt::All)?.to_vec2()?)
+    }
+
+    fn rewind(&mut self, positions: usize) -> Result<()> {
+        let held = self.position();
+        if positions > held {
+            return Err(ModelError::InvalidInput(format!(
+                "cannot take back {positions} positions of {held}"
+            )));
+        }
+        self.caches
+            .iter_mut()
+            .for_each(|c| c.truncate(held - positions));
+        Ok(())
+    }
+
+    fn position(&self) -> usize {
+        LocalSession::position(self)
+    }
+}
+
+impl LocalModel {
+    /// A session that already holds the longest prefix of `prompt` found in `prefixes` (all
+    /// but the prompt's last token at most: that one must run to give the first logits).
+    pub fn session_from(
+        &self,
+        prefixes: &mut PrefixCache,
+        prompt: &[u32],
+    ) -> Result<LocalSession<'_>> {
+        let Some((entry, shared)) = prefixes.longest(prompt) else {
+            return Ok(self.session());
+        };
+        if entry.caches.len() != self.shards.len() {
+            return Err(ModelError::InvalidInput(
+                "the prefix cache belongs to a model with other shards".into(),
+            ));
+        }
+        Ok(LocalSession {
+            caches: entry
+                .caches
+                .iter()
+                .map(|c| c.copy_prefix(shared))
+                .collect::<Result<_>>()?,
+            model: self,
+        })
+    }
+
+    /// One decode step of several sessions at once (continuous batching): `tokens[i]` is the
+    /// next token of `sessions[i]`; returns each session's next-token logits, exactly as a
+    /// step of that session alone would.
+    pub fn step_batch(
+        &self,
+        sessions: &mut [&mut LocalSession<'_>],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        if sessions.len() != tokens.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} tokens for {} sessions",
+                tokens.len(),
+                sessions.len()
+            )));
+        }
+        if sessions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = None;
+        for (i, shard) in self.shards.iter().enumerate() {
+            let mut caches: Vec<&mut ShardCache> =
+                sessions.iter_mut().map(|s| &mut s.caches[i]).collect();
+            let input = match out.take() {
+                None => ShardInput::Tokens(tokens),
+                Some(hidden) => ShardInput::Hidden(hidden),
+            };
+            out = Some(shard.forward_batch(input, &mut caches)?);
+        }
+        Ok(out
+            .ok_or_else(|| ModelError::InvalidShard("the model has no shards".into()))?
+            .to_vec2()?)
+    }
+}
+
+/// Key/value caches of recent prompts, so a prompt that shares a prefix with one of them (a
+/// system prompt, a conversation's earlier turns) runs only what is new.
+///
+/// It belongs to one loaded model: its caches mean nothing to another.
+#[derive(Debug)]
+pub struct PrefixCache {
+    entries: Vec<PrefixEntry>,
+    max_bytes: usize,
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct PrefixEntry {
+    tokens: Vec<u32>,
+    caches: Vec<ShardCache>,
+    bytes: usize,
+    last_used: u64,
+}
+
+impl PrefixCache {
+    /// An empty cache that keeps at most `max_bytes` of keys and values (least recently used
+    /// prompts go first).
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            max_bytes,
+            clock: 0,
+        }
+    }
+
+    /// Prompts held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no prompt is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> usize {
+        self.entries.iter().map(|e| e.bytes).sum()
+    }
+
+    /// The entry sharing the longest prefix with `prompt`, and how many tokens it shares (at
+    /// most all but the last).
+    fn longest(&mut self, prompt: &[u32]) -> Option<(&PrefixEntry, usize)> {
+        let usable = prompt.len().saturating_sub(1);
+        let (best, shared) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let shared = e
+                    .tokens
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (i, shared.min(usable))
+            })
+            .max_by_key(|&(_, shared)| shared)?;
+        if shared == 0 {
+            return None;
+        }
+        self.clock += 1;
+        self.entries[best].last_used = self.clock;
+        Some((&self.entries[best], shared))
+    }
+
+    /// Keeps a copy of the first `prompt.len()` positions of `session`, which ran `prompt`.
+    pub fn insert(&mut self, prompt: &[u32], session: &LocalSession<'_>) -> Result<()> {
+        if session.position() < prompt.len() || prompt.is_empty() {
+            return Err(ModelError::InvalidInput(format!(
+                "the session holds {} positions, not the prompt's {}",
+                session.position(),
+                prompt.len()
+            )));
+        }
+        // A held prompt that this one extends says nothing this one does not.
+        self.entries
+            .retain(|e| !(e.tokens.len() <= prompt.len() && prompt.starts_with(&e.tokens)));
+        let caches: Vec<ShardCache> = session
+            .caches
+            .iter()
+            .map(|c| c.copy_prefix(prompt.len()))
+            .collect::<Result<_>>()?;
+        let bytes = caches.iter().map(ShardCache::bytes).sum();
+        if bytes > self.max_bytes {
+            return Ok(());
+        }
+        while self.bytes() + bytes > self.max_bytes {
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(i, _)| i)
+                .expect("entries are not empty while over the limit");
+            self.entries.swap_remove(oldest);
+        }
+        self.clock += 1;
+        self.entries.push(PrefixEntry {
+            tokens: prompt.to_vec(),
+            caches,
+            bytes,
+            last_used: self.clock,
+        });
+        Ok(())
     }
 }

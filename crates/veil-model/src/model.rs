@@ -9,12 +9,12 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::kv_cache::KvCache;
+use candle_core::{DType, Device, Storage, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::kv::KvStore;
 use crate::linear::{Kernels, Linear};
 use crate::shard::Shard;
 use crate::weights::WeightFormat;
@@ -45,9 +45,9 @@ pub enum LogitsAt {
 }
 
 /// The key/value cache of one session on one shard.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ShardCache {
-    layers: Vec<KvCache>,
+    layers: Vec<KvStore>,
     position: usize,
 }
 
@@ -59,8 +59,32 @@ impl ShardCache {
 
     /// Empties the cache for a new sequence.
     pub fn reset(&mut self) {
-        self.layers.iter_mut().for_each(KvCache::reset);
+        self.layers.iter_mut().for_each(KvStore::reset);
         self.position = 0;
+    }
+
+    /// Forgets positions from `position` on: drafts a speculative step did not confirm.
+    pub fn truncate(&mut self, position: usize) {
+        self.layers.iter_mut().for_each(|l| l.truncate(position));
+        self.position = self.position.min(position);
+    }
+
+    /// An independent cache holding this one's first `positions` positions: a shared prompt
+    /// prefix that another session continues from.
+    pub fn copy_prefix(&self, positions: usize) -> Result<Self> {
+        Ok(Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.copy_prefix(positions))
+                .collect::<Result<_>>()?,
+            position: self.position.min(positions),
+        })
+    }
+
+    /// Memory the cached positions take.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(KvStore::bytes).sum()
     }
 }
 
@@ -296,7 +320,7 @@ impl ShardModel {
     pub fn new_cache(&self) -> ShardCache {
         ShardCache {
             layers: (0..self.blocks.len())
-                .map(|_| KvCache::new(2, KV_GROW_STEP))
+                .map(|_| KvStore::new(KV_GROW_STEP))
                 .collect(),
             position: 0,
         }
@@ -342,7 +366,6 @@ impl ShardModel {
                 context: self.config.context_length,
             });
         }
-        let mask = causal_mask(tokens, start)?;
         for ((i, block), kv) in self
             .shard
             .layers
@@ -351,7 +374,7 @@ impl ShardModel {
             .zip(&mut cache.layers)
         {
             if !self.skipped.contains(&i) {
-                x = block.forward(&x, kv, &self.rope, &self.config, start, mask.as_ref())?;
+                x = block.forward(&x, kv, &self.rope, &self.config, start)?;
             }
             tap(i, &x.squeeze(0)?)?;
         }
@@ -370,6 +393,57 @@ impl ShardModel {
             }
             LogitsAt::All => {}
         }
+        let x = candle_nn::ops::rms_norm(&x.contiguous()?, norm, self.config.rms_eps as f32)?;
+        Ok(head.forward(&x)?.squeeze(0)?)
+    }
+
+    /// One decode step for several sessions at once (continuous batching): row `i` of `input`
+    /// is the next position of the session whose cache is `caches[i]`.
+    ///
+    /// Returns `(sessions, hidden_size)` hidden states, or for a shard with the head
+    /// `(sessions, vocab_size)` logits. Each row comes out exactly as a step of its session
+    /// alone would give it: the kernels sum every row in one order however many rows there are.
+    pub fn forward_batch(
+        &self,
+        input: ShardInput<'_>,
+        caches: &mut [&mut ShardCache],
+    ) -> Result<Tensor> {
+        if let Some(bad) = caches.iter().find(|c| c.layers.len() != self.blocks.len()) {
+            return Err(ModelError::InvalidInput(format!(
+                "cache has {} layers but shard {} has {}",
+                bad.layers.len(),
+                self.shard,
+                self.blocks.len()
+            )));
+        }
+        let mut x = self.embed(input)?;
+        if x.dim(1)? != caches.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "a batched step takes one position per session: {} rows for {} sessions",
+                x.dim(1)?,
+                caches.len()
+            )));
+        }
+        let starts: Vec<usize> = caches.iter().map(|c| c.position).collect();
+        if let Some(&full) = starts.iter().find(|&&p| p >= self.config.context_length) {
+            return Err(ModelError::ContextOverflow {
+                needed: full + 1,
+                context: self.config.context_length,
+            });
+        }
+        for (layer, (i, block)) in self.shard.layers.clone().zip(&self.blocks).enumerate() {
+            if !self.skipped.contains(&i) {
+                let mut kvs: Vec<&mut KvStore> =
+                    caches.iter_mut().map(|c| &mut c.layers[layer]).collect();
+                x = block.forward_batch(&x, &mut kvs, &self.rope, &self.config, &starts)?;
+            }
+        }
+        for cache in caches.iter_mut() {
+            cache.position += 1;
+        }
+        let Some((norm, head)) = &self.head else {
+            return Ok(x.squeeze(0)?);
+        };
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, norm, self.config.rms_eps as f32)?;
         Ok(head.forward(&x)?.squeeze(0)?)
     }
@@ -426,59 +500,108 @@ impl Block {
     fn forward(
         &self,
         x: &Tensor,
-        kv: &mut KvCache,
+        kv: &mut KvStore,
         rope: &Rope,
         config: &LlamaConfig,
         start: usize,
-        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let eps = config.rms_eps as f32;
-        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, eps)?;
-        let x = (x + self.attention(&h, kv, rope, config, start, mask)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, eps)?;
+        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, config.rms_eps as f32)?;
+        let (q, k, v) = self.project(&h)?;
+        let y = attend(q, k, v, kv, rope, config, start)?;
+        self.finish(x, &y, config)
+    }
+
+    /// One decode step for several sessions: row `i` of `x` `(1, sessions, hidden)` is the
+    /// next position of the session whose cache is `kvs[i]`, at position `starts[i]`. The
+    /// matrix products run once over every row; attention runs per session.
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        kvs: &mut [&mut KvStore],
+        rope: &Rope,
+        config: &LlamaConfig,
+        starts: &[usize],
+    ) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, config.rms_eps as f32)?;
+        let (q, k, v) = self.project(&h)?;
+        let rows = kvs
+            .iter_mut()
+            .zip(starts)
+            .enumerate()
+            .map(|(i, (kv, &start))| {
+                let row = |t: &Tensor| t.narrow(1, i, 1);
+                attend(row(&q)?, row(&k)?, row(&v)?, kv, rope, config, start)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.finish(x, &Tensor::cat(&rows, 1)?, config)
+    }
+
+    /// Queries, keys and values `(1, tokens, heads * head_dim)` of normed hidden states.
+    fn project(&self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((
+            self.wq.forward(h)?,
+            self.wk.forward(h)?,
+            self.wv.forward(h)?,
+        ))
+    }
+
+    /// The attention output's projection and residual, then the feed-forward half.
+    fn finish(&self, x: &Tensor, attended: &Tensor, config: &LlamaConfig) -> Result<Tensor> {
+        let x = (x + self.wo.forward(attended)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, config.rms_eps as f32)?;
         let ffn = (self.w_gate.forward(&h)?.silu()? * self.w_up.forward(&h)?)?;
         Ok((x + self.w_down.forward(&ffn)?)?)
     }
+}
 
-    /// Grouped-query attention. The query heads of a group are laid out next to each other, so
-    /// reshaping queries to `(kv_heads, group * tokens)` lets each group attend to its one KV
-    /// head without copying the cache `group` times.
-    fn attention(
-        &self,
-        x: &Tensor,
-        kv: &mut KvCache,
-        rope: &Rope,
-        config: &LlamaConfig,
-        start: usize,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (batch, tokens, _) = x.dims3()?;
-        let (heads, kv_heads, dim) = (config.head_count, config.kv_head_count, config.head_dim);
-        let group = heads / kv_heads;
-        let split = |t: Tensor, n: usize| t.reshape((batch, tokens, n, dim))?.transpose(1, 2);
-        let q = rope.apply(&split(self.wq.forward(x)?, heads)?, start)?;
-        let k = rope.apply(&split(self.wk.forward(x)?, kv_heads)?, start)?;
-        let v = split(self.wv.forward(x)?, kv_heads)?.contiguous()?;
-        let (k, v) = kv.append(&k, &v)?;
-        let seen = k.dim(2)?;
-
-        let q = q.reshape((batch, kv_heads, group * tokens, dim))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (dim as f64).sqrt()))?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((batch, kv_heads, group, tokens, seen))?
-                .broadcast_add(mask)?
-                .reshape((batch, kv_heads, group * tokens, seen))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = probs.matmul(&v.contiguous()?)?;
-        let y = y
-            .reshape((batch, heads, tokens, dim))?
-            .transpose(1, 2)?
-            .reshape((batch, tokens, heads * dim))?;
-        self.wo.forward(&y)
-    }
+/// Causal attention of projected queries, keys and values `(1, tokens, n * head_dim)` at
+/// positions `start..` over a session's cache, with Veil's kernel: each query is computed the
+/// same way however many share the call, so chunked prompts, checked drafts and batched
+/// sessions give the bits of one plain pass.
+fn attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv: &mut KvStore,
+    rope: &Rope,
+    config: &LlamaConfig,
+    start: usize,
+) -> Result<Tensor> {
+    let (batch, tokens, _) = q.dims3()?;
+    let (heads, kv_heads, dim) = (config.head_count, config.kv_head_count, config.head_dim);
+    let split = |t: Tensor, n: usize| t.reshape((batch, tokens, n, dim))?.transpose(1, 2);
+    let q = rope.apply(&split(q, heads)?, start)?;
+    let k = rope.apply(&split(k, kv_heads)?, start)?;
+    let v = split(v, kv_heads)?.contiguous()?;
+    let (keys, values) = kv.append(&k, &v)?;
+    let shape = veil_kernels::AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: dim,
+        tokens,
+        start,
+        key_capacity: keys.dim(2)?,
+    };
+    let queries = q.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0.0f32; queries.len()];
+    let (key_storage, key_layout) = keys.storage_and_layout();
+    let (value_storage, value_layout) = values.storage_and_layout();
+    let (Storage::Cpu(key_data), Storage::Cpu(value_data)) = (&*key_storage, &*value_storage)
+    else {
+        return Err(ModelError::InvalidInput(
+            "the KV cache is not in CPU memory".into(),
+        ));
+    };
+    let key_slice = &key_data.as_slice::<f32>()?[key_layout.start_offset()..][..keys.elem_count()];
+    let value_slice =
+        &value_data.as_slice::<f32>()?[value_layout.start_offset()..][..values.elem_count()];
+    veil_kernels::causal_attention(&shape, &queries, key_slice, value_slice, &mut out)
+        .map_err(|e| ModelError::InvalidInput(format!("attention: {e}")))?;
+    Ok(Tensor::from_vec(
+        out,
+        (batch, tokens, heads * dim),
+        &Device::Cpu,
+    )?)
 }
 
 /// Runs `tokens` through a chain of shards (each with its session cache), each shard's hidden
@@ -552,27 +675,6 @@ fn perturb(w: &Linear, relative: f32, rng: &mut rand_chacha::ChaCha20Rng) -> Res
         })
         .collect();
     w.with_weight(Tensor::from_vec(noisy, shape, &Device::Cpu)?)
-}
-
-/// The additive causal mask `(tokens, start + tokens)` for new positions after `start` cached
-/// ones; `None` for a single token, which may see everything.
-fn causal_mask(tokens: usize, start: usize) -> Result<Option<Tensor>> {
-    if tokens <= 1 {
-        return Ok(None);
-    }
-    let seen = start + tokens;
-    let mask: Vec<f32> = (0..tokens)
-        .flat_map(|i| {
-            (0..seen).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (tokens, seen), &Device::Cpu)?))
 }
 
 /// Reads a tensor and checks its shape (GGUF stores `(out, in)` as candle sees it).

@@ -84,6 +84,11 @@ impl Sampler {
         Ok(Self { params, rng })
     }
 
+    /// Whether this sampler takes the most likely token (and draws nothing at random).
+    pub fn is_greedy(&self) -> bool {
+        self.params.is_greedy()
+    }
+
     /// Picks the next token from one position's logits.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.is_empty() {

@@ -125,7 +125,7 @@ pub fn load_serving_shard(
 ///
 /// The node samples each token itself with the client's seed, exactly as the client will from
 /// the logits it returns, so it can sign the whole answer at the end.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServingSession {
     caches: Vec<ShardCache>,
     hidden_size: usize,

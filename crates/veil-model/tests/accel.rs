@@ -1,0 +1,289 @@
+//! The exact acceleration methods on the real default model: chunked prefill, prefix caching,
+//! prompt-lookup speculative decoding and continuous batching each give the plain path's
+//! tokens (greedy, and seeded sampling where the method applies to it).
+
+use std::num::NonZeroUsize;
+
+use veil_model::prompts::SAMPLE_PROMPTS;
+use veil_model::{
+    generate, generate_accelerated, generate_batch, Accel, BatchRequest, ChatMessage,
+    GenerationParams, LocalModel, ModelStore, PrefixCache, SamplingParams, WeightFormat,
+    SMOLLM2_135M,
+};
+
+/// Tokens generated per answer.
+const TOKENS: usize = 40;
+
+fn model() -> LocalModel {
+    let path = ModelStore::from_env()
+        .ensure(&SMOLLM2_135M, &mut |_| {})
+        .expect("the default model can be fetched");
+    LocalModel::load(&path, WeightFormat::AsStored, &[]).expect("model loads")
+}
+
+fn prompt(model: &LocalModel, question: &str) -> Vec<u32> {
+    model.chat_prompt(&[ChatMessage::user(question)]).unwrap()
+}
+
+fn greedy() -> GenerationParams {
+    GenerationParams {
+        max_tokens: TOKENS,
+        ..GenerationParams::default()
+    }
+}
+
+fn seeded(seed: u64) -> GenerationParams {
+    GenerationParams {
+        max_tokens: TOKENS,
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_p: Some(0.95),
+            seed,
+            ..SamplingParams::default()
+        },
+        ..GenerationParams::default()
+    }
+}
+
+/// The plain path: the whole prompt in one pass, then one token per step.
+fn plain(model: &LocalModel, prompt: &[u32], params: &GenerationParams) -> Vec<u32> {
+    let context = model.config.context_length;
+    generate(
+        &mut model.session(),
+        &model.tokenizer,
+        prompt,
+        context,
+        params,
+        &mut |_| {},
+    )
+    .unwrap()
+    .tokens
+}
+
+fn nz(n: usize) -> Option<NonZeroUsize> {
+    NonZeroUsize::new(n)
+}
+
+#[test]
+fn chunked_prefill_gives_the_plain_tokens() {
+    let model = model();
+    let context = model.config.context_length;
+    for (question, chunk) in SAMPLE_PROMPTS.iter().take(6).zip([1, 5, 8, 13, 16, 64]) {
+        let prompt = prompt(&model, question);
+        let want = plain(&model, &prompt, &greedy());
+        let accel = Accel {
+            prefill_chunk: nz(chunk),
+            ..Accel::default()
+        };
+        let (got, _) = generate_accelerated(
+            &mut model.session(),
+            &model.tokenizer,
+            &prompt,
+            context,
+            &greedy(),
+            &accel,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(got.tokens, want, "{question:?} in chunks of {chunk}");
+    }
+}
+
+#[test]
+fn a_cached_prefix_is_reused_and_gives_the_plain_tokens() {
+    let model = model();
+    let context = model.config.context_length;
+    let mut prefixes = PrefixCache::new(256 << 20);
+    let system = ChatMessage::system(
+        "You are a careful assistant for a hiking club. Answer briefly and mention safety.",
+    );
+    let mut reused_any = false;
+    for (i, question) in SAMPLE_PROMPTS.iter().take(5).enumerate() {
+        let prompt = model
+            .chat_prompt(&[system.clone(), ChatMessage::user(*question)])
+            .unwrap();
+        let params = if i % 2 == 0 {
+            greedy()
+        } else {
+            seeded(i as u64)
+        };
+        let want = plain(&model, &prompt, &params);
+        let mut session = model.session_from(&mut prefixes, &prompt).unwrap();
+        let (got, stats) = generate_accelerated(
+            &mut session,
+            &model.tokenizer,
+            &prompt,
+            context,
+            &params,
+            &Accel::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        prefixes.insert(&prompt, &session).unwrap();
+        assert_eq!(got.tokens, want, "{question:?}");
+        if i > 0 {
+            assert!(
+                stats.reused > 10,
+                "the system prompt was not reused: {stats:?}"
+            );
+            reused_any = true;
+        } else {
+            assert_eq!(stats.reused, 0);
+        }
+    }
+    assert!(reused_any);
+    assert!(!prefixes.is_empty() && prefixes.bytes() > 0);
+    // The same prompt again reuses all but its last token, and still answers the same.
+    let prompt = model
+        .chat_prompt(&[system, ChatMessage::user(SAMPLE_PROMPTS[0])])
+        .unwrap();
+    let mut session = model.session_from(&mut prefixes, &prompt).unwrap();
+    let (got, stats) = generate_accelerated(
+        &mut session,
+        &model.tokenizer,
+        &prompt,
+        context,
+        &greedy(),
+        &Accel::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(stats.reused, prompt.len() - 1);
+    assert_eq!(got.tokens, plain(&model, &prompt, &greedy()));
+}
+
+#[test]
+fn a_prefix_cache_keeps_within_its_memory_bound() {
+    let model = model();
+    let first = prompt(&model, SAMPLE_PROMPTS[0]);
+    let mut session = model.session();
+    veil_model::TokenStep::step(&mut session, &first).unwrap();
+    let mut one = PrefixCache::new(usize::MAX);
+    one.insert(&first, &session).unwrap();
+    let size = one.bytes();
+    assert!(size > 0);
+    // Room for one prompt: the second evicts the first; a bound below one prompt keeps none.
+    let mut tight = PrefixCache::new(size + size / 2);
+    for question in &SAMPLE_PROMPTS[..3] {
+        let p = prompt(&model, question);
+        let mut s = model.session();
+        veil_model::TokenStep::step(&mut s, &p).unwrap();
+        tight.insert(&p, &s).unwrap();
+        assert!(tight.bytes() <= size + size / 2);
+        assert_eq!(tight.len(), 1);
+    }
+    let mut none = PrefixCache::new(size / 2);
+    none.insert(&first, &session).unwrap();
+    assert!(none.is_empty());
+    // A session shorter than the prompt it claims is refused.
+    assert!(none
+        .insert(&[first.clone(), vec![1]].concat(), &session)
+        .is_err());
+}
+
+#[test]
+fn prompt_lookup_drafts_are_confirmed_and_give_the_plain_tokens() {
+    let model = model();
+    let context = model.config.context_length;
+    let questions = [
+        "Repeat this sentence exactly: the quick brown fox jumps over the lazy dog near the river bank.",
+        "Copy the list: apples, pears, plums, cherries, grapes, melons.",
+        SAMPLE_PROMPTS[4],
+        SAMPLE_PROMPTS[15],
+        SAMPLE_PROMPTS[0],
+    ];
+    let mut accepted = 0;
+    for question in questions {
+        let prompt = prompt(&model, question);
+        for drafts in [1, 4, 8] {
+            let want = plain(&model, &prompt, &greedy());
+            let accel = Accel {
+                lookup_drafts: nz(drafts),
+                ..Accel::default()
+            };
+            let (got, stats) = generate_accelerated(
+                &mut model.session(),
+                &model.tokenizer,
+                &prompt,
+                context,
+                &greedy(),
+                &accel,
+                &mut |_| {},
+            )
+            .unwrap();
+            assert_eq!(got.tokens, want, "{question:?} with {drafts} drafts");
+            assert!(stats.accepted <= stats.drafted);
+            accepted += stats.accepted;
+        }
+    }
+    assert!(accepted > 0, "no draft was ever confirmed");
+}
+
+#[test]
+fn sampled_requests_decode_plainly_under_prompt_lookup() {
+    let model = model();
+    let context = model.config.context_length;
+    let prompt = prompt(&model, "Repeat exactly: one two three four five six seven.");
+    let accel = Accel {
+        lookup_drafts: nz(4),
+        ..Accel::default()
+    };
+    let (got, stats) = generate_accelerated(
+        &mut model.session(),
+        &model.tokenizer,
+        &prompt,
+        context,
+        &seeded(7),
+        &accel,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(stats.drafted, 0);
+    assert_eq!(got.tokens, plain(&model, &prompt, &seeded(7)));
+}
+
+#[test]
+fn continuous_batching_gives_each_request_its_plain_tokens() {
+    let model = model();
+    // Different prompt lengths, budgets and sampling, more requests than batch slots: sequences
+    // leave at different steps and waiting ones join.
+    let requests: Vec<BatchRequest> = SAMPLE_PROMPTS
+        .iter()
+        .take(7)
+        .enumerate()
+        .map(|(i, q)| BatchRequest {
+            prompt: prompt(&model, q),
+            params: GenerationParams {
+                max_tokens: 8 + 5 * i,
+                ..if i % 3 == 1 {
+                    seeded(i as u64)
+                } else {
+                    greedy()
+                }
+            },
+        })
+        .collect();
+    for (max_batch, chunk) in [(3, None), (7, nz(9))] {
+        let answers = generate_batch(&model, &requests, nz(max_batch).unwrap(), chunk);
+        assert_eq!(answers.len(), requests.len());
+        for (request, answer) in requests.iter().zip(answers) {
+            let answer = answer.unwrap();
+            assert_eq!(
+                answer.tokens,
+                plain(&model, &request.prompt, &request.params),
+                "batch of {max_batch}"
+            );
+        }
+    }
+    // A bad request fails alone; the others are answered.
+    let mut mixed = requests[..2].to_vec();
+    mixed.insert(
+        1,
+        BatchRequest {
+            prompt: Vec::new(),
+            params: greedy(),
+        },
+    );
+    let answers = generate_batch(&model, &mixed, nz(2).unwrap(), None);
+    assert!(answers[0].is_ok() && answers[1].is_err() && answers[2].is_ok());
+}
