@@ -7,8 +7,10 @@
 //! weighted sum of values are computed the same way whatever else is in the call, so every way
 //! of grouping positions gives the same bits.
 
+use std::sync::{Mutex, PoisonError};
+
 use crate::error::KernelError;
-use crate::matrix::split_rows;
+use crate::Isa;
 
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,30 +82,76 @@ pub fn causal_attention(
     } = *shape;
     let group = heads / kv_heads;
     let scale = 1.0 / (dim as f32).sqrt();
-    // Work in 32-value block products, the unit the pool's threshold counts.
-    let work = heads * tokens * (start + tokens) * dim * 2 / 32;
-    split_rows(work, out, dim, |first, outputs| {
+    let avx2 = Isa::best() != Isa::Scalar;
+    let row = |r: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+        let (t, h) = (r / heads, r % heads);
+        let head = h / group * key_capacity * dim;
+        let seen = start + t + 1;
+        let query = &q[(h * tokens + t) * dim..][..dim];
+        let (keys, values) = (&keys[head..][..seen * dim], &values[head..][..seen * dim]);
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: `Isa::best` found AVX2 on this CPU.
+            unsafe { one_query_avx2(query, keys, values, scale, scores, out) };
+            return;
+        }
+        let _ = avx2;
+        one_query(query, keys, values, scale, scores, out);
+    };
+    // Later queries see more keys, so rows are dealt out in turn rather than in halves.
+    let pool = candle_core::utils::barrier_pool();
+    let parts = pool.n_workers() + 1;
+    let work = heads * tokens * (start + tokens) * dim / 16;
+    if parts == 1 || work < SERIAL_WORK {
         let mut scores = Vec::with_capacity(start + tokens);
-        for (i, out) in outputs.chunks_exact_mut(dim).enumerate() {
-            let (t, h) = ((first + i) / heads, (first + i) % heads);
-            let kv = h / group;
-            let query = &q[(h * tokens + t) * dim..][..dim];
-            let head = kv * key_capacity * dim;
-            let seen = start + t + 1;
-            one_query(
-                query,
-                &keys[head..][..seen * dim],
-                &values[head..][..seen * dim],
-                scale,
-                &mut scores,
-                out,
-            );
+        for (r, out) in out.chunks_exact_mut(dim).enumerate() {
+            row(r, out, &mut scores);
+        }
+        return Ok(());
+    }
+    let mut dealt: Vec<Vec<(usize, &mut [f32])>> = (0..parts).map(|_| Vec::new()).collect();
+    for (r, out) in out.chunks_exact_mut(dim).enumerate() {
+        dealt[r % parts].push((r, out));
+    }
+    // Each part takes its own rows; the locks only hand the disjoint rows across threads.
+    let dealt: Vec<Mutex<Vec<(usize, &mut [f32])>>> = dealt.into_iter().map(Mutex::new).collect();
+    pool.execute(|part| {
+        if let Some(rows) = dealt.get(part) {
+            let mut rows = rows.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut scores = Vec::with_capacity(start + tokens);
+            for (r, out) in rows.iter_mut() {
+                row(*r, out, &mut scores);
+            }
         }
     });
     Ok(())
 }
 
-/// One query against `keys.len() / query.len()` keys.
+/// Below this much work (in 16-value multiply-adds) attention runs on the calling thread.
+const SERIAL_WORK: usize = 4096;
+
+/// [`one_query`] compiled for AVX2: the same operations in the same order, in wider registers,
+/// so the bits do not change.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn one_query_avx2(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    one_query(query, keys, values, scale, scores, out)
+}
+
+/// Values of the output kept in registers while the weighted values are added up.
+const OUT_CHUNK: usize = 16;
+
+/// One query against `keys.len() / query.len()` keys. Each score is a [`dot`]; each output
+/// value adds the weighted values key after key. Rust never fuses or reorders float
+/// operations, so this order is the same on every CPU and every instruction set.
+#[inline(always)]
 fn one_query(
     query: &[f32],
     keys: &[f32],
@@ -125,19 +173,34 @@ fn one_query(
         *s = (*s - max).exp();
         sum += *s;
     }
-    out.fill(0.0);
-    for (p, value) in scores.iter().zip(values.chunks_exact(dim)) {
-        for (o, v) in out.iter_mut().zip(value) {
-            *o += p * v;
+    let inv = 1.0 / sum;
+    for (c, out) in out.chunks_mut(OUT_CHUNK).enumerate() {
+        let offset = c * OUT_CHUNK;
+        if out.len() == OUT_CHUNK {
+            let mut acc = [0.0f32; OUT_CHUNK];
+            for (p, value) in scores.iter().zip(values.chunks_exact(dim)) {
+                let value = &value[offset..offset + OUT_CHUNK];
+                for i in 0..OUT_CHUNK {
+                    acc[i] += p * value[i];
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = a * inv;
+            }
+        } else {
+            out.fill(0.0);
+            for (p, value) in scores.iter().zip(values.chunks_exact(dim)) {
+                for (o, v) in out.iter_mut().zip(&value[offset..]) {
+                    *o += p * v;
+                }
+            }
+            out.iter_mut().for_each(|o| *o *= inv);
         }
     }
-    let inv = 1.0 / sum;
-    out.iter_mut().for_each(|o| *o *= inv);
 }
 
-/// A dot product in eight lanes, added up in one fixed order (the compiler keeps the order:
-/// Rust does not reassociate float sums).
-#[inline]
+/// A dot product in eight lanes, added up in one fixed order.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -249,6 +312,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_plain_and_avx2_builds_give_the_same_bits() {
+        let dim = 40; // not a multiple of the output chunk: both output loops run
+        let (q, k, v) = (data(dim, 4), data(dim * 37, 5), data(dim * 37, 6));
+        let mut scores = Vec::new();
+        let mut plain = vec![0.0; dim];
+        one_query(&q, &k, &v, 0.3, &mut scores, &mut plain);
+        #[cfg(target_arch = "x86_64")]
+        if Isa::best() != Isa::Scalar {
+            let mut wide = vec![0.0; dim];
+            // SAFETY: checked that the CPU has AVX2.
+            unsafe { one_query_avx2(&q, &k, &v, 0.3, &mut scores, &mut wide) };
+            assert_eq!(plain, wide);
+        }
+        assert!(plain.iter().all(|x| x.is_finite()));
     }
 
     #[test]

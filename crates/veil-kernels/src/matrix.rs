@@ -277,7 +277,7 @@ const SERIAL_BLOCKS: usize = 2048;
 
 /// Calls `work(first_row, outputs)` on consecutive runs of rows (`per_row` outputs each)
 /// covering `out`, one run per thread of the pool.
-pub(crate) fn split_rows(
+fn split_rows(
     blocks: usize,
     out: &mut [f32],
     per_row: usize,
