@@ -109,12 +109,12 @@ pub fn causal_attention(
         }
         return Ok(());
     }
-    let mut dealt: Vec<Vec<(usize, &mut [f32])>> = (0..parts).map(|_| Vec::new()).collect();
+    let mut dealt: Vec<Vec<OutputRow<'_>>> = (0..parts).map(|_| Vec::new()).collect();
     for (r, out) in out.chunks_exact_mut(dim).enumerate() {
         dealt[r % parts].push((r, out));
     }
     // Each part takes its own rows; the locks only hand the disjoint rows across threads.
-    let dealt: Vec<Mutex<Vec<(usize, &mut [f32])>>> = dealt.into_iter().map(Mutex::new).collect();
+    let dealt: Vec<Mutex<Vec<OutputRow<'_>>>> = dealt.into_iter().map(Mutex::new).collect();
     pool.execute(|part| {
         if let Some(rows) = dealt.get(part) {
             let mut rows = rows.lock().unwrap_or_else(PoisonError::into_inner);
@@ -126,6 +126,9 @@ pub fn causal_attention(
     });
     Ok(())
 }
+
+/// One query's output: its row index (token × heads + head) and its values.
+type OutputRow<'a> = (usize, &'a mut [f32]);
 
 /// Below this much work (in 16-value multiply-adds) attention runs on the calling thread.
 const SERIAL_WORK: usize = 4096;
