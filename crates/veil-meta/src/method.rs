@@ -1,0 +1,113 @@
+//! The acceleration methods a request can run with: a catalogue of named configurations.
+
+use crate::error::{MetaError, Result};
+
+/// One way to run a workload: the weight format and threads (fixed when the model loads) and
+/// the runtime methods (batching, prefix cache, chunked prefill, prompt lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Method {
+    /// The name users type (`--accel NAME`) and records carry.
+    pub name: &'static str,
+    /// Weight format: `stored`, `q8_0`, `f16` or `f32`.
+    pub format: &'static str,
+    /// Decode concurrent requests together (continuous batching).
+    pub batch: bool,
+    /// Reuse the keys and values of a shared prompt prefix.
+    pub prefix_cache: bool,
+    /// Run prompts in chunks of this many tokens.
+    pub prefill_chunk: Option<usize>,
+    /// Draft this many tokens by prompt lookup (greedy requests).
+    pub lookup_drafts: Option<usize>,
+}
+
+impl Method {
+    const PLAIN: Method = Method {
+        name: "plain",
+        format: "stored",
+        batch: false,
+        prefix_cache: false,
+        prefill_chunk: None,
+        lookup_drafts: None,
+    };
+}
+
+/// Every method, the default (`plain`: as stored, one request at a time) first.
+pub const METHODS: &[Method] = &[
+    Method::PLAIN,
+    Method {
+        name: "q8_0",
+        format: "q8_0",
+        ..Method::PLAIN
+    },
+    Method {
+        name: "f32",
+        format: "f32",
+        ..Method::PLAIN
+    },
+    Method {
+        name: "chunked",
+        prefill_chunk: Some(128),
+        ..Method::PLAIN
+    },
+    Method {
+        name: "batch",
+        batch: true,
+        ..Method::PLAIN
+    },
+    Method {
+        name: "prefix",
+        prefix_cache: true,
+        ..Method::PLAIN
+    },
+    Method {
+        name: "lookup",
+        lookup_drafts: Some(6),
+        ..Method::PLAIN
+    },
+    Method {
+        name: "batch+prefix",
+        batch: true,
+        prefix_cache: true,
+        ..Method::PLAIN
+    },
+    Method {
+        name: "prefix+lookup",
+        prefix_cache: true,
+        lookup_drafts: Some(6),
+        ..Method::PLAIN
+    },
+    Method {
+        name: "q8_0+batch",
+        format: "q8_0",
+        batch: true,
+        ..Method::PLAIN
+    },
+];
+
+/// The method called `name`.
+pub fn method(name: &str) -> Result<&'static Method> {
+    METHODS
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| MetaError::UnknownMethod(name.to_string()))
+}
+
+/// The default fixed configuration, what runs without a selector.
+pub fn default_method() -> &'static Method {
+    &METHODS[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_found() {
+        for m in METHODS {
+            assert_eq!(method(m.name).unwrap(), m);
+            assert_eq!(METHODS.iter().filter(|o| o.name == m.name).count(), 1);
+        }
+        assert_eq!(default_method().name, "plain");
+        assert!(matches!(method("warp"), Err(MetaError::UnknownMethod(_))));
+    }
+}
