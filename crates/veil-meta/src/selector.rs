@@ -246,6 +246,58 @@ impl CostModel {
     }
 }
 
+/// A cost model as saved by `veil meta train`.
+#[derive(serde::Deserialize)]
+struct SavedCostModel {
+    version: u32,
+    methods: Vec<String>,
+    model: Regressor,
+}
+
+/// The same, borrowed, for writing.
+#[derive(serde::Serialize)]
+struct SavingCostModel<'a> {
+    version: u32,
+    methods: Vec<&'a str>,
+    model: &'a Regressor,
+}
+
+/// Bumped when the features or methods change meaning, so an old file is refused.
+const SAVED_VERSION: u32 = 1;
+
+impl CostModel {
+    /// The trained model as JSON.
+    pub fn to_json(&self) -> Result<String> {
+        let saved = SavingCostModel {
+            version: SAVED_VERSION,
+            methods: self.methods.iter().map(|m| m.name).collect(),
+            model: &self.model,
+        };
+        serde_json::to_string(&saved).map_err(learner_error)
+    }
+
+    /// A model saved by [`to_json`](Self::to_json).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let saved: SavedCostModel = serde_json::from_str(text)
+            .map_err(|e| MetaError::Learner(format!("not a saved selector: {e}")))?;
+        if saved.version != SAVED_VERSION {
+            return Err(MetaError::Learner(format!(
+                "selector file version {} (this build reads {SAVED_VERSION}): run `veil meta train` again",
+                saved.version
+            )));
+        }
+        let methods = saved
+            .methods
+            .iter()
+            .map(|m| method(m))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            model: saved.model,
+            methods,
+        })
+    }
+}
+
 impl Chooser for CostModel {
     fn choose(&self, features: &Features) -> &'static str {
         self.predict(features)

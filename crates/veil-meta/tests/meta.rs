@@ -163,6 +163,15 @@ fn the_selector_picks_the_method_that_is_clearly_best_in_each_region() {
     assert_eq!(probe(64, 1, 0.8, false), "prefix");
     assert_eq!(probe(300, 1, 0.0, true), "lookup");
     assert_eq!(probe(100, 1, 0.0, false), "plain");
+    // Saved and loaded, it chooses the same; a damaged file is a clear error.
+    let saved = model.to_json().unwrap();
+    let loaded = CostModel::from_json(&saved).unwrap();
+    for (prompt, batch, shared, rewrite) in [(200, 4, 0.0, false), (64, 1, 0.8, false)] {
+        let f = features("small", prompt, 32, batch, shared, rewrite);
+        assert_eq!(loaded.choose(&f), model.choose(&f));
+    }
+    assert!(CostModel::from_json(&saved[..saved.len() / 2]).is_err());
+    assert!(CostModel::from_json(&saved.replace("\"version\":1", "\"version\":99")).is_err());
     // Held-out workloads and models: the cost model finds the best method nearly always.
     for held_out in [HeldOut::Workloads, HeldOut::Models] {
         let scores = evaluate(&all, held_out).unwrap();

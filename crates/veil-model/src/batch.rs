@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use crate::error::{ModelError, Result};
 use crate::generate::{Answer, Completion, GenerationParams};
-use crate::local::{LocalModel, LocalSession};
+use crate::local::{LocalModel, LocalSession, PrefixCache};
 use crate::TokenStep;
 
 /// One request to [`generate_batch`].
@@ -32,13 +32,15 @@ struct Live<'a> {
 
 /// Answers `requests` with up to `max_batch` sequences decoding together. A waiting request
 /// joins as soon as a sequence leaves: its prompt runs on its own (in chunks of
-/// `prefill_chunk` tokens if given), then it decodes with the batch. Answers come back in the
-/// order of `requests`.
+/// `prefill_chunk` tokens if given, from the longest prefix `prefixes` holds if given, which
+/// then keeps the prompt), then it decodes with the batch. Answers come back in the order of
+/// `requests`.
 pub fn generate_batch<'a>(
     model: &'a LocalModel,
     requests: &'a [BatchRequest],
     max_batch: NonZeroUsize,
     prefill_chunk: Option<NonZeroUsize>,
+    mut prefixes: Option<&mut PrefixCache>,
 ) -> Vec<Result<Completion>> {
     let mut results: Vec<Option<Result<Completion>>> = requests.iter().map(|_| None).collect();
     let mut waiting = requests.iter().enumerate();
@@ -48,7 +50,13 @@ pub fn generate_batch<'a>(
             let Some((index, request)) = waiting.next() else {
                 break;
             };
-            match join(model, index, request, prefill_chunk) {
+            match join(
+                model,
+                index,
+                request,
+                prefill_chunk,
+                prefixes.as_deref_mut(),
+            ) {
                 Ok(Joined::Live(sequence)) => live.push(*sequence),
                 Ok(Joined::Done(completion)) => results[index] = Some(Ok(completion)),
                 Err(e) => results[index] = Some(Err(e)),
@@ -100,6 +108,7 @@ fn join<'a>(
     index: usize,
     request: &'a BatchRequest,
     prefill_chunk: Option<NonZeroUsize>,
+    prefixes: Option<&mut PrefixCache>,
 ) -> Result<Joined<'a>> {
     let started = Instant::now();
     let mut answer = Answer::new(
@@ -109,11 +118,19 @@ fn join<'a>(
         &request.params,
     )?;
     answer.start_clock(started);
-    let mut session = model.session();
-    let chunk = prefill_chunk.map_or(request.prompt.len(), NonZeroUsize::get);
+    let mut prefixes = prefixes;
+    let mut session = match prefixes.as_deref_mut() {
+        Some(cache) if !request.prompt.is_empty() => model.session_from(cache, &request.prompt)?,
+        _ => model.session(),
+    };
+    let rest = &request.prompt[session.position().min(request.prompt.len())..];
+    let chunk = prefill_chunk.map_or(rest.len(), NonZeroUsize::get).max(1);
     let mut logits = Vec::new();
-    for piece in request.prompt.chunks(chunk) {
+    for piece in rest.chunks(chunk) {
         logits = session.step(piece)?;
+    }
+    if let Some(cache) = prefixes {
+        cache.insert(&request.prompt, &session)?;
     }
     Ok(match answer.sample(&logits, &mut |_| {})? {
         Some(next) => Joined::Live(Box::new(Live {

@@ -264,7 +264,14 @@ fn continuous_batching_gives_each_request_its_plain_tokens() {
         })
         .collect();
     for (max_batch, chunk) in [(3, None), (7, nz(9))] {
-        let answers = generate_batch(&model, &requests, nz(max_batch).unwrap(), chunk);
+        let mut prefixes = PrefixCache::new(64 << 20);
+        let answers = generate_batch(
+            &model,
+            &requests,
+            nz(max_batch).unwrap(),
+            chunk,
+            (max_batch == 3).then_some(&mut prefixes),
+        );
         assert_eq!(answers.len(), requests.len());
         for (request, answer) in requests.iter().zip(answers) {
             let answer = answer.unwrap();
@@ -284,6 +291,6 @@ fn continuous_batching_gives_each_request_its_plain_tokens() {
             params: greedy(),
         },
     );
-    let answers = generate_batch(&model, &mixed, nz(2).unwrap(), None);
+    let answers = generate_batch(&model, &mixed, nz(2).unwrap(), None, None);
     assert!(answers[0].is_ok() && answers[1].is_err() && answers[2].is_ok());
 }
