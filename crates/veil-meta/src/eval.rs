@@ -30,10 +30,28 @@ impl HeldOut {
 pub struct Score {
     /// The learner (or oracle, random).
     pub name: &'static str,
-    /// Share of held-out cases where it picked the fastest method.
+    /// Share of held-out cases where it picked the fastest method (within the tie margin,
+    /// the simplest).
     pub accuracy: f64,
+    /// Share where it picked the cheapest method however small its lead.
+    pub strict_accuracy: f64,
     /// Mean over held-out cases of (cost of the pick / cost of the fastest − 1).
     pub mean_regret: f64,
+    /// The held-out cases it got wrong: (workload, fastest, pick, regret).
+    pub misses: Vec<Miss>,
+}
+
+/// A held-out case where a learner did not pick the fastest method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Miss {
+    /// The workload's features.
+    pub workload: crate::WorkloadFeatures,
+    /// The fastest method.
+    pub best: &'static str,
+    /// What the learner picked.
+    pub pick: &'static str,
+    /// How much more the pick cost.
+    pub regret: f64,
 }
 
 /// Scores the oracle, random choice and every learner with `held_out` groups left out in
@@ -64,16 +82,20 @@ pub fn evaluate(cases: &[Case], held_out: HeldOut) -> Result<Vec<Score>> {
         Score {
             name: "oracle",
             accuracy: 1.0,
+            strict_accuracy: 1.0,
             mean_regret: 0.0,
+            misses: Vec::new(),
         },
         Score {
             name: "random choice",
             accuracy: random_accuracy,
+            strict_accuracy: random_accuracy,
             mean_regret: random_regret,
+            misses: Vec::new(),
         },
     ];
     for learner in Learner::ALL {
-        let (mut hits, mut regret) = (0usize, 0.0);
+        let (mut hits, mut strict, mut regret, mut misses) = (0usize, 0usize, 0.0, Vec::new());
         for (held, tested) in &groups {
             let training: Vec<Case> = groups
                 .iter()
@@ -84,13 +106,24 @@ pub fn evaluate(cases: &[Case], held_out: HeldOut) -> Result<Vec<Score>> {
             for case in tested {
                 let pick = chooser.choose(&case.features);
                 hits += usize::from(pick == case.best());
+                strict += usize::from(pick == case.cheapest());
                 regret += case.regret(pick);
+                if pick != case.best() {
+                    misses.push(Miss {
+                        workload: case.features.workload.clone(),
+                        best: case.best(),
+                        pick,
+                        regret: case.regret(pick),
+                    });
+                }
             }
         }
         scores.push(Score {
             name: learner.name(),
             accuracy: hits as f64 / n,
+            strict_accuracy: strict as f64 / n,
             mean_regret: regret / n,
+            misses,
         });
     }
     Ok(scores)

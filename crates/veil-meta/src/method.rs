@@ -1,6 +1,7 @@
 //! The acceleration methods a request can run with: a catalogue of named configurations.
 
 use crate::error::{MetaError, Result};
+use crate::features::WorkloadFeatures;
 
 /// One way to run a workload: the weight format and threads (fixed when the model loads) and
 /// the runtime methods (batching, prefix cache, chunked prefill, prompt lookup).
@@ -21,6 +22,30 @@ pub struct Method {
 }
 
 impl Method {
+    /// The method this one is on `workload`: a mechanism with nothing to work on (batching a
+    /// single request, a prefix cache with nothing shared, chunks longer than the prompt) is
+    /// dropped, so two names for the same computation count as one method.
+    pub fn on(&'static self, workload: &WorkloadFeatures) -> &'static Method {
+        let reduced = Method {
+            name: "",
+            batch: self.batch && workload.batch > 1,
+            prefix_cache: self.prefix_cache && workload.shared_prefix > 0.0,
+            prefill_chunk: self
+                .prefill_chunk
+                .filter(|&c| (workload.prompt_tokens as usize) > c),
+            ..*self
+        };
+        METHODS
+            .iter()
+            .find(|m| Method { name: "", ..**m } == reduced)
+            .unwrap_or(self)
+    }
+
+    /// Whether this method is its own on `workload` (nothing in it is idle).
+    pub fn applies_to(&'static self, workload: &WorkloadFeatures) -> bool {
+        self.on(workload).name == self.name
+    }
+
     const PLAIN: Method = Method {
         name: "plain",
         format: "stored",
@@ -32,7 +57,7 @@ impl Method {
 }
 
 /// Every method, the default (`plain`: as stored, one request at a time) first.
-pub const METHODS: &[Method] = &[
+pub static METHODS: &[Method] = &[
     Method::PLAIN,
     Method {
         name: "q8_0",
@@ -109,5 +134,29 @@ mod tests {
         }
         assert_eq!(default_method().name, "plain");
         assert!(matches!(method("warp"), Err(MetaError::UnknownMethod(_))));
+    }
+
+    #[test]
+    fn idle_mechanisms_reduce_to_the_simpler_method() {
+        let workload = |batch, shared, prompt| WorkloadFeatures {
+            prompt_tokens: prompt,
+            output_tokens: 16,
+            batch,
+            shared_prefix: shared,
+            rewrite: false,
+        };
+        let on = |name: &str, w: &WorkloadFeatures| method(name).unwrap().on(w).name;
+        let single = workload(1, 0.0, 40);
+        assert_eq!(on("batch", &single), "plain");
+        assert_eq!(on("batch+prefix", &single), "plain");
+        assert_eq!(on("prefix+lookup", &single), "lookup");
+        assert_eq!(on("q8_0+batch", &single), "q8_0");
+        assert_eq!(on("chunked", &single), "plain");
+        assert_eq!(on("lookup", &single), "lookup");
+        let busy = workload(4, 0.7, 400);
+        for m in METHODS {
+            assert!(m.applies_to(&busy), "{}", m.name);
+        }
+        assert_eq!(on("batch+prefix", &workload(4, 0.0, 40)), "batch");
     }
 }

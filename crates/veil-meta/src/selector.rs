@@ -22,19 +22,38 @@ use crate::features::Features;
 use crate::method::{default_method, method, Method, METHODS};
 use crate::record::RunRecord;
 
-/// How much worse than the plain method's a method's perplexity may be and still be chosen.
+/// What may be chosen and what counts as faster.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct QualityBudget {
-    /// Allowed perplexity as a multiple of the plain method's (1.02 = 2% worse).
+pub struct SelectionRules {
+    /// The quality budget: allowed perplexity as a multiple of the plain method's (1.0: no
+    /// worse than the model as stored).
     pub max_perplexity_ratio: f64,
+    /// A method counts as faster than a simpler one only when it is cheaper by more than this
+    /// share; within it, the simpler method (earlier in [`METHODS`]) is the fastest. Runs of
+    /// the same method on this machine differ by 2.5% (median) to 4.5% (75th percentile), so
+    /// smaller gaps are not measured differences.
+    pub tie_margin: f64,
 }
 
-impl Default for QualityBudget {
+impl Default for SelectionRules {
     fn default() -> Self {
         Self {
-            max_perplexity_ratio: 1.02,
+            max_perplexity_ratio: 1.0,
+            tie_margin: 0.05,
         }
     }
+}
+
+/// Among `costs`, the simplest method within `margin` of the cheapest.
+fn simplest_within<'a>(
+    costs: impl Iterator<Item = (&'static str, f64)> + Clone + 'a,
+    margin: f64,
+) -> Option<&'static str> {
+    let min = costs.clone().map(|(_, c)| c).fold(f64::INFINITY, f64::min);
+    costs
+        .filter(|(_, c)| *c <= min * (1.0 + margin))
+        .min_by_key(|(m, _)| method_index(m))
+        .map(|(m, _)| m)
 }
 
 /// One workload on one model and machine, with the cost of every method measured on it.
@@ -44,21 +63,25 @@ pub struct Case {
     pub features: Features,
     /// Cost per generated token of each allowed method (median of repeated runs), by name.
     pub costs: BTreeMap<&'static str, f64>,
+    /// What counts as faster.
+    pub tie_margin: f64,
 }
 
 impl Case {
-    /// The cheapest method.
+    /// The fastest method: the simplest one within the tie margin of the cheapest.
     pub fn best(&self) -> &'static str {
-        self.costs
-            .iter()
-            .min_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(m, _)| *m)
+        simplest_within(self.costs.iter().map(|(m, c)| (*m, *c)), self.tie_margin)
             .expect("a case has costs")
     }
 
-    /// How much more `chosen` costs than the best method (0 = the best).
+    /// The cheapest method, however small its lead.
+    pub fn cheapest(&self) -> &'static str {
+        simplest_within(self.costs.iter().map(|(m, c)| (*m, *c)), 0.0).expect("a case has costs")
+    }
+
+    /// How much more `chosen` costs than the cheapest method (0 = the cheapest).
     pub fn regret(&self, chosen: &str) -> f64 {
-        let best = self.costs[self.best()];
+        let best = self.costs[self.cheapest()];
         match self.costs.get(chosen) {
             Some(cost) => cost / best - 1.0,
             // A method not measured here (or over the quality budget) counts as the worst.
@@ -68,12 +91,15 @@ impl Case {
 }
 
 /// Groups records into cases; only cases where the plain method and at least one other were
-/// measured are kept, and methods over the quality budget are left out.
-pub fn cases(records: &[RunRecord], budget: &QualityBudget) -> Vec<Case> {
+/// measured are kept, and methods over the quality budget are left out. A record of a method
+/// with an idle mechanism on its workload counts for the method it reduces to
+/// ([`Method::on`]).
+pub fn cases(records: &[RunRecord], rules: &SelectionRules) -> Vec<Case> {
     let mut groups: BTreeMap<String, (Features, BTreeMap<&'static str, Vec<&RunRecord>>)> =
         BTreeMap::new();
     for r in records {
         let Ok(m) = method(&r.method) else { continue };
+        let m = m.on(&r.features.workload);
         let key = serde_json::to_string(&r.features).unwrap_or_default();
         groups
             .entry(key)
@@ -93,11 +119,15 @@ pub fn cases(records: &[RunRecord], budget: &QualityBudget) -> Vec<Case> {
                 .iter()
                 .filter(|(_, rs)| {
                     median(rs.iter().map(|r| r.perplexity).collect())
-                        <= plain_ppl * budget.max_perplexity_ratio
+                        <= plain_ppl * rules.max_perplexity_ratio
                 })
                 .map(|(m, rs)| (*m, median(rs.iter().map(|r| r.cost()).collect())))
                 .collect();
-            (costs.len() >= 2).then_some(Case { features, costs })
+            (costs.len() >= 2).then_some(Case {
+                features,
+                costs,
+                tie_margin: rules.tie_margin,
+            })
         })
         .collect()
 }
@@ -205,6 +235,7 @@ fn boosting() -> XGRegressorParameters {
 pub struct CostModel {
     model: Regressor,
     methods: Vec<&'static Method>,
+    tie_margin: f64,
 }
 
 impl CostModel {
@@ -225,20 +256,30 @@ impl CostModel {
             .filter(|m| cases.iter().any(|c| c.costs.contains_key(m.name)))
             .collect();
         let model = Regressor::fit(&matrix(&rows)?, &targets, boosting()).map_err(learner_error)?;
-        Ok(Self { model, methods })
+        let tie_margin = cases.first().map_or(0.0, |c| c.tie_margin);
+        Ok(Self {
+            model,
+            methods,
+            tie_margin,
+        })
     }
 
     /// Predicted cost of each method relative to plain (1.0 = the same).
     pub fn predict(&self, features: &Features) -> Vec<(&'static str, f64)> {
-        let rows: Vec<Vec<f64>> = self
+        let candidates: Vec<&'static Method> = self
             .methods
+            .iter()
+            .copied()
+            .filter(|m| m.applies_to(&features.workload))
+            .collect();
+        let rows: Vec<Vec<f64>> = candidates
             .iter()
             .map(|m| with_method(features, m))
             .collect();
         let predicted = matrix(&rows)
             .and_then(|x| self.model.predict(&x).map_err(learner_error))
             .unwrap_or_else(|_| vec![0.0; rows.len()]);
-        self.methods
+        candidates
             .iter()
             .zip(predicted)
             .map(|(m, p)| (m.name, p.exp()))
@@ -251,6 +292,7 @@ impl CostModel {
 struct SavedCostModel {
     version: u32,
     methods: Vec<String>,
+    tie_margin: f64,
     model: Regressor,
 }
 
@@ -259,11 +301,12 @@ struct SavedCostModel {
 struct SavingCostModel<'a> {
     version: u32,
     methods: Vec<&'a str>,
+    tie_margin: f64,
     model: &'a Regressor,
 }
 
 /// Bumped when the features or methods change meaning, so an old file is refused.
-const SAVED_VERSION: u32 = 1;
+const SAVED_VERSION: u32 = 2;
 
 impl CostModel {
     /// The trained model as JSON.
@@ -271,6 +314,7 @@ impl CostModel {
         let saved = SavingCostModel {
             version: SAVED_VERSION,
             methods: self.methods.iter().map(|m| m.name).collect(),
+            tie_margin: self.tie_margin,
             model: &self.model,
         };
         serde_json::to_string(&saved).map_err(learner_error)
@@ -294,16 +338,16 @@ impl CostModel {
         Ok(Self {
             model: saved.model,
             methods,
+            tie_margin: saved.tie_margin,
         })
     }
 }
 
 impl Chooser for CostModel {
     fn choose(&self, features: &Features) -> &'static str {
-        self.predict(features)
-            .into_iter()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map_or(default_method().name, |(m, _)| m)
+        // A predicted gain within the tie margin is not worth a more complex method.
+        simplest_within(self.predict(features).into_iter(), self.tie_margin)
+            .unwrap_or(default_method().name)
     }
 }
 

@@ -4,7 +4,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use veil_meta::{
     cases, evaluate, parse_jsonl, read_jsonl, write_jsonl, Chooser, CostModel, Features,
-    HardwareFeatures, HeldOut, MetaError, ModelFeatures, QualityBudget, RecordStore, RunRecord,
+    HardwareFeatures, HeldOut, MetaError, ModelFeatures, RecordStore, RunRecord, SelectionRules,
     WorkloadFeatures,
 };
 
@@ -152,12 +152,13 @@ fn synthetic(rng: &mut ChaCha8Rng) -> Vec<RunRecord> {
 fn the_selector_picks_the_method_that_is_clearly_best_in_each_region() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let records = synthetic(&mut rng);
-    let all = cases(&records, &QualityBudget::default());
+    let all = cases(&records, &SelectionRules::default());
     assert_eq!(all.len(), 96);
     let model = CostModel::fit(&all).unwrap();
     // Points between the training grid's: the region decides.
     let probe = |prompt, batch, shared, rewrite| {
-        model.choose(&features("small", prompt, 32, batch, shared, rewrite))
+        let f = features("small", prompt, 32, batch, shared, rewrite);
+        model.choose(&f)
     };
     assert_eq!(probe(200, 4, 0.0, false), "batch");
     assert_eq!(probe(64, 1, 0.8, false), "prefix");
@@ -171,7 +172,7 @@ fn the_selector_picks_the_method_that_is_clearly_best_in_each_region() {
         assert_eq!(loaded.choose(&f), model.choose(&f));
     }
     assert!(CostModel::from_json(&saved[..saved.len() / 2]).is_err());
-    assert!(CostModel::from_json(&saved.replace("\"version\":1", "\"version\":99")).is_err());
+    assert!(CostModel::from_json(&saved.replace("\"version\":2", "\"version\":99")).is_err());
     // Held-out workloads and models: the cost model finds the best method nearly always.
     for held_out in [HeldOut::Workloads, HeldOut::Models] {
         let scores = evaluate(&all, held_out).unwrap();
@@ -190,19 +191,19 @@ fn too_little_data_is_a_clear_error() {
         .into_iter()
         .filter(|r| r.features.model.name == "small")
         .collect();
-    let all = cases(&records, &QualityBudget::default());
+    let all = cases(&records, &SelectionRules::default());
     assert!(matches!(
         evaluate(&all, HeldOut::Models),
         Err(MetaError::NotEnoughData(_))
     ));
     assert!(CostModel::fit(&[]).is_err());
     // Methods over the quality budget are never candidates.
-    let f = features("small", 40, 16, 1, 0.0, false);
+    let f = features("small", 40, 16, 4, 0.0, false);
     let mut worse = record(&f, "q8_0", 0.5);
     worse.perplexity = 20.0;
     let kept = cases(
         &[record(&f, "plain", 1.0), record(&f, "batch", 0.9), worse],
-        &QualityBudget::default(),
+        &SelectionRules::default(),
     );
     assert_eq!(kept.len(), 1);
     assert!(!kept[0].costs.contains_key("q8_0"));

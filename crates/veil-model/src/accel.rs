@@ -104,9 +104,12 @@ pub fn generate_accelerated(
         .map_or(0, NonZeroUsize::get);
     // The sequence so far, where drafts are looked up.
     let mut context = prompt.to_vec();
+    // How many tokens to draft next: halved after a draft the model rejects outright, doubled
+    // after one it takes whole, so text that does not repeat costs little.
+    let mut window = drafts;
     'decode: while let Some(next) = answer.sample(&logits, on_text)? {
         context.push(next);
-        let max = drafts.min(answer.remaining().saturating_sub(1));
+        let max = window.min(answer.remaining().saturating_sub(1));
         let draft = prompt_lookup(&context, max).to_vec();
         if draft.is_empty() {
             logits = model.step(&[next])?;
@@ -122,6 +125,9 @@ pub fn generate_accelerated(
             if confirmed != *guess {
                 model.rewind(draft.len() - i)?;
                 logits = each[i].clone();
+                if i == 0 {
+                    window = (window / 2).max(1);
+                }
                 continue 'decode;
             }
             context.push(*guess);
@@ -131,6 +137,7 @@ pub fn generate_accelerated(
             }
         }
         logits = each[draft.len()].clone();
+        window = (window * 2).min(drafts);
     }
     Ok((answer.finish(started, on_text), stats))
 }

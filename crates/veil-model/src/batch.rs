@@ -42,6 +42,8 @@ pub fn generate_batch<'a>(
     prefill_chunk: Option<NonZeroUsize>,
     mut prefixes: Option<&mut PrefixCache>,
 ) -> Vec<Result<Completion>> {
+    // Every request arrives now: its prefill time counts from here, waiting included.
+    let arrived = Instant::now();
     let mut results: Vec<Option<Result<Completion>>> = requests.iter().map(|_| None).collect();
     let mut waiting = requests.iter().enumerate();
     let mut live: Vec<Live<'a>> = Vec::new();
@@ -54,6 +56,7 @@ pub fn generate_batch<'a>(
                 model,
                 index,
                 request,
+                arrived,
                 prefill_chunk,
                 prefixes.as_deref_mut(),
             ) {
@@ -107,10 +110,10 @@ fn join<'a>(
     model: &'a LocalModel,
     index: usize,
     request: &'a BatchRequest,
+    started: Instant,
     prefill_chunk: Option<NonZeroUsize>,
     prefixes: Option<&mut PrefixCache>,
 ) -> Result<Joined<'a>> {
-    let started = Instant::now();
     let mut answer = Answer::new(
         &model.tokenizer,
         &request.prompt,

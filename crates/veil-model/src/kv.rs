@@ -82,12 +82,11 @@ impl KvStore {
         })
     }
 
-    /// Bytes of the positions held (keys and values).
+    /// Bytes of storage held (keys and values, room to grow included).
     pub(crate) fn bytes(&self) -> usize {
-        self.storage.as_ref().map_or(0, |(k, _)| {
-            let per_position = k.elem_count() / k.dim(2).unwrap_or(1).max(1);
-            2 * per_position * self.len * k.dtype().size_in_bytes()
-        })
+        self.storage
+            .as_ref()
+            .map_or(0, |(k, _)| 2 * k.elem_count() * k.dtype().size_in_bytes())
     }
 }
 

@@ -274,26 +274,36 @@ impl PrefixCache {
         Some((&self.entries[best], shared))
     }
 
-    /// Keeps a copy of the first `prompt.len()` positions of `session`, which ran `prompt`.
+    /// Keeps a copy of the first `prompt.len()` positions of `session`, which ran `prompt`
+    /// and goes on (a sequence still decoding).
     pub fn insert(&mut self, prompt: &[u32], session: &LocalSession<'_>) -> Result<()> {
-        if session.position() < prompt.len() || prompt.is_empty() {
-            return Err(ModelError::InvalidInput(format!(
-                "the session holds {} positions, not the prompt's {}",
-                session.position(),
-                prompt.len()
-            )));
-        }
-        // A held prompt that this one extends says nothing this one does not.
-        self.entries
-            .retain(|e| !(e.tokens.len() <= prompt.len() && prompt.starts_with(&e.tokens)));
+        check_holds(prompt, session)?;
         let caches: Vec<ShardCache> = session
             .caches
             .iter()
             .map(|c| c.copy_prefix(prompt.len()))
             .collect::<Result<_>>()?;
+        self.store(prompt, caches);
+        Ok(())
+    }
+
+    /// Keeps the first `prompt.len()` positions of a finished `session`, which ran `prompt`,
+    /// without copying them.
+    pub fn keep(&mut self, prompt: &[u32], session: LocalSession<'_>) -> Result<()> {
+        check_holds(prompt, &session)?;
+        let mut caches = session.caches;
+        caches.iter_mut().for_each(|c| c.truncate(prompt.len()));
+        self.store(prompt, caches);
+        Ok(())
+    }
+
+    fn store(&mut self, prompt: &[u32], caches: Vec<ShardCache>) {
+        // A held prompt that this one extends says nothing this one does not.
+        self.entries
+            .retain(|e| !(e.tokens.len() <= prompt.len() && prompt.starts_with(&e.tokens)));
         let bytes = caches.iter().map(ShardCache::bytes).sum();
         if bytes > self.max_bytes {
-            return Ok(());
+            return;
         }
         while self.bytes() + bytes > self.max_bytes {
             let oldest = self
@@ -312,6 +322,17 @@ impl PrefixCache {
             bytes,
             last_used: self.clock,
         });
-        Ok(())
     }
+}
+
+/// Checks `session` holds at least `prompt`'s positions.
+fn check_holds(prompt: &[u32], session: &LocalSession<'_>) -> Result<()> {
+    if session.position() < prompt.len() || prompt.is_empty() {
+        return Err(ModelError::InvalidInput(format!(
+            "the session holds {} positions, not the prompt's {}",
+            session.position(),
+            prompt.len()
+        )));
+    }
+    Ok(())
 }

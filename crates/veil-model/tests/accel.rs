@@ -119,7 +119,12 @@ fn a_cached_prefix_is_reused_and_gives_the_plain_tokens() {
             &mut |_| {},
         )
         .unwrap();
-        prefixes.insert(&prompt, &session).unwrap();
+        // Kept without a copy (the session is done) or copied (as for one still decoding).
+        if i % 2 == 0 {
+            prefixes.keep(&prompt, session).unwrap();
+        } else {
+            prefixes.insert(&prompt, &session).unwrap();
+        }
         assert_eq!(got.tokens, want, "{question:?}");
         if i > 0 {
             assert!(

@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module under `commands/`; this file parses the command line,
 //! sets up logging and threads, and turns errors into a message and an exit code.
 
+mod accel;
 mod args;
 mod commands;
 mod gateway;
@@ -62,6 +63,11 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// An OpenAI-compatible HTTP gateway: point any OpenAI client at it.
     Serve(commands::serve::ServeArgs),
+    /// MetaInf: measure acceleration methods, train and evaluate the selector.
+    Meta {
+        #[command(subcommand)]
+        command: commands::meta::MetaCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +91,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => commands::demo::run(args),
         Command::Verify { command } => commands::verify::run(command),
         Command::VerifyEvidence(args) => commands::verify::verify_evidence(args),
+        Command::Meta { command } => commands::meta::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -46,6 +46,12 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["encrypted", "llama_cpp"])]
     pub gateway: bool,
 
+    /// Measure MetaInf instead: a mixed workload (short and long prompts, shared prefixes,
+    /// single and batched requests) with `--accel auto` against the default fixed
+    /// configuration, alternating, and print the throughput ratio.
+    #[arg(long, conflicts_with_all = ["encrypted", "llama_cpp", "gateway"])]
+    pub meta: bool,
+
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -112,6 +118,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.gateway {
         return crate::commands::bench_gateway::run(&args);
+    }
+    if args.meta {
+        return crate::commands::bench_meta::run(&args);
     }
     let path = args.model.resolve_path()?;
     let started = Instant::now();

@@ -34,6 +34,11 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "PATH", requires = "encrypted")]
     pub key: Option<PathBuf>,
 
+    /// Acceleration method: `auto` (MetaInf's selector picks one for this request and logs
+    /// it), or a method from `veil meta methods`. Local plaintext generation only.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -74,11 +79,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.prompt.trim().is_empty() {
         return Err(ModelError::EmptyPrompt.into());
     }
+    let remote = args.verify.verify.is_some() || !args.swarm.bootstrap.is_empty();
+    if (remote || args.encrypted.is_some()) && !matches!(args.accel.as_str(), "auto" | "plain") {
+        bail!("--accel {} applies to local plaintext generation; on the swarm and for encrypted models each node runs its own kernels", args.accel);
+    }
     if args.verify.verify.is_some() {
         return run_verified(&args, &params);
     }
     if !args.swarm.bootstrap.is_empty() {
         return run_on_swarm(&args, &params);
+    }
+    if args.encrypted.is_none() {
+        return run_accelerated(&args, &params);
     }
     let (model, encrypted) = match (&args.encrypted, &args.key) {
         (Some(enc), Some(key)) => {
@@ -103,6 +115,73 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     };
     answer(session, &model, &prompt, &params)?;
+    Ok(())
+}
+
+/// Local plaintext generation with the acceleration method `--accel` names or the selector
+/// picks.
+fn run_accelerated(args: &GenerateArgs, params: &veil_model::GenerationParams) -> Result<()> {
+    let path = args.model.resolve_path()?;
+    let text = LocalModel::open_text(&path)?;
+    let prompt = prompt_ids(args, &text)?;
+    let features = veil_meta::Features {
+        model: crate::accel::model_features(&text, &path),
+        hardware: crate::accel::hardware_features(1.0),
+        workload: veil_meta::WorkloadFeatures {
+            prompt_tokens: prompt.len().max(1) as u32,
+            output_tokens: params.max_tokens.max(1) as u32,
+            batch: 1,
+            shared_prefix: 0.0,
+            rewrite: false,
+        },
+    };
+    let selector = match args.accel.as_str() {
+        "auto" => match crate::commands::meta::load_selector() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("no selector ({e:#}); running the plain method");
+                None
+            }
+        },
+        _ => None,
+    };
+    // `auto` keeps the answer exact: it chooses among methods for the format --dtype names.
+    // A format change (another answer, another quality) happens only when asked for.
+    let pick = match args.accel.as_str() {
+        "auto" => crate::accel::pick_method(
+            "auto",
+            selector.as_ref(),
+            &features,
+            Some(&args.model.dtype.to_string()),
+        )?,
+        forced => crate::accel::pick_method(
+            forced,
+            None,
+            &features,
+            (args.model.dtype != veil_model::WeightFormat::AsStored)
+                .then(|| args.model.dtype.to_string())
+                .as_deref(),
+        )?,
+    };
+    tracing::info!("accel: {} ({})", pick.method.name, pick.why);
+    let mut model_args = args.model.clone();
+    if args.accel != "auto" {
+        model_args.dtype = crate::accel::format_of(pick.method)?;
+    }
+    let model = model_args.load()?;
+    let mut out = StdoutStream::default();
+    let (completion, _) = veil_model::generate_accelerated(
+        &mut model.session(),
+        &model.tokenizer,
+        &prompt,
+        model.config.context_length,
+        params,
+        &crate::accel::accel_of(pick.method),
+        &mut |text| out.write(text),
+    )?;
+    out.finish()?;
+    print_stats(&completion);
+    eprintln!("accel: {} ({})", pick.method.name, pick.why);
     Ok(())
 }
 
