@@ -16,4 +16,4 @@ pub use eval::{evaluate, HeldOut, Miss, Score};
 pub use features::{Features, HardwareFeatures, ModelFeatures, WorkloadFeatures};
 pub use method::{default_method, method, Method, METHODS};
 pub use record::{parse_jsonl, read_jsonl, write_jsonl, RecordStore, RunRecord, MAX_RECORD_BYTES};
-pub use selector::{cases, Case, Chooser, CostModel, Learner, SelectionRules};
+pub use selector::{cases, Case, Chooser, CostModel, Learner, SelectionRules, Selector};

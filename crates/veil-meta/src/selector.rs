@@ -151,8 +151,12 @@ pub trait Chooser {
 /// The learners compared in `veil meta eval`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Learner {
-    /// Veil's selector: a gradient-boosted cost model over features and method.
+    /// Veil's selector: the cost model, a gradient-boosted regressor per method of its cost
+    /// relative to plain.
     CostModel,
+    /// The cost model, gradient boosting on the winner and kNN voting; the cost model breaks
+    /// a three-way split.
+    Vote,
     /// The method that was cheapest most often relative to the others in training.
     SingleBest,
     /// Gradient boosting that learns the winner directly (one regressor per method, scoring
@@ -166,8 +170,9 @@ pub enum Learner {
 
 impl Learner {
     /// Every learner, Veil's first.
-    pub const ALL: [Learner; 5] = [
+    pub const ALL: [Learner; 6] = [
         Self::CostModel,
+        Self::Vote,
         Self::SingleBest,
         Self::GradientBoosting,
         Self::Knn,
@@ -178,6 +183,7 @@ impl Learner {
     pub fn name(self) -> &'static str {
         match self {
             Self::CostModel => "veil cost model",
+            Self::Vote => "vote (cost, winner, kNN)",
             Self::SingleBest => "single best method",
             Self::GradientBoosting => "gradient boosting (winner)",
             Self::Knn => "kNN (k = 3)",
@@ -194,6 +200,7 @@ impl Learner {
         }
         Ok(match self {
             Self::CostModel => Box::new(CostModel::fit(cases)?),
+            Self::Vote => Box::new(Vote::fit(cases)?),
             Self::SingleBest => Box::new(SingleBest::fit(cases)),
             Self::GradientBoosting => Box::new(WinnerBoosting::fit(cases)?),
             Self::Knn => Box::new(WinnerKnn::fit(cases)?),
@@ -214,13 +221,6 @@ fn method_index(name: &str) -> usize {
     METHODS.iter().position(|m| m.name == name).unwrap_or(0)
 }
 
-/// Features followed by the method as one-hot entries.
-fn with_method(features: &Features, m: &Method) -> Vec<f64> {
-    let mut row = features.vector();
-    row.extend(METHODS.iter().map(|o| if o == m { 1.0 } else { 0.0 }));
-    row
-}
-
 type Regressor = XGRegressor<f64, f64, DenseMatrix<f64>, Vec<f64>>;
 
 fn boosting() -> XGRegressorParameters {
@@ -231,115 +231,60 @@ fn boosting() -> XGRegressorParameters {
         .with_base_score(0.0)
 }
 
-/// Veil's selector: predicts each method's cost relative to plain, takes the cheapest.
+/// Veil's selector: predicts each method's cost relative to plain (one regressor per method,
+/// over the workload, model and machine features), takes the cheapest.
 pub struct CostModel {
-    model: Regressor,
-    methods: Vec<&'static Method>,
+    /// Each method but plain, with its regressor of ln(cost / plain's cost).
+    models: Vec<(&'static Method, Regressor)>,
     tie_margin: f64,
 }
 
 impl CostModel {
     /// Fits the cost model on every measured (case, method) pair.
     pub fn fit(cases: &[Case]) -> Result<Self> {
-        let plain = default_method().name;
-        let mut rows = Vec::new();
-        let mut targets = Vec::new();
-        for case in cases {
-            let base = case.costs[plain];
-            for (name, cost) in &case.costs {
-                rows.push(with_method(&case.features, method(name)?));
-                targets.push((cost / base).ln());
-            }
+        if cases.is_empty() {
+            return Err(MetaError::NotEnoughData(
+                "no complete cases to learn from".into(),
+            ));
         }
-        let methods = METHODS
-            .iter()
-            .filter(|m| cases.iter().any(|c| c.costs.contains_key(m.name)))
-            .collect();
-        let model = Regressor::fit(&matrix(&rows)?, &targets, boosting()).map_err(learner_error)?;
+        let plain = default_method().name;
+        let mut models = Vec::new();
+        for m in METHODS.iter().filter(|m| m.name != plain) {
+            let (rows, targets): (Vec<Vec<f64>>, Vec<f64>) = cases
+                .iter()
+                .filter_map(|c| {
+                    Some((
+                        c.features.vector(),
+                        (c.costs.get(m.name)? / c.costs[plain]).ln(),
+                    ))
+                })
+                .unzip();
+            if rows.is_empty() {
+                continue;
+            }
+            let model =
+                Regressor::fit(&matrix(&rows)?, &targets, boosting()).map_err(learner_error)?;
+            models.push((m, model));
+        }
         let tie_margin = cases.first().map_or(0.0, |c| c.tie_margin);
-        Ok(Self {
-            model,
-            methods,
-            tie_margin,
-        })
+        Ok(Self { models, tie_margin })
     }
 
     /// Predicted cost of each method relative to plain (1.0 = the same).
     pub fn predict(&self, features: &Features) -> Vec<(&'static str, f64)> {
-        let candidates: Vec<&'static Method> = self
-            .methods
-            .iter()
-            .copied()
-            .filter(|m| m.applies_to(&features.workload))
-            .collect();
-        let rows: Vec<Vec<f64>> = candidates
-            .iter()
-            .map(|m| with_method(features, m))
-            .collect();
-        let predicted = matrix(&rows)
-            .and_then(|x| self.model.predict(&x).map_err(learner_error))
-            .unwrap_or_else(|_| vec![0.0; rows.len()]);
-        candidates
-            .iter()
-            .zip(predicted)
-            .map(|(m, p)| (m.name, p.exp()))
-            .collect()
-    }
-}
-
-/// A cost model as saved by `veil meta train`.
-#[derive(serde::Deserialize)]
-struct SavedCostModel {
-    version: u32,
-    methods: Vec<String>,
-    tie_margin: f64,
-    model: Regressor,
-}
-
-/// The same, borrowed, for writing.
-#[derive(serde::Serialize)]
-struct SavingCostModel<'a> {
-    version: u32,
-    methods: Vec<&'a str>,
-    tie_margin: f64,
-    model: &'a Regressor,
-}
-
-/// Bumped when the features or methods change meaning, so an old file is refused.
-const SAVED_VERSION: u32 = 2;
-
-impl CostModel {
-    /// The trained model as JSON.
-    pub fn to_json(&self) -> Result<String> {
-        let saved = SavingCostModel {
-            version: SAVED_VERSION,
-            methods: self.methods.iter().map(|m| m.name).collect(),
-            tie_margin: self.tie_margin,
-            model: &self.model,
+        let Ok(x) = matrix(&[features.vector()]) else {
+            return vec![(default_method().name, 1.0)];
         };
-        serde_json::to_string(&saved).map_err(learner_error)
-    }
-
-    /// A model saved by [`to_json`](Self::to_json).
-    pub fn from_json(text: &str) -> Result<Self> {
-        let saved: SavedCostModel = serde_json::from_str(text)
-            .map_err(|e| MetaError::Learner(format!("not a saved selector: {e}")))?;
-        if saved.version != SAVED_VERSION {
-            return Err(MetaError::Learner(format!(
-                "selector file version {} (this build reads {SAVED_VERSION}): run `veil meta train` again",
-                saved.version
-            )));
+        let mut out = vec![(default_method().name, 1.0)];
+        for (m, model) in &self.models {
+            if !m.applies_to(&features.workload) {
+                continue;
+            }
+            if let Some(p) = model.predict(&x).ok().and_then(|p| p.first().copied()) {
+                out.push((m.name, p.exp()));
+            }
         }
-        let methods = saved
-            .methods
-            .iter()
-            .map(|m| method(m))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            model: saved.model,
-            methods,
-            tie_margin: saved.tie_margin,
-        })
+        out
     }
 }
 
@@ -348,6 +293,71 @@ impl Chooser for CostModel {
         // A predicted gain within the tie margin is not worth a more complex method.
         simplest_within(self.predict(features).into_iter(), self.tie_margin)
             .unwrap_or(default_method().name)
+    }
+}
+
+/// Veil's selector as `--accel auto` uses it: the cost model.
+pub struct Selector(CostModel);
+
+impl Selector {
+    /// Fits the cost model on `cases` (milliseconds for the committed dataset, so
+    /// `--accel auto` fits it at start).
+    pub fn fit(cases: &[Case]) -> Result<Self> {
+        Ok(Self(CostModel::fit(cases)?))
+    }
+
+    /// Predicted cost of each applicable method relative to plain.
+    pub fn predict(&self, features: &Features) -> Vec<(&'static str, f64)> {
+        self.0.predict(features)
+    }
+
+    /// Methods in order of preference: the pick, then the rest by predicted cost (for when
+    /// the pick cannot run, say in another weight format).
+    pub fn rank(&self, features: &Features) -> Vec<&'static str> {
+        let first = self.choose(features);
+        let mut rest = self.0.predict(features);
+        rest.sort_by(|a, b| a.1.total_cmp(&b.1));
+        std::iter::once(first)
+            .chain(rest.into_iter().map(|(m, _)| m).filter(|m| *m != first))
+            .collect()
+    }
+}
+
+impl Chooser for Selector {
+    fn choose(&self, features: &Features) -> &'static str {
+        self.0.choose(features)
+    }
+}
+
+/// Three learners that see the problem differently, voting: the cost model predicts how much
+/// each method saves, gradient boosting learns where each method wins, kNN follows the
+/// nearest measured workloads; a split vote goes to the cost model.
+struct Vote {
+    cost: CostModel,
+    winner: WinnerBoosting,
+    neighbours: WinnerKnn,
+}
+
+impl Vote {
+    fn fit(cases: &[Case]) -> Result<Self> {
+        Ok(Self {
+            cost: CostModel::fit(cases)?,
+            winner: WinnerBoosting::fit(cases)?,
+            neighbours: WinnerKnn::fit(cases)?,
+        })
+    }
+}
+
+impl Chooser for Vote {
+    fn choose(&self, features: &Features) -> &'static str {
+        let cost = self.cost.choose(features);
+        let winner = self.winner.choose(features);
+        let near = self.neighbours.choose(features);
+        if winner == near {
+            winner
+        } else {
+            cost
+        }
     }
 }
 

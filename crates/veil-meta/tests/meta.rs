@@ -4,8 +4,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use veil_meta::{
     cases, evaluate, parse_jsonl, read_jsonl, write_jsonl, Chooser, CostModel, Features,
-    HardwareFeatures, HeldOut, MetaError, ModelFeatures, RecordStore, RunRecord, SelectionRules,
-    WorkloadFeatures,
+    HardwareFeatures, HeldOut, Learner, MetaError, ModelFeatures, RecordStore, RunRecord,
+    SelectionRules, Selector, WorkloadFeatures,
 };
 
 fn features(
@@ -164,19 +164,24 @@ fn the_selector_picks_the_method_that_is_clearly_best_in_each_region() {
     assert_eq!(probe(64, 1, 0.8, false), "prefix");
     assert_eq!(probe(300, 1, 0.0, true), "lookup");
     assert_eq!(probe(100, 1, 0.0, false), "plain");
-    // Saved and loaded, it chooses the same; a damaged file is a clear error.
-    let saved = model.to_json().unwrap();
-    let loaded = CostModel::from_json(&saved).unwrap();
-    for (prompt, batch, shared, rewrite) in [(200, 4, 0.0, false), (64, 1, 0.8, false)] {
+    // As `--accel auto` uses it, with its ranking.
+    let selector = Selector::fit(&all).unwrap();
+    for (prompt, batch, shared, rewrite, want) in [
+        (200, 4, 0.0, false, "batch"),
+        (64, 1, 0.8, false, "prefix"),
+        (300, 1, 0.0, true, "lookup"),
+    ] {
         let f = features("small", prompt, 32, batch, shared, rewrite);
-        assert_eq!(loaded.choose(&f), model.choose(&f));
+        assert_eq!(selector.choose(&f), want);
+        assert_eq!(selector.rank(&f)[0], want);
     }
-    assert!(CostModel::from_json(&saved[..saved.len() / 2]).is_err());
-    assert!(CostModel::from_json(&saved.replace("\"version\":2", "\"version\":99")).is_err());
     // Held-out workloads and models: the cost model finds the best method nearly always.
     for held_out in [HeldOut::Workloads, HeldOut::Models] {
         let scores = evaluate(&all, held_out).unwrap();
-        let veil = scores.iter().find(|s| s.name == "veil cost model").unwrap();
+        let veil = scores
+            .iter()
+            .find(|s| s.name == Learner::CostModel.name())
+            .unwrap();
         assert!(veil.accuracy >= 0.9, "{held_out:?}: {scores:?}");
         let random = scores.iter().find(|s| s.name == "random choice").unwrap();
         assert!(random.accuracy < 0.5 && random.mean_regret > veil.mean_regret);

@@ -248,6 +248,24 @@ impl PrefixCache {
         self.entries.iter().map(|e| e.bytes).sum()
     }
 
+    /// How many of `prompt`'s first tokens a held prompt shares (at most all but the last):
+    /// what a request would not have to run again.
+    pub fn shared_len(&self, prompt: &[u32]) -> usize {
+        let usable = prompt.len().saturating_sub(1);
+        self.entries
+            .iter()
+            .map(|e| {
+                e.tokens
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+            .min(usable)
+    }
+
     /// The entry sharing the longest prefix with `prompt`, and how many tokens it shares (at
     /// most all but the last).
     fn longest(&mut self, prompt: &[u32]) -> Option<(&PrefixEntry, usize)> {

@@ -345,7 +345,7 @@ pub struct Pick {
 /// `format`, if the weight format is already fixed), a name forces that method.
 pub fn pick_method(
     accel: &str,
-    selector: Option<&veil_meta::CostModel>,
+    selector: Option<&veil_meta::Selector>,
     features: &Features,
     format: Option<&str>,
 ) -> Result<Pick> {
@@ -368,14 +368,28 @@ pub fn pick_method(
             why: "auto: no selector".into(),
         });
     };
-    let mut predicted = selector.predict(features);
-    predicted.sort_by(|a, b| a.1.total_cmp(&b.1));
-    for (name, cost) in predicted {
+    if matches!(format, Some("f32" | "f16")) {
+        // Float weights go through candle's gemm, whose sums depend on how many rows a call
+        // has: only the plain method is sure to give the plain answer there.
+        return Ok(Pick {
+            method: veil_meta::default_method(),
+            why: "auto: float weights run plain".into(),
+        });
+    }
+    let predicted = selector.predict(features);
+    for (rank, name) in selector.rank(features).into_iter().enumerate() {
         let method = veil_meta::method(name)?;
         if format.is_none_or(|f| f == method.format) {
+            let cost = predicted
+                .iter()
+                .find(|(m, _)| *m == name)
+                .map_or(String::new(), |(_, c)| {
+                    format!(", predicted {c:.2}× plain's cost")
+                });
+            let how = if rank == 0 { "auto" } else { "auto, next best" };
             return Ok(Pick {
                 method,
-                why: format!("auto: predicted {cost:.2}× plain's cost"),
+                why: format!("{how}{cost}"),
             });
         }
     }

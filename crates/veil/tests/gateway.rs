@@ -127,6 +127,50 @@ fn assert_openai_error(status: u16, body: &Value, want_status: u16, want_code: O
 }
 
 #[test]
+fn a_forced_method_answers_like_plain_and_auto_names_its_choice() {
+    let gateway = Gateway::start_with(&["--local", "--dtype", "stored"]);
+    let question = "Repeat exactly: one two three, one two three, one two three.";
+    let answer = |accel: &str| {
+        let (status, body) = gateway.post(
+            "/v1/chat/completions",
+            &ask(
+                question,
+                json!({"temperature": 0, "veil": {"accel": accel}}),
+            ),
+        );
+        assert_eq!(status, 200, "{body}");
+        (
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .expect("content")
+                .to_string(),
+            body["veil"]["accel"]
+                .as_str()
+                .expect("veil.accel")
+                .to_string(),
+        )
+    };
+    let (plain, how) = answer("plain");
+    assert_eq!(how, "plain (forced)");
+    for method in ["lookup", "prefix+lookup", "prefix", "chunked"] {
+        let (text, how) = answer(method);
+        assert_eq!(text, plain, "{method}");
+        assert_eq!(how, format!("{method} (forced)"));
+    }
+    let (text, how) = answer("auto");
+    assert_eq!(text, plain);
+    assert!(how.contains("(auto"), "{how}");
+    for bad in ["batch", "q8_0", "warp-drive"] {
+        let (s, b) = gateway.post(
+            "/v1/chat/completions",
+            &ask("hi", json!({"veil": {"accel": bad}})),
+        );
+        assert_openai_error(s, &b, 400, None);
+        assert_eq!(b["error"]["param"], "veil.accel", "{bad}");
+    }
+}
+
+#[test]
 fn answers_chat_streamed_and_not_with_the_same_text() {
     let gateway = Gateway::start(&[]);
     let (status, body) = gateway.post(

@@ -53,15 +53,22 @@ fn a_quick_sweep_records_every_run_in_the_history_and_the_dataset() {
     run(&args);
     let records = veil_meta::read_jsonl(&out).unwrap();
     // A single short question (plain; batch and the prefix cache would be idle, so they are
-    // not run), then two requests sharing a text (plain, batch, prefix+lookup).
-    assert_eq!(records.len(), 4, "{records:?}");
+    // not run), then two requests sharing a text (plain, batch, prefix+lookup); each short
+    // run is repeated up to six times.
+    assert!((4..=24).contains(&records.len()), "{records:?}");
     assert!(records.iter().all(|r| r.seconds > 0.0 && r.tokens > 0));
-    assert_eq!(records.iter().filter(|r| r.method == "batch").count(), 1);
-    assert_eq!(records.iter().filter(|r| r.method == "plain").count(), 2);
+    for method in ["plain", "batch", "prefix+lookup"] {
+        assert!(records.iter().any(|r| r.method == method), "{method}");
+    }
+    assert!(records
+        .iter()
+        .all(|r| r.method != "lookup" && r.method != "q8_0"));
+    let first = records.len();
     // The history keeps every sweep: a second one adds to it.
     run(&args);
     let store = veil_meta::RecordStore::open(&history).unwrap();
-    assert_eq!(store.all().unwrap().len(), 8);
+    let second = veil_meta::read_jsonl(&out).unwrap().len();
+    assert_eq!(store.all().unwrap().len(), first + second);
 }
 
 #[test]
@@ -76,14 +83,19 @@ fn the_selector_beats_the_baselines_on_the_committed_dataset() {
             .split_whitespace()
             .filter_map(|w| w.trim_end_matches('%').parse().ok())
             .collect();
-        (nums[nums.len() - 2], nums[nums.len() - 1])
+        (nums[nums.len() - 3], nums[nums.len() - 1])
     };
     let (accuracy, regret) = row("veil cost model");
     assert!(accuracy >= 0.90, "accuracy {accuracy}: {report}");
     assert!(regret <= 5.0, "regret {regret}%: {report}");
     let (random_accuracy, _) = row("random choice");
     assert!(random_accuracy < accuracy);
-    for baseline in ["single best method", "gradient boosting", "kNN"] {
+    for baseline in [
+        "single best method",
+        "gradient boosting",
+        "kNN",
+        "random forest",
+    ] {
         assert!(row(baseline).0 <= accuracy, "{baseline}: {report}");
     }
 }
@@ -159,6 +171,6 @@ fn bad_methods_and_datasets_are_clear_errors() {
     assert!(err.contains("line 1"), "{err}");
     let err = fails(&["meta", "eval", "--data", "/nonexistent/runs.jsonl"]);
     assert!(err.contains("/nonexistent/runs.jsonl"), "{err}");
-    let err = fails(&["meta", "collect", "--quick", "--price", "-1"]);
+    let err = fails(&["meta", "collect", "--quick", "--price=-1"]);
     assert!(err.contains("--price"), "{err}");
 }

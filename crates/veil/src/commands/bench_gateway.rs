@@ -31,6 +31,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         kernels: args.model.kernels.to_string(),
         tokens_per_second: 0.0,
         verification: "none".into(),
+        accel: "plain".into(),
         privacy: "plain",
     };
     let limits = Limits {
@@ -46,6 +47,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         model_id.clone(),
         info,
         limits,
+        // No selector: the gateway runs the plain method, as the direct path does, so the
+        // ratio is the gateway's overhead alone.
+        None,
     ));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -7,8 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use veil_meta::{
-    cases, evaluate, method, parse_jsonl, read_jsonl, write_jsonl, Chooser, CostModel, Features,
-    HeldOut, Learner, MetaError, RecordStore, RunRecord, SelectionRules, METHODS,
+    cases, evaluate, method, parse_jsonl, read_jsonl, write_jsonl, Chooser, Features, HeldOut,
+    Learner, MetaError, RecordStore, RunRecord, SelectionRules, Selector, METHODS,
 };
 use veil_model::{LocalModel, ModelStore};
 
@@ -30,7 +30,8 @@ pub enum MetaCommand {
     Methods,
     /// Sweep workloads × methods on this machine, record every run, export the dataset.
     Collect(CollectArgs),
-    /// Fit the selector on a dataset and save it for `--accel auto`.
+    /// Fit the selector on a dataset and keep the dataset for `--accel auto` (the selector is
+    /// refitted from it at start, in milliseconds).
     Train(DataArgs),
     /// Selection accuracy and regret of the selector and the baselines, on held-out workloads
     /// and held-out models.
@@ -69,7 +70,8 @@ pub struct DataArgs {
     /// A dataset (JSON lines from `veil meta collect`); default: the committed one.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Where `train` writes the selector (default: $VEIL_HOME/meta/selector.json).
+    /// Where `train` keeps the dataset (default: $VEIL_HOME/meta/dataset.jsonl, which
+    /// `--accel auto` then prefers to the committed one).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// `eval`: also list the held-out cases Veil's selector got wrong.
@@ -139,40 +141,32 @@ fn load_records(data: &DataArgs) -> Result<Vec<RunRecord>> {
     })
 }
 
-/// Where `veil meta train` keeps the selector.
-pub fn selector_path() -> PathBuf {
+/// Where `veil meta train` keeps the dataset `--accel auto` learns from.
+pub fn trained_dataset_path() -> PathBuf {
     ModelStore::from_env()
         .home()
         .join("meta")
-        .join("selector.json")
+        .join("dataset.jsonl")
 }
 
-/// The selector `--accel auto` uses: the trained one if `veil meta train` saved one, else one
-/// fitted now on the committed dataset.
-pub fn load_selector() -> Result<CostModel> {
-    let path = selector_path();
-    if path.exists() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        return CostModel::from_json(&text).with_context(|| format!("{}", path.display()));
-    }
-    let records = parse_jsonl(COMMITTED_DATASET.as_bytes())?;
-    Ok(CostModel::fit(&cases(
-        &records,
-        &SelectionRules::default(),
-    ))?)
+/// The selector `--accel auto` uses, fitted now on the dataset `veil meta train` kept, or on
+/// the committed one.
+pub fn load_selector() -> Result<Selector> {
+    let path = trained_dataset_path();
+    let records = if path.exists() {
+        read_jsonl(&path)?
+    } else {
+        parse_jsonl(COMMITTED_DATASET.as_bytes())?
+    };
+    Ok(Selector::fit(&cases(&records, &SelectionRules::default()))?)
 }
 
 fn train(args: DataArgs) -> Result<()> {
     let records = load_records(&args)?;
     let all = cases(&records, &SelectionRules::default());
-    let model = CostModel::fit(&all)?;
-    let out = args.out.unwrap_or_else(selector_path);
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    std::fs::write(&out, model.to_json()?)
-        .with_context(|| format!("cannot write {}", out.display()))?;
+    let model = Selector::fit(&all)?;
+    let out = args.out.clone().unwrap_or_else(trained_dataset_path);
+    write_dataset(&out, &records)?;
     let hits = all
         .iter()
         .filter(|c| model.choose(&c.features) == c.best())
@@ -182,7 +176,7 @@ fn train(args: DataArgs) -> Result<()> {
         records.len(),
         all.len()
     );
-    println!("saved {}", out.display());
+    println!("kept the dataset in {}", out.display());
     Ok(())
 }
 
@@ -250,7 +244,7 @@ fn eval(args: DataArgs) -> Result<()> {
 
 fn choose(args: ChooseArgs) -> Result<()> {
     let selector = match &args.data.data {
-        Some(_) => CostModel::fit(&cases(
+        Some(_) => Selector::fit(&cases(
             &load_records(&args.data)?,
             &SelectionRules::default(),
         ))?,
@@ -273,6 +267,7 @@ fn choose(args: ChooseArgs) -> Result<()> {
     let mut predicted = selector.predict(&features);
     predicted.sort_by(|a, b| a.1.total_cmp(&b.1));
     println!("choice: {}", selector.choose(&features));
+    println!("the cost model's predictions:");
     for (m, cost) in predicted {
         println!("  {m:<15} {cost:.2}× plain's cost");
     }
@@ -304,6 +299,11 @@ fn workloads(model: &LocalModel, quick: bool) -> Result<Vec<Workload>> {
     }
     Ok(out)
 }
+
+/// Each pass repeats a workload with a method until it has run this long...
+const MIN_SECONDS: f64 = 1.0;
+/// ...or this many times.
+const MAX_REPEATS: usize = 6;
 
 fn collect(args: CollectArgs) -> Result<()> {
     if !(args.price.is_finite() && args.price > 0.0) {
@@ -383,20 +383,28 @@ fn collect(args: CollectArgs) -> Result<()> {
             for m in ordered {
                 bar.set_message(format!("{} — {}", workload.name, m.name));
                 let (model, ppl) = &models[m.format];
-                let measured = run_workload(model, m, workload)
-                    .with_context(|| format!("{} with {}", workload.name, m.name))?;
-                records.push(RunRecord {
-                    features: features.clone(),
-                    method: m.name.to_string(),
-                    seconds: measured.seconds,
-                    tokens: measured.tokens.max(1),
-                    latency_ms: measured.latency_ms.max(1e-3),
-                    perplexity: *ppl,
-                    node: node.clone(),
-                    at_unix: SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
-                });
+                // A short workload is repeated until it has run for a while: one hiccup of the
+                // machine would otherwise decide its median.
+                let mut spent = 0.0;
+                let mut samples = 0;
+                while samples == 0 || (spent < MIN_SECONDS && samples < MAX_REPEATS) {
+                    let measured = run_workload(model, m, workload)
+                        .with_context(|| format!("{} with {}", workload.name, m.name))?;
+                    spent += measured.seconds;
+                    samples += 1;
+                    records.push(RunRecord {
+                        features: features.clone(),
+                        method: m.name.to_string(),
+                        seconds: measured.seconds,
+                        tokens: measured.tokens.max(1),
+                        latency_ms: measured.latency_ms.max(1e-3),
+                        perplexity: *ppl,
+                        node: node.clone(),
+                        at_unix: SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                    });
+                }
                 bar.inc(1);
             }
         }

@@ -113,6 +113,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
         tokens_per_second: 0.0,
         verification: "none".into(),
+        accel: "plain".into(),
         privacy: if privacy.is_some() {
             "encrypted"
         } else {
@@ -124,6 +125,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_queued: args.max_queued,
         max_body_bytes: args.max_body_bytes,
         max_tokens: args.max_tokens as usize,
+    };
+    // MetaInf chooses per request for a plaintext model in this process.
+    let selector = if args.local && privacy.is_none() {
+        match crate::commands::meta::load_selector() {
+            Ok(s) => Some((s, crate::accel::model_features(&model, &path))),
+            Err(e) => {
+                tracing::warn!("no MetaInf selector ({e:#}): every request runs the plain method");
+                None
+            }
+        }
+    } else {
+        None
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -168,6 +181,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             model_id.clone(),
             info,
             limits,
+            selector,
         ));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

@@ -25,8 +25,8 @@ use axum::{Json, Router};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use veil_model::{
-    generate, ChatMessage, Completion, FinishReason, GenerationParams, LocalModel, ModelError,
-    SamplingParams, TokenStep,
+    generate, ChatMessage, Completion, Drafting, FinishReason, GenerationParams, LocalModel,
+    ModelError, PrefixCache, SamplingParams, TokenStep,
 };
 use veil_net::{RemoteChain, SwarmClient};
 
@@ -92,7 +92,16 @@ pub struct Gateway {
     waiting: AtomicUsize,
     metrics: GatewayMetrics,
     recent: RecentRequests,
+    /// MetaInf's selector and the model's features, for `veil.accel: auto` on a model in
+    /// this process (none: the plain method).
+    selector: Option<veil_meta::Selector>,
+    model_features: Option<veil_meta::ModelFeatures>,
+    /// Keys and values of recent prompts, for the prefix-cache methods.
+    prefixes: std::sync::Mutex<PrefixCache>,
 }
+
+/// The most keys and values the gateway's prefix cache keeps.
+const PREFIX_CACHE_BYTES: usize = 256 << 20;
 
 /// A checked request, ready to run.
 struct Job {
@@ -102,13 +111,21 @@ struct Job {
     params: GenerationParams,
     /// Committee size, for a verified answer.
     verify: Option<usize>,
+    /// The acceleration method the request forces (`None`: the selector's choice).
+    accel: Option<&'static veil_meta::Method>,
+}
+
+/// How an answer was made, beside the answer.
+struct Made {
+    verification: String,
+    accel: String,
 }
 
 /// What a running generation reports.
 enum Progress {
     Text(String),
     /// The answer and how it was verified, or why there is none.
-    Done(Result<(Completion, String), Failure>),
+    Done(Result<(Completion, Made), Failure>),
 }
 
 /// Why a generation produced no answer.
@@ -141,8 +158,13 @@ impl Gateway {
         model_id: String,
         info: VeilInfo,
         limits: Limits,
+        selector: Option<(veil_meta::Selector, veil_meta::ModelFeatures)>,
     ) -> Self {
+        let (selector, model_features) = selector.unzip();
         Self {
+            selector,
+            model_features,
+            prefixes: std::sync::Mutex::new(PrefixCache::new(PREFIX_CACHE_BYTES)),
             model,
             backend,
             privacy,
@@ -170,18 +192,32 @@ impl Gateway {
             .with_state(self)
     }
 
-    /// A request's `veil.accel` against the kernels this gateway runs. The choice per request
-    /// (MetaInf) is issue 8's; until then a request may name what it expects.
-    fn check_accel(&self, asked: &str) -> Result<(), ApiError> {
+    /// A request's `veil.accel`: an acceleration method to force (`veil meta methods`), or
+    /// the kernels the request expects. Returns the forced method.
+    fn check_accel(&self, asked: &str) -> Result<Option<&'static veil_meta::Method>, ApiError> {
         let wrong = |message: String| Err(ApiError::invalid(message, Some("veil.accel")));
-        if matches!(self.backend, Backend::Swarm(_)) {
+        if matches!(self.backend, Backend::Swarm(_)) || self.privacy.is_some() {
             return wrong(format!(
-                "veil.accel {asked:?}: on the swarm each node runs its own kernels; use auto"
+                "veil.accel {asked:?}: on the swarm and for encrypted models each node runs its own kernels and methods; use auto"
             ));
+        }
+        if let Ok(method) = veil_meta::method(asked) {
+            if method.format != self.info.format {
+                return wrong(format!(
+                    "veil.accel {asked:?} runs {} weights; this gateway runs {}",
+                    method.format, self.info.format
+                ));
+            }
+            if method.batch {
+                return wrong(format!(
+                    "veil.accel {asked:?}: the gateway does not batch requests together yet"
+                ));
+            }
+            return Ok(Some(method));
         }
         let Ok(kernels) = asked.parse::<veil_model::Kernels>() else {
             return wrong(format!(
-                "veil.accel is auto or one of veil, candle, scalar, avx2, avx512 (on this CPU), got {asked:?}"
+                "veil.accel is auto, a method from `veil meta methods`, or kernels (veil, candle, scalar, avx2, avx512 on this CPU), got {asked:?}"
             ));
         };
         if kernels.to_string() != self.info.kernels {
@@ -190,7 +226,7 @@ impl Gateway {
                 self.info.kernels
             ));
         }
-        Ok(())
+        Ok(None)
     }
 
     fn check_model(&self, asked: &str) -> Result<(), ApiError> {
@@ -304,10 +340,10 @@ impl Gateway {
                 ))
             }
         }
-        match options.veil.accel.as_deref() {
-            None | Some("auto") => {}
+        let accel = match options.veil.accel.as_deref() {
+            None | Some("auto") => None,
             Some(asked) => self.check_accel(asked)?,
-        }
+        };
         let verify = options.veil.verify;
         if verify.is_some() && encrypted {
             return Err(ApiError::invalid(
@@ -341,6 +377,7 @@ impl Gateway {
                 sampling,
                 stop,
             },
+            accel,
         })
     }
 
@@ -366,13 +403,18 @@ impl Gateway {
         let permit = self.admit().await?;
         let (tx, rx) = mpsc::channel(64);
         let gateway = self.clone();
-        let (prompt, params, chat, verify) =
-            (job.prompt.clone(), job.params.clone(), job.chat, job.verify);
+        let (prompt, params, chat, verify, accel) = (
+            job.prompt.clone(),
+            job.params.clone(),
+            job.chat,
+            job.verify,
+            job.accel,
+        );
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             match verify {
                 Some(size) => gateway.generate_verified(chat, size, &prompt, &params, &tx),
-                None => gateway.generate(chat, &prompt, &params, &tx),
+                None => gateway.generate(chat, &prompt, &params, accel, &tx),
             }
         });
         let reply = Reply::new(&self, &job);
@@ -389,6 +431,7 @@ impl Gateway {
         chat: bool,
         prompt: &[u32],
         params: &GenerationParams,
+        accel: Option<&'static veil_meta::Method>,
         tx: &mpsc::Sender<Progress>,
     ) {
         self.metrics.active_generations.inc();
@@ -400,7 +443,16 @@ impl Gateway {
         };
         let context = self.model.config.context_length;
         let tokenizer = &self.model.tokenizer;
+        let mut method_used = "plain".to_string();
         let (result, route) = match &self.backend {
+            Backend::Local if self.privacy.is_none() => {
+                let pick = self.pick_method(prompt, params, accel);
+                tracing::info!("accel: {} ({})", pick.method.name, pick.why);
+                method_used = format!("{} ({})", pick.method.name, pick.why);
+                let result =
+                    self.generate_local(prompt, params, pick.method, &cancelled, &mut on_text);
+                (result, self.local_route())
+            }
             Backend::Local => {
                 let inner: Box<dyn TokenStep + '_> = match &self.privacy {
                     Some(p) => Box::new(veil_ee::EncryptedSession::new(&p.key, &p.shards)),
@@ -470,7 +522,11 @@ impl Gateway {
         }
         self.recent
             .push(self.record(chat, prompt.len(), route, &result, cancelled.into_inner()));
-        let _ = tx.blocking_send(Progress::Done(result.map(|c| (c, "none".to_string()))));
+        let made = Made {
+            verification: "none".into(),
+            accel: method_used,
+        };
+        let _ = tx.blocking_send(Progress::Done(result.map(|c| (c, made))));
     }
 
     /// A generation checked by a committee of `size` nodes: the text is sent once a majority
@@ -546,11 +602,104 @@ impl Gateway {
             verification: verification.clone(),
             ..record
         });
-        let _ = tx.blocking_send(Progress::Done(result.map(|c| (c, verification))));
+        let made = Made {
+            verification,
+            accel: "plain".into(),
+        };
+        let _ = tx.blocking_send(Progress::Done(result.map(|c| (c, made))));
     }
 }
 
 impl Gateway {
+    /// The method for a local plaintext request: the forced one, or the selector's pick among
+    /// those that keep the answer exact (the gateway's format) and do not batch.
+    fn pick_method(
+        &self,
+        prompt: &[u32],
+        params: &GenerationParams,
+        forced: Option<&'static veil_meta::Method>,
+    ) -> crate::accel::Pick {
+        if let Some(method) = forced {
+            return crate::accel::Pick {
+                method,
+                why: "forced".into(),
+            };
+        }
+        let shared = self
+            .prefixes
+            .lock()
+            .map(|p| p.shared_len(prompt))
+            .unwrap_or(0);
+        let Some(model_features) = &self.model_features else {
+            return crate::accel::Pick {
+                method: veil_meta::default_method(),
+                why: "auto: no selector".into(),
+            };
+        };
+        let features = veil_meta::Features {
+            model: model_features.clone(),
+            hardware: crate::accel::hardware_features(1.0),
+            workload: veil_meta::WorkloadFeatures {
+                prompt_tokens: prompt.len().max(1) as u32,
+                output_tokens: params.max_tokens.max(1) as u32,
+                batch: 1,
+                shared_prefix: shared as f64 / prompt.len().max(1) as f64,
+                rewrite: false,
+            },
+        };
+        crate::accel::pick_method(
+            "auto",
+            self.selector.as_ref(),
+            &features,
+            Some(&self.info.format),
+        )
+        .unwrap_or_else(|_| crate::accel::Pick {
+            method: veil_meta::default_method(),
+            why: "auto: no choice".into(),
+        })
+    }
+
+    /// One local plaintext generation with `method`; a prefix-cache method keeps the prompt's
+    /// keys and values for the next request.
+    fn generate_local(
+        &self,
+        prompt: &[u32],
+        params: &GenerationParams,
+        method: &veil_meta::Method,
+        cancelled: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Completion, Failure> {
+        let session = if method.prefix_cache {
+            match self.prefixes.lock() {
+                Ok(mut cache) => self.model.session_from(&mut cache, prompt),
+                Err(_) => Ok(self.model.session()),
+            }
+        } else {
+            Ok(self.model.session())
+        };
+        let mut session = Cancellable {
+            inner: session.map_err(Failure::from)?,
+            cancelled,
+        };
+        let (completion, _) = veil_model::generate_accelerated(
+            &mut session,
+            &self.model.tokenizer,
+            prompt,
+            self.model.config.context_length,
+            params,
+            &crate::accel::accel_of(method),
+            on_text,
+        )?;
+        if method.prefix_cache {
+            if let Ok(mut cache) = self.prefixes.lock() {
+                if let Err(e) = cache.keep(prompt, session.inner) {
+                    tracing::warn!("prefix cache: {e}");
+                }
+            }
+        }
+        Ok(completion)
+    }
+
     /// The route of a generation in this process.
     fn local_route(&self) -> String {
         format!("this process, blocks 0-{}", self.model.config.block_count)
@@ -705,6 +854,23 @@ impl<S: TokenStep> TokenStep for Cancellable<'_, S> {
     }
 }
 
+impl<S: Drafting> Drafting for Cancellable<'_, S> {
+    fn step_each(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<Vec<f32>>> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(ModelError::Cancelled);
+        }
+        self.inner.step_each(tokens)
+    }
+
+    fn rewind(&mut self, positions: usize) -> veil_model::Result<()> {
+        self.inner.rewind(positions)
+    }
+
+    fn position(&self) -> usize {
+        self.inner.position()
+    }
+}
+
 /// A chain that keeps the open-node-sessions gauge in step with its hops (sessions open as the
 /// chain first runs, and move on failover).
 struct CountedChain<'a> {
@@ -801,10 +967,10 @@ impl Reply {
                 };
                 let (event, next) = match data {
                     Some(Progress::Text(t)) => (reply.chunk(Some(&t), None, false), Stage::Body),
-                    Some(Progress::Done(Ok((c, verification)))) => {
+                    Some(Progress::Done(Ok((c, made)))) => {
                         let mut last = reply.chunk(None, Some(finish_reason(c.finish)), false);
                         last["usage"] = serde_json::json!(usage(&c));
-                        last["veil"] = serde_json::json!(reply.info_for(&c, verification));
+                        last["veil"] = serde_json::json!(reply.info_for(&c, made));
                         (last, Stage::Finish)
                     }
                     Some(Progress::Done(Err(e))) => (e.to_api().body(), Stage::Finish),
@@ -823,7 +989,7 @@ impl Reply {
     }
 
     async fn collect(self, mut rx: mpsc::Receiver<Progress>) -> Result<Response, ApiError> {
-        let (completion, verification) = loop {
+        let (completion, made) = loop {
             match rx.recv().await {
                 Some(Progress::Text(_)) => {}
                 Some(Progress::Done(Ok(done))) => break done,
@@ -848,16 +1014,17 @@ impl Reply {
             "model": self.model,
             "choices": [choice],
             "usage": usage(&completion),
-            "veil": self.info_for(&completion, verification),
+            "veil": self.info_for(&completion, made),
         }))
         .into_response())
     }
 
-    fn info_for(&self, c: &Completion, verification: String) -> VeilInfo {
+    fn info_for(&self, c: &Completion, made: Made) -> VeilInfo {
         let decoded = c.tokens.len().saturating_sub(1) as f64;
         VeilInfo {
             tokens_per_second: decoded / c.decode_time.as_secs_f64().max(1e-9),
-            verification,
+            verification: made.verification,
+            accel: made.accel,
             ..self.info.clone()
         }
     }

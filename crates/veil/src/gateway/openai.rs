@@ -88,6 +88,8 @@ pub struct VeilInfo {
     pub format: String,
     /// Whose kernels multiplied the weights.
     pub kernels: String,
+    /// The acceleration method and why it was chosen (MetaInf's pick, or forced).
+    pub accel: String,
     /// Decode speed of this answer.
     pub tokens_per_second: f64,
     /// How the answer was checked: `none`, or the committee's verdict.
