@@ -6,9 +6,9 @@ use std::num::NonZeroUsize;
 
 use veil_model::prompts::SAMPLE_PROMPTS;
 use veil_model::{
-    generate, generate_accelerated, generate_batch, Accel, BatchRequest, ChatMessage,
-    GenerationParams, LocalModel, ModelStore, PrefixCache, SamplingParams, WeightFormat,
-    SMOLLM2_135M,
+    generate, generate_accelerated, generate_batch, Accel, BatchRequest, ChatMessage, Completion,
+    DraftStats, Drafting, GenerationParams, LocalModel, ModelStore, PrefixCache, SamplingParams,
+    WeightFormat, SMOLLM2_135M,
 };
 
 /// Tokens generated per answer.
@@ -60,6 +60,27 @@ fn plain(model: &LocalModel, prompt: &[u32], params: &GenerationParams) -> Vec<u
     .tokens
 }
 
+/// `generate_accelerated` on `session` of `model`.
+fn accelerated(
+    model: &LocalModel,
+    session: &mut dyn Drafting,
+    prompt: &[u32],
+    params: &GenerationParams,
+    accel: &Accel,
+) -> (Completion, DraftStats) {
+    let context = model.config.context_length;
+    generate_accelerated(
+        session,
+        &model.tokenizer,
+        prompt,
+        context,
+        params,
+        accel,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
 fn nz(n: usize) -> Option<NonZeroUsize> {
     NonZeroUsize::new(n)
 }
@@ -67,7 +88,6 @@ fn nz(n: usize) -> Option<NonZeroUsize> {
 #[test]
 fn chunked_prefill_gives_the_plain_tokens() {
     let model = model();
-    let context = model.config.context_length;
     for (question, chunk) in SAMPLE_PROMPTS.iter().take(6).zip([1, 5, 8, 13, 16, 64]) {
         let prompt = prompt(&model, question);
         let want = plain(&model, &prompt, &greedy());
@@ -75,16 +95,7 @@ fn chunked_prefill_gives_the_plain_tokens() {
             prefill_chunk: nz(chunk),
             ..Accel::default()
         };
-        let (got, _) = generate_accelerated(
-            &mut model.session(),
-            &model.tokenizer,
-            &prompt,
-            context,
-            &greedy(),
-            &accel,
-            &mut |_| {},
-        )
-        .unwrap();
+        let (got, _) = accelerated(&model, &mut model.session(), &prompt, &greedy(), &accel);
         assert_eq!(got.tokens, want, "{question:?} in chunks of {chunk}");
     }
 }
@@ -92,7 +103,6 @@ fn chunked_prefill_gives_the_plain_tokens() {
 #[test]
 fn a_cached_prefix_is_reused_and_gives_the_plain_tokens() {
     let model = model();
-    let context = model.config.context_length;
     let mut prefixes = PrefixCache::new(256 << 20);
     let system = ChatMessage::system(
         "You are a careful assistant for a hiking club. Answer briefly and mention safety.",
@@ -109,16 +119,7 @@ fn a_cached_prefix_is_reused_and_gives_the_plain_tokens() {
         };
         let want = plain(&model, &prompt, &params);
         let mut session = model.session_from(&mut prefixes, &prompt).unwrap();
-        let (got, stats) = generate_accelerated(
-            &mut session,
-            &model.tokenizer,
-            &prompt,
-            context,
-            &params,
-            &Accel::default(),
-            &mut |_| {},
-        )
-        .unwrap();
+        let (got, stats) = accelerated(&model, &mut session, &prompt, &params, &Accel::default());
         // Kept without a copy (the session is done) or copied (as for one still decoding).
         if i % 2 == 0 {
             prefixes.keep(&prompt, session).unwrap();
@@ -143,16 +144,7 @@ fn a_cached_prefix_is_reused_and_gives_the_plain_tokens() {
         .chat_prompt(&[system, ChatMessage::user(SAMPLE_PROMPTS[0])])
         .unwrap();
     let mut session = model.session_from(&mut prefixes, &prompt).unwrap();
-    let (got, stats) = generate_accelerated(
-        &mut session,
-        &model.tokenizer,
-        &prompt,
-        context,
-        &greedy(),
-        &Accel::default(),
-        &mut |_| {},
-    )
-    .unwrap();
+    let (got, stats) = accelerated(&model, &mut session, &prompt, &greedy(), &Accel::default());
     assert_eq!(stats.reused, prompt.len() - 1);
     assert_eq!(got.tokens, plain(&model, &prompt, &greedy()));
 }
@@ -189,7 +181,6 @@ fn a_prefix_cache_keeps_within_its_memory_bound() {
 #[test]
 fn prompt_lookup_drafts_are_confirmed_and_give_the_plain_tokens() {
     let model = model();
-    let context = model.config.context_length;
     let questions = [
         "Repeat this sentence exactly: the quick brown fox jumps over the lazy dog near the river bank.",
         "Copy the list: apples, pears, plums, cherries, grapes, melons.",
@@ -206,16 +197,8 @@ fn prompt_lookup_drafts_are_confirmed_and_give_the_plain_tokens() {
                 lookup_drafts: nz(drafts),
                 ..Accel::default()
             };
-            let (got, stats) = generate_accelerated(
-                &mut model.session(),
-                &model.tokenizer,
-                &prompt,
-                context,
-                &greedy(),
-                &accel,
-                &mut |_| {},
-            )
-            .unwrap();
+            let (got, stats) =
+                accelerated(&model, &mut model.session(), &prompt, &greedy(), &accel);
             assert_eq!(got.tokens, want, "{question:?} with {drafts} drafts");
             assert!(stats.accepted <= stats.drafted);
             accepted += stats.accepted;
@@ -227,22 +210,12 @@ fn prompt_lookup_drafts_are_confirmed_and_give_the_plain_tokens() {
 #[test]
 fn sampled_requests_decode_plainly_under_prompt_lookup() {
     let model = model();
-    let context = model.config.context_length;
     let prompt = prompt(&model, "Repeat exactly: one two three four five six seven.");
     let accel = Accel {
         lookup_drafts: nz(4),
         ..Accel::default()
     };
-    let (got, stats) = generate_accelerated(
-        &mut model.session(),
-        &model.tokenizer,
-        &prompt,
-        context,
-        &seeded(7),
-        &accel,
-        &mut |_| {},
-    )
-    .unwrap();
+    let (got, stats) = accelerated(&model, &mut model.session(), &prompt, &seeded(7), &accel);
     assert_eq!(stats.drafted, 0);
     assert_eq!(got.tokens, plain(&model, &prompt, &seeded(7)));
 }
