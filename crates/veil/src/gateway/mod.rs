@@ -96,6 +96,8 @@ pub struct Gateway {
     /// this process (none: the plain method).
     selector: Option<veil_meta::Selector>,
     model_features: Option<veil_meta::ModelFeatures>,
+    /// This machine's features, read once.
+    hardware: veil_meta::HardwareFeatures,
     /// Keys and values of recent prompts, for the prefix-cache methods.
     prefixes: std::sync::Mutex<PrefixCache>,
 }
@@ -164,6 +166,7 @@ impl Gateway {
         Self {
             selector,
             model_features,
+            hardware: crate::accel::hardware_features(1.0),
             prefixes: std::sync::Mutex::new(PrefixCache::new(PREFIX_CACHE_BYTES)),
             model,
             backend,
@@ -638,7 +641,7 @@ impl Gateway {
         };
         let features = veil_meta::Features {
             model: model_features.clone(),
-            hardware: crate::accel::hardware_features(1.0),
+            hardware: self.hardware.clone(),
             workload: veil_meta::WorkloadFeatures {
                 prompt_tokens: prompt.len().max(1) as u32,
                 output_tokens: params.max_tokens.max(1) as u32,
