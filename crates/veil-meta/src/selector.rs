@@ -217,6 +217,21 @@ fn matrix(rows: &[Vec<f64>]) -> Result<DenseMatrix<f64>> {
     DenseMatrix::from_2d_vec(&rows.to_vec()).map_err(learner_error)
 }
 
+/// Each case's fastest method as a class label (its index in [`METHODS`]).
+fn winner_labels(cases: &[Case]) -> Vec<u32> {
+    cases
+        .iter()
+        .map(|c| method_index(c.best()) as u32)
+        .collect()
+}
+
+/// The method a classifier's first label names.
+fn labelled(y: &[u32]) -> &'static str {
+    y.first()
+        .and_then(|&i| METHODS.get(i as usize))
+        .map_or(default_method().name, |m| m.name)
+}
+
 fn method_index(name: &str) -> usize {
     METHODS.iter().position(|m| m.name == name).unwrap_or(0)
 }
@@ -479,10 +494,7 @@ impl WinnerKnn {
         let rows: Vec<Vec<f64>> = cases.iter().map(|c| c.features.vector()).collect();
         let scaler = Standardizer::fit(&rows);
         let x = matrix(&rows.iter().map(|r| scaler.apply(r)).collect::<Vec<_>>())?;
-        let y: Vec<u32> = cases
-            .iter()
-            .map(|c| method_index(c.best()) as u32)
-            .collect();
+        let y = winner_labels(cases);
         let k = 3.min(cases.len());
         let model = Knn::fit(&x, &y, KNNClassifierParameters::default().with_k(k))
             .map_err(learner_error)?;
@@ -495,8 +507,7 @@ impl Chooser for WinnerKnn {
         matrix(&[self.scaler.apply(&features.vector())])
             .ok()
             .and_then(|x| self.model.predict(&x).ok())
-            .and_then(|y| METHODS.get(y[0] as usize))
-            .map_or(default_method().name, |m| m.name)
+            .map_or(default_method().name, |y| labelled(&y))
     }
 }
 
@@ -513,10 +524,7 @@ impl WinnerForest {
                 .map(|c| c.features.vector())
                 .collect::<Vec<_>>(),
         )?;
-        let y: Vec<u32> = cases
-            .iter()
-            .map(|c| method_index(c.best()) as u32)
-            .collect();
+        let y = winner_labels(cases);
         let params = RandomForestClassifierParameters::default()
             .with_n_trees(100)
             .with_seed(7);
@@ -529,7 +537,6 @@ impl Chooser for WinnerForest {
         matrix(&[features.vector()])
             .ok()
             .and_then(|x| self.0.predict(&x).ok())
-            .and_then(|y| METHODS.get(y[0] as usize))
-            .map_or(default_method().name, |m| m.name)
+            .map_or(default_method().name, |y| labelled(&y))
     }
 }

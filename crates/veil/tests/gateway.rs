@@ -66,6 +66,15 @@ impl Gateway {
         (status, response.json().expect("a JSON body"))
     }
 
+    fn get_json(&self, path: &str) -> Value {
+        client()
+            .get(format!("{}{path}", self.base))
+            .send()
+            .expect("request sent")
+            .json()
+            .expect("a JSON body")
+    }
+
     fn metric(&self, name: &str) -> f64 {
         let text = client()
             .get(format!("{}/metrics", self.base))
@@ -231,19 +240,9 @@ fn answers_chat_streamed_and_not_with_the_same_text() {
         "{body}"
     );
 
-    let models: Value = client()
-        .get(format!("{}/v1/models", gateway.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let models: Value = gateway.get_json("/v1/models");
     assert_eq!(models["data"][0]["id"], MODEL);
-    let health: Value = client()
-        .get(format!("{}/health", gateway.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let health: Value = gateway.get_json("/health");
     assert_eq!(health["status"], "ok");
     assert_eq!(gateway.metric("veil_active_generations"), 0.0);
 
@@ -254,12 +253,7 @@ fn answers_chat_streamed_and_not_with_the_same_text() {
         !page.contains("http://") && !page.contains("https://"),
         "the page fetches nothing outside"
     );
-    let board: Value = client()
-        .get(format!("{}/api/dashboard", gateway.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let board: Value = gateway.get_json("/api/dashboard");
     assert_eq!(board["model"], MODEL);
     assert_eq!(board["nodes"].as_array().map(Vec::len), Some(1));
     let requests = board["requests"].as_array().expect("requests");
@@ -642,12 +636,7 @@ fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions(
     assert_eq!(result["streamed"], result["plain"], "{result}");
 
     // The dashboard lists the three nodes with their ranges.
-    let board: Value = client()
-        .get(format!("{}/api/dashboard", gateway.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let board: Value = gateway.get_json("/api/dashboard");
     let mut ranges: Vec<String> = board["nodes"]
         .as_array()
         .expect("nodes")
@@ -819,12 +808,7 @@ fn verified_answers_come_from_a_committee_and_a_committee_of_liars_is_a_502() {
     let written = std::fs::read_dir(&evidence).map(|d| d.count()).unwrap_or(0);
     assert!(written >= 1, "the lie a judge proved left no evidence");
     // The proven liar's reputation shows on the dashboard.
-    let board: Value = client()
-        .get(format!("{}/api/dashboard", liars.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let board: Value = liars.get_json("/api/dashboard");
     let scores: Vec<i64> = board["nodes"]
         .as_array()
         .expect("nodes")

@@ -1,19 +1,14 @@
 //! `veil meta` and `--accel`: the sweep records real runs, the selector is evaluated on the
 //! committed dataset, forced methods give the plain method's answer, bad input is refused.
 
-use std::path::PathBuf;
+mod common;
 
-use assert_cmd::Command;
-use veil_model::{ModelStore, SMOLLM2_135M};
+use std::process::Command;
 
-fn model_path() -> PathBuf {
-    ModelStore::from_env()
-        .ensure(&SMOLLM2_135M, &mut |_| {})
-        .expect("the default model can be fetched")
-}
+use common::{model_path, veil_bin};
 
 fn veil() -> Command {
-    Command::cargo_bin("veil").unwrap()
+    Command::new(veil_bin())
 }
 
 fn run(args: &[&str]) -> String {

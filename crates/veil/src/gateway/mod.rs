@@ -848,20 +848,26 @@ struct Cancellable<'a, S> {
     cancelled: &'a AtomicBool,
 }
 
-impl<S: TokenStep> TokenStep for Cancellable<'_, S> {
-    fn step(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<f32>> {
+impl<S> Cancellable<'_, S> {
+    /// An error once the client has gone.
+    fn check(&self) -> veil_model::Result<()> {
         if self.cancelled.load(Ordering::Relaxed) {
             return Err(ModelError::Cancelled);
         }
+        Ok(())
+    }
+}
+
+impl<S: TokenStep> TokenStep for Cancellable<'_, S> {
+    fn step(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<f32>> {
+        self.check()?;
         self.inner.step(tokens)
     }
 }
 
 impl<S: Drafting> Drafting for Cancellable<'_, S> {
     fn step_each(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<Vec<f32>>> {
-        if self.cancelled.load(Ordering::Relaxed) {
-            return Err(ModelError::Cancelled);
-        }
+        self.check()?;
         self.inner.step_each(tokens)
     }
 
