@@ -46,6 +46,15 @@ impl Method {
         self.on(workload).name == self.name
     }
 
+    /// Whether the method only picks a weight format (no runtime mechanism): what a node
+    /// serving steps one at a time runs.
+    pub fn is_format_only(&self) -> bool {
+        !self.batch
+            && !self.prefix_cache
+            && self.prefill_chunk.is_none()
+            && self.lookup_drafts.is_none()
+    }
+
     const PLAIN: Method = Method {
         name: "plain",
         format: "stored",

@@ -3,8 +3,9 @@
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MetaError, Result};
@@ -82,25 +83,43 @@ impl RunRecord {
 
 /// A node's performance history, in its embedded database.
 pub struct RecordStore {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
 }
 
 impl RecordStore {
     /// Opens (or creates) the history at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let error = |e: &dyn std::fmt::Display| MetaError::Database {
+        let db = Database::create(path).map_err(|e| MetaError::Database {
             path: path.display().to_string(),
             reason: e.to_string(),
-        };
-        let db = Database::create(path).map_err(|e| error(&e))?;
-        let txn = db.begin_write().map_err(|e| error(&e))?;
-        txn.open_table(RUNS).map_err(|e| error(&e))?;
-        txn.commit().map_err(|e| error(&e))?;
-        Ok(Self {
+        })?;
+        Self::within(Arc::new(db), path)
+    }
+
+    /// The history in a database another part of the program already holds open (a node keeps
+    /// it beside its identity and peers: redb lets one process open a file once).
+    pub fn within(db: Arc<Database>, path: &Path) -> Result<Self> {
+        let store = Self {
             db,
             path: path.to_path_buf(),
-        })
+        };
+        let txn = store.db.begin_write().map_err(|e| store.error(e))?;
+        txn.open_table(RUNS).map_err(|e| store.error(e))?;
+        txn.commit().map_err(|e| store.error(e))?;
+        Ok(store)
+    }
+
+    /// How many records are kept.
+    pub fn len(&self) -> Result<u64> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let table = txn.open_table(RUNS).map_err(|e| self.error(e))?;
+        table.len().map_err(|e| self.error(e))
+    }
+
+    /// Whether no record is kept.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
     }
 
     fn error(&self, e: impl std::fmt::Display) -> MetaError {

@@ -1,6 +1,7 @@
 //! The libp2p behaviour every Veil peer runs, composed from maintained parts: identify (learn a
-//! peer's listen addresses), ping (liveness, latency), Kademlia (who serves which shard) and
-//! request-response (the inference protocol, CBOR with bounded message sizes).
+//! peer's listen addresses), ping (liveness, latency), Kademlia (who serves which shard),
+//! request-response (the inference protocol, CBOR with bounded message sizes) and gossipsub
+//! (MetaInf's run records, signed by their authors).
 
 use std::time::Duration;
 
@@ -8,9 +9,10 @@ use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, cbor, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{identify, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
+use libp2p::{gossipsub, identify, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
 
 use crate::error::{NetError, Result};
+use crate::history::MAX_GOSSIP_BYTES;
 use crate::wire::{Request, Response, MAX_MESSAGE_BYTES, PROTOCOL};
 
 /// Veil's private Kademlia protocol, so the DHT holds only Veil peers.
@@ -27,6 +29,8 @@ pub struct VeilBehaviour {
     pub kad: kad::Behaviour<MemoryStore>,
     /// The inference protocol.
     pub infer: cbor::Behaviour<Request, Response>,
+    /// Run records shared between nodes.
+    pub gossipsub: gossipsub::Behaviour,
 }
 
 /// Builds a swarm over TCP and QUIC (Noise, Yamux) for `key`; `request_timeout` bounds how long
@@ -42,6 +46,15 @@ pub fn build_swarm(key: Keypair, request_timeout: Duration) -> Result<Swarm<Veil
         .map_err(|e| NetError::Network(e.to_string()))?
         .with_quic()
         .with_behaviour(|key| {
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .max_transmit_size(MAX_GOSSIP_BYTES)
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_config,
+            )?;
             let peer_id = key.public().to_peer_id();
             let kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
             let mut kad =
@@ -50,7 +63,7 @@ pub fn build_swarm(key: Keypair, request_timeout: Duration) -> Result<Swarm<Veil
             let codec = cbor::codec::Codec::default()
                 .set_request_size_maximum(MAX_MESSAGE_BYTES)
                 .set_response_size_maximum(MAX_MESSAGE_BYTES);
-            VeilBehaviour {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(VeilBehaviour {
                 identify: identify::Behaviour::new(
                     identify::Config::new("/veil/1.0.0".into(), key.public())
                         .with_push_listen_addr_updates(true),
@@ -62,7 +75,8 @@ pub fn build_swarm(key: Keypair, request_timeout: Duration) -> Result<Swarm<Veil
                     [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
                     request_response::Config::default().with_request_timeout(request_timeout),
                 ),
-            }
+                gossipsub,
+            })
         })
         .map_err(|e| NetError::Network(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))

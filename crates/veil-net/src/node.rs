@@ -7,12 +7,12 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{identify, Multiaddr, PeerId, Swarm};
+use libp2p::{gossipsub, identify, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use veil_model::{
@@ -25,6 +25,7 @@ use veil_verify::{
 
 use crate::behaviour::{build_swarm, model_key, range_key, VeilBehaviour, VeilBehaviourEvent};
 use crate::error::{NetError, Result};
+use crate::history::{accept_gossiped, RunTemplate, SessionUsage, MAX_KEPT_RUNS, RUNS_TOPIC};
 use crate::node_state::NodeState;
 use crate::sessions::{SessionLimits, SessionTable};
 use crate::wire::{
@@ -53,12 +54,15 @@ pub struct NodeConfig {
     pub on_listen: Option<mpsc::UnboundedSender<Multiaddr>>,
     /// Cheat in this way: only for tests and the demo, to show verification catches it.
     pub misbehave: Option<Misbehaviour>,
+    /// Record each plain session as a MetaInf run: for a node serving the whole model (a
+    /// shard's time is only part of a run).
+    pub history: Option<RunTemplate>,
 }
 
 /// What the node holds for one session.
 enum NodeSession {
-    /// A plain session: the KV cache.
-    Plain(ShardCache),
+    /// A plain session: the KV cache, and what it has used so far.
+    Plain(ShardCache, SessionUsage),
     /// A verified session on a whole-model node: samples, commits, signs at the end.
     Verified(Box<VerifiedSession>),
 }
@@ -72,7 +76,7 @@ struct VerifiedSession {
 impl NodeSession {
     fn position(&self) -> usize {
         match self {
-            Self::Plain(cache) => cache.position(),
+            Self::Plain(cache, _) => cache.position(),
             Self::Verified(v) => v.serving.position(),
         }
     }
@@ -129,6 +133,7 @@ pub async fn run_node(
     .await
     .map_err(|e| NetError::Network(format!("loading task failed: {e}")))??;
     let model = Arc::new(model);
+    let runs = state.runs()?;
     let shard_info = ShardInfo {
         model_digest: manifest.model_digest.clone(),
         first_block: manifest.first_block,
@@ -161,7 +166,14 @@ pub async fn run_node(
         &shard_info.model_digest[..12.min(shard_info.model_digest.len())]
     );
 
+    let history = config.history.clone().filter(|_| whole);
     let mut swarm = build_swarm(key, config.request_timeout)?;
+    let runs_topic = gossipsub::IdentTopic::new(RUNS_TOPIC);
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&runs_topic)
+        .map_err(|e| NetError::Network(format!("cannot subscribe to run records: {e}")))?;
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -209,8 +221,11 @@ pub async fn run_node(
             }
             _ = sweep.tick() => {
                 let expired = sessions.expire(Instant::now());
-                if expired > 0 {
-                    info!("freed {expired} idle sessions");
+                if !expired.is_empty() {
+                    info!("freed {} idle sessions", expired.len());
+                }
+                for session in expired {
+                    keep_run(&mut swarm, &runs, history.as_ref(), session);
                 }
             }
             _ = reannounce.tick() => announce(&mut swarm, &shard_info),
@@ -268,6 +283,10 @@ pub async fn run_node(
                         Handled::Now(response) => {
                             let _ = swarm.behaviour_mut().infer.send_response(channel, response);
                         }
+                        Handled::Closed(session) => {
+                            let _ = swarm.behaviour_mut().infer.send_response(channel, Response::Closed);
+                            keep_run(&mut swarm, &runs, history.as_ref(), session);
+                        }
                         Handled::Judge(job) => {
                             let (model, judge, tx) = (Arc::clone(&model), Arc::clone(&judge), judged_tx.clone());
                             tokio::task::spawn_blocking(move || {
@@ -285,6 +304,9 @@ pub async fn run_node(
                             });
                         }
                     }
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+                    keep_peer_run(&runs, &message);
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::InboundFailure { peer, error, .. })) => {
                     // Garbage, oversized or truncated requests end here; the node carries on.
@@ -311,6 +333,8 @@ enum Handled {
     },
     /// Recompute a job on a blocking thread.
     Judge(Box<Signed<Job>>),
+    /// A session was closed: answer, and keep its run record.
+    Closed(NodeSession),
 }
 
 /// A judgement finished on a blocking thread.
@@ -418,7 +442,10 @@ fn handle(
     let now = Instant::now();
     Handled::Now(match request.body {
         RequestBody::Info => Response::Info(info.clone()),
-        RequestBody::Open => match sessions.open(NodeSession::Plain(model.new_cache()), now) {
+        RequestBody::Open => match sessions.open(
+            NodeSession::Plain(model.new_cache(), SessionUsage::default()),
+            now,
+        ) {
             Ok(session) => {
                 info!("opened session {session} for {peer}");
                 Response::Opened { session }
@@ -502,16 +529,13 @@ fn handle(
                 format!("no sealed verdict on job {job} here"),
             ),
         },
-        RequestBody::Close { session } => {
-            if sessions.close(session) {
-                Response::Closed
-            } else {
-                refuse(
-                    ErrorKind::UnknownSession,
-                    format!("unknown session {session}"),
-                )
-            }
-        }
+        RequestBody::Close { session } => match sessions.close(session) {
+            Some(closed) => return Handled::Closed(closed),
+            None => refuse(
+                ErrorKind::UnknownSession,
+                format!("unknown session {session}"),
+            ),
+        },
         RequestBody::Step { session, input } => {
             if let Err(e) = info.check_input(&input, vocab_size) {
                 return Handled::Now(refuse(ErrorKind::BadRequest, e.to_string()));
@@ -539,8 +563,8 @@ fn run_step(
     session: &mut NodeSession,
     input: StepInput,
 ) -> std::result::Result<WireTensor, StepError> {
-    let cache = match session {
-        NodeSession::Plain(cache) => cache,
+    let (cache, usage) = match session {
+        NodeSession::Plain(cache, usage) => (cache, usage),
         NodeSession::Verified(v) => {
             let StepInput::Tokens(ids) = &input else {
                 return Err(StepError::BadInput(NetError::BadMessage(
@@ -561,10 +585,79 @@ fn run_step(
         StepInput::Tokens(ids) => ShardInput::Tokens(ids),
         StepInput::Hidden(t) => ShardInput::Hidden(t.to_tensor().map_err(StepError::BadInput)?),
     };
+    let started = Instant::now();
+    let positions = cache.position();
     let output = model
         .forward(input, cache, LogitsAt::Last)
         .map_err(|e| StepError::Failed(e.into()))?;
+    usage.add_step(cache.position() - positions, started.elapsed());
     WireTensor::from_tensor(&output).map_err(StepError::Failed)
+}
+
+/// Keeps the run record of a finished plain session and shares it with peers.
+fn keep_run(
+    swarm: &mut Swarm<VeilBehaviour>,
+    runs: &veil_meta::RecordStore,
+    history: Option<&RunTemplate>,
+    session: NodeSession,
+) {
+    let (Some(template), NodeSession::Plain(_, usage)) = (history, session) else {
+        return;
+    };
+    let at_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let Some(record) = template.record(&usage, swarm.local_peer_id(), at_unix) else {
+        return;
+    };
+    if let Err(e) = runs.append(std::slice::from_ref(&record)) {
+        warn!("cannot keep a run record: {e}");
+        return;
+    }
+    info!(
+        "kept run record: {} prompt tokens, {} generated, {:.1} tok/s",
+        usage.prompt_tokens,
+        usage.steps,
+        record.throughput()
+    );
+    if !template.share {
+        return;
+    }
+    let topic = gossipsub::IdentTopic::new(RUNS_TOPIC);
+    match serde_json::to_vec(&record) {
+        Ok(bytes) => {
+            if let Err(e) = swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+                debug!("run record not shared: {e}");
+            }
+        }
+        Err(e) => warn!("cannot encode a run record: {e}"),
+    }
+}
+
+/// Keeps a run record a peer shared, once it passes the checks and while there is room.
+fn keep_peer_run(runs: &veil_meta::RecordStore, message: &gossipsub::Message) {
+    let record = match accept_gossiped(&message.data, message.source) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("refused a run record from {:?}: {e}", message.source);
+            return;
+        }
+    };
+    match runs.len() {
+        Ok(n) if n < MAX_KEPT_RUNS => {}
+        Ok(_) => {
+            debug!("run record from {} dropped: history full", record.node);
+            return;
+        }
+        Err(e) => {
+            warn!("cannot count run records: {e}");
+            return;
+        }
+    }
+    match runs.append(std::slice::from_ref(&record)) {
+        Ok(()) => info!("kept run record from peer {}", record.node),
+        Err(e) => warn!("cannot keep a run record: {e}"),
+    }
 }
 
 /// Dials the bootstrap peers and adds them to the routing table.

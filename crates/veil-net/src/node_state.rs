@@ -3,6 +3,7 @@
 //! rejoin without being told a bootstrap address again.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
@@ -30,7 +31,7 @@ const MAX_PEERS: usize = 256;
 
 /// A node's persistent state.
 pub struct NodeState {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
 }
 
@@ -42,8 +43,18 @@ impl NodeState {
         }
         let db = Database::create(path).map_err(|e| db_error(path, e))?;
         Ok(Self {
-            db,
+            db: Arc::new(db),
             path: path.to_path_buf(),
+        })
+    }
+
+    /// MetaInf's run records, kept in the same database.
+    pub fn runs(&self) -> Result<veil_meta::RecordStore> {
+        veil_meta::RecordStore::within(Arc::clone(&self.db), &self.path).map_err(|e| {
+            NetError::Database {
+                path: self.path.display().to_string(),
+                reason: e.to_string(),
+            }
         })
     }
 

@@ -152,18 +152,21 @@ impl<S> SessionTable<S> {
         );
     }
 
-    /// Frees a session; whether it existed.
-    pub fn close(&mut self, id: SessionId) -> bool {
-        self.sessions.remove(&id).is_some()
+    /// Frees a session, handing back what it held (none if it did not exist).
+    pub fn close(&mut self, id: SessionId) -> Option<S> {
+        self.sessions.remove(&id).map(|e| e.state)
     }
 
-    /// Frees sessions idle past the timeout; how many.
-    pub fn expire(&mut self, now: Instant) -> usize {
-        let before = self.sessions.len();
+    /// Frees sessions idle past the timeout, handing back what they held.
+    pub fn expire(&mut self, now: Instant) -> Vec<S> {
         let timeout = self.limits.idle_timeout;
-        self.sessions
-            .retain(|_, e| now.saturating_duration_since(e.last_used) < timeout);
-        before - self.sessions.len()
+        let idle: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, e)| now.saturating_duration_since(e.last_used) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        idle.iter().filter_map(|id| self.close(*id)).collect()
     }
 }
 
@@ -204,8 +207,8 @@ mod tests {
         assert!(table.take(a, 4).is_ok());
         table.discard();
         assert_eq!(table.len(), 1);
-        assert!(table.close(b));
-        assert!(!table.close(b));
+        assert!(table.close(b).is_some());
+        assert!(table.close(b).is_none());
         assert_eq!(
             table.take(b, 1).map(|_| ()),
             Err(SessionRefusal::Unknown(b))
@@ -220,7 +223,7 @@ mod tests {
         let b = table.open(2, start).unwrap();
         let (s, n) = table.take(b, 1).unwrap();
         table.put_back(b, s, n + 1, start + Duration::from_secs(4));
-        assert_eq!(table.expire(start + Duration::from_secs(6)), 1);
+        assert_eq!(table.expire(start + Duration::from_secs(6)), vec![1]);
         assert!(table.take(a, 1).is_err());
         assert!(table.take(b, 1).is_ok());
     }

@@ -50,6 +50,7 @@ async fn serve(dir: &std::path::Path, listen: &str, shard: std::path::PathBuf) -
         request_timeout: Duration::from_secs(5),
         on_listen: Some(tx),
         misbehave: None,
+        history: None,
     };
     tokio::spawn(async move {
         veil_net::run_node(config, futures::future::pending())

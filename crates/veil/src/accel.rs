@@ -208,6 +208,37 @@ pub fn features_of(
     }
 }
 
+/// What `veil node`'s run records say of it: a whole model in a format one of the methods runs
+/// plainly (stored, q8_0, f32), with the served weights' perplexity measured now. `None` for a
+/// shard (its time is only part of a run) or a format no method stands for.
+pub fn node_run_template(
+    path: &Path,
+    format: WeightFormat,
+    price_per_hour: f64,
+    share: bool,
+) -> Result<Option<veil_net::RunTemplate>> {
+    let manifest = veil_model::ShardManifest::of(&veil_model::GgufFile::open(path)?)?;
+    let whole = manifest.embedding
+        && manifest.head
+        && manifest.first_block == 0
+        && manifest.end_block == manifest.block_count;
+    let plain = veil_meta::METHODS
+        .iter()
+        .find(|m| m.is_format_only() && format_of(m).ok() == Some(format));
+    let (true, Some(method)) = (whole, plain) else {
+        return Ok(None);
+    };
+    let model = LocalModel::load(path, format, &[])
+        .with_context(|| format!("loading {} to measure it", path.display()))?;
+    Ok(Some(veil_net::RunTemplate {
+        model: model_features(&model, path),
+        hardware: hardware_features(price_per_hour),
+        method: method.name.to_string(),
+        perplexity: perplexity(&model, HELD_OUT)?,
+        share,
+    }))
+}
+
 /// Perplexity of `model` on `text` (teacher-forced, every position): the quality cost of a
 /// weight format.
 pub fn perplexity(model: &LocalModel, text: &str) -> Result<f64> {

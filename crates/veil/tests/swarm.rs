@@ -355,3 +355,128 @@ fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_li
     assert!(!committee_line.contains(&liar_id), "{log}");
     assert!(!log.contains("lying"), "{log}");
 }
+
+/// Waits until a node's log has a line containing `needle`.
+fn wait_for_log(node: &NodeProcess, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(line) = node.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log: {:?}",
+            node.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The run records in a stopped node's database, through `veil meta export`.
+fn exported_runs(state: &Path, out: &Path) -> Vec<serde_json::Value> {
+    let export = Command::new(veil_bin())
+        .args(["meta", "export", "--history"])
+        .arg(state)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    std::fs::read_to_string(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn whole_model_nodes_record_their_runs_and_share_them_over_gossip() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let (state_a, state_b) = (dir.path().join("a.redb"), dir.path().join("b.redb"));
+    let b = NodeProcess::start(&model, &state_b, None);
+    let a = NodeProcess::start(&model, &state_a, Some(&b.addr));
+    wait_for_route(&b.addr);
+
+    // The generation is recorded by the node that served it and gossiped to the other.
+    let out = Command::new(veil_bin())
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--max-tokens",
+            "8",
+            "--prompt",
+            PROMPT,
+        ])
+        .args(["--bootstrap", &b.addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served_eight = |n: &NodeProcess| {
+        n.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("kept run record: ") && l.contains(", 8 generated"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (server, other) = loop {
+        if served_eight(&a) {
+            break (&a, &b);
+        }
+        if served_eight(&b) {
+            break (&b, &a);
+        }
+        assert!(Instant::now() < deadline, "no node recorded the run");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let server_id = peer_id(&server.addr);
+    wait_for_log(other, &format!("kept run record from peer {server_id}"));
+
+    // A running node holds its database: export says what to do.
+    let busy = Command::new(veil_bin())
+        .args(["meta", "export", "--history"])
+        .arg(&state_a)
+        .args(["--out", "unused.jsonl"])
+        .output()
+        .unwrap();
+    assert!(!busy.status.success());
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert!(stderr.contains("still running"), "{stderr}");
+    drop((a, b));
+
+    for (name, state) in [("a", &state_a), ("b", &state_b)] {
+        let runs = exported_runs(state, &dir.path().join(format!("{name}.jsonl")));
+        let run = runs
+            .iter()
+            .find(|r| r["node"] == server_id.as_str() && r["tokens"] == 8)
+            .unwrap_or_else(|| panic!("node {name} lacks the 8-token run: {runs:?}"));
+        assert_eq!(run["features"]["workload"]["output_tokens"], 8);
+        assert!(
+            run["features"]["workload"]["prompt_tokens"]
+                .as_u64()
+                .unwrap()
+                > 5
+        );
+        assert_eq!(run["method"], "plain");
+        assert!(run["perplexity"].as_f64().unwrap() > 1.0);
+    }
+
+    let missing = Command::new(veil_bin())
+        .args(["meta", "export", "--history"])
+        .arg(dir.path().join("missing.redb"))
+        .args(["--out", "unused.jsonl"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no history at"));
+}

@@ -38,6 +38,20 @@ pub enum MetaCommand {
     Eval(DataArgs),
     /// Show which method the selector picks for a workload, and its predicted costs.
     Choose(ChooseArgs),
+    /// Write a history's records (a node's `--state`, or `collect`'s `--history`) as a dataset
+    /// that `train` and `eval` read with `--data`.
+    Export(ExportArgs),
+}
+
+/// Arguments of `veil meta export`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The database holding the records (a stopped node's `--state`, or `meta.redb`).
+    #[arg(long)]
+    pub history: PathBuf,
+    /// Where to write the records (JSON lines).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Arguments of `veil meta collect`.
@@ -130,6 +144,7 @@ pub fn run(command: MetaCommand) -> Result<()> {
         MetaCommand::Train(args) => train(args),
         MetaCommand::Eval(args) => eval(args),
         MetaCommand::Choose(args) => choose(args),
+        MetaCommand::Export(args) => export(args),
     }
 }
 
@@ -159,6 +174,29 @@ pub fn load_selector() -> Result<Selector> {
         parse_jsonl(COMMITTED_DATASET.as_bytes())?
     };
     Ok(Selector::fit(&cases(&records, &SelectionRules::default()))?)
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    if !args.history.is_file() {
+        bail!("no history at {}", args.history.display());
+    }
+    let records = RecordStore::open(&args.history)
+        .with_context(|| {
+            format!(
+                "opening {} (is its node still running?)",
+                args.history.display()
+            )
+        })?
+        .all()?;
+    write_dataset(&args.out, &records)?;
+    let nodes: std::collections::BTreeSet<&str> = records.iter().map(|r| r.node.as_str()).collect();
+    println!(
+        "wrote {} records from {} nodes to {}",
+        records.len(),
+        nodes.len(),
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn train(args: DataArgs) -> Result<()> {

@@ -111,6 +111,13 @@ pub struct NodeArgs {
     /// lower-precision, altered-prompt, altered-token, skipped-layers or random-output.
     #[arg(long, value_name = "KIND")]
     pub misbehave: Option<veil_verify::Misbehaviour>,
+    /// Keep this node's run records (MetaInf's history) to itself instead of sharing them with
+    /// peers; they still go into `--state`.
+    #[arg(long)]
+    pub no_share_runs: bool,
+    /// What an hour of this machine costs, for the run records' cost model.
+    #[arg(long, default_value_t = 1.0)]
+    pub price: f64,
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
@@ -128,10 +135,23 @@ pub fn node(args: NodeArgs) -> Result<()> {
     if !args.shard.is_file() {
         bail!("no shard file at {}", args.shard.display());
     }
+    if !(args.price.is_finite() && args.price > 0.0) {
+        bail!("--price must be a positive number");
+    }
     let state = args
         .state
         .clone()
         .unwrap_or_else(|| veil_model::ModelStore::from_env().home().join("node.redb"));
+    // A cheating node's timings say nothing about the method, so it records none.
+    let history = match args.misbehave {
+        Some(_) => None,
+        None => crate::accel::node_run_template(
+            &args.shard,
+            args.dtype,
+            args.price,
+            !args.no_share_runs,
+        )?,
+    };
     let config = NodeConfig {
         shard: args.shard,
         format: args.dtype,
@@ -146,6 +166,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
         request_timeout: Duration::from_secs(60),
         on_listen: None,
         misbehave: args.misbehave,
+        history,
     };
     let runtime = runtime()?;
     runtime
