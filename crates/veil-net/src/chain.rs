@@ -18,6 +18,7 @@ use veil_model::{LogitsAt, ModelError, ShardCache, ShardInput, ShardModel, Token
 use crate::client::{Candidate, SwarmClient};
 use crate::error::{NetError, Result};
 use crate::route::plan_route;
+use crate::tee_gate::TeeGate;
 use crate::wire::{RequestBody, Response, SessionId, StepInput, WireTensor};
 
 /// How many replacements one step may go through before giving up.
@@ -80,6 +81,8 @@ pub struct RemoteChain {
     split: Option<(ClientSplit, ShardCache, ShardCache)>,
     failed: HashSet<PeerId>,
     failovers: Vec<Failover>,
+    /// Only nodes whose TEE evidence passes this gate may serve, replacements included.
+    gate: Option<Arc<TeeGate>>,
 }
 
 impl RemoteChain {
@@ -113,9 +116,51 @@ impl RemoteChain {
         split: Option<ClientSplit>,
         avoid: &HashSet<PeerId>,
     ) -> Result<Self> {
+        Self::open_gated(
+            client,
+            runtime,
+            model_digest,
+            block_count,
+            split,
+            avoid,
+            None,
+        )
+    }
+
+    /// [`open_avoiding`](Self::open_avoiding), using only nodes whose TEE evidence passes
+    /// `gate` (if given), now and on failover.
+    pub fn open_gated(
+        client: SwarmClient,
+        runtime: Handle,
+        model_digest: &str,
+        block_count: usize,
+        split: Option<ClientSplit>,
+        avoid: &HashSet<PeerId>,
+        gate: Option<Arc<TeeGate>>,
+    ) -> Result<Self> {
         let candidates = runtime.block_on(client.discover(model_digest))?;
         let start = split.as_ref().map_or(0, |s| s.front.shard().layers.end);
-        let route = plan_route(&candidates, start, block_count, split.is_none(), avoid)?;
+        let mut avoid = avoid.clone();
+        let mut refused = Vec::new();
+        if let Some(gate) = &gate {
+            let (_, out) = runtime.block_on(gate.admit(&client, &candidates));
+            avoid.extend(out.iter().map(|(peer, _)| *peer));
+            refused = out;
+        }
+        let route =
+            plan_route(&candidates, start, block_count, split.is_none(), &avoid).map_err(|e| {
+                match refused.is_empty() {
+                    true => e,
+                    false => NetError::NoRoute(format!(
+                        "{e}; nodes refused for their TEE evidence: {}",
+                        refused
+                            .iter()
+                            .map(|(peer, why)| format!("{peer}: {why}"))
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    )),
+                }
+            })?;
         let mut hops = Vec::new();
         for node in route {
             let session = runtime.block_on(open_session(&client, node.peer))?;
@@ -138,6 +183,7 @@ impl RemoteChain {
             split,
             failed: HashSet::new(),
             failovers: Vec::new(),
+            gate,
         })
     }
 
@@ -280,6 +326,12 @@ impl RemoteChain {
             .into_iter()
             .filter(|c| !self.failed.contains(&c.peer) && c.info == self.hops[i].node.info)
             .collect();
+        if let Some(gate) = &self.gate {
+            let (allowed, _) = self
+                .runtime
+                .block_on(gate.admit(&self.client, &replacements));
+            replacements.retain(|c| allowed.contains(&c.peer));
+        }
         replacements.sort_by_key(|c| c.latency);
         let Some(next) = replacements.into_iter().next() else {
             return Err(NetError::NoRoute(format!(

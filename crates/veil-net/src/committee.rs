@@ -41,6 +41,8 @@ pub struct VerifiedRequest<'a> {
     pub seed: &'a str,
     /// 64 hex digits, fresh per request.
     pub request_id: String,
+    /// Only nodes whose TEE evidence passes this gate may sit on the committee.
+    pub gate: Option<&'a crate::TeeGate>,
 }
 
 /// An answer a quorum accepted, and what it took.
@@ -86,8 +88,12 @@ pub fn generate_verified(
             .collect(),
         None => HashSet::new(),
     };
-    let whole: Vec<String> = runtime
-        .block_on(client.discover(request.model_digest))?
+    let mut found = runtime.block_on(client.discover(request.model_digest))?;
+    if let Some(gate) = request.gate {
+        let (allowed, _) = runtime.block_on(gate.admit(client, &found));
+        found.retain(|c| allowed.contains(&c.peer));
+    }
+    let whole: Vec<String> = found
         .into_iter()
         .filter(|c| c.info.embedding && c.info.head && c.info.first_block == 0)
         .filter(|c| c.info.end_block == c.info.block_count)

@@ -11,6 +11,7 @@ pub mod node;
 pub mod node_state;
 pub mod route;
 pub mod sessions;
+pub mod tee_gate;
 pub mod wire;
 
 pub use chain::{ClientSplit, Failover, HopStats, RemoteChain};
@@ -22,4 +23,5 @@ pub use node::{peer_of, run_node, NodeConfig};
 pub use node_state::NodeState;
 pub use route::plan_route;
 pub use sessions::{SessionLimits, SessionTable};
+pub use tee_gate::{public_key_of, TeeGate};
 pub use wire::{ShardInfo, PROTOCOL, WIRE_VERSION};

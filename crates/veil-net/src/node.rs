@@ -57,6 +57,8 @@ pub struct NodeConfig {
     /// Record each plain session as a MetaInf run: for a node serving the whole model (a
     /// shard's time is only part of a run).
     pub history: Option<RunTemplate>,
+    /// Where this node's TEE evidence comes from, if it runs in one.
+    pub tee: Option<veil_tee::EvidenceSource>,
 }
 
 /// What the node holds for one session.
@@ -134,6 +136,28 @@ pub async fn run_node(
     .map_err(|e| NetError::Network(format!("loading task failed: {e}")))??;
     let model = Arc::new(model);
     let runs = state.runs()?;
+    let public_key = key.public().encode_protobuf();
+    let tee_kind = match config.tee.clone() {
+        None => None,
+        Some(source) => {
+            let key = public_key.clone();
+            let evidence = tokio::task::spawn_blocking(move || {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                source.evidence(&key, veil_tee::Freshness::Time(now))
+            })
+            .await
+            .map_err(|e| NetError::Network(format!("TEE task failed: {e}")))?
+            .map_err(|e| NetError::BadMessage(format!("cannot obtain TEE evidence: {e}")))?;
+            info!(
+                "running in a TEE: {} ({} bytes of evidence)",
+                evidence.kind,
+                evidence.quote.len()
+            );
+            Some(evidence.kind)
+        }
+    };
     let shard_info = ShardInfo {
         model_digest: manifest.model_digest.clone(),
         first_block: manifest.first_block,
@@ -144,6 +168,7 @@ pub async fn run_node(
         hidden_size: model.config().hidden_size,
         max_session_tokens: config.limits.max_tokens.min(model.config().context_length),
         format: format.to_string(),
+        tee: tee_kind,
     };
     let whole = shard_info.embedding
         && shard_info.head
@@ -283,6 +308,17 @@ pub async fn run_node(
                         Handled::Now(response) => {
                             let _ = swarm.behaviour_mut().infer.send_response(channel, response);
                         }
+                        Handled::Attest(nonce) => {
+                            let (source, key, tx) = (config.tee.clone(), public_key.clone(), judged_tx.clone());
+                            tokio::task::spawn_blocking(move || {
+                                let response = match source.map(|s| s.evidence(&key, veil_tee::Freshness::Nonce(nonce))) {
+                                    Some(Ok(evidence)) => Response::Attested(Box::new(evidence)),
+                                    Some(Err(e)) => refuse(ErrorKind::Internal, format!("cannot obtain TEE evidence: {e}")),
+                                    None => refuse(ErrorKind::BadRequest, "this node runs in no TEE"),
+                                };
+                                let _ = tx.send(JudgeDone { channel, response, reveal: None });
+                            });
+                        }
                         Handled::Closed(session) => {
                             let _ = swarm.behaviour_mut().infer.send_response(channel, Response::Closed);
                             keep_run(&mut swarm, &runs, history.as_ref(), session);
@@ -335,6 +371,8 @@ enum Handled {
     Judge(Box<Signed<Job>>),
     /// A session was closed: answer, and keep its run record.
     Closed(NodeSession),
+    /// Obtain TEE evidence for this nonce on a blocking thread.
+    Attest([u8; 32]),
 }
 
 /// A judgement finished on a blocking thread.
@@ -521,6 +559,12 @@ fn handle(
                 ));
             }
             return Handled::Judge(job);
+        }
+        RequestBody::Attest { nonce } => {
+            if info.tee.is_none() {
+                return Handled::Now(refuse(ErrorKind::BadRequest, "this node runs in no TEE"));
+            }
+            return Handled::Attest(nonce);
         }
         RequestBody::Reveal { job } => match reveals.iter().find(|r| r.body.job == job) {
             Some(reveal) => Response::Revealed(reveal.clone()),

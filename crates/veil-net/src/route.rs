@@ -107,6 +107,7 @@ mod tests {
                 hidden_size: 8,
                 max_session_tokens: 100,
                 format: "f32".into(),
+                tee: None,
             },
             latency: Duration::from_millis(millis),
         }

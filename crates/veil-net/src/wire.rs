@@ -177,6 +177,11 @@ pub enum RequestBody {
         /// The job's digest.
         job: String,
     },
+    /// Prove you run in a TEE: evidence naming your key and this nonce.
+    Attest {
+        /// The verifier's fresh challenge.
+        nonce: [u8; 32],
+    },
 }
 
 /// A node's answer.
@@ -199,6 +204,8 @@ pub enum Response {
     Committed(Signed<VerdictCommit>),
     /// An opened verdict.
     Revealed(Signed<VerdictReveal>),
+    /// TEE evidence answering [`RequestBody::Attest`].
+    Attested(Box<veil_tee::Evidence>),
     /// The request was refused; the message says why.
     Error {
         /// What kind of failure, for the client to act on.
@@ -244,6 +251,9 @@ pub struct ShardInfo {
     pub max_session_tokens: usize,
     /// The weight format the node runs (and claims in signed answers).
     pub format: String,
+    /// The TEE the node runs in, if any; its evidence comes on [`RequestBody::Attest`].
+    #[serde(default)]
+    pub tee: Option<veil_tee::TeeKind>,
 }
 
 impl ShardInfo {
@@ -301,6 +311,7 @@ mod tests {
             hidden_size: 4,
             max_session_tokens: 100,
             format: "f32".into(),
+            tee: None,
         }
     }
 

@@ -51,6 +51,7 @@ async fn serve(dir: &std::path::Path, listen: &str, shard: std::path::PathBuf) -
         on_listen: Some(tx),
         misbehave: None,
         history: None,
+        tee: None,
     };
     tokio::spawn(async move {
         veil_net::run_node(config, futures::future::pending())

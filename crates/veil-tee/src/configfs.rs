@@ -51,6 +51,12 @@ fn read_entry(entry: &Path, report_data: &[u8; 64]) -> std::result::Result<TsmRe
     let read =
         |name: &str| std::fs::read(file(name)).map_err(|e| format!("cannot read {name}: {e}"));
     std::fs::write(file("inblob"), report_data).map_err(|e| format!("cannot write inblob: {e}"))?;
+    // On configfs the attribute files exist as soon as the entry does; a directory that only
+    // mimics the layout (tests) may fill them a moment later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !file("outblob").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let generation = read("generation")?;
     let outblob = read("outblob")?;
     if read("generation")? != generation {
@@ -72,4 +78,58 @@ fn read_entry(entry: &Path, report_data: &[u8; 64]) -> std::result::Result<TsmRe
         outblob,
         auxblob,
     })
+}
+
+/// Where a node running in a TEE gets its evidence, and what it sends beside each quote so
+/// that verifiers need nothing online (DCAP collateral, or the chip's VCEK).
+#[derive(Debug, Clone)]
+pub struct EvidenceSource {
+    /// The configfs-tsm report directory.
+    pub report_dir: PathBuf,
+    /// Intel's collateral for this platform.
+    pub collateral: Option<dcap_qvl::QuoteCollateralV3>,
+    /// This chip's VCEK (DER, hex).
+    pub vcek: Option<String>,
+}
+
+impl EvidenceSource {
+    /// A source reading `report_dir`, sending the collateral (JSON) or VCEK (DER or PEM) given.
+    pub fn new(
+        report_dir: PathBuf,
+        collateral: Option<&[u8]>,
+        vcek: Option<&[u8]>,
+    ) -> Result<Self> {
+        // The setters check the files; an evidence value is the simplest holder for them.
+        let mut holder = crate::Evidence::new(TeeKind::Tdx, Vec::new());
+        if let Some(json) = collateral {
+            holder.set_collateral(json)?;
+        }
+        if let Some(cert) = vcek {
+            holder.set_vcek(cert)?;
+        }
+        Ok(Self {
+            report_dir,
+            collateral: holder.collateral,
+            vcek: holder.vcek,
+        })
+    }
+
+    /// Evidence naming the node with `public_key` (libp2p, protobuf encoding) and `freshness`.
+    pub fn evidence(
+        &self,
+        public_key: &[u8],
+        freshness: crate::Freshness,
+    ) -> Result<crate::Evidence> {
+        let report = obtain(
+            &self.report_dir,
+            &crate::report_data(public_key, &freshness),
+        )?;
+        let mut evidence = crate::Evidence::new(report.kind, report.outblob);
+        evidence.collateral = self.collateral.clone();
+        evidence.vcek = self.vcek.clone();
+        if let crate::Freshness::Time(at) = freshness {
+            evidence.produced_at = Some(at);
+        }
+        Ok(evidence)
+    }
 }

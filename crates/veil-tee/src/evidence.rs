@@ -99,7 +99,7 @@ impl FromStr for TeeKind {
 }
 
 /// A node's evidence and what verifying it offline needs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Evidence {
     /// Which TEE made it.

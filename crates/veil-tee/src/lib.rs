@@ -16,7 +16,7 @@ mod policy;
 mod verify;
 
 pub use binding::{report_data, Freshness};
-pub use configfs::{obtain, TsmReport, TSM_REPORT_DIR};
+pub use configfs::{obtain, EvidenceSource, TsmReport, TSM_REPORT_DIR};
 pub use error::{Result, TeeError};
 pub use evidence::{Evidence, TeeKind, MAX_EVIDENCE_BYTES};
 pub use policy::{AllowedMeasurement, AmdTcb, Policy};

@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::meta::MetaCommand,
     },
+    /// TEE attestation: verify evidence against a policy, obtain this machine's.
+    Tee {
+        #[command(subcommand)]
+        command: commands::tee::TeeCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
         Command::Verify { command } => commands::verify::run(command),
         Command::VerifyEvidence(args) => commands::verify::verify_evidence(args),
         Command::Meta { command } => commands::meta::run(command),
+        Command::Tee { command } => commands::tee::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -76,6 +76,7 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
         size,
         seed: "veil",
         request_id,
+        gate: None,
     };
     let answer = retry(|| {
         generate_verified(

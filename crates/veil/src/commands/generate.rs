@@ -302,6 +302,7 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         size,
         seed: &args.verify.committee_seed,
         request_id: request_id.clone(),
+        gate: None,
     };
     let evidence_dir = args
         .verify

@@ -13,4 +13,5 @@ pub mod meta;
 pub mod models;
 pub mod serve;
 pub mod swarm;
+pub mod tee;
 pub mod verify;

@@ -58,6 +58,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub evidence_dir: Option<std::path::PathBuf>,
 
+    /// Route only to nodes whose TEE evidence passes this policy (a TOML file: see
+    /// `veil tee verify`); each node is challenged with a fresh nonce.
+    #[arg(long, value_name = "POLICY", conflicts_with = "local")]
+    pub require_tee: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -73,6 +78,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.swarm.client_layers.is_some() {
         bail!("veil serve does not split the model with the swarm yet: drop --client-layers");
     }
+    let tee_gate = match &args.require_tee {
+        Some(file) => Some(Arc::new(veil_net::TeeGate::new(
+            crate::commands::tee::read_policy(file)?,
+        ))),
+        None => None,
+    };
     let path = args.model.resolve_path()?;
     let privacy = match (&args.encrypted, &args.key) {
         (Some(encrypted), Some(key)) => {
@@ -172,6 +183,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .context(
                     "cannot open the reputation database (is another veil client using it?)",
                 )?,
+                tee_gate,
             })
         };
         let gateway = Arc::new(Gateway::new(

@@ -118,6 +118,19 @@ pub struct NodeArgs {
     /// What an hour of this machine costs, for the run records' cost model.
     #[arg(long, default_value_t = 1.0)]
     pub price: f64,
+    /// The configfs-tsm report directory to obtain TEE evidence from (default:
+    /// /sys/kernel/config/tsm/report when this machine has it).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_tee")]
+    pub tee_report_dir: Option<PathBuf>,
+    /// Serve without TEE evidence even where the interface exists.
+    #[arg(long)]
+    pub no_tee: bool,
+    /// Intel DCAP collateral (JSON) sent with each quote, so verifiers need nothing online.
+    #[arg(long, value_name = "FILE")]
+    pub tee_collateral: Option<PathBuf>,
+    /// This chip's VCEK certificate (DER or PEM) sent with each SEV-SNP report.
+    #[arg(long, value_name = "FILE")]
+    pub tee_vcek: Option<PathBuf>,
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
@@ -167,6 +180,12 @@ pub fn node(args: NodeArgs) -> Result<()> {
         on_listen: None,
         misbehave: args.misbehave,
         history,
+        tee: crate::commands::tee::evidence_source(
+            args.no_tee,
+            args.tee_report_dir.as_deref(),
+            args.tee_collateral.as_deref(),
+            args.tee_vcek.as_deref(),
+        )?,
     };
     let runtime = runtime()?;
     runtime

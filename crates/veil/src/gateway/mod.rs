@@ -69,6 +69,8 @@ pub struct SwarmBackend {
     pub evidence_dir: std::path::PathBuf,
     /// Reputation of the nodes, moved only by checked, signed verdicts.
     pub state: veil_net::NodeState,
+    /// With `--require-tee`: only nodes whose TEE evidence passes the policy serve.
+    pub tee_gate: Option<Arc<veil_net::TeeGate>>,
 }
 
 /// An encrypted model behind the gateway: the key stays here; nodes (or the local shards) run
@@ -477,12 +479,14 @@ impl Gateway {
             }
             Backend::Swarm(swarm) => {
                 let blocks = self.model.config.block_count;
-                match RemoteChain::open(
+                match RemoteChain::open_gated(
                     swarm.client.clone(),
                     swarm.runtime.clone(),
                     &swarm.digest,
                     blocks,
                     None,
+                    &Default::default(),
+                    swarm.tee_gate.clone(),
                 ) {
                     Err(e) => (Err(Failure::NoRoute(e.to_string())), "no route".to_string()),
                     Ok(mut chain) => {
@@ -558,6 +562,7 @@ impl Gateway {
             size,
             seed: "veil",
             request_id,
+            gate: swarm.tee_gate.as_deref(),
         };
         let outcome = veil_net::generate_verified(
             &swarm.client,
