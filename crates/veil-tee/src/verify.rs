@@ -278,6 +278,9 @@ fn verify_amd(evidence: &Evidence, policy: &Policy) -> Result<(Claims, String, V
     Ok((claims, reported.to_string(), checks))
 }
 
+/// Loads one product family's built-in ARK and ASK.
+type AmdRoot = fn() -> std::io::Result<(Certificate, Certificate)>;
+
 /// Verifies the report under each AMD product family's built-in root; names the one that
 /// signed.
 fn amd_signature(
@@ -285,7 +288,7 @@ fn amd_signature(
     vcek: &[u8],
 ) -> std::result::Result<&'static str, String> {
     let vek = Certificate::from_der(vcek).map_err(|e| format!("unreadable VCEK: {e}"))?;
-    let roots: [(&str, fn() -> std::io::Result<(Certificate, Certificate)>); 3] = [
+    let roots: [(&str, AmdRoot); 3] = [
         ("Milan", || {
             Ok((builtin::milan::ark()?, builtin::milan::ask()?))
         }),
