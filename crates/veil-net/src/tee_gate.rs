@@ -21,10 +21,13 @@ const ACCEPTANCE_KEPT: Duration = Duration::from_secs(300);
 /// Most verdicts kept; the oldest are forgotten first.
 const MAX_VERDICTS: usize = 4096;
 
+/// A verdict on a node (why it was refused, if it was) and until when it stands.
+type Kept = (Result<(), String>, Instant);
+
 /// The TEE policy and the verdicts reached under it.
 pub struct TeeGate {
     policy: Policy,
-    verdicts: Mutex<HashMap<PeerId, (Result<(), String>, Instant)>>,
+    verdicts: Mutex<HashMap<PeerId, Kept>>,
 }
 
 impl TeeGate {
@@ -125,7 +128,7 @@ impl TeeGate {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, (Result<(), String>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Kept>> {
         self.verdicts.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
