@@ -95,3 +95,65 @@ pub fn shards(dir: &Path) -> Vec<PathBuf> {
         .map(|r| dir.join(format!("SmolLM2-135M-Instruct.Q4_1.{r}.gguf")))
         .collect()
 }
+
+/// A published sample from `veil-tee`'s fixtures (see its README there).
+pub fn tee_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../veil-tee/tests/fixtures")
+        .join(name)
+}
+
+/// A directory laid out like the kernel's configfs-tsm report directory, with a thread
+/// playing the kernel: once an entry's `inblob` holds 64 bytes, it writes `provider`,
+/// `generation` and then `outblob` (a fixed, published quote), and keeps the inblobs it saw.
+/// No real enclave runs on the test machines; this is the interface, not the hardware.
+pub struct FakeTsm {
+    pub dir: tempfile::TempDir,
+    pub inblobs: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeTsm {
+    pub fn start(provider: &'static str, outblob: Vec<u8>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let inblobs = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen, stopped) = (Arc::clone(&inblobs), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                    let entry = entry.path();
+                    let Ok(inblob) = std::fs::read(entry.join("inblob")) else {
+                        continue;
+                    };
+                    if inblob.len() != 64 || entry.join("outblob").exists() {
+                        continue;
+                    }
+                    let _ = std::fs::write(entry.join("provider"), format!("{provider}\n"));
+                    let _ = std::fs::write(entry.join("generation"), "1\n");
+                    let _ = std::fs::write(entry.join("outblob.tmp"), &outblob);
+                    let _ = std::fs::rename(entry.join("outblob.tmp"), entry.join("outblob"));
+                    seen.lock().unwrap().push(inblob);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+        Self {
+            dir,
+            inblobs,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakeTsm {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
