@@ -879,3 +879,88 @@ fn an_encrypted_model_behind_the_gateway_answers_like_the_plaintext_one() {
     );
     assert_eq!(s, 200);
 }
+
+#[test]
+fn with_require_tee_only_attested_nodes_serve_and_refusals_say_why() {
+    // Node a "runs in a TDX guest": its configfs-tsm look-alike returns Intel's published sample
+    // quote, which verifies as hardware evidence (with its collateral, as of its dates) but names
+    // no Veil node; node b runs in no TEE. No real enclave runs on the test machines, so the
+    // gateway must refuse both, each for its reason.
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let tsm = common::FakeTsm::start(
+        "tdx_guest",
+        std::fs::read(common::tee_fixture("tdx_quote")).unwrap(),
+    );
+    let collateral = common::tee_fixture("tdx_quote_collateral.json");
+    let a = NodeProcess::start_with(
+        &model,
+        &dir.path().join("a.redb"),
+        None,
+        &[
+            "--tee-report-dir",
+            tsm.dir.path().to_str().unwrap(),
+            "--tee-collateral",
+            collateral.to_str().unwrap(),
+        ],
+    );
+    let b = NodeProcess::start_with(
+        &model,
+        &dir.path().join("b.redb"),
+        Some(&a.addr),
+        &["--no-tee"],
+    );
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "intel_tcb_statuses = [\"UpToDate\"]\n[[measurement]]\nkind = \"tdx\"\nvalue = \"91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7\"\n",
+    )
+    .unwrap();
+    let gateway = Gateway::start_with(&[
+        "--bootstrap",
+        &a.addr,
+        "--model",
+        model.to_str().unwrap(),
+        "--state",
+        dir.path().join("gateway.redb").to_str().unwrap(),
+        "--require-tee",
+        policy.to_str().unwrap(),
+    ]);
+    let peer = |node: &NodeProcess| node.addr.rsplit('/').next().unwrap().to_string();
+    let (a_id, b_id) = (peer(&a), peer(&b));
+    let body = ask("What is the capital of France?", json!({}));
+    let mut last = Value::Null;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let (status, reply) = gateway.post("/v1/chat/completions", &body);
+        assert_eq!(status, 503, "an unattested swarm answered: {reply}");
+        assert_openai_error(status, &reply, 503, Some("no_route"));
+        let message = reply["error"]["message"].as_str().unwrap_or("").to_string();
+        if message.contains(&a_id) && message.contains(&b_id) {
+            assert!(message.contains("wrong key binding"), "{message}");
+            assert!(message.contains("announces no TEE"), "{message}");
+            break;
+        }
+        last = reply;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both nodes never judged; last: {last}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    // Node a asked its TEE to sign its own key each time: at start (bound to the time) and for
+    // the gateway's challenge (bound to the nonce).
+    let key = veil_net::public_key_of(&a_id.parse().unwrap()).unwrap();
+    let key_half = veil_tee::report_data(&key, &veil_tee::Freshness::Time(0))[..32].to_vec();
+    let inblobs = tsm.inblobs.lock().unwrap().clone();
+    assert!(inblobs.len() >= 2, "{} inblobs", inblobs.len());
+    assert!(inblobs.iter().all(|blob| blob[..32] == key_half[..]));
+
+    // Committees sit only on attested nodes too.
+    let verified = ask(
+        "What is the capital of France?",
+        json!({"veil": {"verify": 2}}),
+    );
+    let (status, reply) = gateway.post("/v1/chat/completions", &verified);
+    assert_openai_error(status, &reply, 503, Some("no_route"));
+}
