@@ -439,3 +439,55 @@ fn freshness_check(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::binding::report_data;
+
+    /// Freshness and binding on report data as a Veil node would have its TEE sign it (no
+    /// published sample carries a Veil binding, so these run on the report data alone).
+    #[test]
+    fn bound_evidence_is_fresh_for_its_key_until_the_policy_says_it_is_old() {
+        let key = b"node key".as_slice();
+        let policy = Policy::from_toml("max_age_seconds = 600").unwrap();
+        let mut evidence = Evidence::new(TeeKind::Tdx, Vec::new());
+        evidence.produced_at = Some(1_000);
+        let data = report_data(key, &Freshness::Time(1_000));
+        let expect = Expectation {
+            peer_key: Some(key),
+            nonce: None,
+        };
+        assert!(binding_check(&data, &expect).passed);
+        assert!(freshness_check(&data, &evidence, &policy, &expect, 1_500).passed);
+        let old = freshness_check(&data, &evidence, &policy, &expect, 1_601);
+        assert!(!old.passed && old.detail.contains("older"), "{old:?}");
+        let future = freshness_check(&data, &evidence, &policy, &expect, 0);
+        assert!(
+            !future.passed && future.detail.contains("future"),
+            "{future:?}"
+        );
+        evidence.produced_at = Some(999);
+        assert!(!freshness_check(&data, &evidence, &policy, &expect, 1_500).passed);
+        evidence.produced_at = None;
+        let unknown = freshness_check(&data, &evidence, &policy, &expect, 1_500);
+        assert!(
+            !unknown.passed && unknown.detail.contains("unknown age"),
+            "{unknown:?}"
+        );
+
+        let nonce = [5u8; 32];
+        let data = report_data(key, &Freshness::Nonce(nonce));
+        let asked = Expectation {
+            peer_key: Some(key),
+            nonce: Some(nonce),
+        };
+        assert!(freshness_check(&data, &evidence, &policy, &asked, 1_500).passed);
+        let other = Expectation {
+            peer_key: Some(b"another key"),
+            nonce: Some([6; 32]),
+        };
+        assert!(!binding_check(&data, &other).passed);
+        assert!(!freshness_check(&data, &evidence, &policy, &other, 1_500).passed);
+    }
+}
