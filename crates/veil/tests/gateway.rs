@@ -929,7 +929,6 @@ fn with_require_tee_only_attested_nodes_serve_and_refusals_say_why() {
     let peer = |node: &NodeProcess| node.addr.rsplit('/').next().unwrap().to_string();
     let (a_id, b_id) = (peer(&a), peer(&b));
     let body = ask("What is the capital of France?", json!({}));
-    let mut last = Value::Null;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let (status, reply) = gateway.post("/v1/chat/completions", &body);
@@ -941,10 +940,9 @@ fn with_require_tee_only_attested_nodes_serve_and_refusals_say_why() {
             assert!(message.contains("announces no TEE"), "{message}");
             break;
         }
-        last = reply;
         assert!(
             std::time::Instant::now() < deadline,
-            "both nodes never judged; last: {last}"
+            "both nodes never judged; last: {reply}"
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
