@@ -362,20 +362,28 @@ fn a_client_that_leaves_mid_stream_stops_its_generation() {
         .post(format!("{}/v1/chat/completions", gateway.base))
         .json(&ask(
             "Write a long story about the sea.",
-            json!({"stream": true, "max_tokens": 2000, "temperature": 0.8}),
+            json!({"stream": true, "max_tokens": 2000, "temperature": 0.8, "seed": 7}),
         ))
         .send()
         .expect("stream");
     let mut first = [0u8; 64];
     response.read_exact(&mut first).expect("the stream starts");
-    assert_eq!(gateway.metric("veil_active_generations"), 1.0);
+    // The role chunk may come before the generation has counted itself: wait for it.
+    let mut active = 0.0;
+    for _ in 0..100 {
+        active = gateway.metric("veil_active_generations");
+        if active == 1.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(active, 1.0, "the generation never started");
 
     // The one slot is taken and nothing may wait: a second request is turned away.
     let (s, b) = gateway.post("/v1/chat/completions", &ask("hi", json!({"max_tokens": 2})));
     assert_openai_error(s, &b, 429, Some("queue_full"));
 
     drop(response);
-    let mut active = 1.0;
     for _ in 0..600 {
         active = gateway.metric("veil_active_generations");
         if active == 0.0 {
