@@ -87,6 +87,55 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// Every tensor's name, sorted.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// One tensor's bytes as stored.
+    pub fn tensor_bytes(&mut self, name: &str) -> Result<Vec<u8>> {
+        let len = self.tensor_len(name)?;
+        self.tensor_range(name, 0, len)
+    }
+
+    /// `len` bytes of a tensor as stored, from byte `start` of it.
+    pub fn tensor_range(&mut self, name: &str, start: u64, len: usize) -> Result<Vec<u8>> {
+        let size = self.tensor_len(name)?;
+        if start
+            .checked_add(len as u64)
+            .is_none_or(|end| end > size as u64)
+        {
+            return Err(ModelError::BadTensor {
+                name: name.to_string(),
+                reason: format!("bytes {start}..+{len} lie outside its {size} bytes"),
+            });
+        }
+        let info = &self.content.tensor_infos[name];
+        let at = self.content.tensor_data_offset + info.offset + start;
+        let mut bytes = vec![0u8; len];
+        self.reader
+            .seek(std::io::SeekFrom::Start(at))
+            .and_then(|_| self.reader.read_exact(&mut bytes))
+            .map_err(|e| ModelError::io(&self.path, e))?;
+        Ok(bytes)
+    }
+
+    /// A tensor's size in bytes (checked against the file at open).
+    fn tensor_len(&self, name: &str) -> Result<usize> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::BadTensor {
+                name: name.to_string(),
+                reason: "missing from the GGUF file".to_string(),
+            })?;
+        let dtype = info.ggml_dtype;
+        Ok(info.shape.elem_count() / dtype.block_size() * dtype.type_size())
+    }
+
     /// Reads one tensor as stored (quantized or not).
     pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
         if !self.has_tensor(name) {

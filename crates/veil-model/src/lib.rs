@@ -39,7 +39,7 @@ pub use model::{
 };
 pub use sampling::{Sampler, SamplingParams};
 pub use shard::{LayerRange, Shard};
-pub use shard_file::{write_converted, write_shard_files, ShardManifest};
+pub use shard_file::{shard_tensor_names, write_converted, write_shard_files, ShardManifest};
 pub use store::{FetchEvent, KnownModel, ModelStore, KNOWN_MODELS, SMOLLM2_135M};
 pub use tokenizer::GgufTokenizer;
 pub use weights::WeightFormat;

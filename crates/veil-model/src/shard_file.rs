@@ -98,8 +98,9 @@ impl ShardManifest {
     }
 }
 
-/// The tensor names a shard needs from a model that has (or lacks) a separate `output.weight`.
-fn tensor_names(gguf: &GgufFile, shard: &Shard) -> Vec<String> {
+/// The tensor names a shard needs from a model that has (or lacks) a separate `output.weight`,
+/// sorted: what a shard file holds, and what a commitment to its weights covers.
+pub fn shard_tensor_names(gguf: &GgufFile, shard: &Shard) -> Vec<String> {
     let tied_head = shard.head && !gguf.has_tensor("output.weight");
     let mut names: Vec<String> = gguf
         .content()
@@ -149,7 +150,7 @@ pub fn write_shard_files(
     let mut manifests = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
         progress(i, shards.len());
-        let names = tensor_names(&gguf, shard);
+        let names = shard_tensor_names(&gguf, shard);
         let tensors: Vec<(String, QTensor)> = names
             .into_iter()
             .map(|name| Ok((name.clone(), gguf.tensor(&name)?)))
