@@ -12,6 +12,7 @@ pub mod node_state;
 pub mod route;
 pub mod sessions;
 pub mod tee_gate;
+pub mod weights_check;
 pub mod wire;
 
 pub use chain::{ClientSplit, Failover, HopStats, RemoteChain};
@@ -24,4 +25,5 @@ pub use node_state::NodeState;
 pub use route::plan_route;
 pub use sessions::{SessionLimits, SessionTable};
 pub use tee_gate::{public_key_of, TeeGate};
+pub use weights_check::challenge_weights;
 pub use wire::{ShardInfo, PROTOCOL, WIRE_VERSION};

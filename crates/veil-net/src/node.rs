@@ -25,12 +25,14 @@ use veil_verify::{
 
 use crate::behaviour::{build_swarm, model_key, range_key, VeilBehaviour, VeilBehaviourEvent};
 use crate::error::{NetError, Result};
+use veil_zk::WeightsCommitment;
+
 use crate::history::{accept_gossiped, RunTemplate, SessionUsage, MAX_KEPT_RUNS, RUNS_TOPIC};
 use crate::node_state::NodeState;
 use crate::sessions::{SessionLimits, SessionTable};
 use crate::wire::{
-    ErrorKind, Request, RequestBody, Response, SessionId, ShardInfo, StepInput, WireTensor,
-    WIRE_VERSION,
+    ErrorKind, Request, RequestBody, Response, SessionId, ShardInfo, StepInput, WeightsRoot,
+    WireTensor, WIRE_VERSION,
 };
 
 /// How a node is started.
@@ -119,7 +121,7 @@ pub async fn run_node(
     let path = config.shard.clone();
     let format = config.format;
     let misbehave = config.misbehave;
-    let (model, manifest) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (model, manifest, weights) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut gguf = GgufFile::open(&path)?;
         let manifest = ShardManifest::of(&gguf)?;
         let shard = manifest.shard();
@@ -130,11 +132,14 @@ pub async fn run_node(
             )));
         }
         let model = load_serving_shard(&mut gguf, &shard, format, misbehave)?;
-        Ok((model, manifest))
+        let weights = WeightsCommitment::of_shard(&mut gguf, &shard)
+            .map_err(|e| NetError::BadMessage(format!("cannot commit to the weights: {e}")))?;
+        Ok((model, manifest, weights))
     })
     .await
     .map_err(|e| NetError::Network(format!("loading task failed: {e}")))??;
     let model = Arc::new(model);
+    let weights = Arc::new(weights);
     let runs = state.runs()?;
     let public_key = key.public().encode_protobuf();
     let tee_kind = match config.tee.clone() {
@@ -169,6 +174,10 @@ pub async fn run_node(
         max_session_tokens: config.limits.max_tokens.min(model.config().context_length),
         format: format.to_string(),
         tee: tee_kind,
+        weights: Some(WeightsRoot {
+            root: weights.root_hex(),
+            leaves: weights.leaf_count() as u64,
+        }),
     };
     let whole = shard_info.embedding
         && shard_info.head
@@ -319,6 +328,20 @@ pub async fn run_node(
                                 let _ = tx.send(JudgeDone { channel, response, reveal: None });
                             });
                         }
+                        Handled::OpenWeights(leaves) => {
+                            let (weights, path, tx) = (Arc::clone(&weights), config.shard.clone(), judged_tx.clone());
+                            tokio::task::spawn_blocking(move || {
+                                let opened = GgufFile::open(&path)
+                                    .map_err(veil_zk::ZkError::from)
+                                    .and_then(|mut file| weights.open(&mut file, &leaves));
+                                let response = match opened {
+                                    Ok(openings) => Response::WeightOpenings(Box::new(openings)),
+                                    Err(e @ veil_zk::ZkError::BadChallenge(_)) => refuse(ErrorKind::BadRequest, e.to_string()),
+                                    Err(e) => refuse(ErrorKind::Internal, e.to_string()),
+                                };
+                                let _ = tx.send(JudgeDone { channel, response, reveal: None });
+                            });
+                        }
                         Handled::Closed(session) => {
                             let _ = swarm.behaviour_mut().infer.send_response(channel, Response::Closed);
                             keep_run(&mut swarm, &runs, history.as_ref(), session);
@@ -373,6 +396,8 @@ enum Handled {
     Closed(NodeSession),
     /// Obtain TEE evidence for this nonce on a blocking thread.
     Attest([u8; 32]),
+    /// Open these leaves of the weights commitment on a blocking thread.
+    OpenWeights(Vec<u32>),
 }
 
 /// A judgement finished on a blocking thread.
@@ -559,6 +584,15 @@ fn handle(
                 ));
             }
             return Handled::Judge(job);
+        }
+        RequestBody::OpenWeights { leaves } => {
+            if leaves.is_empty() || leaves.len() > veil_zk::MAX_OPENINGS {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    format!("ask for 1 to {} leaves", veil_zk::MAX_OPENINGS),
+                ));
+            }
+            return Handled::OpenWeights(leaves);
         }
         RequestBody::Attest { nonce } => {
             if info.tee.is_none() {

@@ -108,6 +108,7 @@ mod tests {
                 max_session_tokens: 100,
                 format: "f32".into(),
                 tee: None,
+                weights: None,
             },
             latency: Duration::from_millis(millis),
         }

@@ -177,6 +177,11 @@ pub enum RequestBody {
         /// The job's digest.
         job: String,
     },
+    /// Open these leaves of your weights commitment, with their Merkle proof.
+    OpenWeights {
+        /// Leaf indices, at most [`veil_zk::MAX_OPENINGS`].
+        leaves: Vec<u32>,
+    },
     /// Prove you run in a TEE: evidence naming your key and this nonce.
     Attest {
         /// The verifier's fresh challenge.
@@ -204,6 +209,8 @@ pub enum Response {
     Committed(Signed<VerdictCommit>),
     /// An opened verdict.
     Revealed(Signed<VerdictReveal>),
+    /// Opened weight chunks answering [`RequestBody::OpenWeights`].
+    WeightOpenings(Box<veil_zk::Openings>),
     /// TEE evidence answering [`RequestBody::Attest`].
     Attested(Box<veil_tee::Evidence>),
     /// The request was refused; the message says why.
@@ -254,6 +261,19 @@ pub struct ShardInfo {
     /// The TEE the node runs in, if any; its evidence comes on [`RequestBody::Attest`].
     #[serde(default)]
     pub tee: Option<veil_tee::TeeKind>,
+    /// The commitment to the weights the node holds; openings come on
+    /// [`RequestBody::OpenWeights`].
+    #[serde(default)]
+    pub weights: Option<WeightsRoot>,
+}
+
+/// A Merkle root over a node's tensors (see `veil_zk::WeightsCommitment`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightsRoot {
+    /// The root, hex.
+    pub root: String,
+    /// Leaves under it.
+    pub leaves: u64,
 }
 
 impl ShardInfo {
@@ -312,6 +332,7 @@ mod tests {
             max_session_tokens: 100,
             format: "f32".into(),
             tee: None,
+            weights: None,
         }
     }
 

@@ -73,6 +73,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::tee::TeeCommand,
     },
+    /// Model commitments: print them, challenge nodes to prove the weights they hold.
+    Zk {
+        #[command(subcommand)]
+        command: commands::zk::ZkCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
         Command::VerifyEvidence(args) => commands::verify::verify_evidence(args),
         Command::Meta { command } => commands::meta::run(command),
         Command::Tee { command } => commands::tee::run(command),
+        Command::Zk { command } => commands::zk::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

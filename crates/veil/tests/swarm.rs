@@ -480,3 +480,109 @@ fn whole_model_nodes_record_their_runs_and_share_them_over_gossip() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no history at"));
 }
+
+#[test]
+fn a_node_holding_other_weights_fails_the_weights_challenge() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let files = shards(dir.path());
+    // A copy of the middle shard with one byte changed deep inside one tensor: it still claims
+    // to be blocks 10-20 of the model.
+    let tampered = dir.path().join("tampered.gguf");
+    std::fs::copy(&files[1], &tampered).unwrap();
+    let at = {
+        let gguf = veil_model::GgufFile::open(&tampered).unwrap();
+        let content = gguf.content();
+        content.tensor_data_offset + content.tensor_infos["blk.15.ffn_down.weight"].offset + 1000
+    };
+    let mut bytes = std::fs::read(&tampered).unwrap();
+    bytes[at as usize] ^= 0x10;
+    std::fs::write(&tampered, bytes).unwrap();
+
+    let state = |n: &str| dir.path().join(format!("{n}.redb"));
+    let a = NodeProcess::start(&files[0], &state("a"), None);
+    let b = NodeProcess::start(&files[1], &state("b"), Some(&a.addr));
+    let liar = NodeProcess::start(&tampered, &state("liar"), Some(&a.addr));
+    let d = NodeProcess::start(&files[2], &state("d"), Some(&a.addr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (out, stdout) = loop {
+        let out = Command::new(veil_bin())
+            .args([
+                "zk",
+                "challenge",
+                "--openings",
+                "8",
+                "--bootstrap",
+                &a.addr,
+                "--model",
+            ])
+            .arg(&model)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if stdout.lines().filter(|l| l.starts_with("node ")).count() == 4 {
+            break (out, stdout);
+        }
+        assert!(Instant::now() < deadline, "not all nodes found: {stdout}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(!out.status.success(), "{stdout}");
+    let line = |node: &NodeProcess| {
+        let id = peer_id(&node.addr);
+        stdout
+            .lines()
+            .find(|l| l.contains(&id))
+            .unwrap_or_else(|| panic!("no line for {id}: {stdout}"))
+            .to_string()
+    };
+    for honest in [&a, &b, &d] {
+        assert!(
+            line(honest).contains("ok: root matches the model; 8 random chunks"),
+            "{stdout}"
+        );
+    }
+    let caught = line(&liar);
+    assert!(
+        caught.contains("FAIL") && caught.contains("holds other weights"),
+        "{caught}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 4 nodes failed"));
+
+    // Bad input is a clear error.
+    for (args, says) in [
+        (
+            vec!["zk", "commit", "--model", "/nonexistent.gguf"],
+            "nonexistent",
+        ),
+        (
+            vec![
+                "zk",
+                "commit",
+                "--model",
+                model.to_str().unwrap(),
+                "--ranges",
+                "5-3",
+            ],
+            "5",
+        ),
+        (
+            vec![
+                "zk",
+                "commit",
+                "--model",
+                model.to_str().unwrap(),
+                "--ranges",
+                "0-40",
+            ],
+            "40",
+        ),
+    ] {
+        let out = Command::new(veil_bin()).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr.contains(says) && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -15,3 +15,4 @@ pub mod serve;
 pub mod swarm;
 pub mod tee;
 pub mod verify;
+pub mod zk;
