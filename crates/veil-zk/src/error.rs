@@ -9,6 +9,15 @@ pub enum ZkError {
     /// A request for openings was malformed.
     #[error("bad challenge: {0}")]
     BadChallenge(String),
+    /// A model file or description did not fit together.
+    #[error("bad model: {0}")]
+    BadModel(String),
+    /// An input the model cannot take.
+    #[error("bad input: {0}")]
+    BadInput(String),
+    /// The training data could not be read.
+    #[error("bad data: {0}")]
+    BadData(String),
     /// Openings did not match the commitment.
     #[error("openings refused: {0}")]
     BadOpenings(String),

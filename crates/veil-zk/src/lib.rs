@@ -4,7 +4,10 @@
 //! node can be asked at random for a few chunks with their Merkle paths and prove it holds the
 //! committed weights without sending them all.
 
+pub mod digits;
 mod error;
+pub mod model;
+pub mod train;
 mod weights;
 
 pub use error::{Result, ZkError};
