@@ -18,6 +18,9 @@ pub enum ZkError {
     /// The training data could not be read.
     #[error("bad data: {0}")]
     BadData(String),
+    /// Proving or verifying failed.
+    #[error("proof: {0}")]
+    Proof(String),
     /// Openings did not match the commitment.
     #[error("openings refused: {0}")]
     BadOpenings(String),

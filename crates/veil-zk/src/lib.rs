@@ -4,9 +4,11 @@
 //! node can be asked at random for a few chunks with their Merkle paths and prove it holds the
 //! committed weights without sending them all.
 
+pub mod circuit;
 pub mod digits;
 mod error;
 pub mod model;
+pub mod proof;
 pub mod train;
 mod weights;
 

@@ -160,6 +160,8 @@ impl FixedLayer {
 /// A model in fixed point: 8-bit weights in one list, and the layers that use them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FixedModel {
+    /// The public shape.
+    pub shape: ModelShape,
     /// Every weight and bias, as 8-bit integers, in the order the layers list them.
     pub weights: Vec<i64>,
     /// The layers.
@@ -304,72 +306,140 @@ impl FloatModel {
     pub fn quantize(&self) -> Result<FixedModel> {
         self.check()?;
         let mut weights = Vec::new();
-        let mut layers = Vec::new();
-        let mut input_bits = INPUT_SCALE_BITS;
-        let mut width = INPUTS;
+        let mut shape = Vec::new();
         for layer in &self.layers {
-            let (values, activation): (Vec<f32>, Activation) = match layer {
-                Layer::Dense {
-                    weights,
-                    bias,
-                    activation,
-                    ..
-                } => (
-                    weights.iter().flatten().chain(bias).copied().collect(),
-                    *activation,
-                ),
-                Layer::Conv {
-                    weights,
-                    bias,
-                    activation,
-                    ..
-                } => (
-                    weights
-                        .iter()
-                        .flatten()
-                        .flatten()
-                        .chain(bias)
-                        .copied()
-                        .collect(),
-                    *activation,
-                ),
+            let values: Vec<f32> = match layer {
+                Layer::Dense { weights, bias, .. } => {
+                    weights.iter().flatten().chain(bias).copied().collect()
+                }
+                Layer::Conv { weights, bias, .. } => weights
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .chain(bias)
+                    .copied()
+                    .collect(),
             };
             let largest = values.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
             let weight_bits = (WEIGHT_MAX as f32 / largest).log2().floor().clamp(0.0, 7.0) as u32;
-            if weight_bits + input_bits < ACT_SCALE_BITS + 1 {
-                return Err(ZkError::BadModel(format!(
-                    "weights up to {largest} leave too few bits for fixed point"
-                )));
-            }
-            let base = weights.len();
-            let q = |v: f32| {
-                ((v * (1u32 << weight_bits) as f32).round() as i64).clamp(-WEIGHT_MAX, WEIGHT_MAX)
-            };
-            weights.extend(values.iter().map(|&v| q(v)));
-            let neurons = match layer {
+            let scale = (1u32 << weight_bits) as f32;
+            weights.extend(
+                values
+                    .iter()
+                    .map(|&v| ((v * scale).round() as i64).clamp(-WEIGHT_MAX, WEIGHT_MAX)),
+            );
+            shape.push(match layer {
                 Layer::Dense {
-                    inputs, outputs, ..
-                } => (0..*outputs)
-                    .map(|o| Neuron {
-                        terms: (0..*inputs).map(|i| (i, base + o * inputs + i)).collect(),
-                        bias: base + outputs * inputs + o,
-                    })
-                    .collect(),
-                Layer::Conv { out_channels, .. } => {
+                    inputs,
+                    outputs,
+                    activation,
+                    ..
+                } => LayerShape::Dense {
+                    inputs: *inputs,
+                    outputs: *outputs,
+                    weight_bits,
+                    activation: *activation,
+                },
+                Layer::Conv {
+                    out_channels,
+                    activation,
+                    ..
+                } => LayerShape::Conv {
+                    out_channels: *out_channels,
+                    weight_bits,
+                    activation: *activation,
+                },
+            });
+        }
+        FixedModel::new(ModelShape { layers: shape }, weights)
+    }
+}
+
+/// A layer's public shape: sizes, scale and activation, no weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum LayerShape {
+    /// A dense layer.
+    Dense {
+        /// Inputs.
+        inputs: usize,
+        /// Outputs.
+        outputs: usize,
+        /// Scale bits of its 8-bit weights.
+        weight_bits: u32,
+        /// Its activation.
+        activation: Activation,
+    },
+    /// A 3×3 convolution of the 8×8 input.
+    Conv {
+        /// Output channels.
+        out_channels: usize,
+        /// Scale bits of its 8-bit weights.
+        weight_bits: u32,
+        /// Its activation.
+        activation: Activation,
+    },
+}
+
+/// What a verifier knows of a private model: its shape, not its weights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelShape {
+    /// The layers, in order.
+    pub layers: Vec<LayerShape>,
+}
+
+impl ModelShape {
+    /// The layers' neurons, checking the shapes fit together.
+    pub fn fixed_layers(&self) -> Result<Vec<FixedLayer>> {
+        let bad = |why: String| Err(ZkError::BadModel(why));
+        if self.layers.is_empty() || self.layers.len() > 8 {
+            return bad(format!("{} layers", self.layers.len()));
+        }
+        let mut layers = Vec::new();
+        let mut width = INPUTS;
+        let mut input_bits = INPUT_SCALE_BITS;
+        let mut base = 0;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (neurons, weight_bits, activation, used) = match *layer {
+                LayerShape::Dense {
+                    inputs,
+                    outputs,
+                    weight_bits,
+                    activation,
+                } => {
+                    if inputs != width || outputs == 0 || outputs > 1024 {
+                        return bad(format!("layer {l}: {inputs} inputs after {width} outputs"));
+                    }
+                    let neurons = (0..outputs)
+                        .map(|o| Neuron {
+                            terms: (0..inputs).map(|i| (i, base + o * inputs + i)).collect(),
+                            bias: base + outputs * inputs + o,
+                        })
+                        .collect::<Vec<_>>();
+                    (neurons, weight_bits, activation, outputs * inputs + outputs)
+                }
+                LayerShape::Conv {
+                    out_channels,
+                    weight_bits,
+                    activation,
+                } => {
+                    if l != 0 || out_channels == 0 || out_channels > 64 {
+                        return bad(format!(
+                            "layer {l}: a convolution comes first, with 1-64 channels"
+                        ));
+                    }
                     let kernel_len = KERNEL * KERNEL;
                     let mut neurons = Vec::new();
-                    for c in 0..*out_channels {
+                    for c in 0..out_channels {
                         for y in 0..CONV_OUT {
                             for x in 0..CONV_OUT {
-                                let mut terms = Vec::with_capacity(kernel_len);
-                                for ky in 0..KERNEL {
-                                    for kx in 0..KERNEL {
-                                        terms.push((
-                                            (y + ky) * IMAGE + x + kx,
-                                            base + c * kernel_len + ky * KERNEL + kx,
-                                        ));
-                                    }
-                                }
+                                let terms = (0..kernel_len)
+                                    .map(|k| {
+                                        let (ky, kx) = (k / KERNEL, k % KERNEL);
+                                        ((y + ky) * IMAGE + x + kx, base + c * kernel_len + k)
+                                    })
+                                    .collect();
                                 neurons.push(Neuron {
                                     terms,
                                     bias: base + out_channels * kernel_len + c,
@@ -377,9 +447,19 @@ impl FloatModel {
                             }
                         }
                     }
-                    neurons
+                    (
+                        neurons,
+                        weight_bits,
+                        activation,
+                        out_channels * kernel_len + out_channels,
+                    )
                 }
             };
+            if weight_bits > 7 || weight_bits + input_bits < ACT_SCALE_BITS + 1 {
+                return bad(format!(
+                    "layer {l}: weights at 2^{weight_bits} leave too few bits for fixed point"
+                ));
+            }
             let outputs = neurons.len();
             layers.push(FixedLayer {
                 inputs: width,
@@ -388,14 +468,58 @@ impl FloatModel {
                 input_bits,
                 activation,
             });
-            input_bits = ACT_SCALE_BITS;
             width = outputs;
+            input_bits = ACT_SCALE_BITS;
+            base += used;
         }
-        Ok(FixedModel { weights, layers })
+        if width != 10 {
+            return bad(format!("the model ends in {width} outputs, not 10 digits"));
+        }
+        Ok(layers)
+    }
+
+    /// Weights and biases the shape holds.
+    pub fn weight_count(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match *l {
+                LayerShape::Dense {
+                    inputs, outputs, ..
+                } => outputs * inputs + outputs,
+                LayerShape::Conv { out_channels, .. } => out_channels * (KERNEL * KERNEL + 1),
+            })
+            .sum()
     }
 }
 
 impl FixedModel {
+    /// A model of `shape` with `weights`, checked.
+    pub fn new(shape: ModelShape, weights: Vec<i64>) -> Result<Self> {
+        let layers = shape.fixed_layers()?;
+        if weights.len() != shape.weight_count() {
+            return Err(ZkError::BadModel(format!(
+                "{} weights for a shape that holds {}",
+                weights.len(),
+                shape.weight_count()
+            )));
+        }
+        if weights.iter().any(|w| w.abs() > WEIGHT_MAX) {
+            return Err(ZkError::BadModel("a weight does not fit 8 bits".into()));
+        }
+        Ok(Self {
+            shape,
+            weights,
+            layers,
+        })
+    }
+
+    /// A model of `shape` whose weights are unknown (zeros): what a verifier builds the
+    /// circuit from.
+    pub fn of_shape(shape: ModelShape) -> Result<Self> {
+        let weights = vec![0; shape.weight_count()];
+        Self::new(shape, weights)
+    }
+
     /// The fixed-point forward pass on pixels 0..16, with every intermediate value; an error
     /// if a quotient leaves the circuit's table range.
     pub fn trace(&self, pixels: &[u8]) -> Result<Trace> {

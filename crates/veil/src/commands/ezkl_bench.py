@@ -2,7 +2,8 @@
 
 Run by Veil's CLI as
 
-    python ezkl_bench.py --model M.json --input I.json --workdir DIR [--scale 7] [--logrows K] [--runs 1]
+    python ezkl_bench.py --model M.json --input I.json --workdir DIR
+        [--scale 7] [--logrows K [--lookup-range LO HI]] [--runs 1]
 
 with a Python that has `ezkl` (23.0.5) and `onnx` installed. The model file is Veil's float model
 (dense and conv layers with relu / sigmoid / no activation); this script turns it into an ONNX graph,
@@ -12,12 +13,17 @@ The settings mirror what Veil's circuit proves: the input and the output are pub
 private and only their Poseidon hash is public (`param_visibility="hashed"`), and inputs and weights
 are fixed-point numbers with `--scale` fractional bits.
 
-Measured, each as wall seconds of that one EZKL call alone: `setup_s` (keys), `prove_s` and
-`verify_s` (medians over `--runs`). Also: the proof's size (`proof_file_bytes` for EZKL's JSON proof
-file, `proof_bytes` for the raw proof inside it), the proving step's peak resident memory (each prove
-runs in a child process of this script, `--step prove`, so `ru_maxrss` of the children is the
-prover's own peak), the circuit's logrows, and the network's output as EZKL computed it next to the
-float output computed here in plain Python.
+Measured, each as wall seconds of that one EZKL call alone: `setup_s` (keys), `witness_s` (the
+quantized forward pass), `prove_s` and `verify_s` (medians over `--runs`). Also: the proof's size
+(`proof_file_bytes` for EZKL's JSON proof file, which also holds the proof in hex and the public
+instances; `proof_bytes` for the raw proof inside it), the proving step's peak resident memory (each
+prove runs in a child process of this script, `--step prove`, so `ru_maxrss` of the children is the
+prover's own peak), the circuit's logrows and lookup range, and the network's output as EZKL
+computed it next to the float output computed here in plain Python.
+
+With `--logrows` the settings are fixed (lookup range from `--lookup-range`, else EZKL's default
+-32768..32768); without it EZKL calibrates the lookup range and logrows on the given input (see
+`write_settings`).
 
 The SRS is made locally with `ezkl.gen_srs`: `ezkl.get_srs` downloads a public one, and the machines
 this runs on have no internet. A locally made SRS is insecure (its toxic waste is known), which does
@@ -159,8 +165,26 @@ def float_forward(model: dict, pixels: list) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
+FILES = {
+    "onnx": "network.onnx",
+    "data": "input.json",
+    "settings": "settings.json",
+    "compiled": "network.compiled",
+    "srs": "kzg.srs",
+    "vk": "vk.key",
+    "pk": "pk.key",
+    "witness": "witness.json",
+    "proof": "proof.json",
+}
+
+
+def workdir_paths(workdir: str) -> dict:
+    """Where each of EZKL's files lives in the work folder."""
+    return {key: os.path.join(workdir, name) for key, name in FILES.items()}
+
+
 def proof_size(proof_path: str) -> int:
-    """Bytes of the raw proof inside EZKL's JSON proof file."""
+    """Bytes of the raw proof inside EZKL's JSON proof file (its "proof" field, a list of bytes)."""
     with open(proof_path) as f:
         proof = json.load(f)["proof"]
     if isinstance(proof, str):
@@ -168,9 +192,9 @@ def proof_size(proof_path: str) -> int:
     return len(proof)
 
 
-def prove_step(args: argparse.Namespace, out) -> None:
-    """Child-process mode: one prove call, timed; prints {"prove_s": ...}."""
-    paths = workdir_paths(args.workdir)
+def prove_step(workdir: str, out) -> None:
+    """Child-process mode (`--step prove`): one timed prove call; prints {"prove_s": ...} on `out`."""
+    paths = workdir_paths(workdir)
     start = time.perf_counter()
     ezkl.prove(
         witness=paths["witness"],
@@ -183,19 +207,52 @@ def prove_step(args: argparse.Namespace, out) -> None:
     print(json.dumps({"prove_s": elapsed}), file=out, flush=True)
 
 
-def workdir_paths(workdir: str) -> dict:
-    names = {
-        "onnx": "network.onnx",
-        "data": "input.json",
-        "settings": "settings.json",
-        "compiled": "network.compiled",
-        "srs": "kzg.srs",
-        "vk": "vk.key",
-        "pk": "pk.key",
-        "witness": "witness.json",
-        "proof": "proof.json",
-    }
-    return {key: os.path.join(workdir, name) for key, name in names.items()}
+def prove_in_child(workdir: str) -> float:
+    """Runs `prove_step` in a fresh child process, so that its peak memory is the children's."""
+    child = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--step", "prove", "--workdir", workdir],
+        stdout=subprocess.PIPE,
+        check=True,
+        text=True,
+    )
+    return json.loads(child.stdout)["prove_s"]
+
+
+def write_settings(paths: dict, scale: int, logrows, lookup_range) -> dict:
+    """Writes EZKL's settings and compiled circuit; returns the settings.
+
+    With `logrows`, the settings are fixed: that circuit size, and `lookup_range` for the
+    non-linearity tables (the range of their inputs, at the activation scale), by default EZKL's
+    own -32768..32768. Without it, EZKL calibrates on this one input: it shrinks the lookup range
+    to what the input needs (times a safety margin) and picks the smallest logrows that fits.
+    Scale and rebase stay fixed either way, so the result depends only on the model, the input
+    and the flags.
+    """
+    run_args = ezkl.PyRunArgs()
+    run_args.input_visibility = "public"
+    run_args.output_visibility = "public"
+    run_args.param_visibility = "hashed"
+    run_args.input_scale = scale
+    run_args.param_scale = scale
+    if logrows is not None:
+        run_args.logrows = logrows
+    if lookup_range is not None:
+        run_args.lookup_range = tuple(lookup_range)
+    ezkl.gen_settings(model=paths["onnx"], output=paths["settings"], py_run_args=run_args)
+    if logrows is None:
+        ezkl.calibrate_settings(
+            data=paths["data"],
+            model=paths["onnx"],
+            settings=paths["settings"],
+            target="resources",
+            scales=[scale],
+            scale_rebase_multiplier=[1],
+        )
+    ezkl.compile_circuit(
+        model=paths["onnx"], compiled_circuit=paths["compiled"], settings_path=paths["settings"]
+    )
+    with open(paths["settings"]) as f:
+        return json.load(f)
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -209,68 +266,54 @@ def bench(args: argparse.Namespace) -> dict:
     build_onnx(model, paths["onnx"])
     with open(paths["data"], "w") as f:
         json.dump({"input_data": [pixels]}, f)
-
-    run_args = ezkl.PyRunArgs()
-    run_args.input_visibility = "public"
-    run_args.output_visibility = "public"
-    run_args.param_visibility = "hashed"
-    run_args.input_scale = args.scale
-    run_args.param_scale = args.scale
-    if args.logrows is not None:
-        run_args.logrows = args.logrows
-    ezkl.gen_settings(model=paths["onnx"], output=paths["settings"], py_run_args=run_args)
-    if args.logrows is None:
-        # Let EZKL fit lookup range and logrows to this input, at the fixed scale.
-        ezkl.calibrate_settings(
-            data=paths["data"],
-            model=paths["onnx"],
-            settings=paths["settings"],
-            target="resources",
-            scales=[args.scale],
-        )
-    ezkl.compile_circuit(model=paths["onnx"], compiled_circuit=paths["compiled"], settings_path=paths["settings"])
-    with open(paths["settings"]) as f:
-        settings = json.load(f)
+    settings = write_settings(paths, args.scale, args.logrows, args.lookup_range)
     logrows = settings["run_args"]["logrows"]
-    log(f"settings: logrows={logrows} lookup_range={settings['run_args']['lookup_range']} "
-        f"num_rows={settings.get('num_rows')}")
+    lookup_range = settings["run_args"]["lookup_range"]
+    log(f"settings: logrows={logrows} lookup_range={lookup_range} num_rows={settings['num_rows']}")
 
     ezkl.gen_srs(paths["srs"], logrows)
     start = time.perf_counter()
-    ezkl.setup(model=paths["compiled"], vk_path=paths["vk"], pk_path=paths["pk"], srs_path=paths["srs"])
+    ezkl.setup(
+        model=paths["compiled"], vk_path=paths["vk"], pk_path=paths["pk"], srs_path=paths["srs"]
+    )
     setup_s = time.perf_counter() - start
 
+    start = time.perf_counter()
     witness = ezkl.gen_witness(
-        data=paths["data"], model=paths["compiled"], output=paths["witness"],
-        vk_path=paths["vk"], srs_path=paths["srs"],
+        data=paths["data"],
+        model=paths["compiled"],
+        output=paths["witness"],
+        vk_path=paths["vk"],
+        srs_path=paths["srs"],
     )
+    witness_s = time.perf_counter() - start
     output_scale = settings["model_output_scales"][0]
     output = [ezkl.felt_to_float(felt, output_scale) for felt in witness["outputs"][0]]
 
     prove_times, verify_times = [], []
     for run in range(args.runs):
-        child = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--step", "prove", "--workdir", args.workdir],
-            stdout=subprocess.PIPE, check=True, text=True,
-        )
-        prove_times.append(json.loads(child.stdout)["prove_s"])
+        prove_times.append(prove_in_child(args.workdir))
         start = time.perf_counter()
-        ok = ezkl.verify(
-            proof_path=paths["proof"], settings_path=paths["settings"], vk_path=paths["vk"],
+        verified = ezkl.verify(
+            proof_path=paths["proof"],
+            settings_path=paths["settings"],
+            vk_path=paths["vk"],
             srs_path=paths["srs"],
         )
         verify_times.append(time.perf_counter() - start)
-        if not ok:
+        if not verified:
             raise RuntimeError("ezkl.verify rejected the proof")
         log(f"run {run + 1}/{args.runs}: prove {prove_times[-1]:.3f} s, verify {verify_times[-1]:.4f} s")
 
-    # ru_maxrss is in KiB on Linux; children's is the largest of the prove processes.
+    # ru_maxrss is in KiB on Linux; the children's is the largest of the prove processes'.
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {
         "ezkl_version": ezkl.__version__,
         "logrows": logrows,
         "scale": args.scale,
+        "lookup_range": lookup_range,
         "setup_s": setup_s,
+        "witness_s": witness_s,
         "prove_s": statistics.median(prove_times),
         "verify_s": statistics.median(verify_times),
         "proof_file_bytes": os.path.getsize(paths["proof"]),
@@ -288,16 +331,22 @@ def main() -> None:
     parser.add_argument("--workdir", required=True, help="folder for EZKL's files")
     parser.add_argument("--scale", type=int, default=7, help="fixed-point bits of inputs and weights")
     parser.add_argument("--logrows", type=int, help="circuit size 2^K; calibrated by EZKL when absent")
+    parser.add_argument(
+        "--lookup-range", type=int, nargs=2, metavar=("LO", "HI"),
+        help="inputs the non-linearity tables cover, at the activation scale (with --logrows)",
+    )
     parser.add_argument("--runs", type=int, default=1, help="prove/verify this many times, report medians")
     parser.add_argument("--step", choices=["prove"], help=argparse.SUPPRESS)  # internal: child process
     args = parser.parse_args()
 
     out = claim_stdout()
     if args.step == "prove":
-        prove_step(args, out)
+        prove_step(args.workdir, out)
         return
     if not args.model or not args.input:
         parser.error("--model and --input are required")
+    if args.lookup_range and args.logrows is None:
+        parser.error("--lookup-range needs --logrows (without it EZKL calibrates both)")
     print(json.dumps(bench(args)), file=out, flush=True)
 
 

@@ -1,0 +1,139 @@
+//! Proving and verifying inference with halo2 (IPA over the Pasta curves: no trusted setup,
+//! so the parameters are derived, not ceremonially generated), and the files that carry
+//! keys and proofs between processes.
+
+use halo2_proofs::circuit::Value;
+use halo2_proofs::pasta::{group::ff::PrimeField, EqAffine, Fp};
+use halo2_proofs::plonk::{
+    create_proof, keygen_pk, keygen_vk, verify_proof, ProvingKey, SingleVerifier, VerifyingKey,
+};
+use halo2_proofs::poly::commitment::Params;
+use halo2_proofs::transcript::{Blake2bRead, Blake2bWrite, Challenge255};
+use serde::{Deserialize, Serialize};
+
+use crate::circuit::{commitment, instance, InferenceCircuit, K, MAX_WEIGHTS};
+use crate::error::{Result, ZkError};
+use crate::model::{FixedModel, ModelShape};
+
+fn plonk(e: halo2_proofs::plonk::Error) -> ZkError {
+    ZkError::Proof(e.to_string())
+}
+
+/// The public parameters for circuits of 2^K rows (deterministic: IPA needs no secret).
+pub fn parameters() -> Params<EqAffine> {
+    Params::new(K)
+}
+
+/// The verifying key for models of `shape`.
+pub fn verifying_key(params: &Params<EqAffine>, shape: &ModelShape) -> Result<VerifyingKey<EqAffine>> {
+    let circuit = InferenceCircuit::for_shape(FixedModel::of_shape(shape.clone())?);
+    keygen_vk(params, &circuit).map_err(plonk)
+}
+
+/// The proving key for models of `shape`.
+pub fn proving_key(params: &Params<EqAffine>, shape: &ModelShape) -> Result<ProvingKey<EqAffine>> {
+    let circuit = InferenceCircuit::for_shape(FixedModel::of_shape(shape.clone())?);
+    let vk = keygen_vk(params, &circuit).map_err(plonk)?;
+    keygen_pk(params, vk, &circuit).map_err(plonk)
+}
+
+/// A short fingerprint of a verifying key, so a verifier can tell it rebuilt the key the
+/// prover used (halo2 0.4 cannot write verifying keys; both sides derive them from the shape).
+pub fn key_fingerprint(vk: &VerifyingKey<EqAffine>) -> String {
+    blake3::hash(format!("{:?}", vk.pinned()).as_bytes())
+        .to_hex()
+        .to_string()
+}
+
+/// A field element as 64 hex digits (little-endian bytes, as halo2 writes them).
+pub fn hex_fp(v: &Fp) -> String {
+    hex::encode(v.to_repr())
+}
+
+/// A field element from 64 hex digits.
+pub fn fp_from_hex(text: &str) -> Result<Fp> {
+    let bytes: [u8; 32] = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ZkError::BadInput(format!("{text:?} is not 64 hex digits")))?;
+    Option::from(Fp::from_repr(bytes)).ok_or_else(|| ZkError::BadInput(format!("{text} is not a field element")))
+}
+
+/// A proof of one inference, as a file carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceProof {
+    /// The model's public commitment (hex).
+    pub commitment: String,
+    /// The input pixels, 0..16.
+    pub input: Vec<u8>,
+    /// The logits at scale 2^6.
+    pub output: Vec<i64>,
+    /// The halo2 proof (hex).
+    pub proof: String,
+}
+
+/// Proves `model` (committed with `salt`) labels `pixels` as it does.
+pub fn prove(
+    params: &Params<EqAffine>,
+    pk: &ProvingKey<EqAffine>,
+    model: &FixedModel,
+    salt: Fp,
+    pixels: &[u8],
+) -> Result<InferenceProof> {
+    if model.weights.len() > MAX_WEIGHTS {
+        return Err(ZkError::BadModel(format!(
+            "{} weights, over the circuit's {MAX_WEIGHTS}",
+            model.weights.len()
+        )));
+    }
+    let trace = model.trace(pixels)?;
+    let commitment = commitment(&model.weights, salt);
+    let public = instance(commitment, pixels, &trace.output);
+    let circuit = InferenceCircuit {
+        model: model.clone(),
+        salt: Value::known(salt),
+        pixels: Value::known(pixels.to_vec()),
+        known: true,
+        trace: Value::known(trace.clone()),
+    };
+    let mut transcript = Blake2bWrite::<_, _, Challenge255<_>>::init(Vec::new());
+    create_proof(
+        params,
+        pk,
+        &[circuit],
+        &[&[&public]],
+        halo2_rand::rand_core::UnwrapErr(halo2_rand::rngs::SysRng),
+        &mut transcript,
+    )
+    .map_err(plonk)?;
+    Ok(InferenceProof {
+        commitment: hex_fp(&commitment),
+        input: pixels.to_vec(),
+        output: trace.output,
+        proof: hex::encode(transcript.finalize()),
+    })
+}
+
+/// Checks `proof` under `vk` against the commitment the verifier trusts.
+pub fn verify(
+    params: &Params<EqAffine>,
+    vk: &VerifyingKey<EqAffine>,
+    trusted_commitment: &Fp,
+    proof: &InferenceProof,
+) -> Result<()> {
+    if fp_from_hex(&proof.commitment)? != *trusted_commitment {
+        return Err(ZkError::Proof(
+            "the proof is about another commitment than the published one".into(),
+        ));
+    }
+    if proof.input.len() != crate::model::INPUTS || proof.input.iter().any(|&p| p > 16) || proof.output.len() != 10 {
+        return Err(ZkError::BadInput("a proof carries 64 pixels of 0..16 and 10 logits".into()));
+    }
+    let bytes = hex::decode(&proof.proof).map_err(|e| ZkError::BadInput(format!("the proof is not hex: {e}")))?;
+    let public = instance(*trusted_commitment, &proof.input, &proof.output);
+    let strategy = SingleVerifier::new(params);
+    let mut transcript = Blake2bRead::<_, _, Challenge255<_>>::init(&bytes[..]);
+    verify_proof(params, vk, strategy, &[&[&public]], &mut transcript)
+        .map_err(|e| ZkError::Proof(format!("the proof does not verify: {e}")))
+}
