@@ -53,9 +53,9 @@ pub fn pack(weights: &[i64]) -> Vec<Fp> {
     let mut packed: Vec<Fp> = weights
         .chunks(WEIGHTS_PER_ELEMENT)
         .map(|chunk| {
-            chunk
-                .iter()
-                .fold(Fp::zero(), |acc, w| acc * Fp::from(256) + Fp::from((w + 128) as u64))
+            chunk.iter().fold(Fp::zero(), |acc, w| {
+                acc * Fp::from(256) + Fp::from((w + 128) as u64)
+            })
         })
         .collect();
     packed.resize(PACKED_ELEMENTS, Fp::zero());
@@ -243,7 +243,11 @@ impl Circuit<Fp> for InferenceCircuit {
         }
     }
 
-    fn synthesize(&self, config: InferenceConfig, mut layouter: impl Layouter<Fp>) -> Result<(), Error> {
+    fn synthesize(
+        &self,
+        config: InferenceConfig,
+        mut layouter: impl Layouter<Fp>,
+    ) -> Result<(), Error> {
         load_tables(&config, &mut layouter)?;
         let weights = self.assign_weights(&config, &mut layouter)?;
 
@@ -252,7 +256,15 @@ impl Circuit<Fp> for InferenceCircuit {
             || "input",
             |mut region| {
                 (0..INPUTS)
-                    .map(|i| region.assign_advice_from_instance(|| "pixel", config.instance, 1 + i, config.a, i))
+                    .map(|i| {
+                        region.assign_advice_from_instance(
+                            || "pixel",
+                            config.instance,
+                            1 + i,
+                            config.a,
+                            i,
+                        )
+                    })
                     .collect()
             },
         )?;
@@ -266,20 +278,37 @@ impl Circuit<Fp> for InferenceCircuit {
                 let out = layouter.assign_region(
                     || "neuron",
                     |mut region| {
-                        let mut acc = region.assign_advice_from_constant(|| "zero", config.c, 0, Fp::zero())?;
+                        let mut acc = region.assign_advice_from_constant(
+                            || "zero",
+                            config.c,
+                            0,
+                            Fp::zero(),
+                        )?;
                         let mut sum = Value::known(Fp::zero());
                         let terms = neuron.terms.len() + 1;
                         for row in 0..terms {
                             config.s_dot.enable(&mut region, row)?;
                             let (x, w) = if row < neuron.terms.len() {
                                 let (i, w) = neuron.terms[row];
-                                let x = values[i].copy_advice(|| "x", &mut region, config.a, row)?;
-                                let w = weights[w].copy_advice(|| "w", &mut region, config.b, row)?;
+                                let x =
+                                    values[i].copy_advice(|| "x", &mut region, config.a, row)?;
+                                let w =
+                                    weights[w].copy_advice(|| "w", &mut region, config.b, row)?;
                                 (x, w)
                             } else {
                                 let one = Fp::from(1u64 << layer.input_bits);
-                                let x = region.assign_advice_from_constant(|| "bias input", config.a, row, one)?;
-                                let w = weights[neuron.bias].copy_advice(|| "bias", &mut region, config.b, row)?;
+                                let x = region.assign_advice_from_constant(
+                                    || "bias input",
+                                    config.a,
+                                    row,
+                                    one,
+                                )?;
+                                let w = weights[neuron.bias].copy_advice(
+                                    || "bias",
+                                    &mut region,
+                                    config.b,
+                                    row,
+                                )?;
                                 (x, w)
                             };
                             sum = sum + x.value().copied() * w.value().copied();
@@ -288,16 +317,41 @@ impl Circuit<Fp> for InferenceCircuit {
                         let _ = acc;
                         let row = terms;
                         config.s_rescale.enable(&mut region, row)?;
-                        region.assign_fixed(|| "2^shift", config.pow, row, || Value::known(Fp::from(1u64 << shift)))?;
-                        region.assign_advice(|| "q", config.a, row, || trace.map(|t| field(t.quotient)))?;
-                        region.assign_advice(|| "r", config.b, row, || trace.map(|t| field(t.remainder)))?;
+                        region.assign_fixed(
+                            || "2^shift",
+                            config.pow,
+                            row,
+                            || Value::known(Fp::from(1u64 << shift)),
+                        )?;
+                        region.assign_advice(
+                            || "q",
+                            config.a,
+                            row,
+                            || trace.map(|t| field(t.quotient)),
+                        )?;
+                        region.assign_advice(
+                            || "r",
+                            config.b,
+                            row,
+                            || trace.map(|t| field(t.remainder)),
+                        )?;
                         if layer.activation.has_table() {
                             config.s_act.enable(&mut region, row)?;
-                            region.assign_fixed(|| "tag", config.tag, row, || Value::known(Fp::from(layer.activation.tag())))?;
+                            region.assign_fixed(
+                                || "tag",
+                                config.tag,
+                                row,
+                                || Value::known(Fp::from(layer.activation.tag())),
+                            )?;
                         } else {
                             config.s_identity.enable(&mut region, row)?;
                         }
-                        region.assign_advice(|| "out", config.d, row, || trace.map(|t| field(t.output)))
+                        region.assign_advice(
+                            || "out",
+                            config.d,
+                            row,
+                            || trace.map(|t| field(t.output)),
+                        )
                     },
                 )?;
                 outputs.push(out);
@@ -327,14 +381,16 @@ impl InferenceCircuit {
             let (chunk_cells, element) = layouter.assign_region(
                 || "pack weights",
                 |mut region| {
-                    let mut acc = region.assign_advice_from_constant(|| "zero", config.c, 0, Fp::zero())?;
+                    let mut acc =
+                        region.assign_advice_from_constant(|| "zero", config.c, 0, Fp::zero())?;
                     let mut value = Value::known(Fp::zero());
                     let mut chunk = Vec::with_capacity(end - start);
                     for (row, i) in (start..end).enumerate() {
                         config.s_pack.enable(&mut region, row)?;
                         let w = self.weight(i);
                         chunk.push(region.assign_advice(|| "weight", config.a, row, || w)?);
-                        value = value * Value::known(Fp::from(256)) + w + Value::known(Fp::from(128));
+                        value =
+                            value * Value::known(Fp::from(256)) + w + Value::known(Fp::from(128));
                         acc = region.assign_advice(|| "packed", config.c, row + 1, || value)?;
                     }
                     Ok((chunk, acc))
@@ -346,19 +402,24 @@ impl InferenceCircuit {
         let message: Vec<AssignedCell<Fp, Fp>> = layouter.assign_region(
             || "commitment message",
             |mut region| {
-                let mut message = vec![region.assign_advice(|| "salt", config.a, 0, || self.salt)?];
+                let mut message =
+                    vec![region.assign_advice(|| "salt", config.a, 0, || self.salt)?];
                 for (j, element) in packed.iter().enumerate() {
                     message.push(element.copy_advice(|| "packed", &mut region, config.a, 1 + j)?);
                 }
                 for j in packed.len()..PACKED_ELEMENTS {
-                    message.push(region.assign_advice_from_constant(|| "padding", config.a, 1 + j, Fp::zero())?);
+                    message.push(region.assign_advice_from_constant(
+                        || "padding",
+                        config.a,
+                        1 + j,
+                        Fp::zero(),
+                    )?);
                 }
                 Ok(message)
             },
         )?;
-        let message: [AssignedCell<Fp, Fp>; MESSAGE_LEN] = message
-            .try_into()
-            .map_err(|_| Error::Synthesis)?;
+        let message: [AssignedCell<Fp, Fp>; MESSAGE_LEN] =
+            message.try_into().map_err(|_| Error::Synthesis)?;
         let chip = Pow5Chip::construct(config.poseidon.clone());
         let hasher = Hash::<_, _, P128Pow5T3, ConstantLength<MESSAGE_LEN>, 3, 2>::init(
             chip,
@@ -389,7 +450,12 @@ fn load_tables(config: &InferenceConfig, layouter: &mut impl Layouter<Fp>) -> Re
             let mut row = 1;
             for shift in 1..=MAX_SHIFT {
                 for r in 0..(1u64 << shift) {
-                    table.assign_cell(|| "pow", config.t_pow, row, || Value::known(Fp::from(1u64 << shift)))?;
+                    table.assign_cell(
+                        || "pow",
+                        config.t_pow,
+                        row,
+                        || Value::known(Fp::from(1u64 << shift)),
+                    )?;
                     table.assign_cell(|| "r", config.t_rem, row, || Value::known(Fp::from(r)))?;
                     row += 1;
                 }

@@ -25,7 +25,10 @@ pub fn parameters() -> Params<EqAffine> {
 }
 
 /// The verifying key for models of `shape`.
-pub fn verifying_key(params: &Params<EqAffine>, shape: &ModelShape) -> Result<VerifyingKey<EqAffine>> {
+pub fn verifying_key(
+    params: &Params<EqAffine>,
+    shape: &ModelShape,
+) -> Result<VerifyingKey<EqAffine>> {
     let circuit = InferenceCircuit::for_shape(FixedModel::of_shape(shape.clone())?);
     keygen_vk(params, &circuit).map_err(plonk)
 }
@@ -56,7 +59,8 @@ pub fn fp_from_hex(text: &str) -> Result<Fp> {
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| ZkError::BadInput(format!("{text:?} is not 64 hex digits")))?;
-    Option::from(Fp::from_repr(bytes)).ok_or_else(|| ZkError::BadInput(format!("{text} is not a field element")))
+    Option::from(Fp::from_repr(bytes))
+        .ok_or_else(|| ZkError::BadInput(format!("{text} is not a field element")))
 }
 
 /// A proof of one inference, as a file carries it.
@@ -127,13 +131,99 @@ pub fn verify(
             "the proof is about another commitment than the published one".into(),
         ));
     }
-    if proof.input.len() != crate::model::INPUTS || proof.input.iter().any(|&p| p > 16) || proof.output.len() != 10 {
-        return Err(ZkError::BadInput("a proof carries 64 pixels of 0..16 and 10 logits".into()));
+    if proof.input.len() != crate::model::INPUTS
+        || proof.input.iter().any(|&p| p > 16)
+        || proof.output.len() != 10
+    {
+        return Err(ZkError::BadInput(
+            "a proof carries 64 pixels of 0..16 and 10 logits".into(),
+        ));
     }
-    let bytes = hex::decode(&proof.proof).map_err(|e| ZkError::BadInput(format!("the proof is not hex: {e}")))?;
+    let bytes = hex::decode(&proof.proof)
+        .map_err(|e| ZkError::BadInput(format!("the proof is not hex: {e}")))?;
     let public = instance(*trusted_commitment, &proof.input, &proof.output);
     let strategy = SingleVerifier::new(params);
     let mut transcript = Blake2bRead::<_, _, Challenge255<_>>::init(&bytes[..]);
     verify_proof(params, vk, strategy, &[&[&public]], &mut transcript)
         .map_err(|e| ZkError::Proof(format!("the proof does not verify: {e}")))
+}
+
+/// What only the model's owner (the prover) keeps: the weights and the commitment's salt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretModel {
+    /// The public shape.
+    pub shape: ModelShape,
+    /// The 8-bit weights.
+    pub weights: Vec<i64>,
+    /// The salt (hex) that hides the weights in the commitment.
+    pub salt: String,
+}
+
+/// What everybody may know: the shape, the commitment and the key's fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicModel {
+    /// The shape the circuit is laid out from.
+    pub shape: ModelShape,
+    /// log2 of the circuit's rows.
+    pub rows_log2: u32,
+    /// The commitment to the weights (hex).
+    pub commitment: String,
+    /// The verifying key's fingerprint.
+    pub verifying_key: String,
+}
+
+impl SecretModel {
+    /// Commits to `model` under a fresh random salt.
+    pub fn new(model: &FixedModel) -> Self {
+        use halo2_proofs::pasta::group::ff::Field;
+        let salt = Fp::random(&mut halo2_rand::rand_core::UnwrapErr(
+            halo2_rand::rngs::SysRng,
+        ));
+        Self {
+            shape: model.shape.clone(),
+            weights: model.weights.clone(),
+            salt: hex_fp(&salt),
+        }
+    }
+
+    /// The fixed-point model and its salt, checked.
+    pub fn open(&self) -> Result<(FixedModel, Fp)> {
+        Ok((
+            FixedModel::new(self.shape.clone(), self.weights.clone())?,
+            fp_from_hex(&self.salt)?,
+        ))
+    }
+
+    /// The public half: shape, commitment, key fingerprint.
+    pub fn public(&self, params: &Params<EqAffine>) -> Result<PublicModel> {
+        let (model, salt) = self.open()?;
+        Ok(PublicModel {
+            shape: self.shape.clone(),
+            rows_log2: K,
+            commitment: hex_fp(&commitment(&model.weights, salt)),
+            verifying_key: key_fingerprint(&verifying_key(params, &self.shape)?),
+        })
+    }
+}
+
+impl PublicModel {
+    /// The verifying key, rebuilt from the shape and checked against the fingerprint.
+    pub fn verifying_key(&self, params: &Params<EqAffine>) -> Result<VerifyingKey<EqAffine>> {
+        if self.rows_log2 != K || params.k() != K {
+            return Err(ZkError::BadModel(format!(
+                "circuits here have 2^{K} rows; the files say 2^{} and 2^{}",
+                self.rows_log2,
+                params.k()
+            )));
+        }
+        let vk = verifying_key(params, &self.shape)?;
+        if key_fingerprint(&vk) != self.verifying_key {
+            return Err(ZkError::BadModel(
+                "the verifying key rebuilt from the shape is not the published one".into(),
+            ));
+        }
+        Ok(vk)
+    }
 }

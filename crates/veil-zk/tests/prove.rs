@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use halo2_proofs::dev::MockProver;
 use halo2_proofs::circuit::Value;
+use halo2_proofs::dev::MockProver;
 use halo2_proofs::pasta::Fp;
 use veil_zk::circuit::{commitment, instance, InferenceCircuit, K};
 use veil_zk::digits::{read_digits, split};
@@ -12,7 +12,8 @@ use veil_zk::model::FixedModel;
 use veil_zk::train::{train, Architecture};
 
 fn digits() -> Vec<veil_zk::digits::Digit> {
-    read_digits(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/digits/digits.csv.gz")).unwrap()
+    read_digits(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/digits/digits.csv.gz"))
+        .unwrap()
 }
 
 fn mock(model: &FixedModel, salt: Fp, pixels: &[u8]) -> Result<(), String> {
@@ -26,7 +27,9 @@ fn mock(model: &FixedModel, salt: Fp, pixels: &[u8]) -> Result<(), String> {
         trace: Value::known(trace),
     };
     let prover = MockProver::run(K, &circuit, vec![public]).map_err(|e| e.to_string())?;
-    prover.verify().map_err(|e| format!("{:?}", &e[..e.len().min(3)]))
+    prover
+        .verify()
+        .map_err(|e| format!("{:?}", &e[..e.len().min(3)]))
 }
 
 #[test]

@@ -226,7 +226,7 @@ pub(crate) fn median(xs: &mut [f64]) -> f64 {
 }
 
 /// The process's peak resident set size, from `/proc/self/status` (Linux only).
-fn peak_memory() -> Option<u64> {
+pub(crate) fn peak_memory() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

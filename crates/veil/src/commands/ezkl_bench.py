@@ -1,4 +1,4 @@
-"""Benchmarks EZKL on one of Veil's small fixed-point networks, for a side-by-side with Veil's prover.
+"""Benchmarks EZKL on one of Veil's small networks, for a side-by-side with Veil's own prover.
 
 Run by Veil's CLI as
 
@@ -6,8 +6,8 @@ Run by Veil's CLI as
         [--scale 7] [--logrows K [--lookup-range LO HI]] [--runs 1]
 
 with a Python that has `ezkl` (23.0.5) and `onnx` installed. The model file is Veil's float model
-(dense and conv layers with relu / sigmoid / no activation); this script turns it into an ONNX graph,
-then runs EZKL's whole pipeline in DIR: settings, compile, setup, witness, prove, verify.
+(dense and conv layers with relu / sigmoid / no activation); this script turns it into an ONNX
+graph, then runs EZKL's whole pipeline in DIR: settings, compile, setup, witness, prove, verify.
 
 The settings mirror what Veil's circuit proves: the input and the output are public, the weights are
 private and only their Poseidon hash is public (`param_visibility="hashed"`), and inputs and weights
@@ -99,8 +99,10 @@ def build_onnx(model: dict, path: str) -> None:
             )
         else:
             raise ValueError(f"unsupported layer kind {layer['kind']!r}")
-        initializers.append(helper.make_tensor(weight, TensorProto.FLOAT, dims, flat(layer["weights"])))
-        initializers.append(helper.make_tensor(bias, TensorProto.FLOAT, [len(layer["bias"])], flat(layer["bias"])))
+        initializers += [
+            helper.make_tensor(weight, TensorProto.FLOAT, dims, flat(layer["weights"])),
+            helper.make_tensor(bias, TensorProto.FLOAT, [len(layer["bias"])], flat(layer["bias"])),
+        ]
         current = out
         activation = layer.get("activation", "none")
         if activation != "none":
@@ -109,11 +111,12 @@ def build_onnx(model: dict, path: str) -> None:
             current = f"{out}_{activation}"
     nodes.append(helper.make_node("Identity", [current], ["output"]))
 
+    outputs = model["layers"][-1]["outputs"]
     graph = helper.make_graph(
         nodes,
         model.get("name", "model"),
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *model["input_shape"]])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, model["layers"][-1]["outputs"]])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, outputs])],
         initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -146,15 +149,19 @@ def float_forward(model: dict, pixels: list) -> list:
             channels, height, width = shape
             k = layer["kernel"]
             oh, ow = height - k + 1, width - k + 1
+            def pixel(c, y, xx):
+                return x[(c * height + y) * width + xx]
+
             out = []
-            for oc, kernels in enumerate(layer["weights"]):
+            for kernels, bias in zip(layer["weights"], layer["bias"]):
                 for y in range(oh):
                     for xx in range(ow):
-                        total = layer["bias"][oc]
-                        for ic in range(channels):
-                            for ky in range(k):
-                                for kx in range(k):
-                                    total += kernels[ic][ky][kx] * x[ic * height * width + (y + ky) * width + xx + kx]
+                        total = bias + sum(
+                            kernels[c][ky][kx] * pixel(c, y + ky, xx + kx)
+                            for c in range(channels)
+                            for ky in range(k)
+                            for kx in range(k)
+                        )
                         out.append(activate(total, act))
             x, shape = out, [len(layer["weights"]), oh, ow]
     return x
@@ -186,14 +193,11 @@ def workdir_paths(workdir: str) -> dict:
 def proof_size(proof_path: str) -> int:
     """Bytes of the raw proof inside EZKL's JSON proof file (its "proof" field, a list of bytes)."""
     with open(proof_path) as f:
-        proof = json.load(f)["proof"]
-    if isinstance(proof, str):
-        return len(bytes.fromhex(proof.removeprefix("0x")))
-    return len(proof)
+        return len(json.load(f)["proof"])
 
 
 def prove_step(workdir: str, out) -> None:
-    """Child-process mode (`--step prove`): one timed prove call; prints {"prove_s": ...} on `out`."""
+    """Child-process mode (`--step prove`): one timed prove call; prints {"prove_s": ...}."""
     paths = workdir_paths(workdir)
     start = time.perf_counter()
     ezkl.prove(
@@ -303,7 +307,8 @@ def bench(args: argparse.Namespace) -> dict:
         verify_times.append(time.perf_counter() - start)
         if not verified:
             raise RuntimeError("ezkl.verify rejected the proof")
-        log(f"run {run + 1}/{args.runs}: prove {prove_times[-1]:.3f} s, verify {verify_times[-1]:.4f} s")
+        log(f"run {run + 1}/{args.runs}: prove {prove_times[-1]:.3f} s, "
+            f"verify {verify_times[-1]:.4f} s")
 
     # ru_maxrss is in KiB on Linux; the children's is the largest of the prove processes'.
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -329,14 +334,14 @@ def main() -> None:
     parser.add_argument("--model", help="Veil model JSON (float weights)")
     parser.add_argument("--input", help='input JSON: {"input": [floats]}')
     parser.add_argument("--workdir", required=True, help="folder for EZKL's files")
-    parser.add_argument("--scale", type=int, default=7, help="fixed-point bits of inputs and weights")
-    parser.add_argument("--logrows", type=int, help="circuit size 2^K; calibrated by EZKL when absent")
+    parser.add_argument("--scale", type=int, default=7, help="fixed-point bits of inputs, weights")
+    parser.add_argument("--logrows", type=int, help="circuit size 2^K; else EZKL calibrates it")
     parser.add_argument(
         "--lookup-range", type=int, nargs=2, metavar=("LO", "HI"),
         help="inputs the non-linearity tables cover, at the activation scale (with --logrows)",
     )
-    parser.add_argument("--runs", type=int, default=1, help="prove/verify this many times, report medians")
-    parser.add_argument("--step", choices=["prove"], help=argparse.SUPPRESS)  # internal: child process
+    parser.add_argument("--runs", type=int, default=1, help="prove/verify N times, report medians")
+    parser.add_argument("--step", choices=["prove"], help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
 
     out = claim_stdout()

@@ -1,8 +1,9 @@
-//! `veil zk`: commitments to models, and challenges that make nodes prove which weights they
-//! hold.
+//! `veil zk`: zero-knowledge proofs that a committed private model produced an answer
+//! (train, setup, prove, verify), commitments to served models, and challenges that make
+//! nodes prove which weights they hold.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -20,6 +21,74 @@ pub enum ZkCommand {
     /// Challenge every node serving a model to open random chunks of its weights; fails if a
     /// node's root is not the model's or its openings do not verify.
     Challenge(ChallengeArgs),
+    /// Train the private models (an MLP and a CNN) on the digits and write them.
+    Train(TrainArgs),
+    /// Commit to a private model: writes its secret (weights, salt) and public (shape,
+    /// commitment, key fingerprint) files and the proof system's parameters.
+    Setup(SetupArgs),
+    /// Prove the committed model's answer on one input.
+    Prove(ProveArgs),
+    /// Verify a proof against the published commitment (needs only the public files).
+    Verify(VerifyArgs),
+}
+
+/// Arguments of `veil zk train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// The digits (CSV, gzipped).
+    #[arg(long, default_value = "datasets/digits/digits.csv.gz")]
+    pub data: PathBuf,
+    /// Where to write mlp.json and cnn.json.
+    #[arg(long, default_value = "models/zk")]
+    pub out: PathBuf,
+    /// Seed of the weights' initialisation.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+/// Arguments of `veil zk setup`.
+#[derive(Args, Debug)]
+pub struct SetupArgs {
+    /// The trained model (JSON from `veil zk train`).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Directory for secret.json, public.json and params.bin.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Arguments of `veil zk prove`.
+#[derive(Args, Debug)]
+pub struct ProveArgs {
+    /// The directory `veil zk setup` wrote.
+    #[arg(long)]
+    pub setup: PathBuf,
+    /// The input: a JSON file `{"input": [64 pixels of 0..16]}`.
+    #[arg(long, conflicts_with = "digit")]
+    pub input: Option<PathBuf>,
+    /// Or: the Nth held-out test digit.
+    #[arg(long)]
+    pub digit: Option<usize>,
+    /// The digits, for --digit.
+    #[arg(long, default_value = "datasets/digits/digits.csv.gz")]
+    pub data: PathBuf,
+    /// Where to write the proof.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Arguments of `veil zk verify`.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The published public.json.
+    #[arg(long)]
+    pub public: PathBuf,
+    /// The proof system's parameters (params.bin).
+    #[arg(long)]
+    pub params: PathBuf,
+    /// The proof.
+    #[arg(long)]
+    pub proof: PathBuf,
 }
 
 /// Arguments of `veil zk commit`.
@@ -53,7 +122,150 @@ pub fn run(command: ZkCommand) -> Result<()> {
     match command {
         ZkCommand::Commit(args) => commit(args),
         ZkCommand::Challenge(args) => challenge(args),
+        ZkCommand::Train(args) => train(args),
+        ZkCommand::Setup(args) => setup(args),
+        ZkCommand::Prove(args) => prove(args),
+        ZkCommand::Verify(args) => verify(args),
     }
+}
+
+/// Largest JSON file read (a model, a proof, an input): these are kilobytes.
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the {what} {}", path.display()))?
+        .len();
+    if size > MAX_FILE_BYTES {
+        bail!(
+            "the {what} {} is {size} bytes: not a {what}",
+            path.display()
+        );
+    }
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the {what} {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a valid {what}", path.display()))
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    use veil_zk::train::{fixed_accuracy, float_accuracy, train, Architecture};
+    let digits = veil_zk::digits::read_digits(&args.data)?;
+    let (train_set, test_set) = veil_zk::digits::split(&digits);
+    for (arch, name) in [(Architecture::Mlp, "mlp"), (Architecture::Cnn, "cnn")] {
+        let model = train(arch, &train_set, args.seed)?;
+        let fixed = model.quantize()?;
+        let path = args.out.join(format!("{name}.json"));
+        write_json(&path, &model)?;
+        println!(
+            "{name}: {} weights; held-out accuracy {:.3} in float, {:.3} in fixed point ({} digits); written to {}",
+            fixed.weights.len(),
+            float_accuracy(&model, &test_set),
+            fixed_accuracy(&fixed, &test_set),
+            test_set.len(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn setup(args: SetupArgs) -> Result<()> {
+    let model: veil_zk::model::FloatModel = read_json(&args.model, "model")?;
+    let fixed = model.quantize()?;
+    let params = veil_zk::proof::parameters();
+    let secret = veil_zk::proof::SecretModel::new(&fixed);
+    let public = secret.public(&params)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    write_json(&args.out.join("secret.json"), &secret)?;
+    write_json(&args.out.join("public.json"), &public)?;
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(args.out.join("params.bin")).context("cannot write params.bin")?,
+    );
+    params.write(&mut file).context("cannot write params.bin")?;
+    println!("commitment {}", public.commitment);
+    println!(
+        "wrote {0}/public.json and {0}/params.bin (publish these) and {0}/secret.json (keep it: the weights and salt)",
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn read_params(
+    path: &Path,
+) -> Result<halo2_proofs::poly::commitment::Params<halo2_proofs::pasta::EqAffine>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    halo2_proofs::poly::commitment::Params::read(&mut std::io::BufReader::new(file))
+        .with_context(|| format!("{} is not halo2 parameters", path.display()))
+}
+
+fn prove(args: ProveArgs) -> Result<()> {
+    let secret: veil_zk::proof::SecretModel =
+        read_json(&args.setup.join("secret.json"), "secret model")?;
+    let (model, salt) = secret.open()?;
+    let pixels: Vec<u8> = match (&args.input, args.digit) {
+        (Some(path), _) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Input {
+                input: Vec<u8>,
+            }
+            read_json::<Input>(path, "input")?.input
+        }
+        (None, Some(n)) => {
+            let digits = veil_zk::digits::read_digits(&args.data)?;
+            let (_, test) = veil_zk::digits::split(&digits);
+            test.get(n)
+                .with_context(|| format!("--digit {n}: there are {} held-out digits", test.len()))?
+                .pixels
+                .clone()
+        }
+        (None, None) => bail!("give --input FILE or --digit N"),
+    };
+    let params = read_params(&args.setup.join("params.bin"))?;
+    let started = std::time::Instant::now();
+    let pk = veil_zk::proof::proving_key(&params, &secret.shape)?;
+    let keys = started.elapsed();
+    let started = std::time::Instant::now();
+    let proof = veil_zk::proof::prove(&params, &pk, &model, salt, &pixels)?;
+    let proving = started.elapsed();
+    write_json(&args.out, &proof)?;
+    println!(
+        "digit {}: proved in {:.2} s (keys {:.2} s), proof {} bytes, peak memory {} MiB; written to {}",
+        veil_zk::model::argmax(&proof.output),
+        proving.as_secs_f64(),
+        keys.as_secs_f64(),
+        proof.proof.len() / 2,
+        crate::commands::bench::peak_memory().unwrap_or(0) >> 20,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn verify(args: VerifyArgs) -> Result<()> {
+    let public: veil_zk::proof::PublicModel = read_json(&args.public, "public model")?;
+    let proof: veil_zk::proof::InferenceProof = read_json(&args.proof, "proof")?;
+    let params = read_params(&args.params)?;
+    let vk = public.verifying_key(&params)?;
+    let trusted = veil_zk::proof::fp_from_hex(&public.commitment)?;
+    let started = std::time::Instant::now();
+    veil_zk::proof::verify(&params, &vk, &trusted, &proof)?;
+    println!(
+        "verified in {:.3} s: the committed model labels this input {} (logits {:?})",
+        started.elapsed().as_secs_f64(),
+        veil_zk::model::argmax(&proof.output),
+        proof.output
+    );
+    Ok(())
 }
 
 fn describe(shard: &Shard) -> String {
