@@ -62,8 +62,29 @@ def claim_stdout():
 
 
 # ---------------------------------------------------------------------------------------------
-# The model: ONNX graph and plain-Python float forward pass
+# The model: its shapes, ONNX graph and plain-Python float forward pass
 # ---------------------------------------------------------------------------------------------
+
+
+def normalize(model: dict, input_len: int) -> dict:
+    """Fills in what Veil's model files may leave implicit: `input_shape` (from the first layer and
+    the input's length, square images), and for conv layers `in_channels`, `kernel` and weights as
+    [out][in][ky][kx] (Veil writes single-channel kernels as [out][ky][kx])."""
+    model = dict(model, layers=[dict(layer) for layer in model["layers"]])
+    for layer in model["layers"]:
+        if layer["kind"] == "conv":
+            if not isinstance(layer["weights"][0][0][0], list):
+                layer["weights"] = [[kernel] for kernel in layer["weights"]]
+            layer.setdefault("in_channels", len(layer["weights"][0]))
+            layer.setdefault("kernel", len(layer["weights"][0][0]))
+    if "input_shape" not in model:
+        first = model["layers"][0]
+        if first["kind"] == "conv":
+            side = math.isqrt(input_len // first["in_channels"])
+            model["input_shape"] = [first["in_channels"], side, side]
+        else:
+            model["input_shape"] = [first["inputs"]]
+    return model
 
 
 def flat(values) -> list:
@@ -262,10 +283,10 @@ def write_settings(paths: dict, scale: int, logrows, lookup_range) -> dict:
 def bench(args: argparse.Namespace) -> dict:
     os.makedirs(args.workdir, exist_ok=True)
     paths = workdir_paths(args.workdir)
-    with open(args.model) as f:
-        model = json.load(f)
     with open(args.input) as f:
         pixels = [float(v) for v in json.load(f)["input"]]
+    with open(args.model) as f:
+        model = normalize(json.load(f), len(pixels))
 
     build_onnx(model, paths["onnx"])
     with open(paths["data"], "w") as f:
