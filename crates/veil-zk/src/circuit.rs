@@ -24,7 +24,7 @@ use halo2_proofs::plonk::{
 };
 use halo2_proofs::poly::Rotation;
 
-use crate::model::{Activation, FixedModel, Trace, ACT_RANGE, ACT_SCALE_BITS, INPUTS};
+use crate::model::{Activation, FixedModel, Trace, ACT_RANGE, INPUTS};
 
 /// Weights packed into one field element (8 bits each: 240 bits, under the field's 254).
 pub const WEIGHTS_PER_ELEMENT: usize = 30;
@@ -112,8 +112,6 @@ pub struct InferenceCircuit {
     pub salt: Value<Fp>,
     /// The forward pass on the input (unknown when making keys or verifying).
     pub trace: Value<Trace>,
-    /// The input pixels (unknown when making keys or verifying).
-    pub pixels: Value<Vec<u8>>,
     /// Whether the weights are known (proving) or not.
     pub known: bool,
 }
@@ -125,7 +123,6 @@ impl InferenceCircuit {
             model,
             salt: Value::unknown(),
             trace: Value::unknown(),
-            pixels: Value::unknown(),
             known: false,
         }
     }
@@ -278,12 +275,7 @@ impl Circuit<Fp> for InferenceCircuit {
                 let out = layouter.assign_region(
                     || "neuron",
                     |mut region| {
-                        let mut acc = region.assign_advice_from_constant(
-                            || "zero",
-                            config.c,
-                            0,
-                            Fp::zero(),
-                        )?;
+                        region.assign_advice_from_constant(|| "zero", config.c, 0, Fp::zero())?;
                         let mut sum = Value::known(Fp::zero());
                         let terms = neuron.terms.len() + 1;
                         for row in 0..terms {
@@ -312,9 +304,8 @@ impl Circuit<Fp> for InferenceCircuit {
                                 (x, w)
                             };
                             sum = sum + x.value().copied() * w.value().copied();
-                            acc = region.assign_advice(|| "sum", config.c, row + 1, || sum)?;
+                            region.assign_advice(|| "sum", config.c, row + 1, || sum)?;
                         }
-                        let _ = acc;
                         let row = terms;
                         config.s_rescale.enable(&mut region, row)?;
                         region.assign_fixed(
@@ -484,6 +475,5 @@ fn load_tables(config: &InferenceConfig, layouter: &mut impl Layouter<Fp>) -> Re
             Ok(())
         },
     )?;
-    let _ = ACT_SCALE_BITS;
     Ok(())
 }

@@ -97,7 +97,6 @@ pub fn prove(
     let circuit = InferenceCircuit {
         model: model.clone(),
         salt: Value::known(salt),
-        pixels: Value::known(pixels.to_vec()),
         known: true,
         trace: Value::known(trace.clone()),
     };

@@ -21,7 +21,6 @@ fn mock(model: &FixedModel, salt: Fp, pixels: &[u8]) -> Result<(), String> {
     let circuit = InferenceCircuit {
         model: model.clone(),
         salt: Value::known(salt),
-        pixels: Value::known(pixels.to_vec()),
         known: true,
         trace: Value::known(trace),
     };
@@ -123,7 +122,6 @@ fn a_weight_outside_the_committed_packing_cannot_be_used() {
     let circuit = InferenceCircuit {
         model,
         salt: Value::known(Fp::one()),
-        pixels: Value::known(pixels.to_vec()),
         known: true,
         trace: Value::known(trace),
     };
