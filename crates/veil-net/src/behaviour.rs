@@ -89,6 +89,11 @@ pub fn model_key(model_digest: &str) -> kad::RecordKey {
     kad::RecordKey::new(&format!("veil/model/{model_digest}"))
 }
 
+/// The provider key for nodes proving answers of the private model with `commitment`.
+pub fn zk_key(commitment: &str) -> kad::RecordKey {
+    kad::RecordKey::new(&format!("veil/zk/{commitment}"))
+}
+
 /// The provider key for nodes serving one block range of a model.
 pub fn range_key(model_digest: &str, first_block: usize, end_block: usize) -> kad::RecordKey {
     kad::RecordKey::new(&format!(

@@ -5,6 +5,7 @@ pub mod behaviour;
 pub mod chain;
 pub mod client;
 pub mod committee;
+pub mod critical;
 pub mod error;
 pub mod history;
 pub mod node;

@@ -23,7 +23,9 @@ use veil_verify::{
     VerdictReveal,
 };
 
-use crate::behaviour::{build_swarm, model_key, range_key, VeilBehaviour, VeilBehaviourEvent};
+use crate::behaviour::{
+    build_swarm, model_key, range_key, zk_key, VeilBehaviour, VeilBehaviourEvent,
+};
 use crate::error::{NetError, Result};
 use veil_zk::WeightsCommitment;
 
@@ -61,6 +63,8 @@ pub struct NodeConfig {
     pub history: Option<RunTemplate>,
     /// Where this node's TEE evidence comes from, if it runs in one.
     pub tee: Option<veil_tee::EvidenceSource>,
+    /// A committed private model whose answers this node proves.
+    pub zk: Option<Arc<veil_zk::proof::Prover>>,
 }
 
 /// What the node holds for one session.
@@ -178,6 +182,7 @@ pub async fn run_node(
             root: weights.root_hex(),
             leaves: weights.leaf_count() as u64,
         }),
+        zk_commitment: config.zk.as_ref().map(|p| p.commitment().to_string()),
     };
     let whole = shard_info.embedding
         && shard_info.head
@@ -328,6 +333,17 @@ pub async fn run_node(
                                 let _ = tx.send(JudgeDone { channel, response, reveal: None });
                             });
                         }
+                        Handled::ProveInference(input) => {
+                            let (prover, tx) = (config.zk.clone(), judged_tx.clone());
+                            tokio::task::spawn_blocking(move || {
+                                let response = match prover.map(|p| p.prove(&input)) {
+                                    Some(Ok(proof)) => Response::InferenceProof(Box::new(proof)),
+                                    Some(Err(e)) => refuse(ErrorKind::BadRequest, e.to_string()),
+                                    None => refuse(ErrorKind::BadRequest, "this node proves no private model"),
+                                };
+                                let _ = tx.send(JudgeDone { channel, response, reveal: None });
+                            });
+                        }
                         Handled::OpenWeights(leaves) => {
                             let (weights, path, tx) = (Arc::clone(&weights), config.shard.clone(), judged_tx.clone());
                             tokio::task::spawn_blocking(move || {
@@ -398,6 +414,8 @@ enum Handled {
     Attest([u8; 32]),
     /// Open these leaves of the weights commitment on a blocking thread.
     OpenWeights(Vec<u32>),
+    /// Prove the private model's answer on a blocking thread.
+    ProveInference(Vec<u8>),
 }
 
 /// A judgement finished on a blocking thread.
@@ -584,6 +602,21 @@ fn handle(
                 ));
             }
             return Handled::Judge(job);
+        }
+        RequestBody::ProveInference { input } => {
+            if info.zk_commitment.is_none() {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    "this node proves no private model",
+                ));
+            }
+            if input.len() != veil_zk::model::INPUTS || input.iter().any(|&p| p > 16) {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    "an input is 64 pixels of 0..16",
+                ));
+            }
+            return Handled::ProveInference(input);
         }
         RequestBody::OpenWeights { leaves } => {
             if leaves.is_empty() || leaves.len() > veil_zk::MAX_OPENINGS {
@@ -776,10 +809,14 @@ pub(crate) fn join(swarm: &mut Swarm<VeilBehaviour>, bootstrap: &[Multiaddr]) ->
 
 fn announce(swarm: &mut Swarm<VeilBehaviour>, info: &ShardInfo) {
     let kad = &mut swarm.behaviour_mut().kad;
+    let private = info.zk_commitment.as_deref().map(zk_key);
     for key in [
         model_key(&info.model_digest),
         range_key(&info.model_digest, info.first_block, info.end_block),
-    ] {
+    ]
+    .into_iter()
+    .chain(private)
+    {
         if let Err(e) = kad.start_providing(key) {
             warn!("cannot announce: {e}");
         }

@@ -109,6 +109,7 @@ mod tests {
                 format: "f32".into(),
                 tee: None,
                 weights: None,
+                zk_commitment: None,
             },
             latency: Duration::from_millis(millis),
         }

@@ -182,6 +182,11 @@ pub enum RequestBody {
         /// Leaf indices, at most [`veil_zk::MAX_OPENINGS`].
         leaves: Vec<u32>,
     },
+    /// Run your committed private model on these 64 pixels and prove the answer.
+    ProveInference {
+        /// Pixels, 0..16.
+        input: Vec<u8>,
+    },
     /// Prove you run in a TEE: evidence naming your key and this nonce.
     Attest {
         /// The verifier's fresh challenge.
@@ -211,6 +216,8 @@ pub enum Response {
     Revealed(Signed<VerdictReveal>),
     /// Opened weight chunks answering [`RequestBody::OpenWeights`].
     WeightOpenings(Box<veil_zk::Openings>),
+    /// A private model's answer with its zero-knowledge proof.
+    InferenceProof(Box<veil_zk::proof::InferenceProof>),
     /// TEE evidence answering [`RequestBody::Attest`].
     Attested(Box<veil_tee::Evidence>),
     /// The request was refused; the message says why.
@@ -265,6 +272,9 @@ pub struct ShardInfo {
     /// [`RequestBody::OpenWeights`].
     #[serde(default)]
     pub weights: Option<WeightsRoot>,
+    /// The commitment of the private model whose answers the node proves, if any.
+    #[serde(default)]
+    pub zk_commitment: Option<String>,
 }
 
 /// A Merkle root over a node's tensors (see `veil_zk::WeightsCommitment`).
@@ -333,6 +343,7 @@ mod tests {
             format: "f32".into(),
             tee: None,
             weights: None,
+            zk_commitment: None,
         }
     }
 

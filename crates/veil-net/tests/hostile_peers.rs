@@ -52,6 +52,7 @@ async fn serve(dir: &std::path::Path, listen: &str, shard: std::path::PathBuf) -
         misbehave: None,
         history: None,
         tee: None,
+        zk: None,
     };
     tokio::spawn(async move {
         veil_net::run_node(config, futures::future::pending())

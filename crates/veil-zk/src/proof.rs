@@ -226,3 +226,88 @@ impl PublicModel {
         Ok(vk)
     }
 }
+
+/// A node's side of a committed private model: the weights, the salt and the proving key,
+/// ready to prove answers.
+pub struct Prover {
+    model: FixedModel,
+    salt: Fp,
+    commitment: String,
+    params: Params<EqAffine>,
+    pk: ProvingKey<EqAffine>,
+}
+
+impl std::fmt::Debug for Prover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Prover {{ commitment: {} }}", self.commitment)
+    }
+}
+
+impl Prover {
+    /// Opens the setup files; the announced commitment is the published one, and proofs are
+    /// made from the secret file's weights (so a node whose weights differ is caught).
+    pub fn open(
+        secret: &SecretModel,
+        public: &PublicModel,
+        params: Params<EqAffine>,
+    ) -> Result<Self> {
+        let (model, salt) = secret.open()?;
+        if secret.shape != public.shape {
+            return Err(ZkError::BadModel(
+                "the secret and public files describe different shapes".into(),
+            ));
+        }
+        let pk = proving_key(&params, &public.shape)?;
+        Ok(Self {
+            model,
+            salt,
+            commitment: public.commitment.clone(),
+            params,
+            pk,
+        })
+    }
+
+    /// The commitment the node announces.
+    pub fn commitment(&self) -> &str {
+        &self.commitment
+    }
+
+    /// Proves the model's answer on `pixels`.
+    pub fn prove(&self, pixels: &[u8]) -> Result<InferenceProof> {
+        prove(&self.params, &self.pk, &self.model, self.salt, pixels)
+    }
+}
+
+/// A gateway's side: the published commitment and the key to check proofs with.
+pub struct Verifier {
+    params: Params<EqAffine>,
+    vk: VerifyingKey<EqAffine>,
+    commitment: Fp,
+    commitment_hex: String,
+}
+
+impl Verifier {
+    /// Rebuilds the verifying key from the public file and checks its fingerprint.
+    pub fn open(public: &PublicModel, params: Params<EqAffine>) -> Result<Self> {
+        let vk = public.verifying_key(&params)?;
+        Ok(Self {
+            commitment: fp_from_hex(&public.commitment)?,
+            commitment_hex: public.commitment.clone(),
+            params,
+            vk,
+        })
+    }
+
+    /// The published commitment (hex).
+    pub fn commitment(&self) -> &str {
+        &self.commitment_hex
+    }
+
+    /// Checks `proof` answers `pixels` under the published commitment.
+    pub fn check(&self, pixels: &[u8], proof: &InferenceProof) -> Result<()> {
+        if proof.input != pixels {
+            return Err(ZkError::Proof("the proof is about another input".into()));
+        }
+        verify(&self.params, &self.vk, &self.commitment, proof)
+    }
+}

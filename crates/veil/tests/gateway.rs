@@ -970,3 +970,114 @@ fn with_require_tee_only_attested_nodes_serve_and_refusals_say_why() {
     let (status, reply) = gateway.post("/v1/chat/completions", &verified);
     assert_openai_error(status, &reply, 503, Some("no_route"));
 }
+
+#[test]
+fn critical_requests_return_only_answers_whose_proof_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let zk = dir.path().join("zk");
+    let setup = Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args(["zk", "setup", "--model"])
+        .arg(repo.join("models/zk/mlp.json"))
+        .arg("--out")
+        .arg(&zk)
+        .output()
+        .unwrap();
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    // A node whose weights are not the committed ones: same public files, one weight changed.
+    let forged = dir.path().join("forged");
+    std::fs::create_dir(&forged).unwrap();
+    for f in ["public.json", "params.bin"] {
+        std::fs::copy(zk.join(f), forged.join(f)).unwrap();
+    }
+    let mut secret: Value =
+        serde_json::from_slice(&std::fs::read(zk.join("secret.json")).unwrap()).unwrap();
+    let w = secret["weights"][3].as_i64().unwrap();
+    secret["weights"][3] = json!(if w < 100 { w + 1 } else { w - 1 });
+    std::fs::write(forged.join("secret.json"), secret.to_string()).unwrap();
+
+    let digits = veil_zk::digits::read_digits(&repo.join("datasets/digits/digits.csv.gz")).unwrap();
+    let (_, test) = veil_zk::digits::split(&digits);
+    let digit = &test[4];
+    let float: veil_zk::model::FloatModel =
+        serde_json::from_slice(&std::fs::read(repo.join("models/zk/mlp.json")).unwrap()).unwrap();
+    let expected = float
+        .quantize()
+        .unwrap()
+        .trace(&digit.pixels)
+        .unwrap()
+        .output;
+
+    let classify = |gateway: &Gateway| -> (u16, Value) {
+        let body = json!({"input": digit.pixels});
+        for _ in 0..400 {
+            let (status, reply) = gateway.post("/v1/veil/classify", &body);
+            if status != 503 {
+                return (status, reply);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        panic!("no prover found");
+    };
+    let start_gateway = |node: &NodeProcess, name: &str| {
+        Gateway::start_with(&[
+            "--bootstrap",
+            &node.addr,
+            "--model",
+            model.to_str().unwrap(),
+            "--state",
+            dir.path().join(format!("{name}.redb")).to_str().unwrap(),
+            "--zk-public",
+            zk.to_str().unwrap(),
+        ])
+    };
+
+    let honest = NodeProcess::start_with(
+        &model,
+        &dir.path().join("honest.redb"),
+        None,
+        &["--zk-setup", zk.to_str().unwrap()],
+    );
+    let gateway = start_gateway(&honest, "gateway");
+    let (status, reply) = classify(&gateway);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["verified"], true);
+    assert_eq!(reply["logits"], json!(expected));
+    assert_eq!(reply["digit"], veil_zk::model::argmax(&expected));
+    for (body, param) in [
+        (json!({"input": [1, 2, 3]}), "input"),
+        (json!({"input": vec![17; 64]}), "input"),
+    ] {
+        let (status, reply) = gateway.post("/v1/veil/classify", &body);
+        assert_openai_error(status, &reply, 400, None);
+        assert_eq!(reply["error"]["param"], param);
+    }
+    let (status, reply) = gateway.post(
+        "/v1/veil/classify",
+        &json!({"input": digit.pixels, "extra": 1}),
+    );
+    assert_openai_error(status, &reply, 400, None);
+
+    // A swarm whose only prover holds other weights: its proof is refused, the client gets 502.
+    let forger = NodeProcess::start_with(
+        &model,
+        &dir.path().join("forger.redb"),
+        None,
+        &["--zk-setup", forged.to_str().unwrap()],
+    );
+    let gateway = start_gateway(&forger, "forger-gateway");
+    let (status, reply) = classify(&gateway);
+    assert_openai_error(status, &reply, 502, Some("verification_failed"));
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another commitment"),
+        "{reply}"
+    );
+}

@@ -58,6 +58,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub evidence_dir: Option<std::path::PathBuf>,
 
+    /// Serve critical requests (`POST /v1/veil/classify`) for the committed private model
+    /// whose public files (public.json, params.bin from `veil zk setup`) are in DIR: nodes
+    /// answer with a zero-knowledge proof, checked here before the answer is returned.
+    #[arg(long, value_name = "DIR", conflicts_with = "local")]
+    pub zk_public: Option<std::path::PathBuf>,
+
     /// Route only to nodes whose TEE evidence passes this policy (a TOML file: see
     /// `veil tee verify`); each node is challenged with a fresh nonce.
     #[arg(long, value_name = "POLICY", conflicts_with = "local")]
@@ -82,6 +88,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Some(file) => Some(Arc::new(veil_net::TeeGate::new(
             crate::commands::tee::read_policy(file)?,
         ))),
+        None => None,
+    };
+    let private_model = match &args.zk_public {
+        Some(dir) => Some(Arc::new(crate::commands::zk::open_verifier(dir)?)),
         None => None,
     };
     let path = args.model.resolve_path()?;
@@ -184,6 +194,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     "cannot open the reputation database (is another veil client using it?)",
                 )?,
                 tee_gate,
+                private_model,
             })
         };
         let gateway = Arc::new(Gateway::new(

@@ -131,6 +131,10 @@ pub struct NodeArgs {
     /// This chip's VCEK certificate (DER or PEM) sent with each SEV-SNP report.
     #[arg(long, value_name = "FILE")]
     pub tee_vcek: Option<PathBuf>,
+    /// Prove answers of the committed private model set up in DIR (`veil zk setup`) for
+    /// critical requests.
+    #[arg(long, value_name = "DIR")]
+    pub zk_setup: Option<PathBuf>,
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
@@ -186,6 +190,10 @@ pub fn node(args: NodeArgs) -> Result<()> {
             args.tee_collateral.as_deref(),
             args.tee_vcek.as_deref(),
         )?,
+        zk: match &args.zk_setup {
+            Some(dir) => Some(std::sync::Arc::new(crate::commands::zk::open_prover(dir)?)),
+            None => None,
+        },
     };
     let runtime = runtime()?;
     runtime

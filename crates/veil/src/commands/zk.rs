@@ -251,6 +251,22 @@ fn prove(args: ProveArgs) -> Result<()> {
     Ok(())
 }
 
+/// The verifier of the committed private model whose public files are in `dir`.
+pub fn open_verifier(dir: &Path) -> Result<veil_zk::proof::Verifier> {
+    let public: veil_zk::proof::PublicModel = read_json(&dir.join("public.json"), "public model")?;
+    let params = read_params(&dir.join("params.bin"))?;
+    Ok(veil_zk::proof::Verifier::open(&public, params)?)
+}
+
+/// The prover of the committed private model set up in `dir` (secret.json, public.json,
+/// params.bin).
+pub fn open_prover(dir: &Path) -> Result<veil_zk::proof::Prover> {
+    let secret: veil_zk::proof::SecretModel = read_json(&dir.join("secret.json"), "secret model")?;
+    let public: veil_zk::proof::PublicModel = read_json(&dir.join("public.json"), "public model")?;
+    let params = read_params(&dir.join("params.bin"))?;
+    Ok(veil_zk::proof::Prover::open(&secret, &public, params)?)
+}
+
 fn verify(args: VerifyArgs) -> Result<()> {
     let public: veil_zk::proof::PublicModel = read_json(&args.public, "public model")?;
     let proof: veil_zk::proof::InferenceProof = read_json(&args.proof, "proof")?;

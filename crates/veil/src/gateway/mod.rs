@@ -71,6 +71,17 @@ pub struct SwarmBackend {
     pub state: veil_net::NodeState,
     /// With `--require-tee`: only nodes whose TEE evidence passes the policy serve.
     pub tee_gate: Option<Arc<veil_net::TeeGate>>,
+    /// With `--zk-public`: the committed private model whose proved answers
+    /// `/v1/veil/classify` returns.
+    pub private_model: Option<Arc<veil_zk::proof::Verifier>>,
+}
+
+/// A critical request to the committed private model.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    /// 64 pixels of 0..16 (an 8×8 digit).
+    pub input: Vec<u8>,
 }
 
 /// An encrypted model behind the gateway: the key stays here; nodes (or the local shards) run
@@ -193,8 +204,69 @@ impl Gateway {
             .route("/metrics", get(metrics_text))
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
+            .route("/v1/veil/classify", post(classify))
             .layer(DefaultBodyLimit::max(self.limits.max_body_bytes))
             .with_state(self)
+    }
+
+    /// A critical request: a node proving the committed private model answers, and the
+    /// answer is returned only once its proof verifies here (other provers are tried if it
+    /// does not).
+    async fn classify(&self, request: ClassifyRequest) -> Result<serde_json::Value, ApiError> {
+        let Backend::Swarm(swarm) = &self.backend else {
+            return Err(ApiError::invalid("critical requests go to the swarm: start the gateway with --bootstrap and --zk-public", None));
+        };
+        let Some(verifier) = swarm.private_model.clone() else {
+            return Err(ApiError::invalid(
+                "this gateway serves no private model: start it with --zk-public DIR",
+                None,
+            ));
+        };
+        if request.input.len() != veil_zk::model::INPUTS || request.input.iter().any(|&p| p > 16) {
+            return Err(ApiError::invalid(
+                "input is 64 pixels of 0..16 (an 8×8 digit)",
+                Some("input"),
+            ));
+        }
+        let commitment = verifier.commitment().to_string();
+        let peers = veil_net::critical::provers(&swarm.client, &commitment)
+            .await
+            .map_err(|e| ApiError::no_route(&e.to_string()))?;
+        if peers.is_empty() {
+            return Err(ApiError::no_route(&format!(
+                "no node proves the private model {commitment}"
+            )));
+        }
+        let mut refused = Vec::new();
+        for peer in peers {
+            let proof =
+                match veil_net::critical::ask_proof(&swarm.client, peer, &request.input).await {
+                    Ok(proof) => proof,
+                    Err(e) => {
+                        refused.push(format!("{peer}: {e}"));
+                        continue;
+                    }
+                };
+            let (checker, input, checked) =
+                (verifier.clone(), request.input.clone(), proof.clone());
+            let verdict = tokio::task::spawn_blocking(move || checker.check(&input, &checked))
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            match verdict {
+                Ok(()) => {
+                    return Ok(serde_json::json!({
+                        "digit": veil_zk::model::argmax(&proof.output),
+                        "logits": proof.output,
+                        "verified": true,
+                        "commitment": commitment,
+                        "node": peer.to_string(),
+                        "proof_bytes": proof.proof.len() / 2,
+                    }))
+                }
+                Err(e) => refused.push(format!("{peer}: {e}")),
+            }
+        }
+        Err(ApiError::verification_failed(&refused.join(" | ")))
     }
 
     /// A request's `veil.accel`: an acceleration method to force (`veil meta methods`), or
@@ -1126,6 +1198,20 @@ async fn chat(
         .map_err(rejected)
         .and_then(|Json(r)| gateway.chat_job(r));
     run_and_answer(gateway, "chat", job).await
+}
+
+async fn classify(
+    State(gateway): State<Arc<Gateway>>,
+    body: Result<Json<ClassifyRequest>, JsonRejection>,
+) -> Response {
+    let result = match body.map_err(rejected) {
+        Ok(Json(request)) => gateway
+            .classify(request)
+            .await
+            .map(|v| Json(v).into_response()),
+        Err(e) => Err(e),
+    };
+    answer(&gateway, "classify", result)
 }
 
 async fn completions(
