@@ -212,67 +212,17 @@ fn converted(base: &Path, home: &Path, label: &str, dtype: GgmlDType) -> Result<
 
 /// The Python of a venv under `home` that imports `llama_cpp`, installing it the first time.
 fn llama_cpp_python(home: &Path) -> Result<PathBuf> {
-    let venv = home.join("llama-cpp-python");
-    let python = venv.join("bin").join("python");
-    let imports = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import llama_cpp, numpy"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if imports(&python) {
-        return Ok(python);
-    }
-    let log = home.join("llama-cpp-python-install.log");
-    let spinner = progress::spinner(format!(
-        "installing {LLAMA_CPP_PYTHON} into {} (builds llama.cpp for this CPU: about 25 minutes \
-         on 2 cores, once; log in {})",
-        venv.display(),
-        log.display()
-    ));
-    let installed = install_llama_cpp(&venv, &log);
-    spinner.finish_and_clear();
-    installed?;
-    ensure!(
-        imports(&python),
-        "{LLAMA_CPP_PYTHON} installed but does not import; see {}",
-        log.display()
-    );
-    Ok(python)
-}
-
-fn install_llama_cpp(venv: &Path, log: &Path) -> Result<()> {
-    std::fs::create_dir_all(venv.parent().unwrap_or(venv))
-        .with_context(|| format!("cannot create {}", venv.display()))?;
-    let out =
-        std::fs::File::create(log).with_context(|| format!("cannot write {}", log.display()))?;
-    let status = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(venv)
-        .status()
-        .context("cannot run python3 -m venv: is Python 3 installed?")?;
-    ensure!(
-        status.success(),
-        "python3 -m venv {} failed",
-        venv.display()
-    );
     let cmake_args = std::env::var("CMAKE_ARGS").unwrap_or_else(|_| DEFAULT_CMAKE_ARGS.to_string());
-    let status = Command::new(venv.join("bin").join("pip"))
-        .args(["install", LLAMA_CPP_PYTHON, "numpy"])
-        .env("CMAKE_ARGS", cmake_args)
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .status()
-        .context("cannot run the venv's pip")?;
-    if !status.success() {
-        bail!(
-            "pip install {LLAMA_CPP_PYTHON} failed; see {} (set CMAKE_ARGS to change the build)",
-            log.display()
-        );
-    }
-    Ok(())
+    crate::commands::python_venv::venv_python(
+        home,
+        &crate::commands::python_venv::VenvSpec {
+            name: "llama-cpp-python",
+            packages: &[LLAMA_CPP_PYTHON, "numpy"],
+            imports: "llama_cpp, numpy",
+            env: vec![("CMAKE_ARGS", cmake_args)],
+            note: "builds llama.cpp for this CPU: about 25 minutes on 2 cores, once; set CMAKE_ARGS to change the build",
+        },
+    )
 }
 
 /// One timed run of llama.cpp in a fresh process.

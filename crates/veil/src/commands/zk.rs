@@ -30,6 +30,35 @@ pub enum ZkCommand {
     Prove(ProveArgs),
     /// Verify a proof against the published commitment (needs only the public files).
     Verify(VerifyArgs),
+    /// Side by side with EZKL on the same models and inputs: proving and verifying time,
+    /// proof size, peak memory (installs `ezkl` with pip into $VEIL_HOME/ezkl once).
+    Bench(BenchArgs),
+}
+
+/// Arguments of `veil zk bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The models to measure.
+    #[arg(long, value_delimiter = ',', default_values = ["models/zk/mlp.json", "models/zk/cnn.json"])]
+    pub models: Vec<PathBuf>,
+    /// Proofs per engine and model (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub runs: u32,
+    /// The held-out digit to prove.
+    #[arg(long, default_value_t = 0)]
+    pub digit: usize,
+    /// EZKL's fixed-point scale (bits): 6 matches Veil's activations.
+    #[arg(long, default_value_t = 6)]
+    pub ezkl_scale: u32,
+    /// EZKL's circuit size 2^K (16 is the least its hashed weights fit in).
+    #[arg(long, default_value_t = 16)]
+    pub ezkl_logrows: u32,
+    /// EZKL's lookup range, ±this (Veil's activation tables cover ±1024 at scale 2^6).
+    #[arg(long, default_value_t = 1024)]
+    pub ezkl_lookup: i64,
+    /// The digits.
+    #[arg(long, default_value = "datasets/digits/digits.csv.gz")]
+    pub data: PathBuf,
 }
 
 /// Arguments of `veil zk train`.
@@ -75,6 +104,9 @@ pub struct ProveArgs {
     /// Where to write the proof.
     #[arg(long)]
     pub out: PathBuf,
+    /// Print the figures as one JSON line (for `veil zk bench`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `veil zk verify`.
@@ -89,6 +121,9 @@ pub struct VerifyArgs {
     /// The proof.
     #[arg(long)]
     pub proof: PathBuf,
+    /// Print the figures as one JSON line (for `veil zk bench`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `veil zk commit`.
@@ -126,13 +161,14 @@ pub fn run(command: ZkCommand) -> Result<()> {
         ZkCommand::Setup(args) => setup(args),
         ZkCommand::Prove(args) => prove(args),
         ZkCommand::Verify(args) => verify(args),
+        ZkCommand::Bench(args) => crate::commands::bench_zk::run(args),
     }
 }
 
 /// Largest JSON file read (a model, a proof, an input): these are kilobytes.
 const MAX_FILE_BYTES: u64 = 16 << 20;
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
     let size = std::fs::metadata(path)
         .with_context(|| format!("cannot read the {what} {}", path.display()))?
         .len();
@@ -148,7 +184,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<
         .with_context(|| format!("{} is not a valid {what}", path.display()))
 }
 
-fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -239,13 +275,26 @@ fn prove(args: ProveArgs) -> Result<()> {
     let proof = veil_zk::proof::prove(&params, &pk, &model, salt, &pixels)?;
     let proving = started.elapsed();
     write_json(&args.out, &proof)?;
+    let peak_mib = crate::commands::bench::peak_memory().unwrap_or(0) >> 20;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "prove_s": proving.as_secs_f64(),
+                "keys_s": keys.as_secs_f64(),
+                "proof_bytes": proof.proof.len() / 2,
+                "peak_mib": peak_mib,
+            })
+        );
+        return Ok(());
+    }
     println!(
         "digit {}: proved in {:.2} s (keys {:.2} s), proof {} bytes, peak memory {} MiB; written to {}",
         veil_zk::model::argmax(&proof.output),
         proving.as_secs_f64(),
         keys.as_secs_f64(),
         proof.proof.len() / 2,
-        crate::commands::bench::peak_memory().unwrap_or(0) >> 20,
+        peak_mib,
         args.out.display()
     );
     Ok(())
@@ -275,6 +324,13 @@ fn verify(args: VerifyArgs) -> Result<()> {
     let trusted = veil_zk::proof::fp_from_hex(&public.commitment)?;
     let started = std::time::Instant::now();
     veil_zk::proof::verify(&params, &vk, &trusted, &proof)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "verify_s": started.elapsed().as_secs_f64() })
+        );
+        return Ok(());
+    }
     println!(
         "verified in {:.3} s: the committed model labels this input {} (logits {:?})",
         started.elapsed().as_secs_f64(),
