@@ -130,3 +130,19 @@ fn a_proof_made_in_one_process_verifies_in_another_and_a_corrupted_one_does_not(
         "64 pixels",
     );
 }
+
+#[test]
+fn the_benchmark_against_ezkl_prints_both_engines_and_the_ratio() {
+    let out = veil(&[
+        "zk",
+        "bench",
+        "--runs",
+        "1",
+        "--models",
+        "models/zk/mlp.json",
+    ]);
+    let stdout = ok(&out);
+    assert!(stdout.contains("| mlp | veil | 2^13 |"), "{stdout}");
+    assert!(stdout.contains("| mlp | ezkl | 2^16 |"), "{stdout}");
+    assert!(stdout.contains("Veil proves in"), "{stdout}");
+}
