@@ -110,6 +110,12 @@ enum StepError {
     Failed(NetError),
 }
 
+/// Proofs of the private model made at once; more requests are refused as busy (each costs
+/// about a second and a half of CPU).
+const MAX_PROOFS_IN_FLIGHT: usize = 2;
+/// TEE quotes and weight openings obtained at once; more requests are refused as busy.
+const MAX_CHALLENGES_IN_FLIGHT: usize = 8;
+
 /// How often provider records are published again, so peers that joined later learn them.
 const REANNOUNCE: Duration = Duration::from_secs(15);
 
@@ -248,6 +254,8 @@ pub async fn run_node(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<StepDone>();
     let (judged_tx, mut judged_rx) = mpsc::unbounded_channel::<JudgeDone>();
     let mut reveals: std::collections::VecDeque<Signed<VerdictReveal>> = Default::default();
+    let proofs_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let challenges_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut reannounce = tokio::time::interval(REANNOUNCE);
     tokio::pin!(shutdown);
@@ -323,8 +331,13 @@ pub async fn run_node(
                             let _ = swarm.behaviour_mut().infer.send_response(channel, response);
                         }
                         Handled::Attest(nonce) => {
+                            let Some(slot) = InFlight::take(&challenges_in_flight, MAX_CHALLENGES_IN_FLIGHT) else {
+                                let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "answering other challenges; try again shortly"));
+                                continue;
+                            };
                             let (source, key, tx) = (config.tee.clone(), public_key.clone(), judged_tx.clone());
                             tokio::task::spawn_blocking(move || {
+                                let _slot = slot;
                                 let response = match source.map(|s| s.evidence(&key, veil_tee::Freshness::Nonce(nonce))) {
                                     Some(Ok(evidence)) => Response::Attested(Box::new(evidence)),
                                     Some(Err(e)) => refuse(ErrorKind::Internal, format!("cannot obtain TEE evidence: {e}")),
@@ -334,8 +347,13 @@ pub async fn run_node(
                             });
                         }
                         Handled::ProveInference(input) => {
+                            let Some(slot) = InFlight::take(&proofs_in_flight, MAX_PROOFS_IN_FLIGHT) else {
+                                let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "proving other answers; try again shortly"));
+                                continue;
+                            };
                             let (prover, tx) = (config.zk.clone(), judged_tx.clone());
                             tokio::task::spawn_blocking(move || {
+                                let _slot = slot;
                                 let response = match prover.map(|p| p.prove(&input)) {
                                     Some(Ok(proof)) => Response::InferenceProof(Box::new(proof)),
                                     Some(Err(e)) => refuse(ErrorKind::BadRequest, e.to_string()),
@@ -345,8 +363,13 @@ pub async fn run_node(
                             });
                         }
                         Handled::OpenWeights(leaves) => {
+                            let Some(slot) = InFlight::take(&challenges_in_flight, MAX_CHALLENGES_IN_FLIGHT) else {
+                                let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "answering other challenges; try again shortly"));
+                                continue;
+                            };
                             let (weights, path, tx) = (Arc::clone(&weights), config.shard.clone(), judged_tx.clone());
                             tokio::task::spawn_blocking(move || {
+                                let _slot = slot;
                                 let opened = GgufFile::open(&path)
                                     .map_err(veil_zk::ZkError::from)
                                     .and_then(|mut file| weights.open(&mut file, &leaves));
@@ -393,6 +416,28 @@ pub async fn run_node(
                 other => debug!("{other:?}"),
             }
         }
+    }
+}
+
+/// A place among the expensive requests running at once, given back when dropped.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    /// A place, if fewer than `max` are taken.
+    fn take(count: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
