@@ -120,3 +120,19 @@ impl SamplingArgs {
         })
     }
 }
+
+/// Reads a file a user named, refusing one over `limit` bytes (keys, proofs, policies and
+/// evidence are small; a huge file is a mistake, not something to load into memory).
+pub fn read_limited(path: &std::path::Path, what: &str, limit: u64) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the {what} {}", path.display()))?
+        .len();
+    if size > limit {
+        anyhow::bail!(
+            "the {what} {} is {size} bytes, over the {limit}-byte limit",
+            path.display()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+}

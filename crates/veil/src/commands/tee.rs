@@ -81,16 +81,7 @@ fn now() -> u64 {
 
 /// Reads a file of at most [`MAX_EVIDENCE_BYTES`]: evidence, collateral and policies are small.
 fn read_small(path: &Path, what: &str) -> Result<Vec<u8>> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("cannot read the {what} {}", path.display()))?
-        .len();
-    if size > MAX_EVIDENCE_BYTES as u64 {
-        bail!(
-            "the {what} {} is {size} bytes, over the {MAX_EVIDENCE_BYTES}-byte limit",
-            path.display()
-        );
-    }
-    std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+    crate::args::read_limited(path, what, MAX_EVIDENCE_BYTES as u64)
 }
 
 /// Reads a TEE policy file.

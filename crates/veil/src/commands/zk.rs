@@ -169,17 +169,7 @@ pub fn run(command: ZkCommand) -> Result<()> {
 const MAX_FILE_BYTES: u64 = 16 << 20;
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("cannot read the {what} {}", path.display()))?
-        .len();
-    if size > MAX_FILE_BYTES {
-        bail!(
-            "the {what} {} is {size} bytes: not a {what}",
-            path.display()
-        );
-    }
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read the {what} {}", path.display()))?;
+    let bytes = crate::args::read_limited(path, what, MAX_FILE_BYTES)?;
     serde_json::from_slice(&bytes)
         .with_context(|| format!("{} is not a valid {what}", path.display()))
 }
