@@ -252,7 +252,7 @@ pub async fn run_node(
         ..config.limits
     });
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<StepDone>();
-    let (judged_tx, mut judged_rx) = mpsc::unbounded_channel::<JudgeDone>();
+    let (answered_tx, mut answered_rx) = mpsc::unbounded_channel::<Answered>();
     let mut reveals: std::collections::VecDeque<Signed<VerdictReveal>> = Default::default();
     let proofs_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let challenges_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -296,15 +296,15 @@ pub async fn run_node(
                 };
                 let _ = swarm.behaviour_mut().infer.send_response(done.channel, response);
             }
-            Some(judged) = judged_rx.recv() => {
-                if let Some(reveal) = judged.reveal {
+            Some(answered) = answered_rx.recv() => {
+                if let Some(reveal) = answered.reveal {
                     reveals.retain(|r| r.body.job != reveal.body.job);
                     if reveals.len() == MAX_PENDING_REVEALS {
                         reveals.pop_front();
                     }
                     reveals.push_back(reveal);
                 }
-                let _ = swarm.behaviour_mut().infer.send_response(judged.channel, judged.response);
+                let _ = swarm.behaviour_mut().infer.send_response(answered.channel, answered.response);
             }
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
@@ -335,7 +335,7 @@ pub async fn run_node(
                                 let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "answering other challenges; try again shortly"));
                                 continue;
                             };
-                            let (source, key, tx) = (config.tee.clone(), public_key.clone(), judged_tx.clone());
+                            let (source, key, tx) = (config.tee.clone(), public_key.clone(), answered_tx.clone());
                             tokio::task::spawn_blocking(move || {
                                 let _slot = slot;
                                 let response = match source.map(|s| s.evidence(&key, veil_tee::Freshness::Nonce(nonce))) {
@@ -343,7 +343,7 @@ pub async fn run_node(
                                     Some(Err(e)) => refuse(ErrorKind::Internal, format!("cannot obtain TEE evidence: {e}")),
                                     None => refuse(ErrorKind::BadRequest, "this node runs in no TEE"),
                                 };
-                                let _ = tx.send(JudgeDone { channel, response, reveal: None });
+                                let _ = tx.send(Answered { channel, response, reveal: None });
                             });
                         }
                         Handled::ProveInference(input) => {
@@ -351,7 +351,7 @@ pub async fn run_node(
                                 let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "proving other answers; try again shortly"));
                                 continue;
                             };
-                            let (prover, tx) = (config.zk.clone(), judged_tx.clone());
+                            let (prover, tx) = (config.zk.clone(), answered_tx.clone());
                             tokio::task::spawn_blocking(move || {
                                 let _slot = slot;
                                 let response = match prover.map(|p| p.prove(&input)) {
@@ -359,7 +359,7 @@ pub async fn run_node(
                                     Some(Err(e)) => refuse(ErrorKind::BadRequest, e.to_string()),
                                     None => refuse(ErrorKind::BadRequest, "this node proves no private model"),
                                 };
-                                let _ = tx.send(JudgeDone { channel, response, reveal: None });
+                                let _ = tx.send(Answered { channel, response, reveal: None });
                             });
                         }
                         Handled::OpenWeights(leaves) => {
@@ -367,7 +367,7 @@ pub async fn run_node(
                                 let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "answering other challenges; try again shortly"));
                                 continue;
                             };
-                            let (weights, path, tx) = (Arc::clone(&weights), config.shard.clone(), judged_tx.clone());
+                            let (weights, path, tx) = (Arc::clone(&weights), config.shard.clone(), answered_tx.clone());
                             tokio::task::spawn_blocking(move || {
                                 let _slot = slot;
                                 let opened = GgufFile::open(&path)
@@ -378,7 +378,7 @@ pub async fn run_node(
                                     Err(e @ veil_zk::ZkError::BadChallenge(_)) => refuse(ErrorKind::BadRequest, e.to_string()),
                                     Err(e) => refuse(ErrorKind::Internal, e.to_string()),
                                 };
-                                let _ = tx.send(JudgeDone { channel, response, reveal: None });
+                                let _ = tx.send(Answered { channel, response, reveal: None });
                             });
                         }
                         Handled::Closed(session) => {
@@ -386,10 +386,10 @@ pub async fn run_node(
                             keep_run(&mut swarm, &runs, history.as_ref(), session);
                         }
                         Handled::Judge(job) => {
-                            let (model, judge, tx) = (Arc::clone(&model), Arc::clone(&judge), judged_tx.clone());
+                            let (model, judge, tx) = (Arc::clone(&model), Arc::clone(&judge), answered_tx.clone());
                             tokio::task::spawn_blocking(move || {
                                 let (response, reveal) = judge.judge(&model, &job);
-                                let _ = tx.send(JudgeDone { channel, response, reveal });
+                                let _ = tx.send(Answered { channel, response, reveal });
                             });
                         }
                         Handled::Step { session, cache, input } => {
@@ -463,8 +463,8 @@ enum Handled {
     ProveInference(Vec<u8>),
 }
 
-/// A judgement finished on a blocking thread.
-struct JudgeDone {
+/// An answer made on a blocking thread (a judgement, TEE evidence, weight openings, a proof).
+struct Answered {
     channel: ResponseChannel<Response>,
     response: Response,
     reveal: Option<Signed<VerdictReveal>>,
