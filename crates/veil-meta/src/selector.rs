@@ -217,6 +217,11 @@ fn matrix(rows: &[Vec<f64>]) -> Result<DenseMatrix<f64>> {
     DenseMatrix::from_2d_vec(&rows.to_vec()).map_err(learner_error)
 }
 
+/// Each case's feature vector, a row per case.
+fn feature_rows(cases: &[Case]) -> Vec<Vec<f64>> {
+    cases.iter().map(|c| c.features.vector()).collect()
+}
+
 /// Each case's fastest method as a class label (its index in [`METHODS`]).
 fn winner_labels(cases: &[Case]) -> Vec<u32> {
     cases
@@ -414,12 +419,7 @@ struct WinnerBoosting {
 
 impl WinnerBoosting {
     fn fit(cases: &[Case]) -> Result<Self> {
-        let x = matrix(
-            &cases
-                .iter()
-                .map(|c| c.features.vector())
-                .collect::<Vec<_>>(),
-        )?;
+        let x = matrix(&feature_rows(cases))?;
         let mut models = Vec::new();
         for m in METHODS {
             let y: Vec<f64> = cases
@@ -491,7 +491,7 @@ struct WinnerKnn {
 
 impl WinnerKnn {
     fn fit(cases: &[Case]) -> Result<Self> {
-        let rows: Vec<Vec<f64>> = cases.iter().map(|c| c.features.vector()).collect();
+        let rows = feature_rows(cases);
         let scaler = Standardizer::fit(&rows);
         let x = matrix(&rows.iter().map(|r| scaler.apply(r)).collect::<Vec<_>>())?;
         let y = winner_labels(cases);
@@ -518,12 +518,7 @@ struct WinnerForest(Forest);
 
 impl WinnerForest {
     fn fit(cases: &[Case]) -> Result<Self> {
-        let x = matrix(
-            &cases
-                .iter()
-                .map(|c| c.features.vector())
-                .collect::<Vec<_>>(),
-        )?;
+        let x = matrix(&feature_rows(cases))?;
         let y = winner_labels(cases);
         let params = RandomForestClassifierParameters::default()
             .with_n_trees(100)
