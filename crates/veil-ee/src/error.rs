@@ -15,6 +15,14 @@ pub enum EeError {
     /// The key does not fit the model.
     #[error("the key does not fit this model: {0}")]
     KeyMismatch(String),
+    /// The transform is not exact for this architecture, so it is refused rather than run.
+    #[error("equivariant encryption is exact only for the llama block; {arch} models are refused: {reason}")]
+    UnsupportedArchitecture {
+        /// The model's architecture.
+        arch: veil_model::Architecture,
+        /// Which symmetry does not hold.
+        reason: &'static str,
+    },
     /// The key belongs to another model.
     #[error("the key belongs to the model with digest {key}, but this model's digest is {model}")]
     WrongModel {

@@ -111,6 +111,7 @@ impl EeKey {
     /// Checks that every part has the model's sizes and every permutation is one.
     pub fn check(&self, config: &LlamaConfig) -> Result<()> {
         let bad = |what: String| Err(EeError::KeyMismatch(what));
+        refuse_inexact(config)?;
         if self.version != KEY_VERSION {
             return Err(EeError::KeyVersion(self.version));
         }
@@ -253,4 +254,31 @@ fn check_permutation(what: &str, p: &[u32], n: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Refuses architectures whose blocks the transform would not leave computing the same
+/// function, naming the symmetry that fails.
+pub fn refuse_inexact(config: &LlamaConfig) -> Result<()> {
+    use veil_model::Architecture;
+    let reason = match config.architecture {
+        Architecture::Llama => return Ok(()),
+        Architecture::Qwen2 => {
+            "its query/key/value biases would have to move with the head permutations, value \
+             maps and RoPE-pair rotations (not implemented), and its RoPE pairs are split halves, \
+             not the interleaved pairs the key rotates"
+        }
+        Architecture::Qwen3 => {
+            "its per-head RMSNorm on queries and keys scales each coordinate by its own weight, \
+             which does not commute with the secret rotation of each RoPE pair"
+        }
+        Architecture::Gemma3 => {
+            "its per-head QK-norm does not commute with the RoPE-pair rotations, and its \
+             post-attention and post-FFN norms pin the residual basis (only a permutation of \
+             the residual stream would survive them)"
+        }
+    };
+    Err(EeError::UnsupportedArchitecture {
+        arch: config.architecture,
+        reason,
+    })
 }

@@ -15,7 +15,7 @@ pub use agreement::{agreement, Agreement, EVAL_PROMPTS};
 pub use attack::{match_embeddings, WeightMatch};
 pub use error::{EeError, Result};
 pub use frequency::{FrequencyAttack, FrequencyGuess};
-pub use key::{EeKey, LayerKey, KEY_VERSION};
+pub use key::{refuse_inexact, EeKey, LayerKey, KEY_VERSION};
 pub use model_file::{check_key, encrypt_model, model_digest};
 pub use rotation::{KeyUsage, RotationPolicy};
 pub use session::{EncryptedSession, EncryptedStep};

@@ -10,18 +10,7 @@ use veil_model::LlamaConfig;
 
 #[test]
 fn weight_matching_recovers_the_vocabulary_and_residual_permutations() {
-    let config = LlamaConfig {
-        block_count: 1,
-        hidden_size: 32,
-        ffn_size: 32,
-        head_count: 4,
-        kv_head_count: 2,
-        head_dim: 8,
-        rope_base: 10_000.0,
-        rms_eps: 1e-5,
-        context_length: 16,
-        vocab_size: 300,
-    };
+    let config = LlamaConfig::llama(1, 32, 32, 4, 2, 16, 300);
     let mut rng = ChaCha20Rng::seed_from_u64(3);
     let data: Vec<f32> = (0..300 * 32).map(|_| rng.random_range(-1.0..1.0)).collect();
     let public = Tensor::from_vec(data, (300, 32), &Device::Cpu).unwrap();

@@ -13,18 +13,7 @@ use veil_ee::{decrypt_logits, encrypt_tokens, encrypt_weights, EeKey};
 use veil_model::{GgufFile, LlamaConfig, LogitsAt, Shard, ShardInput, ShardModel, WeightFormat};
 
 fn config() -> LlamaConfig {
-    LlamaConfig {
-        block_count: 2,
-        hidden_size: 32,
-        ffn_size: 48,
-        head_count: 4,
-        kv_head_count: 2,
-        head_dim: 8,
-        rope_base: 10_000.0,
-        rms_eps: 1e-5,
-        context_length: 64,
-        vocab_size: 40,
-    }
+    LlamaConfig::llama(2, 32, 48, 4, 2, 64, 40)
 }
 
 /// Random weights (tied head) for the tiny model; norms random too, so permuting them matters.

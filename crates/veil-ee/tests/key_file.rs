@@ -5,18 +5,7 @@ use veil_ee::{EeError, EeKey};
 use veil_model::LlamaConfig;
 
 fn tiny_config() -> LlamaConfig {
-    LlamaConfig {
-        block_count: 2,
-        hidden_size: 16,
-        ffn_size: 24,
-        head_count: 4,
-        kv_head_count: 2,
-        head_dim: 4,
-        rope_base: 10_000.0,
-        rms_eps: 1e-5,
-        context_length: 64,
-        vocab_size: 50,
-    }
+    LlamaConfig::llama(2, 16, 24, 4, 2, 64, 50)
 }
 
 fn key() -> EeKey {
@@ -74,4 +63,22 @@ fn value_maps_are_orthogonal() {
             }
         }
     }
+}
+
+#[test]
+fn architectures_whose_symmetries_fail_are_refused_with_the_reason() {
+    use veil_model::Architecture;
+    for (arch, says) in [
+        (Architecture::Qwen2, "biases"),
+        (Architecture::Qwen3, "RoPE pair"),
+        (Architecture::Gemma3, "QK-norm"),
+    ] {
+        let config = LlamaConfig {
+            architecture: arch,
+            ..tiny_config()
+        };
+        let err = key().check(&config).unwrap_err().to_string();
+        assert!(err.contains(arch.name()) && err.contains(says), "{err}");
+    }
+    key().check(&tiny_config()).unwrap();
 }

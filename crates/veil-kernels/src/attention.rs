@@ -27,12 +27,20 @@ pub struct AttentionShape {
     pub start: usize,
     /// Positions between one key/value head and the next in the key and value storage.
     pub key_capacity: usize,
+    /// A sliding window: query at position `p` sees only keys `p + 1 - window ..= p` (Gemma's
+    /// local layers); `None` sees every earlier key.
+    pub window: Option<usize>,
 }
 
 impl AttentionShape {
     fn check(&self, q: usize, keys: usize, values: usize, out: usize) -> Result<(), KernelError> {
         let bad = |why: String| Err(KernelError::Shape(why));
-        if self.heads == 0 || self.kv_heads == 0 || self.head_dim == 0 || self.tokens == 0 {
+        if self.heads == 0
+            || self.kv_heads == 0
+            || self.head_dim == 0
+            || self.tokens == 0
+            || self.window == Some(0)
+        {
             return bad(format!("empty attention: {self:?}"));
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
@@ -59,7 +67,8 @@ impl AttentionShape {
     }
 }
 
-/// Causal attention: query `t` (position `start + t`) attends to keys `0..=start + t`.
+/// Causal attention: query `t` (position `start + t`) attends to keys `0..=start + t`, or to
+/// the last `window` of them.
 ///
 /// `q` is `(heads, tokens, head_dim)`, `keys` and `values` `(kv_heads, key_capacity,
 /// head_dim)`, and `out` receives `(tokens, heads, head_dim)`, the layout the output
@@ -79,6 +88,7 @@ pub fn causal_attention(
         tokens,
         start,
         key_capacity,
+        window,
     } = *shape;
     let group = heads / kv_heads;
     let scale = 1.0 / (dim as f32).sqrt();
@@ -87,8 +97,10 @@ pub fn causal_attention(
         let (t, h) = (r / heads, r % heads);
         let head = h / group * key_capacity * dim;
         let seen = start + t + 1;
+        let first = window.map_or(0, |w| seen.saturating_sub(w));
         let query = &q[(h * tokens + t) * dim..][..dim];
-        let (keys, values) = (&keys[head..][..seen * dim], &values[head..][..seen * dim]);
+        let span = head + first * dim..head + seen * dim;
+        let (keys, values) = (&keys[span.clone()], &values[span]);
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: `Isa::best` found AVX2 on this CPU.
@@ -293,6 +305,7 @@ mod tests {
                 tokens,
                 start,
                 key_capacity: capacity,
+                window: None,
             };
             run(&shape, &q, &keys, &values)
         };
@@ -315,6 +328,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_sliding_window_sees_only_the_last_keys() {
+        let (heads, kv_heads, dim, tokens, capacity, window) = (2, 1, 8, 9, 9, 3);
+        let keys = data(kv_heads * capacity * dim, 7);
+        let values = data(kv_heads * capacity * dim, 8);
+        let q = data(heads * tokens * dim, 9);
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: dim,
+            tokens,
+            start: 0,
+            key_capacity: capacity,
+            window: Some(window),
+        };
+        let got = run(&shape, &q, &keys, &values);
+        for t in 0..tokens {
+            for h in 0..heads {
+                let first = (t + 1).saturating_sub(window);
+                let ks: Vec<&[f32]> = (first..=t).map(|j| &keys[j * dim..][..dim]).collect();
+                let vs: Vec<&[f32]> = (first..=t).map(|j| &values[j * dim..][..dim]).collect();
+                let want = reference(&q[(h * tokens + t) * dim..][..dim], &ks, &vs);
+                let out = &got[(t * heads + h) * dim..][..dim];
+                for (g, w) in out.iter().zip(want) {
+                    assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w} at {t}");
+                }
+            }
+        }
+        let zero = AttentionShape {
+            window: Some(0),
+            ..shape
+        };
+        let mut out = vec![0.0; q.len()];
+        assert!(causal_attention(&zero, &q, &keys, &values, &mut out).is_err());
     }
 
     #[test]
@@ -343,6 +392,7 @@ mod tests {
             tokens: 1,
             start: 0,
             key_capacity: 2,
+            window: None,
         };
         let mut out = vec![0.0; 32];
         let q = vec![0.0; 32];

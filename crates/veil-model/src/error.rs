@@ -30,8 +30,11 @@ pub enum ModelError {
         /// What exactly did not add up.
         reason: String,
     },
+    /// A chat prompt was asked of a model without a chat template.
+    #[error("this model has no chat template (tokenizer.chat_template): it is a base model, so give it plain text to continue (--raw, or /v1/completions)")]
+    NoChatTemplate,
     /// The model is not of an architecture the forward pass implements.
-    #[error("unsupported model architecture {found:?}: Veil runs llama-family GGUF models (general.architecture = \"llama\")")]
+    #[error("unsupported model architecture {found:?}: Veil runs general.architecture = llama (Llama, Mistral), qwen2, qwen3 and gemma3")]
     UnsupportedArchitecture {
         /// The architecture named in the file's metadata.
         found: String,

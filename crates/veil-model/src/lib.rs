@@ -1,6 +1,6 @@
 //! Veil's inference core.
 //!
-//! Runs a llama-family GGUF model on the CPU with candle, whole or as a [`Shard`] (a range of
+//! Runs a GGUF model (llama, Mistral, Qwen 2/3, Gemma 3) on the CPU with candle, whole or as a [`Shard`] (a range of
 //! blocks that takes token ids or hidden states and returns hidden states or logits), with a KV
 //! cache per session, a tokenizer and chat template read from the file itself, seeded sampling,
 //! and a cache that fetches the default model.
@@ -10,10 +10,13 @@ pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod error;
+mod gemma3;
 pub mod generate;
 pub mod gguf;
 mod kv;
+mod layers;
 mod linear;
+mod llama;
 pub mod local;
 pub mod model;
 pub mod prompts;
@@ -28,7 +31,7 @@ pub use accel::{generate_accelerated, prompt_lookup, Accel, DraftStats, Drafting
 pub use batch::{generate_batch, BatchRequest};
 pub use candle_core::Tensor;
 pub use chat::{ChatMessage, ChatTemplate};
-pub use config::LlamaConfig;
+pub use config::{Architecture, LlamaConfig, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
 pub use generate::{generate, Completion, FinishReason, GenerationParams, TextStream, TokenStep};
 pub use gguf::GgufFile;
@@ -40,6 +43,9 @@ pub use model::{
 pub use sampling::{Sampler, SamplingParams};
 pub use shard::{LayerRange, Shard};
 pub use shard_file::{shard_tensor_names, write_converted, write_shard_files, ShardManifest};
-pub use store::{FetchEvent, KnownModel, ModelStore, KNOWN_MODELS, SMOLLM2_135M};
+pub use store::{
+    known_model, FetchEvent, KnownModel, ModelPart, ModelStore, GEMMA3_270M, KNOWN_MODELS,
+    SMOLLM2_135M,
+};
 pub use tokenizer::GgufTokenizer;
 pub use weights::WeightFormat;

@@ -22,8 +22,8 @@ pub struct LocalModel {
     pub config: LlamaConfig,
     /// The model's tokenizer.
     pub tokenizer: GgufTokenizer,
-    /// The model's chat template.
-    pub chat: ChatTemplate,
+    /// The model's chat template; base models (Gemma 3 270M) have none.
+    pub chat: Option<ChatTemplate>,
     /// The shards, in order; together they cover every block.
     pub shards: Vec<ShardModel>,
 }
@@ -57,11 +57,15 @@ impl LocalModel {
                 .unwrap_or_default()
                 .to_string()
         };
-        let chat = ChatTemplate::from_gguf(
-            &gguf,
-            &token_text(tokenizer.bos()),
-            &token_text(Some(tokenizer.eos())),
-        )?;
+        let chat = if gguf.value("tokenizer.chat_template").is_ok() {
+            Some(ChatTemplate::from_gguf(
+                &gguf,
+                &token_text(tokenizer.bos()),
+                &token_text(Some(tokenizer.eos())),
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             tokenizer,
@@ -75,8 +79,28 @@ impl LocalModel {
         if messages.iter().all(|m| m.content.trim().is_empty()) {
             return Err(ModelError::EmptyPrompt);
         }
-        let text = self.chat.render(messages, true)?;
+        let text = self.chat_template()?.render(messages, true)?;
         self.tokenizer.encode(&text)
+    }
+
+    /// The chat template, or an error saying the model has none (a base model: prompt it
+    /// with plain text).
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        self.chat.as_ref().ok_or(ModelError::NoChatTemplate)
+    }
+
+    /// Token ids of plain text to continue, with the BOS token first when the model asks for
+    /// one (`tokenizer.ggml.add_bos_token`), as llama.cpp does.
+    pub fn raw_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.tokenizer.add_bos(), self.tokenizer.bos()) {
+            ids.push(bos);
+        }
+        ids.extend(self.tokenizer.encode(text)?);
+        Ok(ids)
     }
 
     /// A new session with empty caches on every shard.

@@ -1,7 +1,10 @@
-//! The llama-family forward pass over a shard (a range of blocks).
+//! The forward pass over a shard (a range of blocks), for every supported architecture: the
+//! blocks themselves live in one file per family (`llama.rs`, `gemma3.rs`), built from the
+//! shared parts in `layers.rs`; this file holds what they share: embedding, head, caches and
+//! the shard's loop.
 //!
-//! Owned here rather than taken from `candle-transformers` because Veil needs what that model
-//! does not offer: running any block range, taking hidden states in and handing them out, KV
+//! Owned here rather than taken from `candle-transformers` because Veil needs what those models
+//! do not offer: running any block range, taking hidden states in and handing them out, KV
 //! caches that live outside the weights (one per session, many sessions per loaded shard), and
 //! taps on every block's output for verification.
 
@@ -9,13 +12,16 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-use crate::config::LlamaConfig;
+use crate::config::{Architecture, LlamaConfig};
 use crate::error::{ModelError, Result};
+use crate::gemma3::{self, Gemma3Block};
 use crate::gguf::GgufFile;
 use crate::kv::KvStore;
+use crate::layers::{dense, load, rms_norm, BlockWeights, Rope};
 use crate::linear::{Kernels, Linear};
+use crate::llama::LlamaBlock;
 use crate::shard::Shard;
 use crate::weights::WeightFormat;
 
@@ -88,56 +94,63 @@ impl ShardCache {
     }
 }
 
-/// Precomputed RoPE angles for every position of the context.
+/// One transformer block, of its architecture's family.
 #[derive(Debug, Clone)]
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+enum Block {
+    Llama(LlamaBlock),
+    Gemma3(Gemma3Block),
 }
 
-impl Rope {
-    fn new(config: &LlamaConfig) -> Result<Self> {
-        let half = config.head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                1.0 / config
-                    .rope_base
-                    .powf(2.0 * i as f32 / config.head_dim as f32)
-            })
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), &Device::Cpu)?;
-        let positions = Tensor::arange(0u32, config.context_length as u32, &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .reshape((config.context_length, 1))?;
-        let angles = positions.matmul(&inv_freq)?;
-        Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
+impl Block {
+    /// Reads block `weights.block` of a model of `config`'s architecture; `freq_factors` are
+    /// Llama 3's RoPE frequency factors when the file has them.
+    fn load(
+        weights: &mut BlockWeights<'_>,
+        config: &LlamaConfig,
+        freq_factors: Option<&[f32]>,
+    ) -> Result<Self> {
+        Ok(match config.architecture {
+            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => {
+                let rope = Rope::new(config, config.rope_base, config.rope_scale, freq_factors)?;
+                Self::Llama(LlamaBlock::load(weights, config, rope)?)
+            }
+            Architecture::Gemma3 => {
+                // Local layers have a base of their own and never scale positions.
+                let (base, scale) = match config.window(weights.block) {
+                    Some(_) => (config.rope_base_local, 1.0),
+                    None => (config.rope_base, config.rope_scale),
+                };
+                let rope = Rope::new(config, base, scale, freq_factors)?;
+                Self::Gemma3(Gemma3Block::load(weights, config, rope)?)
+            }
         })
     }
 
-    /// Rotates `x` `(batch, heads, tokens, head_dim)` for positions `start..start + tokens`.
-    /// GGUF llama weights are stored for the interleaved pairing `(2i, 2i+1)`.
-    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let tokens = x.dim(2)?;
-        let cos = self.cos.narrow(0, start, tokens)?;
-        let sin = self.sin.narrow(0, start, tokens)?;
-        Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)?)
+    fn forward(&self, x: &Tensor, kv: &mut KvStore, start: usize) -> Result<Tensor> {
+        match self {
+            Self::Llama(b) => b.forward(x, kv, start),
+            Self::Gemma3(b) => b.forward(x, kv, start),
+        }
     }
-}
 
-/// One transformer block's weights.
-#[derive(Debug, Clone)]
-struct Block {
-    attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
-    ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
-    w_down: Linear,
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        kvs: &mut [&mut KvStore],
+        starts: &[usize],
+    ) -> Result<Tensor> {
+        match self {
+            Self::Llama(b) => b.forward_batch(x, kvs, starts),
+            Self::Gemma3(b) => b.forward_batch(x, kvs, starts),
+        }
+    }
+
+    fn matrices_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Self::Llama(b) => b.matrices_mut(),
+            Self::Gemma3(b) => b.matrices_mut(),
+        }
+    }
 }
 
 /// The token embedding: looked up from quantized rows, or from a dense table.
@@ -166,7 +179,6 @@ pub struct ShardModel {
     embedding: Option<Embedding>,
     blocks: Vec<Block>,
     head: Option<(Tensor, Linear)>,
-    rope: Rope,
     /// Blocks (model indices) passed over: only ever set to test that verification catches it.
     skipped: Vec<usize>,
 }
@@ -205,24 +217,21 @@ impl ShardModel {
             _ => None,
         };
 
+        let freq_factors = if gguf.has_tensor("rope_freqs.weight") {
+            let half = config.head_dim / 2;
+            Some(dense(gguf, "rope_freqs.weight", half)?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
         let mut blocks = Vec::with_capacity(shard.layers.len());
         for i in shard.layers.clone() {
-            let mut matmul = |name: &str, shape: &[usize]| -> Result<Linear> {
-                let q = load(gguf, &format!("blk.{i}.{name}.weight"), shape)?;
-                Linear::new(Arc::new(q), format, kernels)
+            let mut weights = BlockWeights {
+                gguf,
+                block: i,
+                format,
+                kernels,
             };
-            let (kv, ffn) = (config.kv_size(), config.ffn_size);
-            blocks.push(Block {
-                wq: matmul("attn_q", &[h, h])?,
-                wk: matmul("attn_k", &[kv, h])?,
-                wv: matmul("attn_v", &[kv, h])?,
-                wo: matmul("attn_output", &[h, h])?,
-                w_gate: matmul("ffn_gate", &[ffn, h])?,
-                w_up: matmul("ffn_up", &[ffn, h])?,
-                w_down: matmul("ffn_down", &[h, ffn])?,
-                attn_norm: dense(gguf, &format!("blk.{i}.attn_norm.weight"), h)?,
-                ffn_norm: dense(gguf, &format!("blk.{i}.ffn_norm.weight"), h)?,
-            });
+            blocks.push(Block::load(&mut weights, &config, freq_factors.as_deref())?);
         }
 
         let head = if shard.head {
@@ -237,7 +246,6 @@ impl ShardModel {
         };
 
         Ok(Self {
-            rope: Rope::new(&config)?,
             config,
             shard: shard.clone(),
             format,
@@ -301,15 +309,7 @@ impl ShardModel {
         use rand::SeedableRng;
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
         for block in &mut self.blocks {
-            for w in [
-                &mut block.wq,
-                &mut block.wk,
-                &mut block.wv,
-                &mut block.wo,
-                &mut block.w_gate,
-                &mut block.w_up,
-                &mut block.w_down,
-            ] {
+            for w in block.matrices_mut() {
                 *w = perturb(w, relative, &mut rng)?;
             }
         }
@@ -374,7 +374,7 @@ impl ShardModel {
             .zip(&mut cache.layers)
         {
             if !self.skipped.contains(&i) {
-                x = block.forward(&x, kv, &self.rope, &self.config, start)?;
+                x = block.forward(&x, kv, start)?;
             }
             tap(i, &x.squeeze(0)?)?;
         }
@@ -393,8 +393,7 @@ impl ShardModel {
             }
             LogitsAt::All => {}
         }
-        let x = candle_nn::ops::rms_norm(&x.contiguous()?, norm, self.config.rms_eps as f32)?;
-        Ok(head.forward(&x)?.squeeze(0)?)
+        self.logits(&x, norm, head)
     }
 
     /// One decode step for several sessions at once (continuous batching): row `i` of `input`
@@ -435,7 +434,7 @@ impl ShardModel {
             if !self.skipped.contains(&i) {
                 let mut kvs: Vec<&mut KvStore> =
                     caches.iter_mut().map(|c| &mut c.layers[layer]).collect();
-                x = block.forward_batch(&x, &mut kvs, &self.rope, &self.config, &starts)?;
+                x = block.forward_batch(&x, &mut kvs, &starts)?;
             }
         }
         for cache in caches.iter_mut() {
@@ -444,8 +443,17 @@ impl ShardModel {
         let Some((norm, head)) = &self.head else {
             return Ok(x.squeeze(0)?);
         };
-        let x = candle_nn::ops::rms_norm(&x.contiguous()?, norm, self.config.rms_eps as f32)?;
-        Ok(head.forward(&x)?.squeeze(0)?)
+        self.logits(&x, norm, head)
+    }
+
+    /// Logits `(positions, vocab)` of final hidden states `(1, positions, hidden)`.
+    fn logits(&self, x: &Tensor, norm: &Tensor, head: &Linear) -> Result<Tensor> {
+        let x = rms_norm(x, norm, self.config.rms_eps)?;
+        let logits = head.forward(&x)?.squeeze(0)?;
+        Ok(match self.config.final_logit_softcap {
+            Some(cap) => ((logits / f64::from(cap))?.tanh()? * f64::from(cap))?,
+            None => logits,
+        })
     }
 
     /// Turns the input into `(1, tokens, hidden_size)` hidden states, checking it fits the shard.
@@ -465,7 +473,11 @@ impl ShardModel {
                     )));
                 }
                 let ids = Tensor::new(ids, &Device::Cpu)?;
-                Ok(embedding.lookup(&ids)?.unsqueeze(0)?)
+                let x = embedding.lookup(&ids)?.unsqueeze(0)?;
+                Ok(match self.config.architecture {
+                    Architecture::Gemma3 => (x * gemma3::embedding_scale(&self.config))?,
+                    _ => x,
+                })
             }
             (ShardInput::Hidden(h), None) => {
                 let (tokens, width) = h.dims2().map_err(|_| {
@@ -494,114 +506,6 @@ impl ShardModel {
             ))),
         }
     }
-}
-
-impl Block {
-    fn forward(
-        &self,
-        x: &Tensor,
-        kv: &mut KvStore,
-        rope: &Rope,
-        config: &LlamaConfig,
-        start: usize,
-    ) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, config.rms_eps as f32)?;
-        let (q, k, v) = self.project(&h)?;
-        let y = attend(q, k, v, kv, rope, config, start)?;
-        self.finish(x, &y, config)
-    }
-
-    /// One decode step for several sessions: row `i` of `x` `(1, sessions, hidden)` is the
-    /// next position of the session whose cache is `kvs[i]`, at position `starts[i]`. The
-    /// matrix products run once over every row; attention runs per session.
-    fn forward_batch(
-        &self,
-        x: &Tensor,
-        kvs: &mut [&mut KvStore],
-        rope: &Rope,
-        config: &LlamaConfig,
-        starts: &[usize],
-    ) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, config.rms_eps as f32)?;
-        let (q, k, v) = self.project(&h)?;
-        let rows = kvs
-            .iter_mut()
-            .zip(starts)
-            .enumerate()
-            .map(|(i, (kv, &start))| {
-                let row = |t: &Tensor| t.narrow(1, i, 1);
-                attend(row(&q)?, row(&k)?, row(&v)?, kv, rope, config, start)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.finish(x, &Tensor::cat(&rows, 1)?, config)
-    }
-
-    /// Queries, keys and values `(1, tokens, heads * head_dim)` of normed hidden states.
-    fn project(&self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        Ok((
-            self.wq.forward(h)?,
-            self.wk.forward(h)?,
-            self.wv.forward(h)?,
-        ))
-    }
-
-    /// The attention output's projection and residual, then the feed-forward half.
-    fn finish(&self, x: &Tensor, attended: &Tensor, config: &LlamaConfig) -> Result<Tensor> {
-        let x = (x + self.wo.forward(attended)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, config.rms_eps as f32)?;
-        let ffn = (self.w_gate.forward(&h)?.silu()? * self.w_up.forward(&h)?)?;
-        Ok((x + self.w_down.forward(&ffn)?)?)
-    }
-}
-
-/// Causal attention of projected queries, keys and values `(1, tokens, n * head_dim)` at
-/// positions `start..` over a session's cache, with Veil's kernel: each query is computed the
-/// same way however many share the call, so chunked prompts, checked drafts and batched
-/// sessions give the bits of one plain pass.
-fn attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kv: &mut KvStore,
-    rope: &Rope,
-    config: &LlamaConfig,
-    start: usize,
-) -> Result<Tensor> {
-    let (batch, tokens, _) = q.dims3()?;
-    let (heads, kv_heads, dim) = (config.head_count, config.kv_head_count, config.head_dim);
-    let split = |t: Tensor, n: usize| t.reshape((batch, tokens, n, dim))?.transpose(1, 2);
-    let q = rope.apply(&split(q, heads)?, start)?;
-    let k = rope.apply(&split(k, kv_heads)?, start)?;
-    let v = split(v, kv_heads)?.contiguous()?;
-    let (keys, values) = kv.append(&k, &v)?;
-    let shape = veil_kernels::AttentionShape {
-        heads,
-        kv_heads,
-        head_dim: dim,
-        tokens,
-        start,
-        key_capacity: keys.dim(2)?,
-    };
-    let queries = q.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0.0f32; queries.len()];
-    let (key_storage, key_layout) = keys.storage_and_layout();
-    let (value_storage, value_layout) = values.storage_and_layout();
-    let (Storage::Cpu(key_data), Storage::Cpu(value_data)) = (&*key_storage, &*value_storage)
-    else {
-        return Err(ModelError::InvalidInput(
-            "the KV cache is not in CPU memory".into(),
-        ));
-    };
-    let key_slice = &key_data.as_slice::<f32>()?[key_layout.start_offset()..][..keys.elem_count()];
-    let value_slice =
-        &value_data.as_slice::<f32>()?[value_layout.start_offset()..][..values.elem_count()];
-    veil_kernels::causal_attention(&shape, &queries, key_slice, value_slice, &mut out)
-        .map_err(|e| ModelError::InvalidInput(format!("attention: {e}")))?;
-    Ok(Tensor::from_vec(
-        out,
-        (batch, tokens, heads * dim),
-        &Device::Cpu,
-    )?)
 }
 
 /// Runs `tokens` through a chain of shards (each with its session cache), each shard's hidden
@@ -675,21 +579,4 @@ fn perturb(w: &Linear, relative: f32, rng: &mut rand_chacha::ChaCha20Rng) -> Res
         })
         .collect();
     w.with_weight(Tensor::from_vec(noisy, shape, &Device::Cpu)?)
-}
-
-/// Reads a tensor and checks its shape (GGUF stores `(out, in)` as candle sees it).
-fn load(gguf: &mut GgufFile, name: &str, shape: &[usize]) -> Result<QTensor> {
-    let q = gguf.tensor(name)?;
-    if q.shape().dims() != shape {
-        return Err(ModelError::BadTensor {
-            name: name.to_string(),
-            reason: format!("shape {:?}, expected {shape:?}", q.shape().dims()),
-        });
-    }
-    Ok(q)
-}
-
-/// Reads a norm weight as a dense f32 vector of length `len`.
-fn dense(gguf: &mut GgufFile, name: &str, len: usize) -> Result<Tensor> {
-    Ok(load(gguf, name, &[len])?.dequantize(&Device::Cpu)?)
 }

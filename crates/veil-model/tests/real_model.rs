@@ -122,7 +122,8 @@ include!("fixtures/llama_cpp_ids.rs");
 fn chat_template_renders_the_smollm2_format() {
     let model = f32_model();
     let text = model
-        .chat
+        .chat_template()
+        .unwrap()
         .render(&[ChatMessage::user("Hi there")], true)
         .unwrap();
     assert_eq!(
@@ -131,7 +132,8 @@ fn chat_template_renders_the_smollm2_format() {
          <|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     );
     let text = model
-        .chat
+        .chat_template()
+        .unwrap()
         .render(
             &[ChatMessage::system("Be brief."), ChatMessage::user("Hi")],
             false,

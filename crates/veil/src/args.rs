@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use veil_model::{
-    GenerationParams, Kernels, LayerRange, LocalModel, ModelStore, SamplingParams, WeightFormat,
-    SMOLLM2_135M,
+    known_model, GenerationParams, Kernels, LayerRange, LocalModel, ModelStore, SamplingParams,
+    WeightFormat, KNOWN_MODELS, SMOLLM2_135M,
 };
 
 use crate::progress;
@@ -14,9 +14,10 @@ use crate::progress;
 /// Which model to run and how.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A llama-family GGUF file; default: SmolLM2-135M-Instruct, fetched into $VEIL_HOME.
-    #[arg(long, value_name = "PATH")]
-    pub model: Option<PathBuf>,
+    /// A GGUF file (llama, Mistral, Qwen 2/3, Gemma 3), or the name of a model Veil fetches
+    /// into $VEIL_HOME (`veil models list`); default: smollm2-135m-instruct.
+    #[arg(long, value_name = "NAME|PATH")]
+    pub model: Option<String>,
 
     /// Weight format for matrix weights: stored (as in the file), f32, f16, q8_0 or q4_0.
     #[arg(long, default_value = "stored", value_parser = parse_format)]
@@ -47,11 +48,7 @@ fn parse_format(s: &str) -> Result<WeightFormat, String> {
 impl ModelArgs {
     /// The model file to use: the one given, or the default model, fetched if needed.
     pub fn resolve_path(&self) -> Result<PathBuf> {
-        if let Some(path) = &self.model {
-            return Ok(path.clone());
-        }
-        let store = ModelStore::from_env();
-        progress::ensure_model(&store, &SMOLLM2_135M)
+        resolve_model(self.model.as_deref())
     }
 
     /// The `--layers` ranges (empty: the whole model as one shard).
@@ -73,6 +70,26 @@ impl ModelArgs {
         spinner.finish_and_clear();
         model
     }
+}
+
+/// A `--model` value: a known model's name (fetched if needed), a path, or the default model.
+pub fn resolve_model(model: Option<&str>) -> Result<PathBuf> {
+    let store = ModelStore::from_env();
+    let Some(model) = model else {
+        return progress::ensure_model(&store, &SMOLLM2_135M);
+    };
+    if let Some(known) = known_model(model) {
+        return progress::ensure_model(&store, known);
+    }
+    let path = PathBuf::from(model);
+    if !path.exists() {
+        let names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
+        anyhow::bail!(
+            "--model {model}: no such file, and not a known model (known: {})",
+            names.join(", ")
+        );
+    }
+    Ok(path)
 }
 
 /// How to sample and when to stop.

@@ -34,12 +34,15 @@ pub fn ensure_model(store: &ModelStore, model: &KnownModel) -> Result<std::path:
             bar.set_position(done);
         }
         FetchEvent::Refetching { reason } => {
-            eprintln!("veil: cached model is damaged ({reason}); fetching it again");
+            eprintln!("veil: a cached copy is damaged ({reason}); fetching it again");
+        }
+        FetchEvent::PartCached { part } => {
+            eprintln!("veil: keeping {part}, downloaded before");
         }
     };
     let path = store
         .ensure(model, &mut on_event)
-        .with_context(|| format!("cannot fetch the default model {}", model.name))?;
+        .with_context(|| format!("cannot fetch the model {}", model.name))?;
     bar.finish_and_clear();
     Ok(path)
 }

@@ -269,7 +269,7 @@ fn chat_stream(text: &LocalModel, passages: &[String]) -> Result<Vec<u32>> {
         }
         ids.extend(
             text.tokenizer
-                .encode(&text.chat.render(&messages, false)?)?,
+                .encode(&text.chat_template()?.render(&messages, false)?)?,
         );
     }
     Ok(ids)

@@ -188,7 +188,7 @@ fn run_accelerated(args: &GenerateArgs, params: &veil_model::GenerationParams) -
 /// The prompt's token ids: chat-formatted unless `--raw`.
 fn prompt_ids(args: &GenerateArgs, model: &LocalModel) -> Result<Vec<u32>> {
     Ok(if args.raw {
-        model.tokenizer.encode(&args.prompt)?
+        model.raw_prompt(&args.prompt)?
     } else {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {

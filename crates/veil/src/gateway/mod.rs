@@ -343,8 +343,7 @@ impl Gateway {
         }
         let prompt = self
             .model
-            .tokenizer
-            .encode(&request.prompt)
+            .raw_prompt(&request.prompt)
             .map_err(prompt_error)?;
         self.job(false, prompt, &request.options)
     }

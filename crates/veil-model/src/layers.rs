@@ -1,0 +1,356 @@
+//! The parts every architecture's block is built from: RoPE, attention over a session's cache
+//! (with the options the families differ by: biases, QK-norm, a sliding window), the gated
+//! feed-forward network, and reading checked tensors from the file.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Storage, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::kv::KvStore;
+use crate::linear::{Kernels, Linear};
+use crate::weights::WeightFormat;
+
+/// Rotary position embedding for one kind of layer. Angles are computed for the positions of
+/// each call rather than tabled for the whole context: Gemma 3's 32k context and 256-wide
+/// heads would make tables of 32 MB per RoPE base.
+#[derive(Debug, Clone)]
+pub(crate) struct Rope {
+    inv_freq: Vec<f32>,
+    /// Positions are multiplied by this (linear RoPE scaling).
+    scale: f32,
+    interleaved: bool,
+}
+
+impl Rope {
+    /// RoPE over heads of `head_dim` values with frequency base `base`, positions scaled by
+    /// `scale`; `factors` divide the frequencies (Llama 3's `rope_freqs.weight`).
+    pub(crate) fn new(
+        config: &LlamaConfig,
+        base: f32,
+        scale: f32,
+        factors: Option<&[f32]>,
+    ) -> Result<Self> {
+        let half = config.head_dim / 2;
+        if let Some(f) = factors {
+            if f.len() != half || f.iter().any(|x| !(*x > 0.0 && x.is_finite())) {
+                return Err(ModelError::BadTensor {
+                    name: "rope_freqs.weight".into(),
+                    reason: format!("expected {half} positive frequency factors"),
+                });
+            }
+        }
+        let inv_freq = (0..half)
+            .map(|i| {
+                let f = 1.0 / base.powf(2.0 * i as f32 / config.head_dim as f32);
+                factors.map_or(f, |factors| f / factors[i])
+            })
+            .collect();
+        Ok(Self {
+            inv_freq,
+            scale,
+            interleaved: config.architecture.rope_interleaved(),
+        })
+    }
+
+    /// Rotates `x` `(batch, heads, tokens, head_dim)` for positions `start..start + tokens`.
+    pub(crate) fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let tokens = x.dim(2)?;
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(tokens * half);
+        let mut sin = Vec::with_capacity(tokens * half);
+        for p in start..start + tokens {
+            let position = p as f32 * self.scale;
+            for f in &self.inv_freq {
+                let angle = position * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (tokens, half), &Device::Cpu)?;
+        let sin = Tensor::from_vec(sin, (tokens, half), &Device::Cpu)?;
+        let x = x.contiguous()?;
+        Ok(if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+        })
+    }
+}
+
+/// A block's self-attention: projections, optional biases (Qwen 2) and per-head norms
+/// (Qwen 3, Gemma 3), RoPE, and Veil's causal attention kernel over the session's cache.
+#[derive(Debug, Clone)]
+pub(crate) struct Attention {
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+    biases: Option<[Tensor; 3]>,
+    qk_norm: Option<(Tensor, Tensor)>,
+    rope: Rope,
+    /// The sliding window, for a local layer.
+    window: Option<usize>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+}
+
+impl Attention {
+    /// Reads block `i`'s attention; `rope` is the one this layer uses.
+    pub(crate) fn load(
+        weights: &mut BlockWeights<'_>,
+        config: &LlamaConfig,
+        rope: Rope,
+    ) -> Result<Self> {
+        let (h, q, kv) = (config.hidden_size, config.q_size(), config.kv_size());
+        let i = weights.block;
+        let biases = if weights.has("attn_q.bias") {
+            Some([
+                weights.vector("attn_q.bias", q)?,
+                weights.vector("attn_k.bias", kv)?,
+                weights.vector("attn_v.bias", kv)?,
+            ])
+        } else {
+            None
+        };
+        let qk_norm = if weights.has("attn_q_norm.weight") {
+            Some((
+                weights.vector("attn_q_norm.weight", config.head_dim)?,
+                weights.vector("attn_k_norm.weight", config.head_dim)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            wq: weights.matrix("attn_q", &[q, h])?,
+            wk: weights.matrix("attn_k", &[kv, h])?,
+            wv: weights.matrix("attn_v", &[kv, h])?,
+            wo: weights.matrix("attn_output", &[h, q])?,
+            biases,
+            qk_norm,
+            rope,
+            window: config.window(i),
+            heads: config.head_count,
+            kv_heads: config.kv_head_count,
+            head_dim: config.head_dim,
+            eps: config.rms_eps as f32,
+        })
+    }
+
+    /// Attention of normed hidden states `h` `(1, tokens, hidden)` at positions `start..`,
+    /// after the output projection.
+    pub(crate) fn forward(&self, h: &Tensor, kv: &mut KvStore, start: usize) -> Result<Tensor> {
+        let (q, k, v) = self.project(h)?;
+        let y = self.attend(q, k, v, kv, start)?;
+        self.wo.forward(&y)
+    }
+
+    /// One decode step for several sessions: row `i` of `h` `(1, sessions, hidden)` is the
+    /// next position of the session whose cache is `kvs[i]`, at position `starts[i]`. The
+    /// projections run once over every row; attention runs per session.
+    pub(crate) fn forward_batch(
+        &self,
+        h: &Tensor,
+        kvs: &mut [&mut KvStore],
+        starts: &[usize],
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(h)?;
+        let rows = kvs
+            .iter_mut()
+            .zip(starts)
+            .enumerate()
+            .map(|(i, (kv, &start))| {
+                let row = |t: &Tensor| t.narrow(2, i, 1);
+                self.attend(row(&q)?, row(&k)?, row(&v)?, kv, start)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.wo.forward(&Tensor::cat(&rows, 1)?)
+    }
+
+    /// The weight matrices, for the cheats that perturb them.
+    pub(crate) fn matrices_mut(&mut self) -> [&mut Linear; 4] {
+        [&mut self.wq, &mut self.wk, &mut self.wv, &mut self.wo]
+    }
+
+    /// Queries, keys and values `(1, heads, tokens, head_dim)` of normed hidden states, with
+    /// biases and per-head norms applied (before RoPE).
+    fn project(&self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (mut q, mut k, mut v) = (
+            self.wq.forward(h)?,
+            self.wk.forward(h)?,
+            self.wv.forward(h)?,
+        );
+        if let Some([bq, bk, bv]) = &self.biases {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        let (batch, tokens, _) = q.dims3()?;
+        let dim = self.head_dim;
+        let heads = |t: Tensor, n: usize| t.reshape((batch, tokens, n, dim));
+        let (mut q, mut k) = (heads(q, self.heads)?, heads(k, self.kv_heads)?);
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = candle_nn::ops::rms_norm(&q.contiguous()?, q_norm, self.eps)?;
+            k = candle_nn::ops::rms_norm(&k.contiguous()?, k_norm, self.eps)?;
+        }
+        let v = heads(v, self.kv_heads)?;
+        Ok((q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?))
+    }
+
+    /// Causal attention of queries, keys and values `(1, n, tokens, head_dim)` at positions
+    /// `start..` over a session's cache, with Veil's kernel: each query is computed the same
+    /// way however many share the call, so chunked prompts, checked drafts and batched
+    /// sessions give the bits of one plain pass. Returns `(1, tokens, heads * head_dim)`.
+    fn attend(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        kv: &mut KvStore,
+        start: usize,
+    ) -> Result<Tensor> {
+        let (batch, _, tokens, _) = q.dims4()?;
+        let q = self.rope.apply(&q, start)?;
+        let k = self.rope.apply(&k, start)?;
+        let (keys, values) = kv.append(&k, &v.contiguous()?)?;
+        let shape = veil_kernels::AttentionShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            tokens,
+            start,
+            key_capacity: keys.dim(2)?,
+            window: self.window,
+        };
+        let queries = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0.0f32; queries.len()];
+        let (key_storage, key_layout) = keys.storage_and_layout();
+        let (value_storage, value_layout) = values.storage_and_layout();
+        let (Storage::Cpu(key_data), Storage::Cpu(value_data)) = (&*key_storage, &*value_storage)
+        else {
+            return Err(ModelError::InvalidInput(
+                "the KV cache is not in CPU memory".into(),
+            ));
+        };
+        let key_slice =
+            &key_data.as_slice::<f32>()?[key_layout.start_offset()..][..keys.elem_count()];
+        let value_slice =
+            &value_data.as_slice::<f32>()?[value_layout.start_offset()..][..values.elem_count()];
+        veil_kernels::causal_attention(&shape, &queries, key_slice, value_slice, &mut out)
+            .map_err(|e| ModelError::InvalidInput(format!("attention: {e}")))?;
+        Ok(Tensor::from_vec(
+            out,
+            (batch, tokens, self.heads * self.head_dim),
+            &Device::Cpu,
+        )?)
+    }
+}
+
+/// The non-linearity between a gated FFN's two projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// SiLU (SwiGLU): the llama family.
+    Silu,
+    /// GELU, tanh approximation (GeGLU): Gemma.
+    Gelu,
+}
+
+/// A gated feed-forward network: `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub(crate) struct FeedForward {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+    act: Gate,
+}
+
+impl FeedForward {
+    pub(crate) fn load(
+        weights: &mut BlockWeights<'_>,
+        config: &LlamaConfig,
+        act: Gate,
+    ) -> Result<Self> {
+        let (h, ffn) = (config.hidden_size, config.ffn_size);
+        Ok(Self {
+            gate: weights.matrix("ffn_gate", &[ffn, h])?,
+            up: weights.matrix("ffn_up", &[ffn, h])?,
+            down: weights.matrix("ffn_down", &[h, ffn])?,
+            act,
+        })
+    }
+
+    pub(crate) fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let gate = self.gate.forward(h)?;
+        let gate = match self.act {
+            Gate::Silu => gate.silu()?,
+            Gate::Gelu => gate.gelu()?,
+        };
+        self.down.forward(&(gate * self.up.forward(h)?)?)
+    }
+
+    pub(crate) fn matrices_mut(&mut self) -> [&mut Linear; 3] {
+        [&mut self.gate, &mut self.up, &mut self.down]
+    }
+}
+
+/// Reads block `block`'s tensors (`blk.{block}.{name}`) with their shapes checked.
+pub(crate) struct BlockWeights<'a> {
+    pub gguf: &'a mut GgufFile,
+    pub block: usize,
+    pub format: WeightFormat,
+    pub kernels: Kernels,
+}
+
+impl BlockWeights<'_> {
+    fn name(&self, name: &str) -> String {
+        format!("blk.{}.{name}", self.block)
+    }
+
+    /// Whether the block has tensor `name`.
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.gguf.has_tensor(&self.name(name))
+    }
+
+    /// Matrix `{name}.weight` of shape `(out, in)`, ready to multiply.
+    pub(crate) fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<Linear> {
+        let q = load(self.gguf, &self.name(&format!("{name}.weight")), shape)?;
+        Linear::new(Arc::new(q), self.format, self.kernels)
+    }
+
+    /// Vector `name` of length `len` (a norm weight or a bias) as dense f32.
+    pub(crate) fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        dense(self.gguf, &self.name(name), len)
+    }
+}
+
+/// `x` through RMSNorm with weight `w`.
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+}
+
+/// Reads a tensor and checks its shape (GGUF stores `(out, in)` as candle sees it).
+pub(crate) fn load(gguf: &mut GgufFile, name: &str, shape: &[usize]) -> Result<QTensor> {
+    let q = gguf.tensor(name)?;
+    if q.shape().dims() != shape {
+        return Err(ModelError::BadTensor {
+            name: name.to_string(),
+            reason: format!("shape {:?}, expected {shape:?}", q.shape().dims()),
+        });
+    }
+    Ok(q)
+}
+
+/// Reads a vector tensor (norm weight, bias) as dense f32 of length `len`.
+pub(crate) fn dense(gguf: &mut GgufFile, name: &str, len: usize) -> Result<Tensor> {
+    let t = load(gguf, name, &[len])?.dequantize(&Device::Cpu)?;
+    Ok(if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.to_dtype(DType::F32)?
+    })
+}
