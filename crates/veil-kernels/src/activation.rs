@@ -7,7 +7,10 @@
 
 use half::f16;
 
-use crate::{Isa, BLOCK};
+use crate::{Isa, BLOCK, SUPERBLOCK};
+
+/// Sums kept per [`ActivationSuperblock`]: one per 16 values, as in ggml's Q8_K.
+pub const SUPERBLOCK_SUMS: usize = SUPERBLOCK / 16;
 
 /// One block of 32 activations: `x ≈ d * qs`, with `s = d * Σ qs` for formats with an offset.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,22 +48,85 @@ impl ActivationBlock {
     }
 }
 
+/// 256 activations quantized for the K formats as ggml's `quantize_row_q8_K` reference does:
+/// `x ≈ d * qs`, with the sums of each 16 values kept for the formats' offset terms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActivationSuperblock {
+    /// The scale: `1 / iscale`, kept in f32 (not rounded through f16 as the 32-value blocks'
+    /// are).
+    pub d: f32,
+    /// The quantized values, in -127..=127.
+    pub qs: [i8; SUPERBLOCK],
+    /// The sum of each 16 quantized values.
+    pub bsums: [i16; SUPERBLOCK_SUMS],
+}
+
+impl ActivationSuperblock {
+    /// Quantizes 256 values like ggml's reference: `iscale = -127 / max`, `max` the value of
+    /// largest magnitude (the first, on ties) with its sign, each value rounded to the nearest
+    /// integer with ties to even (ggml's `nearest_int`) and capped at 127, `d = 1 / iscale`;
+    /// all zeros give `d = 0`. Every instruction set quantizes with this function: it is
+    /// O(cols) per token, next to the O(rows · cols) product.
+    pub fn quantize(xs: &[f32; SUPERBLOCK]) -> Self {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &x in xs {
+            if x.abs() > amax {
+                amax = x.abs();
+                max = x;
+            }
+        }
+        let mut block = Self {
+            d: 0.0,
+            qs: [0; SUPERBLOCK],
+            bsums: [0; SUPERBLOCK_SUMS],
+        };
+        if amax == 0.0 {
+            return block;
+        }
+        let iscale = -127.0 / max;
+        for (q, &x) in block.qs.iter_mut().zip(xs) {
+            // |iscale · x| <= 127 up to one rounding, so the cast cannot wrap.
+            *q = (iscale * x).round_ties_even().min(127.0) as i8;
+        }
+        for (sum, qs) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+            // 16 values of at most 127 in magnitude: the sum fits an i16.
+            *sum = qs.iter().map(|&q| i16::from(q)).sum();
+        }
+        block.d = 1.0 / iscale;
+        block
+    }
+}
+
 /// Tokens per [`ActivationTile`].
 pub(crate) const TILE: usize = 8;
 
 /// Rows of quantized activations, each field in its own array so the kernels load eight
-/// scales at once.
+/// scales at once. A row is a run of units: 32-value blocks (as [`ActivationBlock`]) for the
+/// 32-value formats, or 256-value superblocks (as [`ActivationSuperblock`]) for the K formats,
+/// whose values are held as eight consecutive 32-value entries of `qs`.
 #[derive(Debug, Default)]
 pub(crate) struct Activations {
+    /// Each unit's scale.
     pub d: Vec<f32>,
+    /// Each block's `s` term (blocks only).
     pub s: Vec<f32>,
+    /// Each block's exact sum of quantized values (blocks only): formats whose values are
+    /// stored unsigned with a fixed offset take `offset · Σx` back off the unsigned product.
+    pub sums: Vec<i32>,
+    /// The quantized values, 32 per entry.
     pub qs: Vec<[i8; BLOCK]>,
+    /// Each superblock's sums of 16 values (superblocks only).
+    pub bsums: Vec<[i16; SUPERBLOCK_SUMS]>,
+    /// Entries of `qs` per unit: 1 for blocks, 8 for superblocks.
+    per_unit: usize,
     /// The first token of each tile of [`TILE`] tokens.
     tile_starts: Vec<usize>,
-    /// For each tile, block by block, the tokens' scales side by side.
+    /// For each tile, unit by unit, the tokens' scales side by side.
     tiled_d: Vec<[f32; TILE]>,
     /// The same for the `s` terms.
     tiled_s: Vec<[f32; TILE]>,
+    /// The same for the exact sums.
+    tiled_sums: Vec<[i32; TILE]>,
     /// `qs + 128` as unsigned bytes: the unsigned operand of VNNI's dot product.
     shifted: Vec<[u8; BLOCK]>,
 }
@@ -75,14 +141,17 @@ pub(crate) struct ActivationTile<'a> {
     pub shifted: [&'a [[u8; BLOCK]]; TILE],
     pub d: &'a [[f32; TILE]],
     pub s: &'a [[f32; TILE]],
+    pub sums: &'a [[i32; TILE]],
 }
 
-/// One row of [`Activations`].
+/// One row of [`Activations`]: its units' fields (empty where the unit kind has none).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ActivationRow<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub sums: &'a [i32],
     pub qs: &'a [[i8; BLOCK]],
+    pub bsums: &'a [[i16; SUPERBLOCK_SUMS]],
 }
 
 impl Activations {
@@ -91,7 +160,10 @@ impl Activations {
     pub fn quantize(&mut self, x: &[f32], isa: Isa) {
         self.d.clear();
         self.s.clear();
+        self.sums.clear();
         self.qs.clear();
+        self.bsums.clear();
+        self.per_unit = 1;
         for xs in x.chunks_exact(BLOCK) {
             let Ok(xs) = xs.try_into() else { continue };
             let block = match isa {
@@ -102,15 +174,38 @@ impl Activations {
             };
             self.d.push(block.d);
             self.s.push(block.s);
+            self.sums.push(block.qs.iter().map(|&q| i32::from(q)).sum());
             self.qs.push(block.qs);
         }
     }
 
-    /// Lays out tiles of [`TILE`] tokens (`per_token` blocks each) for [`tile`](Self::tile):
+    /// Quantizes `x` (a whole number of superblocks) for the K formats, reusing the
+    /// allocations.
+    pub fn quantize_superblocks(&mut self, x: &[f32]) {
+        self.d.clear();
+        self.s.clear();
+        self.sums.clear();
+        self.qs.clear();
+        self.bsums.clear();
+        self.per_unit = SUPERBLOCK / BLOCK;
+        for xs in x.chunks_exact(SUPERBLOCK) {
+            let Ok(xs) = xs.try_into() else { continue };
+            let block = ActivationSuperblock::quantize(xs);
+            self.d.push(block.d);
+            self.bsums.push(block.bsums);
+            for qs in block.qs.chunks_exact(BLOCK) {
+                let Ok(qs) = qs.try_into() else { continue };
+                self.qs.push(qs);
+            }
+        }
+    }
+
+    /// Lays out tiles of [`TILE`] tokens (`per_token` units each) for [`tile`](Self::tile):
     /// every whole tile, and when tokens are left over, one more ending at the last token
     /// (overlapping the one before: a token's result does not depend on its tile, so the
     /// overlap is computed twice to the same bits, cheaper than the leftovers one by one).
-    pub fn prepare_tiles(&mut self, per_token: usize) {
+    /// `shifted` lays out the values `+ 128` too (for Q8_0's VNNI tile kernel).
+    pub fn prepare_tiles(&mut self, per_token: usize, shifted: bool) {
         let tokens = self.d.len() / per_token;
         self.tile_starts.clear();
         self.tile_starts
@@ -121,15 +216,21 @@ impl Activations {
         let tiles = self.tile_starts.len();
         self.tiled_d.clear();
         self.tiled_s.clear();
+        self.tiled_sums.clear();
+        let blocks = !self.s.is_empty();
         for &first in &self.tile_starts {
             for b in 0..per_token {
                 let at = |t: usize| (first + t) * per_token + b;
                 self.tiled_d.push(std::array::from_fn(|t| self.d[at(t)]));
-                self.tiled_s.push(std::array::from_fn(|t| self.s[at(t)]));
+                if blocks {
+                    self.tiled_s.push(std::array::from_fn(|t| self.s[at(t)]));
+                    self.tiled_sums
+                        .push(std::array::from_fn(|t| self.sums[at(t)]));
+                }
             }
         }
         self.shifted.clear();
-        if tiles > 0 {
+        if tiles > 0 && shifted && blocks {
             let shift = |qs: &[i8; BLOCK]| qs.map(|q| (q as u8) ^ 0x80);
             self.shifted.extend(self.qs.iter().map(shift));
         }
@@ -148,19 +249,31 @@ impl Activations {
             rows: std::array::from_fn(|t| self.row((first + t) * per_token, per_token)),
             shifted: std::array::from_fn(|t| {
                 let start = (first + t) * per_token;
-                &self.shifted[start..start + per_token]
+                self.shifted
+                    .get(start..start + per_token)
+                    .unwrap_or_default()
             }),
             d: &self.tiled_d[tile * per_token..(tile + 1) * per_token],
-            s: &self.tiled_s[tile * per_token..(tile + 1) * per_token],
+            s: self
+                .tiled_s
+                .get(tile * per_token..(tile + 1) * per_token)
+                .unwrap_or_default(),
+            sums: self
+                .tiled_sums
+                .get(tile * per_token..(tile + 1) * per_token)
+                .unwrap_or_default(),
         }
     }
 
-    /// Blocks `first..first + len`.
+    /// Units `first..first + len`.
     pub fn row(&self, first: usize, len: usize) -> ActivationRow<'_> {
+        let range = first..first + len;
         ActivationRow {
-            d: &self.d[first..first + len],
-            s: &self.s[first..first + len],
-            qs: &self.qs[first..first + len],
+            d: &self.d[range.clone()],
+            s: self.s.get(range.clone()).unwrap_or_default(),
+            sums: self.sums.get(range.clone()).unwrap_or_default(),
+            qs: &self.qs[first * self.per_unit..(first + len) * self.per_unit],
+            bsums: self.bsums.get(range).unwrap_or_default(),
         }
     }
 }

@@ -12,8 +12,9 @@ pub enum Isa {
     /// 256-bit integer dot products (`vpmaddubsw`), FMA and F16C: every x86-64 from the last
     /// decade.
     Avx2,
-    /// The AVX2 family with AVX-512 VNNI's fused dot product (`vpdpbusd`, with VL) in place
-    /// of the two-instruction AVX2 one.
+    /// The AVX2 family with AVX-512 VNNI's fused dot products (`vpdpbusd`, `vpdpwssd`, with
+    /// VL) in place of AVX2's two-instruction ones, and AVX-512BW's byte masks to expand the
+    /// 5-bit formats' high bits (every CPU with VNNI has BW).
     Avx512,
 }
 
@@ -56,6 +57,7 @@ impl Isa {
                 Isa::Avx2.is_available()
                     && is_x86_feature_detected!("avx512vnni")
                     && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512bw")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,

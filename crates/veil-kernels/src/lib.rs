@@ -15,7 +15,9 @@
 //! otherwise turn summation-order noise into different answers.
 //!
 //! Weights are read from GGUF's blocks once, at load, into values, scales and offsets held
-//! apart (`QuantMatrix::new`).
+//! apart (`QuantMatrix::new`). The formats are those of people's GGUF files: Q4_0, Q4_1, Q5_0,
+//! Q5_1 and Q8_0 (blocks of 32 values) and the K formats Q4_K, Q5_K and Q6_K (superblocks of
+//! 256, multiplied with activations quantized as ggml's Q8_K).
 
 mod activation;
 mod attention;
@@ -26,11 +28,16 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use activation::{quantize_with, ActivationBlock};
+pub use activation::{quantize_with, ActivationBlock, ActivationSuperblock, SUPERBLOCK_SUMS};
 pub use attention::{causal_attention, AttentionShape};
 pub use error::KernelError;
 pub use isa::Isa;
 pub use matrix::{QuantFormat, QuantMatrix};
 
-/// Values per quantization block, for every format here (as in GGUF).
+/// Values per quantization block of the 32-value formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as
+/// in GGUF; activations are quantized in blocks of this size for them.
 pub const BLOCK: usize = 32;
+
+/// Values per superblock of the K formats (Q4_K, Q5_K, Q6_K; GGUF's `QK_K`): their rows hold
+/// a multiple of this many columns, and activations are quantized in superblocks for them.
+pub const SUPERBLOCK: usize = 256;

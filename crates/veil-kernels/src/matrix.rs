@@ -7,57 +7,151 @@ use std::sync::{Mutex, PoisonError};
 use half::f16;
 
 use crate::activation::{ActivationRow, ActivationTile, Activations, TILE};
-use crate::{scalar, Isa, KernelError, BLOCK};
+use crate::{scalar, Isa, KernelError, BLOCK, SUPERBLOCK};
 
 /// The GGUF block formats these kernels multiply.
+// The names are GGUF's (and ggml's, llama.cpp's), which people look for.
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantFormat {
-    /// 4-bit values with a scale and an offset per block: `w = d * q + m` (20 bytes).
+    /// 4-bit values with a scale per block of 32: `w = d * (q - 8)` (18 bytes).
+    Q4_0,
+    /// 4-bit values with a scale and an offset per block of 32: `w = d * q + m` (20 bytes).
     Q4_1,
-    /// 8-bit values with a scale per block: `w = d * q` (34 bytes).
+    /// 5-bit values (4 low bits, high bits in a 32-bit mask) with a scale per block of 32:
+    /// `w = d * (q - 16)` (22 bytes).
+    Q5_0,
+    /// 5-bit values with a scale and an offset per block of 32: `w = d * q + m` (24 bytes).
+    Q5_1,
+    /// 8-bit values with a scale per block of 32: `w = d * q` (34 bytes).
     Q8_0,
+    /// Superblocks of 256 4-bit values in 8 sub-blocks of 32, each with a 6-bit scale and
+    /// minimum: `w = d * sc * q - dmin * m` (144 bytes).
+    Q4_K,
+    /// Q4_K with a fifth bit per value (176 bytes).
+    Q5_K,
+    /// Superblocks of 256 6-bit values in 16 sub-blocks of 16, each with an 8-bit signed scale:
+    /// `w = d * sc * (q - 32)` (210 bytes).
+    Q6_K,
 }
 
 impl QuantFormat {
-    /// Bytes per block of 32 values, as GGUF lays them out.
-    pub fn block_bytes(self) -> usize {
-        match self {
-            QuantFormat::Q4_1 => 20,
-            QuantFormat::Q8_0 => 34,
+    /// Every format, for tests and benchmarks.
+    pub const ALL: [QuantFormat; 8] = [
+        QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
+        QuantFormat::Q8_0,
+        QuantFormat::Q4_K,
+        QuantFormat::Q5_K,
+        QuantFormat::Q6_K,
+    ];
+
+    /// Values per block: [`BLOCK`], or [`SUPERBLOCK`] for the K formats. A row's columns must
+    /// be a multiple of it.
+    pub fn block_values(self) -> usize {
+        if self.is_k() {
+            SUPERBLOCK
+        } else {
+            BLOCK
         }
     }
 
-    /// Bytes of quantized values per block (the rest are f16 scale and offset).
+    /// Whether this is a K format (256-value superblocks, Q8_K activations).
+    pub fn is_k(self) -> bool {
+        matches!(
+            self,
+            QuantFormat::Q4_K | QuantFormat::Q5_K | QuantFormat::Q6_K
+        )
+    }
+
+    /// Bytes per block of [`block_values`](Self::block_values) values, as GGUF lays them out.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantFormat::Q4_0 => 18,
+            QuantFormat::Q4_1 => 20,
+            QuantFormat::Q5_0 => 22,
+            QuantFormat::Q5_1 => 24,
+            QuantFormat::Q8_0 => 34,
+            QuantFormat::Q4_K => 144,
+            QuantFormat::Q5_K => 176,
+            QuantFormat::Q6_K => 210,
+        }
+    }
+
+    /// Bytes of (low) quantized values per block, kept as GGUF packs them.
     fn value_bytes(self) -> usize {
         match self {
-            QuantFormat::Q4_1 => 16,
             QuantFormat::Q8_0 => 32,
+            QuantFormat::Q4_K | QuantFormat::Q5_K | QuantFormat::Q6_K => 128,
+            _ => 16,
         }
+    }
+
+    /// Bytes of packed high bits per block, kept packed (the kernels expand them).
+    pub(crate) fn high_bytes(self) -> usize {
+        match self {
+            QuantFormat::Q5_0 | QuantFormat::Q5_1 => 4,
+            QuantFormat::Q5_K => 32,
+            QuantFormat::Q6_K => 64,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of sub-block scales per block: Q4_K's and Q5_K's 8 scales then 8 minimums, each
+    /// unpacked from 6 bits to a byte; Q6_K's 16 signed scales.
+    fn scale_bytes(self) -> usize {
+        if self.is_k() {
+            16
+        } else {
+            0
+        }
+    }
+
+    /// Whether blocks carry an offset (`m`, or the K formats' `dmin`).
+    fn has_offset(self) -> bool {
+        matches!(
+            self,
+            QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4_K | QuantFormat::Q5_K
+        )
     }
 }
 
 impl fmt::Display for QuantFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            QuantFormat::Q4_0 => "q4_0",
             QuantFormat::Q4_1 => "q4_1",
+            QuantFormat::Q5_0 => "q5_0",
+            QuantFormat::Q5_1 => "q5_1",
             QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_K => "q4_k",
+            QuantFormat::Q5_K => "q5_k",
+            QuantFormat::Q6_K => "q6_k",
         })
     }
 }
 
 /// A `(rows, cols)` weight matrix in a block format: the rows of a GGUF tensor (the outputs of
 /// a linear layer), unpacked at load into values, scales and offsets held apart, so the kernels
-/// load eight scales at once and convert no f16 in the hot loop.
+/// load eight scales at once and convert no f16 in the hot loop. Values stay packed as GGUF
+/// holds them (nibbles, and the 5- and 6-bit formats' high bits), so a matrix takes about the
+/// bytes of its file: the kernels expand them.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     format: QuantFormat,
     rows: usize,
     cols: usize,
-    /// Each block's quantized values, blocks in row order.
+    /// Each block's quantized values (low bits), blocks in row order.
     qs: Vec<u8>,
+    /// Each block's packed high bits (Q5_0, Q5_1, Q5_K, Q6_K).
+    qh: Vec<u8>,
+    /// Each superblock's sub-block scales (and minimums) (K formats).
+    scales: Vec<u8>,
     /// Each block's scale.
     d: Vec<f32>,
-    /// Each block's offset (Q4_1 only).
+    /// Each block's offset (Q4_1, Q5_1) or minimums' scale `dmin` (Q4_K, Q5_K).
     m: Vec<f32>,
     /// Each block's sum of quantized values (Q8_0 only): VNNI multiplies `q · (x + 128)` and
     /// takes `128 · Σq` back off.
@@ -68,6 +162,8 @@ pub struct QuantMatrix {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WeightRow<'a> {
     pub qs: &'a [u8],
+    pub qh: &'a [u8],
+    pub scales: &'a [u8],
     pub d: &'a [f32],
     pub m: &'a [f32],
     pub sums: &'a [i32],
@@ -91,13 +187,23 @@ impl QuantMatrix {
         cols: usize,
         data: &[u8],
     ) -> Result<Self, KernelError> {
-        if rows == 0 || cols == 0 || !cols.is_multiple_of(BLOCK) {
+        let per_block = format.block_values();
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(per_block) {
+            let supported = if format.is_k() {
+                format!(
+                    "{format} packs {SUPERBLOCK}-value superblocks, so it needs columns in \
+                     multiples of {SUPERBLOCK} (GGUF files store such rows in q5_0, q8_0 or \
+                     another 32-value format instead)"
+                )
+            } else {
+                format!("{format} needs columns in multiples of {BLOCK}")
+            };
             return Err(KernelError::BadMatrix(format!(
-                "shape ({rows}, {cols}): both must be positive and the columns a multiple of {BLOCK}"
+                "shape ({rows}, {cols}): both must be positive, and {supported}"
             )));
         }
         let expected = rows
-            .checked_mul(cols / BLOCK)
+            .checked_mul(cols / per_block)
             .and_then(|blocks| blocks.checked_mul(format.block_bytes()));
         if expected != Some(data.len()) {
             return Err(KernelError::BadMatrix(format!(
@@ -111,26 +217,69 @@ impl QuantMatrix {
             rows,
             cols,
             qs: Vec::with_capacity(blocks * format.value_bytes()),
+            qh: Vec::with_capacity(blocks * format.high_bytes()),
+            scales: Vec::with_capacity(blocks * format.scale_bytes()),
             d: Vec::with_capacity(blocks),
-            m: Vec::new(),
+            m: Vec::with_capacity(if format.has_offset() { blocks } else { 0 }),
             sums: Vec::new(),
         };
         for block in data.chunks_exact(format.block_bytes()) {
-            matrix.d.push(f16_at(block, 0));
-            match format {
-                QuantFormat::Q4_1 => {
-                    matrix.m.push(f16_at(block, 2));
-                    matrix.qs.extend_from_slice(&block[4..]);
-                }
-                QuantFormat::Q8_0 => {
-                    matrix.qs.extend_from_slice(&block[2..]);
-                    matrix
-                        .sums
-                        .push(block[2..].iter().map(|&q| i32::from(q as i8)).sum());
-                }
-            }
+            matrix.push_block(block);
         }
         Ok(matrix)
+    }
+
+    /// Unpacks one GGUF block (of exactly `block_bytes` bytes).
+    fn push_block(&mut self, block: &[u8]) {
+        match self.format {
+            QuantFormat::Q4_0 => {
+                self.d.push(f16_at(block, 0));
+                self.qs.extend_from_slice(&block[2..18]);
+            }
+            QuantFormat::Q4_1 => {
+                self.d.push(f16_at(block, 0));
+                self.m.push(f16_at(block, 2));
+                self.qs.extend_from_slice(&block[4..20]);
+            }
+            QuantFormat::Q5_0 => {
+                self.d.push(f16_at(block, 0));
+                self.qh.extend_from_slice(&block[2..6]);
+                self.qs.extend_from_slice(&block[6..22]);
+            }
+            QuantFormat::Q5_1 => {
+                self.d.push(f16_at(block, 0));
+                self.m.push(f16_at(block, 2));
+                self.qh.extend_from_slice(&block[4..8]);
+                self.qs.extend_from_slice(&block[8..24]);
+            }
+            QuantFormat::Q8_0 => {
+                self.d.push(f16_at(block, 0));
+                self.qs.extend_from_slice(&block[2..34]);
+                self.sums
+                    .push(block[2..34].iter().map(|&q| i32::from(q as i8)).sum());
+            }
+            QuantFormat::Q4_K | QuantFormat::Q5_K => {
+                self.d.push(f16_at(block, 0));
+                self.m.push(f16_at(block, 2));
+                let packed = &block[4..16];
+                let (scales, mins): (Vec<u8>, Vec<u8>) =
+                    (0..8).map(|j| scale_min_k4(j, packed)).unzip();
+                self.scales.extend(scales);
+                self.scales.extend(mins);
+                if self.format == QuantFormat::Q5_K {
+                    self.qh.extend_from_slice(&block[16..48]);
+                    self.qs.extend_from_slice(&block[48..176]);
+                } else {
+                    self.qs.extend_from_slice(&block[16..144]);
+                }
+            }
+            QuantFormat::Q6_K => {
+                self.qs.extend_from_slice(&block[..128]);
+                self.qh.extend_from_slice(&block[128..192]);
+                self.scales.extend_from_slice(&block[192..208]);
+                self.d.push(f16_at(block, 208));
+            }
+        }
     }
 
     /// The block format.
@@ -149,19 +298,39 @@ impl QuantMatrix {
     }
 
     /// The matrix as `rows * cols` floats, row-major: the reference the kernels are tested
-    /// against, and what re-quantizing starts from.
+    /// against, and what re-quantizing starts from. Each value is computed with ggml's (and
+    /// candle's) float operations, so it has their bits.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        let values = self.qs.chunks_exact(self.format.value_bytes());
-        for (b, qs) in values.enumerate() {
-            let d = self.d[b];
-            match self.format {
-                QuantFormat::Q4_1 => {
-                    let m = self.m[b];
-                    out.extend(qs.iter().map(|q| d * f32::from(q & 0x0F) + m));
-                    out.extend(qs.iter().map(|q| d * f32::from(q >> 4) + m));
+        let format = self.format;
+        for b in 0..self.d.len() {
+            let qs = &self.qs[b * format.value_bytes()..(b + 1) * format.value_bytes()];
+            let qh = &self.qh[b * format.high_bytes()..(b + 1) * format.high_bytes()];
+            let scales = &self.scales[b * format.scale_bytes()..(b + 1) * format.scale_bytes()];
+            let (d, m) = (self.d[b], self.m.get(b).copied().unwrap_or(0.0));
+            match format {
+                QuantFormat::Q4_0 | QuantFormat::Q5_0 => {
+                    let offset = if format == QuantFormat::Q4_0 { 8 } else { 16 };
+                    out.extend((0..BLOCK).map(|i| (block_value(qs, qh, i) - offset) as f32 * d));
+                }
+                QuantFormat::Q4_1 | QuantFormat::Q5_1 => {
+                    out.extend((0..BLOCK).map(|i| block_value(qs, qh, i) as f32 * d + m));
                 }
                 QuantFormat::Q8_0 => out.extend(qs.iter().map(|&q| d * f32::from(q as i8))),
+                QuantFormat::Q4_K | QuantFormat::Q5_K => {
+                    for i in 0..SUPERBLOCK {
+                        let sub = i / 32;
+                        let scale = d * f32::from(scales[sub]);
+                        let min = m * f32::from(scales[8 + sub]);
+                        out.push(scale * k_value(format, qs, qh, i) as f32 - min);
+                    }
+                }
+                QuantFormat::Q6_K => {
+                    for i in 0..SUPERBLOCK {
+                        let scale = d * f32::from(scales[i / 16] as i8);
+                        out.push(scale * (k_value(format, qs, qh, i) - 32) as f32);
+                    }
+                }
             }
         }
         out
@@ -200,35 +369,51 @@ impl QuantMatrix {
         let kernel = RowKernel::new(self.format, isa);
         ACTIVATIONS.with(|cell| {
             let mut acts = cell.borrow_mut();
-            acts.quantize(x, isa);
-            acts.prepare_tiles(self.cols / BLOCK);
+            if self.format.is_k() {
+                acts.quantize_superblocks(x);
+            } else {
+                acts.quantize(x, isa);
+            }
+            let shifted = self.format == QuantFormat::Q8_0 && isa == Isa::Avx512;
+            acts.prepare_tiles(self.units(), shifted);
             self.multiply(&kernel, &acts, tokens, out);
         });
         Ok(())
     }
 
+    /// Blocks (or superblocks, for the K formats) per row.
+    fn units(&self) -> usize {
+        self.cols / self.format.block_values()
+    }
+
     /// Weight row `r`.
     fn row(&self, r: usize) -> WeightRow<'_> {
-        let blocks = self.cols / BLOCK;
-        let values = blocks * self.format.value_bytes();
+        self.rows_from(r, 1)
+    }
+
+    /// Weight rows `first..first + count`, as one run of blocks.
+    fn rows_from(&self, first: usize, count: usize) -> WeightRow<'_> {
+        let blocks = first * self.units()..(first + count) * self.units();
+        let bytes = |per_block: usize| blocks.start * per_block..blocks.end * per_block;
         WeightRow {
-            qs: &self.qs[r * values..(r + 1) * values],
-            d: &self.d[r * blocks..(r + 1) * blocks],
-            m: self.m.get(r * blocks..(r + 1) * blocks).unwrap_or_default(),
-            sums: self
-                .sums
-                .get(r * blocks..(r + 1) * blocks)
-                .unwrap_or_default(),
+            qs: &self.qs[bytes(self.format.value_bytes())],
+            qh: &self.qh[bytes(self.format.high_bytes())],
+            scales: &self.scales[bytes(self.format.scale_bytes())],
+            d: &self.d[blocks.clone()],
+            m: self.m.get(blocks.clone()).unwrap_or_default(),
+            sums: self.sums.get(blocks).unwrap_or_default(),
         }
     }
 
     /// Splits the weight rows over candle's barrier pool (persistent threads that spin
     /// briefly between calls, so a decode step's hundreds of small products do not each pay a
     /// thread wake-up; the calling thread takes a share). One token writes its outputs
-    /// directly; several tokens are computed weight row by weight row (each weight row unpacked
+    /// directly (the K formats' short rows through one kernel call per thread's run of rows); several tokens are computed weight row by weight row (each weight row unpacked
     /// once for a tile of [`TILE`] tokens) into a transposed buffer, then transposed into `out`.
     fn multiply(&self, kernel: &RowKernel, acts: &Activations, tokens: usize, out: &mut [f32]) {
-        let per_token = self.cols / BLOCK;
+        let per_token = self.units();
+        // The work of a product, in 32-value block products, for the choice of threads.
+        let work = self.rows * (self.cols / BLOCK);
         let token = |t: usize| acts.row(t * per_token, per_token);
         let rows_of = |first: usize, outs: &mut [f32]| {
             let tiles: Vec<ActivationTile<'_>> = (0..acts.tile_count())
@@ -253,11 +438,16 @@ impl QuantMatrix {
             }
         };
         if tokens == 1 {
-            split_rows(self.rows * per_token, out, 1, rows_of);
+            split_rows(work, out, 1, |first, outs| {
+                let w = self.rows_from(first, outs.len());
+                if !kernel.rows(w, per_token, token(0), outs) {
+                    rows_of(first, outs);
+                }
+            });
             return;
         }
         let mut transposed = vec![0f32; self.rows * tokens];
-        let blocks = self.rows * per_token * tokens;
+        let blocks = work * tokens;
         split_rows(blocks, &mut transposed, tokens, rows_of);
         // Transposed back on the pool as well, each thread writing whole tokens' rows of `out`.
         split_rows(blocks, out, self.rows, |first, outs| {
@@ -322,44 +512,169 @@ impl RowKernel {
         self.dots(w, [a])[0]
     }
 
+    /// Consecutive weight rows (`w`, `units` blocks each) times one token, into `out`, where
+    /// the family has such a kernel (the K formats, whose rows are short); false otherwise.
+    #[inline]
+    fn rows(&self, w: WeightRow<'_>, units: usize, a: ActivationRow<'_>, out: &mut [f32]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::x86;
+            use QuantFormat as F;
+            // SAFETY: as in `dots`; `w` holds `out.len()` rows of `units` blocks.
+            unsafe {
+                match (self.isa, self.format) {
+                    (Isa::Avx2, F::Q4_K) => x86::avx2::rows_q4_k(w, units, a, out),
+                    (Isa::Avx2, F::Q5_K) => x86::avx2::rows_q5_k(w, units, a, out),
+                    (Isa::Avx2, F::Q6_K) => x86::avx2::rows_q6_k(w, units, a, out),
+                    (Isa::Avx512, F::Q4_K) => x86::vnni::rows_q4_k(w, units, a, out),
+                    (Isa::Avx512, F::Q5_K) => x86::vnni::rows_q5_k(w, units, a, out),
+                    (Isa::Avx512, F::Q6_K) => x86::vnni::rows_q6_k(w, units, a, out),
+                    _ => return false,
+                }
+            }
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (w, units, a, out);
+            false
+        }
+    }
+
     /// One weight row times a tile of eight tokens' activations.
     #[inline]
     fn eight(&self, w: WeightRow<'_>, tile: &ActivationTile<'_>) -> [f32; TILE] {
-        // SAFETY: as in `dots`.
-        match (self.isa, self.format) {
-            (Isa::Scalar, _) => self.dots(w, tile.rows),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, QuantFormat::Q4_1) => unsafe { crate::x86::tile_q4_1_avx2(w, tile) },
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, QuantFormat::Q8_0) => unsafe { crate::x86::tile_q8_0_avx2(w, tile) },
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, QuantFormat::Q4_1) => unsafe { crate::x86::tile_q4_1_avx512(w, tile) },
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, QuantFormat::Q8_0) => unsafe { crate::x86::tile_q8_0_vnni(w, tile) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("only the scalar kernels exist off x86-64"),
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::x86;
+            use QuantFormat as F;
+            // SAFETY: as in `dots`.
+            unsafe {
+                match (self.isa, self.format) {
+                    (Isa::Scalar, _) => {}
+                    (Isa::Avx2, F::Q4_1) => return x86::tile_q4_1_avx2(w, tile),
+                    (Isa::Avx2, F::Q8_0) => return x86::tile_q8_0_avx2(w, tile),
+                    (Isa::Avx512, F::Q4_1) => return x86::tile_q4_1_avx512(w, tile),
+                    (Isa::Avx512, F::Q8_0) => return x86::tile_q8_0_vnni(w, tile),
+                    (Isa::Avx2, F::Q4_0) => return x86::avx2::tile_q4_0(w, tile),
+                    (Isa::Avx2, F::Q5_0) => return x86::avx2::tile_q5_0(w, tile),
+                    (Isa::Avx2, F::Q5_1) => return x86::avx2::tile_q5_1(w, tile),
+                    (Isa::Avx2, F::Q4_K) => return x86::avx2::tile_q4_k(w, tile),
+                    (Isa::Avx2, F::Q5_K) => return x86::avx2::tile_q5_k(w, tile),
+                    (Isa::Avx2, F::Q6_K) => return x86::avx2::tile_q6_k(w, tile),
+                    (Isa::Avx512, F::Q4_0) => return x86::vnni::tile_q4_0(w, tile),
+                    (Isa::Avx512, F::Q5_0) => return x86::vnni::tile_q5_0(w, tile),
+                    (Isa::Avx512, F::Q5_1) => return x86::vnni::tile_q5_1(w, tile),
+                    (Isa::Avx512, F::Q4_K) => return x86::vnni::tile_q4_k(w, tile),
+                    (Isa::Avx512, F::Q5_K) => return x86::vnni::tile_q5_k(w, tile),
+                    (Isa::Avx512, F::Q6_K) => return x86::vnni::tile_q6_k(w, tile),
+                }
+            }
         }
+        self.dots(w, tile.rows)
     }
 
     /// One weight row times `R` tokens' activations.
     #[inline]
     fn dots<const R: usize>(&self, w: WeightRow<'_>, a: [ActivationRow<'_>; R]) -> [f32; R] {
-        // SAFETY: `matmul_with` checked the CPU has the features of `self.isa`; the slices hold
-        // whole blocks of the same count (the matrix and the activations were checked).
-        match (self.isa, self.format) {
-            (Isa::Scalar, QuantFormat::Q4_1) => scalar::dot_q4_1(w, a),
-            (Isa::Scalar, QuantFormat::Q8_0) => scalar::dot_q8_0(w, a),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, QuantFormat::Q4_1) => unsafe { crate::x86::dot_q4_1_avx2(w, a) },
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, QuantFormat::Q8_0) => unsafe { crate::x86::dot_q8_0_avx2(w, a) },
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, QuantFormat::Q4_1) => unsafe { crate::x86::dot_q4_1_avx512(w, a) },
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, QuantFormat::Q8_0) => unsafe { crate::x86::dot_q8_0_avx512(w, a) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("only the scalar kernels exist off x86-64"),
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::x86;
+            use QuantFormat as F;
+            // SAFETY: `matmul_with` checked the CPU has the features of `self.isa`; the slices
+            // hold whole blocks of the same count (the matrix and the activations were
+            // checked).
+            unsafe {
+                match (self.isa, self.format) {
+                    (Isa::Scalar, _) => {}
+                    (Isa::Avx2, F::Q4_1) => return x86::dot_q4_1_avx2(w, a),
+                    (Isa::Avx2, F::Q8_0) => return x86::dot_q8_0_avx2(w, a),
+                    (Isa::Avx512, F::Q4_1) => return x86::dot_q4_1_avx512(w, a),
+                    (Isa::Avx512, F::Q8_0) => return x86::dot_q8_0_avx512(w, a),
+                    (Isa::Avx2, F::Q4_0) => return x86::avx2::dot_q4_0(w, a),
+                    (Isa::Avx2, F::Q5_0) => return x86::avx2::dot_q5_0(w, a),
+                    (Isa::Avx2, F::Q5_1) => return x86::avx2::dot_q5_1(w, a),
+                    (Isa::Avx2, F::Q4_K) => return x86::avx2::dot_q4_k(w, a),
+                    (Isa::Avx2, F::Q5_K) => return x86::avx2::dot_q5_k(w, a),
+                    (Isa::Avx2, F::Q6_K) => return x86::avx2::dot_q6_k(w, a),
+                    (Isa::Avx512, F::Q4_0) => return x86::vnni::dot_q4_0(w, a),
+                    (Isa::Avx512, F::Q5_0) => return x86::vnni::dot_q5_0(w, a),
+                    (Isa::Avx512, F::Q5_1) => return x86::vnni::dot_q5_1(w, a),
+                    (Isa::Avx512, F::Q4_K) => return x86::vnni::dot_q4_k(w, a),
+                    (Isa::Avx512, F::Q5_K) => return x86::vnni::dot_q5_k(w, a),
+                    (Isa::Avx512, F::Q6_K) => return x86::vnni::dot_q6_k(w, a),
+                }
+            }
         }
+        match self.format {
+            QuantFormat::Q4_0 => scalar::dot_q4_0(w, a),
+            QuantFormat::Q4_1 => scalar::dot_q4_1(w, a),
+            QuantFormat::Q5_0 => scalar::dot_q5_0(w, a),
+            QuantFormat::Q5_1 => scalar::dot_q5_1(w, a),
+            QuantFormat::Q8_0 => scalar::dot_q8_0(w, a),
+            QuantFormat::Q4_K | QuantFormat::Q5_K => scalar::dot_q45_k(w, a, self.format),
+            QuantFormat::Q6_K => scalar::dot_q6_k(w, a),
+        }
+    }
+}
+
+/// Value `i` (0..32) of a 32-value block: the low nibbles hold values 0..16 and the high ones
+/// 16..32; `qh`, where the format has it, holds bit 4 of value `i` in its bit `i`.
+pub(crate) fn block_value(qs: &[u8], qh: &[u8], i: usize) -> i32 {
+    let low = i32::from(if i < 16 {
+        qs[i] & 0x0F
+    } else {
+        qs[i - 16] >> 4
+    });
+    match qh {
+        [a, b, c, d] => {
+            let high = u32::from_le_bytes([*a, *b, *c, *d]) >> i & 1;
+            low | (high as i32) << 4
+        }
+        _ => low,
+    }
+}
+
+/// Value `i` (0..256) of a K-format superblock, unsigned (Q6_K's before taking 32 off):
+/// - Q4_K / Q5_K: 64 values per 32 bytes of `qs`, low nibbles first; Q5_K's bit 4 of value
+///   `i` is bit `i / 32` of `qh[i % 32]`.
+/// - Q6_K: each half of 128 values takes 64 bytes of `qs` (values 0..32 and 32..64 from the
+///   low nibbles of its two 32-byte runs, 64..96 and 96..128 from the high nibbles) and 32
+///   bytes of `qh` (two bits per value, the quarter choosing the pair).
+pub(crate) fn k_value(format: QuantFormat, qs: &[u8], qh: &[u8], i: usize) -> i32 {
+    match format {
+        QuantFormat::Q6_K => {
+            let (half, r) = (i / 128, i % 128);
+            let (quarter, l) = (r / 32, r % 32);
+            let byte = qs[64 * half + 32 * (quarter & 1) + l];
+            let low = if quarter < 2 { byte & 0x0F } else { byte >> 4 };
+            let high = (qh[32 * half + l] >> (2 * quarter)) & 3;
+            i32::from(low | high << 4)
+        }
+        _ => {
+            let (chunk, r) = (i / 64, i % 64);
+            let byte = qs[32 * chunk + r % 32];
+            let low = if r < 32 { byte & 0x0F } else { byte >> 4 };
+            let high = match qh.get(r % 32) {
+                Some(h) => (h >> (i / 32)) & 1,
+                None => 0,
+            };
+            i32::from(low | high << 4)
+        }
+    }
+}
+
+/// Scale and minimum `j` (0..8) of Q4_K's and Q5_K's 12 bytes of packed 6-bit values: the first
+/// four in the low 6 bits of bytes 0..4 and 4..8, the last four from the nibbles of bytes
+/// 8..12 with their top two bits in the spare bits of the first eight bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 

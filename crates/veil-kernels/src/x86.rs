@@ -330,3 +330,554 @@ pub(crate) unsafe fn quantize_avx2(xs: &[f32; BLOCK]) -> ActivationBlock {
     _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes);
     ActivationBlock::with_values(d, qs)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Q4_0, Q5_0, Q5_1 and the K formats.
+//
+// The 32-value formats' values are expanded to unsigned bytes (Q5's high bits from their packed
+// mask), multiplied with the activations by one u8 × i8 dot product, and Q4_0's and Q5_0's
+// fixed offsets taken back off as `offset · Σx` (the activations' exact block sums): the
+// integer sum of `(q - offset) · x` without sign tricks. Float terms as in Q4_1 / Q8_0.
+//
+// The K formats' superblocks are expanded to eight vectors of 32 unsigned values (vector `k`
+// holding values `32k..32k + 32`, multiplied with activation entry `k`); `vpmaddubsw` forms the
+// pair sums (at most 2 · 63 · 127, no saturation), `vpmaddwd` with the sub-block scales (or
+// VNNI's `vpdpwssd`, which also accumulates) the scaled i32 sums. Each superblock's sums are
+// reduced to exact integers and added in the reference's float order (see `scalar`).
+// ---------------------------------------------------------------------------------------------
+
+/// Bit `i` of the 32-bit little-endian mask at the start of `qh` as byte `i`: 0xFF where set.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bytes_from_bits(qh: &[u8]) -> __m256i {
+    let bits = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    // Byte i takes byte i / 8 of the mask, then every bit but i % 8 is set: all ones iff that
+    // bit was.
+    let spread = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
+}
+
+/// Block `b` of a Q4_0 row as 32 unsigned values (0..16). (Macros rather than functions, so
+/// the eight-block loops inline them.)
+macro_rules! q4_0_values {
+    ($w:expr, $b:expr) => {
+        q4_1_values(&$w.qs[$b * 16..])
+    };
+}
+
+/// Block `b` of a Q5_0 or Q5_1 row as 32 unsigned values (0..32).
+macro_rules! q5_values {
+    ($w:expr, $b:expr) => {
+        _mm256_or_si256(
+            q4_1_values(&$w.qs[$b * 16..]),
+            _mm256_and_si256(bytes_from_bits(&$w.qh[$b * 4..]), _mm256_set1_epi8(0x10)),
+        )
+    };
+}
+
+/// `q5_values` with AVX-512BW's byte masks: the 32-bit mask selects the bytes to set bit 4
+/// of directly.
+macro_rules! q5_values_bw {
+    ($w:expr, $b:expr) => {{
+        let qh = &$w.qh[$b * 4..$b * 4 + 4];
+        let bits = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        _mm256_or_si256(
+            q4_1_values(&$w.qs[$b * 16..]),
+            _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10)),
+        )
+    }};
+}
+
+/// Superblock `b` of a Q4_K row as eight vectors of 32 unsigned values (0..16): each 32 bytes
+/// hold values `64c..64c + 32` in their low nibbles and the next 32 in their high ones.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_k_values(w: &WeightRow<'_>, b: usize) -> [__m256i; 8] {
+    let qs = &w.qs[b * 128..(b + 1) * 128];
+    let low = _mm256_set1_epi8(0x0F);
+    let mut v = [_mm256_setzero_si256(); 8];
+    for c in 0..4 {
+        let q = load32(&qs[32 * c..]);
+        v[2 * c] = _mm256_and_si256(q, low);
+        v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+    }
+    v
+}
+
+/// Superblock `b` of a Q5_K row as eight vectors of 32 unsigned values (0..32): Q4_K's, with
+/// bit `k` of each of the 32 high-bit bytes as bit 4 of vector `k`. (Shifts of 16-bit lanes by
+/// at most 4 move bit `k` of a byte to its bit 4 without crossing into the next byte.)
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q5_k_values(w: &WeightRow<'_>, b: usize) -> [__m256i; 8] {
+    let mut v = q4_k_values(w, b);
+    let h = load32(&w.qh[b * 32..(b + 1) * 32]);
+    let bit4 = _mm256_set1_epi8(0x10);
+    let high = [
+        _mm256_slli_epi16(h, 4),
+        _mm256_slli_epi16(h, 3),
+        _mm256_slli_epi16(h, 2),
+        _mm256_slli_epi16(h, 1),
+        h,
+        _mm256_srli_epi16(h, 1),
+        _mm256_srli_epi16(h, 2),
+        _mm256_srli_epi16(h, 3),
+    ];
+    for k in 0..8 {
+        v[k] = _mm256_or_si256(v[k], _mm256_and_si256(high[k], bit4));
+    }
+    v
+}
+
+/// Superblock `b` of a Q6_K row as eight vectors of 32 unsigned values (0..64, before taking
+/// 32 off): per half of 128 values, two 32-byte runs of low nibbles and 32 bytes of two-bit
+/// pairs (see [`crate::matrix::k_value`]).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q6_k_values(w: &WeightRow<'_>, b: usize) -> [__m256i; 8] {
+    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+    let mut v = [_mm256_setzero_si256(); 8];
+    for half in 0..2 {
+        let ql = &w.qs[b * 128 + 64 * half..b * 128 + 64 * (half + 1)];
+        let h = load32(&w.qh[b * 64 + 32 * half..b * 64 + 32 * (half + 1)]);
+        let (q0, q1) = (load32(ql), load32(&ql[32..]));
+        let high = |bits: __m256i| _mm256_and_si256(bits, m2);
+        v[4 * half] = _mm256_or_si256(_mm256_and_si256(q0, m4), high(_mm256_slli_epi16(h, 4)));
+        v[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(q1, m4), high(_mm256_slli_epi16(h, 2)));
+        v[4 * half + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q0, 4), m4), high(h));
+        v[4 * half + 3] = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(q1, 4), m4),
+            high(_mm256_srli_epi16(h, 2)),
+        );
+    }
+    v
+}
+
+/// Q4_K's / Q5_K's scales of superblock `b` as i16 vectors: vector `k` holds scale `k` in every
+/// lane (its 32 values are one sub-block); and the minimums, each twice, to pair with the
+/// activations' sums of 16.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k4_scales(w: &WeightRow<'_>, b: usize) -> ([__m256i; 8], __m256i) {
+    let bytes = _mm_loadu_si128(w.scales[b * 16..(b + 1) * 16].as_ptr().cast());
+    let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(bytes));
+    let mut s = [_mm256_setzero_si256(); 8];
+    for (k, s) in s.iter_mut().enumerate() {
+        let word = (2 * k) as i8;
+        *s = _mm256_shuffle_epi8(
+            scales,
+            _mm256_set1_epi16(i16::from_le_bytes([word as u8, word as u8 + 1])),
+        );
+    }
+    let mins = _mm_srli_si128(bytes, 8);
+    let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+    (s, mins)
+}
+
+/// Q6_K's signed scales of superblock `b` as i16 vectors: vector `k` holds scale `2k` in its
+/// low eight lanes and `2k + 1` in its high eight (a vector's 32 values are two sub-blocks of
+/// 16); and all sixteen scales, to pair with the activations' sums of 16.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k6_scales(w: &WeightRow<'_>, b: usize) -> ([__m256i; 8], __m256i) {
+    let bytes = _mm_loadu_si128(w.scales[b * 16..(b + 1) * 16].as_ptr().cast());
+    let mut s = [_mm256_setzero_si256(); 8];
+    for (k, s) in s.iter_mut().enumerate() {
+        let (lo, hi) = (
+            (2 * k) as i64 * 0x0101_0101_0101_0101,
+            (2 * k + 1) as i64 * 0x0101_0101_0101_0101,
+        );
+        *s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(bytes, _mm_set_epi64x(hi, lo)));
+    }
+    (s, _mm256_cvtepi8_epi16(bytes))
+}
+
+/// `acc + Σ pairs of (i16 products × i16 scales)`, with AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn madd_acc_avx2(acc: __m256i, products: __m256i, scales: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(products, scales))
+}
+
+/// `acc + Σ pairs of (i16 products × i16 scales)`, with VNNI's fused `vpdpwssd`.
+#[inline]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+unsafe fn madd_acc_vnni(acc: __m256i, products: __m256i, scales: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, products, scales)
+}
+
+/// A row of 32-value blocks stored unsigned (`$values`), with `w = d · (q - 2^$shift)` (`$shift`
+/// 0: no offset) and, if `$offset`, Q4_1-style `m · s` terms: `R` tokens eight blocks at a
+/// time, and a tile of eight tokens block by block.
+macro_rules! unsigned_block_kernels {
+    ($features:literal, $dot:ident, $name:ident, $tile:ident, $values:ident, $shift:literal,
+     $offset:literal) => {
+        /// A weight row times `R` activation rows.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; every activation row holds as many
+        /// blocks as the weight row.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name<const R: usize>(
+            w: WeightRow<'_>,
+            a: [ActivationRow<'_>; R],
+        ) -> [f32; R] {
+            let blocks = w.d.len();
+            let mut sums = [0f32; R];
+            let mut q = [_mm256_setzero_si256(); 8];
+            let mut products = [_mm256_setzero_si256(); 8];
+            let mut terms = [_mm256_setzero_ps(); R];
+            let mut b = 0;
+            while b + 8 <= blocks {
+                for i in 0..8 {
+                    q[i] = $values!(w, b + i);
+                }
+                let dw = load8(&w.d[b..]);
+                for r in 0..R {
+                    let x = a[r];
+                    for i in 0..8 {
+                        products[i] = $dot(q[i], load32(&x.qs[b + i]));
+                    }
+                    let mut isums = lane_sums(&products);
+                    if $shift > 0 {
+                        let xsums = _mm256_loadu_si256(x.sums[b..b + 8].as_ptr().cast());
+                        isums = _mm256_sub_epi32(isums, _mm256_slli_epi32(xsums, $shift));
+                    }
+                    let isums = _mm256_cvtepi32_ps(isums);
+                    let scaled = _mm256_mul_ps(_mm256_mul_ps(isums, dw), load8(&x.d[b..]));
+                    terms[r] = if $offset {
+                        let mw = load8(&w.m[b..]);
+                        _mm256_add_ps(scaled, _mm256_mul_ps(mw, load8(&x.s[b..])))
+                    } else {
+                        scaled
+                    };
+                }
+                add_in_order(&mut sums, &terms);
+                b += 8;
+            }
+            // The last (fewer than eight) blocks: their sums reduced together (lanes past the
+            // row's end repeat its first remaining block and are ignored), the float terms
+            // added one by one.
+            let rest = blocks - b;
+            if rest > 0 {
+                let mut isums = [0i32; 8];
+                for r in 0..R {
+                    let x = a[r];
+                    let mut tail = [_mm256_setzero_si256(); 8];
+                    for (i, t) in tail.iter_mut().enumerate() {
+                        let bi = if i < rest { b + i } else { b };
+                        *t = $dot($values!(w, bi), load32(&x.qs[bi]));
+                    }
+                    _mm256_storeu_si256(isums.as_mut_ptr().cast(), lane_sums(&tail));
+                    for (i, &isum) in isums.iter().enumerate().take(rest) {
+                        let b = b + i;
+                        let isum = if $shift > 0 {
+                            isum - (x.sums[b] << $shift)
+                        } else {
+                            isum
+                        };
+                        sums[r] += if $offset {
+                            isum as f32 * w.d[b] * x.d[b] + w.m[b] * x.s[b]
+                        } else {
+                            isum as f32 * w.d[b] * x.d[b]
+                        };
+                    }
+                }
+            }
+            sums
+        }
+
+        /// A weight row times a tile of eight tokens.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; the tile holds as many blocks as the
+        /// weight row.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $tile(w: WeightRow<'_>, x: &ActivationTile<'_>) -> [f32; TILE] {
+            let mut acc = _mm256_setzero_ps();
+            let mut products = [_mm256_setzero_si256(); TILE];
+            for b in 0..w.d.len() {
+                let q = $values!(w, b);
+                for t in 0..TILE {
+                    products[t] = $dot(q, load32(&x.rows[t].qs[b]));
+                }
+                let mut isums = lane_sums(&products);
+                if $shift > 0 {
+                    let xsums = _mm256_loadu_si256(x.sums[b].as_ptr().cast());
+                    isums = _mm256_sub_epi32(isums, _mm256_slli_epi32(xsums, $shift));
+                }
+                let isums = _mm256_cvtepi32_ps(isums);
+                let scaled =
+                    _mm256_mul_ps(_mm256_mul_ps(isums, _mm256_set1_ps(w.d[b])), load8(&x.d[b]));
+                let term = if $offset {
+                    let offsets = _mm256_mul_ps(_mm256_set1_ps(w.m[b]), load8(&x.s[b]));
+                    _mm256_add_ps(scaled, offsets)
+                } else {
+                    scaled
+                };
+                acc = _mm256_add_ps(acc, term);
+            }
+            let mut out = [0f32; TILE];
+            _mm256_storeu_ps(out.as_mut_ptr(), acc);
+            out
+        }
+    };
+}
+
+/// A row of K superblocks (`$values`, `$scales`; `$q6`: Q6_K's signed values and no minimums,
+/// else Q4_K's / Q5_K's minimums): `R` tokens and a tile of eight, superblock by superblock.
+macro_rules! k_kernels {
+    ($features:literal, $madd:ident, $name:ident, $rows:ident, $tile:ident, $values:ident,
+     $scales:ident, $q6:literal) => {
+        /// A weight row times `R` activation rows.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; every activation row holds as many
+        /// superblocks as the weight row.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name<const R: usize>(
+            w: WeightRow<'_>,
+            a: [ActivationRow<'_>; R],
+        ) -> [f32; R] {
+            let blocks = w.d.len();
+            let mut sums = [0f32; R];
+            // Up to eight superblocks' integer sums per token are reduced together (one lane
+            // per superblock), then added in order.
+            let mut isums = [[_mm256_setzero_si256(); 8]; R];
+            let mut msums = [[_mm256_setzero_si256(); 8]; R];
+            let mut first = 0;
+            while first < blocks {
+                let count = (blocks - first).min(8);
+                for i in 0..count {
+                    let b = first + i;
+                    let v = $values(&w, b);
+                    let (s, mins) = $scales(&w, b);
+                    // Two accumulators per token: shorter dependency chains.
+                    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+                    for k in 0..8 {
+                        for r in 0..R {
+                            let x = load32(&a[r].qs[8 * b + k]);
+                            let p = _mm256_maddubs_epi16(v[k], x);
+                            acc[r][k % 2] = $madd(acc[r][k % 2], p, s[k]);
+                        }
+                    }
+                    for r in 0..R {
+                        let bsums = load32(&a[r].bsums[b]);
+                        let total = _mm256_add_epi32(acc[r][0], acc[r][1]);
+                        if $q6 {
+                            // Σ sc_j · 32 · bsum_j: the offset of 32 taken back off.
+                            let offsets = _mm256_slli_epi32(_mm256_madd_epi16(mins, bsums), 5);
+                            isums[r][i] = _mm256_sub_epi32(total, offsets);
+                        } else {
+                            isums[r][i] = total;
+                            msums[r][i] = _mm256_madd_epi16(bsums, mins);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let x = a[r];
+                    let mut is = [0i32; 8];
+                    _mm256_storeu_si256(is.as_mut_ptr().cast(), lane_sums(&isums[r]));
+                    if $q6 {
+                        for i in 0..count {
+                            let b = first + i;
+                            sums[r] += w.d[b] * x.d[b] * is[i] as f32;
+                        }
+                    } else {
+                        let mut ms = [0i32; 8];
+                        _mm256_storeu_si256(ms.as_mut_ptr().cast(), lane_sums(&msums[r]));
+                        for i in 0..count {
+                            let b = first + i;
+                            sums[r] +=
+                                w.d[b] * x.d[b] * is[i] as f32 - w.m[b] * x.d[b] * ms[i] as f32;
+                        }
+                    }
+                }
+                first += count;
+            }
+            sums
+        }
+
+        /// Consecutive weight rows (`units` superblocks each, `w` spanning them all) times one
+        /// token, one output per row: the decode path, without a call per (short) row. Each
+        /// row's sum starts at zero and adds its superblocks in order, as the reference does;
+        /// the integer sums of eight superblocks at a time, across row ends, are reduced
+        /// together.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; `a` holds `units` superblocks, `w`
+        /// `out.len() * units`.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $rows(
+            w: WeightRow<'_>,
+            units: usize,
+            a: ActivationRow<'_>,
+            out: &mut [f32],
+        ) {
+            let total = w.d.len();
+            let mut isums = [_mm256_setzero_si256(); 8];
+            let mut msums = [_mm256_setzero_si256(); 8];
+            let (mut is, mut ms) = ([0i32; 8], [0i32; 8]);
+            let mut sum = 0f32;
+            let mut first = 0;
+            // The activation superblock of the group's first superblock, and the row it
+            // belongs to (counted, not divided: a division per superblock costs more than
+            // its dot product).
+            let (mut first_b, mut row) = (0, 0);
+            while first < total {
+                let count = (total - first).min(8);
+                let mut b = first_b;
+                for i in 0..count {
+                    let g = first + i;
+                    let v = $values(&w, g);
+                    let (s, mins) = $scales(&w, g);
+                    let mut acc = [_mm256_setzero_si256(); 2];
+                    for k in 0..8 {
+                        let p = _mm256_maddubs_epi16(v[k], load32(&a.qs[8 * b + k]));
+                        acc[k % 2] = $madd(acc[k % 2], p, s[k]);
+                    }
+                    let bsums = load32(&a.bsums[b]);
+                    let total = _mm256_add_epi32(acc[0], acc[1]);
+                    if $q6 {
+                        let offsets = _mm256_slli_epi32(_mm256_madd_epi16(mins, bsums), 5);
+                        isums[i] = _mm256_sub_epi32(total, offsets);
+                    } else {
+                        isums[i] = total;
+                        msums[i] = _mm256_madd_epi16(bsums, mins);
+                    }
+                    b = if b + 1 == units { 0 } else { b + 1 };
+                }
+                _mm256_storeu_si256(is.as_mut_ptr().cast(), lane_sums(&isums));
+                if !$q6 {
+                    _mm256_storeu_si256(ms.as_mut_ptr().cast(), lane_sums(&msums));
+                }
+                let mut b = first_b;
+                for i in 0..count {
+                    let g = first + i;
+                    if $q6 {
+                        sum += w.d[g] * a.d[b] * is[i] as f32;
+                    } else {
+                        sum += w.d[g] * a.d[b] * is[i] as f32 - w.m[g] * a.d[b] * ms[i] as f32;
+                    }
+                    b += 1;
+                    if b == units {
+                        out[row] = sum;
+                        sum = 0.0;
+                        row += 1;
+                        b = 0;
+                    }
+                }
+                first_b = b;
+                first += count;
+            }
+        }
+
+        /// A weight row times a tile of eight tokens.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; the tile holds as many superblocks as
+        /// the weight row.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $tile(w: WeightRow<'_>, x: &ActivationTile<'_>) -> [f32; TILE] {
+            let mut total = _mm256_setzero_ps();
+            for b in 0..w.d.len() {
+                let v = $values(&w, b);
+                let (s, mins) = $scales(&w, b);
+                let mut acc = [_mm256_setzero_si256(); TILE];
+                for k in 0..8 {
+                    for t in 0..TILE {
+                        let xq = load32(&x.rows[t].qs[8 * b + k]);
+                        acc[t] = $madd(acc[t], _mm256_maddubs_epi16(v[k], xq), s[k]);
+                    }
+                }
+                let mut offsets = [_mm256_setzero_si256(); TILE];
+                for t in 0..TILE {
+                    let bsums = load32(&x.rows[t].bsums[b]);
+                    offsets[t] = if $q6 {
+                        _mm256_madd_epi16(mins, bsums)
+                    } else {
+                        _mm256_madd_epi16(bsums, mins)
+                    };
+                }
+                let dx = load8(&x.d[b]);
+                let scale = _mm256_mul_ps(_mm256_set1_ps(w.d[b]), dx);
+                let term = if $q6 {
+                    let isums = _mm256_sub_epi32(
+                        lane_sums(&acc),
+                        _mm256_slli_epi32(lane_sums(&offsets), 5),
+                    );
+                    _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isums))
+                } else {
+                    let isums = _mm256_cvtepi32_ps(lane_sums(&acc));
+                    let msums = _mm256_cvtepi32_ps(lane_sums(&offsets));
+                    let dmin = _mm256_mul_ps(_mm256_set1_ps(w.m[b]), dx);
+                    _mm256_sub_ps(_mm256_mul_ps(scale, isums), _mm256_mul_ps(dmin, msums))
+                };
+                total = _mm256_add_ps(total, term);
+            }
+            let mut out = [0f32; TILE];
+            _mm256_storeu_ps(out.as_mut_ptr(), total);
+            out
+        }
+    };
+}
+
+/// Every new format's kernels for one family, in a module named after it.
+macro_rules! family {
+    ($module:ident, $features:literal, $dot:ident, $madd:ident, $q5:ident) => {
+        /// The kernels of one instruction-set family for Q4_0, Q5_0, Q5_1 and the K formats.
+        pub(crate) mod $module {
+            use super::*;
+
+            unsigned_block_kernels!($features, $dot, dot_q4_0, tile_q4_0, q4_0_values, 3, false);
+            unsigned_block_kernels!($features, $dot, dot_q5_0, tile_q5_0, $q5, 4, false);
+            unsigned_block_kernels!($features, $dot, dot_q5_1, tile_q5_1, $q5, 0, true);
+            k_kernels!(
+                $features,
+                $madd,
+                dot_q4_k,
+                rows_q4_k,
+                tile_q4_k,
+                q4_k_values,
+                k4_scales,
+                false
+            );
+            k_kernels!(
+                $features,
+                $madd,
+                dot_q5_k,
+                rows_q5_k,
+                tile_q5_k,
+                q5_k_values,
+                k4_scales,
+                false
+            );
+            k_kernels!(
+                $features,
+                $madd,
+                dot_q6_k,
+                rows_q6_k,
+                tile_q6_k,
+                q6_k_values,
+                k6_scales,
+                true
+            );
+        }
+    };
+}
+
+family!(avx2, "avx2,fma,f16c", dot_avx2, madd_acc_avx2, q5_values);
+family!(
+    vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw",
+    dot_vnni,
+    madd_acc_vnni,
+    q5_values_bw
+);

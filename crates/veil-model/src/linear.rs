@@ -1,5 +1,7 @@
 //! Linear layers: a weight matrix in its format, multiplied by Veil's CPU kernels where they
-//! cover the format (Q4_1, Q8_0) and by candle's otherwise (F32, F16, other block formats).
+//! cover the format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) and by candle's otherwise
+//! (F32, F16, other block formats). Each tensor runs in its own type, so the mixes of a
+//! Q4_K_M file need nothing special.
 //!
 //! The kernels run behind candle's custom-op interface, so the rest of the forward pass keeps
 //! handling plain tensors.
@@ -138,10 +140,8 @@ pub(crate) struct VeilProduct {
 impl VeilProduct {
     /// The op for `q`'s bytes, or `None` when the kernels do not cover its format.
     fn from_qtensor(q: &QTensor, isa: Isa) -> Result<Option<Self>> {
-        let format = match q.dtype() {
-            GgmlDType::Q4_1 => QuantFormat::Q4_1,
-            GgmlDType::Q8_0 => QuantFormat::Q8_0,
-            _ => return Ok(None),
+        let Some(format) = quant_format(q.dtype()) else {
+            return Ok(None);
         };
         let (rows, cols) = q.shape().dims2()?;
         let matrix = QuantMatrix::new(format, rows, cols, &q.data()?)
@@ -162,10 +162,31 @@ impl VeilProduct {
     }
 }
 
+/// The kernels' format for a GGUF type, if they have one.
+fn quant_format(dtype: GgmlDType) -> Option<QuantFormat> {
+    Some(match dtype {
+        GgmlDType::Q4_0 => QuantFormat::Q4_0,
+        GgmlDType::Q4_1 => QuantFormat::Q4_1,
+        GgmlDType::Q5_0 => QuantFormat::Q5_0,
+        GgmlDType::Q5_1 => QuantFormat::Q5_1,
+        GgmlDType::Q8_0 => QuantFormat::Q8_0,
+        GgmlDType::Q4K => QuantFormat::Q4_K,
+        GgmlDType::Q5K => QuantFormat::Q5_K,
+        GgmlDType::Q6K => QuantFormat::Q6_K,
+        _ => return None,
+    })
+}
+
 fn ggml_dtype(format: QuantFormat) -> GgmlDType {
     match format {
+        QuantFormat::Q4_0 => GgmlDType::Q4_0,
         QuantFormat::Q4_1 => GgmlDType::Q4_1,
+        QuantFormat::Q5_0 => GgmlDType::Q5_0,
+        QuantFormat::Q5_1 => GgmlDType::Q5_1,
         QuantFormat::Q8_0 => GgmlDType::Q8_0,
+        QuantFormat::Q4_K => GgmlDType::Q4K,
+        QuantFormat::Q5_K => GgmlDType::Q5K,
+        QuantFormat::Q6_K => GgmlDType::Q6K,
     }
 }
 
