@@ -83,6 +83,17 @@ impl LocalModel {
         self.tokenizer.encode(&text)
     }
 
+    /// The prompt for `messages` where the form does not matter (benchmarks, measured
+    /// workloads): the chat template's rendering, or for a base model without one the
+    /// messages' text, joined by blank lines, as plain text to continue.
+    pub fn prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        if self.chat.is_some() {
+            return self.chat_prompt(messages);
+        }
+        let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        self.raw_prompt(&text.join("\n\n"))
+    }
+
     /// The chat template, or an error saying the model has none (a base model: prompt it
     /// with plain text).
     pub fn chat_template(&self) -> Result<&ChatTemplate> {

@@ -242,7 +242,7 @@ pub fn node_run_template(
 /// Perplexity of `model` on `text` (teacher-forced, every position): the quality cost of a
 /// weight format.
 pub fn perplexity(model: &LocalModel, text: &str) -> Result<f64> {
-    let tokens = model.tokenizer.encode(text)?;
+    let tokens = model.raw_prompt(text)?;
     anyhow::ensure!(tokens.len() >= 2, "held-out text too short");
     let logits = model
         .session()
@@ -344,7 +344,7 @@ pub fn build_workload(
         } else {
             vec![ChatMessage::user(format!("{document}\n\n{task}"))]
         };
-        prompts.push(model.chat_prompt(&messages)?);
+        prompts.push(model.prompt(&messages)?);
     }
     let name = format!(
         "{size:?} prompt, {output} tokens, {batch} at once{}{}",

@@ -388,9 +388,6 @@ fn collect(args: CollectArgs) -> Result<()> {
         model_f.parameters_m,
         hardware.cores
     );
-    println!(
-        "Gemma 3 270M is not collected: the runtime runs llama-family models only, so every record is of this model"
-    );
     // A method with an idle mechanism on a workload is the simpler method there: not run
     // twice.
     let runs_per_pass: usize = grid
