@@ -32,7 +32,7 @@ pub use activation::{quantize_with, ActivationBlock, ActivationSuperblock, SUPER
 pub use attention::{causal_attention, AttentionShape};
 pub use error::KernelError;
 pub use isa::Isa;
-pub use matrix::{QuantFormat, QuantMatrix};
+pub use matrix::{QuantFormat, QuantMatrix, QuantMatrixBuilder};
 
 /// Values per quantization block of the 32-value formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as
 /// in GGUF; activations are quantized in blocks of this size for them.

@@ -158,6 +158,92 @@ pub struct QuantMatrix {
     sums: Vec<i32>,
 }
 
+/// Builds a [`QuantMatrix`] from its GGUF bytes a run of rows at a time, so that a large
+/// matrix (Gemma 3's 262,144-row embedding) is never held twice while it loads.
+#[derive(Debug)]
+pub struct QuantMatrixBuilder {
+    matrix: QuantMatrix,
+    filled: usize,
+}
+
+impl QuantMatrixBuilder {
+    /// An empty `(rows, cols)` matrix in `format`, its storage reserved.
+    pub fn new(format: QuantFormat, rows: usize, cols: usize) -> Result<Self, KernelError> {
+        let per_block = format.block_values();
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(per_block) {
+            let supported = if format.is_k() {
+                format!(
+                    "{format} packs {SUPERBLOCK}-value superblocks, so it needs columns in \
+                     multiples of {SUPERBLOCK} (GGUF files store such rows in q5_0, q8_0 or \
+                     another 32-value format instead)"
+                )
+            } else {
+                format!("{format} needs columns in multiples of {BLOCK}")
+            };
+            return Err(KernelError::BadMatrix(format!(
+                "shape ({rows}, {cols}): both must be positive, and {supported}"
+            )));
+        }
+        let blocks = rows.checked_mul(cols / per_block).ok_or_else(|| {
+            KernelError::BadMatrix(format!("shape ({rows}, {cols}) is too large"))
+        })?;
+        Ok(Self {
+            matrix: QuantMatrix {
+                format,
+                rows,
+                cols,
+                qs: Vec::with_capacity(blocks * format.value_bytes()),
+                qh: Vec::with_capacity(blocks * format.high_bytes()),
+                scales: Vec::with_capacity(blocks * format.scale_bytes()),
+                d: Vec::with_capacity(blocks),
+                m: Vec::with_capacity(if format.has_offset() { blocks } else { 0 }),
+                sums: Vec::new(),
+            },
+            filled: 0,
+        })
+    }
+
+    /// Bytes of one row as GGUF stores it.
+    pub fn row_bytes(&self) -> usize {
+        let m = &self.matrix;
+        m.cols / m.format.block_values() * m.format.block_bytes()
+    }
+
+    /// Rows still to come.
+    pub fn rows_left(&self) -> usize {
+        self.matrix.rows - self.filled
+    }
+
+    /// Appends whole rows, as GGUF stores them.
+    pub fn push_rows(&mut self, bytes: &[u8]) -> Result<(), KernelError> {
+        let row = self.row_bytes();
+        if !bytes.len().is_multiple_of(row) || bytes.len() / row > self.rows_left() {
+            return Err(KernelError::BadMatrix(format!(
+                "{} bytes are not whole rows of {row} bytes within the {} rows left",
+                bytes.len(),
+                self.rows_left()
+            )));
+        }
+        for block in bytes.chunks_exact(self.matrix.format.block_bytes()) {
+            self.matrix.push_block(block);
+        }
+        self.filled += bytes.len() / row;
+        Ok(())
+    }
+
+    /// The matrix, once every row is in.
+    pub fn finish(self) -> Result<QuantMatrix, KernelError> {
+        if self.rows_left() > 0 {
+            return Err(KernelError::BadMatrix(format!(
+                "{} of {} rows are missing",
+                self.rows_left(),
+                self.matrix.rows
+            )));
+        }
+        Ok(self.matrix)
+    }
+}
+
 /// One row of a [`QuantMatrix`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WeightRow<'a> {
@@ -187,46 +273,16 @@ impl QuantMatrix {
         cols: usize,
         data: &[u8],
     ) -> Result<Self, KernelError> {
-        let per_block = format.block_values();
-        if rows == 0 || cols == 0 || !cols.is_multiple_of(per_block) {
-            let supported = if format.is_k() {
-                format!(
-                    "{format} packs {SUPERBLOCK}-value superblocks, so it needs columns in \
-                     multiples of {SUPERBLOCK} (GGUF files store such rows in q5_0, q8_0 or \
-                     another 32-value format instead)"
-                )
-            } else {
-                format!("{format} needs columns in multiples of {BLOCK}")
-            };
+        let mut builder = QuantMatrixBuilder::new(format, rows, cols)?;
+        let expected = builder.row_bytes() * rows;
+        if data.len() != expected {
             return Err(KernelError::BadMatrix(format!(
-                "shape ({rows}, {cols}): both must be positive, and {supported}"
-            )));
-        }
-        let expected = rows
-            .checked_mul(cols / per_block)
-            .and_then(|blocks| blocks.checked_mul(format.block_bytes()));
-        if expected != Some(data.len()) {
-            return Err(KernelError::BadMatrix(format!(
-                "{} bytes for a ({rows}, {cols}) {format} matrix, expected {expected:?}",
+                "{} bytes for a ({rows}, {cols}) {format} matrix, expected {expected}",
                 data.len()
             )));
         }
-        let blocks = data.len() / format.block_bytes();
-        let mut matrix = Self {
-            format,
-            rows,
-            cols,
-            qs: Vec::with_capacity(blocks * format.value_bytes()),
-            qh: Vec::with_capacity(blocks * format.high_bytes()),
-            scales: Vec::with_capacity(blocks * format.scale_bytes()),
-            d: Vec::with_capacity(blocks),
-            m: Vec::with_capacity(if format.has_offset() { blocks } else { 0 }),
-            sums: Vec::new(),
-        };
-        for block in data.chunks_exact(format.block_bytes()) {
-            matrix.push_block(block);
-        }
-        Ok(matrix)
+        builder.push_rows(data)?;
+        builder.finish()
     }
 
     /// Unpacks one GGUF block (of exactly `block_bytes` bytes).
@@ -302,8 +358,30 @@ impl QuantMatrix {
     /// candle's) float operations, so it has their bits.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
+        self.dequantize_blocks(0..self.d.len(), &mut out);
+        out
+    }
+
+    /// Row `r` as floats, with the bits of [`dequantize`](Self::dequantize): what an
+    /// embedding lookup reads from a head matrix it shares (tied embeddings), so the table is
+    /// held once.
+    pub fn dequantize_row(&self, r: usize) -> Result<Vec<f32>, KernelError> {
+        if r >= self.rows {
+            return Err(KernelError::Shape(format!(
+                "row {r} of a matrix of {} rows",
+                self.rows
+            )));
+        }
+        let per_row = self.cols / self.format.block_values();
+        let mut out = Vec::with_capacity(self.cols);
+        self.dequantize_blocks(r * per_row..(r + 1) * per_row, &mut out);
+        Ok(out)
+    }
+
+    /// Appends the values of blocks `blocks` to `out`.
+    fn dequantize_blocks(&self, blocks: std::ops::Range<usize>, out: &mut Vec<f32>) {
         let format = self.format;
-        for b in 0..self.d.len() {
+        for b in blocks {
             let qs = &self.qs[b * format.value_bytes()..(b + 1) * format.value_bytes()];
             let qh = &self.qh[b * format.high_bytes()..(b + 1) * format.high_bytes()];
             let scales = &self.scales[b * format.scale_bytes()..(b + 1) * format.scale_bytes()];
@@ -333,7 +411,6 @@ impl QuantMatrix {
                 }
             }
         }
-        out
     }
 
     /// `out = x · selfᵀ` for `x` of shape `(tokens, cols)`, `out` of shape `(tokens, rows)`,

@@ -102,7 +102,8 @@ pub(crate) struct Answer<'a> {
     text: TextStream<'a>,
     tokens: Vec<u32>,
     budget: usize,
-    eos: u32,
+    /// The tokens that end generation (EOS, and end-of-turn tokens such as Gemma's).
+    end: Vec<u32>,
     finish: Option<FinishReason>,
     prompt_tokens: usize,
     prefill_time: Option<Duration>,
@@ -131,7 +132,7 @@ impl<'a> Answer<'a> {
             text: TextStream::new(tokenizer, &params.stop),
             tokens: Vec::new(),
             budget: params.max_tokens.min(context_length - prompt.len()),
-            eos: tokenizer.eos(),
+            end: tokenizer.eog_ids().to_vec(),
             finish: if params.max_tokens == 0 {
                 Some(FinishReason::Length)
             } else {
@@ -170,7 +171,7 @@ impl<'a> Answer<'a> {
         if self.tokens.len() == 1 {
             self.prefill_time = self.started.map(|s| s.elapsed());
         }
-        if token == self.eos {
+        if self.end.contains(&token) {
             self.finish = Some(FinishReason::Eos);
         } else if self.text.push(token, on_text)? {
             self.finish = Some(FinishReason::Stop);

@@ -2,8 +2,6 @@
 //! (with the options the families differ by: biases, QK-norm, a sliding window), the gated
 //! feed-forward network, and reading checked tensors from the file.
 
-use std::sync::Arc;
-
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Storage, Tensor};
 
@@ -318,8 +316,8 @@ impl BlockWeights<'_> {
 
     /// Matrix `{name}.weight` of shape `(out, in)`, ready to multiply.
     pub(crate) fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<Linear> {
-        let q = load(self.gguf, &self.name(&format!("{name}.weight")), shape)?;
-        Linear::new(Arc::new(q), self.format, self.kernels)
+        let name = self.name(&format!("{name}.weight"));
+        Linear::load(self.gguf, &name, shape, self.format, self.kernels)
     }
 
     /// Vector `name` of length `len` (a norm weight or a bias) as dense f32.

@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
-use veil_kernels::{Isa, QuantFormat, QuantMatrix};
+use veil_kernels::{Isa, QuantFormat, QuantMatrix, QuantMatrixBuilder};
 
 use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
 use crate::weights::WeightFormat;
 
 /// Whose kernels multiply quantized weights.
@@ -86,6 +87,62 @@ impl Linear {
         Self::from_qmatmul(format.matmul(weight)?, kernels)
     }
 
+    /// Reads matrix `name`, checking it has `shape` `(out, in)`, and prepares it in `format`
+    /// for `kernels`. A matrix Veil's kernels run as stored is unpacked from the file a run
+    /// of rows at a time, never held twice while it loads (peak memory stays near the model's
+    /// size).
+    pub(crate) fn load(
+        gguf: &mut GgufFile,
+        name: &str,
+        shape: &[usize],
+        format: WeightFormat,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let info = gguf.content().tensor_infos.get(name).map(|i| (i.ggml_dtype, i.shape.clone()));
+        let streamed = match (info, format, kernels) {
+            (Some((dtype, stored)), WeightFormat::AsStored, Kernels::Veil(isa)) => {
+                quant_format(dtype).map(|f| (f, stored, isa))
+            }
+            _ => None,
+        };
+        let Some((quant, stored, isa)) = streamed else {
+            let q = crate::layers::load(gguf, name, shape)?;
+            return Self::new(Arc::new(q), format, kernels);
+        };
+        if stored.dims() != shape {
+            return Err(ModelError::BadTensor {
+                name: name.to_string(),
+                reason: format!("shape {:?}, expected {shape:?}", stored.dims()),
+            });
+        }
+        let bad = |e: veil_kernels::KernelError| ModelError::BadTensor {
+            name: name.to_string(),
+            reason: e.to_string(),
+        };
+        let mut builder = QuantMatrixBuilder::new(quant, shape[0], shape[1]).map_err(bad)?;
+        let row = builder.row_bytes();
+        let rows_per_read = (READ_CHUNK / row).max(1);
+        let mut start = 0u64;
+        while builder.rows_left() > 0 {
+            let rows = rows_per_read.min(builder.rows_left());
+            let bytes = gguf.tensor_range(name, start, rows * row)?;
+            builder.push_rows(&bytes).map_err(bad)?;
+            start += bytes.len() as u64;
+        }
+        Ok(Self::Veil(VeilProduct {
+            matrix: Arc::new(builder.finish().map_err(bad)?),
+            isa,
+        }))
+    }
+
+    /// The quantized matrix Veil's kernels multiply, if they do.
+    pub(crate) fn quant_matrix(&self) -> Option<Arc<QuantMatrix>> {
+        match self {
+            Self::Veil(op) => Some(op.matrix.clone()),
+            Self::Candle(_) => None,
+        }
+    }
+
     fn from_qmatmul(product: QMatMul, kernels: Kernels) -> Result<Self> {
         if let (Kernels::Veil(isa), QMatMul::QTensor(q)) = (kernels, &product) {
             if let Some(op) = VeilProduct::from_qtensor(q, isa)? {
@@ -129,6 +186,9 @@ impl Linear {
         })
     }
 }
+
+/// Bytes read from the file at a time while a matrix is unpacked.
+const READ_CHUNK: usize = 1 << 20;
 
 /// A quantized product run by `veil-kernels`, as a candle custom op.
 #[derive(Debug, Clone)]

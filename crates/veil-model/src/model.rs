@@ -20,6 +20,7 @@ use crate::gemma3::{self, Gemma3Block};
 use crate::gguf::GgufFile;
 use crate::kv::KvStore;
 use crate::layers::{dense, load, rms_norm, BlockWeights, Rope};
+use veil_kernels::QuantMatrix;
 use crate::linear::{Kernels, Linear};
 use crate::llama::LlamaBlock;
 use crate::shard::Shard;
@@ -153,18 +154,31 @@ impl Block {
     }
 }
 
-/// The token embedding: looked up from quantized rows, or from a dense table.
+/// The token embedding: looked up from quantized rows, from a dense table, or from the rows
+/// of a tied head's matrix (one copy of the table for both).
 #[derive(Debug, Clone)]
 enum Embedding {
     Quantized(Arc<QTensor>),
     Dense(Tensor),
+    HeadRows(Arc<QuantMatrix>),
 }
 
 impl Embedding {
-    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+    fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        let tensor = || Tensor::new(ids, &Device::Cpu);
         Ok(match self {
-            Self::Quantized(q) => q.embedding(ids)?,
-            Self::Dense(t) => t.index_select(ids, 0)?,
+            Self::Quantized(q) => q.embedding(&tensor()?)?,
+            Self::Dense(t) => t.index_select(&tensor()?, 0)?,
+            Self::HeadRows(m) => {
+                let mut values = Vec::with_capacity(ids.len() * m.cols());
+                for &id in ids {
+                    let row = m
+                        .dequantize_row(id as usize)
+                        .map_err(|e| ModelError::InvalidInput(e.to_string()))?;
+                    values.extend(row);
+                }
+                Tensor::from_vec(values, (ids.len(), m.cols()), &Device::Cpu)?
+            }
         })
     }
 }
@@ -201,20 +215,32 @@ impl ShardModel {
         let _span = tracing::info_span!("load_shard", %shard, %format).entered();
         let h = config.hidden_size;
 
-        let needs_embd = shard.embedding || (shard.head && !gguf.has_tensor("output.weight"));
-        let token_embd = if needs_embd {
-            Some(Arc::new(load(
-                gguf,
-                "token_embd.weight",
-                &[config.vocab_size, h],
-            )?))
+        // The head first: a tied head run as stored shares its rows with the embedding, so
+        // the table (Gemma 3's is 262,144 rows) is held once.
+        let tied = !gguf.has_tensor("output.weight");
+        let table = [config.vocab_size, h];
+        let head = if shard.head {
+            let norm = dense(gguf, "output_norm.weight", h)?;
+            let name = if tied { "token_embd.weight" } else { "output.weight" };
+            Some((norm, Linear::load(gguf, name, &table, format, kernels)?))
         } else {
             None
         };
-        let embedding = match (&token_embd, shard.embedding) {
-            (Some(q), true) if q.dtype().block_size() > 1 => Some(Embedding::Quantized(q.clone())),
-            (Some(q), true) => Some(Embedding::Dense(q.dequantize(&Device::Cpu)?)),
-            _ => None,
+        let shared = head
+            .as_ref()
+            .filter(|_| tied && format == WeightFormat::AsStored)
+            .and_then(|(_, linear)| linear.quant_matrix());
+        let embedding = match (shard.embedding, shared) {
+            (false, _) => None,
+            (true, Some(rows)) => Some(Embedding::HeadRows(rows)),
+            (true, None) => {
+                let q = load(gguf, "token_embd.weight", &table)?;
+                Some(if q.dtype().block_size() > 1 {
+                    Embedding::Quantized(Arc::new(q))
+                } else {
+                    Embedding::Dense(q.dequantize(&Device::Cpu)?)
+                })
+            }
         };
 
         let freq_factors = if gguf.has_tensor("rope_freqs.weight") {
@@ -233,17 +259,6 @@ impl ShardModel {
             };
             blocks.push(Block::load(&mut weights, &config, freq_factors.as_deref())?);
         }
-
-        let head = if shard.head {
-            let norm = dense(gguf, "output_norm.weight", h)?;
-            let weight = match token_embd {
-                Some(tied) if !gguf.has_tensor("output.weight") => tied,
-                _ => Arc::new(load(gguf, "output.weight", &[config.vocab_size, h])?),
-            };
-            Some((norm, Linear::new(weight, format, kernels)?))
-        } else {
-            None
-        };
 
         Ok(Self {
             config,
@@ -472,8 +487,7 @@ impl ShardModel {
                         self.config.vocab_size
                     )));
                 }
-                let ids = Tensor::new(ids, &Device::Cpu)?;
-                let x = embedding.lookup(&ids)?.unsqueeze(0)?;
+                let x = embedding.lookup(ids)?.unsqueeze(0)?;
                 Ok(match self.config.architecture {
                     Architecture::Gemma3 => (x * gemma3::embedding_scale(&self.config))?,
                     _ => x,

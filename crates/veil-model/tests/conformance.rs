@@ -285,7 +285,7 @@ fn a_file_whose_metadata_contradicts_its_tensors_is_refused() {
     };
     for (key, value, says) in [
         ("qwen3.attention.head_count", Value::U32(8), "expected [32]"),
-        ("qwen3.embedding_length", Value::U32(320), "token_embd.weight"),
+        ("qwen3.embedding_length", Value::U32(320), "expected [320]"),
         ("qwen3.feed_forward_length", Value::U32(64), "blk.0.ffn_gate.weight"),
         ("general.architecture", Value::String("mamba".into()), "mamba"),
     ] {

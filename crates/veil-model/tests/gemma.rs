@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use serde::Deserialize;
 use veil_model::{
     generate, Architecture, ChatMessage, GenerationParams, LocalModel, LogitsAt, ModelError,
-    ModelStore, TokenStep, WeightFormat, GEMMA3_270M,
+    ModelStore, WeightFormat, GEMMA3_270M,
 };
 
 fn model_path() -> std::path::PathBuf {
