@@ -33,6 +33,14 @@ pub enum ModelError {
     /// A chat prompt was asked of a model without a chat template.
     #[error("this model has no chat template (tokenizer.chat_template): it is a base model, so give it plain text to continue (--raw, or /v1/completions)")]
     NoChatTemplate,
+    /// A tensor is stored in a type Veil cannot read.
+    #[error("{path} holds tensors of type {found}, which Veil does not run: it runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K, Q5_K, Q6_K (its own kernels) and Q2_K, Q3_K (candle's); re-quantize with `llama-quantize --allow-requantize FILE OUT Q4_K_M`")]
+    UnsupportedTensorType {
+        /// The file that was opened.
+        path: PathBuf,
+        /// The tensor type found.
+        found: String,
+    },
     /// The model is not of an architecture the forward pass implements.
     #[error("unsupported model architecture {found:?}: Veil runs general.architecture = llama (Llama, Mistral), qwen2, qwen3 and gemma3")]
     UnsupportedArchitecture {

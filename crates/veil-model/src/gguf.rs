@@ -34,9 +34,21 @@ impl GgufFile {
             return Err(ModelError::NotGguf { path });
         }
         reader.rewind().map_err(|e| ModelError::io(&path, e))?;
-        let content = Content::read(&mut reader).map_err(|e| ModelError::CorruptGguf {
-            path: path.clone(),
-            reason: e.to_string(),
+        let content = Content::read(&mut reader).map_err(|e| {
+            let reason = e.to_string();
+            match reason
+                .strip_prefix("unknown dtype for tensor ")
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<u32>().ok())
+            {
+                Some(id) => ModelError::UnsupportedTensorType {
+                    path: path.clone(),
+                    found: ggml_type_name(id),
+                },
+                None => ModelError::CorruptGguf {
+                    path: path.clone(),
+                    reason,
+                },
+            }
         })?;
 
         for (name, info) in &content.tensor_infos {
@@ -208,4 +220,29 @@ fn bad(key: &str, reason: impl ToString) -> ModelError {
         key: key.to_string(),
         reason: reason.to_string(),
     }
+}
+
+/// ggml's name for tensor type `id`, for the types candle cannot read (ggml.h's numbering).
+fn ggml_type_name(id: u32) -> String {
+    let name = match id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return format!("type {id}"),
+    };
+    format!("{name} (type {id})")
 }

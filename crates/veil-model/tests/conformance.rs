@@ -298,3 +298,12 @@ fn a_file_whose_metadata_contradicts_its_tensors_is_refused() {
         std::fs::remove_file(path).ok();
     }
 }
+
+/// A tensor type Veil cannot run (an i-quant) is named in the error, with what it runs.
+#[test]
+fn an_unsupported_tensor_type_is_named() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/iq4_xs.gguf");
+    let err = GgufFile::open(&path).err().expect("refused").to_string();
+    assert!(err.contains("IQ4_XS (type 23)"), "{err}");
+    assert!(err.contains("Q4_K"), "{err}");
+}

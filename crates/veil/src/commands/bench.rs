@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
+use clap::builder::ArgPredicate;
 use clap::Args;
 use serde::Serialize;
 use veil_model::{sampling::argmax, ChatMessage, TokenStep};
@@ -13,8 +14,12 @@ use crate::args::ModelArgs;
 /// Arguments of `veil bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// How many times to run; the report gives medians.
-    #[arg(long, default_value_t = 3)]
+    /// How many times to run (default 3; 5 with --llama-cpp); the report gives medians.
+    #[arg(
+        long,
+        default_value_t = 3,
+        default_value_if("llama_cpp", ArgPredicate::IsPresent, "5")
+    )]
     pub runs: usize,
 
     /// Tokens to decode in each run (greedy, past any end token).
@@ -34,11 +39,28 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH", requires = "encrypted")]
     pub key: Option<PathBuf>,
 
-    /// Also run llama.cpp (llama-cpp-python, installed into $VEIL_HOME the first time) and
-    /// candle's own kernels on the same GGUF files (the model as stored, Q8_0 and F32 copies),
-    /// alternating runs, and print speeds with ratios to llama.cpp. Ignores --dtype and --layers.
+    /// Measure against llama.cpp's own `llama-bench` on the same GGUF files (--file, default:
+    /// the model as stored and a Q8_0 copy), same prompt length, tokens and threads, each run a
+    /// fresh process, Veil and llama.cpp alternating; prints speeds, peak memory and ratios.
+    /// llama.cpp's tools come from $VEIL_LLAMA_CPP (a bin dir) or are built once by
+    /// shared/tools/build_llamacpp.sh. Ignores --model, --dtype and --layers.
     #[arg(long, conflicts_with = "encrypted")]
     pub llama_cpp: bool,
+
+    /// With --llama-cpp: a GGUF file to measure, a path or a known model's name; repeat for
+    /// more.
+    #[arg(long = "file", value_name = "NAME|PATH", requires = "llama_cpp")]
+    pub files: Vec<String>,
+
+    /// With --llama-cpp: also measure a copy of each file quantized to this type by
+    /// `llama-quantize --allow-requantize` (e.g. Q4_K_M, Q8_0), written once under
+    /// $VEIL_HOME/bench; repeat for more.
+    #[arg(long, value_name = "TYPE", requires = "llama_cpp")]
+    pub quantize: Vec<String>,
+
+    /// With --llama-cpp: the Veil side of one run, in its own process (used by the benchmark).
+    #[arg(long, hide = true, requires = "llama_cpp")]
+    pub veil_worker: bool,
 
     /// Measure the gateway instead: tokens/s through its HTTP API against generating directly
     /// (alternating, same answer), then time to first token and aggregate tokens/s for 1, 4 and
@@ -126,7 +148,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let model = args.model.load()?;
     let load_seconds = started.elapsed().as_secs_f64();
-    let prompt = model.chat_prompt(&[ChatMessage::user(args.prompt.clone())])?;
+    let prompt = model.prompt(&[ChatMessage::user(args.prompt.clone())])?;
     ensure!(
         prompt.len() + args.tokens <= model.config.context_length,
         "prompt and --tokens exceed the context of {} tokens",
