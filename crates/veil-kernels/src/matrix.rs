@@ -255,6 +255,42 @@ pub(crate) struct WeightRow<'a> {
     pub sums: &'a [i32],
 }
 
+impl<'a> WeightRow<'a> {
+    /// The first row of a run of rows (`units` blocks each, in `format`) and the rest of the
+    /// run: walking a thread's rows this way slices by pointer steps, not by index arithmetic
+    /// per row (a decode step's products are short, so that cost showed).
+    #[inline]
+    fn split_first(self, units: usize, format: QuantFormat) -> (Self, Self) {
+        fn split<T>(s: &[T], n: usize) -> (&[T], &[T]) {
+            s.split_at(n.min(s.len()))
+        }
+        let (qs, qs_rest) = split(self.qs, units * format.value_bytes());
+        let (qh, qh_rest) = split(self.qh, units * format.high_bytes());
+        let (scales, scales_rest) = split(self.scales, units * format.scale_bytes());
+        let (d, d_rest) = split(self.d, units);
+        let (m, m_rest) = split(self.m, units);
+        let (sums, sums_rest) = split(self.sums, units);
+        (
+            Self {
+                qs,
+                qh,
+                scales,
+                d,
+                m,
+                sums,
+            },
+            Self {
+                qs: qs_rest,
+                qh: qh_rest,
+                scales: scales_rest,
+                d: d_rest,
+                m: m_rest,
+                sums: sums_rest,
+            },
+        )
+    }
+}
+
 /// After whole tiles of [`TILE`] tokens, this many tokens are multiplied at once against a
 /// weight row (then one at a time), so the weight block is unpacked once for all of them.
 const SMALL_TILE: usize = 4;
@@ -516,9 +552,14 @@ impl QuantMatrix {
         };
         if tokens == 1 {
             split_rows(work, out, 1, |first, outs| {
-                let w = self.rows_from(first, outs.len());
-                if !kernel.rows(w, per_token, token(0), outs) {
-                    rows_of(first, outs);
+                let mut w = self.rows_from(first, outs.len());
+                let a = token(0);
+                if !kernel.rows(w, per_token, a, outs) {
+                    for o in outs.iter_mut() {
+                        let (row, rest) = w.split_first(per_token, self.format);
+                        *o = kernel.one(row, a);
+                        w = rest;
+                    }
                 }
             });
             return;

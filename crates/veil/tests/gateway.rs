@@ -1081,3 +1081,30 @@ fn critical_requests_return_only_answers_whose_proof_verifies() {
         "{reply}"
     );
 }
+
+/// Gemma 3 270M behind the gateway: listed under its name, text completions continue the
+/// prompt as llama.cpp does, and chat (a base model has no template) is a clear 400.
+#[test]
+fn a_gemma_gateway_lists_the_model_completes_text_and_refuses_chat_clearly() {
+    let gateway = Gateway::start_with(&["--local", "--model", "gemma3-270m"]);
+    let models = gateway.get_json("/v1/models");
+    assert_eq!(models["data"][0]["id"], "gemma-3-270m-q4_k_m", "{models}");
+    let (status, body) = gateway.post(
+        "/v1/completions",
+        &json!({"model": "gemma-3-270m-q4_k_m", "prompt": "The capital of France is",
+                "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let text = body["choices"][0]["text"].as_str().unwrap_or_default();
+    assert!(text.starts_with(" the capital of the country"), "{body}");
+    let (status, body) = gateway.post(
+        "/v1/chat/completions",
+        &json!({"model": "gemma-3-270m-q4_k_m",
+                "messages": [{"role": "user", "content": "Hi"}]}),
+    );
+    assert_openai_error(status, &body, 400, None);
+    assert!(
+        body["error"]["message"].as_str().unwrap_or_default().contains("chat template"),
+        "{body}"
+    );
+}

@@ -586,3 +586,46 @@ fn a_node_holding_other_weights_fails_the_weights_challenge() {
         );
     }
 }
+
+/// Gemma 3 270M (a base model of another architecture, K-quant file) served by two shard
+/// nodes gives the text it gives in one process.
+#[test]
+fn a_gemma_chain_of_two_nodes_answers_like_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(veil_bin())
+        .args(["shard", "--model", "gemma3-270m", "--ranges", "0-9,9-18", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = |r: &str| dir.path().join(format!("gemma-3-270m-q4_k_m.{r}.gguf"));
+    let state = |name: &str| dir.path().join(format!("{name}.redb"));
+    let first = NodeProcess::start(&file("0-9"), &state("first"), None);
+    let boot = first.addr.clone();
+    let _last = NodeProcess::start(&file("9-18"), &state("last"), Some(&boot));
+
+    let gemma = |extra: &[&str]| {
+        let out = Command::new(veil_bin())
+            .args(["generate", "--model", "gemma3-270m", "--raw", "--threads", "1"])
+            .args(["--max-tokens", "12", "--prompt", "The capital of France is"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+    };
+    let (ok, alone, log) = gemma(&[]);
+    assert!(ok, "{log}");
+    assert!(alone.starts_with(" the capital of"), "{alone}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (chained, log) = loop {
+        let (ok, text, log) = gemma(&["--bootstrap", &boot]);
+        if ok {
+            break (text, log);
+        }
+        assert!(Instant::now() < deadline, "no route: {log}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(chained, alone, "{log}");
+    assert!(log.contains("route: blocks 9-18"), "{log}");
+}

@@ -109,6 +109,10 @@ struct Report {
     files: Vec<FileFigures>,
 }
 
+/// What a base model's prompt starts with (see where it is used).
+const BASE_PREAMBLE: &str = "The following is a conversation between a curious person and a \
+helpful assistant who answers questions about geography, history and science clearly.\n\nQuestion: ";
+
 /// Runs `veil bench --llama-cpp` (or, with `--veil-worker`, one Veil run of it).
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.veil_worker {
@@ -296,7 +300,10 @@ fn worker(args: &BenchArgs) -> Result<()> {
     )
     .with_context(|| format!("cannot load {file}"))?;
     let prompt = if model.chat.is_none() {
-        model.raw_prompt(&args.prompt)?
+        // A base model gets the question inside plain text about as long as the chat
+        // template makes it for a chat model (37 tokens for SmolLM2), so prefill is measured
+        // on a prompt of the same size.
+        model.raw_prompt(&format!("{BASE_PREAMBLE}{}\nAnswer:", args.prompt))?
     } else {
         model.chat_prompt(&[ChatMessage::user(args.prompt.clone())])?
     };
