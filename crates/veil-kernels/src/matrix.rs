@@ -184,19 +184,26 @@ impl QuantMatrixBuilder {
                 "shape ({rows}, {cols}): both must be positive, and {supported}"
             )));
         }
-        let blocks = rows.checked_mul(cols / per_block).ok_or_else(|| {
-            KernelError::BadMatrix(format!("shape ({rows}, {cols}) is too large"))
-        })?;
+        let too_large = || KernelError::BadMatrix(format!("shape ({rows}, {cols}) is too large"));
+        let blocks = rows.checked_mul(cols / per_block).ok_or_else(too_large)?;
+        // Reserved up front (and fallibly: the shape may come from a damaged file), so rows
+        // pushed later never regrow and copy a large matrix.
+        fn reserve<T>(blocks: usize, per_block: usize) -> Option<Vec<T>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(blocks.checked_mul(per_block)?).ok()?;
+            Some(v)
+        }
+        let offsets = if format.has_offset() { 1 } else { 0 };
         Ok(Self {
             matrix: QuantMatrix {
                 format,
                 rows,
                 cols,
-                qs: Vec::with_capacity(blocks * format.value_bytes()),
-                qh: Vec::with_capacity(blocks * format.high_bytes()),
-                scales: Vec::with_capacity(blocks * format.scale_bytes()),
-                d: Vec::with_capacity(blocks),
-                m: Vec::with_capacity(if format.has_offset() { blocks } else { 0 }),
+                qs: reserve(blocks, format.value_bytes()).ok_or_else(too_large)?,
+                qh: reserve(blocks, format.high_bytes()).ok_or_else(too_large)?,
+                scales: reserve(blocks, format.scale_bytes()).ok_or_else(too_large)?,
+                d: reserve(blocks, 1).ok_or_else(too_large)?,
+                m: reserve(blocks, offsets).ok_or_else(too_large)?,
                 sums: Vec::new(),
             },
             filled: 0,
@@ -309,14 +316,16 @@ impl QuantMatrix {
         cols: usize,
         data: &[u8],
     ) -> Result<Self, KernelError> {
-        let mut builder = QuantMatrixBuilder::new(format, rows, cols)?;
-        let expected = builder.row_bytes() * rows;
-        if data.len() != expected {
+        let expected = rows
+            .checked_mul(cols / format.block_values())
+            .and_then(|blocks| blocks.checked_mul(format.block_bytes()));
+        if cols.is_multiple_of(format.block_values()) && expected != Some(data.len()) {
             return Err(KernelError::BadMatrix(format!(
-                "{} bytes for a ({rows}, {cols}) {format} matrix, expected {expected}",
+                "{} bytes for a ({rows}, {cols}) {format} matrix, expected {expected:?}",
                 data.len()
             )));
         }
+        let mut builder = QuantMatrixBuilder::new(format, rows, cols)?;
         builder.push_rows(data)?;
         builder.finish()
     }
