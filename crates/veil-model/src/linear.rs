@@ -98,7 +98,11 @@ impl Linear {
         format: WeightFormat,
         kernels: Kernels,
     ) -> Result<Self> {
-        let info = gguf.content().tensor_infos.get(name).map(|i| (i.ggml_dtype, i.shape.clone()));
+        let info = gguf
+            .content()
+            .tensor_infos
+            .get(name)
+            .map(|i| (i.ggml_dtype, i.shape.clone()));
         let streamed = match (info, format, kernels) {
             (Some((dtype, stored)), WeightFormat::AsStored, Kernels::Veil(isa)) => {
                 quant_format(dtype).map(|f| (f, stored, isa))

@@ -20,11 +20,11 @@ use crate::gemma3::{self, Gemma3Block};
 use crate::gguf::GgufFile;
 use crate::kv::KvStore;
 use crate::layers::{dense, load, rms_norm, BlockWeights, Rope};
-use veil_kernels::QuantMatrix;
 use crate::linear::{Kernels, Linear};
 use crate::llama::LlamaBlock;
 use crate::shard::Shard;
 use crate::weights::WeightFormat;
+use veil_kernels::QuantMatrix;
 
 /// KV caches grow in steps of this many positions, so a short chat does not reserve the whole
 /// context window up front.
@@ -221,7 +221,11 @@ impl ShardModel {
         let table = [config.vocab_size, h];
         let head = if shard.head {
             let norm = dense(gguf, "output_norm.weight", h)?;
-            let name = if tied { "token_embd.weight" } else { "output.weight" };
+            let name = if tied {
+                "token_embd.weight"
+            } else {
+                "output.weight"
+            };
             Some((norm, Linear::load(gguf, name, &table, format, kernels)?))
         } else {
             None

