@@ -7,22 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use veil_kernels::{Isa, QuantFormat, QuantMatrix};
-
-fn dtype(format: QuantFormat) -> GgmlDType {
-    match format {
-        QuantFormat::Q4_0 => GgmlDType::Q4_0,
-        QuantFormat::Q4_1 => GgmlDType::Q4_1,
-        QuantFormat::Q5_0 => GgmlDType::Q5_0,
-        QuantFormat::Q5_1 => GgmlDType::Q5_1,
-        QuantFormat::Q8_0 => GgmlDType::Q8_0,
-        QuantFormat::Q4_K => GgmlDType::Q4K,
-        QuantFormat::Q5_K => GgmlDType::Q5K,
-        QuantFormat::Q6_K => GgmlDType::Q6K,
-    }
-}
 
 /// Calls per second of `f`: the best of twelve windows of 25 ms after a warm-up (the best, so
 /// other work on the machine disturbs the figure less).
@@ -75,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if !wanted.is_empty() && !wanted.contains(&format.to_string()) {
             continue;
         }
-        let q = QTensor::quantize(&dense, dtype(format))?;
+        let q = QTensor::quantize(&dense, format.ggml_dtype())?;
         let bytes = q.data()?.into_owned();
         let matrix = QuantMatrix::new(format, rows, cols, &bytes)?;
         let candle = QMatMul::from_qtensor(q)?;

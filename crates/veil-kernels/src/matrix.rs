@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
 
+use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use crate::activation::{ActivationRow, ActivationTile, Activations, TILE};
@@ -115,6 +116,27 @@ impl QuantFormat {
             self,
             QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4_K | QuantFormat::Q5_K
         )
+    }
+}
+
+impl QuantFormat {
+    /// The GGUF tensor type this format reads (candle's name for it).
+    pub fn ggml_dtype(self) -> GgmlDType {
+        match self {
+            QuantFormat::Q4_0 => GgmlDType::Q4_0,
+            QuantFormat::Q4_1 => GgmlDType::Q4_1,
+            QuantFormat::Q5_0 => GgmlDType::Q5_0,
+            QuantFormat::Q5_1 => GgmlDType::Q5_1,
+            QuantFormat::Q8_0 => GgmlDType::Q8_0,
+            QuantFormat::Q4_K => GgmlDType::Q4K,
+            QuantFormat::Q5_K => GgmlDType::Q5K,
+            QuantFormat::Q6_K => GgmlDType::Q6K,
+        }
+    }
+
+    /// The format for a GGUF tensor type, where these kernels have one.
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.ggml_dtype() == dtype)
     }
 }
 

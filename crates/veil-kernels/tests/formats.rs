@@ -14,19 +14,6 @@ use veil_kernels::{
     SUPERBLOCK,
 };
 
-fn dtype(format: QuantFormat) -> GgmlDType {
-    match format {
-        QuantFormat::Q4_0 => GgmlDType::Q4_0,
-        QuantFormat::Q4_1 => GgmlDType::Q4_1,
-        QuantFormat::Q5_0 => GgmlDType::Q5_0,
-        QuantFormat::Q5_1 => GgmlDType::Q5_1,
-        QuantFormat::Q8_0 => GgmlDType::Q8_0,
-        QuantFormat::Q4_K => GgmlDType::Q4K,
-        QuantFormat::Q5_K => GgmlDType::Q5K,
-        QuantFormat::Q6_K => GgmlDType::Q6K,
-    }
-}
-
 /// Where a block's f16 scale and (for formats with one) offset or `dmin` sit.
 fn f16_fields(format: QuantFormat) -> (usize, Option<usize>) {
     match format {
@@ -281,14 +268,15 @@ fn dequantize_gives_candles_bits() {
                 .expect("matrix")
                 .dequantize();
 
-            let theirs = qtensor_from_ggml(dtype(format), &bytes, vec![rows, cols], &Device::Cpu)
-                .expect("qtensor")
-                .dequantize(&Device::Cpu)
-                .expect("dequantize")
-                .flatten_all()
-                .expect("flat")
-                .to_vec1::<f32>()
-                .expect("vec");
+            let theirs =
+                qtensor_from_ggml(format.ggml_dtype(), &bytes, vec![rows, cols], &Device::Cpu)
+                    .expect("qtensor")
+                    .dequantize(&Device::Cpu)
+                    .expect("dequantize")
+                    .flatten_all()
+                    .expect("flat")
+                    .to_vec1::<f32>()
+                    .expect("vec");
             assert_eq!(ours.len(), theirs.len());
             for (i, (o, t)) in ours.iter().zip(&theirs).enumerate() {
                 assert_eq!(o.to_bits(), t.to_bits(), "{format} value {i}: {o} vs {t}");
@@ -382,7 +370,7 @@ fn agrees_with_candles_quantized_matmul_on_the_same_bytes() {
                 .map(|_| rng.random_range(-0.2..0.2))
                 .collect();
             let dense = Tensor::from_vec(dense, (rows, cols), &Device::Cpu).expect("tensor");
-            let q = QTensor::quantize(&dense, dtype(format)).expect("quantize");
+            let q = QTensor::quantize(&dense, format.ggml_dtype()).expect("quantize");
             let bytes = q.data().expect("bytes").into_owned();
             let matrix = QuantMatrix::new(format, rows, cols, &bytes).expect("matrix");
             let x: Vec<f32> = (0..tokens * cols)

@@ -54,9 +54,10 @@ impl Rope {
         })
     }
 
-    /// Rotates `x` `(batch, heads, tokens, head_dim)` for positions `start..start + tokens`.
-    pub(crate) fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let tokens = x.dim(2)?;
+    /// Rotates queries and keys `(batch, n, tokens, head_dim)` for positions
+    /// `start..start + tokens`, computing the angles once for both.
+    pub(crate) fn apply(&self, q: &Tensor, k: &Tensor, start: usize) -> Result<(Tensor, Tensor)> {
+        let tokens = q.dim(2)?;
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(tokens * half);
         let mut sin = Vec::with_capacity(tokens * half);
@@ -70,12 +71,15 @@ impl Rope {
         }
         let cos = Tensor::from_vec(cos, (tokens, half), &Device::Cpu)?;
         let sin = Tensor::from_vec(sin, (tokens, half), &Device::Cpu)?;
-        let x = x.contiguous()?;
-        Ok(if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
-        })
+        let rotate = |x: &Tensor| -> Result<Tensor> {
+            let x = x.contiguous()?;
+            Ok(if self.interleaved {
+                candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+            } else {
+                candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+            })
+        };
+        Ok((rotate(q)?, rotate(k)?))
     }
 }
 
@@ -213,8 +217,7 @@ impl Attention {
         start: usize,
     ) -> Result<Tensor> {
         let (batch, _, tokens, _) = q.dims4()?;
-        let q = self.rope.apply(&q, start)?;
-        let k = self.rope.apply(&k, start)?;
+        let (q, k) = self.rope.apply(&q, &k, start)?;
         let (keys, values) = kv.append(&k, &v.contiguous()?)?;
         let shape = veil_kernels::AttentionShape {
             heads: self.heads,

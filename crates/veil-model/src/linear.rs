@@ -10,7 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 use veil_kernels::{Isa, QuantFormat, QuantMatrix, QuantMatrixBuilder};
 
@@ -105,7 +105,7 @@ impl Linear {
             .map(|i| (i.ggml_dtype, i.shape.clone()));
         let streamed = match (info, format, kernels) {
             (Some((dtype, stored)), WeightFormat::AsStored, Kernels::Veil(isa)) => {
-                quant_format(dtype).map(|f| (f, stored, isa))
+                QuantFormat::from_ggml(dtype).map(|f| (f, stored, isa))
             }
             _ => None,
         };
@@ -184,7 +184,7 @@ impl Linear {
                 Self::Candle(QMatMul::TensorF16(dense.to_dtype(DType::F16)?))
             }
             Self::Veil(op) => {
-                let q = QTensor::quantize(&dense, ggml_dtype(op.matrix.format()))?;
+                let q = QTensor::quantize(&dense, op.matrix.format().ggml_dtype())?;
                 Self::from_qmatmul(QMatMul::from_qtensor(q)?, Kernels::Veil(op.isa))?
             }
         })
@@ -204,7 +204,7 @@ pub(crate) struct VeilProduct {
 impl VeilProduct {
     /// The op for `q`'s bytes, or `None` when the kernels do not cover its format.
     fn from_qtensor(q: &QTensor, isa: Isa) -> Result<Option<Self>> {
-        let Some(format) = quant_format(q.dtype()) else {
+        let Some(format) = QuantFormat::from_ggml(q.dtype()) else {
             return Ok(None);
         };
         let (rows, cols) = q.shape().dims2()?;
@@ -223,34 +223,6 @@ impl VeilProduct {
             (m.rows(), m.cols()),
             &Device::Cpu,
         )?)
-    }
-}
-
-/// The kernels' format for a GGUF type, if they have one.
-fn quant_format(dtype: GgmlDType) -> Option<QuantFormat> {
-    Some(match dtype {
-        GgmlDType::Q4_0 => QuantFormat::Q4_0,
-        GgmlDType::Q4_1 => QuantFormat::Q4_1,
-        GgmlDType::Q5_0 => QuantFormat::Q5_0,
-        GgmlDType::Q5_1 => QuantFormat::Q5_1,
-        GgmlDType::Q8_0 => QuantFormat::Q8_0,
-        GgmlDType::Q4K => QuantFormat::Q4_K,
-        GgmlDType::Q5K => QuantFormat::Q5_K,
-        GgmlDType::Q6K => QuantFormat::Q6_K,
-        _ => return None,
-    })
-}
-
-fn ggml_dtype(format: QuantFormat) -> GgmlDType {
-    match format {
-        QuantFormat::Q4_0 => GgmlDType::Q4_0,
-        QuantFormat::Q4_1 => GgmlDType::Q4_1,
-        QuantFormat::Q5_0 => GgmlDType::Q5_0,
-        QuantFormat::Q5_1 => GgmlDType::Q5_1,
-        QuantFormat::Q8_0 => GgmlDType::Q8_0,
-        QuantFormat::Q4_K => GgmlDType::Q4K,
-        QuantFormat::Q5_K => GgmlDType::Q5K,
-        QuantFormat::Q6_K => GgmlDType::Q6K,
     }
 }
 
