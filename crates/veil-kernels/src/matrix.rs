@@ -552,35 +552,14 @@ impl QuantMatrix {
     /// Splits the weight rows over candle's barrier pool (persistent threads that spin
     /// briefly between calls, so a decode step's hundreds of small products do not each pay a
     /// thread wake-up; the calling thread takes a share). One token writes its outputs
-    /// directly (the K formats' short rows through one kernel call per thread's run of rows); several tokens are computed weight row by weight row (each weight row unpacked
-    /// once for a tile of [`TILE`] tokens) into a transposed buffer, then transposed into `out`.
+    /// directly (the K formats' short rows through one kernel call per thread's run of rows);
+    /// several tokens are computed weight row by weight row (each weight row unpacked once for
+    /// a tile of [`TILE`] tokens), each row's outputs written into its column of `out`.
     fn multiply(&self, kernel: &RowKernel, acts: &Activations, tokens: usize, out: &mut [f32]) {
         let per_token = self.units();
         // The work of a product, in 32-value block products, for the choice of threads.
         let work = self.rows * (self.cols / BLOCK);
         let token = |t: usize| acts.row(t * per_token, per_token);
-        let rows_of = |first: usize, outs: &mut [f32]| {
-            let tiles: Vec<ActivationTile<'_>> = (0..acts.tile_count())
-                .map(|i| acts.tile(i, per_token))
-                .collect();
-            for (i, row_out) in outs.chunks_exact_mut(tokens).enumerate() {
-                let w = self.row(first + i);
-                let mut t = 0;
-                for tile in &tiles {
-                    row_out[tile.start..tile.start + TILE].copy_from_slice(&kernel.eight(w, tile));
-                    t = tile.start + TILE;
-                }
-                while t + SMALL_TILE <= tokens {
-                    let tile: [ActivationRow<'_>; SMALL_TILE] =
-                        std::array::from_fn(|i| token(t + i));
-                    row_out[t..t + SMALL_TILE].copy_from_slice(&kernel.dots(w, tile));
-                    t += SMALL_TILE;
-                }
-                for (t, o) in row_out.iter_mut().enumerate().skip(t) {
-                    *o = kernel.one(w, token(t));
-                }
-            }
-        };
         if tokens == 1 {
             split_rows(work, out, 1, |first, outs| {
                 let mut w = self.rows_from(first, outs.len());
@@ -595,19 +574,90 @@ impl QuantMatrix {
             });
             return;
         }
-        let mut transposed = vec![0f32; self.rows * tokens];
-        let blocks = work * tokens;
-        split_rows(blocks, &mut transposed, tokens, rows_of);
-        // Transposed back on the pool as well, each thread writing whole tokens' rows of `out`.
-        split_rows(blocks, out, self.rows, |first, outs| {
-            for (t, token_out) in outs.chunks_exact_mut(self.rows).enumerate() {
-                let column = transposed[first + t..].iter().step_by(tokens);
-                for (o, &v) in token_out.iter_mut().zip(column) {
-                    *o = v;
+        let out = TokenColumns::new(out, tokens, self.rows);
+        split_row_ranges(work * tokens, self.rows, |rows| {
+            let tiles: Vec<ActivationTile<'_>> = (0..acts.tile_count())
+                .map(|i| acts.tile(i, per_token))
+                .collect();
+            let mut row_out = vec![0f32; tokens];
+            for r in rows {
+                let w = self.row(r);
+                let mut t = 0;
+                for tile in &tiles {
+                    row_out[tile.start..tile.start + TILE].copy_from_slice(&kernel.eight(w, tile));
+                    t = tile.start + TILE;
                 }
+                while t + SMALL_TILE <= tokens {
+                    let tile: [ActivationRow<'_>; SMALL_TILE] =
+                        std::array::from_fn(|i| token(t + i));
+                    row_out[t..t + SMALL_TILE].copy_from_slice(&kernel.dots(w, tile));
+                    t += SMALL_TILE;
+                }
+                for (t, o) in row_out.iter_mut().enumerate().skip(t) {
+                    *o = kernel.one(w, token(t));
+                }
+                // SAFETY: this thread's range of weight rows is its own (`split_row_ranges`).
+                unsafe { out.write_column(r, &row_out) };
             }
         });
     }
+}
+
+/// The output of a product, `(tokens, rows)`, shared by the pool's threads, each writing the
+/// columns (weight rows) of its own range of rows: disjoint writes that `chunks_mut` cannot
+/// hand out, as each token's outputs are one row of `out`. (Writing a buffer by weight row and
+/// transposing it afterwards cost a second pass over the pool per product.)
+struct TokenColumns<'a> {
+    out: *mut f32,
+    tokens: usize,
+    rows: usize,
+    _borrow: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: threads write through `write_column` only, each to its own columns.
+unsafe impl Sync for TokenColumns<'_> {}
+
+impl<'a> TokenColumns<'a> {
+    fn new(out: &'a mut [f32], tokens: usize, rows: usize) -> Self {
+        assert_eq!(out.len(), tokens * rows, "output shape");
+        Self {
+            out: out.as_mut_ptr(),
+            tokens,
+            rows,
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// Writes column `r`: `values[t]` to `out[t][r]` for every token.
+    ///
+    /// # Safety
+    /// No other thread may write column `r` at the same time.
+    unsafe fn write_column(&self, r: usize, values: &[f32]) {
+        assert!(r < self.rows && values.len() == self.tokens, "column in range");
+        for (t, &v) in values.iter().enumerate() {
+            // SAFETY: `t < tokens`, `r < rows`: inside the borrowed `out`.
+            unsafe { *self.out.add(t * self.rows + r) = v };
+        }
+    }
+}
+
+/// Calls `work(rows)` on consecutive ranges covering `0..rows`, one range per thread of the
+/// pool (or all on the calling thread, for less than [`SERIAL_BLOCKS`] of work).
+fn split_row_ranges(blocks: usize, rows: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
+    let pool = candle_core::utils::barrier_pool();
+    let parts = pool.n_workers() + 1;
+    if parts == 1 || blocks < SERIAL_BLOCKS {
+        work(0..rows);
+        return;
+    }
+    let per_part = rows.div_ceil(parts);
+    pool.execute(|part| {
+        let start = (part * per_part).min(rows);
+        let end = (start + per_part).min(rows);
+        if start < end {
+            work(start..end);
+        }
+    });
 }
 
 /// Below this many block products a product runs on the calling thread alone: handing work to
