@@ -137,9 +137,20 @@ pub(crate) struct Activations {
     tiled_s: Vec<[f32; TILE]>,
     /// The same for the exact sums.
     tiled_sums: Vec<[i32; TILE]>,
-    /// `qs + 128` as unsigned bytes: the unsigned operand of VNNI's dot product.
-    shifted: Vec<[u8; BLOCK]>,
+    /// For each tile, 32-value block by block, the tokens' values regrouped: entry `g` holds,
+    /// in its 32-bit lane `t`, values `4g..4g + 4` of token `t` (see [`ActivationTile`]).
+    tiled_groups: Vec<TileBlock>,
+    /// For each tile, superblock by superblock, the tokens' sums of 16 side by side (16 per
+    /// superblock; superblocks only).
+    tiled_bsums: Vec<[i32; TILE]>,
 }
+
+/// One 32-value block of a tile's eight tokens, regrouped for dot products with one lane per
+/// token: entry `g` holds values `4g..4g + 4` of token `t` in bytes `4t..4t + 4`, so a weight
+/// block's four values `4g..4g + 4`, broadcast to every lane, multiply all eight tokens in one
+/// instruction and the eight entries accumulate each token's sum in its own lane, without the
+/// horizontal reductions that cost more than the products.
+pub(crate) type TileBlock = [[i8; BLOCK]; 8];
 
 /// [`TILE`] tokens' activations, laid out for kernels that compute eight tokens at once with
 /// one lane per token.
@@ -148,7 +159,10 @@ pub(crate) struct ActivationTile<'a> {
     /// The tile's first token.
     pub start: usize,
     pub rows: [ActivationRow<'a>; TILE],
-    pub shifted: [&'a [[u8; BLOCK]]; TILE],
+    /// Each 32-value block, regrouped ([`TileBlock`]).
+    pub groups: &'a [TileBlock],
+    /// Each superblock's 16 sums of 16, tokens side by side (superblocks only).
+    pub bsums: &'a [[i32; TILE]],
     pub d: &'a [[f32; TILE]],
     pub s: &'a [[f32; TILE]],
     pub sums: &'a [[i32; TILE]],
@@ -214,8 +228,7 @@ impl Activations {
     /// every whole tile, and when tokens are left over, one more ending at the last token
     /// (overlapping the one before: a token's result does not depend on its tile, so the
     /// overlap is computed twice to the same bits, cheaper than the leftovers one by one).
-    /// `shifted` lays out the values `+ 128` too (for Q8_0's VNNI tile kernel).
-    pub fn prepare_tiles(&mut self, per_token: usize, shifted: bool) {
+    pub fn prepare_tiles(&mut self, per_token: usize) {
         let tokens = self.d.len() / per_token;
         self.tile_starts.clear();
         self.tile_starts
@@ -223,11 +236,13 @@ impl Activations {
         if tokens > TILE && !tokens.is_multiple_of(TILE) {
             self.tile_starts.push(tokens - TILE);
         }
-        let tiles = self.tile_starts.len();
         self.tiled_d.clear();
         self.tiled_s.clear();
         self.tiled_sums.clear();
+        self.tiled_groups.clear();
+        self.tiled_bsums.clear();
         let blocks = !self.s.is_empty();
+        let per_block = per_token * self.per_unit;
         for &first in &self.tile_starts {
             for b in 0..per_token {
                 let at = |t: usize| (first + t) * per_token + b;
@@ -236,13 +251,23 @@ impl Activations {
                     self.tiled_s.push(std::array::from_fn(|t| self.s[at(t)]));
                     self.tiled_sums
                         .push(std::array::from_fn(|t| self.sums[at(t)]));
+                } else {
+                    for j in 0..SUPERBLOCK_SUMS {
+                        self.tiled_bsums
+                            .push(std::array::from_fn(|t| i32::from(self.bsums[at(t)][j])));
+                    }
                 }
             }
-        }
-        self.shifted.clear();
-        if tiles > 0 && shifted && blocks {
-            let shift = |qs: &[i8; BLOCK]| qs.map(|q| (q as u8) ^ 0x80);
-            self.shifted.extend(self.qs.iter().map(shift));
+            for block in 0..per_block {
+                let mut grouped: TileBlock = [[0; BLOCK]; 8];
+                for (t, token) in (first..first + TILE).enumerate() {
+                    let values = &self.qs[token * per_block + block];
+                    for (g, group) in grouped.iter_mut().enumerate() {
+                        group[4 * t..4 * t + 4].copy_from_slice(&values[4 * g..4 * g + 4]);
+                    }
+                }
+                self.tiled_groups.push(grouped);
+            }
         }
     }
 
@@ -254,15 +279,15 @@ impl Activations {
     /// Tile number `tile`, after [`prepare_tiles`](Self::prepare_tiles).
     pub fn tile(&self, tile: usize, per_token: usize) -> ActivationTile<'_> {
         let first = self.tile_starts[tile];
+        let per_block = per_token * self.per_unit;
         ActivationTile {
             start: first,
             rows: std::array::from_fn(|t| self.row((first + t) * per_token, per_token)),
-            shifted: std::array::from_fn(|t| {
-                let start = (first + t) * per_token;
-                self.shifted
-                    .get(start..start + per_token)
-                    .unwrap_or_default()
-            }),
+            groups: &self.tiled_groups[tile * per_block..(tile + 1) * per_block],
+            bsums: self
+                .tiled_bsums
+                .get(tile * per_token * SUPERBLOCK_SUMS..(tile + 1) * per_token * SUPERBLOCK_SUMS)
+                .unwrap_or_default(),
             d: &self.tiled_d[tile * per_token..(tile + 1) * per_token],
             s: self
                 .tiled_s
@@ -312,7 +337,12 @@ mod tests {
         // Every half step in the quantizer's range (ties included) and values near them.
         for i in -600..=600 {
             let half = i as f32 * 0.5;
-            for v in [half, half + 1e-3, half - 1e-3, f32::from_bits(half.to_bits() + 1)] {
+            for v in [
+                half,
+                half + 1e-3,
+                half - 1e-3,
+                f32::from_bits(half.to_bits() + 1),
+            ] {
                 // Equal as values: the sign of a zero differs, and casts drop it.
                 assert_eq!(nearest_even(v), v.round_ties_even(), "{v}");
             }

@@ -518,8 +518,7 @@ impl QuantMatrix {
             } else {
                 acts.quantize(x, isa);
             }
-            let shifted = self.format == QuantFormat::Q8_0 && isa == Isa::Avx512;
-            acts.prepare_tiles(self.units(), shifted);
+            acts.prepare_tiles(self.units());
             self.multiply(&kernel, &acts, tokens, out);
         });
         Ok(())
@@ -580,13 +579,12 @@ impl QuantMatrix {
                 .map(|i| acts.tile(i, per_token))
                 .collect();
             let mut row_out = vec![0f32; tokens];
+            let mut unpacked = vec![0u8; 2 * self.cols];
             for r in rows {
                 let w = self.row(r);
-                let mut t = 0;
-                for tile in &tiles {
-                    row_out[tile.start..tile.start + TILE].copy_from_slice(&kernel.eight(w, tile));
-                    t = tile.start + TILE;
-                }
+                kernel.tiles(w, &tiles, &mut unpacked, &mut row_out);
+                // The tiles cover every token when there are any (the last overlaps).
+                let mut t = if tiles.is_empty() { 0 } else { tokens };
                 while t + SMALL_TILE <= tokens {
                     let tile: [ActivationRow<'_>; SMALL_TILE] =
                         std::array::from_fn(|i| token(t + i));
@@ -633,7 +631,10 @@ impl<'a> TokenColumns<'a> {
     /// # Safety
     /// No other thread may write column `r` at the same time.
     unsafe fn write_column(&self, r: usize, values: &[f32]) {
-        assert!(r < self.rows && values.len() == self.tokens, "column in range");
+        assert!(
+            r < self.rows && values.len() == self.tokens,
+            "column in range"
+        );
         for (t, &v) in values.iter().enumerate() {
             // SAFETY: `t < tokens`, `r < rows`: inside the borrowed `out`.
             unsafe { *self.out.add(t * self.rows + r) = v };
@@ -694,6 +695,10 @@ fn split_rows(
     });
 }
 
+/// A tile kernel of `veil_kernels::x86` (row, tiles, unpacked-row room, outputs).
+#[cfg(target_arch = "x86_64")]
+type TileKernel = unsafe fn(WeightRow<'_>, &[ActivationTile<'_>], &mut [u8], &mut [f32]);
+
 /// The dot-product kernels for one format on one instruction set.
 struct RowKernel {
     format: QuantFormat,
@@ -740,37 +745,51 @@ impl RowKernel {
         }
     }
 
-    /// One weight row times a tile of eight tokens' activations.
+    /// One weight row times every tile, each tile's outputs into `out` at its tokens;
+    /// `unpacked` is room for the row's values (two bytes per column).
     #[inline]
-    fn eight(&self, w: WeightRow<'_>, tile: &ActivationTile<'_>) -> [f32; TILE] {
+    fn tiles(
+        &self,
+        w: WeightRow<'_>,
+        tiles: &[ActivationTile<'_>],
+        unpacked: &mut [u8],
+        out: &mut [f32],
+    ) {
         #[cfg(target_arch = "x86_64")]
         {
-            use crate::x86;
+            use crate::x86::{avx2, vnni};
             use QuantFormat as F;
             // SAFETY: as in `dots`.
             unsafe {
-                match (self.isa, self.format) {
-                    (Isa::Scalar, _) => {}
-                    (Isa::Avx2, F::Q4_1) => return x86::tile_q4_1_avx2(w, tile),
-                    (Isa::Avx2, F::Q8_0) => return x86::tile_q8_0_avx2(w, tile),
-                    (Isa::Avx512, F::Q4_1) => return x86::tile_q4_1_avx512(w, tile),
-                    (Isa::Avx512, F::Q8_0) => return x86::tile_q8_0_vnni(w, tile),
-                    (Isa::Avx2, F::Q4_0) => return x86::avx2::tile_q4_0(w, tile),
-                    (Isa::Avx2, F::Q5_0) => return x86::avx2::tile_q5_0(w, tile),
-                    (Isa::Avx2, F::Q5_1) => return x86::avx2::tile_q5_1(w, tile),
-                    (Isa::Avx2, F::Q4_K) => return x86::avx2::tile_q4_k(w, tile),
-                    (Isa::Avx2, F::Q5_K) => return x86::avx2::tile_q5_k(w, tile),
-                    (Isa::Avx2, F::Q6_K) => return x86::avx2::tile_q6_k(w, tile),
-                    (Isa::Avx512, F::Q4_0) => return x86::vnni::tile_q4_0(w, tile),
-                    (Isa::Avx512, F::Q5_0) => return x86::vnni::tile_q5_0(w, tile),
-                    (Isa::Avx512, F::Q5_1) => return x86::vnni::tile_q5_1(w, tile),
-                    (Isa::Avx512, F::Q4_K) => return x86::vnni::tile_q4_k(w, tile),
-                    (Isa::Avx512, F::Q5_K) => return x86::vnni::tile_q5_k(w, tile),
-                    (Isa::Avx512, F::Q6_K) => return x86::vnni::tile_q6_k(w, tile),
+                let kernel = match (self.isa, self.format) {
+                    (Isa::Scalar, _) => None,
+                    (Isa::Avx2, F::Q4_0) => Some(avx2::tiles_q4_0 as TileKernel),
+                    (Isa::Avx2, F::Q4_1) => Some(avx2::tiles_q4_1 as TileKernel),
+                    (Isa::Avx2, F::Q5_0) => Some(avx2::tiles_q5_0 as TileKernel),
+                    (Isa::Avx2, F::Q5_1) => Some(avx2::tiles_q5_1 as TileKernel),
+                    (Isa::Avx2, F::Q8_0) => Some(avx2::tiles_q8_0 as TileKernel),
+                    (Isa::Avx2, F::Q4_K) => Some(avx2::tiles_q4_k as TileKernel),
+                    (Isa::Avx2, F::Q5_K) => Some(avx2::tiles_q5_k as TileKernel),
+                    (Isa::Avx2, F::Q6_K) => Some(avx2::tiles_q6_k as TileKernel),
+                    (Isa::Avx512, F::Q4_0) => Some(vnni::tiles_q4_0 as TileKernel),
+                    (Isa::Avx512, F::Q4_1) => Some(vnni::tiles_q4_1 as TileKernel),
+                    (Isa::Avx512, F::Q5_0) => Some(vnni::tiles_q5_0 as TileKernel),
+                    (Isa::Avx512, F::Q5_1) => Some(vnni::tiles_q5_1 as TileKernel),
+                    (Isa::Avx512, F::Q8_0) => Some(vnni::tiles_q8_0 as TileKernel),
+                    (Isa::Avx512, F::Q4_K) => Some(vnni::tiles_q4_k as TileKernel),
+                    (Isa::Avx512, F::Q5_K) => Some(vnni::tiles_q5_k as TileKernel),
+                    (Isa::Avx512, F::Q6_K) => Some(vnni::tiles_q6_k as TileKernel),
+                };
+                if let Some(kernel) = kernel {
+                    kernel(w, tiles, unpacked, out);
+                    return;
                 }
             }
         }
-        self.dots(w, tile.rows)
+        let _ = unpacked;
+        for tile in tiles {
+            out[tile.start..tile.start + TILE].copy_from_slice(&self.dots(w, tile.rows));
+        }
     }
 
     /// One weight row times `R` tokens' activations.

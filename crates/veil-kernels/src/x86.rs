@@ -5,7 +5,8 @@
 //! product (AVX2's `vpmaddubsw` + `vpmaddwd`, or VNNI's `vpdpbusd`) and reduced to an exact
 //! integer sum; the float terms are formed in vectors with the reference's roundings and added
 //! block after block, in the reference's order. One or four tokens go eight blocks at a time
-//! (one lane per block); a tile of eight tokens goes block by block (one lane per token).
+//! (one lane per block); a tile of eight tokens goes block by block (one lane per token, see
+//! "Prompt tiles" below).
 
 use std::arch::x86_64::*;
 
@@ -191,97 +192,6 @@ macro_rules! block_kernels {
 
 block_kernels!("avx2,fma,f16c", dot_avx2, dot_q4_1_avx2, dot_q8_0_avx2);
 
-/// Kernels for a tile of eight tokens, block by block with one lane per token: each block's
-/// eight dot products are reduced to the eight tokens' exact sums, scaled in one vector, and
-/// added to the eight running sums, block after block: the reference's order without a
-/// transpose.
-macro_rules! tile_kernels {
-    ($features:literal, $q4_1:ident, $q8_0:ident, $product:ident) => {
-        /// Q4_1 weight row times a tile of eight tokens.
-        ///
-        /// # Safety
-        /// The CPU must have the features named above; the tile holds as many blocks as the
-        /// weight row.
-        #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $q4_1(w: WeightRow<'_>, x: &ActivationTile<'_>) -> [f32; TILE] {
-            let mut acc = _mm256_setzero_ps();
-            let mut products = [_mm256_setzero_si256(); TILE];
-            for b in 0..w.d.len() {
-                let q = q4_1_values(&w.qs[b * 16..]);
-                for t in 0..TILE {
-                    products[t] = dot_avx2_or_vnni!($product, q, load32(&x.rows[t].qs[b]));
-                }
-                let isums = _mm256_cvtepi32_ps(lane_sums(&products));
-                let scaled =
-                    _mm256_mul_ps(_mm256_mul_ps(isums, _mm256_set1_ps(w.d[b])), load8(&x.d[b]));
-                let offsets = _mm256_mul_ps(_mm256_set1_ps(w.m[b]), load8(&x.s[b]));
-                acc = _mm256_add_ps(acc, _mm256_add_ps(scaled, offsets));
-            }
-            let mut out = [0f32; TILE];
-            _mm256_storeu_ps(out.as_mut_ptr(), acc);
-            out
-        }
-
-        /// Q8_0 weight row times a tile of eight tokens.
-        ///
-        /// # Safety
-        /// The CPU must have the features named above; the tile holds as many blocks as the
-        /// weight row.
-        #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $q8_0(w: WeightRow<'_>, x: &ActivationTile<'_>) -> [f32; TILE] {
-            let mut acc = _mm256_setzero_ps();
-            let mut products = [_mm256_setzero_si256(); TILE];
-            for b in 0..w.d.len() {
-                let q = load32(&w.qs[b * 32..]);
-                let isums = q8_0_tile_sums!($product, q, x, b, w.sums[b], products);
-                let isums = _mm256_cvtepi32_ps(isums);
-                let scaled =
-                    _mm256_mul_ps(_mm256_mul_ps(isums, _mm256_set1_ps(w.d[b])), load8(&x.d[b]));
-                acc = _mm256_add_ps(acc, scaled);
-            }
-            let mut out = [0f32; TILE];
-            _mm256_storeu_ps(out.as_mut_ptr(), acc);
-            out
-        }
-    };
-}
-
-/// One block's u8 × i8 dot product on either family.
-macro_rules! dot_avx2_or_vnni {
-    (avx2, $u:expr, $s:expr) => {
-        dot_avx2($u, $s)
-    };
-    (vnni, $u:expr, $s:expr) => {
-        dot_vnni($u, $s)
-    };
-}
-
-/// Eight tokens' exact integer sums for Q8_0 block `b` with weights `q`.
-macro_rules! q8_0_tile_sums {
-    // AVX2: |q| unsigned, the weights' signs moved onto the activations.
-    (avx2, $q:expr, $x:expr, $b:expr, $sum:expr, $products:expr) => {{
-        let magnitude = _mm256_sign_epi8($q, $q);
-        for t in 0..TILE {
-            $products[t] = dot_avx2(magnitude, _mm256_sign_epi8(load32(&$x.rows[t].qs[$b]), $q));
-        }
-        lane_sums(&$products)
-    }};
-    // VNNI: (x + 128) unsigned times q, then 128 · Σq taken back off.
-    (vnni, $q:expr, $x:expr, $b:expr, $sum:expr, $products:expr) => {{
-        for t in 0..TILE {
-            $products[t] = dot_vnni(load32(&$x.shifted[t][$b]), $q);
-        }
-        _mm256_sub_epi32(lane_sums(&$products), _mm256_set1_epi32(128 * $sum))
-    }};
-}
-
-tile_kernels!("avx2,fma,f16c", tile_q4_1_avx2, tile_q8_0_avx2, avx2);
-tile_kernels!(
-    "avx2,fma,f16c,avx512vnni,avx512vl",
-    tile_q4_1_avx512,
-    tile_q8_0_vnni,
-    vnni
-);
 block_kernels!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     dot_vnni,
@@ -517,7 +427,7 @@ unsafe fn madd_acc_vnni(acc: __m256i, products: __m256i, scales: __m256i) -> __m
 /// 0: no offset) and, if `$offset`, Q4_1-style `m · s` terms: `R` tokens eight blocks at a
 /// time, and a tile of eight tokens block by block.
 macro_rules! unsigned_block_kernels {
-    ($features:literal, $dot:ident, $name:ident, $tile:ident, $values:ident, $shift:literal,
+    ($features:literal, $dot:ident, $name:ident, $values:ident, $shift:literal,
      $offset:literal) => {
         /// A weight row times `R` activation rows.
         ///
@@ -593,48 +503,13 @@ macro_rules! unsigned_block_kernels {
             }
             sums
         }
-
-        /// A weight row times a tile of eight tokens.
-        ///
-        /// # Safety
-        /// The CPU must have the features named above; the tile holds as many blocks as the
-        /// weight row.
-        #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $tile(w: WeightRow<'_>, x: &ActivationTile<'_>) -> [f32; TILE] {
-            let mut acc = _mm256_setzero_ps();
-            let mut products = [_mm256_setzero_si256(); TILE];
-            for b in 0..w.d.len() {
-                let q = $values!(w, b);
-                for t in 0..TILE {
-                    products[t] = $dot(q, load32(&x.rows[t].qs[b]));
-                }
-                let mut isums = lane_sums(&products);
-                if $shift > 0 {
-                    let xsums = _mm256_loadu_si256(x.sums[b].as_ptr().cast());
-                    isums = _mm256_sub_epi32(isums, _mm256_slli_epi32(xsums, $shift));
-                }
-                let isums = _mm256_cvtepi32_ps(isums);
-                let scaled =
-                    _mm256_mul_ps(_mm256_mul_ps(isums, _mm256_set1_ps(w.d[b])), load8(&x.d[b]));
-                let term = if $offset {
-                    let offsets = _mm256_mul_ps(_mm256_set1_ps(w.m[b]), load8(&x.s[b]));
-                    _mm256_add_ps(scaled, offsets)
-                } else {
-                    scaled
-                };
-                acc = _mm256_add_ps(acc, term);
-            }
-            let mut out = [0f32; TILE];
-            _mm256_storeu_ps(out.as_mut_ptr(), acc);
-            out
-        }
     };
 }
 
 /// A row of K superblocks (`$values`, `$scales`; `$q6`: Q6_K's signed values and no minimums,
 /// else Q4_K's / Q5_K's minimums): `R` tokens and a tile of eight, superblock by superblock.
 macro_rules! k_kernels {
-    ($features:literal, $madd:ident, $name:ident, $rows:ident, $tile:ident, $values:ident,
+    ($features:literal, $madd:ident, $name:ident, $rows:ident, $values:ident,
      $scales:ident, $q6:literal) => {
         /// A weight row times `R` activation rows.
         ///
@@ -778,73 +653,300 @@ macro_rules! k_kernels {
                 first += count;
             }
         }
+    };
+}
 
-        /// A weight row times a tile of eight tokens.
+// ---------------------------------------------------------------------------------------------
+// Prompt tiles: one weight row times tiles of eight tokens, one lane per token.
+//
+// The row is first unpacked to unsigned bytes (once for all the prompt's tiles). Each block's
+// four values `4g..4g + 4` are then broadcast to every lane and multiplied with the tile's
+// regrouped activations ([`crate::activation::TileBlock`]) by one u8 × i8 dot product, so
+// eight products leave each token's exact block sum in its lane: no horizontal reductions.
+// Offsets, scales and the float terms follow, as the reference forms them.
+// ---------------------------------------------------------------------------------------------
+
+/// The four bytes at `p` in every 32-bit lane.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn broadcast4(p: *const u8) -> __m256i {
+    _mm256_set1_epi32(std::ptr::read_unaligned(p.cast::<i32>()))
+}
+
+/// `acc + ` the sums of four u8 × i8 products per lane, with AVX2 (pairs of at most
+/// 2 · 255 · 128 in magnitude would saturate `vpmaddubsw`: callers keep the unsigned operand
+/// below 128, or at 128 with the signed one above -128).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn dpbusd_avx2(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, dot_avx2(unsigned, signed))
+}
+
+/// `acc + ` the sums of four u8 × i8 products per lane, with VNNI.
+#[inline]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+unsafe fn dpbusd_vnni(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, unsigned, signed)
+}
+
+/// Each token's exact sum over groups `$groups` (a range within 0..8) of one block: unsigned
+/// weight bytes at `$w` (the block's first), the tile's regrouped activations `$x`.
+macro_rules! group_sums {
+    ($dpbusd:ident, $w:expr, $x:expr, $groups:expr) => {{
+        let (mut even, mut odd) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for g in $groups.step_by(2) {
+            even = $dpbusd(even, broadcast4($w.add(4 * g)), load32(&$x[g]));
+            odd = $dpbusd(odd, broadcast4($w.add(4 * g + 4)), load32(&$x[g + 1]));
+        }
+        _mm256_add_epi32(even, odd)
+    }};
+}
+
+/// Tile kernels for the 32-value formats stored unsigned: `$values` unpacks a block, `w =
+/// d · (q - 2^$shift)` (`$shift` 0: no offset), `$offset`: Q4_1-style `m · s` terms.
+macro_rules! block_tile_kernel {
+    ($features:literal, $dpbusd:ident, $name:ident, $values:expr, $shift:literal,
+     $offset:literal) => {
+        /// One weight row times every tile, each tile's eight outputs into `out` at its
+        /// tokens; `unpacked` holds at least a byte per column.
         ///
         /// # Safety
-        /// The CPU must have the features named above; the tile holds as many superblocks as
-        /// the weight row.
+        /// The CPU must have the features named above; every tile holds as many blocks as
+        /// the row.
         #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $tile(w: WeightRow<'_>, x: &ActivationTile<'_>) -> [f32; TILE] {
-            let mut total = _mm256_setzero_ps();
-            for b in 0..w.d.len() {
-                let v = $values(&w, b);
-                let (s, mins) = $scales(&w, b);
-                let mut acc = [_mm256_setzero_si256(); TILE];
-                for k in 0..8 {
-                    for t in 0..TILE {
-                        let xq = load32(&x.rows[t].qs[8 * b + k]);
-                        acc[t] = $madd(acc[t], _mm256_maddubs_epi16(v[k], xq), s[k]);
-                    }
-                }
-                let mut offsets = [_mm256_setzero_si256(); TILE];
-                for t in 0..TILE {
-                    let bsums = load32(&x.rows[t].bsums[b]);
-                    offsets[t] = if $q6 {
-                        _mm256_madd_epi16(mins, bsums)
-                    } else {
-                        _mm256_madd_epi16(bsums, mins)
-                    };
-                }
-                let dx = load8(&x.d[b]);
-                let scale = _mm256_mul_ps(_mm256_set1_ps(w.d[b]), dx);
-                let term = if $q6 {
-                    let isums = _mm256_sub_epi32(
-                        lane_sums(&acc),
-                        _mm256_slli_epi32(lane_sums(&offsets), 5),
-                    );
-                    _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isums))
-                } else {
-                    let isums = _mm256_cvtepi32_ps(lane_sums(&acc));
-                    let msums = _mm256_cvtepi32_ps(lane_sums(&offsets));
-                    let dmin = _mm256_mul_ps(_mm256_set1_ps(w.m[b]), dx);
-                    _mm256_sub_ps(_mm256_mul_ps(scale, isums), _mm256_mul_ps(dmin, msums))
-                };
-                total = _mm256_add_ps(total, term);
+        pub(crate) unsafe fn $name(
+            w: WeightRow<'_>,
+            tiles: &[ActivationTile<'_>],
+            unpacked: &mut [u8],
+            out: &mut [f32],
+        ) {
+            let blocks = w.d.len();
+            assert!(unpacked.len() >= 32 * blocks, "unpacked row buffer");
+            for b in 0..blocks {
+                _mm256_storeu_si256(unpacked[32 * b..].as_mut_ptr().cast(), $values(&w, b));
             }
-            let mut out = [0f32; TILE];
-            _mm256_storeu_ps(out.as_mut_ptr(), total);
-            out
+            let values = unpacked.as_ptr();
+            for tile in tiles {
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..blocks {
+                    let mut isums = group_sums!($dpbusd, values.add(32 * b), tile.groups[b], 0..8);
+                    if $shift > 0 {
+                        let xsums = _mm256_loadu_si256(tile.sums[b].as_ptr().cast());
+                        isums = _mm256_sub_epi32(isums, _mm256_slli_epi32(xsums, $shift));
+                    }
+                    let isums = _mm256_cvtepi32_ps(isums);
+                    let scaled = _mm256_mul_ps(
+                        _mm256_mul_ps(isums, _mm256_set1_ps(w.d[b])),
+                        load8(&tile.d[b]),
+                    );
+                    let term = if $offset {
+                        let offsets = _mm256_mul_ps(_mm256_set1_ps(w.m[b]), load8(&tile.s[b]));
+                        _mm256_add_ps(scaled, offsets)
+                    } else {
+                        scaled
+                    };
+                    acc = _mm256_add_ps(acc, term);
+                }
+                _mm256_storeu_ps(out[tile.start..tile.start + TILE].as_mut_ptr(), acc);
+            }
         }
     };
 }
 
+/// Tile kernels for the K formats: `$values` unpacks a superblock (eight vectors of 32), `$q6`:
+/// Q6_K's signed scales over sub-blocks of 16 and its offset of 32, else Q4_K's / Q5_K's scales
+/// and minimums over sub-blocks of 32.
+macro_rules! k_tile_kernel {
+    ($features:literal, $dpbusd:ident, $name:ident, $values:ident, $q6:literal) => {
+        /// One weight row times every tile, each tile's eight outputs into `out` at its
+        /// tokens; `unpacked` holds at least a byte per column.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; every tile holds as many superblocks
+        /// as the row.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(
+            w: WeightRow<'_>,
+            tiles: &[ActivationTile<'_>],
+            unpacked: &mut [u8],
+            out: &mut [f32],
+        ) {
+            let superblocks = w.d.len();
+            assert!(unpacked.len() >= 256 * superblocks, "unpacked row buffer");
+            for b in 0..superblocks {
+                for (k, v) in $values(&w, b).iter().enumerate() {
+                    _mm256_storeu_si256(unpacked[256 * b + 32 * k..].as_mut_ptr().cast(), *v);
+                }
+            }
+            let values = unpacked.as_ptr();
+            for tile in tiles {
+                let mut total = _mm256_setzero_ps();
+                for b in 0..superblocks {
+                    let scales = &w.scales[16 * b..16 * b + 16];
+                    let bsums = &tile.bsums[16 * b..16 * b + 16];
+                    let scale_of = |j: usize| {
+                        if $q6 {
+                            i32::from(scales[j] as i8)
+                        } else {
+                            i32::from(scales[j])
+                        }
+                    };
+                    let mut isums = _mm256_setzero_si256();
+                    for k in 0..8 {
+                        let block = values.add(256 * b + 32 * k);
+                        let x = &tile.groups[8 * b + k];
+                        if $q6 {
+                            // Two sub-blocks of 16 (groups 0..4 and 4..8), each its scale.
+                            let low = group_sums!($dpbusd, block, x, 0..4);
+                            let high = group_sums!($dpbusd, block, x, 4..8);
+                            let low = _mm256_mullo_epi32(low, _mm256_set1_epi32(scale_of(2 * k)));
+                            let high =
+                                _mm256_mullo_epi32(high, _mm256_set1_epi32(scale_of(2 * k + 1)));
+                            isums = _mm256_add_epi32(isums, _mm256_add_epi32(low, high));
+                        } else {
+                            let sums = group_sums!($dpbusd, block, x, 0..8);
+                            let scaled = _mm256_mullo_epi32(sums, _mm256_set1_epi32(scale_of(k)));
+                            isums = _mm256_add_epi32(isums, scaled);
+                        }
+                    }
+                    let mut offsets = _mm256_setzero_si256();
+                    if $q6 {
+                        // Σ sc_j · bsum_j, times 32 below: the stored offset taken back off.
+                        for (j, bsum) in bsums.iter().enumerate() {
+                            let bsum = _mm256_loadu_si256(bsum.as_ptr().cast());
+                            offsets = _mm256_add_epi32(
+                                offsets,
+                                _mm256_mullo_epi32(bsum, _mm256_set1_epi32(scale_of(j))),
+                            );
+                        }
+                    } else {
+                        // Σ m_j · (bsum_2j + bsum_2j+1): the minimums' terms.
+                        for j in 0..8 {
+                            let pair = _mm256_add_epi32(
+                                _mm256_loadu_si256(bsums[2 * j].as_ptr().cast()),
+                                _mm256_loadu_si256(bsums[2 * j + 1].as_ptr().cast()),
+                            );
+                            let min = _mm256_set1_epi32(i32::from(scales[8 + j]));
+                            offsets = _mm256_add_epi32(offsets, _mm256_mullo_epi32(pair, min));
+                        }
+                    }
+                    let dx = load8(&tile.d[b]);
+                    let scale = _mm256_mul_ps(_mm256_set1_ps(w.d[b]), dx);
+                    let term = if $q6 {
+                        let isums = _mm256_sub_epi32(isums, _mm256_slli_epi32(offsets, 5));
+                        _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isums))
+                    } else {
+                        let isums = _mm256_cvtepi32_ps(isums);
+                        let msums = _mm256_cvtepi32_ps(offsets);
+                        let dmin = _mm256_mul_ps(_mm256_set1_ps(w.m[b]), dx);
+                        _mm256_sub_ps(_mm256_mul_ps(scale, isums), _mm256_mul_ps(dmin, msums))
+                    };
+                    total = _mm256_add_ps(total, term);
+                }
+                _mm256_storeu_ps(out[tile.start..tile.start + TILE].as_mut_ptr(), total);
+            }
+        }
+    };
+}
+
+/// Q8_0's tile kernel: the weights are signed, so their magnitudes are the unsigned operand
+/// (at most 128) and their signs move onto the activations (at least -127).
+macro_rules! q8_0_tile_kernel {
+    ($features:literal, $dpbusd:ident, $name:ident) => {
+        /// One weight row times every tile, each tile's eight outputs into `out` at its
+        /// tokens; `unpacked` holds at least two bytes per column.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; every tile holds as many blocks as
+        /// the row.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(
+            w: WeightRow<'_>,
+            tiles: &[ActivationTile<'_>],
+            unpacked: &mut [u8],
+            out: &mut [f32],
+        ) {
+            let blocks = w.d.len();
+            assert!(unpacked.len() >= 64 * blocks, "unpacked row buffer");
+            let (magnitudes, signs) = unpacked.split_at_mut(32 * blocks);
+            for b in 0..blocks {
+                let q = load32(&w.qs[32 * b..]);
+                _mm256_storeu_si256(
+                    magnitudes[32 * b..].as_mut_ptr().cast(),
+                    _mm256_sign_epi8(q, q),
+                );
+                _mm256_storeu_si256(signs[32 * b..].as_mut_ptr().cast(), q);
+            }
+            let (magnitudes, signs) = (magnitudes.as_ptr(), signs.as_ptr());
+            for tile in tiles {
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..blocks {
+                    let x = &tile.groups[b];
+                    let (mut even, mut odd) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    for g in (0..8).step_by(2) {
+                        for (sum, g) in [(&mut even, g), (&mut odd, g + 1)] {
+                            let at = 32 * b + 4 * g;
+                            let signed = _mm256_sign_epi8(load32(&x[g]), broadcast4(signs.add(at)));
+                            *sum = $dpbusd(*sum, broadcast4(magnitudes.add(at)), signed);
+                        }
+                    }
+                    let isums = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+                    let scaled = _mm256_mul_ps(
+                        _mm256_mul_ps(isums, _mm256_set1_ps(w.d[b])),
+                        load8(&tile.d[b]),
+                    );
+                    acc = _mm256_add_ps(acc, scaled);
+                }
+                _mm256_storeu_ps(out[tile.start..tile.start + TILE].as_mut_ptr(), acc);
+            }
+        }
+    };
+}
+
+/// Block `b` of a Q4_1 row as 32 unsigned values (0..16).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_1_block(w: &WeightRow<'_>, b: usize) -> __m256i {
+    q4_1_values(&w.qs[b * 16..])
+}
+
+/// Block `b` of a Q4_0 row as 32 unsigned values (0..16).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_0_block(w: &WeightRow<'_>, b: usize) -> __m256i {
+    q4_0_values!(w, b)
+}
+
+/// Block `b` of a Q5_0 or Q5_1 row as 32 unsigned values (0..32).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q5_block(w: &WeightRow<'_>, b: usize) -> __m256i {
+    q5_values!(w, b)
+}
+
 /// Every new format's kernels for one family, in a module named after it.
 macro_rules! family {
-    ($module:ident, $features:literal, $dot:ident, $madd:ident, $q5:ident) => {
+    ($module:ident, $features:literal, $dot:ident, $dpbusd:ident, $madd:ident, $q5:ident) => {
         /// The kernels of one instruction-set family for Q4_0, Q5_0, Q5_1 and the K formats.
         pub(crate) mod $module {
             use super::*;
 
-            unsigned_block_kernels!($features, $dot, dot_q4_0, tile_q4_0, q4_0_values, 3, false);
-            unsigned_block_kernels!($features, $dot, dot_q5_0, tile_q5_0, $q5, 4, false);
-            unsigned_block_kernels!($features, $dot, dot_q5_1, tile_q5_1, $q5, 0, true);
+            unsigned_block_kernels!($features, $dot, dot_q4_0, q4_0_values, 3, false);
+            unsigned_block_kernels!($features, $dot, dot_q5_0, $q5, 4, false);
+            unsigned_block_kernels!($features, $dot, dot_q5_1, $q5, 0, true);
+            block_tile_kernel!($features, $dpbusd, tiles_q4_0, q4_0_block, 3, false);
+            block_tile_kernel!($features, $dpbusd, tiles_q4_1, q4_1_block, 0, true);
+            block_tile_kernel!($features, $dpbusd, tiles_q5_0, q5_block, 4, false);
+            block_tile_kernel!($features, $dpbusd, tiles_q5_1, q5_block, 0, true);
+            q8_0_tile_kernel!($features, $dpbusd, tiles_q8_0);
+            k_tile_kernel!($features, $dpbusd, tiles_q4_k, q4_k_values, false);
+            k_tile_kernel!($features, $dpbusd, tiles_q5_k, q5_k_values, false);
+            k_tile_kernel!($features, $dpbusd, tiles_q6_k, q6_k_values, true);
             k_kernels!(
                 $features,
                 $madd,
                 dot_q4_k,
                 rows_q4_k,
-                tile_q4_k,
                 q4_k_values,
                 k4_scales,
                 false
@@ -854,7 +956,6 @@ macro_rules! family {
                 $madd,
                 dot_q5_k,
                 rows_q5_k,
-                tile_q5_k,
                 q5_k_values,
                 k4_scales,
                 false
@@ -864,7 +965,6 @@ macro_rules! family {
                 $madd,
                 dot_q6_k,
                 rows_q6_k,
-                tile_q6_k,
                 q6_k_values,
                 k6_scales,
                 true
@@ -873,11 +973,19 @@ macro_rules! family {
     };
 }
 
-family!(avx2, "avx2,fma,f16c", dot_avx2, madd_acc_avx2, q5_values);
+family!(
+    avx2,
+    "avx2,fma,f16c",
+    dot_avx2,
+    dpbusd_avx2,
+    madd_acc_avx2,
+    q5_values
+);
 family!(
     vnni,
     "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw",
     dot_vnni,
+    dpbusd_vnni,
     madd_acc_vnni,
     q5_values_bw
 );
