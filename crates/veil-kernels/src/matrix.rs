@@ -289,7 +289,7 @@ impl<'a> WeightRow<'a> {
     /// run: walking a thread's rows this way slices by pointer steps, not by index arithmetic
     /// per row (a decode step's products are short, so that cost showed).
     #[inline]
-    fn split_first(self, units: usize, format: QuantFormat) -> (Self, Self) {
+    pub(crate) fn split_first(self, units: usize, format: QuantFormat) -> (Self, Self) {
         fn split<T>(s: &[T], n: usize) -> (&[T], &[T]) {
             s.split_at(n.min(s.len()))
         }
@@ -733,6 +733,12 @@ impl RowKernel {
                     (Isa::Avx512, F::Q4_K) => x86::vnni::rows_q4_k(w, units, a, out),
                     (Isa::Avx512, F::Q5_K) => x86::vnni::rows_q5_k(w, units, a, out),
                     (Isa::Avx512, F::Q6_K) => x86::vnni::rows_q6_k(w, units, a, out),
+                    (Isa::Avx2, F::Q4_0) => x86::avx2::rows_q4_0(w, units, a, out),
+                    (Isa::Avx2, F::Q5_0) => x86::avx2::rows_q5_0(w, units, a, out),
+                    (Isa::Avx2, F::Q5_1) => x86::avx2::rows_q5_1(w, units, a, out),
+                    (Isa::Avx512, F::Q4_0) => x86::vnni::rows_q4_0(w, units, a, out),
+                    (Isa::Avx512, F::Q5_0) => x86::vnni::rows_q5_0(w, units, a, out),
+                    (Isa::Avx512, F::Q5_1) => x86::vnni::rows_q5_1(w, units, a, out),
                     _ => return false,
                 }
             }

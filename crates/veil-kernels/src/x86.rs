@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use crate::activation::{ActivationBlock, ActivationRow, ActivationTile, TILE};
-use crate::matrix::WeightRow;
+use crate::matrix::{QuantFormat, WeightRow};
 use crate::BLOCK;
 
 /// Eight i32 sums of four u8 × i8 products each, with AVX2.
@@ -40,15 +40,6 @@ unsafe fn lane_sums(v: &[__m256i; 8]) -> __m256i {
     )
 }
 
-/// The sum of one vector's eight integer lanes.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn lane_total(v: __m256i) -> i32 {
-    let mut lanes = [0i32; 8];
-    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), v);
-    lanes.iter().sum()
-}
-
 /// Adds each row's eight block terms (`terms[r]`, one lane per block) to `sums[r]` one block
 /// after another: the reference's order.
 #[inline]
@@ -68,12 +59,10 @@ unsafe fn add_in_order<const R: usize>(sums: &mut [f32; R], terms: &[__m256; R])
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn q4_1_values(qs: &[u8]) -> __m256i {
-    let low = _mm_set1_epi8(0x0F);
-    let q = _mm_loadu_si128(qs[..16].as_ptr().cast());
-    _mm256_set_m128i(
-        _mm_and_si128(_mm_srli_epi16(q, 4), low),
-        _mm_and_si128(q, low),
-    )
+    // The 16 bytes in both halves, the upper half shifted by a nibble: no cross-lane shuffle.
+    let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(qs[..16].as_ptr().cast()));
+    let shifts = _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0);
+    _mm256_and_si256(_mm256_srlv_epi32(q, shifts), _mm256_set1_epi8(0x0F))
 }
 
 /// 32 bytes from the start of `bytes`.
@@ -127,12 +116,22 @@ macro_rules! block_kernels {
                 add_in_order(&mut sums, &terms);
                 b += 8;
             }
-            for b in b..blocks {
-                let q = q4_1_values(&w.qs[b * 16..]);
+            // The last (fewer than eight) blocks: their sums reduced together (lanes past the
+            // row's end are zero and ignored), the float terms added one by one.
+            let rest = blocks - b;
+            if rest > 0 {
+                let mut isums = [0i32; 8];
                 for r in 0..R {
                     let x = a[r];
-                    let isum = lane_total($dot(q, load32(&x.qs[b])));
-                    sums[r] += isum as f32 * w.d[b] * x.d[b] + w.m[b] * x.s[b];
+                    let mut tail = [_mm256_setzero_si256(); 8];
+                    for (i, t) in tail.iter_mut().enumerate().take(rest) {
+                        *t = $dot(q4_1_values(&w.qs[(b + i) * 16..]), load32(&x.qs[b + i]));
+                    }
+                    _mm256_storeu_si256(isums.as_mut_ptr().cast(), lane_sums(&tail));
+                    for (i, &isum) in isums.iter().enumerate().take(rest) {
+                        let b = b + i;
+                        sums[r] += isum as f32 * w.d[b] * x.d[b] + w.m[b] * x.s[b];
+                    }
                 }
             }
             sums
@@ -176,13 +175,23 @@ macro_rules! block_kernels {
                 add_in_order(&mut sums, &terms);
                 b += 8;
             }
-            for b in b..blocks {
-                let q = load32(&w.qs[b * 32..]);
+            // The last (fewer than eight) blocks, as in Q4_1.
+            let rest = blocks - b;
+            if rest > 0 {
+                let mut isums = [0i32; 8];
                 for r in 0..R {
                     let x = a[r];
-                    let signed = _mm256_sign_epi8(load32(&x.qs[b]), q);
-                    let isum = lane_total($dot(_mm256_sign_epi8(q, q), signed));
-                    sums[r] += isum as f32 * w.d[b] * x.d[b];
+                    let mut tail = [_mm256_setzero_si256(); 8];
+                    for (i, t) in tail.iter_mut().enumerate().take(rest) {
+                        let q = load32(&w.qs[(b + i) * 32..]);
+                        let signed = _mm256_sign_epi8(load32(&x.qs[b + i]), q);
+                        *t = $dot(_mm256_sign_epi8(q, q), signed);
+                    }
+                    _mm256_storeu_si256(isums.as_mut_ptr().cast(), lane_sums(&tail));
+                    for (i, &isum) in isums.iter().enumerate().take(rest) {
+                        let b = b + i;
+                        sums[r] += isum as f32 * w.d[b] * x.d[b];
+                    }
                 }
             }
             sums
@@ -298,10 +307,8 @@ macro_rules! q5_values_bw {
     ($w:expr, $b:expr) => {{
         let qh = &$w.qh[$b * 4..$b * 4 + 4];
         let bits = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-        _mm256_or_si256(
-            q4_1_values(&$w.qs[$b * 16..]),
-            _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10)),
-        )
+        let low = q4_1_values(&$w.qs[$b * 16..]);
+        _mm256_mask_add_epi8(low, bits, low, _mm256_set1_epi8(0x10))
     }};
 }
 
@@ -427,8 +434,8 @@ unsafe fn madd_acc_vnni(acc: __m256i, products: __m256i, scales: __m256i) -> __m
 /// 0: no offset) and, if `$offset`, Q4_1-style `m · s` terms: `R` tokens eight blocks at a
 /// time, and a tile of eight tokens block by block.
 macro_rules! unsigned_block_kernels {
-    ($features:literal, $dot:ident, $name:ident, $values:ident, $shift:literal,
-     $offset:literal) => {
+    ($features:literal, $dot:ident, $name:ident, $rows:ident, $format:expr, $values:ident,
+     $shift:literal, $offset:literal) => {
         /// A weight row times `R` activation rows.
         ///
         /// # Safety
@@ -473,17 +480,15 @@ macro_rules! unsigned_block_kernels {
                 b += 8;
             }
             // The last (fewer than eight) blocks: their sums reduced together (lanes past the
-            // row's end repeat its first remaining block and are ignored), the float terms
-            // added one by one.
+            // row's end are zero and ignored), the float terms added one by one.
             let rest = blocks - b;
             if rest > 0 {
                 let mut isums = [0i32; 8];
                 for r in 0..R {
                     let x = a[r];
                     let mut tail = [_mm256_setzero_si256(); 8];
-                    for (i, t) in tail.iter_mut().enumerate() {
-                        let bi = if i < rest { b + i } else { b };
-                        *t = $dot($values!(w, bi), load32(&x.qs[bi]));
+                    for (i, t) in tail.iter_mut().enumerate().take(rest) {
+                        *t = $dot($values!(w, b + i), load32(&x.qs[b + i]));
                     }
                     _mm256_storeu_si256(isums.as_mut_ptr().cast(), lane_sums(&tail));
                     for (i, &isum) in isums.iter().enumerate().take(rest) {
@@ -502,6 +507,28 @@ macro_rules! unsigned_block_kernels {
                 }
             }
             sums
+        }
+
+        /// Consecutive weight rows (`units` blocks each, `w` spanning them all) times one
+        /// token, one output per row: the decode path, each row as `$name` computes it but
+        /// without a call and a dispatch per (short) row.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; `a` holds `units` blocks, `w`
+        /// `out.len() * units`.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $rows(
+            w: WeightRow<'_>,
+            units: usize,
+            a: ActivationRow<'_>,
+            out: &mut [f32],
+        ) {
+            let mut w = w;
+            for o in out.iter_mut() {
+                let (row, rest) = w.split_first(units, $format);
+                [*o] = $name(row, [a]);
+                w = rest;
+            }
         }
     };
 }
@@ -931,9 +958,36 @@ macro_rules! family {
         pub(crate) mod $module {
             use super::*;
 
-            unsigned_block_kernels!($features, $dot, dot_q4_0, q4_0_values, 3, false);
-            unsigned_block_kernels!($features, $dot, dot_q5_0, $q5, 4, false);
-            unsigned_block_kernels!($features, $dot, dot_q5_1, $q5, 0, true);
+            unsigned_block_kernels!(
+                $features,
+                $dot,
+                dot_q4_0,
+                rows_q4_0,
+                QuantFormat::Q4_0,
+                q4_0_values,
+                3,
+                false
+            );
+            unsigned_block_kernels!(
+                $features,
+                $dot,
+                dot_q5_0,
+                rows_q5_0,
+                QuantFormat::Q5_0,
+                $q5,
+                4,
+                false
+            );
+            unsigned_block_kernels!(
+                $features,
+                $dot,
+                dot_q5_1,
+                rows_q5_1,
+                QuantFormat::Q5_1,
+                $q5,
+                0,
+                true
+            );
             block_tile_kernel!($features, $dpbusd, tiles_q4_0, q4_0_block, 3, false);
             block_tile_kernel!($features, $dpbusd, tiles_q4_1, q4_1_block, 0, true);
             block_tile_kernel!($features, $dpbusd, tiles_q5_0, q5_block, 4, false);
