@@ -228,7 +228,9 @@ impl Activations {
     /// every whole tile, and when tokens are left over, one more ending at the last token
     /// (overlapping the one before: a token's result does not depend on its tile, so the
     /// overlap is computed twice to the same bits, cheaper than the leftovers one by one).
-    pub fn prepare_tiles(&mut self, per_token: usize) {
+    /// `shifted` lays the regrouped values out `+ 128`, as unsigned bytes in the same storage:
+    /// the unsigned operand of VNNI's Q8_0 tile kernel, whose weights are signed.
+    pub fn prepare_tiles(&mut self, per_token: usize, shifted: bool) {
         let tokens = self.d.len() / per_token;
         self.tile_starts.clear();
         self.tile_starts
@@ -264,6 +266,13 @@ impl Activations {
                     let values = &self.qs[token * per_block + block];
                     for (g, group) in grouped.iter_mut().enumerate() {
                         group[4 * t..4 * t + 4].copy_from_slice(&values[4 * g..4 * g + 4]);
+                    }
+                }
+                if shifted {
+                    for group in &mut grouped {
+                        for v in group.iter_mut() {
+                            *v ^= i8::MIN;
+                        }
                     }
                 }
                 self.tiled_groups.push(grouped);

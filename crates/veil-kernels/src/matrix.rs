@@ -175,9 +175,6 @@ pub struct QuantMatrix {
     d: Vec<f32>,
     /// Each block's offset (Q4_1, Q5_1) or minimums' scale `dmin` (Q4_K, Q5_K).
     m: Vec<f32>,
-    /// Each block's sum of quantized values (Q8_0 only): VNNI multiplies `q · (x + 128)` and
-    /// takes `128 · Σq` back off.
-    sums: Vec<i32>,
 }
 
 /// Builds a [`QuantMatrix`] from its GGUF bytes a run of rows at a time, so that a large
@@ -226,7 +223,6 @@ impl QuantMatrixBuilder {
                 scales: reserve(blocks, format.scale_bytes()).ok_or_else(too_large)?,
                 d: reserve(blocks, 1).ok_or_else(too_large)?,
                 m: reserve(blocks, offsets).ok_or_else(too_large)?,
-                sums: Vec::new(),
             },
             filled: 0,
         })
@@ -281,7 +277,6 @@ pub(crate) struct WeightRow<'a> {
     pub scales: &'a [u8],
     pub d: &'a [f32],
     pub m: &'a [f32],
-    pub sums: &'a [i32],
 }
 
 impl<'a> WeightRow<'a> {
@@ -298,7 +293,6 @@ impl<'a> WeightRow<'a> {
         let (scales, scales_rest) = split(self.scales, units * format.scale_bytes());
         let (d, d_rest) = split(self.d, units);
         let (m, m_rest) = split(self.m, units);
-        let (sums, sums_rest) = split(self.sums, units);
         (
             Self {
                 qs,
@@ -306,7 +300,6 @@ impl<'a> WeightRow<'a> {
                 scales,
                 d,
                 m,
-                sums,
             },
             Self {
                 qs: qs_rest,
@@ -314,7 +307,6 @@ impl<'a> WeightRow<'a> {
                 scales: scales_rest,
                 d: d_rest,
                 m: m_rest,
-                sums: sums_rest,
             },
         )
     }
@@ -378,8 +370,6 @@ impl QuantMatrix {
             QuantFormat::Q8_0 => {
                 self.d.push(f16_at(block, 0));
                 self.qs.extend_from_slice(&block[2..34]);
-                self.sums
-                    .push(block[2..34].iter().map(|&q| i32::from(q as i8)).sum());
             }
             QuantFormat::Q4_K | QuantFormat::Q5_K => {
                 self.d.push(f16_at(block, 0));
@@ -518,7 +508,8 @@ impl QuantMatrix {
             } else {
                 acts.quantize(x, isa);
             }
-            acts.prepare_tiles(self.units());
+            let shifted = self.format == QuantFormat::Q8_0 && isa == Isa::Avx512;
+            acts.prepare_tiles(self.units(), shifted);
             self.multiply(&kernel, &acts, tokens, out);
         });
         Ok(())
@@ -543,8 +534,7 @@ impl QuantMatrix {
             qh: &self.qh[bytes(self.format.high_bytes())],
             scales: &self.scales[bytes(self.format.scale_bytes())],
             d: &self.d[blocks.clone()],
-            m: self.m.get(blocks.clone()).unwrap_or_default(),
-            sums: self.sums.get(blocks).unwrap_or_default(),
+            m: self.m.get(blocks).unwrap_or_default(),
         }
     }
 

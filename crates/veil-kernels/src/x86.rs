@@ -930,6 +930,73 @@ macro_rules! q8_0_tile_kernel {
     };
 }
 
+/// Q8_0's tile kernel with VNNI: the tile's activations were laid out `+ 128` (unsigned, see
+/// `Activations::prepare_tiles`), the weights broadcast signed, and `128 · Σq` per block taken
+/// back off (summed once per row as it is unpacked).
+macro_rules! q8_0_shifted_tile_kernel {
+    ($features:literal, $dpbusd:ident, $name:ident) => {
+        /// One weight row times every tile (laid out shifted), each tile's eight outputs into
+        /// `out` at its tokens; `unpacked` holds at least two bytes per column.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; every tile holds as many blocks as
+        /// the row.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(
+            w: WeightRow<'_>,
+            tiles: &[ActivationTile<'_>],
+            unpacked: &mut [u8],
+            out: &mut [f32],
+        ) {
+            let blocks = w.d.len();
+            assert!(unpacked.len() >= 36 * blocks, "unpacked row buffer");
+            // 128 · Σq of each block, as i32 bytes after the blocks' room.
+            let (_, offsets) = unpacked.split_at_mut(32 * blocks);
+            for b in 0..blocks {
+                let q = load32(&w.qs[32 * b..]);
+                // Σ (q + 128) by absolute differences from zero, then 32 · 128 off.
+                let biased = _mm256_sad_epu8(
+                    _mm256_xor_si256(q, _mm256_set1_epi8(-128)),
+                    _mm256_setzero_si256(),
+                );
+                let mut lanes = [0i64; 4];
+                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), biased);
+                let sum = lanes.iter().sum::<i64>() as i32 - 32 * 128;
+                offsets[4 * b..4 * b + 4].copy_from_slice(&(128 * sum).to_le_bytes());
+            }
+            let offsets = &unpacked[32 * blocks..36 * blocks];
+            let weights = w.qs.as_ptr();
+            for tile in tiles {
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..blocks {
+                    let x = &tile.groups[b];
+                    let (mut even, mut odd) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    for g in (0..8).step_by(2) {
+                        let at = weights.add(32 * b + 4 * g);
+                        even = $dpbusd(even, load32(&x[g]), broadcast4(at));
+                        odd = $dpbusd(odd, load32(&x[g + 1]), broadcast4(at.add(4)));
+                    }
+                    let offset = i32::from_le_bytes([
+                        offsets[4 * b],
+                        offsets[4 * b + 1],
+                        offsets[4 * b + 2],
+                        offsets[4 * b + 3],
+                    ]);
+                    let isums =
+                        _mm256_sub_epi32(_mm256_add_epi32(even, odd), _mm256_set1_epi32(offset));
+                    let isums = _mm256_cvtepi32_ps(isums);
+                    let scaled = _mm256_mul_ps(
+                        _mm256_mul_ps(isums, _mm256_set1_ps(w.d[b])),
+                        load8(&tile.d[b]),
+                    );
+                    acc = _mm256_add_ps(acc, scaled);
+                }
+                _mm256_storeu_ps(out[tile.start..tile.start + TILE].as_mut_ptr(), acc);
+            }
+        }
+    };
+}
+
 /// Block `b` of a Q4_1 row as 32 unsigned values (0..16).
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -953,7 +1020,8 @@ unsafe fn q5_block(w: &WeightRow<'_>, b: usize) -> __m256i {
 
 /// Every new format's kernels for one family, in a module named after it.
 macro_rules! family {
-    ($module:ident, $features:literal, $dot:ident, $dpbusd:ident, $madd:ident, $q5:ident) => {
+    ($module:ident, $features:literal, $dot:ident, $dpbusd:ident, $madd:ident, $q5:ident,
+     $q8_tile:ident) => {
         /// The kernels of one instruction-set family for Q4_0, Q5_0, Q5_1 and the K formats.
         pub(crate) mod $module {
             use super::*;
@@ -992,7 +1060,7 @@ macro_rules! family {
             block_tile_kernel!($features, $dpbusd, tiles_q4_1, q4_1_block, 0, true);
             block_tile_kernel!($features, $dpbusd, tiles_q5_0, q5_block, 4, false);
             block_tile_kernel!($features, $dpbusd, tiles_q5_1, q5_block, 0, true);
-            q8_0_tile_kernel!($features, $dpbusd, tiles_q8_0);
+            $q8_tile!($features, $dpbusd, tiles_q8_0);
             k_tile_kernel!($features, $dpbusd, tiles_q4_k, q4_k_values, false);
             k_tile_kernel!($features, $dpbusd, tiles_q5_k, q5_k_values, false);
             k_tile_kernel!($features, $dpbusd, tiles_q6_k, q6_k_values, true);
@@ -1033,7 +1101,8 @@ family!(
     dot_avx2,
     dpbusd_avx2,
     madd_acc_avx2,
-    q5_values
+    q5_values,
+    q8_0_tile_kernel
 );
 family!(
     vnni,
@@ -1041,5 +1110,6 @@ family!(
     dot_vnni,
     dpbusd_vnni,
     madd_acc_vnni,
-    q5_values_bw
+    q5_values_bw,
+    q8_0_shifted_tile_kernel
 );
