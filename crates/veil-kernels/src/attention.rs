@@ -112,7 +112,7 @@ pub fn causal_attention(
     };
     // Later queries see more keys, so rows are dealt out in turn rather than in halves.
     let pool = candle_core::utils::barrier_pool();
-    let parts = pool.n_workers() + 1;
+    let parts = crate::threads::parts(pool.n_workers() + 1);
     let work = heads * tokens * (start + tokens) * dim / 16;
     if parts == 1 || work < SERIAL_WORK {
         let mut scores = Vec::with_capacity(start + tokens);

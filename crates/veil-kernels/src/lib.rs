@@ -25,6 +25,7 @@ mod error;
 mod isa;
 mod matrix;
 mod scalar;
+mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -33,6 +34,7 @@ pub use attention::{causal_attention, AttentionShape};
 pub use error::KernelError;
 pub use isa::Isa;
 pub use matrix::{QuantFormat, QuantMatrix, QuantMatrixBuilder};
+pub use threads::with_thread_limit;
 
 /// Values per quantization block of the 32-value formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as
 /// in GGUF; activations are quantized in blocks of this size for them.

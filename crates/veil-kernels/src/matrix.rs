@@ -636,7 +636,7 @@ impl<'a> TokenColumns<'a> {
 /// pool (or all on the calling thread, for less than [`SERIAL_BLOCKS`] of work).
 fn split_row_ranges(blocks: usize, rows: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
     let pool = candle_core::utils::barrier_pool();
-    let parts = pool.n_workers() + 1;
+    let parts = crate::threads::parts(pool.n_workers() + 1);
     if parts == 1 || blocks < SERIAL_BLOCKS {
         work(0..rows);
         return;
@@ -664,7 +664,7 @@ fn split_rows(
     work: impl Fn(usize, &mut [f32]) + Sync,
 ) {
     let pool = candle_core::utils::barrier_pool();
-    let parts = pool.n_workers() + 1;
+    let parts = crate::threads::parts(pool.n_workers() + 1);
     if parts == 1 || blocks < SERIAL_BLOCKS {
         work(0, out);
         return;

@@ -48,4 +48,5 @@ pub use store::{
     SMOLLM2_135M,
 };
 pub use tokenizer::GgufTokenizer;
+pub use veil_kernels::{with_thread_limit, Isa};
 pub use weights::WeightFormat;

@@ -139,6 +139,11 @@ impl Linear {
         }))
     }
 
+    /// Whether Veil's kernels multiply this matrix: the same bits on every CPU and split.
+    pub(crate) fn runs_on_veil(&self) -> bool {
+        matches!(self, Self::Veil(_))
+    }
+
     /// The quantized matrix Veil's kernels multiply, if they do.
     pub(crate) fn quant_matrix(&self) -> Option<Arc<QuantMatrix>> {
         match self {

@@ -195,6 +195,8 @@ pub struct ShardModel {
     head: Option<(Tensor, Linear)>,
     /// Blocks (model indices) passed over: only ever set to test that verification catches it.
     skipped: Vec<usize>,
+    /// Whether every matrix runs on Veil's kernels (see [`Self::bit_reproducible`]).
+    reproducible: bool,
 }
 
 impl ShardModel {
@@ -264,7 +266,7 @@ impl ShardModel {
             blocks.push(Block::load(&mut weights, &config, freq_factors.as_deref())?);
         }
 
-        Ok(Self {
+        let mut model = Self {
             config,
             shard: shard.clone(),
             format,
@@ -273,7 +275,10 @@ impl ShardModel {
             blocks,
             head,
             skipped: Vec::new(),
-        })
+            reproducible: false,
+        };
+        model.reproducible = model.all_on_veil();
+        Ok(model)
     }
 
     /// Loads the shards covering every block of `gguf` at `ranges` (the whole model as one shard
@@ -332,7 +337,25 @@ impl ShardModel {
                 *w = perturb(w, relative, &mut rng)?;
             }
         }
+        self.reproducible = self.all_on_veil();
         Ok(())
+    }
+
+    /// Whether this shard's outputs are the same bits on every CPU, kernel family, thread
+    /// count and grouping of positions into passes: every matrix runs on Veil's kernels
+    /// (quantized formats), whose products and attention sum in one fixed order. Exact
+    /// verification (a hash of the hidden states) needs it; candle's float products do not
+    /// promise it.
+    pub fn bit_reproducible(&self) -> bool {
+        self.reproducible
+    }
+
+    fn all_on_veil(&mut self) -> bool {
+        let head = self.head.as_ref().is_none_or(|(_, l)| l.runs_on_veil());
+        head && self
+            .blocks
+            .iter_mut()
+            .all(|b| b.matrices_mut().iter().all(|m| m.runs_on_veil()))
     }
 
     /// A fresh, empty KV cache for a new session on this shard.

@@ -16,8 +16,8 @@ use tokio::runtime::Handle;
 use tracing::{info, warn};
 use veil_model::{generate, Completion, GenerationParams, GgufTokenizer, ModelError, TokenStep};
 use veil_verify::{
-    committee, quorum, tally, Evidence, Job, SamplingSpec, Signed, Tally, VerdictCommit,
-    VerdictReveal, EVIDENCE_VERSION,
+    committee, quorum, tally, CommitmentMode, Evidence, Job, SamplingSpec, Signed, Tally,
+    VerdictCommit, VerdictReveal, EVIDENCE_VERSION,
 };
 
 use crate::client::SwarmClient;
@@ -93,14 +93,24 @@ pub fn generate_verified(
         let (allowed, _) = runtime.block_on(gate.admit(client, &found));
         found.retain(|c| allowed.contains(&c.peer));
     }
-    let whole: Vec<String> = found
+    let whole: Vec<(String, bool)> = found
         .into_iter()
         .filter(|c| c.info.embedding && c.info.head && c.info.first_block == 0)
         .filter(|c| c.info.end_block == c.info.block_count)
-        .map(|c| c.peer.to_string())
-        .filter(|p| !avoid.contains(p))
+        .map(|c| (c.peer.to_string(), c.info.exact))
+        .filter(|(p, _)| !avoid.contains(p))
         .collect();
-    let members = committee(&request.request_id, request.seed, &whole, request.size);
+    let names: Vec<String> = whole.iter().map(|(p, _)| p.clone()).collect();
+    let members = committee(&request.request_id, request.seed, &names, request.size);
+    // The strongest commitment every member supports: exact only if all can reproduce bits.
+    let mode = if members
+        .iter()
+        .all(|m| whole.iter().any(|(p, exact)| p == m && *exact))
+    {
+        CommitmentMode::Exact
+    } else {
+        CommitmentMode::Tolerant
+    };
     if members.len() < 2 {
         return Err(NetError::NoRoute(format!(
             "verification needs at least 2 trusted nodes serving the whole model; found {} ({} avoided for lying)",
@@ -120,7 +130,7 @@ pub fn generate_verified(
             break;
         }
         let started = Instant::now();
-        let (completion, job) = match serve(client, runtime, tokenizer, request, generator) {
+        let (completion, job) = match serve(client, runtime, tokenizer, request, generator, mode) {
             Ok(done) => done,
             Err(e) => {
                 warn!("generator {generator} failed: {e}");
@@ -193,6 +203,7 @@ fn serve(
     tokenizer: &GgufTokenizer,
     request: &VerifiedRequest<'_>,
     generator: &str,
+    mode: CommitmentMode,
 ) -> Result<(Completion, Signed<Job>)> {
     let peer: PeerId = generator
         .parse()
@@ -202,6 +213,7 @@ fn serve(
         RequestBody::OpenVerified {
             request_id: request.request_id.clone(),
             sampling: SamplingSpec::from(&request.params.sampling),
+            commitment: mode,
         },
     ))?;
     let session = match opened {
@@ -238,6 +250,8 @@ fn serve(
         Some("claims another prompt")
     } else if body.claim.output != completion.tokens {
         Some("claims other tokens than it sent")
+    } else if body.claim.commitment.mode() != mode {
+        Some("commits in another mode than asked")
     } else {
         None
     };

@@ -189,6 +189,7 @@ pub async fn run_node(
             leaves: weights.leaf_count() as u64,
         }),
         zk_commitment: config.zk.as_ref().map(|p| p.commitment().to_string()),
+        exact: model.bit_reproducible() && misbehave.is_none(),
     };
     let whole = shard_info.embedding
         && shard_info.head
@@ -581,6 +582,7 @@ fn handle(
         RequestBody::OpenVerified {
             request_id,
             sampling,
+            commitment,
         } => {
             if !judge.whole {
                 return Handled::Now(refuse(
@@ -595,8 +597,10 @@ fn handle(
                 ));
             }
             let fault_seed = rand::random();
+            let shards = std::slice::from_ref(model);
             let serving = sampling.params().map_err(|e| e.to_string()).and_then(|p| {
-                ServingSession::new(std::slice::from_ref(model), p, judge.misbehave, fault_seed)
+                ServingSession::new(shards, p, judge.misbehave, fault_seed)
+                    .and_then(|s| s.with_commitment(shards, commitment))
                     .map_err(|e| e.to_string())
             });
             let serving = match serving {

@@ -110,6 +110,7 @@ mod tests {
                 tee: None,
                 weights: None,
                 zk_commitment: None,
+                exact: false,
             },
             latency: Duration::from_millis(millis),
         }

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use veil_verify::{Job, SamplingSpec, Signed, VerdictCommit, VerdictReveal};
+use veil_verify::{CommitmentMode, Job, SamplingSpec, Signed, VerdictCommit, VerdictReveal};
 
 use crate::error::{NetError, Result};
 
@@ -161,6 +161,10 @@ pub enum RequestBody {
         request_id: String,
         /// How the client samples.
         sampling: SamplingSpec,
+        /// How the answer commits to its activations: exact only where the node announces
+        /// [`ShardInfo::exact`] (the client asks for it when every judge does too).
+        #[serde(default)]
+        commitment: CommitmentMode,
     },
     /// End a verified session; the answer comes back as a job signed by the node.
     Finish {
@@ -275,6 +279,10 @@ pub struct ShardInfo {
     /// The commitment of the private model whose answers the node proves, if any.
     #[serde(default)]
     pub zk_commitment: Option<String>,
+    /// Whether the node's outputs are the same bits on every CPU (Veil's kernels on quantized
+    /// weights), so its verified answers can commit exactly and it can judge exact claims.
+    #[serde(default)]
+    pub exact: bool,
 }
 
 /// A Merkle root over a node's tensors (see `veil_zk::WeightsCommitment`).
@@ -344,6 +352,7 @@ mod tests {
             tee: None,
             weights: None,
             zk_commitment: None,
+            exact: false,
         }
     }
 

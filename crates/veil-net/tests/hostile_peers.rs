@@ -13,7 +13,7 @@ use veil_model::SamplingParams;
 use veil_model::{ModelStore, Shard, WeightFormat, SMOLLM2_135M};
 use veil_net::wire::{RequestBody, Response, StepInput, WireDType, WireTensor, PROTOCOL};
 use veil_net::{peer_of, NetError, NodeConfig, SessionLimits, SwarmClient};
-use veil_verify::{Keypair, SamplingSpec, Signed, Verdict};
+use veil_verify::{CommitmentMode, Keypair, SamplingSpec, Signed, Verdict};
 
 fn model_path() -> std::path::PathBuf {
     ModelStore::from_env()
@@ -325,6 +325,7 @@ async fn verification_requests_are_checked_before_any_work() {
     let open = |request_id: String| RequestBody::OpenVerified {
         request_id,
         sampling: SamplingSpec::from(&SamplingParams::greedy()),
+        commitment: CommitmentMode::Tolerant,
     };
     refused(client.request(part, open(id.clone())).await, "whole model");
     refused(
@@ -392,6 +393,88 @@ async fn verification_requests_are_checked_before_any_work() {
     };
     assert_eq!(reveal.body.commit(&node).unwrap(), commit.body);
     assert_eq!(reveal.body.verdict, Verdict::Pass);
+
+    // The node runs Q4_1 on Veil's kernels, so it offers exact commitments: a digest per chunk.
+    let Ok(Response::Info(info)) = client.request(node, RequestBody::Info).await else {
+        panic!("no info")
+    };
+    assert!(info.exact);
+    let exact_id = "cd".repeat(32);
+    let Response::Opened { session: exact } = client
+        .request(
+            node,
+            RequestBody::OpenVerified {
+                request_id: exact_id,
+                sampling: SamplingSpec::from(&SamplingParams::greedy()),
+                commitment: CommitmentMode::Exact,
+            },
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("no exact session")
+    };
+    let exact_step = |tokens: Vec<u32>| RequestBody::Step {
+        session: exact,
+        input: StepInput::Tokens(tokens),
+    };
+    let Response::Output(logits) = client
+        .request(node, exact_step(vec![1, 9690, 28]))
+        .await
+        .unwrap()
+    else {
+        panic!("no logits")
+    };
+    let first = veil_model::sampling::argmax(
+        &logits
+            .to_tensor()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap(),
+    );
+    client.request(node, exact_step(vec![first])).await.unwrap();
+    let Response::Finished(exact_job) = client
+        .request(node, RequestBody::Finish { session: exact })
+        .await
+        .unwrap()
+    else {
+        panic!("no signed exact answer")
+    };
+    assert_eq!(exact_job.body.claim.commitment.mode(), CommitmentMode::Exact);
+    let judged = |job: Box<Signed<veil_verify::Job>>| {
+        let client = &client;
+        async move {
+            let Response::Committed(commit) = client
+                .request(node, RequestBody::Judge { job })
+                .await
+                .unwrap()
+            else {
+                panic!("no commit")
+            };
+            let Response::Revealed(reveal) = client
+                .request(node, RequestBody::Reveal { job: commit.body.job })
+                .await
+                .unwrap()
+            else {
+                panic!("no reveal")
+            };
+            reveal.body.verdict
+        }
+    };
+    assert_eq!(judged(exact_job.clone()).await, Verdict::Pass);
+    // A rogue generator signs the same answer with one digest bit flipped: failed, not refused.
+    let rogue = Keypair::generate_ed25519();
+    let mut lie = exact_job.body.clone();
+    lie.generator = rogue.public().to_peer_id().to_string();
+    lie.request_id = "ef".repeat(32);
+    lie.claim.commitment.exact.as_mut().unwrap().digests[0][5] ^= 0x10;
+    let verdict = judged(Box::new(Signed::sign(lie, &rogue).unwrap())).await;
+    assert!(
+        matches!(&verdict, Verdict::Fail { reason, .. } if reason.contains("exact mode")),
+        "{verdict:?}"
+    );
 
     // A changed answer breaks the generator's signature; a forged key, a malformed commitment
     // or another model's job is refused with a reason.

@@ -1,11 +1,16 @@
 //! Activation commitments: a compact fingerprint of the final hidden states behind an answer.
 //!
-//! Following TOPLOC, the generating node keeps, for each chunk of [`CHUNK_TOKENS`] generated
-//! tokens, the [`TOP_K`] largest-magnitude entries of the final hidden states of that chunk (the
-//! positions that produced the chunk's tokens), as flat index and half-precision value: 4 bytes
-//! an entry, just under 8 bytes a token with headers. A validator recomputes those states by teacher forcing and
-//! compares. Floating point differs across machines, so the comparison uses tolerances
-//! ([`crate::Tolerances`]) rather than equality.
+//! Two modes ([`CommitmentMode`]):
+//! - **tolerant**, following TOPLOC: the generating node keeps, for each chunk of
+//!   [`CHUNK_TOKENS`] generated tokens, the [`TOP_K`] largest-magnitude entries of the chunk's
+//!   final hidden states (the positions that produced its tokens), as flat index and
+//!   half-precision value: 4 bytes an entry, just under 8 bytes a token with headers. A
+//!   validator recomputes those states by teacher forcing and compares within tolerances
+//!   ([`crate::Tolerances`]), as floating point differs across machines and engines;
+//! - **exact**: where generator and validator both run Veil's kernels on quantized weights
+//!   (the same bits on every CPU, kernel family, thread count and prefill grouping), a
+//!   [`DIGEST_BYTES`]-byte blake3 digest of each chunk's hidden states, half a byte a token;
+//!   any difference at all fails.
 
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -28,28 +33,115 @@ pub struct ChunkCommitment {
     pub values: Vec<u16>,
 }
 
-/// The commitment for a whole answer: one chunk per [`CHUNK_TOKENS`] generated tokens.
+/// Bytes of an exact-mode chunk digest (a truncated blake3 hash: 128 bits leave a cheater
+/// no second preimage to find).
+pub const DIGEST_BYTES: usize = 16;
+
+/// How a commitment pins the hidden states down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum CommitmentMode {
+    /// The largest entries, checked within tolerances: for engines whose floats differ across
+    /// machines (candle's kernels, F32 weights).
+    #[default]
+    Tolerant,
+    /// A digest of every bit: for nodes whose outputs are the same bits everywhere
+    /// ([`veil_model::ShardModel::bit_reproducible`]); any difference fails.
+    Exact,
+}
+
+impl std::fmt::Display for CommitmentMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tolerant => "tolerant",
+            Self::Exact => "exact",
+        })
+    }
+}
+
+impl std::str::FromStr for CommitmentMode {
+    type Err = VerifyError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tolerant" => Ok(Self::Tolerant),
+            "exact" => Ok(Self::Exact),
+            other => Err(VerifyError::InvalidClaim(format!(
+                "unknown commitment mode {other:?}: use exact or tolerant"
+            ))),
+        }
+    }
+}
+
+/// An exact-mode commitment: one digest per chunk of [`CHUNK_TOKENS`] tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExactCommitment {
+    /// Tokens covered.
+    pub tokens: u32,
+    /// [`chunk_digest`] of each chunk, in generation order.
+    pub digests: Vec<[u8; DIGEST_BYTES]>,
+}
+
+/// The digest of chunk number `chunk` (its final hidden states, `tokens × hidden_size` values):
+/// blake3 in a key derived for this purpose, over the chunk's number, its length and every
+/// value's bits.
+pub fn chunk_digest(chunk: usize, hidden: &[f32]) -> [u8; DIGEST_BYTES] {
+    let mut hasher = blake3::Hasher::new_derive_key("veil 2026-12 exact activation commitment");
+    hasher.update(&(chunk as u64).to_le_bytes());
+    hasher.update(&(hidden.len() as u64).to_le_bytes());
+    let bytes: Vec<u8> = hidden
+        .iter()
+        .flat_map(|v| v.to_bits().to_le_bytes())
+        .collect();
+    hasher.update(&bytes);
+    let mut digest = [0; DIGEST_BYTES];
+    digest.copy_from_slice(&hasher.finalize().as_bytes()[..DIGEST_BYTES]);
+    digest
+}
+
+/// The commitment for a whole answer: one chunk per [`CHUNK_TOKENS`] generated tokens, as
+/// top-k entries (tolerant mode) or digests (exact mode).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActivationCommitment {
     /// Width of the hidden states it was taken from.
     pub hidden_size: u32,
-    /// The chunks, in generation order.
+    /// Tolerant mode: the chunks, in generation order (empty in exact mode).
     pub chunks: Vec<ChunkCommitment>,
+    /// Exact mode: the chunks' digests.
+    #[serde(default)]
+    pub exact: Option<ExactCommitment>,
 }
 
 impl ActivationCommitment {
-    /// Tokens covered.
-    pub fn tokens(&self) -> usize {
-        self.chunks.iter().map(|c| c.tokens as usize).sum()
+    /// The commitment's mode.
+    pub fn mode(&self) -> CommitmentMode {
+        if self.exact.is_some() {
+            CommitmentMode::Exact
+        } else {
+            CommitmentMode::Tolerant
+        }
     }
 
-    /// Size on the wire, without framing: 4 bytes per entry and 2 per chunk header.
+    /// Tokens covered.
+    pub fn tokens(&self) -> usize {
+        match &self.exact {
+            Some(exact) => exact.tokens as usize,
+            None => self.chunks.iter().map(|c| c.tokens as usize).sum(),
+        }
+    }
+
+    /// Size on the wire, without framing: 4 bytes of width, then 4 bytes per entry and 2 per
+    /// chunk header (tolerant), or 4 bytes of length and the digests (exact).
     pub fn byte_len(&self) -> usize {
-        4 + self
-            .chunks
-            .iter()
-            .map(|c| 2 + 2 * c.indices.len() + 2 * c.values.len())
-            .sum::<usize>()
+        match &self.exact {
+            Some(exact) => 8 + DIGEST_BYTES * exact.digests.len(),
+            None => {
+                4 + self
+                    .chunks
+                    .iter()
+                    .map(|c| 2 + 2 * c.indices.len() + 2 * c.values.len())
+                    .sum::<usize>()
+            }
+        }
     }
 
     /// Checks the shape of a commitment from a peer against the claim it comes with.
@@ -60,6 +152,24 @@ impl ActivationCommitment {
                 "hidden size {} but the model's is {hidden_size}",
                 self.hidden_size
             ));
+        }
+        if let Some(exact) = &self.exact {
+            if !self.chunks.is_empty() {
+                return bad("an exact commitment carries digests, not top-k chunks".into());
+            }
+            if exact.tokens as usize != tokens {
+                return bad(format!(
+                    "covers {} tokens but the answer has {tokens}",
+                    exact.tokens
+                ));
+            }
+            if exact.digests.len() != tokens.div_ceil(CHUNK_TOKENS) {
+                return bad(format!(
+                    "{} digests for {tokens} tokens; one per {CHUNK_TOKENS} are due",
+                    exact.digests.len()
+                ));
+            }
+            return Ok(());
         }
         if self.tokens() != tokens {
             return bad(format!(
@@ -103,25 +213,38 @@ impl ActivationCommitment {
 #[derive(Debug, Clone)]
 pub struct CommitmentBuilder {
     hidden_size: usize,
+    mode: CommitmentMode,
     pending: Vec<f32>,
     chunks: Vec<ChunkCommitment>,
+    digests: Vec<[u8; DIGEST_BYTES]>,
+    tokens: usize,
 }
 
 impl CommitmentBuilder {
-    /// A builder for hidden states of width `hidden_size`.
+    /// A builder for hidden states of width `hidden_size`, in `mode`.
     ///
-    /// Flat indices must fit 16 bits, so `CHUNK_TOKENS * hidden_size` must be below 65,536.
-    pub fn new(hidden_size: usize) -> Result<Self> {
-        if hidden_size == 0 || CHUNK_TOKENS * hidden_size > usize::from(u16::MAX) + 1 {
+    /// Tolerant flat indices must fit 16 bits, so `CHUNK_TOKENS * hidden_size` must be below
+    /// 65,536 there.
+    pub fn new(hidden_size: usize, mode: CommitmentMode) -> Result<Self> {
+        let fits = CHUNK_TOKENS * hidden_size <= usize::from(u16::MAX) + 1;
+        if hidden_size == 0 || (mode == CommitmentMode::Tolerant && !fits) {
             return Err(VerifyError::MalformedCommitment(format!(
                 "hidden size {hidden_size} does not fit 16-bit chunk indices"
             )));
         }
         Ok(Self {
             hidden_size,
+            mode,
             pending: Vec::with_capacity(CHUNK_TOKENS * hidden_size),
             chunks: Vec::new(),
+            digests: Vec::new(),
+            tokens: 0,
         })
+    }
+
+    /// The mode it commits in.
+    pub fn mode(&self) -> CommitmentMode {
+        self.mode
     }
 
     /// Adds the final hidden state of the position that produced the next generated token.
@@ -134,6 +257,7 @@ impl CommitmentBuilder {
             )));
         }
         self.pending.extend_from_slice(hidden);
+        self.tokens += 1;
         if self.pending.len() == CHUNK_TOKENS * self.hidden_size {
             self.seal();
         }
@@ -142,7 +266,7 @@ impl CommitmentBuilder {
 
     /// Positions committed so far.
     pub fn tokens(&self) -> usize {
-        self.chunks.len() * CHUNK_TOKENS + self.pending.len() / self.hidden_size
+        self.tokens
     }
 
     /// The commitment for every position pushed.
@@ -150,13 +274,24 @@ impl CommitmentBuilder {
         if !self.pending.is_empty() {
             self.seal();
         }
+        let exact = (self.mode == CommitmentMode::Exact).then(|| ExactCommitment {
+            tokens: self.tokens as u32,
+            digests: self.digests,
+        });
         ActivationCommitment {
             hidden_size: self.hidden_size as u32,
             chunks: self.chunks,
+            exact,
         }
     }
 
     fn seal(&mut self) {
+        if self.mode == CommitmentMode::Exact {
+            self.digests
+                .push(chunk_digest(self.digests.len(), &self.pending));
+            self.pending.clear();
+            return;
+        }
         let tokens = self.pending.len() / self.hidden_size;
         let indices = top_k_indices(&self.pending, TOP_K);
         let values = indices
@@ -203,7 +338,7 @@ mod tests {
     #[test]
     fn eight_bytes_a_token_on_full_chunks() {
         let width = 576;
-        let mut b = CommitmentBuilder::new(width).unwrap();
+        let mut b = CommitmentBuilder::new(width, CommitmentMode::Tolerant).unwrap();
         for row in rows(64, width) {
             b.push(&row).unwrap();
         }
@@ -217,7 +352,7 @@ mod tests {
 
     #[test]
     fn keeps_the_largest_magnitudes_in_index_order() {
-        let mut b = CommitmentBuilder::new(4).unwrap();
+        let mut b = CommitmentBuilder::new(4, CommitmentMode::Tolerant).unwrap();
         b.push(&[1.0, -9.0, 3.0, 0.5]).unwrap();
         let c = b.finish();
         // 4 values, TOP_K > 4: everything is kept.
@@ -229,7 +364,7 @@ mod tests {
     #[test]
     fn malformed_commitments_are_refused() {
         let width = 8;
-        let mut b = CommitmentBuilder::new(width).unwrap();
+        let mut b = CommitmentBuilder::new(width, CommitmentMode::Tolerant).unwrap();
         for row in rows(40, width) {
             b.push(&row).unwrap();
         }
@@ -253,8 +388,56 @@ mod tests {
         let mut c = good.clone();
         c.chunks.swap(0, 1);
         assert!(c.check(width, 40).is_err());
-        assert!(CommitmentBuilder::new(4096).is_err());
-        let mut b = CommitmentBuilder::new(width).unwrap();
+        assert!(CommitmentBuilder::new(4096, CommitmentMode::Tolerant).is_err());
+        assert!(CommitmentBuilder::new(4096, CommitmentMode::Exact).is_ok());
+        let mut b = CommitmentBuilder::new(width, CommitmentMode::Tolerant).unwrap();
         assert!(b.push(&[1.0; 3]).is_err());
+    }
+
+    #[test]
+    fn exact_commitments_take_half_a_byte_a_token_and_pin_every_bit() {
+        let width = 576;
+        let build = |rows: &[Vec<f32>]| {
+            let mut b = CommitmentBuilder::new(width, CommitmentMode::Exact).unwrap();
+            for row in rows {
+                b.push(row).unwrap();
+            }
+            b.finish()
+        };
+        let rows = rows(128, width);
+        let c = build(&rows);
+        assert_eq!(c.mode(), CommitmentMode::Exact);
+        assert_eq!(c.tokens(), 128);
+        c.check(width, 128).unwrap();
+        assert!(c.byte_len() as f64 / 128.0 <= 1.0, "{} bytes", c.byte_len());
+        // The same states give the same digests; one bit anywhere changes its chunk's.
+        assert_eq!(build(&rows), c);
+        let mut flipped = rows.clone();
+        flipped[70][3] = f32::from_bits(flipped[70][3].to_bits() ^ 1);
+        let d = build(&flipped);
+        let (ours, theirs) = (c.exact.as_ref().unwrap(), d.exact.as_ref().unwrap());
+        assert_eq!(ours.digests[..2], theirs.digests[..2]);
+        assert_ne!(ours.digests[2], theirs.digests[2]);
+        // Shapes that do not fit the claim are refused.
+        assert!(c.check(width, 127).is_err());
+        let mut short = c.clone();
+        short.exact.as_mut().unwrap().digests.pop();
+        assert!(short.check(width, 128).is_err());
+        let mut mixed = c.clone();
+        mixed.chunks = build_tolerant(&rows[..1], width).chunks;
+        assert!(mixed.check(width, 128).is_err());
+        assert_eq!(
+            "exact".parse::<CommitmentMode>().unwrap(),
+            CommitmentMode::Exact
+        );
+        assert!("loose".parse::<CommitmentMode>().is_err());
+    }
+
+    fn build_tolerant(rows: &[Vec<f32>], width: usize) -> ActivationCommitment {
+        let mut b = CommitmentBuilder::new(width, CommitmentMode::Tolerant).unwrap();
+        for row in rows {
+            b.push(row).unwrap();
+        }
+        b.finish()
     }
 }

@@ -9,6 +9,10 @@ pub enum VerifyError {
     /// A claim that cannot be validated as given (empty output, tokens outside the vocabulary).
     #[error("invalid claim: {0}")]
     InvalidClaim(String),
+    /// A claim this validator cannot recompute the way it was committed (an exact claim on a
+    /// model whose kernels are not bit-reproducible): refused, never judged a lie.
+    #[error("cannot reproduce this claim: {0}")]
+    CannotReproduce(String),
     /// A signature that does not verify, or a key that does not decode.
     #[error("bad signature: {0}")]
     Signature(String),

@@ -1,8 +1,9 @@
 //! Veil's verification: catch a lying node without accusing an honest one.
 //!
 //! The node that generates commits to its final hidden states ([`commitment`]); validators
-//! recompute the answer in one teacher-forced pass and check the commitment and the sampling
-//! within calibrated tolerances ([`validate`]); a committee chosen by hash commits to its
+//! recompute the answer in one teacher-forced pass and check the commitment and the sampling,
+//! bit for bit where both sides run Veil's kernels (exact mode) or within calibrated
+//! tolerances ([`validate`]); a committee chosen by hash commits to its
 //! verdicts and reveals them, all signed, and a failed answer leaves [`Evidence`] anyone can
 //! re-check ([`consensus`]). [`serving`] is the generating side, with the ways a node can cheat.
 
@@ -14,7 +15,8 @@ pub mod trials;
 pub mod validate;
 
 pub use commitment::{
-    ActivationCommitment, ChunkCommitment, CommitmentBuilder, CHUNK_TOKENS, TOP_K,
+    chunk_digest, ActivationCommitment, ChunkCommitment, CommitmentBuilder, CommitmentMode,
+    ExactCommitment, CHUNK_TOKENS, DIGEST_BYTES, TOP_K,
 };
 pub use consensus::{
     committee, quorum, tally, Evidence, Job, Proven, Signed, Tally, VerdictCommit, VerdictReveal,
@@ -23,7 +25,7 @@ pub use consensus::{
 pub use error::{Result, VerifyError};
 pub use libp2p_identity::{Keypair, PeerId};
 pub use serving::{
-    cheaper_format, load_serving_shard, serve_fixed_length, serve_until, Misbehaviour,
-    ServingSession,
+    cheaper_format, load_serving_shard, load_serving_shard_with, serve_fixed_length, serve_until,
+    Misbehaviour, ServingSession,
 };
 pub use validate::{validate, Claim, Deviations, SamplingSpec, Tolerances, Validation, Verdict};

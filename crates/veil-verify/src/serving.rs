@@ -8,11 +8,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use veil_model::sampling::argmax;
 use veil_model::{
-    forward_chain_final_hidden, GgufFile, LogitsAt, Sampler, SamplingParams, Shard, ShardCache,
-    ShardModel, WeightFormat,
+    forward_chain_final_hidden, GgufFile, Kernels, LogitsAt, Sampler, SamplingParams, Shard,
+    ShardCache, ShardModel, WeightFormat,
 };
 
-use crate::commitment::CommitmentBuilder;
+use crate::commitment::{CommitmentBuilder, CommitmentMode};
 use crate::error::{Result, VerifyError};
 use crate::validate::{Claim, SamplingSpec};
 
@@ -105,11 +105,22 @@ pub fn load_serving_shard(
     claimed: WeightFormat,
     fault: Option<Misbehaviour>,
 ) -> Result<ShardModel> {
+    load_serving_shard_with(gguf, shard, claimed, Kernels::default(), fault)
+}
+
+/// [`load_serving_shard`] on the given kernels (a family of Veil's, or candle's).
+pub fn load_serving_shard_with(
+    gguf: &mut GgufFile,
+    shard: &Shard,
+    claimed: WeightFormat,
+    kernels: Kernels,
+    fault: Option<Misbehaviour>,
+) -> Result<ShardModel> {
     let format = match fault {
         Some(Misbehaviour::LowerPrecision) => cheaper_format(claimed)?,
         _ => claimed,
     };
-    let mut model = ShardModel::load(gguf, shard, format)?;
+    let mut model = ShardModel::load_with(gguf, shard, format, kernels)?;
     match fault {
         Some(Misbehaviour::OtherModel) => model.perturb_weights(OTHER_MODEL_NOISE, 0x5eed)?,
         Some(Misbehaviour::SkippedLayers) => {
@@ -162,7 +173,7 @@ impl ServingSession {
             rng: ChaCha20Rng::seed_from_u64(fault_seed),
             sampler: Sampler::new(sampling.clone())?,
             sampling,
-            builder: CommitmentBuilder::new(config.hidden_size)?,
+            builder: CommitmentBuilder::new(config.hidden_size, CommitmentMode::Tolerant)?,
             prompt: Vec::new(),
             output: Vec::new(),
             prefill_chunk: None,
@@ -176,6 +187,30 @@ impl ServingSession {
     pub fn with_prefill_chunk(mut self, tokens: usize) -> Self {
         self.prefill_chunk = Some(tokens.max(1));
         self
+    }
+
+    /// Commits in `mode` (tolerant by default). Exact mode needs `shards` that are
+    /// bit-reproducible: an honest node refuses it otherwise (a cheating one does not check).
+    pub fn with_commitment(mut self, shards: &[ShardModel], mode: CommitmentMode) -> Result<Self> {
+        let reproducible = shards.iter().all(ShardModel::bit_reproducible);
+        if mode == CommitmentMode::Exact && !reproducible && self.fault.is_none() {
+            return Err(VerifyError::CannotReproduce(format!(
+                "exact commitments need Veil's kernels on quantized weights; this node runs {}",
+                shards.first().map_or(WeightFormat::F32, ShardModel::format)
+            )));
+        }
+        if self.builder.tokens() > 0 {
+            return Err(VerifyError::InvalidClaim(
+                "the commitment mode is chosen before the first token".into(),
+            ));
+        }
+        self.builder = CommitmentBuilder::new(self.hidden_size, mode)?;
+        Ok(self)
+    }
+
+    /// The mode the session commits in.
+    pub fn commitment_mode(&self) -> CommitmentMode {
+        self.builder.mode()
     }
 
     /// Whether a per-session cheat (an altered token) has acted yet.

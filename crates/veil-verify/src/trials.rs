@@ -5,12 +5,14 @@
 use std::path::Path;
 
 use veil_model::{
-    ChatMessage, GgufFile, LocalModel, SamplingParams, Shard, ShardModel, WeightFormat,
+    with_thread_limit, ChatMessage, GgufFile, Isa, Kernels, LocalModel, SamplingParams, Shard,
+    ShardModel, WeightFormat,
 };
 
+use crate::commitment::CommitmentMode;
 use crate::error::{Result, VerifyError};
 use crate::serving::{
-    load_serving_shard, serve_fixed_length, serve_until, Misbehaviour, ServingSession,
+    load_serving_shard_with, serve_fixed_length, serve_until, Misbehaviour, ServingSession,
 };
 use crate::validate::{validate, Deviations, Tolerances, Validation, Verdict};
 
@@ -24,13 +26,23 @@ pub const TRIAL_TOKENS: usize = 33;
 /// place in each hundred, so its trials run until it has acted (at most 100 tokens).
 pub const CHEAT_TOKENS: usize = 9;
 
-/// Runs `f` on a pool of `threads` threads, so candle's kernels split work that many ways.
+/// Runs `f` on a pool of `threads` threads, so candle's kernels split work that many ways, and
+/// with Veil's kernels splitting theirs over at most that many.
 pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .map_err(|e| VerifyError::InvalidClaim(format!("cannot start {threads} threads: {e}")))?;
-    Ok(pool.install(f))
+    Ok(pool.install(|| with_thread_limit(threads, f)))
+}
+
+/// The kernel families trials vary in exact mode: every family of Veil's this CPU runs
+/// (they give the same bits); in tolerant mode, the default kernels only.
+fn trial_kernels(mode: CommitmentMode) -> Vec<Kernels> {
+    match mode {
+        CommitmentMode::Exact => Isa::available().into_iter().map(Kernels::Veil).collect(),
+        CommitmentMode::Tolerant => vec![Kernels::default()],
+    }
 }
 
 /// The sampling of the `n`th trial: greedy for even `n`, seeded sampling (temperature 0.8,
@@ -61,19 +73,30 @@ pub struct HonestReport {
     pub closest: f32,
 }
 
-/// Runs `runs` honest validations: answers generated with 1 or 2 threads and prefill batches
-/// of 1 or 4 tokens, each checked by validators on 1 and 2 threads, with greedy and seeded
-/// sampling alternating.
+/// Runs `runs` honest validations committed in `mode`: answers generated with 1 or 2 threads
+/// and prefill batches of 1 or 4 tokens (and, in exact mode, on each kernel family in turn),
+/// each checked by validators on 1 and 2 threads (in exact mode, one on the next family), with
+/// greedy and seeded sampling alternating.
 pub fn honest_trials(
     model: &Path,
     format: WeightFormat,
+    mode: CommitmentMode,
     runs: usize,
     tol: &Tolerances,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<HonestReport> {
     let text = LocalModel::open_text(model)?;
-    let generator = load_whole(model, format, None)?;
-    let validator = load_whole(model, format, None)?;
+    let kernels = trial_kernels(mode);
+    // One generator and one validator copy per family (the validator's loaded on its own).
+    let generators = kernels
+        .iter()
+        .map(|&k| load_whole_with(model, format, k, None))
+        .collect::<Result<Vec<_>>>()?;
+    let validators = kernels
+        .iter()
+        .map(|&k| load_whole_with(model, format, k, None))
+        .collect::<Result<Vec<_>>>()?;
+    let families = kernels.len();
     let mut report = HonestReport::default();
     let mut n = 0;
     while report.runs < runs {
@@ -82,28 +105,35 @@ pub fn honest_trials(
         // Every generator setting, then greedy and seeded in turn, over every prompt.
         let (gen_threads, batch) = [(1, 1), (2, 4), (2, 1), (1, 4)][n % 4];
         let sampling = trial_sampling(n / 4);
+        let family = n % families;
+        let generator = &generators[family];
         let answer = with_threads(gen_threads, || {
-            let session = ServingSession::new(std::slice::from_ref(&generator), sampling, None, 0)?
-                .with_prefill_chunk(batch);
+            let session = ServingSession::new(std::slice::from_ref(generator), sampling, None, 0)?
+                .with_prefill_chunk(batch)
+                .with_commitment(std::slice::from_ref(generator), mode)?;
             serve_fixed_length(
-                std::slice::from_ref(&generator),
+                std::slice::from_ref(generator),
                 session,
                 &prompt,
                 TRIAL_TOKENS,
             )
         })??;
-        for val_threads in [1, 2] {
+        for (val_threads, val_family) in [(1, (family + 1) % families), (2, family)] {
             if report.runs == runs {
                 break;
             }
+            let validator = &validators[val_family];
             let v = with_threads(val_threads, || {
-                validate(std::slice::from_ref(&validator), &answer, tol)
+                validate(std::slice::from_ref(validator), &answer, tol)
             })??;
             report.worst = report.worst.max(v.deviations);
             report.closest = report.closest.max(v.deviations.over(tol));
             if !v.verdict.passed() {
                 report.failures.push((
-                    format!("prompt {n}, generator {gen_threads} threads batch {batch}, validator {val_threads} threads"),
+                    format!(
+                        "prompt {n}, generator {} on {gen_threads} threads batch {batch}, validator {} on {val_threads} threads",
+                        kernels[family], kernels[val_family]
+                    ),
                     v.verdict,
                 ));
             }
@@ -137,6 +167,7 @@ pub struct DetectionReport {
 pub fn detection_trials(
     model: &Path,
     format: WeightFormat,
+    mode: CommitmentMode,
     kind: Misbehaviour,
     trials: usize,
     tol: &Tolerances,
@@ -161,7 +192,8 @@ pub fn detection_trials(
             trial_sampling(n),
             Some(kind),
             n as u64,
-        )?;
+        )?
+        .with_commitment(std::slice::from_ref(&cheat), mode)?;
         let mut claim = serve_until(std::slice::from_ref(&cheat), session, &prompt, &mut |s| {
             if kind == Misbehaviour::AlteredToken {
                 s.cheated() || s.output_len() >= 100
@@ -192,7 +224,17 @@ pub fn load_whole(
     format: WeightFormat,
     fault: Option<Misbehaviour>,
 ) -> Result<ShardModel> {
+    load_whole_with(model, format, Kernels::default(), fault)
+}
+
+/// [`load_whole`] on the given kernels.
+pub fn load_whole_with(
+    model: &Path,
+    format: WeightFormat,
+    kernels: Kernels,
+    fault: Option<Misbehaviour>,
+) -> Result<ShardModel> {
     let mut gguf = GgufFile::open(model)?;
     let blocks = veil_model::LlamaConfig::from_gguf(&gguf)?.block_count;
-    load_serving_shard(&mut gguf, &Shard::whole(blocks), format, fault)
+    load_serving_shard_with(&mut gguf, &Shard::whole(blocks), format, kernels, fault)
 }

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use veil_model::sampling::{argmax, candidates, pick};
 use veil_model::{forward_chain_final_hidden, LogitsAt, SamplingParams, ShardModel};
 
-use crate::commitment::{top_k_indices, ActivationCommitment, CHUNK_TOKENS, TOP_K};
+use crate::commitment::{
+    chunk_digest, top_k_indices, ActivationCommitment, CommitmentMode, CHUNK_TOKENS, TOP_K,
+};
 use crate::error::{Result, VerifyError};
 
 /// How far an honest recomputation may stray. Calibrated on the real model (see the README's
@@ -135,11 +137,17 @@ pub struct Deviations {
     /// Largest gap between the best logit and a claimed token's (greedy), or between the
     /// seed's pick and the claimed token at a mismatch (sampled).
     pub logit_gap: f32,
+    /// Exact mode: chunks whose digest differs from the validator's.
+    #[serde(default)]
+    pub digest_mismatches: u32,
 }
 
 impl Deviations {
     /// The largest figure as a multiple of its tolerance: below 1 passes every check.
     pub fn over(&self, tol: &Tolerances) -> f32 {
+        if self.digest_mismatches > 0 {
+            return f32::INFINITY;
+        }
         [
             self.hidden_mean / tol.hidden_mean,
             self.hidden_max / tol.hidden_max,
@@ -157,6 +165,7 @@ impl Deviations {
             hidden_max: self.hidden_max.max(other.hidden_max),
             rank: self.rank.max(other.rank),
             logit_gap: self.logit_gap.max(other.logit_gap),
+            digest_mismatches: self.digest_mismatches.max(other.digest_mismatches),
         }
     }
 }
@@ -171,7 +180,8 @@ pub struct Validation {
 }
 
 /// Recomputes `claim` on `shards` (a chain covering the whole model, in the claimed weight
-/// format) and checks it.
+/// format) and checks it: bit for bit for an exact commitment (which needs shards that are
+/// [`ShardModel::bit_reproducible`]; others refuse it), within `tol` for a tolerant one.
 pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Result<Validation> {
     let config = shards
         .first()
@@ -204,6 +214,20 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
     let sampling = claim.sampling.params()?;
     let h = config.hidden_size;
     claim.commitment.check(h, n)?;
+    let exact = claim.commitment.mode() == CommitmentMode::Exact;
+    if exact && !shards.iter().all(ShardModel::bit_reproducible) {
+        return Err(VerifyError::CannotReproduce(format!(
+            "the claim commits exactly, but this validator runs {} through kernels that are \
+             not bit-reproducible (exact mode needs Veil's kernels on quantized weights)",
+            shards[0].format()
+        )));
+    }
+    // Exact mode recomputes the generator's logits bit for bit: no slack in the sampling.
+    let (logit_delta, probability_slack) = if exact {
+        (0.0, 0.0)
+    } else {
+        (tol.logit_delta, tol.probability_slack)
+    };
 
     let input: Vec<u32> = claim
         .prompt
@@ -228,6 +252,21 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
         }
     };
 
+    let digests = claim.commitment.exact.as_ref().map(|e| &e.digests[..]);
+    for (c, digest) in digests.unwrap_or_default().iter().enumerate() {
+        let start = c * CHUNK_TOKENS;
+        let end = (start + CHUNK_TOKENS).min(n);
+        if chunk_digest(c, &hidden[start * h..end * h]) != *digest {
+            deviations.digest_mismatches += 1;
+            fail(
+                start,
+                format!(
+                    "tokens {start}..{end}: the final hidden states differ from the committed \
+                     ones (exact mode: any difference fails)"
+                ),
+            );
+        }
+    }
     for (c, chunk) in claim.commitment.chunks.iter().enumerate() {
         let start = c * CHUNK_TOKENS;
         let ours = &hidden[start * h..(start + chunk.tokens as usize) * h];
@@ -255,8 +294,8 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
         let gap = row[best as usize] - row[token as usize];
         if sampling.is_greedy() {
             deviations.logit_gap = deviations.logit_gap.max(gap);
-            if gap > tol.logit_delta {
-                fail(i, format!("greedy token {token} has logit {:.3}, {gap:.3} below the best (token {best}); δ is {}", row[token as usize], tol.logit_delta));
+            if gap > logit_delta {
+                fail(i, format!("greedy token {token} has logit {:.3}, {gap:.3} below the best (token {best}); δ is {}", row[token as usize], logit_delta));
             }
             continue;
         }
@@ -268,10 +307,9 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
         }
         let near_tie = (row[picked as usize] - row[token as usize]).abs();
         deviations.logit_gap = deviations.logit_gap.max(near_tie);
-        let near_edge = interval(&cands, token).is_some_and(|(lo, hi)| {
-            u >= lo - tol.probability_slack && u < hi + tol.probability_slack
-        });
-        if !near_edge && near_tie > tol.logit_delta {
+        let near_edge = interval(&cands, token)
+            .is_some_and(|(lo, hi)| u >= lo - probability_slack && u < hi + probability_slack);
+        if !near_edge && near_tie > logit_delta {
             fail(i, format!("the seed picks token {picked} from the validator's distribution, not the claimed {token} (logits {:.3} vs {:.3})", row[picked as usize], row[token as usize]));
         }
     }
@@ -315,6 +353,7 @@ fn compare_chunk(ours: &[f32], indices: &[u16], values: &[u16]) -> Deviations {
             0.0
         },
         logit_gap: 0.0,
+        digest_mismatches: 0,
     }
 }
 

@@ -1,13 +1,17 @@
 //! On the real model: honest answers pass whatever threads, prefill batch and generator/validator
 //! pair produced them, every kind of cheat is caught, and bad claims are clear errors.
 //!
-//! The tests run 40 honest validations and 10 trials per cheat to keep the suite within its time
-//! budget; `veil verify calibrate` runs the same code at 200 and 50 for the reported figures.
+//! Tolerant mode runs F32 (candle's products); exact mode the stored Q4_1 weights on Veil's
+//! kernels, its honest runs varying the kernel family (scalar, AVX2, AVX-512 where present) as
+//! well. The tests run 40 (tolerant) and 24 (exact) honest validations and 10 / 5 trials per
+//! cheat to keep the suite within its time budget; `veil verify calibrate` runs the same code
+//! at 200 and 50 for the reported figures.
 
 use veil_model::{ChatMessage, LocalModel, ModelStore, SamplingParams, WeightFormat, SMOLLM2_135M};
 use veil_verify::trials::{detection_trials, honest_trials, load_whole, TRIAL_PROMPTS};
 use veil_verify::{
-    serve_fixed_length, validate, Misbehaviour, ServingSession, Tolerances, VerifyError,
+    serve_fixed_length, validate, CommitmentMode, Misbehaviour, ServingSession, Tolerances,
+    VerifyError,
 };
 
 fn model_path() -> std::path::PathBuf {
@@ -19,7 +23,15 @@ fn model_path() -> std::path::PathBuf {
 #[test]
 fn honest_runs_raise_no_false_accusation() {
     let tol = Tolerances::default();
-    let report = honest_trials(&model_path(), WeightFormat::F32, 40, &tol, &mut |_, _| {}).unwrap();
+    let report = honest_trials(
+        &model_path(),
+        WeightFormat::F32,
+        CommitmentMode::Tolerant,
+        40,
+        &tol,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(report.runs, 40);
     assert!(report.failures.is_empty(), "{:#?}", report.failures);
     assert!(report.closest < 1.0);
@@ -32,6 +44,7 @@ fn every_kind_of_cheat_is_caught_in_every_trial() {
         let report = detection_trials(
             &model_path(),
             WeightFormat::F32,
+            CommitmentMode::Tolerant,
             kind,
             10,
             &tol,
@@ -85,4 +98,81 @@ fn bad_claims_are_clear_errors() {
     assert!(
         matches!(validate(&shards, &c, &tol), Err(VerifyError::MalformedCommitment(m)) if m.contains("hidden size"))
     );
+}
+
+#[test]
+fn exact_mode_passes_every_honest_run_bit_for_bit_and_catches_every_cheat() {
+    let tol = Tolerances::default();
+    let path = model_path();
+    let report = honest_trials(
+        &path,
+        WeightFormat::AsStored,
+        CommitmentMode::Exact,
+        24,
+        &tol,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(report.runs, 24);
+    assert!(report.failures.is_empty(), "{:#?}", report.failures);
+    assert_eq!(report.worst.digest_mismatches, 0);
+    assert_eq!(report.worst.logit_gap, 0.0);
+    for kind in Misbehaviour::ALL {
+        let report = detection_trials(
+            &path,
+            WeightFormat::AsStored,
+            CommitmentMode::Exact,
+            kind,
+            5,
+            &tol,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(report.caught, 5, "{kind}: {report:?}");
+    }
+}
+
+#[test]
+fn exact_claims_are_small_and_refused_where_they_cannot_be_reproduced() {
+    let path = model_path();
+    let text = LocalModel::open_text(&path).unwrap();
+    let prompt = text
+        .chat_prompt(&[ChatMessage::user(TRIAL_PROMPTS[3])])
+        .unwrap();
+    let quantized = [load_whole(&path, WeightFormat::AsStored, None).unwrap()];
+    let float = [load_whole(&path, WeightFormat::F32, None).unwrap()];
+    assert!(quantized[0].bit_reproducible());
+    assert!(!float[0].bit_reproducible());
+    let session = ServingSession::new(&quantized, SamplingParams::greedy(), None, 0)
+        .unwrap()
+        .with_commitment(&quantized, CommitmentMode::Exact)
+        .unwrap();
+    let answer = serve_fixed_length(&quantized, session, &prompt, 64).unwrap();
+    assert_eq!(answer.commitment.mode(), CommitmentMode::Exact);
+    assert!(answer.commitment.byte_len() <= 64, "{} bytes", answer.commitment.byte_len());
+    let tol = Tolerances::default();
+    assert!(validate(&quantized, &answer, &tol).unwrap().verdict.passed());
+
+    // A validator on candle's float products cannot reproduce bits: it refuses, never accuses.
+    assert!(matches!(
+        validate(&float, &answer, &tol),
+        Err(VerifyError::CannotReproduce(_))
+    ));
+    // An honest node on such weights will not commit exactly either.
+    let refused = ServingSession::new(&float, SamplingParams::greedy(), None, 0)
+        .unwrap()
+        .with_commitment(&float, CommitmentMode::Exact);
+    assert!(matches!(refused, Err(VerifyError::CannotReproduce(_))));
+
+    // One flipped bit of a digest, or a digest short, fails or is refused.
+    let mut c = answer.clone();
+    c.commitment.exact.as_mut().unwrap().digests[1][0] ^= 1;
+    let v = validate(&quantized, &c, &tol).unwrap();
+    assert!(matches!(v.verdict, veil_verify::Verdict::Fail { token: 32, .. }), "{v:?}");
+    let mut c = answer;
+    c.commitment.exact.as_mut().unwrap().digests.pop();
+    assert!(matches!(
+        validate(&quantized, &c, &tol),
+        Err(VerifyError::MalformedCommitment(_))
+    ));
 }

@@ -7,7 +7,7 @@ use veil_verify::{
 };
 
 fn job(generator: &Keypair) -> Job {
-    let mut builder = CommitmentBuilder::new(8).unwrap();
+    let mut builder = CommitmentBuilder::new(8, veil_verify::CommitmentMode::Tolerant).unwrap();
     for t in 0..5 {
         builder
             .push(
