@@ -55,6 +55,8 @@ pub struct VerifiedAnswer {
     pub generator: String,
     /// How the judges voted on it.
     pub tally: Tally,
+    /// How the answer committed to its activations (exact when every member could).
+    pub mode: CommitmentMode,
     /// Evidence against members whose answers a majority failed first.
     pub evidence: Vec<Evidence>,
     /// Time spent generating the accepted answer.
@@ -157,6 +159,7 @@ pub fn generate_verified(
                 committee: members.clone(),
                 generator: generator.clone(),
                 tally: votes,
+                mode,
                 evidence,
                 generate_time,
                 judge_time,

@@ -442,7 +442,10 @@ async fn verification_requests_are_checked_before_any_work() {
     else {
         panic!("no signed exact answer")
     };
-    assert_eq!(exact_job.body.claim.commitment.mode(), CommitmentMode::Exact);
+    assert_eq!(
+        exact_job.body.claim.commitment.mode(),
+        CommitmentMode::Exact
+    );
     let judged = |job: Box<Signed<veil_verify::Job>>| {
         let client = &client;
         async move {
@@ -454,7 +457,12 @@ async fn verification_requests_are_checked_before_any_work() {
                 panic!("no commit")
             };
             let Response::Revealed(reveal) = client
-                .request(node, RequestBody::Reveal { job: commit.body.job })
+                .request(
+                    node,
+                    RequestBody::Reveal {
+                        job: commit.body.job,
+                    },
+                )
                 .await
                 .unwrap()
             else {

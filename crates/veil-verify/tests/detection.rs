@@ -149,9 +149,16 @@ fn exact_claims_are_small_and_refused_where_they_cannot_be_reproduced() {
         .unwrap();
     let answer = serve_fixed_length(&quantized, session, &prompt, 64).unwrap();
     assert_eq!(answer.commitment.mode(), CommitmentMode::Exact);
-    assert!(answer.commitment.byte_len() <= 64, "{} bytes", answer.commitment.byte_len());
+    assert!(
+        answer.commitment.byte_len() <= 64,
+        "{} bytes",
+        answer.commitment.byte_len()
+    );
     let tol = Tolerances::default();
-    assert!(validate(&quantized, &answer, &tol).unwrap().verdict.passed());
+    assert!(validate(&quantized, &answer, &tol)
+        .unwrap()
+        .verdict
+        .passed());
 
     // A validator on candle's float products cannot reproduce bits: it refuses, never accuses.
     assert!(matches!(
@@ -168,7 +175,10 @@ fn exact_claims_are_small_and_refused_where_they_cannot_be_reproduced() {
     let mut c = answer.clone();
     c.commitment.exact.as_mut().unwrap().digests[1][0] ^= 1;
     let v = validate(&quantized, &c, &tol).unwrap();
-    assert!(matches!(v.verdict, veil_verify::Verdict::Fail { token: 32, .. }), "{v:?}");
+    assert!(
+        matches!(v.verdict, veil_verify::Verdict::Fail { token: 32, .. }),
+        "{v:?}"
+    );
     let mut c = answer;
     c.commitment.exact.as_mut().unwrap().digests.pop();
     assert!(matches!(

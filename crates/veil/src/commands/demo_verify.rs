@@ -19,8 +19,9 @@ use crate::commands::swarm::runtime;
 /// Runs the verification demo in `work` with the plaintext model `base`.
 pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: bool) -> Result<()> {
     let state = |name: &str| work.join(format!("verify-{name}.redb"));
-    let f32 = ["--dtype", "f32"];
-    let mut nodes = vec![NodeChild::start_with(base, "all", &state("a"), None, &f32)?];
+    // The stored quantized weights on Veil's kernels: the same bits on every node, so the
+    // committee verifies with exact commitments.
+    let mut nodes = vec![NodeChild::start_with(base, "all", &state("a"), None, &[])?];
     let boot = nodes[0].addr.clone();
     for name in ["b", "c"] {
         nodes.push(NodeChild::start_with(
@@ -28,7 +29,7 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
             "all",
             &state(name),
             Some(&boot),
-            &f32,
+            &[],
         )?);
     }
     let liar = NodeChild::start_with(
@@ -36,13 +37,13 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
         "all",
         &state("liar"),
         Some(&boot),
-        &["--dtype", "f32", "--misbehave", "other-model"],
+        &["--misbehave", "other-model"],
     )?;
     let peer = |addr: &str| addr.rsplit('/').next().unwrap_or_default().to_string();
     let liar_id = peer(&liar.addr);
     nodes.push(liar);
     let ids: Vec<String> = nodes.iter().map(|n| peer(&n.addr)).collect();
-    eprintln!("6. verification: 4 whole-model F32 nodes; {liar_id} serves weights perturbed by 1% (--misbehave other-model)");
+    eprintln!("6. verification: 4 whole-model nodes serving the stored Q4_1 weights; {liar_id} serves weights perturbed by 1% (--misbehave other-model)");
 
     let rt = runtime()?;
     let client = rt.block_on(SwarmClient::connect(
@@ -90,9 +91,10 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
         .map_err(anyhow::Error::from)
     })?;
     eprintln!(
-        "   committee of {}: {}",
+        "   committee of {}: {} ({} commitments)",
         answer.committee.len(),
-        answer.committee.join(", ")
+        answer.committee.join(", "),
+        answer.mode
     );
     for record in &answer.evidence {
         let proven = record.check()?;
@@ -105,7 +107,8 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
         );
         let path = work.join("evidence.json");
         std::fs::write(&path, record.to_bytes()?)?;
-        let local = [load_whole(base, WeightFormat::F32, None)?];
+        let format: WeightFormat = record.job.body.format.parse()?;
+        let local = [load_whole(base, format, None)?];
         let recheck = validate(&local, &record.job.body.claim, &Tolerances::default())?;
         eprintln!(
             "   evidence ({} bytes, every message signed) re-checked here: {}",

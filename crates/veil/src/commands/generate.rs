@@ -326,8 +326,9 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     out.finish()?;
     print_stats(&answer.completion);
     eprintln!(
-        "request {request_id}: committee {}",
-        answer.committee.join(", ")
+        "request {request_id}: committee {} ({} commitments)",
+        answer.committee.join(", "),
+        answer.mode
     );
     eprintln!(
         "accepted the answer of {}: passed by {} of {} judges; generation {:.2} s, judging {:.2} s",

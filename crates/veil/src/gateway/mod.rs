@@ -653,10 +653,11 @@ impl Gateway {
         let (result, route, verification) = match outcome {
             Ok(answer) => {
                 let verdict = format!(
-                    "accepted by {} of {} judges ({} caught lying)",
+                    "accepted by {} of {} judges ({} caught lying; {} commitments)",
                     answer.tally.passed.len(),
                     answer.tally.passed.len() + answer.tally.failed.len(),
-                    answer.evidence.len()
+                    answer.evidence.len(),
+                    answer.mode
                 );
                 let route = format!("committee of {size}, answer by {}", answer.generator);
                 (Ok(answer.completion), route, verdict)
