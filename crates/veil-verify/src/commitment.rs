@@ -274,7 +274,7 @@ impl CommitmentBuilder {
         if !self.pending.is_empty() {
             self.seal();
         }
-        let exact = (self.mode == CommitmentMode::Exact).then(|| ExactCommitment {
+        let exact = (self.mode == CommitmentMode::Exact).then_some(ExactCommitment {
             tokens: self.tokens as u32,
             digests: self.digests,
         });
