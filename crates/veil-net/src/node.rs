@@ -189,8 +189,12 @@ pub async fn run_node(
             leaves: weights.leaf_count() as u64,
         }),
         zk_commitment: config.zk.as_ref().map(|p| p.commitment().to_string()),
-        // A cheat (test-only) announces what an honest node of its format would.
-        exact: model.bit_reproducible() || misbehave.is_some(),
+        // A cheat (test-only) announces what an honest node of its claimed format would: its
+        // own weights may have been swapped for ones that are not.
+        exact: match misbehave {
+            None => model.bit_reproducible(),
+            Some(_) => !matches!(format, WeightFormat::F32 | WeightFormat::F16),
+        },
     };
     let whole = shard_info.embedding
         && shard_info.head
