@@ -83,6 +83,7 @@ pub fn generate_accelerated(
 ) -> Result<(Completion, DraftStats)> {
     let mut answer = Answer::new(tokenizer, prompt, context_length, params)?;
     let started = Instant::now();
+    answer.start_clock(started);
     let cached = model.position();
     if cached >= prompt.len() {
         return Err(ModelError::InvalidInput(format!(

@@ -87,6 +87,7 @@ pub fn generate(
 ) -> Result<Completion> {
     let mut answer = Answer::new(tokenizer, prompt, context_length, params)?;
     let started = Instant::now();
+    answer.start_clock(started);
     let mut logits = model.step(prompt)?;
     while let Some(next) = answer.sample(&logits, on_text)? {
         logits = model.step(&[next])?;

@@ -272,3 +272,42 @@ fn continuous_batching_gives_each_request_its_plain_tokens() {
     let answers = generate_batch(&model, &mixed, nz(2).unwrap(), None, None);
     assert!(answers[0].is_ok() && answers[1].is_err() && answers[2].is_ok());
 }
+
+/// A model step that sleeps before answering with the real model's logits, so each step takes
+/// at least `PAUSE` (a lower bound that `sleep` guarantees, not a speed).
+struct Paced<'a>(veil_model::LocalSession<'a>);
+
+const PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
+impl veil_model::TokenStep for Paced<'_> {
+    fn step(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<f32>> {
+        std::thread::sleep(PAUSE);
+        self.0.step(tokens)
+    }
+}
+
+#[test]
+fn the_prefill_and_decode_clocks_split_an_answer_where_its_first_token_appears() {
+    // The clock once started only when the answer finished: the prefill took the whole time
+    // and the decode none, and speeds read 10^8 tokens a second.
+    let model = model();
+    let prompt = prompt(&model, SAMPLE_PROMPTS[0]);
+    let params = GenerationParams {
+        max_tokens: 6,
+        ..GenerationParams::default()
+    };
+    let mut session = Paced(model.session());
+    let c = generate(
+        &mut session,
+        &model.tokenizer,
+        &prompt,
+        model.config.context_length,
+        &params,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(c.tokens.len(), 6);
+    // Five more steps after the first token, each at least PAUSE.
+    assert!(c.decode_time >= 5 * PAUSE, "{c:?}");
+    assert!(c.prefill_time >= PAUSE, "{c:?}");
+}
