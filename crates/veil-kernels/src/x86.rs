@@ -80,6 +80,34 @@ unsafe fn load8(values: &[f32]) -> __m256 {
     _mm256_loadu_ps(values[..8].as_ptr())
 }
 
+/// Consecutive weight rows times one token through a one-row kernel (`$dot`), in one call per
+/// thread's run of rows: a decode step's rows are short, and a call, a dispatch and the slicing
+/// per row showed (3-5%).
+macro_rules! row_loop_kernel {
+    ($features:literal, $rows:ident, $dot:ident, $format:expr) => {
+        /// Consecutive weight rows (`units` blocks each, `w` spanning them all) times one
+        /// token, one output per row, each as the one-row kernel computes it.
+        ///
+        /// # Safety
+        /// The CPU must have the features named above; `a` holds `units` blocks, `w`
+        /// `out.len() * units`.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $rows(
+            w: WeightRow<'_>,
+            units: usize,
+            a: ActivationRow<'_>,
+            out: &mut [f32],
+        ) {
+            let mut w = w;
+            for o in out.iter_mut() {
+                let (row, rest) = w.split_first(units, $format);
+                [*o] = $dot(row, [a]);
+                w = rest;
+            }
+        }
+    };
+}
+
 macro_rules! block_kernels {
     ($features:literal, $dot:ident, $q4_1:ident, $q8_0:ident) => {
         /// Q4_1 weight row times `R` activation rows.
@@ -206,6 +234,30 @@ block_kernels!(
     dot_vnni,
     dot_q4_1_avx512,
     dot_q8_0_avx512
+);
+row_loop_kernel!(
+    "avx2,fma,f16c",
+    rows_q4_1_avx2,
+    dot_q4_1_avx2,
+    QuantFormat::Q4_1
+);
+row_loop_kernel!(
+    "avx2,fma,f16c",
+    rows_q8_0_avx2,
+    dot_q8_0_avx2,
+    QuantFormat::Q8_0
+);
+row_loop_kernel!(
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    rows_q4_1_avx512,
+    dot_q4_1_avx512,
+    QuantFormat::Q4_1
+);
+row_loop_kernel!(
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    rows_q8_0_avx512,
+    dot_q8_0_avx512,
+    QuantFormat::Q8_0
 );
 
 /// [`ActivationBlock::quantize`] with AVX2: the same scale, and the same values (rounded half
@@ -509,27 +561,7 @@ macro_rules! unsigned_block_kernels {
             sums
         }
 
-        /// Consecutive weight rows (`units` blocks each, `w` spanning them all) times one
-        /// token, one output per row: the decode path, each row as `$name` computes it but
-        /// without a call and a dispatch per (short) row.
-        ///
-        /// # Safety
-        /// The CPU must have the features named above; `a` holds `units` blocks, `w`
-        /// `out.len() * units`.
-        #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $rows(
-            w: WeightRow<'_>,
-            units: usize,
-            a: ActivationRow<'_>,
-            out: &mut [f32],
-        ) {
-            let mut w = w;
-            for o in out.iter_mut() {
-                let (row, rest) = w.split_first(units, $format);
-                [*o] = $name(row, [a]);
-                w = rest;
-            }
-        }
+        row_loop_kernel!($features, $rows, $name, $format);
     };
 }
 
