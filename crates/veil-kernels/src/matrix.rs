@@ -541,7 +541,7 @@ impl QuantMatrix {
     /// Splits the weight rows over candle's barrier pool (persistent threads that spin
     /// briefly between calls, so a decode step's hundreds of small products do not each pay a
     /// thread wake-up; the calling thread takes a share). One token writes its outputs
-    /// directly (the K formats' short rows through one kernel call per thread's run of rows);
+    /// directly (on x86 through one kernel call per thread's run of rows, the rows are short);
     /// several tokens are computed weight row by weight row (each weight row unpacked once for
     /// a tile of [`TILE`] tokens), each row's outputs written into its column of `out`.
     fn multiply(&self, kernel: &RowKernel, acts: &Activations, tokens: usize, out: &mut [f32]) {
