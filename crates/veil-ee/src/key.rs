@@ -12,6 +12,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use veil_model::LlamaConfig;
+use veil_model::SCALE_GROUP;
 
 use crate::error::{EeError, Result};
 
@@ -33,6 +34,78 @@ pub struct LayerKey {
     pub value_maps: Vec<Vec<f32>>,
     /// Per encrypted KV head, one angle per RoPE pair, applied to both queries and keys.
     pub rope_angles: Vec<Vec<f32>>,
+}
+
+/// Which transforms a key holds, and so in which formats its encrypted model is exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyKind {
+    /// Every symmetry of the llama block: whole permutations of the residual stream, FFN units
+    /// and KV heads, orthogonal maps on values, rotations of RoPE pairs. Exact in real
+    /// arithmetic only, so the encrypted model is written in F32.
+    Full,
+    /// Only moves that commute with block quantization: the vocabulary permutation, and
+    /// permutations of the residual stream, the FFN units and each head's value coordinates
+    /// that keep every coordinate inside its aligned group of [`SCALE_GROUP`]. The encrypted
+    /// model keeps the plaintext file's formats and, on Veil's kernels, its bits.
+    GroupLocal,
+}
+
+impl KeyKind {
+    /// The name `veil ee keygen --transform` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::Full => "full",
+            KeyKind::GroupLocal => "group-local",
+        }
+    }
+}
+
+impl std::fmt::Display for KeyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KeyKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(KeyKind::Full),
+            "group-local" => Ok(KeyKind::GroupLocal),
+            other => Err(format!(
+                "unknown transform {other:?}: use `full` (F32 models) or `group-local` (quantized models)"
+            )),
+        }
+    }
+}
+
+impl LayerKey {
+    /// The value map of KV head `head` as a permutation (encrypted coordinate `r` is plaintext
+    /// coordinate `p[r]`), when it is one: the group-local transform moves codes with it.
+    pub fn value_permutation(&self, head: usize) -> Option<Vec<u32>> {
+        let map = self.value_maps.get(head)?;
+        let d = (map.len() as f64).sqrt() as usize;
+        if d * d != map.len() {
+            return None;
+        }
+        let mut p = Vec::with_capacity(d);
+        for row in map.chunks_exact(d) {
+            let ones: Vec<usize> = (0..d).filter(|&c| row[c] == 1.0).collect();
+            let zeros = row.iter().filter(|&&x| x == 0.0).count();
+            match ones[..] {
+                [c] if zeros == d - 1 => p.push(c as u32),
+                _ => return None,
+            }
+        }
+        let mut seen = vec![false; d];
+        for &c in &p {
+            if std::mem::replace(&mut seen[c as usize], true) {
+                return None;
+            }
+        }
+        Some(p)
+    }
 }
 
 /// A complete equivariant-encryption key for one model.
@@ -84,6 +157,61 @@ impl EeKey {
         }
     }
 
+    /// Draws a [`KeyKind::GroupLocal`] key from the operating system's entropy.
+    pub fn generate_group_local(config: &LlamaConfig, model_digest: &str) -> Self {
+        Self::generate_group_local_with(config, model_digest, &mut ChaCha20Rng::from_os_rng())
+    }
+
+    /// Draws a [`KeyKind::GroupLocal`] key from `rng`: a fresh permutation inside every group
+    /// of [`SCALE_GROUP`] of the residual stream, of each block's FFN units and of each KV
+    /// head's value coordinates; the vocabulary permuted whole. Heads keep their places and
+    /// their RoPE pairs their angles: moving a head moves 64 columns of the output projection
+    /// across quantization blocks, and rotating a pair mixes values.
+    pub fn generate_group_local_with(
+        config: &LlamaConfig,
+        model_digest: &str,
+        rng: &mut impl Rng,
+    ) -> Self {
+        let mut key = Self::identity(config, model_digest);
+        key.vocab = permutation(config.vocab_size, rng);
+        key.hidden = group_local_permutation(config.hidden_size, rng);
+        let d = config.head_dim;
+        for layer in &mut key.layers {
+            layer.ffn = group_local_permutation(config.ffn_size, rng);
+            for map in &mut layer.value_maps {
+                let p = group_local_permutation(d, rng);
+                *map = vec![0.0; d * d];
+                for (r, &c) in p.iter().enumerate() {
+                    map[r * d + c as usize] = 1.0;
+                }
+            }
+        }
+        key
+    }
+
+    /// Which transforms this key holds, read from the key itself: a key whose only moves stay
+    /// inside groups of [`SCALE_GROUP`] is [`KeyKind::GroupLocal`].
+    pub fn kind(&self) -> KeyKind {
+        let local = |p: &[u32]| is_group_local(p);
+        let group_local = local(&self.hidden)
+            && self.layers.iter().all(|layer| {
+                local(&layer.ffn)
+                    && layer
+                        .kv_heads
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &h)| h as usize == i)
+                    && layer.rope_angles.iter().flatten().all(|&a| a == 0.0)
+                    && (0..layer.value_maps.len())
+                        .all(|h| layer.value_permutation(h).is_some_and(|p| local(&p)))
+            });
+        if group_local {
+            KeyKind::GroupLocal
+        } else {
+            KeyKind::Full
+        }
+    }
+
     /// The key that changes nothing. Tests build single-transform keys from it to show that each
     /// transform is applied and needed.
     pub fn identity(config: &LlamaConfig, model_digest: &str) -> Self {
@@ -111,7 +239,7 @@ impl EeKey {
     /// Checks that every part has the model's sizes and every permutation is one.
     pub fn check(&self, config: &LlamaConfig) -> Result<()> {
         let bad = |what: String| Err(EeError::KeyMismatch(what));
-        refuse_inexact(config)?;
+        refuse_inexact(config, self.kind())?;
         if self.version != KEY_VERSION {
             return Err(EeError::KeyVersion(self.version));
         }
@@ -235,6 +363,23 @@ fn orthogonal(n: usize, rng: &mut impl Rng) -> Vec<f32> {
         .collect()
 }
 
+/// A permutation of `n` coordinates that moves each only inside its aligned group of
+/// [`SCALE_GROUP`] (the last group may be shorter).
+fn group_local_permutation(n: usize, rng: &mut impl Rng) -> Vec<u32> {
+    let mut p: Vec<u32> = (0..n as u32).collect();
+    for group in p.chunks_mut(SCALE_GROUP) {
+        group.shuffle(rng);
+    }
+    p
+}
+
+/// Whether `p` keeps every coordinate inside its group of [`SCALE_GROUP`].
+pub(crate) fn is_group_local(p: &[u32]) -> bool {
+    p.iter()
+        .enumerate()
+        .all(|(i, &j)| j as usize / SCALE_GROUP == i / SCALE_GROUP)
+}
+
 fn check_permutation(what: &str, p: &[u32], n: usize) -> Result<()> {
     let mut seen = vec![false; n];
     if p.len() != n {
@@ -256,10 +401,18 @@ fn check_permutation(what: &str, p: &[u32], n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Refuses architectures whose blocks the transform would not leave computing the same
+/// Refuses architectures whose blocks a key of `kind` would not leave computing the same
 /// function, naming the symmetry that fails.
-pub fn refuse_inexact(config: &LlamaConfig) -> Result<()> {
+///
+/// The group-local transform only permutes coordinates of the residual stream, the FFN and
+/// each head's values, and leaves queries and keys alone, so every architecture Veil runs
+/// keeps it: norms are computed in an order-free way, QK-norm and RoPE see unmoved queries and
+/// keys, and Qwen 2's value bias moves with the values.
+pub fn refuse_inexact(config: &LlamaConfig, kind: KeyKind) -> Result<()> {
     use veil_model::Architecture;
+    if kind == KeyKind::GroupLocal {
+        return Ok(());
+    }
     let reason = match config.architecture {
         Architecture::Llama => return Ok(()),
         Architecture::Qwen2 => {

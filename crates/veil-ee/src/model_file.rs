@@ -14,7 +14,8 @@ use candle_core::Device;
 use veil_model::{GgufFile, LlamaConfig, ModelError};
 
 use crate::error::{EeError, Result};
-use crate::key::EeKey;
+use crate::group_local::move_tensor;
+use crate::key::{EeKey, KeyKind};
 use crate::transform::encrypt_weights;
 
 /// Metadata key of the encrypted model that names the key it was made with.
@@ -44,7 +45,9 @@ pub fn model_digest(path: &Path) -> Result<String> {
     Ok(veil_model::store::file_digest(path)?.1)
 }
 
-/// Transforms the plaintext GGUF at `base` with `key` and writes an F32 GGUF to `out`.
+/// Transforms the plaintext GGUF at `base` with `key` and writes the encrypted GGUF to `out`:
+/// in F32 for a [`KeyKind::Full`] key, in the file's own formats for a
+/// [`KeyKind::GroupLocal`] one.
 pub fn encrypt_model(base: &Path, key: &EeKey, out: &Path) -> Result<()> {
     let digest = model_digest(base)?;
     if digest != key.model_digest {
@@ -57,12 +60,27 @@ pub fn encrypt_model(base: &Path, key: &EeKey, out: &Path) -> Result<()> {
     let config = LlamaConfig::from_gguf(&gguf)?;
     key.check(&config)?;
     let names: Vec<String> = gguf.content().tensor_infos.keys().cloned().collect();
-    let mut weights = HashMap::new();
-    for name in names {
-        let dense = gguf.tensor(&name)?.dequantize(&Device::Cpu)?;
-        weights.insert(name, dense);
-    }
-    encrypt_weights(key, &config, &mut weights)?;
+    let mut tensors: Vec<(String, QTensor)> = match key.kind() {
+        KeyKind::Full => {
+            let mut weights = HashMap::new();
+            for name in names {
+                let dense = gguf.tensor(&name)?.dequantize(&Device::Cpu)?;
+                weights.insert(name, dense);
+            }
+            encrypt_weights(key, &config, &mut weights)?;
+            weights
+                .into_iter()
+                .map(|(name, t)| Ok((name, QTensor::quantize(&t, GgmlDType::F32)?)))
+                .collect::<Result<_>>()?
+        }
+        KeyKind::GroupLocal => names
+            .into_iter()
+            .map(|name| {
+                let moved = move_tensor(key, &config, &name, gguf.tensor(&name)?)?;
+                Ok((name, moved))
+            })
+            .collect::<Result<_>>()?,
+    };
 
     let arch = gguf.string("general.architecture")?.to_string();
     let vocab_key = format!("{arch}.vocab_size");
@@ -79,10 +97,6 @@ pub fn encrypt_model(base: &Path, key: &EeKey, out: &Path) -> Result<()> {
     metadata.push((KEY_FINGERPRINT, &fingerprint));
     metadata.sort_by_key(|(k, _)| *k);
 
-    let mut tensors: Vec<(String, QTensor)> = weights
-        .into_iter()
-        .map(|(name, t)| Ok((name, QTensor::quantize(&t, GgmlDType::F32)?)))
-        .collect::<Result<_>>()?;
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
 

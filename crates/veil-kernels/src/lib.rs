@@ -7,8 +7,8 @@
 //! it, chosen at run time, with a plain-Rust reference as the fallback), prompts run in tiles of
 //! eight tokens, and the rows of the output are split over candle's barrier pool of spinning
 //! threads. Causal attention is here too, computed one query at a time in a fixed order, so a
-//! prompt gives the same bits however its positions are grouped into passes. Norms and the rest
-//! stay in candle.
+//! prompt gives the same bits however its positions are grouped into passes. RMSNorm is here as well,
+//! summed so that the order of the features does not matter. The rest stays in candle.
 //!
 //! Every family adds each block's exact integer sum into the result in the reference's order,
 //! with its roundings, so a model gives the same bits on every CPU: 8-bit activations would
@@ -23,7 +23,9 @@ mod activation;
 mod attention;
 mod error;
 mod isa;
+mod layout;
 mod matrix;
+mod norm;
 mod scalar;
 mod threads;
 #[cfg(target_arch = "x86_64")]
@@ -33,7 +35,9 @@ pub use activation::{quantize_with, ActivationBlock, ActivationSuperblock, SUPER
 pub use attention::{causal_attention, AttentionShape};
 pub use error::KernelError;
 pub use isa::Isa;
+pub use layout::SCALE_GROUP;
 pub use matrix::{QuantFormat, QuantMatrix, QuantMatrixBuilder};
+pub use norm::{rms_norm, sum_of_squares};
 pub use threads::with_thread_limit;
 
 /// Values per quantization block of the 32-value formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as

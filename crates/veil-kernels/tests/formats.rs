@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use veil_kernels::{
     ActivationBlock, ActivationSuperblock, Isa, KernelError, QuantFormat, QuantMatrix, BLOCK,
-    SUPERBLOCK,
+    SCALE_GROUP, SUPERBLOCK,
 };
 
 /// Where a block's f16 scale and (for formats with one) offset or `dmin` sit.
@@ -457,5 +457,63 @@ fn k_formats_need_whole_superblocks() {
         let unit = format.block_values();
         assert!(QuantMatrix::new(format, usize::MAX / 2, unit * 2, &[0; 64]).is_err());
         assert_eq!(format.to_string(), format.to_string().to_lowercase());
+    }
+}
+
+/// A permutation of `n` columns that moves each inside its group of [`SCALE_GROUP`], drawn
+/// afresh for every group: what a quantization-exact encryption key does to a residual stream.
+fn group_local_permutation(n: usize, rng: &mut ChaCha20Rng) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    let mut p: Vec<usize> = (0..n).collect();
+    for group in p.chunks_mut(SCALE_GROUP) {
+        group.shuffle(rng);
+    }
+    p
+}
+
+#[test]
+fn columns_moved_inside_scale_groups_give_the_same_bits() {
+    // The matrix's columns and the activations permuted alike inside groups of 16: the codes
+    // move without quantizing again, and every family returns the plaintext product's bits.
+    let mut rng = ChaCha20Rng::seed_from_u64(21);
+    for format in QuantFormat::ALL {
+        let unit = format.block_values();
+        for (rows, cols, tokens) in shapes(format) {
+            for fill in [Fill::Random, Fill::Edge] {
+                let bytes = random_bytes(format, rows, cols, fill, &mut rng);
+                let from = group_local_permutation(cols, &mut rng);
+                let mut moved = Vec::with_capacity(bytes.len());
+                for (b, block) in bytes.chunks(format.block_bytes()).enumerate() {
+                    let column = (b * unit) % cols;
+                    let local: Vec<usize> = from[column..column + unit]
+                        .iter()
+                        .map(|&j| j - column)
+                        .collect();
+                    moved.extend(format.permute_block(block, &local).expect("local move"));
+                }
+                let mut x: Vec<f32> = (0..tokens * cols)
+                    .map(|_| rng.random_range(-3.0..3.0))
+                    .collect();
+                // Ties of magnitude with opposite signs: the K formats' activation scale takes
+                // the sign of the first largest value, which the permutation may change.
+                x[0] = 4.0;
+                x[cols - 1] = -4.0;
+                let x_moved: Vec<f32> = x
+                    .chunks(cols)
+                    .flat_map(|token| from.iter().map(move |&j| token[j]))
+                    .collect();
+                let plain = QuantMatrix::new(format, rows, cols, &bytes).expect("matrix");
+                let encrypted = QuantMatrix::new(format, rows, cols, &moved).expect("matrix");
+                let expected = run(&plain, Isa::Scalar, &x);
+                for isa in Isa::available() {
+                    let got = run(&encrypted, isa, &x_moved);
+                    let same = got
+                        .iter()
+                        .zip(&expected)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa} {format} ({rows}, {cols}) × {tokens}");
+                }
+            }
+        }
     }
 }

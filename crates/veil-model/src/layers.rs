@@ -3,7 +3,7 @@
 //! feed-forward network, and reading checked tensors from the file.
 
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -197,8 +197,8 @@ impl Attention {
         let heads = |t: Tensor, n: usize| t.reshape((batch, tokens, n, dim));
         let (mut q, mut k) = (heads(q, self.heads)?, heads(k, self.kv_heads)?);
         if let Some((q_norm, k_norm)) = &self.qk_norm {
-            q = candle_nn::ops::rms_norm(&q.contiguous()?, q_norm, self.eps)?;
-            k = candle_nn::ops::rms_norm(&k.contiguous()?, k_norm, self.eps)?;
+            q = rms_norm(&q, q_norm, f64::from(self.eps))?;
+            k = rms_norm(&k, k_norm, f64::from(self.eps))?;
         }
         let v = heads(v, self.kv_heads)?;
         Ok((q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?))
@@ -329,9 +329,56 @@ impl BlockWeights<'_> {
     }
 }
 
-/// `x` through RMSNorm with weight `w`.
+/// `x` through RMSNorm with weight `w`, over the last dimension.
+///
+/// Veil's own norm (`veil_kernels::rms_norm`) rather than candle's: its sum of squares gives
+/// the same bits in every order of the features, so a model whose residual stream is permuted
+/// by an encryption key computes exactly what the plaintext model does.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+    let w = w.to_dtype(DType::F32)?.contiguous()?;
+    Ok(x.contiguous()?
+        .apply_op2_no_bwd(&w, &RmsNorm { eps: eps as f32 })?)
+}
+
+/// [`rms_norm`] as a candle op.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "veil-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
+            candle_core::bail!("{} takes f32 values and weights", self.name());
+        };
+        let (Some((x0, x1)), Some((w0, w1))) =
+            (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
+        else {
+            candle_core::bail!("{} takes contiguous tensors", self.name());
+        };
+        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let features = x_layout.shape().dims().last().copied().unwrap_or(0);
+        if features != w.len() || features == 0 {
+            candle_core::bail!(
+                "{}: values {:?} do not end in the weight's {} features",
+                self.name(),
+                x_layout.shape(),
+                w.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        veil_kernels::rms_norm(x, w, self.eps, &mut out);
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
 }
 
 /// Reads a tensor and checks its shape (GGUF stores `(out, in)` as candle sees it).

@@ -48,5 +48,5 @@ pub use store::{
     SMOLLM2_135M,
 };
 pub use tokenizer::GgufTokenizer;
-pub use veil_kernels::{with_thread_limit, Isa};
+pub use veil_kernels::{with_thread_limit, Isa, QuantFormat, SCALE_GROUP};
 pub use weights::WeightFormat;
