@@ -17,7 +17,9 @@ pub use attack::{match_embeddings, WeightMatch};
 pub use error::{EeError, Result};
 pub use frequency::{FrequencyAttack, FrequencyGuess};
 pub use key::{refuse_inexact, EeKey, KeyKind, LayerKey, KEY_VERSION};
-pub use model_file::{check_key, encrypt_model, model_digest};
+pub use model_file::{check_key, encrypt_model, model_digest, natural_kind};
 pub use rotation::{KeyUsage, RotationPolicy};
 pub use session::{EncryptedSession, EncryptedStep};
-pub use transform::{decrypt_logits, decrypt_tokens, encrypt_tokens, encrypt_weights};
+pub use transform::{
+    decrypt_logits, decrypt_tokens, encrypt_tokens, encrypt_weights, EncryptedOrder,
+};

@@ -40,6 +40,24 @@ pub fn check_key(encrypted: &GgufFile, key: &EeKey) -> Result<()> {
     Ok(())
 }
 
+/// The key kind that keeps a model file exact: [`KeyKind::GroupLocal`] when every matrix is in
+/// a quantized format Veil's kernels run (their block sums do not depend on order inside a
+/// block), [`KeyKind::Full`] otherwise (F32 and F16 matrices go through float products whose
+/// order a group-local move would change, so they are better served by the full transform).
+pub fn natural_kind(gguf: &GgufFile) -> KeyKind {
+    let all_quantized = gguf
+        .content()
+        .tensor_infos
+        .values()
+        .filter(|info| info.shape.rank() == 2)
+        .all(|info| veil_model::QuantFormat::from_ggml(info.ggml_dtype).is_some());
+    if all_quantized {
+        KeyKind::GroupLocal
+    } else {
+        KeyKind::Full
+    }
+}
+
 /// The blake3 digest (hex) of a model file, which keys are tied to.
 pub fn model_digest(path: &Path) -> Result<String> {
     Ok(veil_model::store::file_digest(path)?.1)

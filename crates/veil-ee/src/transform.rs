@@ -1,13 +1,15 @@
 //! Applying a key to a model's weights, and moving tokens and logits between the two bases.
 //!
-//! Every step is exact in real arithmetic, so the transform works on F32 weights: permuting or
-//! rotating the input dimension of a block-quantized matrix is not exact (see the issue notes).
+//! Every step of the full transform is exact in real arithmetic, so it works on F32 weights:
+//! rotating the input dimension of a block-quantized matrix is not exact. Group-local keys,
+//! which only move values inside their quantization groups, are applied to the stored blocks
+//! instead (`group_local.rs`).
 //! Weights are `(out, in)` as candle reads GGUF, so a layer computes `y = W x`.
 
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use veil_model::LlamaConfig;
+use veil_model::{LlamaConfig, TokenOrder};
 
 use crate::error::Result;
 use crate::key::{inverse, EeKey, LayerKey};
@@ -40,6 +42,36 @@ pub fn decrypt_logits(key: &EeKey, logits: &[f32]) -> Vec<f32> {
                 .unwrap_or(f32::NEG_INFINITY)
         })
         .collect()
+}
+
+/// The key's vocabulary permutation as a [`TokenOrder`]: generation over an encrypted model in
+/// which the sampler draws in the encrypted order, as the judges of a verified session
+/// recompute it. Ids outside the vocabulary become `u32::MAX`, which the model and the
+/// tokenizer reject with a clear error.
+#[derive(Debug, Clone)]
+pub struct EncryptedOrder {
+    vocab: Vec<u32>,
+    inverse: Vec<u32>,
+}
+
+impl EncryptedOrder {
+    /// The order `key` puts tokens in.
+    pub fn new(key: &EeKey) -> Self {
+        Self {
+            vocab: key.vocab.clone(),
+            inverse: inverse(&key.vocab),
+        }
+    }
+}
+
+impl TokenOrder for EncryptedOrder {
+    fn to_model(&self, id: u32) -> u32 {
+        self.vocab.get(id as usize).copied().unwrap_or(u32::MAX)
+    }
+
+    fn to_plain(&self, id: u32) -> u32 {
+        self.inverse.get(id as usize).copied().unwrap_or(u32::MAX)
+    }
 }
 
 fn ids(p: &[u32]) -> Result<Tensor> {

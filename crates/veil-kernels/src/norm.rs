@@ -3,44 +3,36 @@
 //! A float sum of squares rounds differently when its terms come in another order, so a model
 //! whose residual stream is permuted (equivariant encryption restricted to quantization-exact
 //! transforms) would drift from the plaintext model by a rounding at every norm, and greedy
-//! tokens would part after a few hundred steps. Here each square is computed exactly in f64,
-//! scaled by a power of two chosen from the largest square and truncated to an integer, and the
-//! integers are added: integer addition does not care about order, so every permutation of a
-//! row gives the same bits. The truncation drops only what lies 2^-52 below the largest square,
-//! far under f32's own rounding. candle's `rms_norm` adds the f32 squares one after another, so
-//! it could not serve.
+//! tokens would part after a few hundred steps. Here each square (rounded to f32, as ggml
+//! rounds it) is scaled by a power of two chosen from the largest square and truncated to an
+//! integer, and the integers are added: integer addition does not care about order, so every
+//! permutation of a row gives the same bits. The truncation drops only what lies 2^-51 below
+//! the largest square, as ggml's own f64 sum would. candle's `rms_norm` adds the f32 squares
+//! one after another in f32, so it could not serve, and its rounding differs from ggml's.
 
 /// Bits an integer term may use: the sum of up to `2^(63 - TERM_BITS)` terms fits an i64.
 const TERM_BITS: i32 = 52;
 
-/// The sum of `x`'s squares, the same for every order of `x`'s values.
-pub fn sum_of_squares(x: &[f32]) -> f32 {
-    let largest = x.iter().fold(0f64, |m, &v| {
-        let v = f64::from(v);
-        m.max(v * v)
-    });
-    if x.iter().any(|v| !v.is_finite()) {
+/// The sum of `x`'s squares, each rounded to f32 first as ggml does, returned in f64: the same
+/// for every order of `x`'s values.
+pub fn sum_of_squares(x: &[f32]) -> f64 {
+    if x.iter().any(|v| !(v * v).is_finite()) {
         // NaN or infinity: the ordinary sum says which, and it does not depend on order.
-        return x.iter().map(|v| v * v).sum();
+        return x.iter().map(|&v| f64::from(v * v)).sum();
     }
+    let largest = x.iter().fold(0f32, |m, &v| m.max(v * v));
     if largest == 0.0 {
         return 0.0;
     }
     // Room for `x.len()` terms below 2^63: each term below 2^(62 - log2(len)).
     let headroom = usize::BITS - x.len().leading_zeros();
     let top = (62 - headroom as i32).min(TERM_BITS);
-    // The exponent of the largest square (a normal f64: f32 squares are far from f64's
-    // subnormals), read from its bits so no rounding can put it one off.
-    let exponent = ((largest.to_bits() >> 52) & 0x7ff) as i32 - 1023;
+    // The exponent of the largest square, read from its bits so no rounding can put it one
+    // off (a subnormal square is scaled as if its exponent were the smallest normal one).
+    let exponent = (((largest.to_bits() >> 23) & 0xff) as i32).max(1) - 127;
     let scale = power_of_two(top - 1 - exponent);
-    let total: i64 = x
-        .iter()
-        .map(|&v| {
-            let v = f64::from(v);
-            (v * v * scale) as i64
-        })
-        .sum();
-    (total as f64 / scale) as f32
+    let total: i64 = x.iter().map(|&v| (f64::from(v * v) * scale) as i64).sum();
+    total as f64 / scale
 }
 
 /// `2^k` as an f64, exact over the range the squares of f32 values need.
@@ -48,8 +40,9 @@ fn power_of_two(k: i32) -> f64 {
     f64::from_bits(((1023 + i64::from(k)) as u64) << 52)
 }
 
-/// RMSNorm of each row of `x` (rows of `weight.len()` values) into `out`:
-/// `y = x / sqrt(mean(x²) + eps) * weight`, the formula candle and ggml use.
+/// RMSNorm of each row of `x` (rows of `weight.len()` values) into `out`, rounded as ggml's
+/// `rms_norm` followed by its `mul` rounds it: `mean = Σx² / n` (f64, then f32),
+/// `y = (x * (1 / sqrt(mean + eps))) * weight`.
 ///
 /// # Panics
 ///
@@ -62,9 +55,10 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         x.len()
     );
     for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let m = (sum_of_squares(row) / n as f32 + eps).sqrt();
+        let mean = (sum_of_squares(row) / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
         for ((y, &v), &w) in out.iter_mut().zip(row).zip(weight) {
-            *y = v / m * w;
+            *y = (v * scale) * w;
         }
     }
 }
@@ -91,6 +85,7 @@ mod tests {
     fn every_order_gives_the_same_bits() {
         let x = sample(576, 7);
         let reference = sum_of_squares(&x);
+        let naive = |x: &[f32]| x.iter().map(|v| v * v).sum::<f32>();
         let mut shuffled = x.clone();
         let mut orders_disagreeing_in_f32 = 0;
         for round in 0..50 {
@@ -98,9 +93,7 @@ mod tests {
             shuffled.rotate_left(round * 7 % 576 + 1);
             shuffled[..(round * 13) % 576].reverse();
             assert_eq!(sum_of_squares(&shuffled).to_bits(), reference.to_bits());
-            let naive: f32 = shuffled.iter().map(|v| v * v).sum();
-            let naive_reference: f32 = x.iter().map(|v| v * v).sum();
-            orders_disagreeing_in_f32 += usize::from(naive != naive_reference);
+            orders_disagreeing_in_f32 += usize::from(naive(&shuffled) != naive(&x));
         }
         // The test means something only if plain f32 sums do depend on order here.
         assert!(orders_disagreeing_in_f32 > 0);
@@ -110,9 +103,10 @@ mod tests {
     fn close_to_the_exact_sum() {
         for seed in 0..20 {
             let x = sample(640, seed);
-            let exact: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-            let ours = f64::from(sum_of_squares(&x));
-            assert!((ours - exact).abs() <= exact * 2e-7, "{ours} vs {exact}");
+            // ggml's sum: each square rounded to f32, added in f64.
+            let ggml: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
+            let ours = sum_of_squares(&x);
+            assert!((ours - ggml).abs() <= ggml * 1e-14, "{ours} vs {ggml}");
         }
     }
 
@@ -122,13 +116,13 @@ mod tests {
         assert_eq!(sum_of_squares(&[0.0, -0.0]), 0.0);
         assert_eq!(sum_of_squares(&[3.0, 4.0]), 25.0);
         assert!(sum_of_squares(&[1.0, f32::NAN]).is_nan());
-        assert_eq!(sum_of_squares(&[1.0, f32::INFINITY]), f32::INFINITY);
-        assert_eq!(sum_of_squares(&[f32::MAX, f32::MAX]), f32::INFINITY);
-        let tiny = f32::from_bits(1); // the smallest subnormal
-        assert!(sum_of_squares(&[tiny, tiny]) >= 0.0);
-        let small = [1e-15f32, 2e-15];
-        let exact: f64 = small.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-        assert_eq!(sum_of_squares(&small), exact as f32);
+        assert_eq!(sum_of_squares(&[1.0, f32::INFINITY]), f64::INFINITY);
+        assert_eq!(sum_of_squares(&[f32::MAX, 1.0]), f64::INFINITY);
+        let tiny = f32::from_bits(1); // the smallest subnormal: its square rounds to 0
+        assert_eq!(sum_of_squares(&[tiny, tiny]), 0.0);
+        let small = [1e-20f32, 2e-20]; // squares are f32 subnormals
+        let ggml: f64 = small.iter().map(|&v| f64::from(v * v)).sum();
+        assert_eq!(sum_of_squares(&small), ggml);
     }
 
     #[test]

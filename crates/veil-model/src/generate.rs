@@ -85,12 +85,62 @@ pub fn generate(
     params: &GenerationParams,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Completion> {
+    generate_in_order(
+        model,
+        &PlainOrder,
+        tokenizer,
+        prompt,
+        context_length,
+        params,
+        on_text,
+    )
+}
+
+/// The order of token ids a model works in, when it is not the tokenizer's: an encrypted
+/// model's vocabulary is a secret permutation of the plaintext one.
+pub trait TokenOrder {
+    /// The model's id for plaintext token `id`.
+    fn to_model(&self, id: u32) -> u32;
+    /// The plaintext token for the model's id `id`.
+    fn to_plain(&self, id: u32) -> u32;
+}
+
+/// The tokenizer's own order: nothing moves.
+pub struct PlainOrder;
+
+impl TokenOrder for PlainOrder {
+    fn to_model(&self, id: u32) -> u32 {
+        id
+    }
+
+    fn to_plain(&self, id: u32) -> u32 {
+        id
+    }
+}
+
+/// [`generate`] over a model that works in another token order. The sampler draws from the
+/// model's logits in the model's order, as a judge recomputing those logits will, and each
+/// draw is turned into plaintext for the text; the prompt is given and the answer's tokens
+/// returned in plaintext.
+pub fn generate_in_order(
+    model: &mut dyn TokenStep,
+    order: &dyn TokenOrder,
+    tokenizer: &GgufTokenizer,
+    prompt: &[u32],
+    context_length: usize,
+    params: &GenerationParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Completion> {
     let mut answer = Answer::new(tokenizer, prompt, context_length, params)?;
     let started = Instant::now();
     answer.start_clock(started);
-    let mut logits = model.step(prompt)?;
-    while let Some(next) = answer.sample(&logits, on_text)? {
-        logits = model.step(&[next])?;
+    let model_prompt: Vec<u32> = prompt.iter().map(|&t| order.to_model(t)).collect();
+    let mut logits = model.step(&model_prompt)?;
+    while let Some(drawn) = answer.draw(&logits)? {
+        match answer.push(order.to_plain(drawn), on_text)? {
+            Some(_) => logits = model.step(&[drawn])?,
+            None => break,
+        }
     }
     Ok(answer.finish(started, on_text))
 }
@@ -152,11 +202,19 @@ impl<'a> Answer<'a> {
         logits: &[f32],
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Option<u32>> {
+        match self.draw(logits)? {
+            Some(next) => self.push(next, on_text),
+            None => Ok(None),
+        }
+    }
+
+    /// Draws the next token from `logits` without recording it; `None` when the answer is
+    /// already complete.
+    pub(crate) fn draw(&mut self, logits: &[f32]) -> Result<Option<u32>> {
         if self.finish.is_some() {
             return Ok(None);
         }
-        let next = self.sampler.sample(logits)?;
-        self.push(next, on_text)
+        self.sampler.sample(logits).map(Some)
     }
 
     /// Records `token` as the next one; returns it when the answer goes on.

@@ -33,7 +33,10 @@ pub use candle_core::Tensor;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, LlamaConfig, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
-pub use generate::{generate, Completion, FinishReason, GenerationParams, TextStream, TokenStep};
+pub use generate::{
+    generate, generate_in_order, Completion, FinishReason, GenerationParams, PlainOrder,
+    TextStream, TokenOrder, TokenStep,
+};
 pub use gguf::GgufFile;
 pub use linear::Kernels;
 pub use local::{LocalModel, LocalSession, PrefixCache};

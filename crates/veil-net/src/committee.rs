@@ -14,7 +14,10 @@ use std::time::Instant;
 use libp2p::PeerId;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
-use veil_model::{generate, Completion, GenerationParams, GgufTokenizer, ModelError, TokenStep};
+use veil_model::{
+    generate_in_order, Completion, GenerationParams, GgufTokenizer, ModelError, TokenOrder,
+    TokenStep,
+};
 use veil_verify::{
     committee, quorum, tally, CommitmentMode, Evidence, Job, SamplingSpec, Signed, Tally,
     VerdictCommit, VerdictReveal, EVIDENCE_VERSION,
@@ -29,8 +32,11 @@ use crate::wire::{RequestBody, Response, SessionId, StepInput};
 pub struct VerifiedRequest<'a> {
     /// blake3 of the model file.
     pub model_digest: &'a str,
-    /// The prompt's token ids.
+    /// The prompt's token ids, in the tokenizer's order.
     pub prompt: &'a [u32],
+    /// The order of ids the nodes' model works in: [`veil_model::PlainOrder`], or an encrypted
+    /// model's (`veil_ee::EncryptedOrder`), in which the nodes generate, commit and judge.
+    pub order: &'a (dyn TokenOrder + Sync),
     /// Sampling and stopping.
     pub params: &'a GenerationParams,
     /// The model's context window.
@@ -229,8 +235,9 @@ fn serve(
         peer,
         session,
     };
-    let completion = generate(
+    let completion = generate_in_order(
         &mut remote,
+        request.order,
         tokenizer,
         request.prompt,
         request.context_length,
@@ -245,13 +252,15 @@ fn serve(
     };
     let signer = job.verify()?;
     let body = &job.body;
+    let in_model_order =
+        |ids: &[u32]| -> Vec<u32> { ids.iter().map(|&t| request.order.to_model(t)).collect() };
     let mismatch = if signer != peer || body.generator != generator {
         Some("is not signed by the generator")
     } else if body.request_id != request.request_id || body.model_digest != request.model_digest {
         Some("names another request or model")
-    } else if body.claim.prompt != request.prompt {
+    } else if body.claim.prompt != in_model_order(request.prompt) {
         Some("claims another prompt")
-    } else if body.claim.output != completion.tokens {
+    } else if body.claim.output != in_model_order(&completion.tokens) {
         Some("claims other tokens than it sent")
     } else if body.claim.commitment.mode() != mode {
         Some("commits in another mode than asked")

@@ -117,6 +117,15 @@ pub enum Verdict {
     },
 }
 
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Pass => f.write_str("pass"),
+            Verdict::Fail { token, reason } => write!(f, "fail at token {token}: {reason}"),
+        }
+    }
+}
+
 impl Verdict {
     /// Whether the answer passed.
     pub fn passed(&self) -> bool {

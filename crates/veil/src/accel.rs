@@ -210,14 +210,19 @@ pub fn features_of(
 
 /// What `veil node`'s run records say of it: a whole model in a format one of the methods runs
 /// plainly (stored, q8_0, f32), with the served weights' perplexity measured now. `None` for a
-/// shard (its time is only part of a run) or a format no method stands for.
+/// shard (its time is only part of a run), a format no method stands for, or an encrypted
+/// model (it has no tokenizer to measure perplexity with, and its node cannot read text).
 pub fn node_run_template(
     path: &Path,
     format: WeightFormat,
     price_per_hour: f64,
     share: bool,
 ) -> Result<Option<veil_net::RunTemplate>> {
-    let manifest = veil_model::ShardManifest::of(&veil_model::GgufFile::open(path)?)?;
+    let gguf = veil_model::GgufFile::open(path)?;
+    if !gguf.content().metadata.contains_key("tokenizer.ggml.model") {
+        return Ok(None);
+    }
+    let manifest = veil_model::ShardManifest::of(&gguf)?;
     let whole = manifest.embedding
         && manifest.head
         && manifest.first_block == 0

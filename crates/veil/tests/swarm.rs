@@ -34,9 +34,15 @@ fn generate(extra: &[&str]) -> (String, String) {
 
 /// Waits until `bootstrap` knows the providers for every range, by asking the swarm.
 fn wait_for_route(bootstrap: &str) {
+    wait_for_route_with(bootstrap, &[]);
+}
+
+/// [`wait_for_route`] for the model that `extra` flags name (an encrypted one, say).
+fn wait_for_route_with(bootstrap: &str, extra: &[&std::ffi::OsStr]) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = Command::new(veil_bin())
+            .env("VEIL_KEY_PASSPHRASE", "test passphrase")
             .args([
                 "generate",
                 "--max-tokens",
@@ -46,6 +52,7 @@ fn wait_for_route(bootstrap: &str) {
                 "--bootstrap",
                 bootstrap,
             ])
+            .args(extra)
             .output()
             .unwrap();
         if out.status.success() {
@@ -338,8 +345,7 @@ fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_li
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("another model")
-            || String::from_utf8_lossy(&out.stderr).contains("is model"),
+        String::from_utf8_lossy(&out.stderr).contains("has digest"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -354,6 +360,204 @@ fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_li
         .unwrap_or_default();
     assert!(!committee_line.contains(&liar_id), "{log}");
     assert!(!log.contains("lying"), "{log}");
+}
+
+/// Runs `veil ARGS` with the test passphrase; panics with its stderr if it fails.
+fn veil_ok(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(veil_bin())
+        .env("VEIL_KEY_PASSPHRASE", "test passphrase")
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "veil {args:?}: {stderr}");
+    stderr
+}
+
+/// A key and the model encrypted with it, in `dir` under `name`.
+fn encrypt(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (key, enc) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.gguf")),
+    );
+    let model = model_path();
+    let log = veil_ok(&[
+        "ee".as_ref(),
+        "keygen".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--out".as_ref(),
+        key.as_os_str(),
+    ]);
+    assert!(log.contains("group-local key"), "{log}");
+    veil_ok(&[
+        "ee".as_ref(),
+        "encrypt".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+        "--out".as_ref(),
+        enc.as_os_str(),
+    ]);
+    (key, enc)
+}
+
+/// A whole-model shard file of `model` that claims to be a shard of the model with `digest`:
+/// what a node that wants a committee seat without the right weights would serve.
+fn impostor(dir: &Path, model: &Path, digest: &str, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    veil_ok(&[
+        "shard".as_ref(),
+        "--ranges".as_ref(),
+        "0-30".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    let file = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .expect("a shard file");
+    let own = veil_model::store::file_digest(model).unwrap().1;
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes
+        .windows(own.len())
+        .position(|w| w == own.as_bytes())
+        .expect("the shard names its model");
+    bytes[at..at + own.len()].copy_from_slice(digest.as_bytes());
+    std::fs::write(&file, bytes).unwrap();
+    file
+}
+
+#[test]
+fn a_committee_on_an_encrypted_quantized_model_answers_and_catches_other_keys_and_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = |name: &str| dir.path().join(format!("{name}.redb"));
+    let (key, enc) = encrypt(dir.path(), "enc");
+    let (_, other_key) = encrypt(dir.path(), "other");
+    let digest = veil_model::store::file_digest(&enc).unwrap().1;
+    // Two impostors claim the encrypted model: one serves it under another key, one serves
+    // the plaintext model.
+    let under_other_key = impostor(dir.path(), &other_key, &digest, "other-key");
+    let plaintext = impostor(dir.path(), &model_path(), &digest, "plaintext");
+
+    let boot_node = NodeProcess::start_with(&enc, &state("a"), None, &[]);
+    let boot = boot_node.addr.clone();
+    let honest_b = NodeProcess::start_with(&enc, &state("b"), Some(&boot), &[]);
+    let honest_c = NodeProcess::start_with(&enc, &state("c"), Some(&boot), &[]);
+    let liars = [
+        NodeProcess::start_with(&under_other_key, &state("k"), Some(&boot), &[]),
+        NodeProcess::start_with(&plaintext, &state("p"), Some(&boot), &[]),
+    ];
+    wait_for_route_with(
+        &boot,
+        &[
+            "--encrypted".as_ref(),
+            enc.as_os_str(),
+            "--key".as_ref(),
+            key.as_os_str(),
+        ],
+    );
+    let honest: Vec<String> = [&boot_node, &honest_b, &honest_c]
+        .iter()
+        .map(|n| peer_id(&n.addr))
+        .collect();
+    let liar_ids: Vec<String> = liars.iter().map(|n| peer_id(&n.addr)).collect();
+    let mut everyone = honest.clone();
+    everyone.extend(liar_ids.iter().cloned());
+
+    let (alone, _) = generate(&[]);
+    let evidence_dir = dir.path().join("evidence");
+    let client_state = dir.path().join("client.redb");
+    for (n, liar) in liar_ids.iter().enumerate() {
+        // A request id whose committee of 4 has this liar first and no other liar (the one
+        // caught before is avoided anyway).
+        let other = &liar_ids[1 - n];
+        let request_id = (0u32..)
+            .map(|i| format!("{:064x}", i))
+            .find(|id| {
+                let members = veil_verify::committee(id, "veil", &everyone, 4);
+                members[0] == *liar && !members.contains(other)
+            })
+            .unwrap();
+        let args: Vec<String> = vec![
+            "--bootstrap".into(),
+            boot.clone(),
+            "--encrypted".into(),
+            enc.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+            "--verify".into(),
+            "4".into(),
+            "--request-id".into(),
+            request_id,
+            "--evidence-dir".into(),
+            evidence_dir.display().to_string(),
+            "--state".into(),
+            client_state.display().to_string(),
+        ];
+        let out = Command::new(veil_bin())
+            .env("VEIL_KEY_PASSPHRASE", "test passphrase")
+            .args([
+                "generate",
+                "--threads",
+                "1",
+                "--max-tokens",
+                "48",
+                "--prompt",
+                PROMPT,
+            ])
+            .args(&args)
+            .output()
+            .unwrap();
+        let (text, log) = (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        );
+        assert!(out.status.success(), "{log}");
+        assert_eq!(text, alone, "{log}");
+        assert!(log.contains(&format!("caught {liar} lying")), "{log}");
+        assert!(log.contains("(exact commitments)"), "{log}");
+    }
+
+    // The evidence re-checks against the encrypted file, and says what is missing without it.
+    let files: Vec<PathBuf> = std::fs::read_dir(&evidence_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for file in &files {
+        let out = Command::new(veil_bin())
+            .args([
+                "verify-evidence".as_ref(),
+                file.as_os_str(),
+                "--model".as_ref(),
+            ])
+            .arg(&enc)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new(veil_bin())
+            .args([
+                "verify-evidence".as_ref(),
+                file.as_os_str(),
+                "--model".as_ref(),
+            ])
+            .arg(model_path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("the encrypted GGUF"), "{said}");
+    }
 }
 
 /// Waits until a node's log has a line containing `needle`.

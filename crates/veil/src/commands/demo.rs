@@ -1,8 +1,9 @@
 //! `veil demo`: the whole pipeline on loopback. Fetch the model, encrypt it under a fresh key,
 //! cut the encrypted model into shards, start a swarm of `veil node` processes (a bootstrap node
 //! serving blocks 0-10, two replicas of 10-20, one node for 20-30), answer a prompt through it,
-//! print the route and what the nodes saw, and stop everything; then show verification catching
-//! a lying node (`demo_verify`).
+//! print the route and what the nodes saw, and stop everything; then show a committee of nodes
+//! serving the same encrypted model verifying an answer and catching a lying node
+//! (`demo_verify`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -11,7 +12,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use veil_ee::{encrypt_model, encrypt_tokens, model_digest, EeKey, EncryptedStep};
+use veil_ee::{
+    encrypt_model, encrypt_tokens, model_digest, natural_kind, EeKey, EncryptedStep, KeyKind,
+};
 use veil_model::{
     generate, ChatMessage, GenerationParams, GgufFile, LlamaConfig, LocalModel, Shard, ShardModel,
     WeightFormat,
@@ -27,7 +30,7 @@ use crate::progress;
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// The question to answer.
-    #[arg(long, default_value = "What is the capital of France?")]
+    #[arg(long, default_value = "Name the capital city of France.")]
     pub prompt: String,
 
     /// The most tokens to generate.
@@ -98,7 +101,7 @@ impl Drop for NodeChild {
 pub fn run(args: DemoArgs) -> Result<()> {
     let base_args = ModelArgs {
         model: None,
-        dtype: WeightFormat::F32,
+        dtype: WeightFormat::AsStored,
         layers: Vec::new(),
         threads: None,
         kernels: veil_model::Kernels::default(),
@@ -113,8 +116,21 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     // 1. The key holder: a fresh key, the encrypted model, shards of it for the nodes.
     let started = Instant::now();
-    let config = LlamaConfig::from_gguf(&GgufFile::open(&base)?)?;
-    let key = EeKey::generate(&config, &model_digest(&base)?);
+    let gguf = GgufFile::open(&base)?;
+    let config = LlamaConfig::from_gguf(&gguf)?;
+    // A group-local key for the quantized file: the encrypted model stays Q4_1 and gives the
+    // plaintext model's bits, so a committee can verify it with exact commitments.
+    let kind = natural_kind(&gguf);
+    let digest = model_digest(&base)?;
+    let key = match kind {
+        KeyKind::GroupLocal => EeKey::generate_group_local(&config, &digest),
+        KeyKind::Full => EeKey::generate(&config, &digest),
+    };
+    let stored = if kind == KeyKind::GroupLocal {
+        WeightFormat::AsStored
+    } else {
+        WeightFormat::F32
+    };
     let encrypted = work.path().join("encrypted.gguf");
     let spinner = progress::spinner("encrypting the model under a fresh key".into());
     encrypt_model(&base, &key, &encrypted)?;
@@ -123,7 +139,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let manifests = veil_model::write_shard_files(&encrypted, &plan, &shard_dir, &mut |_, _| {})?;
     spinner.finish_and_clear();
     eprintln!(
-        "1. encrypted the model (F32) under a fresh key and cut it into {} shards in {:.1} s",
+        "1. encrypted the model under a fresh {kind} key ({}) and cut it into {} shards in {:.1} s",
+        if kind == KeyKind::GroupLocal {
+            "kept in its stored formats"
+        } else {
+            "written in F32"
+        },
         manifests.len(),
         started.elapsed().as_secs_f64()
     );
@@ -154,7 +175,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         client_layers: None,
     };
     let rt = runtime()?;
-    let mut chain = retry(|| open_chain(&rt, &swarm, &encrypted, WeightFormat::F32))?;
+    let mut chain = retry(|| open_chain(&rt, &swarm, &encrypted, stored))?;
     let params = GenerationParams {
         max_tokens: args.max_tokens,
         ..GenerationParams::default()
@@ -192,13 +213,24 @@ pub fn run(args: DemoArgs) -> Result<()> {
             ..GenerationParams::default()
         };
         bench(
-            &rt, &swarm, &encrypted, &key, &text, &long, &params, &mut chain,
+            &rt, &swarm, &encrypted, stored, &key, &text, &long, &params, &mut chain,
         )?;
     }
     chain.close();
     drop(nodes);
     eprintln!("5. stopped the nodes");
-    crate::commands::demo_verify::run(work.path(), &base, &text, &args.prompt, args.bench)?;
+    let encrypted_model = crate::commands::demo_verify::EncryptedModel {
+        file: &encrypted,
+        key: &key,
+    };
+    crate::commands::demo_verify::run(
+        work.path(),
+        &base,
+        &encrypted_model,
+        &text,
+        &args.prompt,
+        args.bench,
+    )?;
     eprintln!("   removed {}", work.path().display());
     Ok(())
 }
@@ -225,6 +257,7 @@ fn bench(
     rt: &tokio::runtime::Runtime,
     swarm: &SwarmArgs,
     encrypted: &PathBuf,
+    format: WeightFormat,
     key: &EeKey,
     text: &LocalModel,
     prompt: &[u32],
@@ -234,7 +267,7 @@ fn bench(
     let shards = vec![ShardModel::load(
         &mut GgufFile::open(encrypted)?,
         &Shard::whole(text.config.block_count),
-        WeightFormat::F32,
+        format,
     )?];
     // Decode tokens/s of one greedy run of `prompt` on `session`.
     let decode_rate = |session: &mut dyn veil_model::TokenStep| -> Result<f64> {
@@ -254,7 +287,7 @@ fn bench(
         local.push(decode_rate(&mut veil_ee::EncryptedSession::new(
             key, &shards,
         ))?);
-        let mut chain = open_chain(rt, swarm, encrypted, WeightFormat::F32)?;
+        let mut chain = open_chain(rt, swarm, encrypted, format)?;
         remote.push(decode_rate(&mut EncryptedStep::new(key, &mut chain))?);
         chain.close();
     }

@@ -1,12 +1,14 @@
-//! The verification part of `veil demo`: whole-model nodes, one of them lying; a committee
-//! catches it, the evidence re-checks, and the next request leaves the liar out. With `--bench`,
-//! a committee of 3 against one unverified node, side by side.
+//! The verification part of `veil demo`: whole-model nodes serving the encrypted model, one of
+//! them lying; a committee catches it in the encrypted basis, the evidence re-checks against the
+//! encrypted file, and the next request leaves the liar out. With `--bench`, an encrypted
+//! committee of 3 against one unverified node serving the plaintext model, side by side.
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use veil_ee::EeKey;
 use veil_model::{generate, ChatMessage, GenerationParams, LocalModel, WeightFormat};
 use veil_net::{generate_verified, NodeState, RemoteChain, SwarmClient, VerifiedRequest};
 use veil_verify::trials::load_whole;
@@ -16,16 +18,39 @@ use crate::commands::bench::median;
 use crate::commands::demo::{retry, NodeChild};
 use crate::commands::swarm::runtime;
 
-/// Runs the verification demo in `work` with the plaintext model `base`.
-pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: bool) -> Result<()> {
+/// The encrypted model the demo's committee serves, and what the key holder keeps.
+pub struct EncryptedModel<'a> {
+    /// The encrypted GGUF the nodes serve.
+    pub file: &'a Path,
+    /// Its key (the tokens' order).
+    pub key: &'a EeKey,
+}
+
+/// Runs the verification demo in `work`: nodes serve `encrypted`; `base` is the plaintext model
+/// (for `--bench`'s unverified baseline) and `text` its tokenizer.
+pub fn run(
+    work: &Path,
+    base: &Path,
+    encrypted: &EncryptedModel<'_>,
+    text: &LocalModel,
+    question: &str,
+    bench: bool,
+) -> Result<()> {
     let state = |name: &str| work.join(format!("verify-{name}.redb"));
-    // The stored quantized weights on Veil's kernels: the same bits on every node, so the
-    // committee verifies with exact commitments.
-    let mut nodes = vec![NodeChild::start_with(base, "all", &state("a"), None, &[])?];
+    // A group-locally encrypted quantized model on Veil's kernels: the same bits on every
+    // node, so the committee verifies with exact commitments, in the encrypted basis.
+    let served = encrypted.file;
+    let mut nodes = vec![NodeChild::start_with(
+        served,
+        "all",
+        &state("a"),
+        None,
+        &[],
+    )?];
     let boot = nodes[0].addr.clone();
     for name in ["b", "c"] {
         nodes.push(NodeChild::start_with(
-            base,
+            served,
             "all",
             &state(name),
             Some(&boot),
@@ -33,7 +58,7 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
         )?);
     }
     let liar = NodeChild::start_with(
-        base,
+        served,
         "all",
         &state("liar"),
         Some(&boot),
@@ -43,7 +68,7 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
     let liar_id = peer(&liar.addr);
     nodes.push(liar);
     let ids: Vec<String> = nodes.iter().map(|n| peer(&n.addr)).collect();
-    eprintln!("6. verification: 4 whole-model nodes serving the stored Q4_1 weights; {liar_id} serves weights perturbed by 1% (--misbehave other-model)");
+    eprintln!("6. verification: 4 whole-model nodes serving the encrypted model; {liar_id} serves it with weights perturbed by 1% (--misbehave other-model)");
 
     let rt = runtime()?;
     let client = rt.block_on(SwarmClient::connect(
@@ -51,7 +76,8 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
         std::time::Duration::from_secs(120),
         std::time::Duration::from_secs(10),
     ))?;
-    let digest = veil_model::store::file_digest(base)?.1;
+    let digest = veil_model::store::file_digest(served)?.1;
+    let order = veil_ee::EncryptedOrder::new(encrypted.key);
     let client_state = NodeState::open(&work.join("verify-client.redb"))?;
     let prompt = text.chat_prompt(&[ChatMessage::user(question.to_string())])?;
     let params = GenerationParams {
@@ -72,6 +98,7 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
     let request = |request_id: String, size: usize| VerifiedRequest {
         model_digest: &digest,
         prompt: &prompt,
+        order: &order,
         params: &params,
         context_length: text.config.context_length,
         size,
@@ -99,16 +126,20 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
     for record in &answer.evidence {
         let proven = record.check()?;
         eprintln!(
-            "   {} generated first: failed by {} of {} judges, e.g. {:?}",
+            "   {} generated first: failed by {} of {} judges{}",
             proven.generator,
             proven.failed.len(),
             proven.failed.len() + proven.passed.len(),
-            proven.failed.first().map(|(_, v)| v)
+            proven
+                .failed
+                .first()
+                .map(|(_, v)| format!(", e.g. {v}"))
+                .unwrap_or_default()
         );
         let path = work.join("evidence.json");
         std::fs::write(&path, record.to_bytes()?)?;
         let format: WeightFormat = record.job.body.format.parse()?;
-        let local = [load_whole(base, format, None)?];
+        let local = [load_whole(served, format, None)?];
         let recheck = validate(&local, &record.job.body.claim, &Tolerances::default())?;
         eprintln!(
             "   evidence ({} bytes, every message signed) re-checked here: {}",
@@ -137,24 +168,28 @@ pub fn run(work: &Path, base: &Path, text: &LocalModel, question: &str, bench: b
             prompt: &long,
             ..request(request_id, size)
         };
+        // The baseline: one node serving the plaintext model, unverified.
+        let plain = NodeChild::start_with(base, "all", &state("plain"), Some(&boot), &[])?;
+        let plain_digest = veil_model::store::file_digest(base)?.1;
         bench_committee(
             &client,
             &rt,
             text,
-            &digest,
+            &plain_digest,
             &long,
             &client_state,
             &liar_id,
             &long_request,
         )?;
+        drop(plain);
     }
     drop(nodes);
     eprintln!("7. stopped the verification nodes");
     Ok(())
 }
 
-/// End-to-end time of a committee of 3 (one generates, two judge) against one unverified node,
-/// alternating, medians of 3; the liar is left out of both.
+/// End-to-end time of a committee of 3 (one generates, two judge) against one unverified node
+/// serving the plaintext model (`digest`), alternating, medians of 3; the liar is left out.
 #[allow(clippy::too_many_arguments)]
 fn bench_committee<'a>(
     client: &SwarmClient,
@@ -175,14 +210,16 @@ fn bench_committee<'a>(
     let mut tokens = 0;
     for run in 0..3 {
         let started = Instant::now();
-        let mut chain = RemoteChain::open_avoiding(
-            client.clone(),
-            rt.handle().clone(),
-            digest,
-            text.config.block_count,
-            None,
-            &avoid,
-        )?;
+        let mut chain = retry(|| {
+            Ok(RemoteChain::open_avoiding(
+                client.clone(),
+                rt.handle().clone(),
+                digest,
+                text.config.block_count,
+                None,
+                &avoid,
+            )?)
+        })?;
         tokens = generate(
             &mut chain,
             &text.tokenizer,
@@ -210,8 +247,8 @@ fn bench_committee<'a>(
     }
     let (p, v) = (median(&mut plain), median(&mut verified));
     eprintln!(
-        "bench: {tokens} greedy tokens end to end: one unverified node {p:.2} s, committee of 3 {v:.2} s: verified costs {:.2}x (median of 3, nodes sharing this machine's cores)",
-        v / p
+        "bench: {tokens} greedy tokens end to end: one unverified plaintext node {p:.2} s, encrypted committee of 3 {v:.2} s: verified and encrypted runs at {:.2}x its speed (median of 3, nodes sharing this machine's cores)",
+        p / v
     );
     Ok(())
 }

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use veil_ee::{encrypt_model, model_digest, EeKey, FrequencyAttack, FrequencyGuess};
+use veil_ee::{encrypt_model, model_digest, EeKey, FrequencyAttack, FrequencyGuess, KeyKind};
 use veil_model::{ChatMessage, GgufFile, LlamaConfig, LocalModel, ShardModel};
 
 use crate::args::ModelArgs;
@@ -25,6 +25,13 @@ pub enum EeCommand {
         /// Where to write the key file.
         #[arg(long)]
         out: PathBuf,
+        /// Which transforms the key holds: `group-local` (permutations inside groups of 16;
+        /// the encrypted model keeps the file's quantized formats and gives the plaintext
+        /// model's bits) or `full` (rotations too; the encrypted model is written in F32).
+        /// Default: group-local for files whose matrices are all in a quantized format Veil's
+        /// kernels run, full otherwise.
+        #[arg(long)]
+        transform: Option<KeyKind>,
     },
     /// Write the model transformed by a key: a GGUF any node can serve without reading it.
     Encrypt {
@@ -91,7 +98,11 @@ pub struct EncryptedPair {
 /// Runs `veil ee ...`.
 pub fn run(command: EeCommand) -> Result<()> {
     match command {
-        EeCommand::Keygen { model, out } => {
+        EeCommand::Keygen {
+            model,
+            out,
+            transform,
+        } => {
             if out.exists() {
                 bail!(
                     "{} already exists: refusing to overwrite a key",
@@ -99,12 +110,23 @@ pub fn run(command: EeCommand) -> Result<()> {
                 );
             }
             let path = model.resolve_path()?;
-            let config = LlamaConfig::from_gguf(&GgufFile::open(&path)?)?;
-            let key = EeKey::generate(&config, &model_digest(&path)?);
+            let gguf = GgufFile::open(&path)?;
+            let config = LlamaConfig::from_gguf(&gguf)?;
+            let kind = transform.unwrap_or_else(|| veil_ee::natural_kind(&gguf));
+            let digest = model_digest(&path)?;
+            let key = match kind {
+                KeyKind::Full => EeKey::generate(&config, &digest),
+                KeyKind::GroupLocal => EeKey::generate_group_local(&config, &digest),
+            };
+            key.check(&config)?;
             let sealed = key.seal(&passphrase()?)?;
             std::fs::write(&out, sealed)
                 .with_context(|| format!("cannot write {}", out.display()))?;
-            eprintln!("wrote key for {} to {}", path.display(), out.display());
+            eprintln!(
+                "wrote a {kind} key for {} to {}",
+                path.display(),
+                out.display()
+            );
         }
         EeCommand::Encrypt { model, key, out } => {
             let path = model.resolve_path()?;

@@ -258,10 +258,8 @@ fn run_on_swarm(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
 /// `veil generate --bootstrap ... --verify N`: a committee generates and checks the answer.
 fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> Result<()> {
     let size = args.verify.verify.unwrap_or(0);
-    if args.encrypted.is_some() || args.swarm.client_layers.is_some() {
-        bail!(
-            "--verify works with plaintext whole-model nodes; drop --encrypted and --client-layers"
-        );
+    if args.swarm.client_layers.is_some() {
+        bail!("--verify works with whole-model nodes; drop --client-layers");
     }
     if size < 2 {
         bail!("--verify needs a committee of at least 2 (one generates, one judges)");
@@ -279,6 +277,20 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     let path = args.model.resolve_path()?;
     let model = LocalModel::open_text(&path)?;
     let prompt = prompt_ids(args, &model)?;
+    // With a key, the committee serves the encrypted file and works in the key's token order;
+    // the plaintext model only supplies the tokenizer.
+    let (served, order): (PathBuf, Box<dyn veil_model::TokenOrder + Sync>) =
+        match (&args.encrypted, &args.key) {
+            (Some(encrypted), Some(key)) => {
+                let key = crate::commands::ee::read_key(key)?;
+                veil_ee::check_key(&veil_model::GgufFile::open(encrypted)?, &key)?;
+                (
+                    encrypted.clone(),
+                    Box::new(veil_ee::EncryptedOrder::new(&key)),
+                )
+            }
+            _ => (path.clone(), Box::new(veil_model::PlainOrder)),
+        };
     let home = veil_model::ModelStore::from_env().home().to_path_buf();
     let state = veil_net::NodeState::open(
         &args
@@ -293,10 +305,11 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         std::time::Duration::from_secs(120),
         std::time::Duration::from_secs(10),
     ))?;
-    let digest = veil_model::store::file_digest(&path)?.1;
+    let digest = veil_model::store::file_digest(&served)?.1;
     let request = veil_net::VerifiedRequest {
         model_digest: &digest,
         prompt: &prompt,
+        order: order.as_ref(),
         params,
         context_length: model.config.context_length,
         size,
@@ -339,7 +352,7 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         answer.judge_time.as_secs_f64()
     );
     for (peer, verdict) in &answer.tally.failed {
-        eprintln!("  dissent from {peer}: {verdict:?}");
+        eprintln!("  dissent from {peer}: {verdict}");
     }
     for (file, record) in written.iter().zip(&answer.evidence) {
         eprintln!(

@@ -158,7 +158,7 @@ fn calibrate(
             );
         }
         for (what, verdict) in &report.failures {
-            println!("  false accusation: {what}: {verdict:?}");
+            println!("  false accusation: {what}: {verdict}");
         }
     }
     let kinds = if kinds.is_empty() {
@@ -267,7 +267,9 @@ pub fn verify_evidence(args: EvidenceArgs) -> Result<()> {
     let digest = veil_ee::model_digest(&path)?;
     if digest != job.model_digest {
         bail!(
-            "the evidence is about model {}, but {} is model {digest}: pass the right one with --model",
+            "the evidence is about the model file with digest {}, but {} has digest {digest}: \
+             pass that file with --model (for an encrypted model, the encrypted GGUF the nodes \
+             served, from `veil ee encrypt`: the plaintext model and the key do not reproduce it)",
             job.model_digest,
             path.display()
         );
@@ -288,7 +290,7 @@ pub fn verify_evidence(args: EvidenceArgs) -> Result<()> {
             println!("evidence holds: {} signed an answer that fails validation", proven.generator);
             println!("  recomputed here: token {token}: {reason}");
             for (peer, verdict) in &proven.failed {
-                println!("  failed by {peer}: {verdict:?}");
+                println!("  failed by {peer}: {verdict}");
             }
             for peer in &proven.passed {
                 println!("  passed by {peer}");

@@ -421,12 +421,6 @@ impl Gateway {
             Some(asked) => self.check_accel(asked)?,
         };
         let verify = options.veil.verify;
-        if verify.is_some() && encrypted {
-            return Err(ApiError::invalid(
-                "verification runs on plaintext whole-model nodes; this gateway serves an encrypted model",
-                Some("veil.verify"),
-            ));
-        }
         match (verify, &self.backend) {
             (None, _) => {}
             (Some(_), Backend::Local) => {
@@ -625,9 +619,18 @@ impl Gateway {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
+        // On an encrypted model the committee generates and judges in the key's order.
+        let encrypted_order = self
+            .privacy
+            .as_ref()
+            .map(|p| veil_ee::EncryptedOrder::new(&p.key));
         let request = veil_net::VerifiedRequest {
             model_digest: &swarm.digest,
             prompt,
+            order: match &encrypted_order {
+                Some(order) => order,
+                None => &veil_model::PlainOrder,
+            },
             params,
             context_length: self.model.config.context_length,
             size,
