@@ -25,7 +25,7 @@ use veil_verify::{
 
 use crate::client::SwarmClient;
 use crate::error::{NetError, Result};
-use crate::node_state::{NodeState, AVOID_BELOW};
+use crate::node_state::NodeState;
 use crate::wire::{RequestBody, Response, SessionId, StepInput};
 
 /// What a verified request asks for.
@@ -88,12 +88,7 @@ pub fn generate_verified(
         ));
     }
     let avoid: HashSet<String> = match state {
-        Some(s) => s
-            .reputations()?
-            .into_iter()
-            .filter(|(_, r)| *r < AVOID_BELOW)
-            .map(|(p, _)| p)
-            .collect(),
+        Some(s) => s.avoided()?.iter().map(PeerId::to_string).collect(),
         None => HashSet::new(),
     };
     let mut found = runtime.block_on(client.discover(request.model_digest))?;

@@ -93,6 +93,11 @@ impl NodeSession {
 /// Verdicts sealed and waiting to be revealed, oldest first; bounded so peers cannot fill
 /// memory with judge requests.
 const MAX_PENDING_REVEALS: usize = 256;
+/// Sealed verdicts one peer may leave waiting; its oldest make way for new ones.
+const MAX_PENDING_REVEALS_PER_PEER: usize = 16;
+/// Judgements run at once (each a prefill of up to a session's length); more are refused as
+/// busy. One peer may have one judgement running.
+const MAX_JUDGES_IN_FLIGHT: usize = 2;
 
 /// A step finished on a blocking thread, on its way back to the event loop.
 struct StepDone {
@@ -259,7 +264,9 @@ pub async fn run_node(
     });
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<StepDone>();
     let (answered_tx, mut answered_rx) = mpsc::unbounded_channel::<Answered>();
-    let mut reveals: std::collections::VecDeque<Signed<VerdictReveal>> = Default::default();
+    let mut reveals: Reveals = Default::default();
+    let mut judging: std::collections::HashSet<PeerId> = Default::default();
+    let judges_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let proofs_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let challenges_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -295,7 +302,7 @@ pub async fn run_node(
                         refuse(ErrorKind::BadRequest, e.to_string())
                     }
                     Err(StepError::Failed(e)) => {
-                        sessions.discard();
+                        sessions.discard(done.session);
                         warn!("session {} failed and was dropped: {e}", done.session);
                         refuse(ErrorKind::Internal, e.to_string())
                     }
@@ -303,12 +310,11 @@ pub async fn run_node(
                 let _ = swarm.behaviour_mut().infer.send_response(done.channel, response);
             }
             Some(answered) = answered_rx.recv() => {
-                if let Some(reveal) = answered.reveal {
-                    reveals.retain(|r| r.body.job != reveal.body.job);
-                    if reveals.len() == MAX_PENDING_REVEALS {
-                        reveals.pop_front();
+                if let Some(asker) = answered.judged_for {
+                    judging.remove(&asker);
+                    if let Some(reveal) = answered.reveal {
+                        keep_reveal(&mut reveals, asker, reveal);
                     }
-                    reveals.push_back(reveal);
                 }
                 let _ = swarm.behaviour_mut().infer.send_response(answered.channel, answered.response);
             }
@@ -349,7 +355,7 @@ pub async fn run_node(
                                     Some(Err(e)) => refuse(ErrorKind::Internal, format!("cannot obtain TEE evidence: {e}")),
                                     None => refuse(ErrorKind::BadRequest, "this node runs in no TEE"),
                                 };
-                                let _ = tx.send(Answered { channel, response, reveal: None });
+                                let _ = tx.send(Answered { channel, response, reveal: None, judged_for: None });
                             });
                         }
                         Handled::ProveInference(input) => {
@@ -365,7 +371,7 @@ pub async fn run_node(
                                     Some(Err(e)) => refuse(ErrorKind::BadRequest, e.to_string()),
                                     None => refuse(ErrorKind::BadRequest, "this node proves no private model"),
                                 };
-                                let _ = tx.send(Answered { channel, response, reveal: None });
+                                let _ = tx.send(Answered { channel, response, reveal: None, judged_for: None });
                             });
                         }
                         Handled::OpenWeights(leaves) => {
@@ -384,7 +390,7 @@ pub async fn run_node(
                                     Err(e @ veil_zk::ZkError::BadChallenge(_)) => refuse(ErrorKind::BadRequest, e.to_string()),
                                     Err(e) => refuse(ErrorKind::Internal, e.to_string()),
                                 };
-                                let _ = tx.send(Answered { channel, response, reveal: None });
+                                let _ = tx.send(Answered { channel, response, reveal: None, judged_for: None });
                             });
                         }
                         Handled::Closed(session) => {
@@ -392,10 +398,20 @@ pub async fn run_node(
                             keep_run(&mut swarm, &runs, history.as_ref(), session);
                         }
                         Handled::Judge(job) => {
+                            if judging.contains(&peer) {
+                                let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "judging your last job; ask again once it is answered"));
+                                continue;
+                            }
+                            let Some(slot) = InFlight::take(&judges_in_flight, MAX_JUDGES_IN_FLIGHT) else {
+                                let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "judging other jobs; try again shortly"));
+                                continue;
+                            };
+                            judging.insert(peer);
                             let (model, judge, tx) = (Arc::clone(&model), Arc::clone(&judge), answered_tx.clone());
                             tokio::task::spawn_blocking(move || {
+                                let _slot = slot;
                                 let (response, reveal) = judge.judge(&model, &job);
-                                let _ = tx.send(Answered { channel, response, reveal });
+                                let _ = tx.send(Answered { channel, response, reveal, judged_for: Some(peer) });
                             });
                         }
                         Handled::Step { session, cache, input } => {
@@ -473,7 +489,28 @@ enum Handled {
 struct Answered {
     channel: ResponseChannel<Response>,
     response: Response,
+    /// A judgement's sealed verdict, kept for the peer that asked.
     reveal: Option<Signed<VerdictReveal>>,
+    /// For a judgement: the peer that asked for it.
+    judged_for: Option<PeerId>,
+}
+
+/// Sealed verdicts waiting to be revealed, each with the peer that asked for the judgement.
+type Reveals = std::collections::VecDeque<(PeerId, Signed<VerdictReveal>)>;
+
+/// Keeps `reveal` for `asker`, within the per-peer and global bounds (oldest out first).
+fn keep_reveal(reveals: &mut Reveals, asker: PeerId, reveal: Signed<VerdictReveal>) {
+    reveals.retain(|(p, r)| !(*p == asker && r.body.job == reveal.body.job));
+    let held = reveals.iter().filter(|(p, _)| *p == asker).count();
+    if held >= MAX_PENDING_REVEALS_PER_PEER {
+        if let Some(oldest) = reveals.iter().position(|(p, _)| *p == asker) {
+            reveals.remove(oldest);
+        }
+    }
+    if reveals.len() >= MAX_PENDING_REVEALS {
+        reveals.pop_front();
+    }
+    reveals.push_back((asker, reveal));
 }
 
 /// What a node needs to take part in verification.
@@ -557,7 +594,7 @@ fn handle(
     model: &ShardModel,
     info: &ShardInfo,
     judge: &Judge,
-    reveals: &std::collections::VecDeque<Signed<VerdictReveal>>,
+    reveals: &Reveals,
     vocab_size: usize,
     peer: PeerId,
     request: Request,
@@ -575,6 +612,7 @@ fn handle(
     Handled::Now(match request.body {
         RequestBody::Info => Response::Info(info.clone()),
         RequestBody::Open => match sessions.open(
+            peer,
             NodeSession::Plain(model.new_cache(), SessionUsage::default()),
             now,
         ) {
@@ -616,7 +654,7 @@ fn handle(
                 request_id,
                 serving,
             }));
-            match sessions.open(state, now) {
+            match sessions.open(peer, state, now) {
                 Ok(session) => {
                     info!("opened verified session {session} for {peer}");
                     Response::Opened { session }
@@ -624,9 +662,9 @@ fn handle(
                 Err(e) => refuse(ErrorKind::Busy, e.to_string()),
             }
         }
-        RequestBody::Finish { session } => match sessions.take(session, 0) {
+        RequestBody::Finish { session } => match sessions.take(peer, session, 0) {
             Ok((NodeSession::Verified(v), _)) => {
-                sessions.discard();
+                sessions.discard(session);
                 let job = Job {
                     request_id: v.request_id,
                     model_digest: info.model_digest.clone(),
@@ -646,13 +684,26 @@ fn handle(
                     format!("session {session} is not verified"),
                 )
             }
-            Err(e) => refuse(ErrorKind::UnknownSession, e.to_string()),
+            Err(e @ crate::sessions::SessionRefusal::Unknown(_)) => {
+                refuse(ErrorKind::UnknownSession, e.to_string())
+            }
+            Err(e) => refuse(ErrorKind::Busy, e.to_string()),
         },
         RequestBody::Judge { job } => {
             if !judge.whole {
                 return Handled::Now(refuse(
                     ErrorKind::BadRequest,
                     "judging needs a node serving the whole model",
+                ));
+            }
+            let positions = job.body.claim.prompt.len() + job.body.claim.output.len();
+            if positions > info.max_session_tokens {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "the job holds {positions} positions; this node judges at most {}",
+                        info.max_session_tokens
+                    ),
                 ));
             }
             return Handled::Judge(job);
@@ -687,14 +738,18 @@ fn handle(
             }
             return Handled::Attest(nonce);
         }
-        RequestBody::Reveal { job } => match reveals.iter().find(|r| r.body.job == job) {
-            Some(reveal) => Response::Revealed(reveal.clone()),
+        // Only to the peer that asked for the judgement: another judge must not copy it.
+        RequestBody::Reveal { job } => match reveals
+            .iter()
+            .find(|(asker, r)| *asker == peer && r.body.job == job)
+        {
+            Some((_, reveal)) => Response::Revealed(reveal.clone()),
             None => refuse(
                 ErrorKind::UnknownSession,
                 format!("no sealed verdict on job {job} here"),
             ),
         },
-        RequestBody::Close { session } => match sessions.close(session) {
+        RequestBody::Close { session } => match sessions.close(peer, session) {
             Some(closed) => return Handled::Closed(closed),
             None => refuse(
                 ErrorKind::UnknownSession,
@@ -705,7 +760,7 @@ fn handle(
             if let Err(e) = info.check_input(&input, vocab_size) {
                 return Handled::Now(refuse(ErrorKind::BadRequest, e.to_string()));
             }
-            match sessions.take(session, input.len()) {
+            match sessions.take(peer, session, input.len()) {
                 Ok((cache, _)) => {
                     return Handled::Step {
                         session,

@@ -42,6 +42,10 @@ impl NodeState {
             std::fs::create_dir_all(dir).map_err(|e| db_error(path, e))?;
         }
         let db = Database::create(path).map_err(|e| db_error(path, e))?;
+        // It holds the node's identity key: owner-only.
+        #[cfg(unix)]
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| db_error(path, e))?;
         Ok(Self {
             db: Arc::new(db),
             path: path.to_path_buf(),
@@ -201,6 +205,17 @@ impl NodeState {
             out.push((k.value().to_string(), v.value()));
         }
         Ok(out)
+    }
+
+    /// Peers caught lying (reputation below [`AVOID_BELOW`]): left out of committees and of
+    /// every route.
+    pub fn avoided(&self) -> Result<std::collections::HashSet<libp2p::PeerId>> {
+        Ok(self
+            .reputations()?
+            .into_iter()
+            .filter(|(_, r)| *r < AVOID_BELOW)
+            .filter_map(|(p, _)| p.parse().ok())
+            .collect())
     }
 
     fn error(&self, e: impl std::fmt::Display) -> NetError {

@@ -12,7 +12,7 @@ use crate::error::{NetError, Result};
 pub const PROTOCOL: &str = "/veil/infer/1";
 
 /// The protocol version inside every request, so a mismatch is an explicit error.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 
 /// Largest request or response a peer accepts: 32 MiB, room for a 4096-token prefill of hidden
 /// states of width 2048 in f32.
@@ -21,8 +21,23 @@ pub const MAX_MESSAGE_BYTES: u64 = 32 << 20;
 /// Largest number of positions one step may carry.
 pub const MAX_STEP_TOKENS: usize = 8192;
 
-/// A node's session handle.
-pub type SessionId = u64;
+/// A node's session handle: 128 random bits, so no peer can guess another's, and a node
+/// answers for a session only to the peer that opened it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SessionId(pub [u8; 16]);
+
+impl SessionId {
+    /// A fresh id from the thread's CSPRNG.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
 
 /// Element types a tensor may travel in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

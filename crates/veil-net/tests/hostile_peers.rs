@@ -11,7 +11,9 @@ use libp2p::{noise, tcp, yamux, Multiaddr, StreamProtocol, SwarmBuilder};
 use tokio::sync::mpsc;
 use veil_model::SamplingParams;
 use veil_model::{ModelStore, Shard, WeightFormat, SMOLLM2_135M};
-use veil_net::wire::{RequestBody, Response, StepInput, WireDType, WireTensor, PROTOCOL};
+use veil_net::wire::{
+    RequestBody, Response, SessionId, StepInput, WireDType, WireTensor, PROTOCOL,
+};
 use veil_net::{peer_of, NetError, NodeConfig, SessionLimits, SwarmClient};
 use veil_verify::{CommitmentMode, Keypair, SamplingSpec, Signed, Verdict};
 
@@ -36,6 +38,20 @@ async fn start_node(dir: &std::path::Path, listen: &str) -> Multiaddr {
 
 /// Starts a node serving `shard` on `listen`; returns its address.
 async fn serve(dir: &std::path::Path, listen: &str, shard: std::path::PathBuf) -> Multiaddr {
+    let limits = SessionLimits {
+        max_sessions: 2,
+        ..SessionLimits::default()
+    };
+    serve_with(dir, listen, shard, limits).await
+}
+
+/// [`serve`] with other session limits.
+async fn serve_with(
+    dir: &std::path::Path,
+    listen: &str,
+    shard: std::path::PathBuf,
+    limits: SessionLimits,
+) -> Multiaddr {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let config = NodeConfig {
         shard,
@@ -43,10 +59,7 @@ async fn serve(dir: &std::path::Path, listen: &str, shard: std::path::PathBuf) -
         listen: vec![listen.parse().unwrap()],
         bootstrap: Vec::new(),
         state: dir.join("node.redb"),
-        limits: SessionLimits {
-            max_sessions: 2,
-            ..SessionLimits::default()
-        },
+        limits,
         request_timeout: Duration::from_secs(5),
         on_listen: Some(tx),
         misbehave: None,
@@ -196,7 +209,7 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
 
     let step = |session, input| RequestBody::Step { session, input };
     refused(
-        ask(step(session ^ 0xdead, hidden(vec![1, 576]))).await,
+        ask(step(SessionId([0xde; 16]), hidden(vec![1, 576]))).await,
         "unknown session",
     );
     refused(ask(step(session, hidden(vec![1, 100]))).await, "shape");
@@ -537,5 +550,202 @@ async fn verification_requests_are_checked_before_any_work() {
     refused(
         client.request(part, RequestBody::Judge { job }).await,
         "whole model",
+    );
+}
+
+/// A peer with its own identity, connected to `node`.
+async fn stranger(node: &Multiaddr) -> SwarmClient {
+    SwarmClient::connect(
+        std::slice::from_ref(node),
+        Duration::from_secs(60),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap()
+}
+
+fn refused_with(r: Result<Response, NetError>, want: &str) {
+    match r {
+        Err(NetError::Refused { message, .. }) => {
+            assert!(message.contains(want), "{message:?} lacks {want:?}")
+        }
+        other => panic!("expected a refusal mentioning {want:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_serves_only_the_peer_that_opened_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "/ip4/127.0.0.1/tcp/0").await;
+    let peer = peer_of(&node).unwrap();
+    let (victim, thief) = (stranger(&node).await, stranger(&node).await);
+    let Response::Opened { session } = victim.request(peer, RequestBody::Open).await.unwrap()
+    else {
+        panic!("no session")
+    };
+    // The thief knows the id (say it was leaked) and tries every request that names it.
+    let step = |input| RequestBody::Step { session, input };
+    refused_with(
+        thief.request(peer, step(hidden(vec![1, 576]))).await,
+        "unknown session",
+    );
+    refused_with(
+        thief.request(peer, RequestBody::Finish { session }).await,
+        "unknown session",
+    );
+    refused_with(
+        thief.request(peer, RequestBody::Close { session }).await,
+        "unknown session",
+    );
+    // The thief's own session is a fresh random id, not the next in a sequence.
+    let Response::Opened { session: other } = thief.request(peer, RequestBody::Open).await.unwrap()
+    else {
+        panic!("no session")
+    };
+    let as_number = |s: SessionId| u128::from_le_bytes(s.0);
+    assert!(as_number(other).abs_diff(as_number(session)) > 1 << 64);
+    // The victim's session is untouched.
+    let Response::Output(out) = victim
+        .request(peer, step(hidden(vec![2, 576])))
+        .await
+        .unwrap()
+    else {
+        panic!("no output")
+    };
+    assert_eq!(out.shape, vec![2, 576]);
+    assert!(matches!(
+        victim.request(peer, RequestBody::Close { session }).await,
+        Ok(Response::Closed)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_take_every_session_slot_or_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    let manifests = veil_model::write_shard_files(
+        &model_path(),
+        &[Shard::span(10..20, 30).unwrap()],
+        &shards,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let limits = SessionLimits {
+        max_sessions: 4,
+        max_sessions_per_peer: 2,
+        max_tokens_per_peer: 6,
+        ..SessionLimits::default()
+    };
+    let node = serve_with(
+        dir.path(),
+        "/ip4/127.0.0.1/tcp/0",
+        shards.join(&manifests[0].file),
+        limits,
+    )
+    .await;
+    let peer = peer_of(&node).unwrap();
+    let (hog, other) = (stranger(&node).await, stranger(&node).await);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let Response::Opened { session } = hog.request(peer, RequestBody::Open).await.unwrap()
+        else {
+            panic!("no session")
+        };
+        held.push(session);
+    }
+    refused_with(
+        hog.request(peer, RequestBody::Open).await,
+        "the most one peer may",
+    );
+    // Positions: 4 in one session and 3 in the other pass the per-peer 6.
+    let step = |session, n| RequestBody::Step {
+        session,
+        input: hidden(vec![n, 576]),
+    };
+    hog.request(peer, step(held[0], 4)).await.unwrap();
+    refused_with(hog.request(peer, step(held[1], 3)).await, "per peer");
+    // Everyone else is still served.
+    let Response::Opened { session } = other.request(peer, RequestBody::Open).await.unwrap() else {
+        panic!("the other peer found no free slot")
+    };
+    other.request(peer, step(session, 3)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verdicts_go_only_to_the_asker_and_oversized_jobs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = serve(dir.path(), "/ip4/127.0.0.1/tcp/0", model_path()).await;
+    let peer = peer_of(&node).unwrap();
+    let (client, lazy_judge) = (stranger(&node).await, stranger(&node).await);
+    let Response::Opened { session } = client
+        .request(
+            peer,
+            RequestBody::OpenVerified {
+                request_id: "ef".repeat(32),
+                sampling: SamplingSpec::from(&SamplingParams::greedy()),
+                commitment: CommitmentMode::Exact,
+            },
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("no verified session")
+    };
+    let step = |tokens: Vec<u32>| RequestBody::Step {
+        session,
+        input: StepInput::Tokens(tokens),
+    };
+    let Response::Output(logits) = client.request(peer, step(vec![1, 9690, 28])).await.unwrap()
+    else {
+        panic!("no logits")
+    };
+    let first = veil_model::sampling::argmax(
+        &logits
+            .to_tensor()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap(),
+    );
+    client.request(peer, step(vec![first])).await.unwrap();
+    let Response::Finished(job) = client
+        .request(peer, RequestBody::Finish { session })
+        .await
+        .unwrap()
+    else {
+        panic!("no signed answer")
+    };
+    let Response::Committed(commit) = client
+        .request(peer, RequestBody::Judge { job: job.clone() })
+        .await
+        .unwrap()
+    else {
+        panic!("no sealed verdict")
+    };
+    // A lazy judge asks for the verdict to copy it: it is not there for it.
+    let reveal = |job: String| RequestBody::Reveal { job };
+    refused_with(
+        lazy_judge
+            .request(peer, reveal(commit.body.job.clone()))
+            .await,
+        "no sealed verdict",
+    );
+    let Response::Revealed(opened) = client
+        .request(peer, reveal(commit.body.job.clone()))
+        .await
+        .unwrap()
+    else {
+        panic!("the asker gets no reveal")
+    };
+    assert_eq!(opened.body.verdict, Verdict::Pass);
+
+    // A job longer than a session may be is refused before any work (it would hold
+    // gigabytes of logits).
+    let mut long = job.clone();
+    long.body.claim.output = vec![first; 9000];
+    refused_with(
+        client.request(peer, RequestBody::Judge { job: long }).await,
+        "judges at most",
     );
 }

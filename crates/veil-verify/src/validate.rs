@@ -18,6 +18,9 @@ use crate::commitment::{
 };
 use crate::error::{Result, VerifyError};
 
+/// Answer positions whose logits a validator holds at once.
+const LOGIT_CHUNK: usize = 256;
+
 /// How far an honest recomputation may stray. Calibrated on the real model (see the README's
 /// verification section and `veil verify calibrate`): honest runs across thread counts, prefill
 /// batch sizes and generator/validator pairs stay more than 10× inside every bound, and every
@@ -244,15 +247,6 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
         .chain(&claim.output[..n - 1])
         .copied()
         .collect();
-    let mut caches: Vec<_> = shards.iter().map(ShardModel::new_cache).collect();
-    let (logits, hidden) =
-        forward_chain_final_hidden(shards, &mut caches, &input, LogitsAt::From(p - 1))?;
-    let logits = logits.to_vec2::<f32>()?;
-    let hidden = hidden
-        .narrow(0, p - 1, n)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-
     let mut deviations = Deviations::default();
     let mut first_fail: Option<(usize, String)> = None;
     let mut fail = |token: usize, reason: String| {
@@ -260,6 +254,60 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
             first_fail = Some((token, reason));
         }
     };
+
+    // Logits for at most LOGIT_CHUNK answer positions at a time: a long answer costs its
+    // hidden states (n × hidden), not n × vocabulary floats of logits. The prefill runs in the
+    // same pieces, which Veil's batch-invariant kernels and attention allow.
+    let mut caches: Vec<_> = shards.iter().map(ShardModel::new_cache).collect();
+    let mut hidden: Vec<f32> = Vec::with_capacity(n * h);
+    let mut rng = ChaCha20Rng::seed_from_u64(sampling.seed);
+    let (mut fed, mut checked) = (0, 0);
+    while checked < n {
+        let k = (n - checked).min(LOGIT_CHUNK);
+        let end = p - 1 + checked + k;
+        let first_logit = p - 1 + checked - fed;
+        let (logits, states) = forward_chain_final_hidden(
+            shards,
+            &mut caches,
+            &input[fed..end],
+            LogitsAt::From(first_logit),
+        )?;
+        hidden.extend(
+            states
+                .narrow(0, first_logit, k)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+        let logits = logits.to_vec2::<f32>()?;
+        let tokens = &claim.output[checked..checked + k];
+        for (j, (row, &token)) in logits.iter().zip(tokens).enumerate() {
+            let i = checked + j;
+            let best = argmax(row);
+            let gap = row[best as usize] - row[token as usize];
+            if sampling.is_greedy() {
+                deviations.logit_gap = deviations.logit_gap.max(gap);
+                if gap > logit_delta {
+                    fail(i, format!("greedy token {token} has logit {:.3}, {gap:.3} below the best (token {best}); δ is {}", row[token as usize], logit_delta));
+                }
+                continue;
+            }
+            let u: f64 = rng.random();
+            let cands = candidates(row, &sampling);
+            let picked = pick(&cands, u);
+            if picked == token {
+                continue;
+            }
+            let near_tie = (row[picked as usize] - row[token as usize]).abs();
+            deviations.logit_gap = deviations.logit_gap.max(near_tie);
+            let near_edge = interval(&cands, token)
+                .is_some_and(|(lo, hi)| u >= lo - probability_slack && u < hi + probability_slack);
+            if !near_edge && near_tie > logit_delta {
+                fail(i, format!("the seed picks token {picked} from the validator's distribution, not the claimed {token} (logits {:.3} vs {:.3})", row[picked as usize], row[token as usize]));
+            }
+        }
+        fed = end;
+        checked += k;
+    }
 
     let digests = claim.commitment.exact.as_ref().map(|e| &e.digests[..]);
     for (c, digest) in digests.unwrap_or_default().iter().enumerate() {
@@ -294,32 +342,6 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
             );
         } else if d.rank > tol.rank_slack {
             fail(start, format!("tokens {start}..{end}: committed positions are not the largest activations (short by {:.3}, tolerance {})", d.rank, tol.rank_slack));
-        }
-    }
-
-    let mut rng = ChaCha20Rng::seed_from_u64(sampling.seed);
-    for (i, (row, &token)) in logits.iter().zip(&claim.output).enumerate() {
-        let best = argmax(row);
-        let gap = row[best as usize] - row[token as usize];
-        if sampling.is_greedy() {
-            deviations.logit_gap = deviations.logit_gap.max(gap);
-            if gap > logit_delta {
-                fail(i, format!("greedy token {token} has logit {:.3}, {gap:.3} below the best (token {best}); δ is {}", row[token as usize], logit_delta));
-            }
-            continue;
-        }
-        let u: f64 = rng.random();
-        let cands = candidates(row, &sampling);
-        let picked = pick(&cands, u);
-        if picked == token {
-            continue;
-        }
-        let near_tie = (row[picked as usize] - row[token as usize]).abs();
-        deviations.logit_gap = deviations.logit_gap.max(near_tie);
-        let near_edge = interval(&cands, token)
-            .is_some_and(|(lo, hi)| u >= lo - probability_slack && u < hi + probability_slack);
-        if !near_edge && near_tie > logit_delta {
-            fail(i, format!("the seed picks token {picked} from the validator's distribution, not the claimed {token} (logits {:.3} vs {:.3})", row[picked as usize], row[token as usize]));
         }
     }
 

@@ -282,6 +282,13 @@ fn encrypted_round_trip_and_key_errors() {
             .unwrap()
     };
     assert!(run(&["ee", "keygen", "--out", &key], "pw").status.success());
+    // The sealed key is its owner's alone, and no `.partial` file is left.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(!std::path::Path::new(&key)
+        .with_extension("partial")
+        .exists());
     assert!(run(&["ee", "keygen", "--out", &other_key], "pw")
         .status
         .success());

@@ -1096,7 +1096,9 @@ fn a_gemma_gateway_lists_the_model_completes_text_and_refuses_chat_clearly() {
     );
     assert_eq!(status, 200, "{body}");
     let text = body["choices"][0]["text"].as_str().unwrap_or_default();
-    assert!(text.starts_with(" the capital of the country"), "{body}");
+    // llama.cpp's greedy text up to its first near-tie (its fifth token, " country", leads
+    // " United" by 0.015).
+    assert!(text.starts_with(" the capital of the"), "{body}");
     let (status, body) = gateway.post(
         "/v1/chat/completions",
         &json!({"model": "gemma-3-270m-q4_k_m",
@@ -1110,4 +1112,54 @@ fn a_gemma_gateway_lists_the_model_completes_text_and_refuses_chat_clearly() {
             .contains("chat template"),
         "{body}"
     );
+}
+
+#[test]
+fn api_keys_are_required_and_foreign_hosts_refused_in_openai_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "# the team\nsk-veil-test\n").unwrap();
+    let gateway = Gateway::start(&["--api-key-file", keys.to_str().unwrap()]);
+    let body = ask("hi", json!({"max_tokens": 2}));
+    let send = |key: Option<&str>, host: Option<&str>| {
+        let mut request = client()
+            .post(format!("{}/v1/chat/completions", gateway.base))
+            .json(&body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(host) = host {
+            request = request.header("Host", host);
+        }
+        let response = request.send().expect("request sent");
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().expect("a JSON body"))
+    };
+    let (s, b) = send(None, None);
+    assert_openai_error(s, &b, 401, Some("invalid_api_key"));
+    let (s, b) = send(Some("sk-guessed"), None);
+    assert_openai_error(s, &b, 401, Some("invalid_api_key"));
+    let (s, b) = send(Some("sk-veil-test"), None);
+    assert_eq!(s, 200, "{b}");
+    // A page on another site that rebinds its name to 127.0.0.1: refused even with a key.
+    let (s, b) = send(Some("sk-veil-test"), Some("evil.example"));
+    assert_openai_error(s, &b, 403, Some("foreign_host"));
+    let (s, b) = send(Some("sk-veil-test"), Some("localhost:8080"));
+    assert_eq!(s, 200, "{b}");
+    // Load balancers probe /health without a key.
+    let health = client()
+        .get(format!("{}/health", gateway.base))
+        .send()
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    // And without --api-key-file no key is asked for, but the Host check stays.
+    drop(gateway);
+    let open = Gateway::start(&[]);
+    let response = client()
+        .get(format!("{}/v1/models", open.base))
+        .header("Host", "evil.example")
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+    assert!(open.get_json("/v1/models")["data"].is_array());
 }

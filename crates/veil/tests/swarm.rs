@@ -360,6 +360,26 @@ fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_li
         .unwrap_or_default();
     assert!(!committee_line.contains(&liar_id), "{log}");
     assert!(!log.contains("lying"), "{log}");
+
+    // And out of plain, unverified routes: with two honest nodes gone, the route has the
+    // bootstrap node and the liar to choose from, and never takes the liar.
+    drop(honest_b);
+    drop(honest_c);
+    for _ in 0..3 {
+        let plain = [
+            "--bootstrap",
+            boot.as_str(),
+            "--state",
+            client_state.to_str().unwrap(),
+        ];
+        let (text, log) = generate(&plain);
+        assert_eq!(text, alone, "{log}");
+        assert!(log.contains("route:"), "{log}");
+        assert!(
+            !log.contains(&liar_id),
+            "the liar served a plain route: {log}"
+        );
+    }
 }
 
 /// Runs `veil ARGS` with the test passphrase; panics with its stderr if it fails.

@@ -58,7 +58,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let base = format!("http://{}", listener.local_addr()?);
-    runtime.spawn(async move { axum::serve(listener, gateway.router()).await });
+    runtime.spawn(async move {
+        axum::serve(
+            listener,
+            gateway.router(Arc::new(crate::gateway::access::Access::default())),
+        )
+        .await
+    });
     let client = reqwest::blocking::Client::builder()
         .timeout(None)
         .build()

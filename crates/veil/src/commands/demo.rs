@@ -175,7 +175,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         client_layers: None,
     };
     let rt = runtime()?;
-    let mut chain = retry(|| open_chain(&rt, &swarm, &encrypted, stored))?;
+    let mut chain = retry(|| open_chain(&rt, &swarm, &encrypted, stored, &Default::default()))?;
     let params = GenerationParams {
         max_tokens: args.max_tokens,
         ..GenerationParams::default()
@@ -287,7 +287,7 @@ fn bench(
         local.push(decode_rate(&mut veil_ee::EncryptedSession::new(
             key, &shards,
         ))?);
-        let mut chain = open_chain(rt, swarm, encrypted, format)?;
+        let mut chain = open_chain(rt, swarm, encrypted, format, &Default::default())?;
         remote.push(decode_rate(&mut EncryptedStep::new(key, &mut chain))?);
         chain.close();
     }

@@ -120,8 +120,7 @@ pub fn run(command: EeCommand) -> Result<()> {
             };
             key.check(&config)?;
             let sealed = key.seal(&passphrase()?)?;
-            std::fs::write(&out, sealed)
-                .with_context(|| format!("cannot write {}", out.display()))?;
+            crate::commands::write_secret(&out, &sealed)?;
             eprintln!(
                 "wrote a {kind} key for {} to {}",
                 path.display(),

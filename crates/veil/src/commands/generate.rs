@@ -68,8 +68,9 @@ pub struct VerifyArgs {
     /// Where to write evidence against nodes caught lying (default: $VEIL_HOME/evidence).
     #[arg(long, requires = "verify")]
     pub evidence_dir: Option<PathBuf>,
-    /// This client's database of node reputations (default: $VEIL_HOME/client.redb).
-    #[arg(long, requires = "verify")]
+    /// This client's database of node reputations (default: $VEIL_HOME/client.redb): nodes a
+    /// committee caught lying are left out of committees and of plain routes.
+    #[arg(long, requires = "bootstrap")]
     pub state: Option<PathBuf>,
 }
 
@@ -231,7 +232,13 @@ fn run_on_swarm(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     // Nodes serve shards of the file the client names: the encrypted one when there is a key.
     let served = args.encrypted.clone().unwrap_or(text_model);
     let runtime = crate::commands::swarm::runtime()?;
-    let mut chain = open_chain(&runtime, &args.swarm, &served, args.model.dtype)?;
+    let mut chain = open_chain(
+        &runtime,
+        &args.swarm,
+        &served,
+        args.model.dtype,
+        &avoided(args.verify.state.as_deref()),
+    )?;
     let prompt = prompt_ids(args, &model)?;
     let result = match &key {
         Some(key) => answer(
@@ -253,6 +260,33 @@ fn run_on_swarm(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     }
     chain.close();
     result.map(|_| ())
+}
+
+/// Nodes this client's database says a committee caught lying. The database is read if it can
+/// be opened; another `veil` process holding it (a gateway, a verified run) leaves this route
+/// without the list, with a warning.
+fn avoided(state: Option<&std::path::Path>) -> std::collections::HashSet<libp2p::PeerId> {
+    let path = state.map_or_else(
+        || {
+            veil_model::ModelStore::from_env()
+                .home()
+                .join("client.redb")
+        },
+        std::path::Path::to_path_buf,
+    );
+    if !path.exists() {
+        return Default::default();
+    }
+    match veil_net::NodeState::open(&path).and_then(|s| s.avoided()) {
+        Ok(avoid) => avoid,
+        Err(e) => {
+            eprintln!(
+                "warning: cannot read the liars to avoid from {}: {e}",
+                path.display()
+            );
+            Default::default()
+        }
+    }
 }
 
 /// `veil generate --bootstrap ... --verify N`: a committee generates and checks the answer.

@@ -64,6 +64,18 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "local")]
     pub zk_public: Option<std::path::PathBuf>,
 
+    /// Require an API key: a file of keys, one per line (blank lines and `#` comments are
+    /// skipped); clients send `Authorization: Bearer <key>`, as OpenAI clients do with
+    /// `api_key`. Without it the gateway takes no keys: keep it on loopback.
+    #[arg(long, value_name = "PATH")]
+    pub api_key_file: Option<std::path::PathBuf>,
+
+    /// A host name clients reach the gateway by, besides IP addresses and `localhost`
+    /// (repeatable). Requests through any other Host header are refused, against DNS rebinding
+    /// from web pages.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+
     /// Route only to nodes whose TEE evidence passes this policy (a TOML file: see
     /// `veil tee verify`); each node is challenged with a fresh nonce.
     #[arg(long, value_name = "POLICY", conflicts_with = "local")]
@@ -84,6 +96,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.swarm.client_layers.is_some() {
         bail!("veil serve does not split the model with the swarm yet: drop --client-layers");
     }
+    let access = Arc::new(crate::gateway::access::Access::new(
+        args.api_key_file.as_deref(),
+        &args.allowed_hosts,
+    )?);
     let tee_gate = match &args.require_tee {
         Some(file) => Some(Arc::new(veil_net::TeeGate::new(
             crate::commands::tee::read_policy(file)?,
@@ -215,7 +231,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         );
         use std::io::Write;
         std::io::stdout().flush()?;
-        axum::serve(listener, gateway.router())
+        axum::serve(listener, gateway.router(access))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
             })

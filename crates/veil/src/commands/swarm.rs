@@ -107,6 +107,12 @@ pub struct NodeArgs {
     /// Seconds an unused session is kept.
     #[arg(long, default_value_t = 120)]
     pub idle_timeout: u64,
+    /// Sessions one peer may hold at once, so no peer takes every slot.
+    #[arg(long, default_value_t = 4)]
+    pub max_sessions_per_peer: usize,
+    /// Positions one peer's sessions may hold together.
+    #[arg(long, default_value_t = 16384)]
+    pub max_tokens_per_peer: usize,
     /// Cheat, to see verification catch it (tests and demos only): other-model,
     /// lower-precision, altered-prompt, altered-token, skipped-layers or random-output.
     #[arg(long, value_name = "KIND")]
@@ -146,8 +152,16 @@ pub fn node(args: NodeArgs) -> Result<()> {
     if let Some(threads) = args.threads {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-    if args.max_sessions == 0 || args.max_session_tokens == 0 || args.idle_timeout == 0 {
-        bail!("--max-sessions, --max-session-tokens and --idle-timeout must be positive");
+    if [
+        args.max_sessions,
+        args.max_session_tokens,
+        args.max_sessions_per_peer,
+        args.max_tokens_per_peer,
+    ]
+    .contains(&0)
+        || args.idle_timeout == 0
+    {
+        bail!("--max-sessions, --max-session-tokens, --max-sessions-per-peer, --max-tokens-per-peer and --idle-timeout must be positive");
     }
     if !args.shard.is_file() {
         bail!("no shard file at {}", args.shard.display());
@@ -179,6 +193,8 @@ pub fn node(args: NodeArgs) -> Result<()> {
             max_sessions: args.max_sessions,
             max_tokens: args.max_session_tokens,
             idle_timeout: Duration::from_secs(args.idle_timeout),
+            max_sessions_per_peer: args.max_sessions_per_peer,
+            max_tokens_per_peer: args.max_tokens_per_peer,
         },
         request_timeout: Duration::from_secs(60),
         on_listen: None,
@@ -247,6 +263,7 @@ pub fn open_chain(
     swarm: &SwarmArgs,
     model: &Path,
     format: WeightFormat,
+    avoid: &std::collections::HashSet<libp2p::PeerId>,
 ) -> Result<RemoteChain> {
     let mut gguf = GgufFile::open(model)?;
     let config = LlamaConfig::from_gguf(&gguf)?;
@@ -282,12 +299,13 @@ pub fn open_chain(
         Duration::from_secs(60),
         Duration::from_secs(10),
     ))?;
-    let chain = RemoteChain::open(
+    let chain = RemoteChain::open_avoiding(
         client,
         runtime.handle().clone(),
         &digest,
         config.block_count,
         split,
+        avoid,
     )?;
     Ok(chain)
 }

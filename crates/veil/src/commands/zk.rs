@@ -211,7 +211,12 @@ fn setup(args: SetupArgs) -> Result<()> {
     let public = secret.public(&params)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    write_json(&args.out.join("secret.json"), &secret)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    crate::commands::write_secret(
+        &args.out.join("secret.json"),
+        serde_json::to_string_pretty(&secret)?.as_bytes(),
+    )?;
     write_json(&args.out.join("public.json"), &public)?;
     let mut file = std::io::BufWriter::new(
         std::fs::File::create(args.out.join("params.bin")).context("cannot write params.bin")?,

@@ -6,6 +6,7 @@
 //! Generations run on blocking threads, a bounded fair queue (a FIFO semaphore) admits them, and
 //! a client that goes away stops its generation at the next token and closes its node sessions.
 
+pub mod access;
 pub mod dashboard;
 pub mod metrics;
 pub mod openai;
@@ -194,8 +195,8 @@ impl Gateway {
         }
     }
 
-    /// The routes, with the body limit applied.
-    pub fn router(self: Arc<Self>) -> Router {
+    /// The routes, with the body limit and the access rules applied.
+    pub fn router(self: Arc<Self>, access: Arc<access::Access>) -> Router {
         Router::new()
             .route("/", get(dashboard_page))
             .route("/api/dashboard", get(dashboard_data))
@@ -206,6 +207,7 @@ impl Gateway {
             .route("/v1/completions", post(completions))
             .route("/v1/veil/classify", post(classify))
             .layer(DefaultBodyLimit::max(self.limits.max_body_bytes))
+            .layer(axum::middleware::from_fn_with_state(access, access::check))
             .with_state(self)
     }
 
@@ -544,15 +546,19 @@ impl Gateway {
             }
             Backend::Swarm(swarm) => {
                 let blocks = self.model.config.block_count;
-                match RemoteChain::open_gated(
-                    swarm.client.clone(),
-                    swarm.runtime.clone(),
-                    &swarm.digest,
-                    blocks,
-                    None,
-                    &Default::default(),
-                    swarm.tee_gate.clone(),
-                ) {
+                // Nodes a committee caught lying are left out of plain routes too.
+                let opened = swarm.state.avoided().and_then(|avoid| {
+                    RemoteChain::open_gated(
+                        swarm.client.clone(),
+                        swarm.runtime.clone(),
+                        &swarm.digest,
+                        blocks,
+                        None,
+                        &avoid,
+                        swarm.tee_gate.clone(),
+                    )
+                });
+                match opened {
                     Err(e) => (Err(Failure::NoRoute(e.to_string())), "no route".to_string()),
                     Ok(mut chain) => {
                         let mut counted = CountedChain {

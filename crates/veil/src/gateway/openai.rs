@@ -121,6 +121,30 @@ impl ApiError {
         }
     }
 
+    /// 401: no API key, or one the gateway does not hold.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            code: Some("invalid_api_key"),
+            ..Self::invalid(message, None)
+        }
+    }
+
+    /// 403: a request through a Host header that does not name this gateway.
+    pub fn foreign_host(host: &str) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            code: Some("foreign_host"),
+            ..Self::invalid(
+                format!(
+                    "Host {host:?} does not name this gateway (a page elsewhere may be trying \
+                     to reach it through DNS rebinding); allow the name with --allowed-host"
+                ),
+                None,
+            )
+        }
+    }
+
     /// A model this gateway does not serve (404).
     pub fn unknown_model(asked: &str, served: &str) -> Self {
         Self {

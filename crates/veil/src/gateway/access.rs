@@ -1,0 +1,164 @@
+//! Who may talk to the gateway: clients that present one of its API keys (when it has any),
+//! through a `Host` header that names the gateway.
+//!
+//! The Host check stops DNS rebinding: a web page on another site can make its own name
+//! resolve to 127.0.0.1 and have the browser send requests to the gateway, but the browser
+//! still sends that site's name as the Host. IP literals and `localhost` are always accepted;
+//! other names only when the operator lists them (`--allowed-host`).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use axum::extract::{Request, State};
+use axum::http::header::{AUTHORIZATION, HOST};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::openai::ApiError;
+
+/// The gateway's access rules.
+#[derive(Debug, Default)]
+pub struct Access {
+    /// blake3 digests of the API keys; `None` when the gateway takes no keys.
+    keys: Option<HashSet<[u8; 32]>>,
+    /// Host names (lowercase, without port) accepted besides IP literals and `localhost`.
+    hosts: HashSet<String>,
+}
+
+impl Access {
+    /// Rules from `--api-key-file` (one key per line; blank lines and `#` comments skipped)
+    /// and `--allowed-host` names.
+    pub fn new(key_file: Option<&Path>, allowed_hosts: &[String]) -> Result<Self> {
+        let keys = match key_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read API keys from {}", path.display()))?;
+                let keys: HashSet<[u8; 32]> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(|k| *blake3::hash(k.as_bytes()).as_bytes())
+                    .collect();
+                if keys.is_empty() {
+                    bail!(
+                        "{} holds no API key: one key per line (blank lines and # comments are skipped)",
+                        path.display()
+                    );
+                }
+                Some(keys)
+            }
+        };
+        Ok(Self {
+            keys,
+            hosts: allowed_hosts.iter().map(|h| h.to_lowercase()).collect(),
+        })
+    }
+
+    /// Whether the Host header value `host` names this gateway.
+    fn host_allowed(&self, host: &str) -> bool {
+        let name = match host.strip_prefix('[') {
+            // [v6]:port
+            Some(rest) => return rest.split(']').next().is_some_and(is_ip),
+            None => host.rsplit_once(':').map_or(host, |(name, port)| {
+                if port.bytes().all(|b| b.is_ascii_digit()) {
+                    name
+                } else {
+                    host
+                }
+            }),
+        };
+        let name = name.to_lowercase();
+        is_ip(&name) || name == "localhost" || self.hosts.contains(&name)
+    }
+
+    /// Whether `header` (an `Authorization` value) carries one of the gateway's keys.
+    fn key_allowed(&self, header: Option<&str>) -> bool {
+        let Some(keys) = &self.keys else {
+            return true;
+        };
+        header
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .is_some_and(|k| keys.contains(blake3::hash(k.trim().as_bytes()).as_bytes()))
+    }
+}
+
+fn is_ip(name: &str) -> bool {
+    name.parse::<std::net::IpAddr>().is_ok()
+}
+
+/// The middleware: a foreign Host is refused (403) before anything else, then a missing or
+/// unknown API key (401); `/health` needs no key, so load balancers can probe it.
+pub async fn check(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
+    if let Some(refusal) = refusal(&access, &request) {
+        return refusal.into_response();
+    }
+    next.run(request).await
+}
+
+/// Why `request` may not pass, if it may not.
+fn refusal(access: &Access, request: &Request) -> Option<ApiError> {
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
+    };
+    let host = header(HOST).or_else(|| request.uri().host()).unwrap_or("");
+    if !access.host_allowed(host) {
+        return Some(ApiError::foreign_host(host));
+    }
+    if request.uri().path() != "/health" && !access.key_allowed(header(AUTHORIZATION)) {
+        return Some(ApiError::unauthorized(
+            "this gateway needs an API key: send `Authorization: Bearer <key>` with a key from its --api-key-file",
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_that_name_the_gateway() {
+        let access = Access::new(None, &["veil.lan".into()]).unwrap();
+        for ok in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "[::1]:8080",
+            "10.0.0.7",
+            "veil.lan:8080",
+        ] {
+            assert!(access.host_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "",
+            "localhost.evil.example",
+            "[evil]",
+        ] {
+            assert!(!access.host_allowed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "# team keys\n\nsk-one\n  sk-two  \n").unwrap();
+        let access = Access::new(Some(&file), &[]).unwrap();
+        assert!(access.key_allowed(Some("Bearer sk-one")));
+        assert!(access.key_allowed(Some("Bearer sk-two")));
+        assert!(!access.key_allowed(Some("Bearer sk-three")));
+        assert!(!access.key_allowed(Some("sk-one")));
+        assert!(!access.key_allowed(None));
+        std::fs::write(&file, "# nothing\n").unwrap();
+        assert!(Access::new(Some(&file), &[]).is_err());
+        assert!(Access::default().key_allowed(None));
+    }
+}
