@@ -186,3 +186,34 @@ fn exact_claims_are_small_and_refused_where_they_cannot_be_reproduced() {
         Err(VerifyError::MalformedCommitment(_))
     ));
 }
+
+#[test]
+fn answers_longer_than_a_logit_chunk_are_judged_whole() {
+    // Validators hold logits for 256 answer positions at a time: a 300-token answer passes
+    // honest, and a token changed past the first piece is still caught where it is.
+    let path = model_path();
+    let text = LocalModel::open_text(&path).unwrap();
+    let prompt = text
+        .chat_prompt(&[ChatMessage::user(TRIAL_PROMPTS[1])])
+        .unwrap();
+    let model = [load_whole(&path, WeightFormat::AsStored, None).unwrap()];
+    let session = ServingSession::new(&model, SamplingParams::greedy(), None, 0)
+        .unwrap()
+        .with_commitment(&model, CommitmentMode::Exact)
+        .unwrap();
+    let answer = serve_fixed_length(&model, session, &prompt, 300).unwrap();
+    let tol = Tolerances::default();
+    let v = validate(&model, &answer, &tol).unwrap();
+    assert!(v.verdict.passed(), "{v:?}");
+    let mut changed = answer;
+    changed.output[280] = (changed.output[280] + 1) % 1000;
+    let v = validate(&model, &changed, &tol).unwrap();
+    assert!(
+        matches!(
+            v.verdict,
+            veil_verify::Verdict::Fail { token: 256, .. }
+                | veil_verify::Verdict::Fail { token: 280, .. }
+        ),
+        "{v:?}"
+    );
+}
