@@ -1,7 +1,8 @@
 //! The libp2p behaviour every Veil peer runs, composed from maintained parts: identify (learn a
 //! peer's listen addresses), ping (liveness, latency), Kademlia (who serves which shard),
-//! request-response (the inference protocol, CBOR with bounded message sizes) and gossipsub
-//! (MetaInf's run records, signed by their authors).
+//! request-response (the inference protocol, CBOR with bounded message sizes), gossipsub
+//! (MetaInf's run records, signed by their authors) and connection limits (so no peer, and no
+//! crowd of peers, can hold more connections than a node can serve).
 
 use std::time::Duration;
 
@@ -9,7 +10,10 @@ use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, cbor, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{gossipsub, identify, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
+use libp2p::{
+    connection_limits, gossipsub, identify, noise, ping, tcp, yamux, StreamProtocol, Swarm,
+    SwarmBuilder,
+};
 
 use crate::error::{NetError, Result};
 use crate::history::MAX_GOSSIP_BYTES;
@@ -18,9 +22,18 @@ use crate::wire::{Request, Response, MAX_MESSAGE_BYTES, PROTOCOL};
 /// Veil's private Kademlia protocol, so the DHT holds only Veil peers.
 const KAD_PROTOCOL: &str = "/veil/kad/1.0.0";
 
+/// Connections one peer may hold open to a node at once.
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+/// Connections a node accepts from all peers together.
+pub const MAX_INCOMING_CONNECTIONS: u32 = 256;
+/// Connections a node lets sit in the handshake at once.
+pub const MAX_PENDING_INCOMING: u32 = 64;
+
 /// The parts of a Veil peer.
 #[derive(NetworkBehaviour)]
 pub struct VeilBehaviour {
+    /// Refuses connections beyond [`MAX_CONNECTIONS_PER_PEER`] and the node-wide caps.
+    pub limits: connection_limits::Behaviour,
     /// Exchanges listen addresses and protocol lists.
     pub identify: identify::Behaviour,
     /// Keeps connections alive and measures round trips.
@@ -63,7 +76,12 @@ pub fn build_swarm(key: Keypair, request_timeout: Duration) -> Result<Swarm<Veil
             let codec = cbor::codec::Codec::default()
                 .set_request_size_maximum(MAX_MESSAGE_BYTES)
                 .set_response_size_maximum(MAX_MESSAGE_BYTES);
+            let limits = connection_limits::ConnectionLimits::default()
+                .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+                .with_max_established_incoming(Some(MAX_INCOMING_CONNECTIONS))
+                .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(VeilBehaviour {
+                limits: connection_limits::Behaviour::new(limits),
                 identify: identify::Behaviour::new(
                     identify::Config::new("/veil/1.0.0".into(), key.public())
                         .with_push_listen_addr_updates(true),

@@ -749,3 +749,53 @@ async fn verdicts_go_only_to_the_asker_and_oversized_jobs_are_refused() {
         "judges at most",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_hold_more_than_its_share_of_connections() {
+    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "/ip4/127.0.0.1/tcp/0").await;
+    let peer = peer_of(&node).unwrap();
+    // A rogue dials the node twelve times under one identity and keeps every connection.
+    let mut rogue = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    for _ in 0..12 {
+        let opts = DialOpts::peer_id(peer)
+            .addresses(vec![node.clone()])
+            .condition(PeerCondition::Always)
+            .build();
+        rogue.dial(opts).unwrap();
+    }
+    let (mut opened, mut closed) = (0, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline, rogue.select_next_some()).await {
+            Ok(SwarmEvent::ConnectionEstablished { .. }) => opened += 1,
+            Ok(SwarmEvent::ConnectionClosed { .. }) => closed += 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let alive = rogue.network_info().connection_counters().num_established();
+    assert!(opened >= 1, "the node took no connection at all");
+    assert!(
+        alive <= veil_net::behaviour::MAX_CONNECTIONS_PER_PEER,
+        "{alive} connections alive ({opened} opened, {closed} closed)"
+    );
+    // Others are still served.
+    let client = stranger(&node).await;
+    assert!(matches!(
+        client.request(peer, RequestBody::Info).await,
+        Ok(Response::Info(_))
+    ));
+}
