@@ -72,8 +72,8 @@ pub struct VerifiedAnswer {
 }
 
 /// Runs a verified request; blocks on `runtime` (call it from outside the runtime).
-/// `on_evidence` sees each piece of evidence as soon as it is made, so none is lost if the
-/// request fails later.
+/// `on_evidence` sees each piece of evidence as soon as it is made (and before the reputations
+/// in `state` move), so none is lost if the request fails later.
 pub fn generate_verified(
     client: &SwarmClient,
     runtime: &Handle,
@@ -180,17 +180,18 @@ pub fn generate_verified(
             commits,
             reveals,
         };
+        record.check()?;
+        // The evidence is kept (written and synced by the caller) before any reputation moves,
+        // so a crash cannot leave a punished node without the proof of its lie.
+        on_evidence(&record);
         if let Some(s) = state {
             s.apply_evidence(&record)?;
-        } else {
-            record.check()?;
         }
         info!(
             "answer from {generator} failed by {} judges: evidence recorded",
             votes.failed.len()
         );
         caught.insert(generator.clone());
-        on_evidence(&record);
         evidence.push(record);
     }
     Err(NetError::Verification(format!(

@@ -17,6 +17,36 @@ pub const RUNS_TOPIC: &str = "veil/meta/runs/1";
 /// so a chatty or hostile peer cannot fill the disk.
 pub const MAX_KEPT_RUNS: u64 = 100_000;
 
+/// Peers' records a node keeps from one author while it runs: no author can fill the history
+/// (or crowd out everyone else's records) alone.
+pub const MAX_RUNS_PER_AUTHOR: u64 = 1_000;
+
+/// How many records each author has had kept, so one author's share stays bounded.
+#[derive(Debug, Default)]
+pub struct AuthorQuota {
+    kept: std::collections::HashMap<String, u64>,
+}
+
+impl AuthorQuota {
+    /// Whether one more record from `author` may be kept; counts it if so. Authors are
+    /// remembered up to the history's own bound, after which unknown authors are refused.
+    pub fn admit(&mut self, author: &str) -> bool {
+        let known = self.kept.len() as u64;
+        match self.kept.get_mut(author) {
+            Some(n) if *n >= MAX_RUNS_PER_AUTHOR => false,
+            Some(n) => {
+                *n += 1;
+                true
+            }
+            None if known >= MAX_KEPT_RUNS / MAX_RUNS_PER_AUTHOR * 10 => false,
+            None => {
+                self.kept.insert(author.to_string(), 1);
+                true
+            }
+        }
+    }
+}
+
 /// The largest gossip message accepted: one record and gossipsub's framing.
 pub const MAX_GOSSIP_BYTES: usize = MAX_RECORD_BYTES + 1024;
 
@@ -105,6 +135,21 @@ pub fn accept_gossiped(data: &[u8], source: Option<PeerId>) -> Result<RunRecord,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_author_keeps_a_bounded_share() {
+        let mut quota = AuthorQuota::default();
+        let kept = (0..MAX_RUNS_PER_AUTHOR + 50)
+            .filter(|_| quota.admit("flooder"))
+            .count() as u64;
+        assert_eq!(kept, MAX_RUNS_PER_AUTHOR);
+        assert!(quota.admit("someone else"));
+        // A crowd of fresh authors is bounded too.
+        let fresh = (0..10_000)
+            .filter(|i| quota.admit(&format!("sybil-{i}")))
+            .count() as u64;
+        assert!(fresh < 10_000 && fresh * MAX_RUNS_PER_AUTHOR <= 10 * MAX_KEPT_RUNS);
+    }
 
     fn template() -> RunTemplate {
         RunTemplate {

@@ -29,7 +29,9 @@ use crate::behaviour::{
 use crate::error::{NetError, Result};
 use veil_zk::WeightsCommitment;
 
-use crate::history::{accept_gossiped, RunTemplate, SessionUsage, MAX_KEPT_RUNS, RUNS_TOPIC};
+use crate::history::{
+    accept_gossiped, AuthorQuota, RunTemplate, SessionUsage, MAX_KEPT_RUNS, RUNS_TOPIC,
+};
 use crate::node_state::NodeState;
 use crate::sessions::{SessionLimits, SessionTable};
 use crate::wire::{
@@ -266,6 +268,7 @@ pub async fn run_node(
     let (answered_tx, mut answered_rx) = mpsc::unbounded_channel::<Answered>();
     let mut reveals: Reveals = Default::default();
     let mut judging: std::collections::HashSet<PeerId> = Default::default();
+    let mut gossip_quota = AuthorQuota::default();
     let judges_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let proofs_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let challenges_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -426,7 +429,7 @@ pub async fn run_node(
                     }
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
-                    keep_peer_run(&runs, &message);
+                    keep_peer_run(&runs, &mut gossip_quota, &message);
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::InboundFailure { peer, error, .. })) => {
                     // Garbage, oversized or truncated requests end here; the node carries on.
@@ -855,7 +858,11 @@ fn keep_run(
 }
 
 /// Keeps a run record a peer shared, once it passes the checks and while there is room.
-fn keep_peer_run(runs: &veil_meta::RecordStore, message: &gossipsub::Message) {
+fn keep_peer_run(
+    runs: &veil_meta::RecordStore,
+    quota: &mut AuthorQuota,
+    message: &gossipsub::Message,
+) {
     let record = match accept_gossiped(&message.data, message.source) {
         Ok(r) => r,
         Err(e) => {
@@ -863,6 +870,10 @@ fn keep_peer_run(runs: &veil_meta::RecordStore, message: &gossipsub::Message) {
             return;
         }
     };
+    if !quota.admit(&record.node) {
+        debug!("run record from {} dropped: its share is full", record.node);
+        return;
+    }
     match runs.len() {
         Ok(n) if n < MAX_KEPT_RUNS => {}
         Ok(_) => {

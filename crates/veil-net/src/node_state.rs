@@ -94,23 +94,32 @@ impl NodeState {
         Ok(key)
     }
 
-    /// Remembers a peer's address.
+    /// Remembers a peer's address. When the list is full, the peer heard from longest ago
+    /// makes way (not the smallest peer id: ids can be ground, ages cannot).
     pub fn remember_peer(&self, peer: &str, addr: &Multiaddr) -> Result<()> {
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut table = txn.open_table(PEERS).map_err(|e| self.error(e))?;
-            let full = table.len().map_err(|e| self.error(e))? as usize >= MAX_PEERS;
-            if full && table.get(peer).map_err(|e| self.error(e))?.is_none() {
-                let first = table
-                    .first()
-                    .map_err(|e| self.error(e))?
-                    .map(|(k, _)| k.value().to_string());
-                if let Some(first) = first {
-                    table.remove(first.as_str()).map_err(|e| self.error(e))?;
+            // Each entry is "<sequence> <address>": the sequence says which is oldest.
+            let mut oldest: Option<(u64, String)> = None;
+            let mut newest = 0u64;
+            for row in table.iter().map_err(|e| self.error(e))? {
+                let (k, v) = row.map_err(|e| self.error(e))?;
+                let (seq, _) = split_peer_entry(v.value());
+                newest = newest.max(seq);
+                if k.value() != peer && oldest.as_ref().is_none_or(|(s, _)| seq < *s) {
+                    oldest = Some((seq, k.value().to_string()));
                 }
             }
+            let full = table.len().map_err(|e| self.error(e))? as usize >= MAX_PEERS;
+            if full && table.get(peer).map_err(|e| self.error(e))?.is_none() {
+                if let Some((_, old)) = oldest {
+                    table.remove(old.as_str()).map_err(|e| self.error(e))?;
+                }
+            }
+            let entry = format!("{} {addr}", newest + 1);
             table
-                .insert(peer, addr.to_string().as_str())
+                .insert(peer, entry.as_str())
                 .map_err(|e| self.error(e))?;
         }
         txn.commit().map_err(|e| self.error(e))
@@ -127,7 +136,7 @@ impl NodeState {
         let mut out = Vec::new();
         for row in table.iter().map_err(|e| self.error(e))? {
             let (k, v) = row.map_err(|e| self.error(e))?;
-            if let Ok(addr) = v.value().parse() {
+            if let Ok(addr) = split_peer_entry(v.value()).1.parse() {
                 out.push((k.value().to_string(), addr));
             }
         }
@@ -223,6 +232,15 @@ impl NodeState {
     }
 }
 
+/// A known-peer entry's sequence number and address (entries written before sequences were
+/// kept count as the oldest).
+fn split_peer_entry(entry: &str) -> (u64, &str) {
+    match entry.split_once(' ') {
+        Some((seq, addr)) => (seq.parse().unwrap_or(0), addr),
+        None => (0, entry),
+    }
+}
+
 fn db_error(path: &Path, e: impl std::fmt::Display) -> NetError {
     NetError::Database {
         path: path.display().to_string(),
@@ -250,6 +268,26 @@ mod tests {
         assert_eq!(state.peers().unwrap(), vec![(id, addr)]);
         let other = NodeState::open(&dir.path().join("other.redb")).unwrap();
         assert_ne!(other.identity().unwrap().public().to_peer_id(), first);
+    }
+
+    #[test]
+    fn a_full_peer_list_forgets_the_peer_heard_from_longest_ago() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = NodeState::open(&dir.path().join("node.redb")).unwrap();
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
+        // Ids that sort last were evicted last before: a ground id stayed forever.
+        let id = |i: usize| format!("peer-{:04}", MAX_PEERS - i);
+        for i in 0..MAX_PEERS {
+            state.remember_peer(&id(i), &addr).unwrap();
+        }
+        // The first one is heard from again, so the second is now the oldest.
+        state.remember_peer(&id(0), &addr).unwrap();
+        state.remember_peer("newcomer", &addr).unwrap();
+        let known: Vec<String> = state.peers().unwrap().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(known.len(), MAX_PEERS);
+        assert!(known.contains(&"newcomer".to_string()));
+        assert!(known.contains(&id(0)));
+        assert!(!known.contains(&id(1)), "the oldest stayed");
     }
 
     #[test]

@@ -64,7 +64,9 @@ impl NodeChild {
     ) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the veil binary")?;
         let mut cmd = Command::new(exe);
-        cmd.args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--shard"])
+        // Nodes hold no key: the passphrase stays with the key holder.
+        cmd.env_remove("VEIL_KEY_PASSPHRASE")
+            .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--shard"])
             .arg(shard)
             .arg("--state")
             .arg(state)

@@ -408,7 +408,12 @@ pub(crate) fn write_evidence(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!("{}.json", record.job.body.digest()?));
     let tmp = path.with_extension("json.partial");
-    std::fs::write(&tmp, record.to_bytes()?)
+    let bytes = record.to_bytes()?;
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &bytes)?;
+            f.sync_all()
+        })
         .and_then(|()| std::fs::rename(&tmp, &path))
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
