@@ -413,7 +413,8 @@ pub async fn run_node(
                             let (model, judge, tx) = (Arc::clone(&model), Arc::clone(&judge), answered_tx.clone());
                             tokio::task::spawn_blocking(move || {
                                 let _slot = slot;
-                                let (response, reveal) = judge.judge(&model, &job);
+                                let (response, reveal) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| judge.judge(&model, &job)))
+                                    .unwrap_or_else(|_| (refuse(ErrorKind::Internal, "the judgement failed inside the model"), None));
                                 let _ = tx.send(Answered { channel, response, reveal, judged_for: Some(peer) });
                             });
                         }
@@ -422,7 +423,10 @@ pub async fn run_node(
                             let tx = done_tx.clone();
                             tokio::task::spawn_blocking(move || {
                                 let mut cache = cache;
-                                let result = run_step(&model, &mut cache, input);
+                                // A step that panics still answers, and its session is dropped
+                                // rather than held as running forever.
+                                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_step(&model, &mut cache, input)))
+                                    .unwrap_or_else(|_| Err(StepError::Failed(NetError::BadMessage("the step failed inside the model; the session is dropped".into()))));
                                 let _ = tx.send(StepDone { session, cache, result, channel });
                             });
                         }
