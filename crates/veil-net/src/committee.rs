@@ -49,7 +49,13 @@ pub struct VerifiedRequest<'a> {
     pub request_id: String,
     /// Only nodes whose TEE evidence passes this gate may sit on the committee.
     pub gate: Option<&'a crate::TeeGate>,
+    /// Asked before each step: `true` once the answer is no longer wanted (the client left),
+    /// which ends the request and frees the generator's session.
+    pub cancelled: &'a (dyn Fn() -> bool + Sync),
 }
+
+/// What a verified request says when its client stopped waiting.
+pub const CANCELLED: &str = "the request was cancelled";
 
 /// An answer a quorum accepted, and what it took.
 pub struct VerifiedAnswer {
@@ -135,6 +141,9 @@ pub fn generate_verified(
         let started = Instant::now();
         let (completion, job) = match serve(client, runtime, tokenizer, request, generator, mode) {
             Ok(done) => done,
+            Err(_) if (request.cancelled)() => {
+                return Err(NetError::Verification(CANCELLED.into()));
+            }
             Err(e) => {
                 warn!("generator {generator} failed: {e}");
                 continue;
@@ -230,6 +239,7 @@ fn serve(
         runtime,
         peer,
         session,
+        cancelled: request.cancelled,
     };
     let completion = generate_in_order(
         &mut remote,
@@ -352,10 +362,14 @@ struct VerifiedStep<'a> {
     runtime: &'a Handle,
     peer: PeerId,
     session: SessionId,
+    cancelled: &'a (dyn Fn() -> bool + Sync),
 }
 
 impl TokenStep for VerifiedStep<'_> {
     fn step(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<f32>> {
+        if (self.cancelled)() {
+            return Err(ModelError::Remote(CANCELLED.into()));
+        }
         let answer = self
             .runtime
             .block_on(self.client.request(

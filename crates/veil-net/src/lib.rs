@@ -18,7 +18,7 @@ pub mod wire;
 
 pub use chain::{ClientSplit, Failover, HopStats, RemoteChain};
 pub use client::{Candidate, SwarmClient};
-pub use committee::{generate_verified, VerifiedAnswer, VerifiedRequest};
+pub use committee::{generate_verified, VerifiedAnswer, VerifiedRequest, CANCELLED};
 pub use error::{NetError, Result};
 pub use history::{RunTemplate, SessionUsage};
 pub use node::{peer_of, run_node, NodeConfig};

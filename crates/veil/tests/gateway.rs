@@ -1163,3 +1163,60 @@ fn api_keys_are_required_and_foreign_hosts_refused_in_openai_shape() {
     assert_eq!(response.status().as_u16(), 403);
     assert!(open.get_json("/v1/models")["data"].is_array());
 }
+
+#[test]
+fn a_client_that_leaves_a_verified_stream_stops_the_committee() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let state = |name: &str| dir.path().join(format!("{name}.redb"));
+    let f32 = ["--dtype", "f32"];
+    let a = NodeProcess::start_with(&model, &state("a"), None, &f32);
+    let _b = NodeProcess::start_with(&model, &state("b"), Some(&a.addr), &f32);
+    let gateway_state = state("gateway");
+    let gateway = Gateway::start_with(&[
+        "--bootstrap",
+        &a.addr,
+        "--model",
+        model.to_str().unwrap(),
+        "--state",
+        gateway_state.to_str().unwrap(),
+    ]);
+    // A long verified answer (F32 nodes: minutes of work), streamed; the client reads the
+    // first chunk and leaves.
+    let mut response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .json(&ask(
+            "Write a long story about the sea.",
+            json!({"stream": true, "max_tokens": 2000, "temperature": 0.8, "seed": 7,
+                   "veil": {"verify": 2}}),
+        ))
+        .send()
+        .expect("stream");
+    let mut first = [0u8; 64];
+    response.read_exact(&mut first).expect("the stream starts");
+    let mut active = 0.0;
+    for _ in 0..600 {
+        active = gateway.metric("veil_active_generations");
+        if active == 1.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(active, 1.0, "the committee never started");
+    drop(response);
+    for _ in 0..600 {
+        active = gateway.metric("veil_active_generations");
+        if active == 0.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        active, 0.0,
+        "the committee kept generating after its client left"
+    );
+    assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
+    // The gateway answers the next client.
+    let (s, b) = gateway.post("/v1/chat/completions", &ask("hi", json!({"max_tokens": 2})));
+    assert_eq!(s, 200, "{b}");
+}

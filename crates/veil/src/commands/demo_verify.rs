@@ -105,6 +105,7 @@ pub fn run(
         seed: "veil",
         request_id,
         gate: None,
+        cancelled: &|| false,
     };
     let answer = retry(|| {
         generate_verified(

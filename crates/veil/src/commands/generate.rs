@@ -350,6 +350,7 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         seed: &args.verify.committee_seed,
         request_id: request_id.clone(),
         gate: None,
+        cancelled: &|| false,
     };
     let evidence_dir = args
         .verify

@@ -643,6 +643,8 @@ impl Gateway {
             seed: "veil",
             request_id,
             gate: swarm.tee_gate.as_deref(),
+            // A client that left stops the committee at the next token.
+            cancelled: &|| tx.is_closed(),
         };
         let outcome = veil_net::generate_verified(
             &swarm.client,
@@ -659,6 +661,10 @@ impl Gateway {
             },
         );
         self.metrics.active_generations.dec();
+        if matches!(&outcome, Err(veil_net::NetError::Verification(why)) if why == veil_net::CANCELLED)
+        {
+            self.metrics.cancelled_generations.inc();
+        }
         let (result, route, verification) = match outcome {
             Ok(answer) => {
                 let verdict = format!(
@@ -1080,7 +1086,12 @@ impl Reply {
                 ))
             },
         );
-        Sse::new(events)
+        // A comment line every second while nothing else is sent (a committee generating and
+        // judging streams nothing until it accepts): a client that left is noticed at the next
+        // write, and its generation stopped. OpenAI clients skip SSE comments.
+        Sse::new(events).keep_alive(
+            axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(1)),
+        )
     }
 
     async fn collect(self, mut rx: mpsc::Receiver<Progress>) -> Result<Response, ApiError> {
