@@ -1220,3 +1220,45 @@ fn a_client_that_leaves_a_verified_stream_stops_the_committee() {
     let (s, b) = gateway.post("/v1/chat/completions", &ask("hi", json!({"max_tokens": 2})));
     assert_eq!(s, 200, "{b}");
 }
+
+#[test]
+fn each_api_key_has_its_own_prefix_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "sk-alice\nsk-bob\n").unwrap();
+    let gateway = Gateway::start_with(&["--local", "--api-key-file", keys.to_str().unwrap()]);
+    let question = "Name three rivers in Europe.";
+    let ask_as = |key: &str, accel: &str| {
+        let response = client()
+            .post(format!("{}/v1/chat/completions", gateway.base))
+            .bearer_auth(key)
+            .json(&ask(
+                question,
+                json!({"max_tokens": 4, "veil": {"accel": accel}}),
+            ))
+            .send()
+            .expect("request sent");
+        assert_eq!(response.status().as_u16(), 200);
+        let body: Value = response.json().expect("a JSON body");
+        body["veil"]["accel"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Alice's prompt is kept in her cache; her next request finds it.
+    ask_as("sk-alice", "prefix");
+    let alice = ask_as("sk-alice", "auto");
+    let cached = |accel: &str| -> usize {
+        // "... (auto, predicted 0.41× plain's cost; 35 of 36 prompt tokens cached)"
+        accel
+            .split("; ")
+            .find(|part| part.contains(" prompt tokens cached"))
+            .and_then(|p| p.split(" of ").next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no cache figure in {accel:?}"))
+    };
+    assert!(cached(&alice) > 0, "{alice}");
+    // Bob sends the same prompt and learns nothing of Alice's: his cache is empty.
+    let bob = ask_as("sk-bob", "auto");
+    assert_eq!(cached(&bob), 0, "{bob}");
+}

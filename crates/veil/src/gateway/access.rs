@@ -18,6 +18,12 @@ use axum::response::{IntoResponse, Response};
 
 use super::openai::ApiError;
 
+/// Whose request this is: the digest of its API key (`None` on a gateway without keys). Each
+/// tenant has its own prefix cache, so no user learns (from `veil.accel`'s cached tokens, or
+/// from timing) which prompts another user sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Tenant(pub Option<[u8; 32]>);
+
 /// The gateway's access rules.
 #[derive(Debug, Default)]
 pub struct Access {
@@ -74,6 +80,14 @@ impl Access {
         is_ip(&name) || name == "localhost" || self.hosts.contains(&name)
     }
 
+    /// The tenant `header` (an `Authorization` value) names, once its key is allowed.
+    fn tenant(&self, header: Option<&str>) -> Tenant {
+        match (&self.keys, header.and_then(|h| h.strip_prefix("Bearer "))) {
+            (Some(_), Some(key)) => Tenant(Some(*blake3::hash(key.trim().as_bytes()).as_bytes())),
+            _ => Tenant(None),
+        }
+    }
+
     /// Whether `header` (an `Authorization` value) carries one of the gateway's keys.
     fn key_allowed(&self, header: Option<&str>) -> bool {
         let Some(keys) = &self.keys else {
@@ -91,10 +105,20 @@ fn is_ip(name: &str) -> bool {
 
 /// The middleware: a foreign Host is refused (403) before anything else, then a missing or
 /// unknown API key (401); `/health` needs no key, so load balancers can probe it.
-pub async fn check(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
+pub async fn check(
+    State(access): State<Arc<Access>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if let Some(refusal) = refusal(&access, &request) {
         return refusal.into_response();
     }
+    let authorization = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let tenant = access.tenant(authorization);
+    request.extensions_mut().insert(tenant);
     next.run(request).await
 }
 

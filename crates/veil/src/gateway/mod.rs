@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod metrics;
 pub mod openai;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -112,11 +113,14 @@ pub struct Gateway {
     model_features: Option<veil_meta::ModelFeatures>,
     /// This machine's features, read once.
     hardware: veil_meta::HardwareFeatures,
-    /// Keys and values of recent prompts, for the prefix-cache methods.
-    prefixes: std::sync::Mutex<PrefixCache>,
+    /// Keys and values of recent prompts, for the prefix-cache methods: one cache per tenant.
+    prefixes: std::sync::Mutex<HashMap<access::Tenant, PrefixCache>>,
 }
 
-/// The most keys and values the gateway's prefix cache keeps.
+/// Prefix caches the gateway keeps, one per API key (tenants past it run without one).
+const MAX_TENANT_CACHES: usize = 16;
+
+/// The most keys and values the gateway's prefix cache keeps (a quarter of it per API key).
 const PREFIX_CACHE_BYTES: usize = 256 << 20;
 
 /// A checked request, ready to run.
@@ -129,6 +133,8 @@ struct Job {
     verify: Option<usize>,
     /// The acceleration method the request forces (`None`: the selector's choice).
     accel: Option<&'static veil_meta::Method>,
+    /// Whose request it is (its prefix cache).
+    tenant: access::Tenant,
 }
 
 /// How an answer was made, beside the answer.
@@ -181,7 +187,7 @@ impl Gateway {
             selector,
             model_features,
             hardware: crate::accel::hardware_features(1.0),
-            prefixes: std::sync::Mutex::new(PrefixCache::new(PREFIX_CACHE_BYTES)),
+            prefixes: std::sync::Mutex::new(HashMap::new()),
             model,
             backend,
             privacy,
@@ -450,6 +456,7 @@ impl Gateway {
                 stop,
             },
             accel,
+            tenant: access::Tenant::default(),
         })
     }
 
@@ -475,18 +482,19 @@ impl Gateway {
         let permit = self.admit().await?;
         let (tx, rx) = mpsc::channel(64);
         let gateway = self.clone();
-        let (prompt, params, chat, verify, accel) = (
+        let (prompt, params, chat, verify, accel, tenant) = (
             job.prompt.clone(),
             job.params.clone(),
             job.chat,
             job.verify,
             job.accel,
+            job.tenant,
         );
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             match verify {
                 Some(size) => gateway.generate_verified(chat, size, &prompt, &params, &tx),
-                None => gateway.generate(chat, &prompt, &params, accel, &tx),
+                None => gateway.generate(chat, &prompt, &params, accel, tenant, &tx),
             }
         });
         let reply = Reply::new(&self, &job);
@@ -504,6 +512,7 @@ impl Gateway {
         prompt: &[u32],
         params: &GenerationParams,
         accel: Option<&'static veil_meta::Method>,
+        tenant: access::Tenant,
         tx: &mpsc::Sender<Progress>,
     ) {
         self.metrics.active_generations.inc();
@@ -518,11 +527,17 @@ impl Gateway {
         let mut method_used = "plain".to_string();
         let (result, route) = match &self.backend {
             Backend::Local if self.privacy.is_none() => {
-                let pick = self.pick_method(prompt, params, accel);
+                let pick = self.pick_method(prompt, params, accel, tenant);
                 tracing::info!("accel: {} ({})", pick.method.name, pick.why);
                 method_used = format!("{} ({})", pick.method.name, pick.why);
-                let result =
-                    self.generate_local(prompt, params, pick.method, &cancelled, &mut on_text);
+                let result = self.generate_local(
+                    prompt,
+                    params,
+                    pick.method,
+                    tenant,
+                    &cancelled,
+                    &mut on_text,
+                );
                 (result, self.local_route())
             }
             Backend::Local => {
@@ -713,6 +728,7 @@ impl Gateway {
         prompt: &[u32],
         params: &GenerationParams,
         forced: Option<&'static veil_meta::Method>,
+        tenant: access::Tenant,
     ) -> crate::accel::Pick {
         if let Some(method) = forced {
             return crate::accel::Pick {
@@ -721,10 +737,44 @@ impl Gateway {
             };
         }
         let shared = self
-            .prefixes
-            .lock()
-            .map(|p| p.shared_len(prompt))
+            .with_prefixes(tenant, |p| p.shared_len(prompt))
             .unwrap_or(0);
+        let mut pick = self.pick_by_features(prompt, params, shared);
+        pick.why = format!(
+            "{}; {shared} of {} prompt tokens cached",
+            pick.why,
+            prompt.len()
+        );
+        pick
+    }
+
+    /// Runs `f` on `tenant`'s prefix cache, made on first use; `None` if the lock is poisoned
+    /// or the gateway already holds [`MAX_TENANT_CACHES`] caches.
+    fn with_prefixes<R>(
+        &self,
+        tenant: access::Tenant,
+        f: impl FnOnce(&mut PrefixCache) -> R,
+    ) -> Option<R> {
+        let mut caches = self.prefixes.lock().ok()?;
+        if !caches.contains_key(&tenant) && caches.len() >= MAX_TENANT_CACHES {
+            return None;
+        }
+        let budget = match tenant.0 {
+            None => PREFIX_CACHE_BYTES,
+            Some(_) => PREFIX_CACHE_BYTES / 4,
+        };
+        Some(f(caches
+            .entry(tenant)
+            .or_insert_with(|| PrefixCache::new(budget))))
+    }
+
+    /// The selector's pick for this workload, `shared` of the prompt's tokens being cached.
+    fn pick_by_features(
+        &self,
+        prompt: &[u32],
+        params: &GenerationParams,
+        shared: usize,
+    ) -> crate::accel::Pick {
         let Some(model_features) = &self.model_features else {
             return crate::accel::Pick {
                 method: veil_meta::default_method(),
@@ -761,14 +811,13 @@ impl Gateway {
         prompt: &[u32],
         params: &GenerationParams,
         method: &veil_meta::Method,
+        tenant: access::Tenant,
         cancelled: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Completion, Failure> {
         let session = if method.prefix_cache {
-            match self.prefixes.lock() {
-                Ok(mut cache) => self.model.session_from(&mut cache, prompt),
-                Err(_) => Ok(self.model.session()),
-            }
+            self.with_prefixes(tenant, |cache| self.model.session_from(cache, prompt))
+                .unwrap_or_else(|| Ok(self.model.session()))
         } else {
             Ok(self.model.session())
         };
@@ -786,10 +835,9 @@ impl Gateway {
             on_text,
         )?;
         if method.prefix_cache {
-            if let Ok(mut cache) = self.prefixes.lock() {
-                if let Err(e) = cache.keep(prompt, session.inner) {
-                    tracing::warn!("prefix cache: {e}");
-                }
+            let kept = self.with_prefixes(tenant, |cache| cache.keep(prompt, session.inner));
+            if let Some(Err(e)) = kept {
+                tracing::warn!("prefix cache: {e}");
             }
         }
         Ok(completion)
@@ -1212,11 +1260,16 @@ async fn metrics_text(State(gateway): State<Arc<Gateway>>) -> Response {
 
 async fn chat(
     State(gateway): State<Arc<Gateway>>,
+    tenant: Option<axum::Extension<access::Tenant>>,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Response {
     let job = body
         .map_err(rejected)
-        .and_then(|Json(r)| gateway.chat_job(r));
+        .and_then(|Json(r)| gateway.chat_job(r))
+        .map(|job| Job {
+            tenant: tenant.map(|t| t.0).unwrap_or_default(),
+            ..job
+        });
     run_and_answer(gateway, "chat", job).await
 }
 
@@ -1236,11 +1289,16 @@ async fn classify(
 
 async fn completions(
     State(gateway): State<Arc<Gateway>>,
+    tenant: Option<axum::Extension<access::Tenant>>,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Response {
     let job = body
         .map_err(rejected)
-        .and_then(|Json(r)| gateway.completion_job(r));
+        .and_then(|Json(r)| gateway.completion_job(r))
+        .map(|job| Job {
+            tenant: tenant.map(|t| t.0).unwrap_or_default(),
+            ..job
+        });
     run_and_answer(gateway, "completions", job).await
 }
 
