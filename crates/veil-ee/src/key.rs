@@ -157,6 +157,14 @@ impl EeKey {
         }
     }
 
+    /// Draws a fresh key of `kind` from the operating system's entropy.
+    pub fn generate_of_kind(config: &LlamaConfig, model_digest: &str, kind: KeyKind) -> Self {
+        match kind {
+            KeyKind::Full => Self::generate(config, model_digest),
+            KeyKind::GroupLocal => Self::generate_group_local(config, model_digest),
+        }
+    }
+
     /// Draws a [`KeyKind::GroupLocal`] key from the operating system's entropy.
     pub fn generate_group_local(config: &LlamaConfig, model_digest: &str) -> Self {
         Self::generate_group_local_with(config, model_digest, &mut ChaCha20Rng::from_os_rng())

@@ -124,10 +124,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     // plaintext model's bits, so a committee can verify it with exact commitments.
     let kind = natural_kind(&gguf);
     let digest = model_digest(&base)?;
-    let key = match kind {
-        KeyKind::GroupLocal => EeKey::generate_group_local(&config, &digest),
-        KeyKind::Full => EeKey::generate(&config, &digest),
-    };
+    let key = EeKey::generate_of_kind(&config, &digest, kind);
     let stored = if kind == KeyKind::GroupLocal {
         WeightFormat::AsStored
     } else {

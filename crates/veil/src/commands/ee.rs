@@ -114,10 +114,7 @@ pub fn run(command: EeCommand) -> Result<()> {
             let config = LlamaConfig::from_gguf(&gguf)?;
             let kind = transform.unwrap_or_else(|| veil_ee::natural_kind(&gguf));
             let digest = model_digest(&path)?;
-            let key = match kind {
-                KeyKind::Full => EeKey::generate(&config, &digest),
-                KeyKind::GroupLocal => EeKey::generate_group_local(&config, &digest),
-            };
+            let key = EeKey::generate_of_kind(&config, &digest, kind);
             key.check(&config)?;
             let sealed = key.seal(&passphrase()?)?;
             crate::commands::write_secret(&out, &sealed)?;
