@@ -314,6 +314,55 @@ async fn a_node_serves_over_quic() {
     assert!(matches!(answer, Response::Output(t) if t.shape == vec![2, 576]));
 }
 
+/// A verified session with exact commitments on `node`: the prompt `[1, 9690, 28]`, one
+/// greedy token, and the node's signed answer.
+async fn exact_answer(
+    client: &SwarmClient,
+    node: libp2p::PeerId,
+    request_id: String,
+) -> Box<Signed<veil_verify::Job>> {
+    let Response::Opened { session } = client
+        .request(
+            node,
+            RequestBody::OpenVerified {
+                request_id,
+                sampling: SamplingSpec::from(&SamplingParams::greedy()),
+                commitment: CommitmentMode::Exact,
+            },
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("no exact session")
+    };
+    let step = |tokens: Vec<u32>| RequestBody::Step {
+        session,
+        input: StepInput::Tokens(tokens),
+    };
+    let Response::Output(logits) = client.request(node, step(vec![1, 9690, 28])).await.unwrap()
+    else {
+        panic!("no logits")
+    };
+    let first = veil_model::sampling::argmax(
+        &logits
+            .to_tensor()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap(),
+    );
+    client.request(node, step(vec![first])).await.unwrap();
+    let Response::Finished(job) = client
+        .request(node, RequestBody::Finish { session })
+        .await
+        .unwrap()
+    else {
+        panic!("no signed exact answer")
+    };
+    job
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verification_requests_are_checked_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
@@ -412,49 +461,7 @@ async fn verification_requests_are_checked_before_any_work() {
         panic!("no info")
     };
     assert!(info.exact);
-    let exact_id = "cd".repeat(32);
-    let Response::Opened { session: exact } = client
-        .request(
-            node,
-            RequestBody::OpenVerified {
-                request_id: exact_id,
-                sampling: SamplingSpec::from(&SamplingParams::greedy()),
-                commitment: CommitmentMode::Exact,
-            },
-        )
-        .await
-        .unwrap()
-    else {
-        panic!("no exact session")
-    };
-    let exact_step = |tokens: Vec<u32>| RequestBody::Step {
-        session: exact,
-        input: StepInput::Tokens(tokens),
-    };
-    let Response::Output(logits) = client
-        .request(node, exact_step(vec![1, 9690, 28]))
-        .await
-        .unwrap()
-    else {
-        panic!("no logits")
-    };
-    let first = veil_model::sampling::argmax(
-        &logits
-            .to_tensor()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap(),
-    );
-    client.request(node, exact_step(vec![first])).await.unwrap();
-    let Response::Finished(exact_job) = client
-        .request(node, RequestBody::Finish { session: exact })
-        .await
-        .unwrap()
-    else {
-        panic!("no signed exact answer")
-    };
+    let exact_job = exact_answer(&client, node, "cd".repeat(32)).await;
     assert_eq!(
         exact_job.body.claim.commitment.mode(),
         CommitmentMode::Exact
@@ -677,45 +684,8 @@ async fn verdicts_go_only_to_the_asker_and_oversized_jobs_are_refused() {
     let node = serve(dir.path(), "/ip4/127.0.0.1/tcp/0", model_path()).await;
     let peer = peer_of(&node).unwrap();
     let (client, lazy_judge) = (stranger(&node).await, stranger(&node).await);
-    let Response::Opened { session } = client
-        .request(
-            peer,
-            RequestBody::OpenVerified {
-                request_id: "ef".repeat(32),
-                sampling: SamplingSpec::from(&SamplingParams::greedy()),
-                commitment: CommitmentMode::Exact,
-            },
-        )
-        .await
-        .unwrap()
-    else {
-        panic!("no verified session")
-    };
-    let step = |tokens: Vec<u32>| RequestBody::Step {
-        session,
-        input: StepInput::Tokens(tokens),
-    };
-    let Response::Output(logits) = client.request(peer, step(vec![1, 9690, 28])).await.unwrap()
-    else {
-        panic!("no logits")
-    };
-    let first = veil_model::sampling::argmax(
-        &logits
-            .to_tensor()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap(),
-    );
-    client.request(peer, step(vec![first])).await.unwrap();
-    let Response::Finished(job) = client
-        .request(peer, RequestBody::Finish { session })
-        .await
-        .unwrap()
-    else {
-        panic!("no signed answer")
-    };
+    let job = exact_answer(&client, peer, "ef".repeat(32)).await;
+    let first = job.body.claim.output[0];
     let Response::Committed(commit) = client
         .request(peer, RequestBody::Judge { job: job.clone() })
         .await
