@@ -59,6 +59,16 @@ pub enum FinishReason {
     Length,
 }
 
+impl std::fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FinishReason::Eos => "end of sequence",
+            FinishReason::Stop => "stop string",
+            FinishReason::Length => "length limit",
+        })
+    }
+}
+
 /// A finished generation.
 #[derive(Debug, Clone)]
 pub struct Completion {

@@ -224,6 +224,22 @@ fn generate_streams_an_answer_as_three_shards() {
 }
 
 #[test]
+fn a_one_token_answer_reports_no_decode_speed() {
+    let out = veil()
+        .args(["generate", "--prompt", "hi", "--max-tokens", "1", "--model"])
+        .arg(model_path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // One token comes with the prompt: there is no decode speed to report, and no 0.0 tok/s.
+    assert!(
+        stderr.contains("1 generated, finish: length limit]"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bench_reports_json() {
     let model = model_path();
     let out = veil()

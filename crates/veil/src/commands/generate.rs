@@ -451,12 +451,16 @@ impl StdoutStream {
 /// One line on stderr: token counts, speeds and why generation stopped.
 pub fn print_stats(c: &Completion) {
     let rate = |n: usize, t: std::time::Duration| n as f64 / t.as_secs_f64().max(1e-9);
+    // The first token comes with the prompt; a decode speed needs at least one more.
+    let decode = match c.tokens.len() {
+        0 | 1 => String::new(),
+        n => format!(" at {:.1} tok/s", rate(n - 1, c.decode_time)),
+    };
     eprintln!(
-        "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, finish: {:?}]",
+        "[{} prompt tokens at {:.1} tok/s, {} generated{decode}, finish: {}]",
         c.prompt_tokens,
         rate(c.prompt_tokens, c.prefill_time),
         c.tokens.len(),
-        rate(c.tokens.len().saturating_sub(1), c.decode_time),
         c.finish
     );
 }
