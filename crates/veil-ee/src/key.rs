@@ -200,7 +200,7 @@ impl EeKey {
     /// Which transforms this key holds, read from the key itself: a key whose only moves stay
     /// inside groups of [`SCALE_GROUP`] is [`KeyKind::GroupLocal`].
     pub fn kind(&self) -> KeyKind {
-        let local = |p: &[u32]| is_group_local(p);
+        let local = is_group_local;
         let group_local = local(&self.hidden)
             && self.layers.iter().all(|layer| {
                 local(&layer.ffn)

@@ -300,15 +300,7 @@ fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_li
     assert_eq!(files.len(), 1, "{files:?}");
 
     // The evidence re-checks offline, and not once a byte is changed.
-    let check = |file: &Path| {
-        Command::new(veil_bin())
-            .arg("verify-evidence")
-            .arg(file)
-            .arg("--model")
-            .arg(&model)
-            .output()
-            .unwrap()
-    };
+    let check = |file: &Path| verify_evidence(file, &model);
     let out = check(&files[0]);
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -336,13 +328,7 @@ fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_li
         .open(&other)
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"\0"))
         .unwrap();
-    let out = Command::new(veil_bin())
-        .arg("verify-evidence")
-        .arg(&files[0])
-        .arg("--model")
-        .arg(&other)
-        .output()
-        .unwrap();
+    let out = verify_evidence(&files[0], &other);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("has digest"),
@@ -380,6 +366,17 @@ fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_li
             "the liar served a plain route: {log}"
         );
     }
+}
+
+/// `veil verify-evidence FILE --model MODEL`.
+fn verify_evidence(file: &Path, model: &Path) -> std::process::Output {
+    Command::new(veil_bin())
+        .arg("verify-evidence")
+        .arg(file)
+        .arg("--model")
+        .arg(model)
+        .output()
+        .unwrap()
 }
 
 /// Runs `veil ARGS` with the test passphrase; panics with its stderr if it fails.
@@ -551,29 +548,13 @@ fn a_committee_on_an_encrypted_quantized_model_answers_and_catches_other_keys_an
         .collect();
     assert_eq!(files.len(), 2, "{files:?}");
     for file in &files {
-        let out = Command::new(veil_bin())
-            .args([
-                "verify-evidence".as_ref(),
-                file.as_os_str(),
-                "--model".as_ref(),
-            ])
-            .arg(&enc)
-            .output()
-            .unwrap();
+        let out = verify_evidence(file, &enc);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let out = Command::new(veil_bin())
-            .args([
-                "verify-evidence".as_ref(),
-                file.as_os_str(),
-                "--model".as_ref(),
-            ])
-            .arg(model_path())
-            .output()
-            .unwrap();
+        let out = verify_evidence(file, &model_path());
         assert!(!out.status.success());
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(said.contains("the encrypted GGUF"), "{said}");

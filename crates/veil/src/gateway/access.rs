@@ -80,22 +80,15 @@ impl Access {
         is_ip(&name) || name == "localhost" || self.hosts.contains(&name)
     }
 
-    /// The tenant `header` (an `Authorization` value) names, once its key is allowed.
-    fn tenant(&self, header: Option<&str>) -> Tenant {
-        match (&self.keys, header.and_then(|h| h.strip_prefix("Bearer "))) {
-            (Some(_), Some(key)) => Tenant(Some(*blake3::hash(key.trim().as_bytes()).as_bytes())),
-            _ => Tenant(None),
-        }
-    }
-
-    /// Whether `header` (an `Authorization` value) carries one of the gateway's keys.
-    fn key_allowed(&self, header: Option<&str>) -> bool {
+    /// Whose request carries `header` (an `Authorization` value): `None` when the gateway
+    /// takes keys and the header holds none of them.
+    fn tenant(&self, header: Option<&str>) -> Option<Tenant> {
         let Some(keys) = &self.keys else {
-            return true;
+            return Some(Tenant(None));
         };
-        header
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .is_some_and(|k| keys.contains(blake3::hash(k.trim().as_bytes()).as_bytes()))
+        let key = header?.strip_prefix("Bearer ")?.trim();
+        let digest = *blake3::hash(key.as_bytes()).as_bytes();
+        keys.contains(&digest).then_some(Tenant(Some(digest)))
     }
 }
 
@@ -110,20 +103,17 @@ pub async fn check(
     mut request: Request,
     next: Next,
 ) -> Response {
-    if let Some(refusal) = refusal(&access, &request) {
-        return refusal.into_response();
+    match admit(&access, &request) {
+        Ok(tenant) => {
+            request.extensions_mut().insert(tenant);
+            next.run(request).await
+        }
+        Err(refusal) => refusal.into_response(),
     }
-    let authorization = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let tenant = access.tenant(authorization);
-    request.extensions_mut().insert(tenant);
-    next.run(request).await
 }
 
-/// Why `request` may not pass, if it may not.
-fn refusal(access: &Access, request: &Request) -> Option<ApiError> {
+/// Whose `request` this is, or why it may not pass.
+fn admit(access: &Access, request: &Request) -> Result<Tenant, ApiError> {
     let header = |name| {
         request
             .headers()
@@ -132,14 +122,15 @@ fn refusal(access: &Access, request: &Request) -> Option<ApiError> {
     };
     let host = header(HOST).or_else(|| request.uri().host()).unwrap_or("");
     if !access.host_allowed(host) {
-        return Some(ApiError::foreign_host(host));
+        return Err(ApiError::foreign_host(host));
     }
-    if request.uri().path() != "/health" && !access.key_allowed(header(AUTHORIZATION)) {
-        return Some(ApiError::unauthorized(
+    match access.tenant(header(AUTHORIZATION)) {
+        Some(tenant) => Ok(tenant),
+        None if request.uri().path() == "/health" => Ok(Tenant(None)),
+        None => Err(ApiError::unauthorized(
             "this gateway needs an API key: send `Authorization: Bearer <key>` with a key from its --api-key-file",
-        ));
+        )),
     }
-    None
 }
 
 #[cfg(test)]
@@ -176,13 +167,17 @@ mod tests {
         let file = dir.path().join("keys");
         std::fs::write(&file, "# team keys\n\nsk-one\n  sk-two  \n").unwrap();
         let access = Access::new(Some(&file), &[]).unwrap();
-        assert!(access.key_allowed(Some("Bearer sk-one")));
-        assert!(access.key_allowed(Some("Bearer sk-two")));
-        assert!(!access.key_allowed(Some("Bearer sk-three")));
-        assert!(!access.key_allowed(Some("sk-one")));
-        assert!(!access.key_allowed(None));
+        assert!(access.tenant(Some("Bearer sk-one")).is_some());
+        assert!(access.tenant(Some("Bearer sk-two")).is_some());
+        assert_ne!(
+            access.tenant(Some("Bearer sk-one")),
+            access.tenant(Some("Bearer sk-two"))
+        );
+        assert!(access.tenant(Some("Bearer sk-three")).is_none());
+        assert!(access.tenant(Some("sk-one")).is_none());
+        assert!(access.tenant(None).is_none());
         std::fs::write(&file, "# nothing\n").unwrap();
         assert!(Access::new(Some(&file), &[]).is_err());
-        assert!(Access::default().key_allowed(None));
+        assert_eq!(Access::default().tenant(None), Some(Tenant(None)));
     }
 }
