@@ -26,6 +26,7 @@ mod isa;
 mod layout;
 mod matrix;
 mod norm;
+mod pages;
 mod scalar;
 mod threads;
 #[cfg(target_arch = "x86_64")]

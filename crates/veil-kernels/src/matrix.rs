@@ -210,6 +210,7 @@ impl QuantMatrixBuilder {
         fn reserve<T>(blocks: usize, per_block: usize) -> Option<Vec<T>> {
             let mut v = Vec::new();
             v.try_reserve_exact(blocks.checked_mul(per_block)?).ok()?;
+            crate::pages::prefer_huge_pages(&v);
             Some(v)
         }
         let offsets = if format.has_offset() { 1 } else { 0 };
