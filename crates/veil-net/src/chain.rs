@@ -20,6 +20,7 @@ use crate::error::{NetError, Result};
 use crate::route::plan_route;
 use crate::tee_gate::TeeGate;
 use crate::wire::{RequestBody, Response, SessionId, StepInput, WireTensor};
+use veil_verify::{HopJob, HopTranscript, Signed};
 
 /// How many replacements one step may go through before giving up.
 const MAX_FAILOVERS_PER_STEP: usize = 3;
@@ -30,6 +31,19 @@ struct Hop {
     session: SessionId,
     history: Vec<StepInput>,
     stats: HopStats,
+    /// In a verified chain: what this hop was sent and handed back, to hold its signed record
+    /// against.
+    transcript: HopTranscript,
+}
+
+/// One hop of a verified chain once its session ended: its signed record and every input it
+/// was sent, what a judge needs to replay it.
+#[derive(Debug, Clone)]
+pub struct FinishedHop {
+    /// The record, signed by the hop's node and checked against what the client saw.
+    pub job: Signed<HopJob>,
+    /// Each step's input, in order.
+    pub inputs: Vec<StepInput>,
 }
 
 /// What one hop cost, for the route report and the benchmark.
@@ -83,6 +97,8 @@ pub struct RemoteChain {
     failovers: Vec<Failover>,
     /// Only nodes whose TEE evidence passes this gate may serve, replacements included.
     gate: Option<Arc<TeeGate>>,
+    /// A verified chain's request id: its hops record their sessions and sign them.
+    request_id: Option<String>,
 }
 
 impl RemoteChain {
@@ -138,7 +154,51 @@ impl RemoteChain {
         avoid: &HashSet<PeerId>,
         gate: Option<Arc<TeeGate>>,
     ) -> Result<Self> {
-        let candidates = runtime.block_on(client.discover(model_digest))?;
+        let target = ChainTarget {
+            model_digest,
+            block_count,
+            request_id: None,
+        };
+        Self::open_with(client, runtime, target, split, avoid, gate)
+    }
+
+    /// A verified chain for request `request_id`: only nodes that announce exact outputs, each
+    /// recording its session to sign at [`finish_hops`](Self::finish_hops), so judges serving
+    /// the same blocks can replay it.
+    pub fn open_verified(
+        client: SwarmClient,
+        runtime: Handle,
+        model_digest: &str,
+        block_count: usize,
+        avoid: &HashSet<PeerId>,
+        gate: Option<Arc<TeeGate>>,
+        request_id: String,
+    ) -> Result<Self> {
+        let target = ChainTarget {
+            model_digest,
+            block_count,
+            request_id: Some(request_id),
+        };
+        Self::open_with(client, runtime, target, None, avoid, gate)
+    }
+
+    fn open_with(
+        client: SwarmClient,
+        runtime: Handle,
+        target: ChainTarget<'_>,
+        split: Option<ClientSplit>,
+        avoid: &HashSet<PeerId>,
+        gate: Option<Arc<TeeGate>>,
+    ) -> Result<Self> {
+        let ChainTarget {
+            model_digest,
+            block_count,
+            request_id,
+        } = target;
+        let mut candidates = runtime.block_on(client.discover(model_digest))?;
+        if request_id.is_some() {
+            candidates.retain(|c| c.info.exact);
+        }
         let start = split.as_ref().map_or(0, |s| s.front.shard().layers.end);
         let mut avoid = avoid.clone();
         let mut refused = Vec::new();
@@ -163,12 +223,14 @@ impl RemoteChain {
             })?;
         let mut hops = Vec::new();
         for node in route {
-            let session = runtime.block_on(open_session(&client, node.peer))?;
+            let session =
+                runtime.block_on(open_session(&client, node.peer, request_id.as_deref()))?;
             hops.push(Hop {
                 node,
                 session,
                 history: Vec::new(),
                 stats: HopStats::default(),
+                transcript: HopTranscript::new(),
             });
         }
         let split = split.map(|s| {
@@ -184,7 +246,61 @@ impl RemoteChain {
             failed: HashSet::new(),
             failovers: Vec::new(),
             gate,
+            request_id,
         })
+    }
+
+    /// Ends a verified chain's sessions: each hop's signed record, checked against what this
+    /// client sent it and received from it (a hop that signs other outputs than it handed on
+    /// is refused here), with the inputs a judge needs.
+    pub fn finish_hops(&mut self) -> Result<Vec<FinishedHop>> {
+        let Some(request_id) = self.request_id.clone() else {
+            return Err(NetError::Verification(
+                "this chain was not opened as a verified chain".into(),
+            ));
+        };
+        let mut finished = Vec::new();
+        for hop in std::mem::take(&mut self.hops) {
+            let peer = hop.node.peer;
+            let body = RequestBody::FinishHop {
+                session: hop.session,
+            };
+            let job = match self.runtime.block_on(self.client.request(peer, body))? {
+                Response::HopFinished(job) => *job,
+                other => {
+                    return Err(NetError::BadMessage(format!(
+                        "{peer} answered FinishHop with {other:?}"
+                    )))
+                }
+            };
+            let signer = job.verify()?;
+            let info = &hop.node.info;
+            let b = &job.body;
+            let mismatch = if signer != peer || b.node != peer.to_string() {
+                Some("is not signed by the hop's node")
+            } else if b.request_id != request_id || b.model_digest != self.model_digest {
+                Some("names another request or model")
+            } else if (b.first_block, b.end_block) != (info.first_block, info.end_block) {
+                Some("names other blocks than the node announced")
+            } else if b.format != info.format {
+                Some("claims another weight format than the node announced")
+            } else if b.digests != hop.transcript.clone().finish() {
+                Some("records other inputs or outputs than it was sent and handed on")
+            } else {
+                None
+            };
+            if let Some(why) = mismatch {
+                return Err(NetError::Verification(format!(
+                    "the signed record of {peer} (blocks {}-{}) {why}",
+                    info.first_block, info.end_block
+                )));
+            }
+            finished.push(FinishedHop {
+                job,
+                inputs: hop.history,
+            });
+        }
+        Ok(finished)
     }
 
     /// The nodes in use, in order, with their blocks and costs.
@@ -257,6 +373,10 @@ impl RemoteChain {
             let answer = answer.and_then(|r| self.check_output(i, &input, r));
             match answer {
                 Ok(output) => {
+                    if self.request_id.is_some() {
+                        let recorded = (input.to_hop_input()?, decode_values(&output));
+                        self.hops[i].transcript.push(&recorded.0, &recorded.1);
+                    }
                     let hop = &mut self.hops[i];
                     hop.stats.busy += started.elapsed();
                     hop.stats.steps += 1;
@@ -338,10 +458,14 @@ impl RemoteChain {
                 "node {dead} for blocks {first}-{end} failed ({reason}) and no other node serves that range"
             )));
         };
-        let session = self
-            .runtime
-            .block_on(open_session(&self.client, next.peer))?;
+        let session = self.runtime.block_on(open_session(
+            &self.client,
+            next.peer,
+            self.request_id.as_deref(),
+        ))?;
         let history = self.hops[i].history.clone();
+        // The replacement's record covers the replayed steps too.
+        let mut transcript = HopTranscript::new();
         for step in &history {
             let body = RequestBody::Step {
                 session,
@@ -351,7 +475,12 @@ impl RemoteChain {
                 .runtime
                 .block_on(self.client.request(next.peer, body))?
             {
-                Response::Output(_) => {}
+                Response::Output(output) => {
+                    if self.request_id.is_some() {
+                        output.check()?;
+                        transcript.push(&step.to_hop_input()?, &decode_values(&output));
+                    }
+                }
                 other => {
                     return Err(NetError::BadMessage(format!(
                         "{} answered a replayed step with {other:?}",
@@ -375,6 +504,7 @@ impl RemoteChain {
         let hop = &mut self.hops[i];
         hop.node = next;
         hop.session = session;
+        hop.transcript = transcript;
         Ok(())
     }
 }
@@ -403,13 +533,40 @@ impl Drop for RemoteChain {
     }
 }
 
-async fn open_session(client: &SwarmClient, peer: PeerId) -> Result<SessionId> {
-    match client.request(peer, RequestBody::Open).await? {
+/// What a chain is opened for.
+struct ChainTarget<'a> {
+    model_digest: &'a str,
+    block_count: usize,
+    /// Set for a verified chain.
+    request_id: Option<String>,
+}
+
+/// Opens a session on `peer`: a hop session recording itself when `request_id` is given.
+async fn open_session(
+    client: &SwarmClient,
+    peer: PeerId,
+    request_id: Option<&str>,
+) -> Result<SessionId> {
+    let body = match request_id {
+        Some(id) => RequestBody::OpenHop {
+            request_id: id.to_string(),
+        },
+        None => RequestBody::Open,
+    };
+    match client.request(peer, body).await? {
         Response::Opened { session } => Ok(session),
         other => Err(NetError::BadMessage(format!(
             "{peer} answered Open with {other:?}"
         ))),
     }
+}
+
+/// A checked tensor's values (its bytes are whole little-endian f32s).
+fn decode_values(t: &WireTensor) -> Vec<f32> {
+    t.data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 fn payload_bytes(input: &StepInput) -> u64 {

@@ -281,23 +281,30 @@ fn serve(
     Ok((completion, job))
 }
 
-/// Seals then opens every judge's verdict; judges that fail to answer are left out.
+/// Seals then opens every judge's verdict on `job`; judges that fail to answer are left out.
 async fn judge(
     client: &SwarmClient,
     job: &Signed<Job>,
     judges: &[String],
 ) -> Result<(Vec<Signed<VerdictCommit>>, Vec<Signed<VerdictReveal>>)> {
-    let digest = job.body.digest()?;
+    let request = || RequestBody::Judge {
+        job: Box::new(job.clone()),
+    };
+    seal_and_open(client, &job.body.digest()?, judges, request).await
+}
+
+/// Sends each judge `request()` (a judgement of the job whose digest is `digest`), then, with
+/// every verdict sealed, asks each to open its own; judges that fail to answer are left out.
+pub(crate) async fn seal_and_open(
+    client: &SwarmClient,
+    digest: &str,
+    judges: &[String],
+    request: impl Fn() -> RequestBody,
+) -> Result<(Vec<Signed<VerdictCommit>>, Vec<Signed<VerdictReveal>>)> {
+    let digest = digest.to_string();
     let peers: Vec<PeerId> = judges.iter().filter_map(|j| j.parse().ok()).collect();
-    let sealed = futures::future::join_all(peers.iter().map(|&peer| {
-        client.request(
-            peer,
-            RequestBody::Judge {
-                job: Box::new(job.clone()),
-            },
-        )
-    }))
-    .await;
+    let sealed =
+        futures::future::join_all(peers.iter().map(|&peer| client.request(peer, request()))).await;
     let mut commits = Vec::new();
     for (peer, answer) in peers.iter().zip(sealed) {
         match answer {
@@ -339,7 +346,7 @@ async fn judge(
     Ok((kept_commits, reveals))
 }
 
-fn short(r: &Response) -> String {
+pub(crate) fn short(r: &Response) -> String {
     match r {
         Response::Error { message, .. } => format!("an error: {message}"),
         _ => "something unexpected".into(),

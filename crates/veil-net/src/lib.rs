@@ -13,10 +13,11 @@ pub mod node_state;
 pub mod route;
 pub mod sessions;
 pub mod tee_gate;
+pub mod verified_chain;
 pub mod weights_check;
 pub mod wire;
 
-pub use chain::{ClientSplit, Failover, HopStats, RemoteChain};
+pub use chain::{ClientSplit, Failover, FinishedHop, HopStats, RemoteChain};
 pub use client::{Candidate, SwarmClient};
 pub use committee::{generate_verified, VerifiedAnswer, VerifiedRequest, CANCELLED};
 pub use error::{NetError, Result};
@@ -26,5 +27,9 @@ pub use node_state::NodeState;
 pub use route::plan_route;
 pub use sessions::{SessionLimits, SessionTable};
 pub use tee_gate::{public_key_of, TeeGate};
+pub use verified_chain::{
+    generate_verified_chain, judge_hops, HopOutcome, JudgedHop, VerifiedChainAnswer,
+    VerifiedChainRequest,
+};
 pub use weights_check::challenge_weights;
 pub use wire::{ShardInfo, PROTOCOL, WIRE_VERSION};

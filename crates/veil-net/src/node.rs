@@ -19,8 +19,8 @@ use veil_model::{
     GgufFile, LogitsAt, ShardCache, ShardInput, ShardManifest, ShardModel, Tensor, WeightFormat,
 };
 use veil_verify::{
-    load_serving_shard, validate, Job, Keypair, Misbehaviour, ServingSession, Signed, Tolerances,
-    VerdictReveal,
+    judge_hop, load_serving_shard, run_hop_step, validate, HopInput, HopJob, HopTranscript, Job,
+    Keypair, Misbehaviour, ServingSession, Signed, Tolerances, VerdictCommit, VerdictReveal,
 };
 
 use crate::behaviour::{
@@ -75,6 +75,16 @@ enum NodeSession {
     Plain(ShardCache, SessionUsage),
     /// A verified session on a whole-model node: samples, commits, signs at the end.
     Verified(Box<VerifiedSession>),
+    /// One hop of a verified split chain: a plain session that records its inputs and outputs
+    /// and signs them at the end.
+    Hop(Box<HopSession>),
+}
+
+/// A hop session and the request it serves.
+struct HopSession {
+    request_id: String,
+    cache: ShardCache,
+    transcript: HopTranscript,
 }
 
 /// A verified session and the request it serves.
@@ -88,6 +98,7 @@ impl NodeSession {
         match self {
             Self::Plain(cache, _) => cache.position(),
             Self::Verified(v) => v.serving.position(),
+            Self::Hop(h) => h.cache.position(),
         }
     }
 }
@@ -400,7 +411,7 @@ pub async fn run_node(
                             let _ = swarm.behaviour_mut().infer.send_response(channel, Response::Closed);
                             keep_run(&mut swarm, &runs, history.as_ref(), session);
                         }
-                        Handled::Judge(job) => {
+                        Handled::Judge(work) => {
                             if judging.contains(&peer) {
                                 let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "judging your last job; ask again once it is answered"));
                                 continue;
@@ -413,7 +424,7 @@ pub async fn run_node(
                             let (model, judge, tx) = (Arc::clone(&model), Arc::clone(&judge), answered_tx.clone());
                             tokio::task::spawn_blocking(move || {
                                 let _slot = slot;
-                                let (response, reveal) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| judge.judge(&model, &job)))
+                                let (response, reveal) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| judge.judge(&model, &work)))
                                     .unwrap_or_else(|_| (refuse(ErrorKind::Internal, "the judgement failed inside the model"), None));
                                 let _ = tx.send(Answered { channel, response, reveal, judged_for: Some(peer) });
                             });
@@ -481,7 +492,7 @@ enum Handled {
         input: StepInput,
     },
     /// Recompute a job on a blocking thread.
-    Judge(Box<Signed<Job>>),
+    Judge(JudgeWork),
     /// A session was closed: answer, and keep its run record.
     Closed(NodeSession),
     /// Obtain TEE evidence for this nonce on a blocking thread.
@@ -490,6 +501,14 @@ enum Handled {
     OpenWeights(Vec<u32>),
     /// Prove the private model's answer on a blocking thread.
     ProveInference(Vec<u8>),
+}
+
+/// What a judge recomputes.
+enum JudgeWork {
+    /// A whole-model node's answer.
+    Answer(Box<Signed<Job>>),
+    /// One hop of a split chain, with the inputs it was sent.
+    Hop(Box<Signed<HopJob>>, Vec<HopInput>),
 }
 
 /// An answer made on a blocking thread (a judgement, TEE evidence, weight openings, a proof).
@@ -530,8 +549,79 @@ struct Judge {
 }
 
 impl Judge {
-    /// Recomputes a signed job and seals the verdict; the reveal is kept for later.
+    /// Recomputes a job or a hop and seals the verdict; the reveal is kept for later.
     fn judge(
+        &self,
+        model: &ShardModel,
+        work: &JudgeWork,
+    ) -> (Response, Option<Signed<VerdictReveal>>) {
+        match work {
+            JudgeWork::Answer(job) => self.judge_answer(model, job),
+            JudgeWork::Hop(job, inputs) => self.judge_hop(model, job, inputs),
+        }
+    }
+
+    /// Replays a chain hop's inputs on this node's blocks and seals the verdict.
+    fn judge_hop(
+        &self,
+        model: &ShardModel,
+        job: &Signed<HopJob>,
+        inputs: &[HopInput],
+    ) -> (Response, Option<Signed<VerdictReveal>>) {
+        let body = &job.body;
+        match job.verify() {
+            Ok(peer) if peer.to_string() == body.node => {}
+            Ok(_) => {
+                return (
+                    refuse(ErrorKind::BadRequest, "the hop is not signed by its node"),
+                    None,
+                )
+            }
+            Err(e) => return (refuse(ErrorKind::BadRequest, e.to_string()), None),
+        }
+        if body.model_digest != self.digest || body.format != self.format {
+            return (
+                refuse(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "this node runs model {} in {}, the hop claims {} in {}",
+                        self.digest, self.format, body.model_digest, body.format
+                    ),
+                ),
+                None,
+            );
+        }
+        let outcome = judge_hop(model, body, inputs)
+            .map_err(|e| e.to_string())
+            .and_then(|verdict| {
+                let digest = body.digest().map_err(|e| e.to_string())?;
+                self.seal(digest, verdict)
+            });
+        match outcome {
+            Ok((commit, reveal)) => (Response::Committed(commit), Some(reveal)),
+            Err(e) => (refuse(ErrorKind::BadRequest, e), None),
+        }
+    }
+
+    /// A verdict on job `digest`, sealed and opened, both signed.
+    fn seal(
+        &self,
+        digest: String,
+        verdict: veil_verify::Verdict,
+    ) -> std::result::Result<(Signed<VerdictCommit>, Signed<VerdictReveal>), String> {
+        let reveal = VerdictReveal::new(digest, verdict);
+        let commit = reveal
+            .commit(&self.key.public().to_peer_id())
+            .map_err(|e| e.to_string())?;
+        let sign = |e: veil_verify::VerifyError| e.to_string();
+        Ok((
+            Signed::sign(commit, &self.key).map_err(sign)?,
+            Signed::sign(reveal, &self.key).map_err(sign)?,
+        ))
+    }
+
+    /// Recomputes a whole-model node's signed answer and seals the verdict.
+    fn judge_answer(
         &self,
         model: &ShardModel,
         job: &Signed<Job>,
@@ -570,15 +660,7 @@ impl Judge {
         .map_err(|e| e.to_string())
         .and_then(|v| {
             let digest = body.digest().map_err(|e| e.to_string())?;
-            let reveal = VerdictReveal::new(digest, v.verdict);
-            let commit = reveal
-                .commit(&self.key.public().to_peer_id())
-                .map_err(|e| e.to_string())?;
-            let sign = |e: veil_verify::VerifyError| e.to_string();
-            Ok((
-                Signed::sign(commit, &self.key).map_err(sign)?,
-                Signed::sign(reveal, &self.key).map_err(sign)?,
-            ))
+            self.seal(digest, v.verdict)
         });
         match outcome {
             Ok((commit, reveal)) => (Response::Committed(commit), Some(reveal)),
@@ -696,6 +778,95 @@ fn handle(
             }
             Err(e) => refuse(ErrorKind::Busy, e.to_string()),
         },
+        RequestBody::OpenHop { request_id } => {
+            if !info.exact {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    "hops of verified chains are checked bit for bit, and this node's kernels \
+                     are not bit-reproducible",
+                ));
+            }
+            if request_id.len() != 64 || !request_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    "a request id is 64 hex digits",
+                ));
+            }
+            let state = NodeSession::Hop(Box::new(HopSession {
+                request_id,
+                cache: model.new_cache(),
+                transcript: HopTranscript::new(),
+            }));
+            match sessions.open(peer, state, now) {
+                Ok(session) => {
+                    info!("opened hop session {session} for {peer}");
+                    Response::Opened { session }
+                }
+                Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+            }
+        }
+        RequestBody::FinishHop { session } => match sessions.take(peer, session, 0) {
+            Ok((NodeSession::Hop(h), _)) => {
+                sessions.discard(session);
+                let job = HopJob {
+                    request_id: h.request_id,
+                    model_digest: info.model_digest.clone(),
+                    format: info.format.clone(),
+                    node: judge.key.public().to_peer_id().to_string(),
+                    first_block: info.first_block,
+                    end_block: info.end_block,
+                    digests: h.transcript.finish(),
+                };
+                match Signed::sign(job, &judge.key) {
+                    Ok(signed) => Response::HopFinished(Box::new(signed)),
+                    Err(e) => refuse(ErrorKind::Internal, e.to_string()),
+                }
+            }
+            Ok((other, held)) => {
+                sessions.put_back(session, other, held, now);
+                refuse(
+                    ErrorKind::BadRequest,
+                    format!("session {session} is not a hop session"),
+                )
+            }
+            Err(e @ crate::sessions::SessionRefusal::Unknown(_)) => {
+                refuse(ErrorKind::UnknownSession, e.to_string())
+            }
+            Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+        },
+        RequestBody::JudgeHop { job, inputs } => {
+            let body = &job.body;
+            if (body.first_block, body.end_block) != (info.first_block, info.end_block) {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "the hop ran blocks {}-{}; this node serves {}-{}",
+                        body.first_block, body.end_block, info.first_block, info.end_block
+                    ),
+                ));
+            }
+            let positions: usize = inputs.iter().map(StepInput::len).sum();
+            if positions > info.max_session_tokens {
+                return Handled::Now(refuse(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "the hop holds {positions} positions; this node judges at most {}",
+                        info.max_session_tokens
+                    ),
+                ));
+            }
+            let decoded: Result<Vec<HopInput>> = inputs
+                .iter()
+                .map(|input| {
+                    info.check_input(input, vocab_size)?;
+                    input.to_hop_input()
+                })
+                .collect();
+            return match decoded {
+                Ok(inputs) => Handled::Judge(JudgeWork::Hop(job, inputs)),
+                Err(e) => Handled::Now(refuse(ErrorKind::BadRequest, e.to_string())),
+            };
+        }
         RequestBody::Judge { job } => {
             if !judge.whole {
                 return Handled::Now(refuse(
@@ -713,7 +884,7 @@ fn handle(
                     ),
                 ));
             }
-            return Handled::Judge(job);
+            return Handled::Judge(JudgeWork::Answer(job));
         }
         RequestBody::ProveInference { input } => {
             if info.zk_commitment.is_none() {
@@ -804,6 +975,22 @@ fn run_step(
                 .map_err(|e| StepError::BadInput(NetError::BadMessage(e.to_string())))?;
             let n = logits.len();
             let t = Tensor::from_vec(logits, (1, n), &candle_core::Device::Cpu)
+                .map_err(|e| StepError::Failed(NetError::BadMessage(e.to_string())))?;
+            return WireTensor::from_tensor(&t).map_err(StepError::Failed);
+        }
+        NodeSession::Hop(h) => {
+            let recorded = input.to_hop_input().map_err(StepError::BadInput)?;
+            let output = run_hop_step(model, &mut h.cache, &recorded)
+                .map_err(|e| StepError::Failed(NetError::BadMessage(e.to_string())))?;
+            h.transcript.push(&recorded, &output);
+            // Hidden states for every position, or the head's logits at the last one.
+            let rows = if model.shard().head {
+                1
+            } else {
+                recorded.positions()
+            };
+            let width = output.len() / rows.max(1);
+            let t = Tensor::from_vec(output, (rows, width), &candle_core::Device::Cpu)
                 .map_err(|e| StepError::Failed(NetError::BadMessage(e.to_string())))?;
             return WireTensor::from_tensor(&t).map_err(StepError::Failed);
         }

@@ -9,7 +9,7 @@ use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use veil_verify::{Evidence, Proven};
+use veil_verify::{job_digest, Evidence, Judged, Proven};
 
 use crate::error::{NetError, Result};
 
@@ -146,9 +146,9 @@ impl NodeState {
     /// Applies a piece of evidence once: checks its signatures, then marks the generator as
     /// caught and docks validators that passed the failed answer. Evidence that does not
     /// check moves nothing.
-    pub fn apply_evidence(&self, evidence: &Evidence) -> Result<Proven> {
+    pub fn apply_evidence<J: Judged>(&self, evidence: &Evidence<J>) -> Result<Proven> {
         let proven = evidence.check()?;
-        let digest = evidence.job.body.digest()?;
+        let digest = job_digest(&evidence.job.body)?;
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut applied = txn

@@ -4,7 +4,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use veil_verify::{CommitmentMode, Job, SamplingSpec, Signed, VerdictCommit, VerdictReveal};
+use veil_verify::{
+    CommitmentMode, HopInput, HopJob, Job, SamplingSpec, Signed, VerdictCommit, VerdictReveal,
+};
 
 use crate::error::{NetError, Result};
 
@@ -12,7 +14,7 @@ use crate::error::{NetError, Result};
 pub const PROTOCOL: &str = "/veil/infer/1";
 
 /// The protocol version inside every request, so a mismatch is an explicit error.
-pub const WIRE_VERSION: u16 = 3;
+pub const WIRE_VERSION: u16 = 4;
 
 /// Largest request or response a peer accepts: 32 MiB, room for a 4096-token prefill of hidden
 /// states of width 2048 in f32.
@@ -138,6 +140,24 @@ impl StepInput {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The step as verification records it (hidden states decoded, bits unchanged).
+    pub fn to_hop_input(&self) -> Result<HopInput> {
+        Ok(match self {
+            Self::Tokens(ids) => HopInput::Tokens(ids.clone()),
+            Self::Hidden(t) => {
+                t.check()?;
+                HopInput::Hidden {
+                    positions: self.len(),
+                    values: t
+                        .data
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                }
+            }
+        })
+    }
 }
 
 /// A request to a shard node.
@@ -186,6 +206,25 @@ pub enum RequestBody {
         /// The session.
         session: SessionId,
     },
+    /// Open a session as one hop of a verified split chain: a plain session whose inputs and
+    /// outputs the node records, to sign them at [`RequestBody::FinishHop`]. Exact nodes only.
+    OpenHop {
+        /// The chain's request id: 64 hex digits.
+        request_id: String,
+    },
+    /// End a hop session; its record comes back signed by the node.
+    FinishHop {
+        /// The session.
+        session: SessionId,
+    },
+    /// Judge another node's hop of a split chain by replaying `inputs` (what the client sent
+    /// it) on the same blocks; the answer is a sealed verdict.
+    JudgeHop {
+        /// The hop's record, signed by its node.
+        job: Box<Signed<HopJob>>,
+        /// Every step's input, in order.
+        inputs: Vec<StepInput>,
+    },
     /// Judge another node's signed job by recomputing it; the answer is a sealed verdict.
     Judge {
         /// The job, signed by its generator.
@@ -229,6 +268,8 @@ pub enum Response {
     Closed,
     /// A verified session ended: its answer, signed.
     Finished(Box<Signed<Job>>),
+    /// A hop session ended: its record, signed.
+    HopFinished(Box<Signed<HopJob>>),
     /// A sealed verdict.
     Committed(Signed<VerdictCommit>),
     /// An opened verdict.

@@ -31,9 +31,7 @@ pub struct Job {
 impl Job {
     /// The job's hash in hex: what commits and reveals refer to.
     pub fn digest(&self) -> Result<String> {
-        Ok(blake3::hash(&serde_json::to_vec(self)?)
-            .to_hex()
-            .to_string())
+        job_digest(self)
     }
 }
 
@@ -97,6 +95,19 @@ impl SignedKind for VerdictReveal {
     const DOMAIN: &'static str = "veil-verify/1/reveal";
 }
 
+/// A signed record that a committee judges: a whole-model answer ([`Job`]) or one hop of a
+/// split chain ([`crate::HopJob`]).
+pub trait Judged: SignedKind {
+    /// The peer whose work is judged (and who signed it).
+    fn judged_node(&self) -> &str;
+}
+
+impl Judged for Job {
+    fn judged_node(&self) -> &str {
+        &self.generator
+    }
+}
+
 /// A message with its signer's public key and signature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Signed<T> {
@@ -145,6 +156,11 @@ impl<T: SignedKind> Signed<T> {
         }
         Ok(peer)
     }
+}
+
+/// The hash in hex of any judged record: what commits and reveals refer to.
+pub fn job_digest<J: Serialize>(job: &J) -> Result<String> {
+    Ok(blake3::hash(&serde_json::to_vec(job)?).to_hex().to_string())
 }
 
 fn signing_bytes<T: SignedKind>(body: &T) -> Result<Vec<u8>> {
@@ -251,14 +267,16 @@ pub fn tally(
     Ok(tally)
 }
 
-/// Signed proof that a generator's answer failed validation: its own signed job and the
-/// committee's signed commits and reveals. Stored as canonical pretty JSON.
+/// Signed proof that a generator's answer (or a chain hop's work, `J` = [`crate::HopJob`])
+/// failed validation: its own signed job and the committee's signed commits and reveals.
+/// Stored as canonical pretty JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Evidence {
+#[serde(bound = "J: Serialize + DeserializeOwned")]
+pub struct Evidence<J = Job> {
     /// Format version of the record.
     pub version: u32,
-    /// The job, signed by the generator.
-    pub job: Signed<Job>,
+    /// The job, signed by the node judged.
+    pub job: Signed<J>,
     /// The validators' commits.
     pub commits: Vec<Signed<VerdictCommit>>,
     /// The validators' reveals.
@@ -279,7 +297,7 @@ pub struct Proven {
 /// Current evidence format.
 pub const EVIDENCE_VERSION: u32 = 1;
 
-impl Evidence {
+impl<J: Judged> Evidence<J> {
     /// The record as it is written to a file.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut bytes = serde_json::to_vec_pretty(self)?;
@@ -309,10 +327,10 @@ impl Evidence {
             )));
         }
         let generator = self.job.verify()?.to_string();
-        if generator != self.job.body.generator {
+        if generator != self.job.body.judged_node() {
             return Err(VerifyError::Evidence(format!(
-                "the job names {} as generator but {generator} signed it",
-                self.job.body.generator
+                "the job names {} as its node but {generator} signed it",
+                self.job.body.judged_node()
             )));
         }
         if self.commits.len() != self.reveals.len() {
@@ -322,7 +340,7 @@ impl Evidence {
                 self.reveals.len()
             )));
         }
-        let digest = self.job.body.digest()?;
+        let digest = job_digest(&self.job.body)?;
         let tally = tally(&digest, &generator, &self.commits, &self.reveals)?;
         if !tally.rejected() {
             return Err(VerifyError::Evidence(format!(

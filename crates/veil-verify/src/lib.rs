@@ -10,6 +10,7 @@
 pub mod commitment;
 pub mod consensus;
 pub mod error;
+pub mod hop;
 pub mod serving;
 pub mod trials;
 pub mod validate;
@@ -19,10 +20,13 @@ pub use commitment::{
     ExactCommitment, CHUNK_TOKENS, DIGEST_BYTES, TOP_K,
 };
 pub use consensus::{
-    committee, quorum, tally, Evidence, Job, Proven, Signed, Tally, VerdictCommit, VerdictReveal,
-    EVIDENCE_VERSION,
+    committee, job_digest, quorum, tally, Evidence, Job, Judged, Proven, Signed, Tally,
+    VerdictCommit, VerdictReveal, EVIDENCE_VERSION,
 };
 pub use error::{Result, VerifyError};
+pub use hop::{
+    judge_hop, run_hop_step, HopDigests, HopInput, HopJob, HopTranscript, STEPS_PER_DIGEST,
+};
 pub use libp2p_identity::{Keypair, PeerId};
 pub use serving::{
     cheaper_format, load_serving_shard, load_serving_shard_with, serve_fixed_length, serve_until,

@@ -81,7 +81,7 @@ fn a_majority_of_signed_failures_proves_the_lie() {
     assert_eq!(proven.failed.len(), 2);
     assert_eq!(proven.passed.len(), 1);
     let bytes = record.to_bytes().unwrap();
-    assert_eq!(Evidence::from_bytes(&bytes).unwrap(), record);
+    assert_eq!(<Evidence>::from_bytes(&bytes).unwrap(), record);
 
     // No majority, no proof.
     let weak = evidence(&generator, &judges, 1);
@@ -96,7 +96,7 @@ fn changing_any_byte_of_the_evidence_makes_the_check_fail() {
         for flip in [0x01u8, 0x20] {
             let mut tampered = bytes.clone();
             tampered[at] ^= flip;
-            let outcome = Evidence::from_bytes(&tampered).and_then(|e| e.check());
+            let outcome = <Evidence>::from_bytes(&tampered).and_then(|e| e.check());
             assert!(outcome.is_err(), "byte {at} ^ {flip:#x} went unnoticed");
         }
     }
@@ -151,12 +151,12 @@ fn forged_and_inconsistent_messages_are_clear_errors() {
 
     // Garbage and edited files.
     assert!(matches!(
-        Evidence::from_bytes(b"{not json"),
+        <Evidence>::from_bytes(b"{not json"),
         Err(VerifyError::Json(_))
     ));
     let mut edited = good.to_bytes().unwrap();
     edited.insert(1, b' ');
-    assert!(Evidence::from_bytes(&edited)
+    assert!(<Evidence>::from_bytes(&edited)
         .unwrap_err()
         .to_string()
         .contains("canonical"));

@@ -250,7 +250,7 @@ fn bench(model: &ModelArgs, tokens: usize, runs: usize, mode: CommitmentMode) ->
 pub fn verify_evidence(args: EvidenceArgs) -> Result<()> {
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let evidence = Evidence::from_bytes(&bytes)
+    let evidence = <Evidence>::from_bytes(&bytes)
         .with_context(|| format!("{} is not valid evidence", args.file.display()))?;
     let proven = evidence
         .check()
