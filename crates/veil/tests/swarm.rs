@@ -130,6 +130,42 @@ fn a_three_node_chain_answers_like_one_process_and_survives_losing_a_node() {
 }
 
 /// Sessions `node` has logged opening.
+#[test]
+fn a_verified_split_chain_of_processes_answers_like_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = shards(dir.path());
+    let state = |name: &str| dir.path().join(format!("{name}.redb"));
+    let first = NodeProcess::start(&files[0], &state("a0"), None);
+    let boot = first.addr.clone();
+    // Two nodes per range: one serves the hop, the other judges it.
+    let _others: Vec<NodeProcess> = [(0, "b0"), (1, "a1"), (1, "b1"), (2, "a2"), (2, "b2")]
+        .iter()
+        .map(|&(i, name)| NodeProcess::start(&files[i], &state(name), Some(&boot)))
+        .collect();
+    wait_for_route(&boot);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let (alone, _) = generate(&[]);
+    let client_state = dir.path().join("client.redb");
+    let (verified, log) = generate(&[
+        "--bootstrap",
+        &boot,
+        "--verify",
+        "2",
+        "--chain",
+        "--state",
+        client_state.to_str().unwrap(),
+    ]);
+    assert_eq!(verified, alone, "{log}");
+    for blocks in ["blocks  0-10", "blocks 10-20", "blocks 20-30"] {
+        let line = log
+            .lines()
+            .find(|l| l.contains(blocks))
+            .unwrap_or_else(|| panic!("{log}"));
+        assert!(line.contains("passed by 1 of 1 judges"), "{log}");
+    }
+}
+
 fn sessions_opened(node: &NodeProcess) -> usize {
     node.log
         .lock()

@@ -59,6 +59,11 @@ pub struct VerifyArgs {
     /// recompute it and vote; the answer is shown only once a majority accepts it.
     #[arg(long, value_name = "N", requires = "bootstrap")]
     pub verify: Option<usize>,
+    /// Verify a split chain instead of whole-model nodes: the answer goes through a chain of
+    /// exact shard nodes, each hop signs what it was sent and handed on, and N-1 other nodes
+    /// serving the same blocks replay each hop.
+    #[arg(long, requires = "verify")]
+    pub chain: bool,
     /// Public seed mixed into the committee choice.
     #[arg(long, default_value = "veil", requires = "verify")]
     pub committee_seed: String,
@@ -298,16 +303,13 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     if size < 2 {
         bail!("--verify needs a committee of at least 2 (one generates, one judges)");
     }
-    let request_id = match &args.verify.request_id {
-        Some(id) if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            id.to_lowercase()
+    let request_id = request_id(args)?;
+    if args.verify.chain {
+        if args.encrypted.is_some() {
+            bail!("--chain verifies plaintext split chains; drop --encrypted");
         }
-        Some(id) => bail!("--request-id must be 64 hex digits, got {id:?}"),
-        None => {
-            let bytes: [u8; 32] = rand::random();
-            bytes.iter().map(|b| format!("{b:02x}")).collect()
-        }
-    };
+        return run_verified_chain(args, params, size - 1, request_id);
+    }
     let path = args.model.resolve_path()?;
     let model = LocalModel::open_text(&path)?;
     let prompt = prompt_ids(args, &model)?;
@@ -325,14 +327,7 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
             }
             _ => (path.clone(), Box::new(veil_model::PlainOrder)),
         };
-    let home = veil_model::ModelStore::from_env().home().to_path_buf();
-    let state = veil_net::NodeState::open(
-        &args
-            .verify
-            .state
-            .clone()
-            .unwrap_or_else(|| home.join("client.redb")),
-    )?;
+    let (state, evidence_dir) = verification_records(args)?;
     let runtime = crate::commands::swarm::runtime()?;
     let client = runtime.block_on(veil_net::SwarmClient::connect(
         &args.swarm.bootstrap,
@@ -352,11 +347,6 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         gate: None,
         cancelled: &|| false,
     };
-    let evidence_dir = args
-        .verify
-        .evidence_dir
-        .clone()
-        .unwrap_or_else(|| home.join("evidence"));
     let mut written = Vec::new();
     let outcome = veil_net::generate_verified(
         &client,
@@ -400,14 +390,123 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     Ok(())
 }
 
+/// `--request-id`, or a fresh random one.
+fn request_id(args: &GenerateArgs) -> Result<String> {
+    Ok(match &args.verify.request_id {
+        Some(id) if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            id.to_lowercase()
+        }
+        Some(id) => bail!("--request-id must be 64 hex digits, got {id:?}"),
+        None => {
+            let bytes: [u8; 32] = rand::random();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    })
+}
+
+/// The client's reputation database and evidence folder (`--state`, `--evidence-dir`).
+fn verification_records(args: &GenerateArgs) -> Result<(veil_net::NodeState, PathBuf)> {
+    let home = veil_model::ModelStore::from_env().home().to_path_buf();
+    let state = veil_net::NodeState::open(
+        &args
+            .verify
+            .state
+            .clone()
+            .unwrap_or_else(|| home.join("client.redb")),
+    )?;
+    let evidence = args
+        .verify
+        .evidence_dir
+        .clone()
+        .unwrap_or_else(|| home.join("evidence"));
+    Ok((state, evidence))
+}
+
+/// `veil generate --bootstrap ... --verify N --chain`: a split chain generates, and `judges`
+/// other nodes serving each hop's blocks replay that hop.
+fn run_verified_chain(
+    args: &GenerateArgs,
+    params: &veil_model::GenerationParams,
+    judges: usize,
+    request_id: String,
+) -> Result<()> {
+    let path = args.model.resolve_path()?;
+    let model = LocalModel::open_text(&path)?;
+    let prompt = prompt_ids(args, &model)?;
+    let (state, evidence_dir) = verification_records(args)?;
+    let runtime = crate::commands::swarm::runtime()?;
+    let client = runtime.block_on(veil_net::SwarmClient::connect(
+        &args.swarm.bootstrap,
+        std::time::Duration::from_secs(120),
+        std::time::Duration::from_secs(10),
+    ))?;
+    let digest = veil_model::store::file_digest(&path)?.1;
+    let request = veil_net::VerifiedChainRequest {
+        model_digest: &digest,
+        block_count: model.config.block_count,
+        prompt: &prompt,
+        params,
+        context_length: model.config.context_length,
+        judges,
+        seed: &args.verify.committee_seed,
+        request_id: request_id.clone(),
+        gate: None,
+    };
+    let mut written = Vec::new();
+    let outcome = veil_net::generate_verified_chain(
+        &client,
+        runtime.handle(),
+        &model.tokenizer,
+        &request,
+        Some(&state),
+        &mut |record| written.push(write_evidence(&evidence_dir, record)),
+    );
+    // Written before the answer is reported, so evidence survives a failed request.
+    let written = written.into_iter().collect::<Result<Vec<_>>>()?;
+    let answer = outcome.context("verified chain generation failed")?;
+    let mut out = StdoutStream::default();
+    out.write(&answer.completion.text);
+    out.finish()?;
+    print_stats(&answer.completion);
+    eprintln!(
+        "request {request_id}: every hop replayed by its judges; generation {:.2} s, judging {:.2} s",
+        answer.generate_time.as_secs_f64(),
+        answer.judge_time.as_secs_f64()
+    );
+    for hop in &answer.hops {
+        eprintln!(
+            "  blocks {:>2}-{:<2} on {}: passed by {} of {} judges ({} bytes of signed digests)",
+            hop.blocks.0,
+            hop.blocks.1,
+            hop.node,
+            hop.tally.passed.len(),
+            hop.tally.passed.len() + hop.tally.failed.len(),
+            hop.commitment_bytes
+        );
+    }
+    for (file, record) in written.iter().zip(&answer.evidence) {
+        eprintln!(
+            "caught hop {} (blocks {}-{}) lying: evidence in {}",
+            record.job.body.node,
+            record.job.body.first_block,
+            record.job.body.end_block,
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 /// Writes a record as `<job digest>.json` (through a temporary file, so none is half
 /// written); returns the path.
-pub(crate) fn write_evidence(
+pub(crate) fn write_evidence<J: veil_verify::Judged>(
     dir: &std::path::Path,
-    record: &veil_verify::Evidence,
+    record: &veil_verify::Evidence<J>,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let path = dir.join(format!("{}.json", record.job.body.digest()?));
+    let path = dir.join(format!(
+        "{}.json",
+        veil_verify::job_digest(&record.job.body)?
+    ));
     let tmp = path.with_extension("json.partial");
     let bytes = record.to_bytes()?;
     std::fs::File::create(&tmp)
