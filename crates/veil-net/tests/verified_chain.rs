@@ -11,8 +11,9 @@ use veil_model::{
     generate, ChatMessage, GenerationParams, LocalModel, ModelStore, Shard, WeightFormat,
     SMOLLM2_135M,
 };
+use veil_net::wire::{RequestBody, StepInput};
 use veil_net::{
-    generate_verified_chain, judge_hops, peer_of, NodeConfig, NodeState, RemoteChain,
+    generate_verified_chain, judge_hops, peer_of, NetError, NodeConfig, NodeState, RemoteChain,
     SessionLimits, SwarmClient, VerifiedChainRequest,
 };
 use veil_verify::Misbehaviour;
@@ -171,6 +172,28 @@ fn a_verified_chain_names_the_lying_hop_and_answers_like_one_process() {
     let finished = chain.finish_hops().unwrap();
     assert_eq!(finished.len(), 2);
     assert_eq!(finished[1].job.body.node, liar.to_string());
+    // A client framing the hop: one bit of one input changed, the judge refuses to replay it.
+    let mut framed = finished[1].inputs.clone();
+    let StepInput::Hidden(t) = &mut framed[0] else {
+        panic!("the back hop takes hidden states")
+    };
+    t.data[0] ^= 1;
+    let answer = runtime.block_on(client.request(
+        honest_back[0],
+        RequestBody::JudgeHop {
+            job: Box::new(finished[1].job.clone()),
+            inputs: framed,
+        },
+    ));
+    match answer {
+        Err(NetError::Refused { message, .. }) => {
+            assert!(
+                message.contains("not the ones the hop signed for"),
+                "{message}"
+            )
+        }
+        other => panic!("a framed hop was judged: {other:?}"),
+    }
     let outcomes = judge_hops(
         &client,
         runtime.handle(),
