@@ -676,6 +676,60 @@ fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions(
 }
 
 #[test]
+fn veil_chain_verifies_a_split_chain_through_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = shards(dir.path());
+    let state = |name: &str| dir.path().join(format!("{name}.redb"));
+    let first = NodeProcess::start(&files[0], &state("a0"), None);
+    let _others: Vec<NodeProcess> = [(0, "b0"), (1, "a1"), (1, "b1"), (2, "a2"), (2, "b2")]
+        .iter()
+        .map(|&(i, name)| NodeProcess::start(&files[i], &state(name), Some(&first.addr)))
+        .collect();
+    let client_state = state("gateway");
+    let gateway = Gateway::start_with(&[
+        "--bootstrap",
+        &first.addr,
+        "--state",
+        client_state.to_str().expect("a UTF-8 path"),
+    ]);
+    let (s, b) = gateway.post(
+        "/v1/chat/completions",
+        &ask("hi", json!({"veil": {"chain": true}})),
+    );
+    assert_openai_error(s, &b, 400, None);
+    assert_eq!(b["error"]["param"], "veil.chain");
+
+    let question = "What is the capital of France?";
+    let body = ask(
+        question,
+        json!({"max_tokens": 12, "veil": {"verify": 2, "chain": true}}),
+    );
+    let mut answered = None;
+    for _ in 0..400 {
+        let (status, reply) = gateway.post("/v1/chat/completions", &body);
+        if status == 200 {
+            answered = Some(reply);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let reply = answered.expect("the verified chain answered within 2 minutes");
+    let verdict = reply["veil"]["verification"].as_str().expect("a verdict");
+    assert!(
+        verdict.starts_with("every hop accepted (0 caught lying)"),
+        "{verdict}"
+    );
+    for blocks in ["blocks 0-10", "blocks 10-20", "blocks 20-30"] {
+        assert!(verdict.contains(blocks), "{verdict}");
+    }
+    assert_eq!(verdict.matches("passed by 1 of 1").count(), 3, "{verdict}");
+    let text = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert_eq!(text, answer_in_one_process(question, 12));
+}
+
+#[test]
 fn the_gateway_benchmark_prints_its_ratio_and_concurrency_rows() {
     let out = Command::new(env!("CARGO_BIN_EXE_veil"))
         .args([

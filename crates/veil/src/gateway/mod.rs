@@ -131,6 +131,8 @@ struct Job {
     params: GenerationParams,
     /// Committee size, for a verified answer.
     verify: Option<usize>,
+    /// Verify a split chain (each hop judged by `verify - 1` nodes serving its blocks).
+    chain: bool,
     /// The acceleration method the request forces (`None`: the selector's choice).
     accel: Option<&'static veil_meta::Method>,
     /// Whose request it is (its prefix cache).
@@ -445,8 +447,21 @@ impl Gateway {
             }
             (Some(_), Backend::Swarm(_)) => {}
         }
+        if options.veil.chain && verify.is_none() {
+            return Err(ApiError::invalid(
+                "veil.chain verifies a split chain: set veil.verify too",
+                Some("veil.chain"),
+            ));
+        }
+        if options.veil.chain && self.privacy.is_some() {
+            return Err(ApiError::invalid(
+                "veil.chain verifies plaintext split chains; this gateway serves an encrypted model",
+                Some("veil.chain"),
+            ));
+        }
         Ok(Job {
             verify,
+            chain: options.veil.chain,
             chat,
             stream: options.stream,
             prompt,
@@ -490,9 +505,13 @@ impl Gateway {
             job.accel,
             job.tenant,
         );
+        let chain = job.chain;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             match verify {
+                Some(size) if chain => {
+                    gateway.generate_verified_chain(chat, size, &prompt, &params, &tx)
+                }
                 Some(size) => gateway.generate_verified(chat, size, &prompt, &params, &tx),
                 None => gateway.generate(chat, &prompt, &params, accel, tenant, &tx),
             }
@@ -622,6 +641,90 @@ impl Gateway {
         let _ = tx.blocking_send(Progress::Done(result.map(|c| (c, made))));
     }
 
+    /// A generation through a split chain whose every hop `size - 1` other nodes serving its
+    /// blocks replay: the text is sent once each hop is accepted.
+    fn generate_verified_chain(
+        &self,
+        chat: bool,
+        size: usize,
+        prompt: &[u32],
+        params: &GenerationParams,
+        tx: &mpsc::Sender<Progress>,
+    ) {
+        let Backend::Swarm(swarm) = &self.backend else {
+            return;
+        };
+        self.metrics.active_generations.inc();
+        let request = veil_net::VerifiedChainRequest {
+            model_digest: &swarm.digest,
+            block_count: self.model.config.block_count,
+            prompt,
+            params,
+            context_length: self.model.config.context_length,
+            judges: size - 1,
+            seed: "veil",
+            request_id: rand::random::<[u8; 32]>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            gate: swarm.tee_gate.clone(),
+        };
+        let outcome = veil_net::generate_verified_chain(
+            &swarm.client,
+            &swarm.runtime,
+            &self.model.tokenizer,
+            &request,
+            Some(&swarm.state),
+            &mut |evidence| {
+                if let Err(e) =
+                    crate::commands::generate::write_evidence(&swarm.evidence_dir, evidence)
+                {
+                    tracing::warn!("cannot keep evidence: {e:#}");
+                }
+            },
+        );
+        self.metrics.active_generations.dec();
+        let (result, route, verification) = match outcome {
+            Ok(answer) => {
+                let hops: Vec<String> = answer
+                    .hops
+                    .iter()
+                    .map(|h| {
+                        format!(
+                            "blocks {}-{} by {} passed by {} of {}",
+                            h.blocks.0,
+                            h.blocks.1,
+                            h.node,
+                            h.tally.passed.len(),
+                            h.tally.passed.len() + h.tally.failed.len()
+                        )
+                    })
+                    .collect();
+                let verdict = format!(
+                    "every hop accepted ({} caught lying): {}",
+                    answer.evidence.len(),
+                    hops.join("; ")
+                );
+                (
+                    Ok(answer.completion),
+                    format!("verified chain of {} hops", hops.len()),
+                    verdict,
+                )
+            }
+            Err(veil_net::NetError::Verification(why)) => (
+                Err(Failure::Verification(why)),
+                "verified chain".into(),
+                "failed".into(),
+            ),
+            Err(e) => (
+                Err(Failure::NoRoute(e.to_string())),
+                "no verified chain".into(),
+                "failed".into(),
+            ),
+        };
+        self.finish_verified(chat, prompt, route, verification, result, tx);
+    }
+
     /// A generation checked by a committee of `size` nodes: the text is sent once a majority
     /// accepts it; evidence against nodes caught lying is written as soon as it is made.
     fn generate_verified(
@@ -703,6 +806,19 @@ impl Gateway {
                 "failed".into(),
             ),
         };
+        self.finish_verified(chat, prompt, route, verification, result, tx);
+    }
+
+    /// Sends a verified answer (or its failure) and records it for the dashboard.
+    fn finish_verified(
+        &self,
+        chat: bool,
+        prompt: &[u32],
+        route: String,
+        verification: String,
+        result: Result<veil_model::Completion, Failure>,
+        tx: &mpsc::Sender<Progress>,
+    ) {
         if let Ok(c) = &result {
             self.metrics.generated_tokens.inc_by(c.tokens.len() as u64);
             let _ = tx.blocking_send(Progress::Text(c.text.clone()));

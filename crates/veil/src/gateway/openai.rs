@@ -48,6 +48,10 @@ pub struct VeilOptions {
     /// Have a committee of this many whole-model nodes check the answer (swarm only): one
     /// generates, the others recompute it; the answer is sent once a majority accepts it.
     pub verify: Option<usize>,
+    /// With `verify`: check a split chain instead, each hop judged by `verify - 1` other nodes
+    /// serving its blocks.
+    #[serde(default)]
+    pub chain: bool,
     /// `encrypted` or `plain`: what the request expects the gateway to serve; a mismatch is an
     /// error rather than a silent downgrade.
     pub privacy: Option<String>,
