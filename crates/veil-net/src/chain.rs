@@ -260,47 +260,60 @@ impl RemoteChain {
             ));
         };
         let mut finished = Vec::new();
-        for hop in std::mem::take(&mut self.hops) {
-            let peer = hop.node.peer;
-            let body = RequestBody::FinishHop {
-                session: hop.session,
-            };
-            let job = match self.runtime.block_on(self.client.request(peer, body))? {
-                Response::HopFinished(job) => *job,
-                other => {
-                    return Err(NetError::BadMessage(format!(
-                        "{peer} answered FinishHop with {other:?}"
-                    )))
+        let mut hops = std::mem::take(&mut self.hops).into_iter();
+        while let Some(hop) = hops.next() {
+            match self.finish_hop(&request_id, hop) {
+                Ok(done) => finished.push(done),
+                Err(e) => {
+                    // The hops not yet finished stay, so dropping the chain closes them.
+                    self.hops = hops.collect();
+                    return Err(e);
                 }
-            };
-            let signer = job.verify()?;
-            let info = &hop.node.info;
-            let b = &job.body;
-            let mismatch = if signer != peer || b.node != peer.to_string() {
-                Some("is not signed by the hop's node")
-            } else if b.request_id != request_id || b.model_digest != self.model_digest {
-                Some("names another request or model")
-            } else if (b.first_block, b.end_block) != (info.first_block, info.end_block) {
-                Some("names other blocks than the node announced")
-            } else if b.format != info.format {
-                Some("claims another weight format than the node announced")
-            } else if b.digests != hop.transcript.clone().finish() {
-                Some("records other inputs or outputs than it was sent and handed on")
-            } else {
-                None
-            };
-            if let Some(why) = mismatch {
-                return Err(NetError::Verification(format!(
-                    "the signed record of {peer} (blocks {}-{}) {why}",
-                    info.first_block, info.end_block
-                )));
             }
-            finished.push(FinishedHop {
-                job,
-                inputs: hop.history,
-            });
         }
         Ok(finished)
+    }
+
+    /// Ends one hop's session and checks its signed record.
+    fn finish_hop(&self, request_id: &str, hop: Hop) -> Result<FinishedHop> {
+        let peer = hop.node.peer;
+        let body = RequestBody::FinishHop {
+            session: hop.session,
+        };
+        let job = match self.runtime.block_on(self.client.request(peer, body))? {
+            Response::HopFinished(job) => *job,
+            other => {
+                return Err(NetError::BadMessage(format!(
+                    "{peer} answered FinishHop with {other:?}"
+                )))
+            }
+        };
+        let signer = job.verify()?;
+        let info = &hop.node.info;
+        let b = &job.body;
+        let mismatch = if signer != peer || b.node != peer.to_string() {
+            Some("is not signed by the hop's node")
+        } else if b.request_id != request_id || b.model_digest != self.model_digest {
+            Some("names another request or model")
+        } else if (b.first_block, b.end_block) != (info.first_block, info.end_block) {
+            Some("names other blocks than the node announced")
+        } else if b.format != info.format {
+            Some("claims another weight format than the node announced")
+        } else if b.digests != hop.transcript.clone().finish() {
+            Some("records other inputs or outputs than it was sent and handed on")
+        } else {
+            None
+        };
+        if let Some(why) = mismatch {
+            return Err(NetError::Verification(format!(
+                "the signed record of {peer} (blocks {}-{}) {why}",
+                info.first_block, info.end_block
+            )));
+        }
+        Ok(FinishedHop {
+            job,
+            inputs: hop.history,
+        })
     }
 
     /// The nodes in use, in order, with their blocks and costs.

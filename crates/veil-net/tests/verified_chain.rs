@@ -16,7 +16,7 @@ use veil_net::{
     generate_verified_chain, judge_hops, peer_of, NetError, NodeConfig, NodeState, RemoteChain,
     SessionLimits, SwarmClient, VerifiedChainRequest,
 };
-use veil_verify::Misbehaviour;
+use veil_verify::{Keypair, Misbehaviour, Signed};
 
 fn model_path() -> std::path::PathBuf {
     ModelStore::from_env()
@@ -193,6 +193,25 @@ fn a_verified_chain_names_the_lying_hop_and_answers_like_one_process() {
             )
         }
         other => panic!("a framed hop was judged: {other:?}"),
+    }
+    // A stranger's own signed record claiming four billion steps is refused before the judge
+    // expands it (it would have taken 32 GB).
+    let rogue = Keypair::generate_ed25519();
+    let mut huge = finished[1].job.body.clone();
+    huge.node = rogue.public().to_peer_id().to_string();
+    huge.digests.steps = vec![(1, u32::MAX)];
+    let answer = runtime.block_on(client.request(
+        honest_back[0],
+        RequestBody::JudgeHop {
+            job: Box::new(Signed::sign(huge, &rogue).unwrap()),
+            inputs: finished[1].inputs.clone(),
+        },
+    ));
+    match answer {
+        Err(NetError::Refused { message, .. }) => {
+            assert!(message.contains("signed for 4294967295 steps"), "{message}")
+        }
+        other => panic!("a record of four billion steps was judged: {other:?}"),
     }
     let outcomes = judge_hops(
         &client,
