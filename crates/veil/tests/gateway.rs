@@ -729,6 +729,74 @@ fn veil_chain_verifies_a_split_chain_through_the_gateway() {
     assert_eq!(text, answer_in_one_process(question, 12));
 }
 
+/// Whether the server closes `stream` (or answers `408`) within 30 s, reading what it sends.
+fn cut_off(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 408") {
+                    return true;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn clients_that_dribble_headers_or_bodies_are_cut_off_and_the_rest_are_served() {
+    use std::io::Write;
+    // Two connections at most: the slow clients below hold both until they are cut off.
+    let gateway = Gateway::start(&[
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+        "--max-connections",
+        "2",
+    ]);
+    let addr = gateway.base.trim_start_matches("http://").to_string();
+    let mut slow_headers = std::net::TcpStream::connect(&addr).unwrap();
+    slow_headers
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .unwrap();
+    let mut slow_body = std::net::TcpStream::connect(&addr).unwrap();
+    slow_body
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+              Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mess",
+        )
+        .unwrap();
+    // Meanwhile an honest client waits for a place, and is served once they are gone.
+    let honest = std::thread::spawn({
+        let base = gateway.base.clone();
+        move || {
+            client()
+                .get(format!("{base}/v1/models"))
+                .send()
+                .map(|r| r.status().as_u16())
+        }
+    });
+    assert!(
+        cut_off(&mut slow_headers),
+        "a client that never ends its headers keeps its connection"
+    );
+    assert!(
+        cut_off(&mut slow_body),
+        "a client that never ends its body keeps its connection"
+    );
+    assert_eq!(honest.join().unwrap().unwrap(), 200);
+}
+
 #[test]
 fn the_gateway_benchmark_prints_its_ratio_and_concurrency_rows() {
     let out = Command::new(env!("CARGO_BIN_EXE_veil"))

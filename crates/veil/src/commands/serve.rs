@@ -34,6 +34,18 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
 
+    /// Seconds a client may take to send a request's headers; slower ones are cut off.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout: u64,
+
+    /// Seconds a request body may stall between its parts; a stalled one is answered 408.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout: u64,
+
+    /// Connections open at once; more clients wait until one closes.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_connections: u16,
+
     /// Largest max_tokens a request may ask for.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens: u32,
@@ -231,11 +243,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
         );
         use std::io::Write;
         std::io::stdout().flush()?;
-        axum::serve(listener, gateway.router(access))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("the gateway stopped")
+        let router =
+            gateway
+                .router(access)
+                .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+                    std::time::Duration::from_secs(args.body_timeout),
+                ));
+        let limits = crate::gateway::server::ConnectionLimits {
+            header_timeout: std::time::Duration::from_secs(args.header_timeout),
+            max_connections: usize::from(args.max_connections),
+        };
+        crate::gateway::server::serve(listener, router, limits, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+        Ok(())
     })
 }

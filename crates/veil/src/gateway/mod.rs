@@ -10,6 +10,7 @@ pub mod access;
 pub mod dashboard;
 pub mod metrics;
 pub mod openai;
+pub mod server;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
