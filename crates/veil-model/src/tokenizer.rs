@@ -365,8 +365,20 @@ fn byte_level_bpe(gguf: &GgufFile, vocab: &[String]) -> Result<(Tokenizer, bool)
                 .ok_or_else(|| ModelError::Tokenizer(format!("merge {m:?} is not two tokens")))
         })
         .collect::<Result<_>>()?;
+    // Every merge must make a vocabulary token. tokenizers' builder checks this, but panics (a
+    // slice out of range) instead of returning its error when the merged text is longer than
+    // every token, which a damaged or hostile file can arrange (found by fuzzing GGUF headers).
+    let vocab_ids = vocab_map(vocab);
+    if let Some((a, b)) = merges
+        .iter()
+        .find(|(a, b)| !vocab_ids.contains_key(&format!("{a}{b}")))
+    {
+        return Err(ModelError::Tokenizer(format!(
+            "merge {a:?} + {b:?} makes a token that is not in the vocabulary"
+        )));
+    }
     let bpe = BPE::builder()
-        .vocab_and_merges(vocab_map(vocab), merges)
+        .vocab_and_merges(vocab_ids, merges)
         .ignore_merges(pre.ignore_merges)
         .build()
         .map_err(|e| ModelError::Tokenizer(e.to_string()))?;

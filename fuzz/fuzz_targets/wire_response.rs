@@ -1,0 +1,4 @@
+#![no_main]
+//! `veil_fuzz::wire_response` under libFuzzer.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| veil_fuzz::wire_response(data));
