@@ -2,7 +2,8 @@
 //! peer's listen addresses), ping (liveness, latency), Kademlia (who serves which shard),
 //! request-response (the inference protocol, CBOR with bounded message sizes), gossipsub
 //! (MetaInf's run records, signed by their authors) and connection limits (so no peer, and no
-//! crowd of peers, can hold more connections than a node can serve).
+//! crowd of peers, can hold more connections than a node can serve, and a node short of memory
+//! takes no more).
 
 use std::time::Duration;
 
@@ -11,8 +12,8 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, cbor, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    connection_limits, gossipsub, identify, noise, ping, tcp, yamux, StreamProtocol, Swarm,
-    SwarmBuilder,
+    connection_limits, gossipsub, identify, memory_connection_limits, noise, ping, tcp, yamux,
+    StreamProtocol, Swarm, SwarmBuilder,
 };
 
 use crate::error::{NetError, Result};
@@ -34,6 +35,8 @@ pub const MAX_PENDING_INCOMING: u32 = 64;
 pub struct VeilBehaviour {
     /// Refuses connections beyond [`MAX_CONNECTIONS_PER_PEER`] and the node-wide caps.
     pub limits: connection_limits::Behaviour,
+    /// Refuses new connections while the process's memory is over its limit.
+    pub memory: memory_connection_limits::Behaviour,
     /// Exchanges listen addresses and protocol lists.
     pub identify: identify::Behaviour,
     /// Keeps connections alive and measures round trips.
@@ -48,7 +51,16 @@ pub struct VeilBehaviour {
 
 /// Builds a swarm over TCP and QUIC (Noise, Yamux) for `key`; `request_timeout` bounds how long
 /// a request may wait for its answer (a peer that stalls).
-pub fn build_swarm(key: Keypair, request_timeout: Duration) -> Result<Swarm<VeilBehaviour>> {
+/// Share of the machine's memory past which a peer takes no new connections (by default).
+pub const MAX_MEMORY_SHARE: f64 = 0.9;
+
+/// Where a peer stops taking new connections: at `Some(bytes)` of its own memory, or (`None`)
+/// at [`MAX_MEMORY_SHARE`] of the machine's.
+pub fn build_swarm(
+    key: Keypair,
+    request_timeout: Duration,
+    max_memory_bytes: Option<usize>,
+) -> Result<Swarm<VeilBehaviour>> {
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -82,6 +94,12 @@ pub fn build_swarm(key: Keypair, request_timeout: Duration) -> Result<Swarm<Veil
                 .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(VeilBehaviour {
                 limits: connection_limits::Behaviour::new(limits),
+                memory: match max_memory_bytes {
+                    Some(bytes) => memory_connection_limits::Behaviour::with_max_bytes(bytes),
+                    None => {
+                        memory_connection_limits::Behaviour::with_max_percentage(MAX_MEMORY_SHARE)
+                    }
+                },
                 identify: identify::Behaviour::new(
                     identify::Config::new("/veil/1.0.0".into(), key.public())
                         .with_push_listen_addr_updates(true),

@@ -67,7 +67,7 @@ impl SwarmClient {
         }
         let key = libp2p::identity::Keypair::generate_ed25519();
         let local_id = key.public().to_peer_id();
-        let mut swarm = build_swarm(key, request_timeout)?;
+        let mut swarm = build_swarm(key, request_timeout, None)?;
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
         join(&mut swarm, bootstrap)?;
         let (tx, rx) = mpsc::unbounded_channel();

@@ -56,6 +56,9 @@ pub struct NodeConfig {
     pub limits: SessionLimits,
     /// How long an answer may take before the asker gives up.
     pub request_timeout: Duration,
+    /// Take no new connections while this process uses more memory than this (default: 90% of
+    /// the machine's memory).
+    pub max_memory_bytes: Option<usize>,
     /// Told each address the node listens on (for a node run inside another program).
     pub on_listen: Option<mpsc::UnboundedSender<Multiaddr>>,
     /// Cheat in this way: only for tests and the demo, to show verification catches it.
@@ -236,7 +239,7 @@ pub async fn run_node(
     );
 
     let history = config.history.clone().filter(|_| whole);
-    let mut swarm = build_swarm(key, config.request_timeout)?;
+    let mut swarm = build_swarm(key, config.request_timeout, config.max_memory_bytes)?;
     let runs_topic = gossipsub::IdentTopic::new(RUNS_TOPIC);
     swarm
         .behaviour_mut()

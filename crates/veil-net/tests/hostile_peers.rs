@@ -52,6 +52,17 @@ async fn serve_with(
     shard: std::path::PathBuf,
     limits: SessionLimits,
 ) -> Multiaddr {
+    serve_limited(dir, listen, shard, limits, None).await
+}
+
+/// [`serve_with`], taking no connections past `max_memory_bytes` of its process's memory.
+async fn serve_limited(
+    dir: &std::path::Path,
+    listen: &str,
+    shard: std::path::PathBuf,
+    limits: SessionLimits,
+    max_memory_bytes: Option<usize>,
+) -> Multiaddr {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let config = NodeConfig {
         shard,
@@ -61,6 +72,7 @@ async fn serve_with(
         state: dir.join("node.redb"),
         limits,
         request_timeout: Duration::from_secs(5),
+        max_memory_bytes,
         on_listen: Some(tx),
         misbehave: None,
         history: None,
@@ -768,4 +780,41 @@ async fn one_peer_cannot_hold_more_than_its_share_of_connections() {
         client.request(peer, RequestBody::Info).await,
         Ok(Response::Info(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_short_of_memory_takes_no_new_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    let manifests = veil_model::write_shard_files(
+        &model_path(),
+        &[Shard::span(10..20, 30).unwrap()],
+        &shards,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    // A limit far below what the loaded shard already takes: every new connection is refused.
+    let node = serve_limited(
+        dir.path(),
+        "/ip4/127.0.0.1/tcp/0",
+        shards.join(&manifests[0].file),
+        SessionLimits::default(),
+        Some(1 << 20),
+    )
+    .await;
+    let peer = peer_of(&node).unwrap();
+    let answered = match SwarmClient::connect(
+        std::slice::from_ref(&node),
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )
+    .await
+    {
+        Ok(client) => client.request(peer, RequestBody::Info).await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(
+        !answered,
+        "a node over its memory limit still took a connection"
+    );
 }

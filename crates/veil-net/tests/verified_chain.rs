@@ -42,6 +42,7 @@ fn serve(
         state: dir.join(format!("{name}.redb")),
         limits: SessionLimits::default(),
         request_timeout: Duration::from_secs(60),
+        max_memory_bytes: None,
         on_listen: Some(tx),
         misbehave,
         history: None,

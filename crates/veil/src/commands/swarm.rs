@@ -113,6 +113,10 @@ pub struct NodeArgs {
     /// Positions one peer's sessions may hold together.
     #[arg(long, default_value_t = 16384)]
     pub max_tokens_per_peer: usize,
+    /// Take no new connections while this process uses more than this many MiB (default: 90%
+    /// of the machine's memory).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_memory: Option<u64>,
     /// Cheat, to see verification catch it (tests and demos only): other-model,
     /// lower-precision, altered-prompt, altered-token, skipped-layers or random-output.
     #[arg(long, value_name = "KIND")]
@@ -197,6 +201,9 @@ pub fn node(args: NodeArgs) -> Result<()> {
             max_tokens_per_peer: args.max_tokens_per_peer,
         },
         request_timeout: Duration::from_secs(60),
+        max_memory_bytes: args
+            .max_memory
+            .map(|mib| usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)),
         on_listen: None,
         misbehave: args.misbehave,
         history,
