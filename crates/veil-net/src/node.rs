@@ -672,6 +672,15 @@ impl Judge {
     }
 }
 
+/// The answer to a request on a session that is unknown (to this peer) or over its limits.
+fn session_refused(e: crate::sessions::SessionRefusal) -> Response {
+    let kind = match e {
+        crate::sessions::SessionRefusal::Unknown(_) => ErrorKind::UnknownSession,
+        _ => ErrorKind::Busy,
+    };
+    refuse(kind, e.to_string())
+}
+
 fn refuse(kind: ErrorKind, message: impl Into<String>) -> Response {
     Response::Error {
         kind,
@@ -725,7 +734,7 @@ fn handle(
                     "verified sessions need a node serving the whole model",
                 ));
             }
-            if request_id.len() != 64 || !request_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !veil_verify::is_request_id(&request_id) {
                 return Handled::Now(refuse(
                     ErrorKind::BadRequest,
                     "a request id is 64 hex digits",
@@ -776,10 +785,7 @@ fn handle(
                     format!("session {session} is not verified"),
                 )
             }
-            Err(e @ crate::sessions::SessionRefusal::Unknown(_)) => {
-                refuse(ErrorKind::UnknownSession, e.to_string())
-            }
-            Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+            Err(e) => session_refused(e),
         },
         RequestBody::OpenHop { request_id } => {
             if !info.exact {
@@ -789,7 +795,7 @@ fn handle(
                      are not bit-reproducible",
                 ));
             }
-            if request_id.len() != 64 || !request_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !veil_verify::is_request_id(&request_id) {
                 return Handled::Now(refuse(
                     ErrorKind::BadRequest,
                     "a request id is 64 hex digits",
@@ -832,10 +838,7 @@ fn handle(
                     format!("session {session} is not a hop session"),
                 )
             }
-            Err(e @ crate::sessions::SessionRefusal::Unknown(_)) => {
-                refuse(ErrorKind::UnknownSession, e.to_string())
-            }
-            Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+            Err(e) => session_refused(e),
         },
         RequestBody::JudgeHop { job, inputs } => {
             let body = &job.body;
@@ -949,10 +952,7 @@ fn handle(
                         input,
                     }
                 }
-                Err(e @ crate::sessions::SessionRefusal::Unknown(_)) => {
-                    refuse(ErrorKind::UnknownSession, e.to_string())
-                }
-                Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+                Err(e) => session_refused(e),
             }
         }
     })

@@ -158,6 +158,17 @@ impl<T: SignedKind> Signed<T> {
     }
 }
 
+/// A fresh request id: 32 random bytes as 64 lowercase hex digits (it picks the committee, so
+/// the client draws it).
+pub fn random_request_id() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// Whether `id` has a request id's form: 64 hex digits.
+pub fn is_request_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The hash in hex of any judged record: what commits and reveals refer to.
 pub fn job_digest<J: Serialize>(job: &J) -> Result<String> {
     Ok(blake3::hash(&serde_json::to_vec(job)?).to_hex().to_string())

@@ -20,8 +20,8 @@ pub use commitment::{
     ExactCommitment, CHUNK_TOKENS, DIGEST_BYTES, TOP_K,
 };
 pub use consensus::{
-    committee, job_digest, quorum, tally, Evidence, Job, Judged, Proven, Signed, Tally,
-    VerdictCommit, VerdictReveal, EVIDENCE_VERSION,
+    committee, is_request_id, job_digest, quorum, random_request_id, tally, Evidence, Job, Judged,
+    Proven, Signed, Tally, VerdictCommit, VerdictReveal, EVIDENCE_VERSION,
 };
 pub use error::{Result, VerifyError};
 pub use hop::{

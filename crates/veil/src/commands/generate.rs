@@ -328,12 +328,7 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
             _ => (path.clone(), Box::new(veil_model::PlainOrder)),
         };
     let (state, evidence_dir) = verification_records(args)?;
-    let runtime = crate::commands::swarm::runtime()?;
-    let client = runtime.block_on(veil_net::SwarmClient::connect(
-        &args.swarm.bootstrap,
-        std::time::Duration::from_secs(120),
-        std::time::Duration::from_secs(10),
-    ))?;
+    let (runtime, client) = verification_client(args)?;
     let digest = veil_model::store::file_digest(&served)?.1;
     let request = veil_net::VerifiedRequest {
         model_digest: &digest,
@@ -390,17 +385,26 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     Ok(())
 }
 
+/// The async runtime and a client joined to the swarm, for a verified request (judging can
+/// take a while: two minutes per request).
+fn verification_client(
+    args: &GenerateArgs,
+) -> Result<(tokio::runtime::Runtime, veil_net::SwarmClient)> {
+    let runtime = crate::commands::swarm::runtime()?;
+    let client = runtime.block_on(veil_net::SwarmClient::connect(
+        &args.swarm.bootstrap,
+        std::time::Duration::from_secs(120),
+        std::time::Duration::from_secs(10),
+    ))?;
+    Ok((runtime, client))
+}
+
 /// `--request-id`, or a fresh random one.
 fn request_id(args: &GenerateArgs) -> Result<String> {
     Ok(match &args.verify.request_id {
-        Some(id) if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            id.to_lowercase()
-        }
+        Some(id) if veil_verify::is_request_id(id) => id.to_lowercase(),
         Some(id) => bail!("--request-id must be 64 hex digits, got {id:?}"),
-        None => {
-            let bytes: [u8; 32] = rand::random();
-            bytes.iter().map(|b| format!("{b:02x}")).collect()
-        }
+        None => veil_verify::random_request_id(),
     })
 }
 
@@ -434,12 +438,7 @@ fn run_verified_chain(
     let model = LocalModel::open_text(&path)?;
     let prompt = prompt_ids(args, &model)?;
     let (state, evidence_dir) = verification_records(args)?;
-    let runtime = crate::commands::swarm::runtime()?;
-    let client = runtime.block_on(veil_net::SwarmClient::connect(
-        &args.swarm.bootstrap,
-        std::time::Duration::from_secs(120),
-        std::time::Duration::from_secs(10),
-    ))?;
+    let (runtime, client) = verification_client(args)?;
     let digest = veil_model::store::file_digest(&path)?.1;
     let request = veil_net::VerifiedChainRequest {
         model_digest: &digest,

@@ -124,6 +124,16 @@ const MAX_TENANT_CACHES: usize = 16;
 /// The most keys and values the gateway's prefix cache keeps (a quarter of it per API key).
 const PREFIX_CACHE_BYTES: usize = 256 << 20;
 
+/// Writes evidence where the gateway keeps it; a failure is logged (the request goes on).
+fn keep_evidence<J: veil_verify::Judged>(
+    dir: &std::path::Path,
+    evidence: &veil_verify::Evidence<J>,
+) {
+    if let Err(e) = crate::commands::generate::write_evidence(dir, evidence) {
+        tracing::warn!("cannot keep evidence: {e:#}");
+    }
+}
+
 /// A checked request, ready to run.
 struct Job {
     chat: bool,
@@ -664,10 +674,7 @@ impl Gateway {
             context_length: self.model.config.context_length,
             judges: size - 1,
             seed: "veil",
-            request_id: rand::random::<[u8; 32]>()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            request_id: veil_verify::random_request_id(),
             gate: swarm.tee_gate.clone(),
         };
         let outcome = veil_net::generate_verified_chain(
@@ -676,13 +683,7 @@ impl Gateway {
             &self.model.tokenizer,
             &request,
             Some(&swarm.state),
-            &mut |evidence| {
-                if let Err(e) =
-                    crate::commands::generate::write_evidence(&swarm.evidence_dir, evidence)
-                {
-                    tracing::warn!("cannot keep evidence: {e:#}");
-                }
-            },
+            &mut |evidence| keep_evidence(&swarm.evidence_dir, evidence),
         );
         self.metrics.active_generations.dec();
         let (result, route, verification) = match outcome {
@@ -740,10 +741,7 @@ impl Gateway {
             return;
         };
         self.metrics.active_generations.inc();
-        let request_id: String = rand::random::<[u8; 32]>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let request_id = veil_verify::random_request_id();
         // On an encrypted model the committee generates and judges in the key's order.
         let encrypted_order = self
             .privacy
@@ -771,13 +769,7 @@ impl Gateway {
             &self.model.tokenizer,
             &request,
             Some(&swarm.state),
-            &mut |evidence| {
-                if let Err(e) =
-                    crate::commands::generate::write_evidence(&swarm.evidence_dir, evidence)
-                {
-                    tracing::warn!("cannot keep evidence: {e:#}");
-                }
-            },
+            &mut |evidence| keep_evidence(&swarm.evidence_dir, evidence),
         );
         self.metrics.active_generations.dec();
         if matches!(&outcome, Err(veil_net::NetError::Verification(why)) if why == veil_net::CANCELLED)
