@@ -14,12 +14,12 @@ use std::sync::Arc;
 use libp2p::PeerId;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
-use veil_model::{generate, Completion, GenerationParams, GgufTokenizer};
+use veil_model::{generate, Completion, GenerationParams, GgufTokenizer, ModelError, TokenStep};
 use veil_verify::{committee, quorum, tally, Evidence, HopJob, Tally, EVIDENCE_VERSION};
 
 use crate::chain::{FinishedHop, RemoteChain};
 use crate::client::SwarmClient;
-use crate::committee::seal_and_open;
+use crate::committee::{seal_and_open, CANCELLED};
 use crate::error::{NetError, Result};
 use crate::node_state::NodeState;
 use crate::tee_gate::TeeGate;
@@ -48,6 +48,24 @@ pub struct VerifiedChainRequest<'a> {
     pub request_id: String,
     /// Only nodes whose TEE evidence passes this gate may serve or judge.
     pub gate: Option<Arc<TeeGate>>,
+    /// Asked before each step and before judging: `true` once the answer is no longer wanted
+    /// (the client left), which ends the request and frees the hops' sessions.
+    pub cancelled: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// A chain that stops at the next step once its request is cancelled.
+struct Cancellable<'a> {
+    chain: &'a mut RemoteChain,
+    cancelled: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl TokenStep for Cancellable<'_> {
+    fn step(&mut self, tokens: &[u32]) -> veil_model::Result<Vec<f32>> {
+        if (self.cancelled)() {
+            return Err(ModelError::Remote(CANCELLED.into()));
+        }
+        self.chain.step(tokens)
+    }
 }
 
 /// How one hop of the accepted chain was judged.
@@ -108,14 +126,23 @@ pub fn generate_verified_chain(
             request.gate.clone(),
             request.request_id.clone(),
         )?;
+        let mut cancellable = Cancellable {
+            chain: &mut chain,
+            cancelled: request.cancelled,
+        };
         let completion = generate(
-            &mut chain,
+            &mut cancellable,
             tokenizer,
             request.prompt,
             request.context_length,
             request.params,
             &mut |_| {},
-        )?;
+        );
+        // Dropping the chain closes its sessions.
+        if (request.cancelled)() {
+            return Err(NetError::Verification(CANCELLED.into()));
+        }
+        let completion = completion?;
         let finished = chain.finish_hops()?;
         let generate_time = started.elapsed();
         let started = std::time::Instant::now();

@@ -145,6 +145,7 @@ fn a_verified_chain_names_the_lying_hop_and_answers_like_one_process() {
         seed: "veil",
         request_id: id.to_string().repeat(64),
         gate: None,
+        cancelled: &|| false,
     };
 
     // A chain through the liar (the honest back nodes left out of the route): its hop records

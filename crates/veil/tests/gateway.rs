@@ -1344,6 +1344,72 @@ fn a_client_that_leaves_a_verified_stream_stops_the_committee() {
 }
 
 #[test]
+fn a_client_that_leaves_a_verified_chain_stream_stops_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = shards(dir.path());
+    let state = |name: &str| dir.path().join(format!("{name}.redb"));
+    let first = NodeProcess::start(&files[0], &state("a0"), None);
+    let _others: Vec<NodeProcess> = [(0, "b0"), (1, "a1"), (1, "b1"), (2, "a2"), (2, "b2")]
+        .iter()
+        .map(|&(i, name)| NodeProcess::start(&files[i], &state(name), Some(&first.addr)))
+        .collect();
+    let gateway_state = state("gateway");
+    let gateway = Gateway::start_with(&[
+        "--bootstrap",
+        &first.addr,
+        "--state",
+        gateway_state.to_str().unwrap(),
+    ]);
+    let ready = ask(
+        "hi",
+        json!({"max_tokens": 2, "veil": {"verify": 2, "chain": true}}),
+    );
+    let mut routed = false;
+    for _ in 0..400 {
+        if gateway.post("/v1/chat/completions", &ready).0 == 200 {
+            routed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert!(routed, "the verified chain never answered");
+    // A long verified answer, streamed; the client reads the first chunk and leaves.
+    let mut response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .json(&ask(
+            "Write a long story about the sea.",
+            json!({"stream": true, "max_tokens": 2000, "temperature": 0.8, "seed": 7,
+                   "veil": {"verify": 2, "chain": true}}),
+        ))
+        .send()
+        .expect("stream");
+    let mut head = [0u8; 64];
+    response.read_exact(&mut head).expect("the stream starts");
+    let mut active = 0.0;
+    for _ in 0..600 {
+        active = gateway.metric("veil_active_generations");
+        if active == 1.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(active, 1.0, "the chain never started");
+    drop(response);
+    for _ in 0..600 {
+        active = gateway.metric("veil_active_generations");
+        if active == 0.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        active, 0.0,
+        "the chain kept generating after its client left"
+    );
+    assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
+}
+
+#[test]
 fn each_api_key_has_its_own_prefix_cache() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");

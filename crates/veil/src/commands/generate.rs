@@ -450,6 +450,7 @@ fn run_verified_chain(
         seed: &args.verify.committee_seed,
         request_id: request_id.clone(),
         gate: None,
+        cancelled: &|| false,
     };
     let mut written = Vec::new();
     let outcome = veil_net::generate_verified_chain(

@@ -676,6 +676,8 @@ impl Gateway {
             seed: "veil",
             request_id: veil_verify::random_request_id(),
             gate: swarm.tee_gate.clone(),
+            // A client that left stops the chain at the next token.
+            cancelled: &|| tx.is_closed(),
         };
         let outcome = veil_net::generate_verified_chain(
             &swarm.client,
@@ -686,6 +688,10 @@ impl Gateway {
             &mut |evidence| keep_evidence(&swarm.evidence_dir, evidence),
         );
         self.metrics.active_generations.dec();
+        if matches!(&outcome, Err(veil_net::NetError::Verification(why)) if why == veil_net::CANCELLED)
+        {
+            self.metrics.cancelled_generations.inc();
+        }
         let (result, route, verification) = match outcome {
             Ok(answer) => {
                 let hops: Vec<String> = answer
