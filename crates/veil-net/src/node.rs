@@ -510,8 +510,9 @@ enum Handled {
 enum JudgeWork {
     /// A whole-model node's answer.
     Answer(Box<Signed<Job>>),
-    /// One hop of a split chain, with the inputs it was sent.
-    Hop(Box<Signed<HopJob>>, Vec<HopInput>),
+    /// One hop of a split chain, with the inputs it was sent (checked, decoded off the event
+    /// loop).
+    Hop(Box<Signed<HopJob>>, Vec<StepInput>),
 }
 
 /// An answer made on a blocking thread (a judgement, TEE evidence, weight openings, a proof).
@@ -569,9 +570,13 @@ impl Judge {
         &self,
         model: &ShardModel,
         job: &Signed<HopJob>,
-        inputs: &[HopInput],
+        inputs: &[StepInput],
     ) -> (Response, Option<Signed<VerdictReveal>>) {
         let body = &job.body;
+        let inputs: Vec<HopInput> = match inputs.iter().map(StepInput::to_hop_input).collect() {
+            Ok(inputs) => inputs,
+            Err(e) => return (refuse(ErrorKind::BadRequest, e.to_string()), None),
+        };
         match job.verify() {
             Ok(peer) if peer.to_string() == body.node => {}
             Ok(_) => {
@@ -594,7 +599,7 @@ impl Judge {
                 None,
             );
         }
-        let outcome = judge_hop(model, body, inputs)
+        let outcome = judge_hop(model, body, &inputs)
             .map_err(|e| e.to_string())
             .and_then(|verdict| {
                 let digest = body.digest().map_err(|e| e.to_string())?;
@@ -861,17 +866,13 @@ fn handle(
                     ),
                 ));
             }
-            let decoded: Result<Vec<HopInput>> = inputs
+            if let Err(e) = inputs
                 .iter()
-                .map(|input| {
-                    info.check_input(input, vocab_size)?;
-                    input.to_hop_input()
-                })
-                .collect();
-            return match decoded {
-                Ok(inputs) => Handled::Judge(JudgeWork::Hop(job, inputs)),
-                Err(e) => Handled::Now(refuse(ErrorKind::BadRequest, e.to_string())),
-            };
+                .try_for_each(|input| info.check_input(input, vocab_size))
+            {
+                return Handled::Now(refuse(ErrorKind::BadRequest, e.to_string()));
+            }
+            return Handled::Judge(JudgeWork::Hop(job, inputs));
         }
         RequestBody::Judge { job } => {
             if !judge.whole {

@@ -57,6 +57,16 @@ fn serve(
     runtime.block_on(rx.recv()).expect("the node listens")
 }
 
+/// Checks the node refused the request, saying `want`.
+fn refused_with(answer: Result<veil_net::wire::Response, NetError>, want: &str) {
+    match answer {
+        Err(NetError::Refused { message, .. }) => {
+            assert!(message.contains(want), "{message:?} lacks {want:?}")
+        }
+        other => panic!("expected a refusal mentioning {want:?}, got {other:?}"),
+    }
+}
+
 #[test]
 fn a_verified_chain_names_the_lying_hop_and_answers_like_one_process() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -187,15 +197,7 @@ fn a_verified_chain_names_the_lying_hop_and_answers_like_one_process() {
             inputs: framed,
         },
     ));
-    match answer {
-        Err(NetError::Refused { message, .. }) => {
-            assert!(
-                message.contains("not the ones the hop signed for"),
-                "{message}"
-            )
-        }
-        other => panic!("a framed hop was judged: {other:?}"),
-    }
+    refused_with(answer, "not the ones the hop signed for");
     // A stranger's own signed record claiming four billion steps is refused before the judge
     // expands it (it would have taken 32 GB).
     let rogue = Keypair::generate_ed25519();
@@ -209,12 +211,7 @@ fn a_verified_chain_names_the_lying_hop_and_answers_like_one_process() {
             inputs: finished[1].inputs.clone(),
         },
     ));
-    match answer {
-        Err(NetError::Refused { message, .. }) => {
-            assert!(message.contains("signed for 4294967295 steps"), "{message}")
-        }
-        other => panic!("a record of four billion steps was judged: {other:?}"),
-    }
+    refused_with(answer, "signed for 4294967295 steps");
     let outcomes = judge_hops(
         &client,
         runtime.handle(),

@@ -1286,6 +1286,42 @@ fn api_keys_are_required_and_foreign_hosts_refused_in_openai_shape() {
     assert!(open.get_json("/v1/models")["data"].is_array());
 }
 
+/// Streams a long verified answer (`veil` options as given), reads its first bytes and leaves;
+/// checks that `what` (the committee, the chain) started, stopped once the client left, and
+/// was counted as cancelled.
+fn leave_a_long_verified_stream(gateway: &Gateway, veil: Value, what: &str) {
+    let mut response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .json(&ask(
+            "Write a long story about the sea.",
+            json!({"stream": true, "max_tokens": 2000, "temperature": 0.8, "seed": 7,
+                   "veil": veil}),
+        ))
+        .send()
+        .expect("stream");
+    let mut first = [0u8; 64];
+    response.read_exact(&mut first).expect("the stream starts");
+    let wait_for_active = |want: f64| {
+        let mut active = 0.0;
+        for _ in 0..600 {
+            active = gateway.metric("veil_active_generations");
+            if active == want {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        active
+    };
+    assert_eq!(wait_for_active(1.0), 1.0, "{what} never started");
+    drop(response);
+    assert_eq!(
+        wait_for_active(0.0),
+        0.0,
+        "{what} kept generating after its client left"
+    );
+    assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
+}
+
 #[test]
 fn a_client_that_leaves_a_verified_stream_stops_the_committee() {
     let dir = tempfile::tempdir().unwrap();
@@ -1303,41 +1339,8 @@ fn a_client_that_leaves_a_verified_stream_stops_the_committee() {
         "--state",
         gateway_state.to_str().unwrap(),
     ]);
-    // A long verified answer (F32 nodes: minutes of work), streamed; the client reads the
-    // first chunk and leaves.
-    let mut response = client()
-        .post(format!("{}/v1/chat/completions", gateway.base))
-        .json(&ask(
-            "Write a long story about the sea.",
-            json!({"stream": true, "max_tokens": 2000, "temperature": 0.8, "seed": 7,
-                   "veil": {"verify": 2}}),
-        ))
-        .send()
-        .expect("stream");
-    let mut first = [0u8; 64];
-    response.read_exact(&mut first).expect("the stream starts");
-    let mut active = 0.0;
-    for _ in 0..600 {
-        active = gateway.metric("veil_active_generations");
-        if active == 1.0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(active, 1.0, "the committee never started");
-    drop(response);
-    for _ in 0..600 {
-        active = gateway.metric("veil_active_generations");
-        if active == 0.0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(
-        active, 0.0,
-        "the committee kept generating after its client left"
-    );
-    assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
+    // A long verified answer (F32 nodes: minutes of work).
+    leave_a_long_verified_stream(&gateway, json!({"verify": 2}), "the committee");
     // The gateway answers the next client.
     let (s, b) = gateway.post("/v1/chat/completions", &ask("hi", json!({"max_tokens": 2})));
     assert_eq!(s, 200, "{b}");
@@ -1373,40 +1376,7 @@ fn a_client_that_leaves_a_verified_chain_stream_stops_the_chain() {
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     assert!(routed, "the verified chain never answered");
-    // A long verified answer, streamed; the client reads the first chunk and leaves.
-    let mut response = client()
-        .post(format!("{}/v1/chat/completions", gateway.base))
-        .json(&ask(
-            "Write a long story about the sea.",
-            json!({"stream": true, "max_tokens": 2000, "temperature": 0.8, "seed": 7,
-                   "veil": {"verify": 2, "chain": true}}),
-        ))
-        .send()
-        .expect("stream");
-    let mut head = [0u8; 64];
-    response.read_exact(&mut head).expect("the stream starts");
-    let mut active = 0.0;
-    for _ in 0..600 {
-        active = gateway.metric("veil_active_generations");
-        if active == 1.0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(active, 1.0, "the chain never started");
-    drop(response);
-    for _ in 0..600 {
-        active = gateway.metric("veil_active_generations");
-        if active == 0.0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(
-        active, 0.0,
-        "the chain kept generating after its client left"
-    );
-    assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
+    leave_a_long_verified_stream(&gateway, json!({"verify": 2, "chain": true}), "the chain");
 }
 
 #[test]

@@ -342,22 +342,18 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         gate: None,
         cancelled: &|| false,
     };
-    let mut written = Vec::new();
-    let outcome = veil_net::generate_verified(
-        &client,
-        runtime.handle(),
-        &model.tokenizer,
-        &request,
-        Some(&state),
-        &mut |record| written.push(write_evidence(&evidence_dir, record)),
-    );
-    // Written before the answer is reported, so evidence survives a failed request.
-    let written = written.into_iter().collect::<Result<Vec<_>>>()?;
+    let (outcome, written) = keeping_evidence(&evidence_dir, |keep| {
+        veil_net::generate_verified(
+            &client,
+            runtime.handle(),
+            &model.tokenizer,
+            &request,
+            Some(&state),
+            keep,
+        )
+    })?;
     let answer = outcome.context("verified generation failed")?;
-    let mut out = StdoutStream::default();
-    out.write(&answer.completion.text);
-    out.finish()?;
-    print_stats(&answer.completion);
+    show(&answer.completion)?;
     eprintln!(
         "request {request_id}: committee {} ({} commitments)",
         answer.committee.join(", "),
@@ -382,6 +378,28 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
             file.display()
         );
     }
+    Ok(())
+}
+
+/// Runs a verified request, writing each piece of evidence it makes to `dir` at once: before
+/// the answer is reported, so evidence survives a failed request. Returns the request's
+/// outcome and the files written.
+fn keeping_evidence<T, J: veil_verify::Judged>(
+    dir: &std::path::Path,
+    request: impl FnOnce(&mut dyn FnMut(&veil_verify::Evidence<J>)) -> veil_net::Result<T>,
+) -> Result<(veil_net::Result<T>, Vec<PathBuf>)> {
+    let mut written = Vec::new();
+    let outcome = request(&mut |record| written.push(write_evidence(dir, record)));
+    let written = written.into_iter().collect::<Result<Vec<_>>>()?;
+    Ok((outcome, written))
+}
+
+/// Prints an accepted verified answer and its speed.
+fn show(completion: &veil_model::Completion) -> Result<()> {
+    let mut out = StdoutStream::default();
+    out.write(&completion.text);
+    out.finish()?;
+    print_stats(completion);
     Ok(())
 }
 
@@ -452,22 +470,18 @@ fn run_verified_chain(
         gate: None,
         cancelled: &|| false,
     };
-    let mut written = Vec::new();
-    let outcome = veil_net::generate_verified_chain(
-        &client,
-        runtime.handle(),
-        &model.tokenizer,
-        &request,
-        Some(&state),
-        &mut |record| written.push(write_evidence(&evidence_dir, record)),
-    );
-    // Written before the answer is reported, so evidence survives a failed request.
-    let written = written.into_iter().collect::<Result<Vec<_>>>()?;
+    let (outcome, written) = keeping_evidence(&evidence_dir, |keep| {
+        veil_net::generate_verified_chain(
+            &client,
+            runtime.handle(),
+            &model.tokenizer,
+            &request,
+            Some(&state),
+            keep,
+        )
+    })?;
     let answer = outcome.context("verified chain generation failed")?;
-    let mut out = StdoutStream::default();
-    out.write(&answer.completion.text);
-    out.finish()?;
-    print_stats(&answer.completion);
+    show(&answer.completion)?;
     eprintln!(
         "request {request_id}: every hop replayed by its judges; generation {:.2} s, judging {:.2} s",
         answer.generate_time.as_secs_f64(),

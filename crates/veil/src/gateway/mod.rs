@@ -688,10 +688,6 @@ impl Gateway {
             &mut |evidence| keep_evidence(&swarm.evidence_dir, evidence),
         );
         self.metrics.active_generations.dec();
-        if matches!(&outcome, Err(veil_net::NetError::Verification(why)) if why == veil_net::CANCELLED)
-        {
-            self.metrics.cancelled_generations.inc();
-        }
         let (result, route, verification) = match outcome {
             Ok(answer) => {
                 let hops: Vec<String> = answer
@@ -719,14 +715,9 @@ impl Gateway {
                     verdict,
                 )
             }
-            Err(veil_net::NetError::Verification(why)) => (
-                Err(Failure::Verification(why)),
-                "verified chain".into(),
-                "failed".into(),
-            ),
             Err(e) => (
-                Err(Failure::NoRoute(e.to_string())),
-                "no verified chain".into(),
+                Err(self.verified_failure(e)),
+                "verified chain".into(),
                 "failed".into(),
             ),
         };
@@ -778,10 +769,6 @@ impl Gateway {
             &mut |evidence| keep_evidence(&swarm.evidence_dir, evidence),
         );
         self.metrics.active_generations.dec();
-        if matches!(&outcome, Err(veil_net::NetError::Verification(why)) if why == veil_net::CANCELLED)
-        {
-            self.metrics.cancelled_generations.inc();
-        }
         let (result, route, verification) = match outcome {
             Ok(answer) => {
                 let verdict = format!(
@@ -794,18 +781,27 @@ impl Gateway {
                 let route = format!("committee of {size}, answer by {}", answer.generator);
                 (Ok(answer.completion), route, verdict)
             }
-            Err(veil_net::NetError::Verification(why)) => (
-                Err(Failure::Verification(why)),
-                format!("committee of {size}"),
-                "failed".into(),
-            ),
             Err(e) => (
-                Err(Failure::NoRoute(e.to_string())),
-                "no committee".into(),
+                Err(self.verified_failure(e)),
+                format!("committee of {size}"),
                 "failed".into(),
             ),
         };
         self.finish_verified(chat, prompt, route, verification, result, tx);
+    }
+
+    /// What a failed verified request tells its client: verification failed (a cancellation,
+    /// counted as one, is the client's own), or no committee or chain could be formed.
+    fn verified_failure(&self, e: veil_net::NetError) -> Failure {
+        match e {
+            veil_net::NetError::Verification(why) => {
+                if why == veil_net::CANCELLED {
+                    self.metrics.cancelled_generations.inc();
+                }
+                Failure::Verification(why)
+            }
+            e => Failure::NoRoute(e.to_string()),
+        }
     }
 
     /// Sends a verified answer (or its failure) and records it for the dashboard.
