@@ -15,10 +15,10 @@ use tokio::runtime::Handle;
 use tracing::{info, warn};
 use veil_model::{LogitsAt, ModelError, ShardCache, ShardInput, ShardModel, TokenStep};
 
+use crate::admission::Admission;
 use crate::client::{Candidate, SwarmClient};
 use crate::error::{NetError, Result};
 use crate::route::plan_route;
-use crate::tee_gate::TeeGate;
 use crate::wire::{RequestBody, Response, SessionId, StepInput, WireTensor};
 use veil_verify::{HopJob, HopTranscript, Signed};
 
@@ -95,8 +95,8 @@ pub struct RemoteChain {
     split: Option<(ClientSplit, ShardCache, ShardCache)>,
     failed: HashSet<PeerId>,
     failovers: Vec<Failover>,
-    /// Only nodes whose TEE evidence passes this gate may serve, replacements included.
-    gate: Option<Arc<TeeGate>>,
+    /// Only nodes that pass these checks may serve, replacements included.
+    gate: Option<Arc<Admission>>,
     /// A verified chain's request id: its hops record their sessions and sign them.
     request_id: Option<String>,
 }
@@ -143,7 +143,7 @@ impl RemoteChain {
         )
     }
 
-    /// [`open_avoiding`](Self::open_avoiding), using only nodes whose TEE evidence passes
+    /// [`open_avoiding`](Self::open_avoiding), using only nodes that pass the checks of
     /// `gate` (if given), now and on failover.
     pub fn open_gated(
         client: SwarmClient,
@@ -152,7 +152,7 @@ impl RemoteChain {
         block_count: usize,
         split: Option<ClientSplit>,
         avoid: &HashSet<PeerId>,
-        gate: Option<Arc<TeeGate>>,
+        gate: Option<Arc<Admission>>,
     ) -> Result<Self> {
         let target = ChainTarget {
             model_digest,
@@ -171,7 +171,7 @@ impl RemoteChain {
         model_digest: &str,
         block_count: usize,
         avoid: &HashSet<PeerId>,
-        gate: Option<Arc<TeeGate>>,
+        gate: Option<Arc<Admission>>,
         request_id: String,
     ) -> Result<Self> {
         let target = ChainTarget {
@@ -188,7 +188,7 @@ impl RemoteChain {
         target: ChainTarget<'_>,
         split: Option<ClientSplit>,
         avoid: &HashSet<PeerId>,
-        gate: Option<Arc<TeeGate>>,
+        gate: Option<Arc<Admission>>,
     ) -> Result<Self> {
         let ChainTarget {
             model_digest,
@@ -212,7 +212,7 @@ impl RemoteChain {
                 match refused.is_empty() {
                     true => e,
                     false => NetError::NoRoute(format!(
-                        "{e}; nodes refused for their TEE evidence: {}",
+                        "{e}; nodes refused admission: {}",
                         refused
                             .iter()
                             .map(|(peer, why)| format!("{peer}: {why}"))

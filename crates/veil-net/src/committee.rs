@@ -47,8 +47,8 @@ pub struct VerifiedRequest<'a> {
     pub seed: &'a str,
     /// 64 hex digits, fresh per request.
     pub request_id: String,
-    /// Only nodes whose TEE evidence passes this gate may sit on the committee.
-    pub gate: Option<&'a crate::TeeGate>,
+    /// Only nodes that pass these checks (weights, allow-list, TEE) may sit on the committee.
+    pub gate: Option<&'a crate::Admission>,
     /// Asked before each step: `true` once the answer is no longer wanted (the client left),
     /// which ends the request and frees the generator's session.
     pub cancelled: &'a (dyn Fn() -> bool + Sync),
@@ -97,17 +97,22 @@ pub fn generate_verified(
         Some(s) => s.avoided()?.iter().map(PeerId::to_string).collect(),
         None => HashSet::new(),
     };
-    let mut found = runtime.block_on(client.discover(request.model_digest))?;
-    if let Some(gate) = request.gate {
-        let (allowed, _) = runtime.block_on(gate.admit(client, &found));
-        found.retain(|c| allowed.contains(&c.peer));
-    }
-    let whole: Vec<(String, bool)> = found
+    let mut found: Vec<_> = runtime
+        .block_on(client.discover(request.model_digest))?
         .into_iter()
         .filter(|c| c.info.embedding && c.info.head && c.info.first_block == 0)
         .filter(|c| c.info.end_block == c.info.block_count)
+        .filter(|c| !avoid.contains(&c.peer.to_string()))
+        .collect();
+    let mut refused = 0;
+    if let Some(gate) = request.gate {
+        let (allowed, out) = runtime.block_on(gate.admit(client, &found));
+        found.retain(|c| allowed.contains(&c.peer));
+        refused = out.len();
+    }
+    let whole: Vec<(String, bool)> = found
+        .into_iter()
         .map(|c| (c.peer.to_string(), c.info.exact))
-        .filter(|(p, _)| !avoid.contains(p))
         .collect();
     let names: Vec<String> = whole.iter().map(|(p, _)| p.clone()).collect();
     let members = committee(&request.request_id, request.seed, &names, request.size);
@@ -122,7 +127,7 @@ pub fn generate_verified(
     };
     if members.len() < 2 {
         return Err(NetError::NoRoute(format!(
-            "verification needs at least 2 trusted nodes serving the whole model; found {} ({} avoided for lying)",
+            "verification needs at least 2 trusted nodes serving the whole model; found {} ({} avoided for lying, {refused} refused admission)",
             whole.len(),
             avoid.len()
         )));

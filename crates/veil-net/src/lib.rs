@@ -1,6 +1,7 @@
 //! Veil's swarm: nodes serving model shards over libp2p, and the client that finds them, chains
 //! them into a whole model and survives losing one.
 
+pub mod admission;
 pub mod behaviour;
 pub mod chain;
 pub mod client;
@@ -17,6 +18,7 @@ pub mod verified_chain;
 pub mod weights_check;
 pub mod wire;
 
+pub use admission::{Admission, WeightsGate, DEFAULT_OPENINGS};
 pub use chain::{ClientSplit, Failover, FinishedHop, HopStats, RemoteChain};
 pub use client::{Candidate, SwarmClient};
 pub use committee::{generate_verified, VerifiedAnswer, VerifiedRequest, CANCELLED};

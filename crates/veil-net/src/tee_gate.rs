@@ -3,31 +3,20 @@
 //! gateway's policy. Verdicts are kept for a while so a request does not pay a round trip per
 //! node each time.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use libp2p::PeerId;
 use tracing::{info, warn};
 use veil_tee::{Expectation, Policy};
 
+use crate::admission::{Verdicts, ACCEPTANCE_KEPT};
 use crate::client::{Candidate, SwarmClient};
 use crate::wire::{RequestBody, Response};
-
-/// How long a refusal is kept before the node is asked again.
-const REFUSAL_KEPT: Duration = Duration::from_secs(30);
-/// How long an acceptance is kept when the policy sets no maximum age.
-const ACCEPTANCE_KEPT: Duration = Duration::from_secs(300);
-/// Most verdicts kept; the oldest are forgotten first.
-const MAX_VERDICTS: usize = 4096;
-
-/// A verdict on a node (why it was refused, if it was) and until when it stands.
-type Kept = (Result<(), String>, Instant);
 
 /// The TEE policy and the verdicts reached under it.
 pub struct TeeGate {
     policy: Policy,
-    verdicts: Mutex<HashMap<PeerId, Kept>>,
+    verdicts: Verdicts,
 }
 
 impl TeeGate {
@@ -35,60 +24,31 @@ impl TeeGate {
     pub fn new(policy: Policy) -> Self {
         Self {
             policy,
-            verdicts: Mutex::new(HashMap::new()),
+            verdicts: Verdicts::default(),
         }
     }
 
-    /// The candidates whose evidence verifies, and the others with why.
-    pub async fn admit(
+    pub(crate) async fn check(
         &self,
         client: &SwarmClient,
-        candidates: &[Candidate],
-    ) -> (HashSet<PeerId>, Vec<(PeerId, String)>) {
-        let checks = candidates
-            .iter()
-            .map(|c| async move { (c.peer, self.check(client, c).await) });
-        let mut allowed = HashSet::new();
-        let mut refused = Vec::new();
-        for (peer, verdict) in futures::future::join_all(checks).await {
-            match verdict {
-                Ok(()) => {
-                    allowed.insert(peer);
-                }
-                Err(why) => refused.push((peer, why)),
-            }
-        }
-        (allowed, refused)
-    }
-
-    async fn check(&self, client: &SwarmClient, candidate: &Candidate) -> Result<(), String> {
-        if let Some((verdict, until)) = self.lock().get(&candidate.peer) {
-            if Instant::now() < *until {
-                return verdict.clone();
-            }
+        candidate: &Candidate,
+    ) -> Result<(), String> {
+        let tag = format!("{:?}", candidate.info.tee);
+        if let Some(verdict) = self.verdicts.get(&candidate.peer, &tag) {
+            return verdict;
         }
         let verdict = self.ask(client, candidate).await;
         match &verdict {
             Ok(()) => info!("node {} is attested", candidate.peer),
             Err(why) => warn!("node {} is not attested: {why}", candidate.peer),
         }
-        let kept = match &verdict {
-            Ok(()) => self
-                .policy
-                .max_age_seconds
-                .map_or(ACCEPTANCE_KEPT, Duration::from_secs)
-                .min(ACCEPTANCE_KEPT),
-            Err(_) => REFUSAL_KEPT,
-        };
-        let mut verdicts = self.lock();
-        if verdicts.len() >= MAX_VERDICTS {
-            let now = Instant::now();
-            verdicts.retain(|_, (_, until)| *until > now);
-            if verdicts.len() >= MAX_VERDICTS {
-                verdicts.clear();
-            }
-        }
-        verdicts.insert(candidate.peer, (verdict.clone(), Instant::now() + kept));
+        let accepted_for = self
+            .policy
+            .max_age_seconds
+            .map_or(ACCEPTANCE_KEPT, Duration::from_secs)
+            .min(ACCEPTANCE_KEPT);
+        self.verdicts
+            .put(candidate.peer, tag, &verdict, accepted_for);
         verdict
     }
 
@@ -126,10 +86,6 @@ impl TeeGate {
         } else {
             Err(verdict.reasons().join("; "))
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Kept>> {
-        self.verdicts.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

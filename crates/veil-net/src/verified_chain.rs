@@ -17,12 +17,12 @@ use tracing::{info, warn};
 use veil_model::{generate, Completion, GenerationParams, GgufTokenizer, ModelError, TokenStep};
 use veil_verify::{committee, quorum, tally, Evidence, HopJob, Tally, EVIDENCE_VERSION};
 
+use crate::admission::Admission;
 use crate::chain::{FinishedHop, RemoteChain};
 use crate::client::SwarmClient;
 use crate::committee::{seal_and_open, CANCELLED};
 use crate::error::{NetError, Result};
 use crate::node_state::NodeState;
-use crate::tee_gate::TeeGate;
 use crate::wire::RequestBody;
 
 /// Chains tried before giving up, each without the hops caught lying before it.
@@ -46,8 +46,8 @@ pub struct VerifiedChainRequest<'a> {
     pub seed: &'a str,
     /// 64 hex digits, fresh per request.
     pub request_id: String,
-    /// Only nodes whose TEE evidence passes this gate may serve or judge.
-    pub gate: Option<Arc<TeeGate>>,
+    /// Only nodes that pass these checks (weights, allow-list, TEE) may serve or judge.
+    pub gate: Option<Arc<Admission>>,
     /// Asked before each step and before judging: `true` once the answer is no longer wanted
     /// (the client left), which ends the request and frees the hops' sessions.
     pub cancelled: &'a (dyn Fn() -> bool + Sync),

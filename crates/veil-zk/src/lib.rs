@@ -14,5 +14,6 @@ mod weights;
 
 pub use error::{Result, ZkError};
 pub use weights::{
-    challenge, check_openings, Opening, Openings, WeightsCommitment, CHUNK_BYTES, MAX_OPENINGS,
+    challenge, check_openings, ModelLeaves, Opening, Openings, WeightsCommitment, CHUNK_BYTES,
+    MAX_OPENINGS,
 };

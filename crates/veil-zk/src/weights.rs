@@ -91,12 +91,7 @@ impl WeightsCommitment {
             }
         }
         let tree = MerkleTree::<Sha256>::from_leaves(&hashes);
-        let root = tree.root().ok_or_else(|| {
-            ZkError::Model(veil_model::ModelError::CorruptGguf {
-                path: file.path().to_path_buf(),
-                reason: "the file holds no tensor data to commit to".into(),
-            })
-        })?;
+        let root = tree.root().ok_or_else(|| no_tensor_data(file))?;
         Ok(Self { tree, leaves, root })
     }
 
@@ -136,6 +131,56 @@ impl WeightsCommitment {
             openings,
             proof: self.tree.proof(&positions).to_bytes(),
         })
+    }
+}
+
+fn no_tensor_data(file: &GgufFile) -> ZkError {
+    ZkError::Model(veil_model::ModelError::CorruptGguf {
+        path: file.path().to_path_buf(),
+        reason: "the file holds no tensor data to commit to".into(),
+    })
+}
+
+/// Every leaf hash of a whole model file, read once, so the root any shard of it commits to
+/// costs a Merkle tree over hashes already made rather than another read of the file: what a
+/// client needs to check nodes serving many different block ranges.
+pub struct ModelLeaves {
+    file: GgufFile,
+    by_tensor: std::collections::HashMap<String, Vec<[u8; 32]>>,
+}
+
+impl ModelLeaves {
+    /// Hashes every tensor of `file` (a whole model) in chunks, as [`WeightsCommitment`] does.
+    pub fn of_file(mut file: GgufFile) -> Result<Self> {
+        let names: Vec<String> = file.content().tensor_infos.keys().cloned().collect();
+        let mut by_tensor = std::collections::HashMap::with_capacity(names.len());
+        for name in names {
+            let bytes = file.tensor_bytes(&name)?;
+            let hashes = (bytes.chunks(CHUNK_BYTES).enumerate())
+                .map(|(chunk, piece)| leaf_hash(&name, chunk as u32, piece))
+                .collect();
+            by_tensor.insert(name, hashes);
+        }
+        Ok(Self { file, by_tensor })
+    }
+
+    /// The root [`WeightsCommitment::of_shard`] gives for `shard` of this model.
+    pub fn root_of(&self, shard: &Shard) -> Result<[u8; 32]> {
+        if shard.layers.start > shard.layers.end
+            || shard.layers.end > veil_model::LlamaConfig::from_gguf(&self.file)?.block_count
+        {
+            return Err(ZkError::BadChallenge(format!(
+                "blocks {}-{} are not a range of this model",
+                shard.layers.start, shard.layers.end
+            )));
+        }
+        let hashes: Vec<[u8; 32]> = veil_model::shard_tensor_names(&self.file, shard)
+            .iter()
+            .flat_map(|name| self.by_tensor.get(name).into_iter().flatten().copied())
+            .collect();
+        MerkleTree::<Sha256>::from_leaves(&hashes)
+            .root()
+            .ok_or_else(|| no_tensor_data(&self.file))
     }
 }
 

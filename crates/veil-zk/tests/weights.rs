@@ -125,3 +125,41 @@ fn malformed_challenges_and_answers_are_clear_errors() {
         .to_string()
         .contains("over a chunk"));
 }
+
+#[test]
+fn the_leaves_of_a_whole_file_give_every_shards_root() {
+    let leaves = veil_zk::ModelLeaves::of_file(model()).unwrap();
+    let mut file = model();
+    let blocks = whole(&file).layers.end;
+    let shards = [
+        whole(&file),
+        Shard::span(0..10, blocks).unwrap(),
+        Shard::span(10..20, blocks).unwrap(),
+        Shard::span(20..blocks, blocks).unwrap(),
+        Shard {
+            layers: 3..7,
+            embedding: false,
+            head: false,
+        },
+    ];
+    let mut roots = std::collections::HashSet::new();
+    for shard in &shards {
+        let expected = WeightsCommitment::of_shard(&mut file, shard)
+            .unwrap()
+            .root();
+        assert_eq!(leaves.root_of(shard).unwrap(), expected, "{shard:?}");
+        roots.insert(expected);
+    }
+    assert_eq!(
+        roots.len(),
+        shards.len(),
+        "every shard commits to its own root"
+    );
+    // A range past the model's blocks is an error, not an empty or panicking tree.
+    let past = Shard {
+        layers: blocks..blocks + 4,
+        embedding: false,
+        head: false,
+    };
+    assert!(leaves.root_of(&past).is_err());
+}

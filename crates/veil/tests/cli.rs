@@ -458,3 +458,47 @@ fn bad_kernel_choices() {
     let err = fails(&["verify", "bench", "--kernels", "scalar", "--tokens", "4"]);
     assert!(err.contains("drop --kernels"), "{err}");
 }
+
+/// An allow-list of nodes that is missing, names no node, or holds something other than peer
+/// ids is refused before the client joins the swarm; so is a weights check asking for more
+/// chunks than a challenge may.
+#[test]
+fn bad_allow_lists_and_weights_checks() {
+    let model = model_path();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens here: an argument error must come before any dial.
+    let boot = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWSASC4da94grebcdBM2FQASZfbEnYrUomxiLmKyN4wtBh";
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--prompt",
+            "hi",
+            "--model",
+            model.to_str().unwrap(),
+            "--bootstrap",
+            boot,
+        ];
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+    let missing = dir.path().join("missing.txt");
+    let err = run(&["--allow-nodes", missing.to_str().unwrap()]);
+    assert!(err.contains("cannot read the allow-list"), "{err}");
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "# no nodes yet\n\n").unwrap();
+    let err = run(&["--allow-nodes", empty.to_str().unwrap()]);
+    assert!(err.contains("names no node"), "{err}");
+    let garbage = dir.path().join("garbage.txt");
+    std::fs::write(
+        &garbage,
+        "# ok\n12D3KooWSASC4da94grebcdBM2FQASZfbEnYrUomxiLmKyN4wtBh\nnot-a-peer\n",
+    )
+    .unwrap();
+    let err = run(&["--allow-nodes", garbage.to_str().unwrap()]);
+    assert!(
+        err.contains(":3:") && err.contains("is not a peer id"),
+        "{err}"
+    );
+    let err = run(&["--weights-openings", "1000"]);
+    assert!(err.contains("1000"), "{err}");
+}

@@ -172,6 +172,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let swarm = SwarmArgs {
         bootstrap: vec![boot.parse()?],
         client_layers: None,
+        weights_openings: veil_net::DEFAULT_OPENINGS as u16,
+        allow_nodes: None,
     };
     let rt = runtime()?;
     let mut chain = retry(|| open_chain(&rt, &swarm, &encrypted, stored, &Default::default()))?;

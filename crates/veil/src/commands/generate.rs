@@ -327,6 +327,7 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
             }
             _ => (path.clone(), Box::new(veil_model::PlainOrder)),
         };
+    let admission = args.swarm.admission(&served, None)?;
     let (state, evidence_dir) = verification_records(args)?;
     let (runtime, client) = verification_client(args)?;
     let digest = veil_model::store::file_digest(&served)?.1;
@@ -339,7 +340,7 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         size,
         seed: &args.verify.committee_seed,
         request_id: request_id.clone(),
-        gate: None,
+        gate: admission.as_deref(),
         cancelled: &|| false,
     };
     let (outcome, written) = keeping_evidence(&evidence_dir, |keep| {
@@ -455,6 +456,7 @@ fn run_verified_chain(
     let path = args.model.resolve_path()?;
     let model = LocalModel::open_text(&path)?;
     let prompt = prompt_ids(args, &model)?;
+    let admission = args.swarm.admission(&path, None)?;
     let (state, evidence_dir) = verification_records(args)?;
     let (runtime, client) = verification_client(args)?;
     let digest = veil_model::store::file_digest(&path)?.1;
@@ -467,7 +469,7 @@ fn run_verified_chain(
         judges,
         seed: &args.verify.committee_seed,
         request_id: request_id.clone(),
-        gate: None,
+        gate: admission,
         cancelled: &|| false,
     };
     let (outcome, written) = keeping_evidence(&evidence_dir, |keep| {

@@ -113,9 +113,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         &args.allowed_hosts,
     )?);
     let tee_gate = match &args.require_tee {
-        Some(file) => Some(Arc::new(veil_net::TeeGate::new(
-            crate::commands::tee::read_policy(file)?,
-        ))),
+        Some(file) => Some(veil_net::TeeGate::new(crate::commands::tee::read_policy(
+            file,
+        )?)),
         None => None,
     };
     let private_model = match &args.zk_public {
@@ -142,6 +142,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     // Nodes serve shards cut from the file they run: the encrypted one when there is a key.
     let served = args.encrypted.clone().unwrap_or_else(|| path.clone());
+    let admission = args.swarm.admission(&served, tee_gate)?;
     let model_id = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -221,7 +222,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .context(
                     "cannot open the reputation database (is another veil client using it?)",
                 )?,
-                tee_gate,
+                admission,
                 private_model,
             })
         };

@@ -261,6 +261,70 @@ pub struct SwarmArgs {
     /// Run the embedding, the first K blocks and the head here, so nodes see only hidden states.
     #[arg(long, value_name = "K", requires = "bootstrap")]
     pub client_layers: Option<usize>,
+    /// Random chunks of its weights each node must open, against this machine's copy of the
+    /// model, before it serves or judges (0: believe what nodes announce).
+    #[arg(long, value_name = "N", default_value_t = veil_net::DEFAULT_OPENINGS as u16,
+          value_parser = clap::value_parser!(u16).range(0..=veil_zk::MAX_OPENINGS as i64))]
+    pub weights_openings: u16,
+    /// Use only these nodes: a file of peer ids, one per line (blank lines and `#` comments
+    /// are skipped).
+    #[arg(long, value_name = "PATH")]
+    pub allow_nodes: Option<PathBuf>,
+}
+
+impl SwarmArgs {
+    /// The checks a node must pass to serve or judge for this client, with `served` the model
+    /// file the nodes serve shards of; `tee` adds a TEE policy.
+    pub fn admission(
+        &self,
+        served: &Path,
+        tee: Option<veil_net::TeeGate>,
+    ) -> Result<Option<std::sync::Arc<veil_net::Admission>>> {
+        let mut admission = veil_net::Admission::default();
+        if self.weights_openings > 0 {
+            admission = admission.with_weights(veil_net::WeightsGate::new(
+                served.to_path_buf(),
+                usize::from(self.weights_openings),
+            ));
+        }
+        if let Some(file) = &self.allow_nodes {
+            admission = admission.with_allow_list(read_allow_list(file)?);
+        }
+        if let Some(tee) = tee {
+            admission = admission.with_tee(tee);
+        }
+        Ok(admission
+            .checks_anything()
+            .then(|| std::sync::Arc::new(admission)))
+    }
+}
+
+/// Peer ids, one per line, from an operator's allow-list file.
+fn read_allow_list(file: &Path) -> Result<std::collections::HashSet<libp2p::PeerId>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the allow-list {}", file.display()))?;
+    let mut peers = std::collections::HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let peer = line.parse().with_context(|| {
+            format!(
+                "{}:{}: {line:?} is not a peer id (as `veil node` prints it)",
+                file.display(),
+                n + 1
+            )
+        })?;
+        peers.insert(peer);
+    }
+    if peers.is_empty() {
+        bail!(
+            "the allow-list {} names no node: every request would fail",
+            file.display()
+        );
+    }
+    Ok(peers)
 }
 
 /// Opens a generation chain over the swarm for the model file at `model` (plaintext or
@@ -272,6 +336,7 @@ pub fn open_chain(
     format: WeightFormat,
     avoid: &std::collections::HashSet<libp2p::PeerId>,
 ) -> Result<RemoteChain> {
+    let admission = swarm.admission(model, None)?;
     let mut gguf = GgufFile::open(model)?;
     let config = LlamaConfig::from_gguf(&gguf)?;
     let digest = veil_model::store::file_digest(model)?.1;
@@ -306,13 +371,14 @@ pub fn open_chain(
         Duration::from_secs(60),
         Duration::from_secs(10),
     ))?;
-    let chain = RemoteChain::open_avoiding(
+    let chain = RemoteChain::open_gated(
         client,
         runtime.handle().clone(),
         &digest,
         config.block_count,
         split,
         avoid,
+        admission,
     )?;
     Ok(chain)
 }

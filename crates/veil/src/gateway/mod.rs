@@ -72,8 +72,9 @@ pub struct SwarmBackend {
     pub evidence_dir: std::path::PathBuf,
     /// Reputation of the nodes, moved only by checked, signed verdicts.
     pub state: veil_net::NodeState,
-    /// With `--require-tee`: only nodes whose TEE evidence passes the policy serve.
-    pub tee_gate: Option<Arc<veil_net::TeeGate>>,
+    /// What a node must prove before it serves or judges: that it holds the weights (unless
+    /// `--weights-openings 0`), and with `--allow-nodes` or `--require-tee`, more.
+    pub admission: Option<Arc<veil_net::Admission>>,
     /// With `--zk-public`: the committed private model whose proved answers
     /// `/v1/veil/classify` returns.
     pub private_model: Option<Arc<veil_zk::proof::Verifier>>,
@@ -600,7 +601,7 @@ impl Gateway {
                         blocks,
                         None,
                         &avoid,
-                        swarm.tee_gate.clone(),
+                        swarm.admission.clone(),
                     )
                 });
                 match opened {
@@ -675,7 +676,7 @@ impl Gateway {
             judges: size - 1,
             seed: "veil",
             request_id: veil_verify::random_request_id(),
-            gate: swarm.tee_gate.clone(),
+            gate: swarm.admission.clone(),
             // A client that left stops the chain at the next token.
             cancelled: &|| tx.is_closed(),
         };
@@ -756,7 +757,7 @@ impl Gateway {
             size,
             seed: "veil",
             request_id,
-            gate: swarm.tee_gate.as_deref(),
+            gate: swarm.admission.as_deref(),
             // A client that left stops the committee at the next token.
             cancelled: &|| tx.is_closed(),
         };

@@ -1,0 +1,497 @@
+//! Squatters and Sybils on real libp2p over loopback.
+//!
+//! A squatter announces a model it does not hold: the weights check (random Merkle openings
+//! against the client's own copy of the model) keeps it off routes and committees. Sybils that
+//! do hold the public weights pass that check, so what they can do on a committee is measured
+//! here, seat pattern by seat pattern, against a model of the client's rules; the same model
+//! gives the table in `docs/SECURITY.md`.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, Message};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, Multiaddr, PeerId};
+use tokio::sync::mpsc;
+use veil_model::{
+    generate, ChatMessage, GenerationParams, LocalModel, ModelStore, PlainOrder, WeightFormat,
+    SMOLLM2_135M,
+};
+use veil_net::behaviour::{build_swarm, model_key, VeilBehaviourEvent};
+use veil_net::wire::{ErrorKind, RequestBody, Response, ShardInfo};
+use veil_net::{
+    generate_verified, peer_of, Admission, Candidate, NetError, NodeConfig, RemoteChain,
+    SessionLimits, SwarmClient, VerifiedRequest, WeightsGate,
+};
+use veil_verify::{committee, Misbehaviour};
+use veil_zk::{Opening, Openings};
+
+fn model_path() -> std::path::PathBuf {
+    ModelStore::from_env()
+        .ensure(&SMOLLM2_135M, &mut |_| {})
+        .expect("the default model can be fetched")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Starts a node serving the whole default model (cheating as `misbehave`), joined through
+/// `bootstrap`.
+fn serve(
+    runtime: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    name: &str,
+    bootstrap: Option<&Multiaddr>,
+    misbehave: Option<Misbehaviour>,
+) -> Multiaddr {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let config = NodeConfig {
+        shard: model_path(),
+        format: WeightFormat::AsStored,
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap: bootstrap.into_iter().cloned().collect(),
+        state: dir.join(format!("{name}.redb")),
+        limits: SessionLimits::default(),
+        request_timeout: Duration::from_secs(60),
+        max_memory_bytes: None,
+        on_listen: Some(tx),
+        misbehave,
+        history: None,
+        tee: None,
+        zk: None,
+    };
+    runtime.spawn(async move {
+        veil_net::run_node(config, futures::future::pending())
+            .await
+            .expect("node runs")
+    });
+    runtime.block_on(rx.recv()).expect("the node listens")
+}
+
+/// A squatter: a peer that provides the model in the DHT and answers `Info` with an honest
+/// node's announcement (root included), but holds no weights. It answers a weights challenge
+/// with made-up chunks and every other request with an error.
+fn squat(runtime: &tokio::runtime::Runtime, bootstrap: &Multiaddr, claims: ShardInfo) -> PeerId {
+    let mut swarm =
+        build_swarm(Keypair::generate_ed25519(), Duration::from_secs(10), None).expect("a swarm");
+    let me = *swarm.local_peer_id();
+    let boot = peer_of(bootstrap).unwrap();
+    let bootstrap = bootstrap.clone();
+    runtime.spawn(async move {
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .unwrap();
+        swarm.behaviour_mut().kad.add_address(&boot, bootstrap.clone());
+        swarm.dial(bootstrap.clone()).unwrap();
+        let mut announce = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = announce.tick() => {
+                    let _ = swarm.behaviour_mut().kad.start_providing(model_key(&claims.model_digest));
+                }
+                event = swarm.select_next_some() => match event {
+                    SwarmEvent::Behaviour(VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                        for addr in info.listen_addrs {
+                            swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        }
+                    }
+                    SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::Message {
+                        message: Message::Request { request, channel, .. }, ..
+                    })) => {
+                        let answer = match request.body {
+                            RequestBody::Info => Response::Info(claims.clone()),
+                            RequestBody::OpenWeights { leaves } => Response::WeightOpenings(Box::new(Openings {
+                                openings: leaves
+                                    .into_iter()
+                                    .map(|index| Opening {
+                                        index,
+                                        tensor: "token_embd.weight".into(),
+                                        chunk: 0,
+                                        bytes: vec![0; 64],
+                                    })
+                                    .collect(),
+                                proof: vec![0; 32],
+                            })),
+                            _ => Response::Error {
+                                kind: ErrorKind::Internal,
+                                message: "squatting".into(),
+                            },
+                        };
+                        let _ = swarm.behaviour_mut().infer.send_response(channel, answer);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    me
+}
+
+/// Connects a client and waits until `count` nodes announce the model.
+fn discover(
+    runtime: &tokio::runtime::Runtime,
+    boot: &Multiaddr,
+    digest: &str,
+    count: usize,
+) -> (SwarmClient, Vec<Candidate>) {
+    let client = runtime
+        .block_on(SwarmClient::connect(
+            std::slice::from_ref(boot),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = runtime.block_on(client.discover(digest)).unwrap();
+        if found.len() == count {
+            return (client, found);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {count} nodes found",
+            found.len()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn greedy(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_tokens,
+        ..GenerationParams::default()
+    }
+}
+
+#[test]
+fn squatters_that_do_not_hold_the_weights_are_neither_routed_nor_seated() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let boot = serve(&runtime, dir.path(), "a", None, None);
+    let b = serve(&runtime, dir.path(), "b", Some(&boot), None);
+    let honest: HashSet<PeerId> = [&boot, &b].map(|a| peer_of(a).unwrap()).into();
+    let digest = veil_model::store::file_digest(&model).unwrap().1;
+    let (client, found) = discover(&runtime, &boot, &digest, 2);
+    let claims = found[0].info.clone();
+    let squatters: HashSet<PeerId> = (0..3)
+        .map(|_| squat(&runtime, &boot, claims.clone()))
+        .collect();
+    let (client_seeing_all, found) = discover(&runtime, &boot, &digest, 5);
+    drop(client);
+
+    // What a node announces is believed: without checks, every squatter is a whole-model
+    // candidate as good as an honest node, and committees seat them.
+    let open = Admission::default();
+    let (admitted, _) = runtime.block_on(open.admit(&client_seeing_all, &found));
+    assert_eq!(admitted.len(), 5);
+    let names: Vec<String> = found.iter().map(|c| c.peer.to_string()).collect();
+    let seated = (0..20)
+        .map(|n| committee(&format!("{n:064x}"), "veil", &names, 3))
+        .filter(|m| m.iter().any(|p| squatters.contains(&p.parse().unwrap())))
+        .count();
+    assert!(seated > 0, "no committee seats a squatter");
+
+    // With the weights check, every squatter is refused, saying why, and every honest node
+    // is admitted.
+    let checked =
+        std::sync::Arc::new(Admission::default().with_weights(WeightsGate::new(model.clone(), 8)));
+    let (admitted, refused) = runtime.block_on(checked.admit(&client_seeing_all, &found));
+    assert_eq!(admitted, honest);
+    assert_eq!(
+        refused.iter().map(|(p, _)| *p).collect::<HashSet<_>>(),
+        squatters
+    );
+    for (peer, why) in &refused {
+        assert!(
+            why.contains("do not hash to the committed root") || why.contains("unreadable proof"),
+            "{peer}: {why}"
+        );
+    }
+
+    // Routes and committees take only the honest nodes, and answer as one process does.
+    let local = LocalModel::load(&model, WeightFormat::AsStored, &[]).unwrap();
+    let prompt = local
+        .chat_prompt(&[ChatMessage::user("Name the capital city of France.")])
+        .unwrap();
+    let alone = generate(
+        &mut local.session(),
+        &local.tokenizer,
+        &prompt,
+        local.config.context_length,
+        &greedy(8),
+        &mut |_| {},
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let mut chain = RemoteChain::open_gated(
+            client_seeing_all.clone(),
+            runtime.handle().clone(),
+            &digest,
+            local.config.block_count,
+            None,
+            &HashSet::new(),
+            Some(checked.clone()),
+        )
+        .unwrap();
+        assert!(chain.route().iter().all(|(n, _)| honest.contains(&n.peer)));
+        let answer = generate(
+            &mut chain,
+            &local.tokenizer,
+            &prompt,
+            local.config.context_length,
+            &greedy(8),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(answer.tokens, alone.tokens);
+        chain.close();
+    }
+    let params = greedy(8);
+    let request = VerifiedRequest {
+        model_digest: &digest,
+        prompt: &prompt,
+        order: &PlainOrder,
+        params: &params,
+        context_length: local.config.context_length,
+        size: 3,
+        seed: "veil",
+        request_id: veil_verify::random_request_id(),
+        gate: Some(&checked),
+        cancelled: &|| false,
+    };
+    let answer = generate_verified(
+        &client_seeing_all,
+        runtime.handle(),
+        &local.tokenizer,
+        &request,
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(answer.completion.tokens, alone.tokens);
+    assert!(answer
+        .committee
+        .iter()
+        .all(|m| honest.contains(&m.parse().unwrap())));
+}
+
+/// What the client's rules make of one committee, by seat (in rank order, `true` for a
+/// Sybil): Sybils pass each other's answers and fail honest ones; honest judges do the
+/// opposite. Mirrors `generate_verified`: generators in rank order, judged by the members not
+/// yet caught; a strict majority of the judges accepts or rejects, else there is no quorum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Outcome {
+    /// An honest answer accepted, after `framed` honest generators were rejected.
+    Honest { framed: usize },
+    /// A Sybil's answer accepted.
+    Lie { framed: usize },
+    /// Judges split: the request fails.
+    NoQuorum { framed: usize },
+    /// Every generator rejected.
+    NoAnswer { framed: usize },
+}
+
+fn predict(seats: &[bool]) -> Outcome {
+    let mut caught = vec![false; seats.len()];
+    let mut framed = 0;
+    for g in 0..seats.len() {
+        let judges: Vec<usize> = (0..seats.len()).filter(|&j| j != g && !caught[j]).collect();
+        if judges.is_empty() {
+            break;
+        }
+        let passes = judges.iter().filter(|&&j| seats[j] == seats[g]).count();
+        let quorum = veil_verify::quorum(judges.len());
+        if passes >= quorum {
+            return match seats[g] {
+                true => Outcome::Lie { framed },
+                false => Outcome::Honest { framed },
+            };
+        }
+        if judges.len() - passes < quorum {
+            return Outcome::NoQuorum { framed };
+        }
+        caught[g] = true;
+        framed += usize::from(!seats[g]);
+    }
+    Outcome::NoAnswer { framed }
+}
+
+/// For committees of `n` seats with `k` Sybils placed uniformly at random: the share of
+/// requests with an honest answer, a Sybil's answer, no answer, and with an honest node framed.
+fn odds(n: usize, k: usize) -> (f64, f64, f64, f64) {
+    let (mut honest, mut lie, mut none, mut framed, mut all) = (0, 0, 0, 0, 0);
+    for mask in 0u32..(1 << n) {
+        if mask.count_ones() as usize != k {
+            continue;
+        }
+        let seats: Vec<bool> = (0..n).map(|i| mask & (1 << i) != 0).collect();
+        all += 1;
+        let f = match predict(&seats) {
+            Outcome::Honest { framed } => {
+                honest += 1;
+                framed
+            }
+            Outcome::Lie { framed } => {
+                lie += 1;
+                framed
+            }
+            Outcome::NoQuorum { framed } | Outcome::NoAnswer { framed } => {
+                none += 1;
+                framed
+            }
+        };
+        framed += usize::from(f > 0);
+    }
+    let share = |x: usize| x as f64 / all as f64;
+    (share(honest), share(lie), share(none), share(framed))
+}
+
+#[test]
+fn what_sybils_holding_the_weights_can_do_on_a_committee() {
+    // The rules' table, as docs/SECURITY.md gives it.
+    println!("seats  sybils  honest answer  sybil answer  no answer  honest node framed");
+    for n in [3, 5, 7] {
+        for k in 1..n {
+            let (h, l, x, f) = odds(n, k);
+            println!(
+                "{n:>5}  {k:>6}  {:>12.0}%  {:>11.0}%  {:>8.0}%  {:>17.0}%",
+                h * 100.0,
+                l * 100.0,
+                x * 100.0,
+                f * 100.0
+            );
+        }
+    }
+    // A minority never gets a lie accepted; a majority always can.
+    for n in [3, 5, 7] {
+        for k in 1..n {
+            let (_, lie, _, _) = odds(n, k);
+            assert_eq!(lie == 0.0, 2 * k < n, "{k} of {n}");
+        }
+    }
+
+    // Real nodes: two honest, two Sybils that hold the model's file (so they pass the
+    // weights check) but serve other weights, the same other weights, so they agree.
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let boot = serve(&runtime, dir.path(), "h1", None, None);
+    let h2 = serve(&runtime, dir.path(), "h2", Some(&boot), None);
+    let sybils: HashSet<String> = ["s1", "s2"]
+        .map(|name| {
+            let addr = serve(
+                &runtime,
+                dir.path(),
+                name,
+                Some(&boot),
+                Some(Misbehaviour::OtherModel),
+            );
+            peer_of(&addr).unwrap().to_string()
+        })
+        .into();
+    let honest: HashSet<String> = [&boot, &h2].map(|a| peer_of(a).unwrap().to_string()).into();
+    let digest = veil_model::store::file_digest(&model).unwrap().1;
+    let (client, found) = discover(&runtime, &boot, &digest, 4);
+    let checked = Admission::default().with_weights(WeightsGate::new(model.clone(), 8));
+    let (admitted, refused) = runtime.block_on(checked.admit(&client, &found));
+    assert_eq!(
+        admitted.len(),
+        4,
+        "Sybils holding the file pass: {refused:?}"
+    );
+
+    let local = LocalModel::open_text(&model).unwrap();
+    let prompt = local
+        .chat_prompt(&[ChatMessage::user("Name the capital city of France.")])
+        .unwrap();
+    let params = greedy(6);
+    let names: Vec<String> = found.iter().map(|c| c.peer.to_string()).collect();
+    let request = |request_id: String| VerifiedRequest {
+        model_digest: &digest,
+        prompt: &prompt,
+        order: &PlainOrder,
+        params: &params,
+        context_length: local.config.context_length,
+        size: 3,
+        seed: "veil",
+        request_id,
+        gate: Some(&checked),
+        cancelled: &|| false,
+    };
+    // One request id for each way two Sybils can sit among three seats.
+    let mut patterns: Vec<(Vec<bool>, String)> = Vec::new();
+    for n in 0u32.. {
+        let id = format!("{n:064x}");
+        let members = committee(&id, "veil", &names, 3);
+        let seats: Vec<bool> = members.iter().map(|m| sybils.contains(m)).collect();
+        if !patterns.iter().any(|(s, _)| *s == seats) {
+            patterns.push((seats, id));
+        }
+        if patterns.len() == 6 {
+            break;
+        }
+    }
+    for (seats, id) in &patterns {
+        let members = committee(id, "veil", &names, 3);
+        let outcome = generate_verified(
+            &client,
+            runtime.handle(),
+            &local.tokenizer,
+            &request(id.clone()),
+            None,
+            &mut |_| {},
+        );
+        let observed = match &outcome {
+            Ok(answer) => {
+                let framed = answer
+                    .evidence
+                    .iter()
+                    .filter(|e| honest.contains(&e.job.body.generator))
+                    .count();
+                match sybils.contains(&answer.generator) {
+                    true => Outcome::Lie { framed },
+                    false => Outcome::Honest { framed },
+                }
+            }
+            Err(NetError::Verification(why)) if why.contains("no quorum") => {
+                Outcome::NoQuorum { framed: 0 }
+            }
+            Err(e) => panic!("{seats:?}: {e}"),
+        };
+        assert_eq!(observed, predict(seats), "seats {seats:?} ({members:?})");
+        // The answer accepted is the first member of the winning side.
+        if let Ok(answer) = &outcome {
+            let lie = matches!(observed, Outcome::Lie { .. });
+            let first = seats.iter().position(|&sybil| sybil == lie).unwrap();
+            assert_eq!(answer.generator, members[first]);
+        }
+    }
+
+    // An operator's allow-list naming the honest nodes leaves the Sybils no seat.
+    let allowed: HashSet<PeerId> = honest.iter().map(|p| p.parse().unwrap()).collect();
+    let listed = Admission::default().with_allow_list(allowed);
+    for (_, id) in &patterns {
+        let answer = generate_verified(
+            &client,
+            runtime.handle(),
+            &local.tokenizer,
+            &VerifiedRequest {
+                gate: Some(&listed),
+                ..request(id.clone())
+            },
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(honest.contains(&answer.generator));
+        assert!(answer.evidence.is_empty());
+    }
+}
