@@ -552,6 +552,10 @@ fn a_committee_on_an_encrypted_quantized_model_answers_and_catches_other_keys_an
             evidence_dir.display().to_string(),
             "--state".into(),
             client_state.display().to_string(),
+            // Believe what nodes announce, so the liars reach the committee and are caught by
+            // their digests (the weights check would refuse them first: see below).
+            "--weights-openings".into(),
+            "0".into(),
         ];
         let out = Command::new(veil_bin())
             .env("VEIL_KEY_PASSPHRASE", "test passphrase")
@@ -575,6 +579,42 @@ fn a_committee_on_an_encrypted_quantized_model_answers_and_catches_other_keys_an
         assert_eq!(text, alone, "{log}");
         assert!(log.contains(&format!("caught {liar} lying")), "{log}");
         assert!(log.contains("(exact commitments)"), "{log}");
+    }
+
+    // With the weights check (the default), neither impostor is seated: both hold files other
+    // than the one they claim, so their roots differ from the client's copy's.
+    let out = Command::new(veil_bin())
+        .env("VEIL_KEY_PASSPHRASE", "test passphrase")
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--max-tokens",
+            "48",
+            "--prompt",
+            PROMPT,
+        ])
+        .args(["--bootstrap", &boot, "--verify", "4", "--state"])
+        .arg(dir.path().join("fresh-client.redb"))
+        .arg("--encrypted")
+        .arg(&enc)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let (text, log) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{log}");
+    assert_eq!(text, alone, "{log}");
+    assert!(!log.contains("lying"), "{log}");
+    for liar in &liar_ids {
+        assert!(
+            log.contains(&format!("node {liar} failed the weights check"))
+                && log.contains("holds other weights"),
+            "{log}"
+        );
     }
 
     // The evidence re-checks against the encrypted file, and says what is missing without it.
