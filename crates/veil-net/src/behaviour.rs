@@ -29,6 +29,12 @@ pub const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 pub const MAX_INCOMING_CONNECTIONS: u32 = 256;
 /// Connections a node lets sit in the handshake at once.
 pub const MAX_PENDING_INCOMING: u32 = 64;
+/// Requests one connection may have in flight at once (libp2p's stream budget, inbound and
+/// outbound together). With [`MAX_CONNECTIONS_PER_PEER`] it bounds what one peer can make a
+/// node hold: 64 requests of at most 32 MiB each, where libp2p's default of 100 per connection
+/// let one peer park 400. An honest client needs far fewer: a node gives it 4 sessions, one
+/// step in flight each, and one judgement.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 16;
 
 /// The parts of a Veil peer.
 #[derive(NetworkBehaviour)]
@@ -109,7 +115,9 @@ pub fn build_swarm(
                 infer: request_response::Behaviour::with_codec(
                     codec,
                     [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
-                    request_response::Config::default().with_request_timeout(request_timeout),
+                    request_response::Config::default()
+                        .with_request_timeout(request_timeout)
+                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
                 ),
                 gossipsub,
             })

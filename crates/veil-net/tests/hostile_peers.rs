@@ -783,6 +783,81 @@ async fn one_peer_cannot_hold_more_than_its_share_of_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_hold_more_than_its_share_of_requests_in_flight() {
+    use veil_net::behaviour::MAX_STREAMS_PER_CONNECTION;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "/ip4/127.0.0.1/tcp/0").await;
+    let peer = peer_of(&node).unwrap();
+    // A rogue opens more requests than the budget on one connection, each sending a few
+    // bytes and then nothing (the node's request timeout is 5 s), then asks for the node's
+    // info on the same connection.
+    let mut rogue = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                RawCodec,
+                [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(30))
+                    .with_max_concurrent_streams(1000),
+            )
+        })
+        .unwrap()
+        .build();
+    rogue.dial(node.clone()).unwrap();
+    for _ in 0..MAX_STREAMS_PER_CONNECTION + 8 {
+        rogue
+            .behaviour_mut()
+            .send_request(&peer, b"STALL\xa2\x67".to_vec());
+    }
+    let info = cbor4ii::serde::to_vec(
+        Vec::new(),
+        &veil_net::wire::Request {
+            version: veil_net::WIRE_VERSION,
+            body: RequestBody::Info,
+        },
+    )
+    .unwrap();
+    let mut asked = None;
+    let started = tokio::time::Instant::now();
+    let answer = loop {
+        let wait = tokio::time::sleep_until(started + Duration::from_millis(1500));
+        tokio::select! {
+            event = rogue.select_next_some() => match event {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                }) if Some(request_id) == asked => break format!("answered {} bytes", response.len()),
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
+                    if Some(request_id) == asked => break format!("failed: {error}"),
+                _ => {}
+            },
+            // Once the stalled requests are in, the info request comes last.
+            _ = wait, if asked.is_none() => {
+                asked = Some(rogue.behaviour_mut().send_request(&peer, info.clone()));
+            }
+        }
+    };
+    // The node had no room left for it on that connection: the stream was dropped unread.
+    assert!(
+        answer.starts_with("failed") || answer == "answered 0 bytes",
+        "the rogue's request past its budget was served: {answer}"
+    );
+    // Others are served meanwhile.
+    let client = stranger(&node).await;
+    assert!(matches!(
+        client.request(peer, RequestBody::Info).await,
+        Ok(Response::Info(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_short_of_memory_takes_no_new_connections() {
     let dir = tempfile::tempdir().unwrap();
     let shards = dir.path().join("shards");
