@@ -1375,14 +1375,31 @@ async fn chat(
     tenant: Option<axum::Extension<access::Tenant>>,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Response {
-    let job = body
-        .map_err(rejected)
-        .and_then(|Json(r)| gateway.chat_job(r))
-        .map(|job| Job {
-            tenant: tenant.map(|t| t.0).unwrap_or_default(),
-            ..job
-        });
+    let job = match body.map_err(rejected) {
+        Ok(Json(r)) => off_the_workers(&gateway, move |g| g.chat_job(r)).await,
+        Err(e) => Err(e),
+    }
+    .map(|job| Job {
+        tenant: tenant.map(|t| t.0).unwrap_or_default(),
+        ..job
+    });
     run_and_answer(gateway, "chat", job).await
+}
+
+/// Makes a job on a blocking thread: tokenizing a prompt of up to `--max-body-bytes` takes
+/// long enough to stall every stream and health check sharing the async workers.
+async fn off_the_workers(
+    gateway: &Arc<Gateway>,
+    make: impl FnOnce(&Gateway) -> Result<Job, ApiError> + Send + 'static,
+) -> Result<Job, ApiError> {
+    let gateway = gateway.clone();
+    tokio::task::spawn_blocking(move || make(&gateway))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApiError::internal(format!(
+                "preparing the request failed: {e}"
+            )))
+        })
 }
 
 async fn classify(
@@ -1404,13 +1421,14 @@ async fn completions(
     tenant: Option<axum::Extension<access::Tenant>>,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Response {
-    let job = body
-        .map_err(rejected)
-        .and_then(|Json(r)| gateway.completion_job(r))
-        .map(|job| Job {
-            tenant: tenant.map(|t| t.0).unwrap_or_default(),
-            ..job
-        });
+    let job = match body.map_err(rejected) {
+        Ok(Json(r)) => off_the_workers(&gateway, move |g| g.completion_job(r)).await,
+        Err(e) => Err(e),
+    }
+    .map(|job| Job {
+        tenant: tenant.map(|t| t.0).unwrap_or_default(),
+        ..job
+    });
     run_and_answer(gateway, "completions", job).await
 }
 
