@@ -17,7 +17,7 @@ use libp2p::{
 };
 
 use crate::error::{NetError, Result};
-use crate::history::MAX_GOSSIP_BYTES;
+use crate::history::{MAX_GOSSIP_BYTES, RUNS_TOPIC};
 use crate::wire::{Request, Response, MAX_MESSAGE_BYTES, PROTOCOL};
 
 /// Veil's private Kademlia protocol, so the DHT holds only Veil peers.
@@ -80,12 +80,16 @@ pub fn build_swarm(
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .max_transmit_size(MAX_GOSSIP_BYTES)
                 .validation_mode(gossipsub::ValidationMode::Strict)
+                // A message is relayed only once the node has checked it.
+                .validate_messages()
                 .build()
                 .map_err(|e| e.to_string())?;
-            let gossipsub = gossipsub::Behaviour::new(
+            let mut gossipsub = gossipsub::Behaviour::new(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossip_config,
             )?;
+            let (params, thresholds) = gossip_scoring();
+            gossipsub.with_peer_score(params, thresholds)?;
             let peer_id = key.public().to_peer_id();
             let kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
             let mut kad =
@@ -126,6 +130,46 @@ pub fn build_swarm(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
         .build();
     Ok(swarm)
+}
+
+/// Gossipsub's peer scoring for run records. A peer whose records fail the node's checks
+/// loses score with the square of its failures (forgotten slowly: 1% a second) and, below the
+/// graylist threshold, is not heard at all; the most an honest peer earns (time in the mesh,
+/// first deliveries) is small, so a rogue cannot bank credit to spend on garbage. Run records
+/// are rare, so a quiet peer is not punished, and peers on loopback are exempt from the
+/// same-address penalty, so a swarm on one machine works.
+fn gossip_scoring() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let runs = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 3600.0,
+        first_message_deliveries_weight: 0.1,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 100.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.99,
+        ..Default::default()
+    };
+    let mut params = gossipsub::PeerScoreParams::default();
+    params
+        .topics
+        .insert(gossipsub::IdentTopic::new(RUNS_TOPIC).hash(), runs);
+    params.ip_colocation_factor_whitelist = [
+        std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+        std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+    ]
+    .into();
+    let thresholds = gossipsub::PeerScoreThresholds {
+        gossip_threshold: -10.0,
+        publish_threshold: -50.0,
+        graylist_threshold: -80.0,
+        accept_px_threshold: 10.0,
+        opportunistic_graft_threshold: 5.0,
+    };
+    (params, thresholds)
 }
 
 /// The provider key for every node serving some part of a model.

@@ -446,8 +446,10 @@ pub async fn run_node(
                         }
                     }
                 }
-                SwarmEvent::Behaviour(VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
-                    keep_peer_run(&runs, &mut gossip_quota, &message);
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, message_id, propagation_source })) => {
+                    let verdict = keep_peer_run(&runs, &mut gossip_quota, &message);
+                    // Rejected records cost their sender score and are not relayed.
+                    swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &propagation_source, verdict);
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::InboundFailure { peer, error, .. })) => {
                     // Garbage, oversized or truncated requests end here; the node carries on.
@@ -1052,37 +1054,46 @@ fn keep_run(
     }
 }
 
-/// Keeps a run record a peer shared, once it passes the checks and while there is room.
+/// Keeps a run record a peer shared, once it passes the checks and while there is room; says
+/// whether gossipsub should relay it (accepted), drop it quietly (ignored: no room), or count
+/// it against whoever sent it (rejected: it fails the checks).
 fn keep_peer_run(
     runs: &veil_meta::RecordStore,
     quota: &mut AuthorQuota,
     message: &gossipsub::Message,
-) {
+) -> gossipsub::MessageAcceptance {
+    use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
     let record = match accept_gossiped(&message.data, message.source) {
         Ok(r) => r,
         Err(e) => {
             warn!("refused a run record from {:?}: {e}", message.source);
-            return;
+            return Reject;
         }
     };
     if !quota.admit(&record.node) {
         debug!("run record from {} dropped: its share is full", record.node);
-        return;
+        return Ignore;
     }
     match runs.len() {
         Ok(n) if n < MAX_KEPT_RUNS => {}
         Ok(_) => {
             debug!("run record from {} dropped: history full", record.node);
-            return;
+            return Ignore;
         }
         Err(e) => {
             warn!("cannot count run records: {e}");
-            return;
+            return Ignore;
         }
     }
     match runs.append(std::slice::from_ref(&record)) {
-        Ok(()) => info!("kept run record from peer {}", record.node),
-        Err(e) => warn!("cannot keep a run record: {e}"),
+        Ok(()) => {
+            info!("kept run record from peer {}", record.node);
+            Accept
+        }
+        Err(e) => {
+            warn!("cannot keep a run record: {e}");
+            Ignore
+        }
     }
 }
 

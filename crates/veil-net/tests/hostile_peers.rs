@@ -893,3 +893,122 @@ async fn a_node_short_of_memory_takes_no_new_connections() {
         "a node over its memory limit still took a connection"
     );
 }
+
+/// A gossip peer on `node`'s run-record topic: publishes what it is handed (retrying until
+/// the topic has a peer) and hands back every record it hears, with its author.
+fn gossip_peer(
+    node: &Multiaddr,
+) -> (
+    libp2p::PeerId,
+    mpsc::UnboundedSender<Vec<u8>>,
+    mpsc::UnboundedReceiver<(Option<libp2p::PeerId>, Vec<u8>)>,
+) {
+    use libp2p::gossipsub;
+    use veil_net::behaviour::VeilBehaviourEvent;
+    let mut swarm = veil_net::behaviour::build_swarm(
+        libp2p::identity::Keypair::generate_ed25519(),
+        Duration::from_secs(10),
+        None,
+    )
+    .unwrap();
+    let me = *swarm.local_peer_id();
+    let topic = gossipsub::IdentTopic::new(veil_net::history::RUNS_TOPIC);
+    swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
+    swarm.dial(node.clone()).unwrap();
+    let (publish, mut to_publish) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (heard_tx, heard) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut queue = std::collections::VecDeque::new();
+        let mut retry = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                Some(data) = to_publish.recv() => queue.push_back(data),
+                _ = retry.tick() => {
+                    while let Some(data) = queue.front() {
+                        match swarm.behaviour_mut().gossipsub.publish(topic.clone(), data.clone()) {
+                            Ok(_) => { queue.pop_front(); }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                event = swarm.select_next_some() => {
+                    if let SwarmEvent::Behaviour(VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) = event {
+                        let _ = heard_tx.send((message.source, message.data));
+                    }
+                }
+            }
+        }
+    });
+    (me, publish, heard)
+}
+
+/// A run record that passes every check, measured by `node`.
+fn run_record(node: libp2p::PeerId, at_unix: u64) -> Vec<u8> {
+    serde_json::json!({
+        "features": {
+            "model": {"name": "smollm2", "parameters_m": 135.0, "layers": 30, "hidden": 576, "stored_bits": 5.0},
+            "hardware": {"cores": 2, "memory_gib": 24.0, "avx2": true, "avx512_vnni": true, "price_per_hour": 1.0},
+            "workload": {"prompt_tokens": 37, "output_tokens": 64, "batch": 1, "shared_prefix": 0.0, "rewrite": false}
+        },
+        "method": "plain", "seconds": 1.0, "tokens": 64, "latency_ms": 1000.0,
+        "perplexity": 10.0, "node": node.to_string(), "at_unix": at_unix
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Waits until `want` is heard; returns the authors of what was heard before it.
+async fn wait_for(
+    heard: &mut mpsc::UnboundedReceiver<(Option<libp2p::PeerId>, Vec<u8>)>,
+    want: Vec<u8>,
+) -> Vec<Option<libp2p::PeerId>> {
+    let mut seen = Vec::new();
+    loop {
+        let (source, data) = tokio::time::timeout(Duration::from_secs(30), heard.recv())
+            .await
+            .expect("the honest record came through the node")
+            .unwrap();
+        if data == want {
+            return seen;
+        }
+        seen.push(source);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_gossiping_bad_records_is_neither_relayed_nor_heard() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "/ip4/127.0.0.1/tcp/0").await;
+    // Three peers meet only through the node: one listens, one is honest, one is a rogue.
+    let (_, _, mut heard) = gossip_peer(&node);
+    let (honest, honest_publishes, _) = gossip_peer(&node);
+    let (rogue, rogue_publishes, _) = gossip_peer(&node);
+    // An honest record reaches the listener through the node: the mesh is up.
+    let first = run_record(honest, 1);
+    honest_publishes.send(first.clone()).unwrap();
+    wait_for(&mut heard, first).await;
+
+    // The rogue sends records that fail the node's checks, then, once those are judged,
+    // records that would pass.
+    for n in 0..10 {
+        rogue_publishes
+            .send(format!("not a record {n}").into_bytes())
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for n in 0..3 {
+        rogue_publishes.send(run_record(rogue, 100 + n)).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Another honest record comes through; nothing of the rogue's did, valid or not.
+    let second = run_record(honest, 2);
+    honest_publishes.send(second.clone()).unwrap();
+    let seen = wait_for(&mut heard, second).await;
+    assert!(
+        !seen.contains(&Some(rogue)),
+        "the node relayed the rogue's records: {} of {}",
+        seen.iter().filter(|s| **s == Some(rogue)).count(),
+        seen.len()
+    );
+}
