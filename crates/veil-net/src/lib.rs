@@ -13,6 +13,7 @@ pub mod node;
 pub mod node_state;
 pub mod route;
 pub mod sessions;
+pub mod state_writer;
 pub mod tee_gate;
 pub mod verified_chain;
 pub mod weights_check;

@@ -34,6 +34,7 @@ use crate::history::{
 };
 use crate::node_state::NodeState;
 use crate::sessions::{SessionLimits, SessionTable};
+use crate::state_writer::{StateWrite, StateWriter};
 use crate::wire::{
     ErrorKind, Request, RequestBody, Response, SessionId, ShardInfo, StepInput, WeightsRoot,
     WireTensor, WIRE_VERSION,
@@ -271,6 +272,9 @@ pub async fn run_node(
     }
     let mut bootstrap = config.bootstrap.clone();
     bootstrap.extend(state.peers()?.into_iter().map(|(_, a)| a));
+    // From here on the database is written on its own thread.
+    let mut writer = StateWriter::start(state, runs)
+        .map_err(|e| NetError::Network(format!("cannot start the database writer: {e}")))?;
     join(&mut swarm, &bootstrap)?;
     announce(&mut swarm, &shard_info);
 
@@ -302,7 +306,7 @@ pub async fn run_node(
                     info!("freed {} idle sessions", expired.len());
                 }
                 for session in expired {
-                    keep_run(&mut swarm, &runs, history.as_ref(), session);
+                    keep_run(&mut swarm, &mut writer, history.as_ref(), session);
                 }
             }
             _ = reannounce.tick() => announce(&mut swarm, &shard_info),
@@ -343,9 +347,7 @@ pub async fn run_node(
                     for addr in info.listen_addrs {
                         if is_routable(&addr) {
                             swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
-                            if let Err(e) = state.remember_peer(&peer_id.to_string(), &addr.with_p2p(peer_id).unwrap_or_else(|a| a)) {
-                                debug!("cannot remember {peer_id}: {e}");
-                            }
+                            writer.send(StateWrite::Peer { peer: peer_id.to_string(), addr: addr.with_p2p(peer_id).unwrap_or_else(|a| a) });
                         }
                     }
                 }
@@ -412,7 +414,7 @@ pub async fn run_node(
                         }
                         Handled::Closed(session) => {
                             let _ = swarm.behaviour_mut().infer.send_response(channel, Response::Closed);
-                            keep_run(&mut swarm, &runs, history.as_ref(), session);
+                            keep_run(&mut swarm, &mut writer, history.as_ref(), session);
                         }
                         Handled::Judge(work) => {
                             if judging.contains(&peer) {
@@ -447,7 +449,7 @@ pub async fn run_node(
                     }
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, message_id, propagation_source })) => {
-                    let verdict = keep_peer_run(&runs, &mut gossip_quota, &message);
+                    let verdict = keep_peer_run(&mut writer, &mut gossip_quota, &message);
                     // Rejected records cost their sender score and are not relayed.
                     swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &propagation_source, verdict);
                 }
@@ -1017,7 +1019,7 @@ fn run_step(
 /// Keeps the run record of a finished plain session and shares it with peers.
 fn keep_run(
     swarm: &mut Swarm<VeilBehaviour>,
-    runs: &veil_meta::RecordStore,
+    writer: &mut StateWriter,
     history: Option<&RunTemplate>,
     session: NodeSession,
 ) {
@@ -1030,21 +1032,19 @@ fn keep_run(
     let Some(record) = template.record(&usage, swarm.local_peer_id(), at_unix) else {
         return;
     };
-    if let Err(e) = runs.append(std::slice::from_ref(&record)) {
-        warn!("cannot keep a run record: {e}");
+    let (throughput, shared) = (record.throughput(), serde_json::to_vec(&record));
+    if !writer.send(StateWrite::Run(Box::new(record))) {
         return;
     }
     info!(
-        "kept run record: {} prompt tokens, {} generated, {:.1} tok/s",
-        usage.prompt_tokens,
-        usage.steps,
-        record.throughput()
+        "kept run record: {} prompt tokens, {} generated, {throughput:.1} tok/s",
+        usage.prompt_tokens, usage.steps,
     );
     if !template.share {
         return;
     }
     let topic = gossipsub::IdentTopic::new(RUNS_TOPIC);
-    match serde_json::to_vec(&record) {
+    match shared {
         Ok(bytes) => {
             if let Err(e) = swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
                 debug!("run record not shared: {e}");
@@ -1058,7 +1058,7 @@ fn keep_run(
 /// whether gossipsub should relay it (accepted), drop it quietly (ignored: no room), or count
 /// it against whoever sent it (rejected: it fails the checks).
 fn keep_peer_run(
-    runs: &veil_meta::RecordStore,
+    writer: &mut StateWriter,
     quota: &mut AuthorQuota,
     message: &gossipsub::Message,
 ) -> gossipsub::MessageAcceptance {
@@ -1074,27 +1074,16 @@ fn keep_peer_run(
         debug!("run record from {} dropped: its share is full", record.node);
         return Ignore;
     }
-    match runs.len() {
-        Ok(n) if n < MAX_KEPT_RUNS => {}
-        Ok(_) => {
-            debug!("run record from {} dropped: history full", record.node);
-            return Ignore;
-        }
-        Err(e) => {
-            warn!("cannot count run records: {e}");
-            return Ignore;
-        }
+    if writer.runs() >= MAX_KEPT_RUNS {
+        debug!("run record from {} dropped: history full", record.node);
+        return Ignore;
     }
-    match runs.append(std::slice::from_ref(&record)) {
-        Ok(()) => {
-            info!("kept run record from peer {}", record.node);
-            Accept
-        }
-        Err(e) => {
-            warn!("cannot keep a run record: {e}");
-            Ignore
-        }
+    let node = record.node.clone();
+    if !writer.send(StateWrite::Run(Box::new(record))) {
+        return Ignore;
     }
+    info!("kept run record from peer {node}");
+    Accept
 }
 
 /// Dials the bootstrap peers and adds them to the routing table.
