@@ -6,7 +6,8 @@
 //! seed, commits to its activations and signs the answer); every other member judges, first
 //! sending a sealed verdict, then opening it once all are in. A strict majority of passes
 //! accepts the answer; a strict majority of failures turns the signed messages into
-//! [`Evidence`], and the next member generates.
+//! [`Evidence`], and the next member generates. A tie is broken by the next-ranked node beyond
+//! the committee, judging too, so one dissenting judge cannot stall a committee of three.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -53,6 +54,9 @@ pub struct VerifiedRequest<'a> {
     /// which ends the request and frees the generator's session.
     pub cancelled: &'a (dyn Fn() -> bool + Sync),
 }
+
+/// Most judges one answer may have, the committee's and those that broke its ties.
+pub const MAX_JUDGES: usize = 16;
 
 /// What a verified request says when its client stopped waiting.
 pub const CANCELLED: &str = "the request was cancelled";
@@ -115,16 +119,22 @@ pub fn generate_verified(
         .map(|c| (c.peer.to_string(), c.info.exact))
         .collect();
     let names: Vec<String> = whole.iter().map(|(p, _)| p.clone()).collect();
-    let members = committee(&request.request_id, request.seed, &names, request.size);
+    let ranked = committee(&request.request_id, request.seed, &names, names.len());
+    let members: Vec<String> = ranked.iter().take(request.size).cloned().collect();
+    let is_exact = |m: &String| whole.iter().any(|(p, exact)| p == m && *exact);
     // The strongest commitment every member supports: exact only if all can reproduce bits.
-    let mode = if members
-        .iter()
-        .all(|m| whole.iter().any(|(p, exact)| p == m && *exact))
-    {
+    let mode = if members.iter().all(is_exact) {
         CommitmentMode::Exact
     } else {
         CommitmentMode::Tolerant
     };
+    // Nodes beyond the committee, in rank order, that can judge in its mode: a tie among the
+    // committee's judges is broken by the next of them.
+    let spares: Vec<String> = ranked[members.len()..]
+        .iter()
+        .filter(|m| mode == CommitmentMode::Tolerant || is_exact(m))
+        .cloned()
+        .collect();
     if members.len() < 2 {
         return Err(NetError::NoRoute(format!(
             "verification needs at least 2 trusted nodes serving the whole model; found {} ({} avoided for lying, {refused} refused admission)",
@@ -135,7 +145,7 @@ pub fn generate_verified(
     let mut evidence = Vec::new();
     let mut caught: HashSet<String> = HashSet::new();
     for generator in &members {
-        let judges: Vec<String> = members
+        let mut judges: Vec<String> = members
             .iter()
             .filter(|m| *m != generator && !caught.contains(*m))
             .cloned()
@@ -156,10 +166,23 @@ pub fn generate_verified(
         };
         let generate_time = started.elapsed();
         let started = Instant::now();
-        let (commits, reveals) = runtime.block_on(judge(client, &job, &judges))?;
-        let judge_time = started.elapsed();
+        let (mut commits, mut reveals) = runtime.block_on(judge(client, &job, &judges))?;
         let digest = job.body.digest()?;
-        let votes = tally(&digest, generator, &commits, &reveals)?;
+        let mut votes = tally(&digest, generator, &commits, &reveals)?;
+        let mut spare = spares.iter();
+        while !votes.accepted(quorum(judges.len())) && !votes.rejected() {
+            // A tie (or judges that did not answer): one more judge, while there is one.
+            let Some(next) = spare.next().filter(|_| judges.len() < MAX_JUDGES) else {
+                break;
+            };
+            info!("no majority on {generator}'s answer yet: {next} judges too");
+            let (c, r) = runtime.block_on(judge(client, &job, std::slice::from_ref(next)))?;
+            commits.extend(c);
+            reveals.extend(r);
+            judges.push(next.clone());
+            votes = tally(&digest, generator, &commits, &reveals)?;
+        }
+        let judge_time = started.elapsed();
         if votes.accepted(quorum(judges.len())) {
             if let Some(s) = state {
                 s.record_accepted(generator)?;

@@ -283,86 +283,93 @@ fn squatters_that_do_not_hold_the_weights_are_neither_routed_nor_seated() {
         .all(|m| honest.contains(&m.parse().unwrap())));
 }
 
-/// What the client's rules make of one committee, by seat (in rank order, `true` for a
-/// Sybil): Sybils pass each other's answers and fail honest ones; honest judges do the
-/// opposite. Mirrors `generate_verified`: generators in rank order, judged by the members not
-/// yet caught; a strict majority of the judges accepts or rejects, else there is no quorum.
+/// What the client's rules make of one request, by node (in rank order, `true` for a Sybil;
+/// the first `size` are the committee, the rest break ties): Sybils pass each other's answers
+/// and fail honest ones; honest judges do the opposite. Mirrors `generate_verified`:
+/// generators in rank order, judged by the members not yet rejected; a strict majority of the
+/// judges accepts or rejects, and a tie asks the next node beyond the committee, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Outcome {
-    /// An honest answer accepted, after `framed` honest generators were rejected.
-    Honest { framed: usize },
+    /// An honest answer accepted.
+    Honest,
     /// A Sybil's answer accepted.
-    Lie { framed: usize },
-    /// Judges split: the request fails.
-    NoQuorum { framed: usize },
+    Lie,
+    /// A tie with no node left to break it: the request fails.
+    NoQuorum,
     /// Every generator rejected.
-    NoAnswer { framed: usize },
+    NoAnswer,
 }
 
-fn predict(seats: &[bool]) -> Outcome {
-    let mut caught = vec![false; seats.len()];
+/// The outcome, and how many honest generators were rejected on the way (framed).
+fn predict(ranked: &[bool], size: usize) -> (Outcome, usize) {
+    let (members, spares) = ranked.split_at(size);
+    let mut caught = vec![false; size];
     let mut framed = 0;
-    for g in 0..seats.len() {
-        let judges: Vec<usize> = (0..seats.len()).filter(|&j| j != g && !caught[j]).collect();
+    for g in 0..size {
+        let mut judges: Vec<bool> = (0..size)
+            .filter(|&j| j != g && !caught[j])
+            .map(|j| members[j])
+            .collect();
         if judges.is_empty() {
             break;
         }
-        let passes = judges.iter().filter(|&&j| seats[j] == seats[g]).count();
-        let quorum = veil_verify::quorum(judges.len());
-        if passes >= quorum {
-            return match seats[g] {
-                true => Outcome::Lie { framed },
-                false => Outcome::Honest { framed },
-            };
-        }
-        if judges.len() - passes < quorum {
-            return Outcome::NoQuorum { framed };
+        let mut spare = spares.iter();
+        loop {
+            let passes = judges.iter().filter(|&&j| j == members[g]).count();
+            if passes >= veil_verify::quorum(judges.len()) {
+                let outcome = if members[g] {
+                    Outcome::Lie
+                } else {
+                    Outcome::Honest
+                };
+                return (outcome, framed);
+            }
+            if 2 * (judges.len() - passes) > judges.len() {
+                break;
+            }
+            match spare.next() {
+                Some(&next) => judges.push(next),
+                None => return (Outcome::NoQuorum, framed),
+            }
         }
         caught[g] = true;
-        framed += usize::from(!seats[g]);
+        framed += usize::from(!members[g]);
     }
-    Outcome::NoAnswer { framed }
+    (Outcome::NoAnswer, framed)
 }
 
-/// For committees of `n` seats with `k` Sybils placed uniformly at random: the share of
-/// requests with an honest answer, a Sybil's answer, no answer, and with an honest node framed.
-fn odds(n: usize, k: usize) -> (f64, f64, f64, f64) {
-    let (mut honest, mut lie, mut none, mut framed, mut all) = (0, 0, 0, 0, 0);
-    for mask in 0u32..(1 << n) {
-        if mask.count_ones() as usize != k {
+/// For committees of `size` drawn from `nodes` admitted nodes of which `sybils` are Sybils,
+/// placed uniformly at random (the request id is random): the share of requests with an honest
+/// answer, a Sybil's answer, no answer, and with an honest node framed.
+fn odds(nodes: usize, size: usize, sybils: usize) -> [f64; 4] {
+    let mut counts = [0usize; 4];
+    let mut all = 0;
+    for mask in 0u32..(1 << nodes) {
+        if mask.count_ones() as usize != sybils {
             continue;
         }
-        let seats: Vec<bool> = (0..n).map(|i| mask & (1 << i) != 0).collect();
+        let ranked: Vec<bool> = (0..nodes).map(|i| mask & (1 << i) != 0).collect();
         all += 1;
-        let f = match predict(&seats) {
-            Outcome::Honest { framed } => {
-                honest += 1;
-                framed
-            }
-            Outcome::Lie { framed } => {
-                lie += 1;
-                framed
-            }
-            Outcome::NoQuorum { framed } | Outcome::NoAnswer { framed } => {
-                none += 1;
-                framed
-            }
-        };
-        framed += usize::from(f > 0);
+        let (outcome, framed) = predict(&ranked, size);
+        counts[match outcome {
+            Outcome::Honest => 0,
+            Outcome::Lie => 1,
+            Outcome::NoQuorum | Outcome::NoAnswer => 2,
+        }] += 1;
+        counts[3] += usize::from(framed > 0);
     }
-    let share = |x: usize| x as f64 / all as f64;
-    (share(honest), share(lie), share(none), share(framed))
+    counts.map(|c| c as f64 / all as f64)
 }
 
 #[test]
 fn what_sybils_holding_the_weights_can_do_on_a_committee() {
     // The rules' table, as docs/SECURITY.md gives it.
-    println!("seats  sybils  honest answer  sybil answer  no answer  honest node framed");
-    for n in [3, 5, 7] {
-        for k in 1..n {
-            let (h, l, x, f) = odds(n, k);
+    println!("nodes  seats  sybils  honest answer  sybil answer  no answer  honest node framed");
+    for (nodes, size) in [(3, 3), (5, 3), (9, 3), (5, 5), (9, 5)] {
+        for k in 1..nodes.min(5) {
+            let [h, l, x, f] = odds(nodes, size, k);
             println!(
-                "{n:>5}  {k:>6}  {:>12.0}%  {:>11.0}%  {:>8.0}%  {:>17.0}%",
+                "{nodes:>5}  {size:>5}  {k:>6}  {:>12.0}%  {:>11.0}%  {:>8.0}%  {:>17.0}%",
                 h * 100.0,
                 l * 100.0,
                 x * 100.0,
@@ -370,13 +377,19 @@ fn what_sybils_holding_the_weights_can_do_on_a_committee() {
             );
         }
     }
-    // A minority never gets a lie accepted; a majority always can.
-    for n in [3, 5, 7] {
-        for k in 1..n {
-            let (_, lie, _, _) = odds(n, k);
-            assert_eq!(lie == 0.0, 2 * k < n, "{k} of {n}");
+    // Sybils that are a minority of the nodes and of the committee never get a lie accepted;
+    // a lone Sybil among three seats no longer stops a request when a spare node can break
+    // the tie; Sybils holding most seats can.
+    for (nodes, size) in [(3, 3), (5, 3), (9, 3), (5, 5), (9, 5), (9, 7)] {
+        for k in 1..nodes {
+            let [_, lie, _, _] = odds(nodes, size, k);
+            if 2 * k < size && 2 * k < nodes {
+                assert_eq!(lie, 0.0, "{k} Sybils of {nodes} nodes, {size} seats");
+            }
         }
     }
+    assert_eq!(odds(5, 3, 1)[0], 1.0);
+    assert!(odds(9, 3, 5)[1] > 0.0);
 
     // Real nodes: two honest, two Sybils that hold the model's file (so they pass the
     // weights check) but serve other weights, the same other weights, so they agree.
@@ -426,51 +439,51 @@ fn what_sybils_holding_the_weights_can_do_on_a_committee() {
         gate: Some(&checked),
         cancelled: &|| false,
     };
-    // One request id for each way two Sybils can sit among three seats.
+    // One request id for each way two Sybils can rank among the four nodes (the fourth breaks
+    // ties).
     let mut patterns: Vec<(Vec<bool>, String)> = Vec::new();
     for n in 0u32.. {
         let id = format!("{n:064x}");
-        let members = committee(&id, "veil", &names, 3);
-        let seats: Vec<bool> = members.iter().map(|m| sybils.contains(m)).collect();
-        if !patterns.iter().any(|(s, _)| *s == seats) {
-            patterns.push((seats, id));
+        let ranked: Vec<bool> = committee(&id, "veil", &names, names.len())
+            .iter()
+            .map(|m| sybils.contains(m))
+            .collect();
+        if !patterns.iter().any(|(r, _)| *r == ranked) {
+            patterns.push((ranked, id));
         }
         if patterns.len() == 6 {
             break;
         }
     }
-    for (seats, id) in &patterns {
-        let members = committee(id, "veil", &names, 3);
+    for (ranked, id) in &patterns {
+        let members = committee(id, "veil", &names, names.len());
+        let mut framed = 0;
         let outcome = generate_verified(
             &client,
             runtime.handle(),
             &local.tokenizer,
             &request(id.clone()),
             None,
-            &mut |_| {},
+            &mut |evidence| framed += usize::from(honest.contains(&evidence.job.body.generator)),
         );
         let observed = match &outcome {
-            Ok(answer) => {
-                let framed = answer
-                    .evidence
-                    .iter()
-                    .filter(|e| honest.contains(&e.job.body.generator))
-                    .count();
-                match sybils.contains(&answer.generator) {
-                    true => Outcome::Lie { framed },
-                    false => Outcome::Honest { framed },
-                }
+            Ok(answer) if sybils.contains(&answer.generator) => Outcome::Lie,
+            Ok(_) => Outcome::Honest,
+            Err(NetError::Verification(why)) if why.contains("no quorum") => Outcome::NoQuorum,
+            Err(NetError::Verification(why)) if why.contains("no committee member") => {
+                Outcome::NoAnswer
             }
-            Err(NetError::Verification(why)) if why.contains("no quorum") => {
-                Outcome::NoQuorum { framed: 0 }
-            }
-            Err(e) => panic!("{seats:?}: {e}"),
+            Err(e) => panic!("{ranked:?}: {e}"),
         };
-        assert_eq!(observed, predict(seats), "seats {seats:?} ({members:?})");
+        assert_eq!(
+            (observed, framed),
+            predict(ranked, 3),
+            "nodes {ranked:?} ({members:?})"
+        );
         // The answer accepted is the first member of the winning side.
         if let Ok(answer) = &outcome {
-            let lie = matches!(observed, Outcome::Lie { .. });
-            let first = seats.iter().position(|&sybil| sybil == lie).unwrap();
+            let lie = observed == Outcome::Lie;
+            let first = ranked.iter().position(|&sybil| sybil == lie).unwrap();
             assert_eq!(answer.generator, members[first]);
         }
     }
