@@ -166,22 +166,18 @@ pub fn generate_verified(
         };
         let generate_time = started.elapsed();
         let started = Instant::now();
-        let (mut commits, mut reveals) = runtime.block_on(judge(client, &job, &judges))?;
         let digest = job.body.digest()?;
-        let mut votes = tally(&digest, generator, &commits, &reveals)?;
-        let mut spare = spares.iter();
-        while !votes.accepted(quorum(judges.len())) && !votes.rejected() {
-            // A tie (or judges that did not answer): one more judge, while there is one.
-            let Some(next) = spare.next().filter(|_| judges.len() < MAX_JUDGES) else {
-                break;
-            };
-            info!("no majority on {generator}'s answer yet: {next} judges too");
-            let (c, r) = runtime.block_on(judge(client, &job, std::slice::from_ref(next)))?;
-            commits.extend(c);
-            reveals.extend(r);
-            judges.push(next.clone());
-            votes = tally(&digest, generator, &commits, &reveals)?;
-        }
+        let ask = || RequestBody::Judge {
+            job: Box::new(job.clone()),
+        };
+        let (votes, commits, reveals) = runtime.block_on(judge_until_decided(
+            client,
+            &digest,
+            generator,
+            &mut judges,
+            &spares,
+            ask,
+        ))?;
         let judge_time = started.elapsed();
         if votes.accepted(quorum(judges.len())) {
             if let Some(s) = state {
@@ -309,16 +305,37 @@ fn serve(
     Ok((completion, job))
 }
 
-/// Seals then opens every judge's verdict on `job`; judges that fail to answer are left out.
-async fn judge(
+/// Has `judges` judge the job whose digest is `digest` (each sent `request()`), then, while
+/// neither side holds a strict majority (a tie, or judges that did not answer), one more from
+/// `spares` at a time, up to [`MAX_JUDGES`]: the votes, and every commit and reveal for
+/// evidence. The judges asked are left in `judges`.
+pub(crate) async fn judge_until_decided(
     client: &SwarmClient,
-    job: &Signed<Job>,
-    judges: &[String],
-) -> Result<(Vec<Signed<VerdictCommit>>, Vec<Signed<VerdictReveal>>)> {
-    let request = || RequestBody::Judge {
-        job: Box::new(job.clone()),
-    };
-    seal_and_open(client, &job.body.digest()?, judges, request).await
+    digest: &str,
+    generator: &str,
+    judges: &mut Vec<String>,
+    spares: &[String],
+    request: impl Fn() -> RequestBody,
+) -> Result<(
+    Tally,
+    Vec<Signed<VerdictCommit>>,
+    Vec<Signed<VerdictReveal>>,
+)> {
+    let (mut commits, mut reveals) = seal_and_open(client, digest, judges, &request).await?;
+    let mut votes = tally(digest, generator, &commits, &reveals)?;
+    let mut spare = spares.iter().filter(|s| s.as_str() != generator);
+    while !votes.accepted(quorum(judges.len())) && !votes.rejected() {
+        let Some(next) = spare.next().filter(|_| judges.len() < MAX_JUDGES) else {
+            break;
+        };
+        info!("no majority on {generator}'s answer yet: {next} judges too");
+        let (c, r) = seal_and_open(client, digest, std::slice::from_ref(next), &request).await?;
+        commits.extend(c);
+        reveals.extend(r);
+        judges.push(next.clone());
+        votes = tally(digest, generator, &commits, &reveals)?;
+    }
+    Ok((votes, commits, reveals))
 }
 
 /// Sends each judge `request()` (a judgement of the job whose digest is `digest`), then, with

@@ -15,12 +15,12 @@ use libp2p::PeerId;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 use veil_model::{generate, Completion, GenerationParams, GgufTokenizer, ModelError, TokenStep};
-use veil_verify::{committee, quorum, tally, Evidence, HopJob, Tally, EVIDENCE_VERSION};
+use veil_verify::{committee, quorum, Evidence, HopJob, Tally, EVIDENCE_VERSION};
 
 use crate::admission::Admission;
 use crate::chain::{FinishedHop, RemoteChain};
 use crate::client::SwarmClient;
-use crate::committee::{seal_and_open, CANCELLED};
+use crate::committee::{judge_until_decided, CANCELLED};
 use crate::error::{NetError, Result};
 use crate::node_state::NodeState;
 use crate::wire::RequestBody;
@@ -249,7 +249,9 @@ fn judge_hop(
         .map(|c| c.peer.to_string())
         .filter(|p| *p != b.node)
         .collect();
-    let judges = committee(&request.request_id, request.seed, &names, request.judges);
+    let ranked = committee(&request.request_id, request.seed, &names, names.len());
+    let (judges, spares) = ranked.split_at(request.judges.min(ranked.len()));
+    let mut judges = judges.to_vec();
     if judges.is_empty() {
         return Err(NetError::NoRoute(format!(
             "no other exact node serves blocks {}-{} to judge hop {}",
@@ -261,8 +263,14 @@ fn judge_hop(
         job: Box::new(hop.job.clone()),
         inputs: hop.inputs.clone(),
     };
-    let (commits, reveals) = runtime.block_on(seal_and_open(client, &digest, &judges, ask))?;
-    let votes = tally(&digest, &b.node, &commits, &reveals)?;
+    let (votes, commits, reveals) = runtime.block_on(judge_until_decided(
+        client,
+        &digest,
+        &b.node,
+        &mut judges,
+        spares,
+        ask,
+    ))?;
     if votes.accepted(quorum(judges.len())) {
         return Ok((votes, None));
     }
