@@ -32,11 +32,15 @@ const MAX_VERDICTS: usize = 4096;
 /// Random chunks a node opens to prove its weights, unless configured otherwise.
 pub const DEFAULT_OPENINGS: usize = 8;
 
+/// A verdict on a node: what it announced when judged (its tag), why it was refused if it
+/// was, and until when the verdict stands.
+type Kept = (String, Result<(), String>, Instant);
+
 /// Verdicts on nodes, each standing for what the node announced when it was judged (`tag`) and
 /// until a deadline.
 #[derive(Default)]
 pub(crate) struct Verdicts {
-    kept: Mutex<HashMap<PeerId, (String, Result<(), String>, Instant)>>,
+    kept: Mutex<HashMap<PeerId, Kept>>,
 }
 
 impl Verdicts {
@@ -72,9 +76,7 @@ impl Verdicts {
         kept.insert(peer, (tag, verdict.clone(), Instant::now() + kept_for));
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<PeerId, (String, Result<(), String>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Kept>> {
         self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

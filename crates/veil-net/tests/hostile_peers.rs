@@ -894,15 +894,12 @@ async fn a_node_short_of_memory_takes_no_new_connections() {
     );
 }
 
+/// What a gossip peer heard: each record with its author.
+type Heard = mpsc::UnboundedReceiver<(Option<libp2p::PeerId>, Vec<u8>)>;
+
 /// A gossip peer on `node`'s run-record topic: publishes what it is handed (retrying until
 /// the topic has a peer) and hands back every record it hears, with its author.
-fn gossip_peer(
-    node: &Multiaddr,
-) -> (
-    libp2p::PeerId,
-    mpsc::UnboundedSender<Vec<u8>>,
-    mpsc::UnboundedReceiver<(Option<libp2p::PeerId>, Vec<u8>)>,
-) {
+fn gossip_peer(node: &Multiaddr) -> (libp2p::PeerId, mpsc::UnboundedSender<Vec<u8>>, Heard) {
     use libp2p::gossipsub;
     use veil_net::behaviour::VeilBehaviourEvent;
     let mut swarm = veil_net::behaviour::build_swarm(
@@ -958,10 +955,7 @@ fn run_record(node: libp2p::PeerId, at_unix: u64) -> Vec<u8> {
 }
 
 /// Waits until `want` is heard; returns the authors of what was heard before it.
-async fn wait_for(
-    heard: &mut mpsc::UnboundedReceiver<(Option<libp2p::PeerId>, Vec<u8>)>,
-    want: Vec<u8>,
-) -> Vec<Option<libp2p::PeerId>> {
+async fn wait_for(heard: &mut Heard, want: Vec<u8>) -> Vec<Option<libp2p::PeerId>> {
     let mut seen = Vec::new();
     loop {
         let (source, data) = tokio::time::timeout(Duration::from_secs(30), heard.recv())
