@@ -110,6 +110,7 @@ fn evidence<J: veil_verify::Judged + Clone>(job: &Signed<J>) -> Vec<u8> {
         job: job.clone(),
         commits,
         reveals,
+        inputs: Vec::new(),
     }
     .to_bytes()
     .expect("bytes")

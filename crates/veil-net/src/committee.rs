@@ -212,6 +212,7 @@ pub fn generate_verified(
             job,
             commits,
             reveals,
+            inputs: Vec::new(),
         };
         record.check()?;
         // The evidence is kept (written and synced by the caller) before any reputation moves,

@@ -23,7 +23,7 @@ use crate::client::SwarmClient;
 use crate::committee::{judge_until_decided, CANCELLED};
 use crate::error::{NetError, Result};
 use crate::node_state::NodeState;
-use crate::wire::RequestBody;
+use crate::wire::{RequestBody, StepInput};
 
 /// Chains tried before giving up, each without the hops caught lying before it.
 const MAX_CHAINS: usize = 3;
@@ -285,11 +285,18 @@ fn judge_hop(
             judges.len()
         )));
     }
+    // The inputs go into the evidence, so anyone holding the model can replay the hop too.
+    let inputs = hop
+        .inputs
+        .iter()
+        .map(StepInput::to_hop_input)
+        .collect::<Result<Vec<_>>>()?;
     let record = Evidence {
         version: EVIDENCE_VERSION,
         job: hop.job.clone(),
         commits,
         reveals,
+        inputs,
     };
     record.check()?;
     Ok((votes, Some(record)))

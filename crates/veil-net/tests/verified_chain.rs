@@ -240,6 +240,38 @@ fn a_verified_chain_names_the_lying_hop_and_answers_like_one_process() {
         (evidence.job.body.first_block, evidence.job.body.end_block),
         (15, 30)
     );
+    // The evidence carries the inputs the hop was sent, so anyone holding the model can
+    // replay them: a copy of the same blocks loaded here fails the hop too.
+    assert_eq!(
+        evidence.inputs.len(),
+        evidence.job.body.digests.step_count()
+    );
+    let mut file = veil_model::GgufFile::open(&model).unwrap();
+    let blocks = veil_model::ShardModel::load(
+        &mut file,
+        &Shard::span(15..30, 30).unwrap(),
+        WeightFormat::AsStored,
+    )
+    .unwrap();
+    let replayed = veil_verify::judge_hop(&blocks, &evidence.job.body, &evidence.inputs).unwrap();
+    assert!(
+        matches!(replayed, veil_verify::Verdict::Fail { .. }),
+        "{replayed:?}"
+    );
+    // It survives its file form bit for bit, and inputs other than the signed ones do not check.
+    let bytes = evidence.to_bytes().unwrap();
+    assert_eq!(
+        &veil_verify::Evidence::<veil_verify::HopJob>::from_bytes(&bytes).unwrap(),
+        evidence
+    );
+    let mut forged = evidence.clone();
+    match &mut forged.inputs[0] {
+        veil_verify::HopInput::Hidden { values, .. } => values[0] += 1.0,
+        other => panic!("the back hop takes hidden states, not {other:?}"),
+    }
+    let err = forged.check().unwrap_err().to_string();
+    assert!(err.contains("not the ones the hop signed for"), "{err}");
+
     // Under one byte a token for each hop's inputs and outputs together, beyond the header.
     assert!(outcomes[0].hop.commitment_bytes <= 16 + 2 * 16);
 

@@ -100,11 +100,24 @@ impl SignedKind for VerdictReveal {
 pub trait Judged: SignedKind {
     /// The peer whose work is judged (and who signed it).
     fn judged_node(&self) -> &str;
+
+    /// Checks the inputs evidence carries are the ones this record signed for.
+    fn check_inputs(&self, inputs: &[crate::HopInput]) -> Result<()>;
 }
 
 impl Judged for Job {
     fn judged_node(&self) -> &str {
         &self.generator
+    }
+
+    /// An answer's prompt and tokens are in the job itself: its evidence carries no inputs.
+    fn check_inputs(&self, inputs: &[crate::HopInput]) -> Result<()> {
+        match inputs.is_empty() {
+            true => Ok(()),
+            false => Err(VerifyError::Evidence(
+                "evidence against an answer carries no hop inputs".into(),
+            )),
+        }
     }
 }
 
@@ -292,6 +305,11 @@ pub struct Evidence<J = Job> {
     pub commits: Vec<Signed<VerdictCommit>>,
     /// The validators' reveals.
     pub reveals: Vec<Signed<VerdictReveal>>,
+    /// For a chain hop: every input it was sent, as its judges replayed them, so that anyone
+    /// holding the model can replay them too (`veil verify-evidence`). Empty for an answer,
+    /// whose prompt and tokens are in the job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<crate::HopInput>,
 }
 
 /// What a checked piece of evidence establishes.
@@ -344,6 +362,7 @@ impl<J: Judged> Evidence<J> {
                 self.job.body.judged_node()
             )));
         }
+        self.job.body.check_inputs(&self.inputs)?;
         if self.commits.len() != self.reveals.len() {
             return Err(VerifyError::Evidence(format!(
                 "{} commits but {} reveals",

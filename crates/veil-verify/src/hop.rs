@@ -24,7 +24,8 @@ use crate::validate::Verdict;
 pub const STEPS_PER_DIGEST: usize = 32;
 
 /// One step's input to a hop, as the hop received it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HopInput {
     /// Token ids, for the hop with the embedding.
     Tokens(Vec<u32>),
@@ -32,9 +33,33 @@ pub enum HopInput {
     Hidden {
         /// Rows.
         positions: usize,
-        /// `positions × hidden_size` values.
+        /// `positions × hidden_size` values, written as the hex of their little-endian bits
+        /// (decimal floats in JSON need not read back to the same bits).
+        #[serde(with = "f32_hex")]
         values: Vec<f32>,
     },
+}
+
+/// Serde for `f32` values as one hex string of their little-endian bits.
+mod f32_hex {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(values: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = hex::decode(text).map_err(D::Error::custom)?;
+        if bytes.len() % 4 != 0 {
+            return Err(D::Error::custom("hidden states are whole f32 values"));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
 }
 
 impl HopInput {
@@ -208,6 +233,37 @@ impl Judged for HopJob {
     fn judged_node(&self) -> &str {
         &self.node
     }
+
+    /// Evidence written before hops' inputs were kept has none; any it has must be the ones
+    /// the hop signed for.
+    fn check_inputs(&self, inputs: &[HopInput]) -> Result<()> {
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        check_signed_inputs(self, inputs)
+    }
+}
+
+/// Checks `inputs` are, step for step, the ones `job` signed for (counted before anything is
+/// hashed: the record comes from a stranger).
+fn check_signed_inputs(job: &HopJob, inputs: &[HopInput]) -> Result<()> {
+    if job.digests.step_count() != inputs.len() {
+        return Err(VerifyError::InvalidClaim(format!(
+            "the hop signed for {} steps, the judge was given {}",
+            job.digests.step_count(),
+            inputs.len()
+        )));
+    }
+    let mut sent = HopTranscript::new();
+    for input in inputs {
+        sent.push(input, &[]);
+    }
+    if sent.finish().inputs != job.digests.inputs {
+        return Err(VerifyError::InvalidClaim(
+            "these inputs are not the ones the hop signed for".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl HopJob {
@@ -294,15 +350,7 @@ pub fn judge_hop(model: &ShardModel, job: &HopJob, inputs: &[HopInput]) -> Resul
         }
     }
     // The inputs first (cheap): a client may not frame a hop with inputs it never sent.
-    let mut sent = HopTranscript::new();
-    for input in inputs {
-        sent.push(input, &[]);
-    }
-    if sent.finish().inputs != job.digests.inputs {
-        return Err(VerifyError::InvalidClaim(
-            "these inputs are not the ones the hop signed for".into(),
-        ));
-    }
+    check_signed_inputs(job, inputs)?;
     let mut replayed = HopTranscript::new();
     let mut cache = model.new_cache();
     let mut group_start = 0;

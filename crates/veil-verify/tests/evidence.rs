@@ -61,6 +61,7 @@ fn evidence(generator: &Keypair, judges: &[Keypair], fails: usize) -> Evidence {
         job,
         commits,
         reveals,
+        inputs: Vec::new(),
     }
 }
 

@@ -164,6 +164,62 @@ fn a_verified_split_chain_of_processes_answers_like_one_process() {
             .unwrap_or_else(|| panic!("{log}"));
         assert!(line.contains("passed by 1 of 1 judges"), "{log}");
     }
+
+    // A liar joins the middle range, with a third honest node so that two judges per hop
+    // (and a spare for ties) can always be honest. Routes pick the faster node, so requests go
+    // on until one takes the liar: its judges fail it, the evidence is written, and anyone
+    // holding the model replays the hop from the evidence alone.
+    let _c1 = NodeProcess::start(&files[1], &state("c1"), Some(&boot));
+    let liar = NodeProcess::start_with(
+        &files[1],
+        &state("liar"),
+        Some(&boot),
+        &["--misbehave", "other-model"],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let evidence_dir = dir.path().join("evidence");
+    let mut attempts = 0;
+    let file = loop {
+        attempts += 1;
+        let (text, log) = generate(&[
+            "--bootstrap",
+            &boot,
+            "--verify",
+            "3",
+            "--chain",
+            "--state",
+            dir.path()
+                .join(format!("client-{attempts}.redb"))
+                .to_str()
+                .unwrap(),
+            "--evidence-dir",
+            evidence_dir.to_str().unwrap(),
+        ]);
+        assert_eq!(text, alone, "{log}");
+        if let Some(file) = std::fs::read_dir(&evidence_dir)
+            .ok()
+            .and_then(|mut d| d.next())
+        {
+            break file.unwrap().path();
+        }
+        assert!(
+            attempts < 16,
+            "no route took the liar in {attempts} requests"
+        );
+    };
+    let out = verify_evidence(&file, &model_path());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains(&format!("evidence holds: {}", peer_id(&liar.addr)))
+            && said.contains("blocks 10-20")
+            && said.contains("replayed here"),
+        "{said}"
+    );
 }
 
 fn sessions_opened(node: &NodeProcess) -> usize {

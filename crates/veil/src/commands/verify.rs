@@ -6,10 +6,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use veil_model::{ChatMessage, LocalModel, SamplingParams, WeightFormat};
+use veil_model::{
+    ChatMessage, GgufFile, LlamaConfig, LocalModel, SamplingParams, Shard, ShardModel, WeightFormat,
+};
 use veil_verify::trials::{detection_trials, honest_trials, load_whole, TRIAL_PROMPTS};
 use veil_verify::{
-    serve_fixed_length, validate, CommitmentMode, Evidence, Misbehaviour, ServingSession,
+    serve_fixed_length, validate, CommitmentMode, Evidence, HopJob, Misbehaviour, ServingSession,
     Tolerances, Verdict,
 };
 
@@ -245,16 +247,11 @@ fn bench(model: &ModelArgs, tokens: usize, runs: usize, mode: CommitmentMode) ->
     Ok(())
 }
 
-/// Runs `veil verify-evidence FILE`: checks every signature, then recomputes the answer and
-/// confirms it fails.
+/// Runs `veil verify-evidence FILE`: checks every signature, then recomputes the answer (or
+/// replays the chain hop) and confirms it fails.
 pub fn verify_evidence(args: EvidenceArgs) -> Result<()> {
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let evidence = <Evidence>::from_bytes(&bytes)
-        .with_context(|| format!("{} is not valid evidence", args.file.display()))?;
-    let proven = evidence
-        .check()
-        .with_context(|| format!("{} does not check", args.file.display()))?;
     let model = ModelArgs {
         model: args.model,
         dtype: WeightFormat::AsStored,
@@ -263,21 +260,20 @@ pub fn verify_evidence(args: EvidenceArgs) -> Result<()> {
         kernels: veil_model::Kernels::default(),
     };
     let path = model.resolve_path()?;
-    let job = &evidence.job.body;
-    let digest = veil_ee::model_digest(&path)?;
-    if digest != job.model_digest {
-        bail!(
-            "the evidence is about the model file with digest {}, but {} has digest {digest}: \
-             pass that file with --model (for an encrypted model, the encrypted GGUF the nodes \
-             served, from `veil ee encrypt`: the plaintext model and the key do not reproduce it)",
-            job.model_digest,
-            path.display()
-        );
+    // A hop's record names its blocks and digests; an answer's, its generator and claim.
+    let is_hop = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .is_ok_and(|v| v["job"]["body"].get("digests").is_some());
+    if is_hop {
+        return verify_hop_evidence(&args.file, &bytes, &path);
     }
-    let format: WeightFormat = job
-        .format
-        .parse()
-        .with_context(|| format!("the evidence names an unknown format {:?}", job.format))?;
+    let evidence = <Evidence>::from_bytes(&bytes)
+        .with_context(|| format!("{} is not valid evidence", args.file.display()))?;
+    let proven = evidence
+        .check()
+        .with_context(|| format!("{} does not check", args.file.display()))?;
+    let job = &evidence.job.body;
+    check_served_file(&path, &job.model_digest)?;
+    let format = evidence_format(&job.format)?;
     let shards = [load_whole(&path, format, None)?];
     let v = validate(&shards, &job.claim, &Tolerances::default())
         .context("the claimed answer cannot be recomputed")?;
@@ -289,13 +285,80 @@ pub fn verify_evidence(args: EvidenceArgs) -> Result<()> {
         Verdict::Fail { token, reason } => {
             println!("evidence holds: {} signed an answer that fails validation", proven.generator);
             println!("  recomputed here: token {token}: {reason}");
-            for (peer, verdict) in &proven.failed {
-                println!("  failed by {peer}: {verdict}");
-            }
-            for peer in &proven.passed {
-                println!("  passed by {peer}");
-            }
+            print_votes(&proven);
             Ok(())
         }
+    }
+}
+
+/// `veil verify-evidence` on a chain hop: replays the inputs the hop was sent through the same
+/// blocks of the model and confirms its signed outputs differ.
+fn verify_hop_evidence(file: &std::path::Path, bytes: &[u8], path: &std::path::Path) -> Result<()> {
+    let evidence = Evidence::<HopJob>::from_bytes(bytes)
+        .with_context(|| format!("{} is not valid evidence", file.display()))?;
+    let proven = evidence
+        .check()
+        .with_context(|| format!("{} does not check", file.display()))?;
+    let job = &evidence.job.body;
+    if evidence.inputs.is_empty() {
+        bail!(
+            "the signatures in {} hold, but it carries none of the inputs hop {} was sent \
+             (evidence written before Veil kept them), so its work cannot be replayed here",
+            file.display(),
+            proven.generator
+        );
+    }
+    check_served_file(path, &job.model_digest)?;
+    let format = evidence_format(&job.format)?;
+    let mut gguf = GgufFile::open(path)?;
+    let blocks = LlamaConfig::from_gguf(&gguf)?.block_count;
+    let shard = Shard::span(job.first_block..job.end_block, blocks)
+        .context("the evidence names blocks this model does not have")?;
+    let model = ShardModel::load(&mut gguf, &shard, format)?;
+    match veil_verify::judge_hop(&model, job, &evidence.inputs)
+        .context("the hop cannot be replayed")?
+    {
+        Verdict::Pass => bail!(
+            "the signatures hold, but replaying the hop here passes it: the evidence does not show {} lied",
+            proven.generator
+        ),
+        Verdict::Fail { reason, .. } => {
+            println!(
+                "evidence holds: {} (blocks {}-{}) signed for outputs its blocks do not compute",
+                proven.generator, job.first_block, job.end_block
+            );
+            println!("  replayed here: {reason}");
+            print_votes(&proven);
+            Ok(())
+        }
+    }
+}
+
+/// Checks `path` is the file whose digest the evidence names.
+fn check_served_file(path: &std::path::Path, claimed: &str) -> Result<()> {
+    let digest = veil_ee::model_digest(path)?;
+    if digest != claimed {
+        bail!(
+            "the evidence is about the model file with digest {claimed}, but {} has digest {digest}: \
+             pass that file with --model (for an encrypted model, the encrypted GGUF the nodes \
+             served, from `veil ee encrypt`: the plaintext model and the key do not reproduce it)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn evidence_format(format: &str) -> Result<WeightFormat> {
+    format
+        .parse()
+        .with_context(|| format!("the evidence names an unknown format {format:?}"))
+}
+
+fn print_votes(proven: &veil_verify::Proven) {
+    for (peer, verdict) in &proven.failed {
+        println!("  failed by {peer}: {verdict}");
+    }
+    for peer in &proven.passed {
+        println!("  passed by {peer}");
     }
 }
