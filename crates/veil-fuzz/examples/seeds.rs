@@ -72,10 +72,16 @@ fn job(key: &Keypair) -> Signed<Job> {
     Signed::sign(body, key).expect("signed")
 }
 
-fn hop(key: &Keypair) -> Signed<HopJob> {
+/// Inputs of a first hop: a prompt, then one token.
+fn token_inputs() -> Vec<HopInput> {
+    vec![HopInput::Tokens(vec![1, 2, 3]), HopInput::Tokens(vec![4])]
+}
+
+fn signed_hop(key: &Keypair, inputs: &[HopInput]) -> Signed<HopJob> {
     let mut transcript = HopTranscript::new();
-    transcript.push(&HopInput::Tokens(vec![1, 2, 3]), &[0.5; 8]);
-    transcript.push(&HopInput::Tokens(vec![4]), &[0.25; 8]);
+    for input in inputs {
+        transcript.push(input, &[0.5; 8]);
+    }
     let body = HopJob {
         request_id: "ab".repeat(32),
         model_digest: "cd".repeat(32),
@@ -88,8 +94,8 @@ fn hop(key: &Keypair) -> Signed<HopJob> {
     Signed::sign(body, key).expect("signed")
 }
 
-/// Evidence two judges signed against `job`.
-fn evidence<J: veil_verify::Judged + Clone>(job: &Signed<J>) -> Vec<u8> {
+/// Evidence two judges signed against `job`, carrying `inputs` (a hop's).
+fn evidence<J: veil_verify::Judged + Clone>(job: &Signed<J>, inputs: Vec<HopInput>) -> Vec<u8> {
     let digest = veil_verify::job_digest(&job.body).expect("digest");
     let (mut commits, mut reveals) = (Vec::new(), Vec::new());
     for _ in 0..2 {
@@ -110,7 +116,7 @@ fn evidence<J: veil_verify::Judged + Clone>(job: &Signed<J>) -> Vec<u8> {
         job: job.clone(),
         commits,
         reveals,
-        inputs: Vec::new(),
+        inputs,
     }
     .to_bytes()
     .expect("bytes")
@@ -124,7 +130,7 @@ fn copy(target: &str, from: &Path) {
 fn main() {
     let key = Keypair::generate_ed25519();
     let session = SessionId([9; 16]);
-    let (signed, hop) = (job(&key), hop(&key));
+    let (signed, hop) = (job(&key), signed_hop(&key, &token_inputs()));
 
     for (name, body) in [
         ("info", RequestBody::Info),
@@ -203,8 +209,17 @@ fn main() {
         "hop",
         &serde_json::to_vec(&hop).expect("json"),
     );
-    write("evidence", "job", &evidence(&signed));
-    write("evidence", "hop", &evidence(&hop));
+    write("evidence", "job", &evidence(&signed, Vec::new()));
+    write("evidence", "hop", &evidence(&hop, token_inputs()));
+    let hidden = vec![HopInput::Hidden {
+        positions: 1,
+        values: vec![0.5, -1.0, 3.25, f32::MIN_POSITIVE],
+    }];
+    write(
+        "evidence",
+        "hop-hidden",
+        &evidence(&signed_hop(&key, &hidden), hidden),
+    );
 
     let record = serde_json::json!({
         "features": {
