@@ -53,7 +53,14 @@ pub struct VerifiedRequest<'a> {
     /// Asked before each step: `true` once the answer is no longer wanted (the client left),
     /// which ends the request and frees the generator's session.
     pub cancelled: &'a (dyn Fn() -> bool + Sync),
+    /// Recomputes an answer the judges reject, here, before anyone is punished: `Ok(true)` if
+    /// it passes. Judges that failed an answer that passes here lied (a majority of Sybils
+    /// framing an honest generator): the answer stands and they are avoided from then on.
+    pub recheck: Option<&'a Recheck<'a>>,
 }
+
+/// A client's own validation of a signed answer (see [`VerifiedRequest::recheck`]).
+pub type Recheck<'a> = dyn Fn(&Job) -> std::result::Result<bool, String> + Sync + 'a;
 
 /// Most judges one answer may have, the committee's and those that broke its ties.
 pub const MAX_JUDGES: usize = 16;
@@ -79,6 +86,9 @@ pub struct VerifiedAnswer {
     pub generate_time: std::time::Duration,
     /// Time from the signed answer to the last reveal.
     pub judge_time: std::time::Duration,
+    /// Judges that failed the accepted answer although it recomputes here (see
+    /// [`VerifiedRequest::recheck`]): empty unless the client overruled its committee.
+    pub overruled: Vec<String>,
 }
 
 /// Runs a verified request; blocks on `runtime` (call it from outside the runtime).
@@ -197,6 +207,7 @@ pub fn generate_verified(
                 evidence,
                 generate_time,
                 judge_time,
+                overruled: Vec::new(),
             });
         }
         if !votes.rejected() {
@@ -206,6 +217,40 @@ pub fn generate_verified(
                 votes.failed.len(),
                 judges.len()
             )));
+        }
+        if let Some(recheck) = request.recheck {
+            match recheck(&job.body) {
+                Ok(true) => {
+                    let liars: Vec<String> = votes
+                        .failed
+                        .iter()
+                        .map(|(judge, _)| judge.clone())
+                        .collect();
+                    warn!(
+                        "judges {} failed {generator}'s answer, but it recomputes here: they lied",
+                        liars.join(", ")
+                    );
+                    if let Some(s) = state {
+                        for judge in &liars {
+                            s.record_overruled(judge)?;
+                        }
+                        s.record_accepted(generator)?;
+                    }
+                    return Ok(VerifiedAnswer {
+                        completion,
+                        committee: members.clone(),
+                        generator: generator.clone(),
+                        tally: votes,
+                        mode,
+                        evidence,
+                        generate_time,
+                        judge_time,
+                        overruled: liars,
+                    });
+                }
+                Ok(false) => info!("{generator}'s answer fails here too"),
+                Err(e) => warn!("cannot recheck {generator}'s answer here ({e}): the judges stand"),
+            }
         }
         let record = Evidence {
             version: EVIDENCE_VERSION,

@@ -22,7 +22,7 @@ pub mod wire;
 pub use admission::{Admission, WeightsGate, DEFAULT_OPENINGS};
 pub use chain::{ClientSplit, Failover, FinishedHop, HopStats, RemoteChain};
 pub use client::{Candidate, SwarmClient};
-pub use committee::{generate_verified, VerifiedAnswer, VerifiedRequest, CANCELLED};
+pub use committee::{generate_verified, Recheck, VerifiedAnswer, VerifiedRequest, CANCELLED};
 pub use error::{NetError, Result};
 pub use history::{RunTemplate, SessionUsage};
 pub use node::{peer_of, run_node, NodeConfig};

@@ -266,6 +266,7 @@ fn squatters_that_do_not_hold_the_weights_are_neither_routed_nor_seated() {
         request_id: veil_verify::random_request_id(),
         gate: Some(&checked),
         cancelled: &|| false,
+        recheck: None,
     };
     let answer = generate_verified(
         &client_seeing_all,
@@ -300,8 +301,9 @@ enum Outcome {
     NoAnswer,
 }
 
-/// The outcome, and how many honest generators were rejected on the way (framed).
-fn predict(ranked: &[bool], size: usize) -> (Outcome, usize) {
+/// The outcome, and how many honest generators were rejected on the way (framed). With
+/// `recheck`, the client recomputes a rejected answer itself: an honest one then stands.
+fn predict(ranked: &[bool], size: usize, recheck: bool) -> (Outcome, usize) {
     let (members, spares) = ranked.split_at(size);
     let mut caught = vec![false; size];
     let mut framed = 0;
@@ -332,6 +334,9 @@ fn predict(ranked: &[bool], size: usize) -> (Outcome, usize) {
                 None => return (Outcome::NoQuorum, framed),
             }
         }
+        if recheck && !members[g] {
+            return (Outcome::Honest, framed);
+        }
         caught[g] = true;
         framed += usize::from(!members[g]);
     }
@@ -341,7 +346,7 @@ fn predict(ranked: &[bool], size: usize) -> (Outcome, usize) {
 /// For committees of `size` drawn from `nodes` admitted nodes of which `sybils` are Sybils,
 /// placed uniformly at random (the request id is random): the share of requests with an honest
 /// answer, a Sybil's answer, no answer, and with an honest node framed.
-fn odds(nodes: usize, size: usize, sybils: usize) -> [f64; 4] {
+fn odds(nodes: usize, size: usize, sybils: usize, recheck: bool) -> [f64; 4] {
     let mut counts = [0usize; 4];
     let mut all = 0;
     for mask in 0u32..(1 << nodes) {
@@ -350,7 +355,7 @@ fn odds(nodes: usize, size: usize, sybils: usize) -> [f64; 4] {
         }
         let ranked: Vec<bool> = (0..nodes).map(|i| mask & (1 << i) != 0).collect();
         all += 1;
-        let (outcome, framed) = predict(&ranked, size);
+        let (outcome, framed) = predict(&ranked, size, recheck);
         counts[match outcome {
             Outcome::Honest => 0,
             Outcome::Lie => 1,
@@ -364,16 +369,20 @@ fn odds(nodes: usize, size: usize, sybils: usize) -> [f64; 4] {
 #[test]
 fn what_sybils_holding_the_weights_can_do_on_a_committee() {
     // The rules' table, as docs/SECURITY.md gives it.
-    println!("nodes  seats  sybils  honest answer  sybil answer  no answer  honest node framed");
+    println!("nodes  seats  sybils  honest answer  sybil answer  no answer  honest node framed  with --recheck: honest / sybil / none");
     for (nodes, size) in [(3, 3), (5, 3), (9, 3), (5, 5), (9, 5)] {
         for k in 1..nodes.min(5) {
-            let [h, l, x, f] = odds(nodes, size, k);
+            let [h, l, x, f] = odds(nodes, size, k, false);
+            let [rh, rl, rx, _] = odds(nodes, size, k, true);
             println!(
-                "{nodes:>5}  {size:>5}  {k:>6}  {:>12.0}%  {:>11.0}%  {:>8.0}%  {:>17.0}%",
+                "{nodes:>5}  {size:>5}  {k:>6}  {:>12.0}%  {:>11.0}%  {:>8.0}%  {:>17.0}%  {:>3.0}% / {:>3.0}% / {:>3.0}%",
                 h * 100.0,
                 l * 100.0,
                 x * 100.0,
-                f * 100.0
+                f * 100.0,
+                rh * 100.0,
+                rl * 100.0,
+                rx * 100.0
             );
         }
     }
@@ -382,14 +391,22 @@ fn what_sybils_holding_the_weights_can_do_on_a_committee() {
     // the tie; Sybils holding most seats can.
     for (nodes, size) in [(3, 3), (5, 3), (9, 3), (5, 5), (9, 5), (9, 7)] {
         for k in 1..nodes {
-            let [_, lie, _, _] = odds(nodes, size, k);
+            let [_, lie, _, _] = odds(nodes, size, k, false);
             if 2 * k < size && 2 * k < nodes {
                 assert_eq!(lie, 0.0, "{k} Sybils of {nodes} nodes, {size} seats");
             }
         }
     }
-    assert_eq!(odds(5, 3, 1)[0], 1.0);
-    assert!(odds(9, 3, 5)[1] > 0.0);
+    assert_eq!(odds(5, 3, 1, false)[0], 1.0);
+    assert!(odds(9, 3, 5, false)[1] > 0.0);
+    // Rechecking rejections never frames anyone and never loses an honest answer.
+    for (nodes, size) in [(5, 3), (9, 3), (9, 5)] {
+        for k in 1..nodes {
+            let (plain, rechecked) = (odds(nodes, size, k, false), odds(nodes, size, k, true));
+            assert_eq!(rechecked[3], 0.0);
+            assert!(rechecked[0] >= plain[0]);
+        }
+    }
 
     // Real nodes: two honest, two Sybils that hold the model's file (so they pass the
     // weights check) but serve other weights, the same other weights, so they agree.
@@ -438,6 +455,7 @@ fn what_sybils_holding_the_weights_can_do_on_a_committee() {
         request_id,
         gate: Some(&checked),
         cancelled: &|| false,
+        recheck: None,
     };
     // One request id for each way two Sybils can rank among the four nodes (the fourth breaks
     // ties).
@@ -455,36 +473,56 @@ fn what_sybils_holding_the_weights_can_do_on_a_committee() {
             break;
         }
     }
-    for (ranked, id) in &patterns {
-        let members = committee(id, "veil", &names, names.len());
-        let mut framed = 0;
-        let outcome = generate_verified(
-            &client,
-            runtime.handle(),
-            &local.tokenizer,
-            &request(id.clone()),
-            None,
-            &mut |evidence| framed += usize::from(honest.contains(&evidence.job.body.generator)),
-        );
-        let observed = match &outcome {
-            Ok(answer) if sybils.contains(&answer.generator) => Outcome::Lie,
-            Ok(_) => Outcome::Honest,
-            Err(NetError::Verification(why)) if why.contains("no quorum") => Outcome::NoQuorum,
-            Err(NetError::Verification(why)) if why.contains("no committee member") => {
-                Outcome::NoAnswer
+    // The client's own recomputation, for requests that recheck rejections.
+    let whole = veil_verify::trials::load_whole(&model, WeightFormat::AsStored, None).unwrap();
+    let recompute = |job: &veil_verify::Job| {
+        veil_verify::validate(
+            std::slice::from_ref(&whole),
+            &job.claim,
+            &Default::default(),
+        )
+        .map(|v| v.verdict == veil_verify::Verdict::Pass)
+        .map_err(|e| e.to_string())
+    };
+    for recheck in [false, true] {
+        for (ranked, id) in &patterns {
+            let members = committee(id, "veil", &names, names.len());
+            let mut framed = 0;
+            let outcome = generate_verified(
+                &client,
+                runtime.handle(),
+                &local.tokenizer,
+                &VerifiedRequest {
+                    recheck: recheck.then_some(&recompute as &veil_net::Recheck),
+                    ..request(id.clone())
+                },
+                None,
+                &mut |evidence| {
+                    framed += usize::from(honest.contains(&evidence.job.body.generator))
+                },
+            );
+            let observed = match &outcome {
+                Ok(answer) if sybils.contains(&answer.generator) => Outcome::Lie,
+                Ok(_) => Outcome::Honest,
+                Err(NetError::Verification(why)) if why.contains("no quorum") => Outcome::NoQuorum,
+                Err(NetError::Verification(why)) if why.contains("no committee member") => {
+                    Outcome::NoAnswer
+                }
+                Err(e) => panic!("{ranked:?}: {e}"),
+            };
+            assert_eq!(
+                (observed, framed),
+                predict(ranked, 3, recheck),
+                "nodes {ranked:?} ({members:?}), recheck {recheck}"
+            );
+            // The answer accepted is the first member of the winning side; an overruled
+            // committee names the Sybils that failed it.
+            if let Ok(answer) = &outcome {
+                let lie = observed == Outcome::Lie;
+                let first = ranked.iter().position(|&sybil| sybil == lie).unwrap();
+                assert_eq!(answer.generator, members[first]);
+                assert!(answer.overruled.iter().all(|j| sybils.contains(j)));
             }
-            Err(e) => panic!("{ranked:?}: {e}"),
-        };
-        assert_eq!(
-            (observed, framed),
-            predict(ranked, 3),
-            "nodes {ranked:?} ({members:?})"
-        );
-        // The answer accepted is the first member of the winning side.
-        if let Ok(answer) = &outcome {
-            let lie = observed == Outcome::Lie;
-            let first = ranked.iter().position(|&sybil| sybil == lie).unwrap();
-            assert_eq!(answer.generator, members[first]);
         }
     }
 

@@ -380,9 +380,13 @@ fn a_committee_of_four_with_one_liar_accepts_the_honest_answer_and_proves_the_li
             client_state.display().to_string(),
         ]
     };
-    let first = args(&request_id);
+    // With --recheck the client recomputes the rejected answer itself before punishing: it
+    // fails here too, so the liar is caught all the same.
+    let mut first = args(&request_id);
+    first.push("--recheck".into());
     let (text, log) = generate(&first.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(text, alone, "{log}");
+    assert!(log.contains("rechecking a rejected answer here"), "{log}");
     assert!(log.contains(&format!("caught {liar_id} lying")), "{log}");
     assert!(log.contains("(exact commitments)"), "{log}");
     let files: Vec<PathBuf> = std::fs::read_dir(&evidence_dir)

@@ -106,6 +106,7 @@ pub fn run(
         request_id,
         gate: None,
         cancelled: &|| false,
+        recheck: None,
     };
     let answer = retry(|| {
         generate_verified(

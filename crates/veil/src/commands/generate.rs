@@ -77,6 +77,11 @@ pub struct VerifyArgs {
     /// committee caught lying are left out of committees and of plain routes.
     #[arg(long, requires = "bootstrap")]
     pub state: Option<PathBuf>,
+    /// Recompute here, loading the whole model, any answer the committee rejects, before
+    /// anyone is punished: judges that failed an answer that passes here are avoided instead,
+    /// and the answer stands (against a majority of Sybils framing honest nodes).
+    #[arg(long, requires = "verify", conflicts_with = "chain")]
+    pub recheck: bool,
 }
 
 /// Runs `veil generate`.
@@ -331,6 +336,8 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     let (state, evidence_dir) = verification_records(args)?;
     let (runtime, client) = verification_client(args)?;
     let digest = veil_model::store::file_digest(&served)?.1;
+    let local = LocalRecheck::new(&served);
+    let recheck = |job: &veil_verify::Job| local.passes(job);
     let request = veil_net::VerifiedRequest {
         model_digest: &digest,
         prompt: &prompt,
@@ -342,6 +349,10 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         request_id: request_id.clone(),
         gate: admission.as_deref(),
         cancelled: &|| false,
+        recheck: match args.verify.recheck {
+            true => Some(&recheck),
+            false => None,
+        },
     };
     let (outcome, written) = keeping_evidence(&evidence_dir, |keep| {
         veil_net::generate_verified(
@@ -370,6 +381,12 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     );
     for (peer, verdict) in &answer.tally.failed {
         eprintln!("  dissent from {peer}: {verdict}");
+    }
+    if !answer.overruled.is_empty() {
+        eprintln!(
+            "  the answer recomputes here, so the judges that failed it lied and are avoided from now on: {}",
+            answer.overruled.join(", ")
+        );
     }
     for (file, record) in written.iter().zip(&answer.evidence) {
         eprintln!(
@@ -578,4 +595,39 @@ pub fn print_stats(c: &Completion) {
         c.tokens.len(),
         c.finish
     );
+}
+
+/// `--recheck`: the client's own validation of a rejected answer, with the served file's
+/// whole model loaded on first use (in the format the answer claims).
+struct LocalRecheck<'a> {
+    served: &'a std::path::Path,
+    model: std::sync::OnceLock<Result<veil_model::ShardModel, String>>,
+}
+
+impl<'a> LocalRecheck<'a> {
+    fn new(served: &'a std::path::Path) -> Self {
+        Self {
+            served,
+            model: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn passes(&self, job: &veil_verify::Job) -> Result<bool, String> {
+        let model = self.model.get_or_init(|| {
+            eprintln!(
+                "rechecking a rejected answer here: loading {}",
+                self.served.display()
+            );
+            let format = job.format.parse().map_err(|e| format!("{e}"))?;
+            veil_verify::trials::load_whole(self.served, format, None).map_err(|e| e.to_string())
+        });
+        let model = model.as_ref().map_err(Clone::clone)?;
+        let checked = veil_verify::validate(
+            std::slice::from_ref(model),
+            &job.claim,
+            &veil_verify::Tolerances::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(checked.verdict == veil_verify::Verdict::Pass)
+    }
 }

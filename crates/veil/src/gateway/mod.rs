@@ -760,6 +760,7 @@ impl Gateway {
             gate: swarm.admission.as_deref(),
             // A client that left stops the committee at the next token.
             cancelled: &|| tx.is_closed(),
+            recheck: None,
         };
         let outcome = veil_net::generate_verified(
             &swarm.client,
