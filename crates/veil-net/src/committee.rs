@@ -154,6 +154,8 @@ pub fn generate_verified(
     }
     let mut evidence = Vec::new();
     let mut caught: HashSet<String> = HashSet::new();
+    // Rejections the client's own recheck confirmed.
+    let mut confirmed = 0;
     for generator in &members {
         let mut judges: Vec<String> = members
             .iter()
@@ -248,7 +250,10 @@ pub fn generate_verified(
                         overruled: liars,
                     });
                 }
-                Ok(false) => info!("{generator}'s answer fails here too"),
+                Ok(false) => {
+                    info!("{generator}'s answer fails here too");
+                    confirmed += 1;
+                }
                 Err(e) => warn!("cannot recheck {generator}'s answer here ({e}): the judges stand"),
             }
         }
@@ -273,8 +278,12 @@ pub fn generate_verified(
         caught.insert(generator.clone());
         evidence.push(record);
     }
+    let rechecked = match request.recheck {
+        Some(_) => format!("; {confirmed} of them rechecked here and failing here too"),
+        None => String::new(),
+    };
     Err(NetError::Verification(format!(
-        "no committee member produced an answer a quorum accepts ({} caught lying)",
+        "no committee member produced an answer a quorum accepts ({} caught lying{rechecked})",
         caught.len()
     )))
 }

@@ -11,6 +11,7 @@ pub mod commitment;
 pub mod consensus;
 pub mod error;
 pub mod hop;
+pub mod recheck;
 pub mod serving;
 pub mod trials;
 pub mod validate;
@@ -28,6 +29,7 @@ pub use hop::{
     judge_hop, run_hop_step, HopDigests, HopInput, HopJob, HopTranscript, STEPS_PER_DIGEST,
 };
 pub use libp2p_identity::{Keypair, PeerId};
+pub use recheck::LocalRecheck;
 pub use serving::{
     cheaper_format, load_serving_shard, load_serving_shard_with, serve_fixed_length, serve_until,
     Misbehaviour, ServingSession,

@@ -920,6 +920,9 @@ fn verified_answers_come_from_a_committee_and_a_committee_of_liars_is_a_502() {
         Some(&x.addr),
         &["--dtype", "f32", "--misbehave", "random-output"],
     );
+    // With --recheck, the gateway recomputes each rejected answer itself before punishing:
+    // the first lie fails here too, so its rejection stands (and no judge is left for the
+    // second).
     let liars = Gateway::start_with(&[
         "--bootstrap",
         &x.addr,
@@ -929,12 +932,18 @@ fn verified_answers_come_from_a_committee_and_a_committee_of_liars_is_a_502() {
         evidence_arg,
         "--state",
         state_arg("liars-gateway"),
+        "--recheck",
     ]);
     let (status, reply) = first_answer(
         &liars,
         &ask(question, json!({"max_tokens": 12, "veil": {"verify": 2}})),
     );
     assert_openai_error(status, &reply, 502, Some("verification_failed"));
+    let said = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("1 caught lying; 1 of them rechecked here and failing here too"),
+        "{reply}"
+    );
     let written = std::fs::read_dir(&evidence).map(|d| d.count()).unwrap_or(0);
     assert!(written >= 1, "the lie a judge proved left no evidence");
     // The proven liar's reputation shows on the dashboard.

@@ -336,7 +336,7 @@ fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     let (state, evidence_dir) = verification_records(args)?;
     let (runtime, client) = verification_client(args)?;
     let digest = veil_model::store::file_digest(&served)?.1;
-    let local = LocalRecheck::new(&served);
+    let local = veil_verify::LocalRecheck::new(served.clone());
     let recheck = |job: &veil_verify::Job| local.passes(job);
     let request = veil_net::VerifiedRequest {
         model_digest: &digest,
@@ -595,39 +595,4 @@ pub fn print_stats(c: &Completion) {
         c.tokens.len(),
         c.finish
     );
-}
-
-/// `--recheck`: the client's own validation of a rejected answer, with the served file's
-/// whole model loaded on first use (in the format the answer claims).
-struct LocalRecheck<'a> {
-    served: &'a std::path::Path,
-    model: std::sync::OnceLock<Result<veil_model::ShardModel, String>>,
-}
-
-impl<'a> LocalRecheck<'a> {
-    fn new(served: &'a std::path::Path) -> Self {
-        Self {
-            served,
-            model: std::sync::OnceLock::new(),
-        }
-    }
-
-    fn passes(&self, job: &veil_verify::Job) -> Result<bool, String> {
-        let model = self.model.get_or_init(|| {
-            eprintln!(
-                "rechecking a rejected answer here: loading {}",
-                self.served.display()
-            );
-            let format = job.format.parse().map_err(|e| format!("{e}"))?;
-            veil_verify::trials::load_whole(self.served, format, None).map_err(|e| e.to_string())
-        });
-        let model = model.as_ref().map_err(Clone::clone)?;
-        let checked = veil_verify::validate(
-            std::slice::from_ref(model),
-            &job.claim,
-            &veil_verify::Tolerances::default(),
-        )
-        .map_err(|e| e.to_string())?;
-        Ok(checked.verdict == veil_verify::Verdict::Pass)
-    }
 }

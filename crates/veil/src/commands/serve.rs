@@ -93,6 +93,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "POLICY", conflicts_with = "local")]
     pub require_tee: Option<std::path::PathBuf>,
 
+    /// Recompute here, loading the whole model on the first rejection, any answer a committee
+    /// rejects, before anyone is punished: judges that failed an answer that passes here are
+    /// avoided instead, and the answer stands (against a majority of Sybils framing honest
+    /// nodes).
+    #[arg(long, conflicts_with = "local")]
+    pub recheck: bool,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -205,7 +212,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             )
             .await
             .context("cannot join the swarm")?;
-            Backend::Swarm(SwarmBackend {
+            Backend::Swarm(Box::new(SwarmBackend {
                 client,
                 runtime: tokio::runtime::Handle::current(),
                 digest: veil_model::store::file_digest(&served)?.1,
@@ -224,7 +231,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 )?,
                 admission,
                 private_model,
-            })
+                recheck: args
+                    .recheck
+                    .then(|| veil_verify::LocalRecheck::new(served.clone())),
+            }))
         };
         let gateway = Arc::new(Gateway::new(
             model,

@@ -57,7 +57,7 @@ pub enum Backend {
     /// On the model loaded in this process.
     Local,
     /// On the swarm's nodes.
-    Swarm(SwarmBackend),
+    Swarm(Box<SwarmBackend>),
 }
 
 /// What the gateway needs to open chains over the swarm.
@@ -78,6 +78,8 @@ pub struct SwarmBackend {
     /// With `--zk-public`: the committed private model whose proved answers
     /// `/v1/veil/classify` returns.
     pub private_model: Option<Arc<veil_zk::proof::Verifier>>,
+    /// With `--recheck`: rejected answers are recomputed here before anyone is punished.
+    pub recheck: Option<veil_verify::LocalRecheck>,
 }
 
 /// A critical request to the committed private model.
@@ -745,6 +747,10 @@ impl Gateway {
             .privacy
             .as_ref()
             .map(|p| veil_ee::EncryptedOrder::new(&p.key));
+        let recheck = |job: &veil_verify::Job| match &swarm.recheck {
+            Some(local) => local.passes(job),
+            None => Err("no recheck".into()),
+        };
         let request = veil_net::VerifiedRequest {
             model_digest: &swarm.digest,
             prompt,
@@ -760,7 +766,10 @@ impl Gateway {
             gate: swarm.admission.as_deref(),
             // A client that left stops the committee at the next token.
             cancelled: &|| tx.is_closed(),
-            recheck: None,
+            recheck: swarm
+                .recheck
+                .as_ref()
+                .map(|_| &recheck as &veil_net::Recheck),
         };
         let outcome = veil_net::generate_verified(
             &swarm.client,
