@@ -191,38 +191,25 @@ pub fn generate_verified(
             ask,
         ))?;
         let judge_time = started.elapsed();
-        if votes.accepted(quorum(judges.len())) {
-            if let Some(s) = state {
-                s.record_accepted(generator)?;
-            }
+        // The answer stands if a majority accepts it, or if the judges' rejection fails the
+        // client's own recheck (then they are the liars).
+        let overruled = if votes.accepted(quorum(judges.len())) {
             info!(
                 "answer from {generator} accepted by {} of {}",
                 votes.passed.len(),
                 judges.len()
             );
-            return Ok(VerifiedAnswer {
-                completion,
-                committee: members.clone(),
-                generator: generator.clone(),
-                tally: votes,
-                mode,
-                evidence,
-                generate_time,
-                judge_time,
-                overruled: Vec::new(),
-            });
-        }
-        if !votes.rejected() {
+            Some(Vec::new())
+        } else if !votes.rejected() {
             return Err(NetError::Verification(format!(
                 "no quorum on {generator}'s answer: {} passed, {} failed, {} judges",
                 votes.passed.len(),
                 votes.failed.len(),
                 judges.len()
             )));
-        }
-        if let Some(recheck) = request.recheck {
-            match recheck(&job.body) {
-                Ok(true) => {
+        } else {
+            match request.recheck.map(|recheck| recheck(&job.body)) {
+                Some(Ok(true)) => {
                     let liars: Vec<String> = votes
                         .failed
                         .iter()
@@ -232,30 +219,38 @@ pub fn generate_verified(
                         "judges {} failed {generator}'s answer, but it recomputes here: they lied",
                         liars.join(", ")
                     );
-                    if let Some(s) = state {
-                        for judge in &liars {
-                            s.record_overruled(judge)?;
-                        }
-                        s.record_accepted(generator)?;
-                    }
-                    return Ok(VerifiedAnswer {
-                        completion,
-                        committee: members.clone(),
-                        generator: generator.clone(),
-                        tally: votes,
-                        mode,
-                        evidence,
-                        generate_time,
-                        judge_time,
-                        overruled: liars,
-                    });
+                    Some(liars)
                 }
-                Ok(false) => {
+                Some(Ok(false)) => {
                     info!("{generator}'s answer fails here too");
                     confirmed += 1;
+                    None
                 }
-                Err(e) => warn!("cannot recheck {generator}'s answer here ({e}): the judges stand"),
+                Some(Err(e)) => {
+                    warn!("cannot recheck {generator}'s answer here ({e}): the judges stand");
+                    None
+                }
+                None => None,
             }
+        };
+        if let Some(overruled) = overruled {
+            if let Some(s) = state {
+                for judge in &overruled {
+                    s.record_overruled(judge)?;
+                }
+                s.record_accepted(generator)?;
+            }
+            return Ok(VerifiedAnswer {
+                completion,
+                committee: members.clone(),
+                generator: generator.clone(),
+                tally: votes,
+                mode,
+                evidence,
+                generate_time,
+                judge_time,
+                overruled,
+            });
         }
         let record = Evidence {
             version: EVIDENCE_VERSION,

@@ -187,31 +187,24 @@ impl NodeState {
     /// Marks a judge this client caught failing an answer that its own recomputation passes:
     /// as good as proven lying to this client (no third party can check it), so avoided.
     pub fn record_overruled(&self, judge: &str) -> Result<()> {
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
-        {
-            let mut table = txn.open_table(REPUTATION).map_err(|e| self.error(e))?;
-            let now = table
-                .get(judge)
-                .map_err(|e| self.error(e))?
-                .map_or(0, |v| v.value());
-            table
-                .insert(judge, now.saturating_sub(CAUGHT_PENALTY))
-                .map_err(|e| self.error(e))?;
-        }
-        txn.commit().map_err(|e| self.error(e))
+        self.add_reputation(judge, -CAUGHT_PENALTY)
     }
 
     /// Credits the generator of an answer a quorum of validators signed as passing.
     pub fn record_accepted(&self, generator: &str) -> Result<()> {
+        self.add_reputation(generator, 1)
+    }
+
+    fn add_reputation(&self, peer: &str, delta: i64) -> Result<()> {
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut table = txn.open_table(REPUTATION).map_err(|e| self.error(e))?;
             let now = table
-                .get(generator)
+                .get(peer)
                 .map_err(|e| self.error(e))?
                 .map_or(0, |v| v.value());
             table
-                .insert(generator, now.saturating_add(1))
+                .insert(peer, now.saturating_add(delta))
                 .map_err(|e| self.error(e))?;
         }
         txn.commit().map_err(|e| self.error(e))

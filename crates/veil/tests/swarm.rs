@@ -586,6 +586,31 @@ fn a_committee_on_an_encrypted_quantized_model_answers_and_catches_other_keys_an
     let (alone, _) = generate(&[]);
     let evidence_dir = dir.path().join("evidence");
     let client_state = dir.path().join("client.redb");
+    // Runs `veil generate` on the encrypted model with `args`; checks it answers as one process
+    // does and returns its log.
+    let ask_encrypted = |args: &[String]| {
+        let out = Command::new(veil_bin())
+            .env("VEIL_KEY_PASSPHRASE", "test passphrase")
+            .args([
+                "generate",
+                "--threads",
+                "1",
+                "--max-tokens",
+                "48",
+                "--prompt",
+                PROMPT,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let (text, log) = (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        );
+        assert!(out.status.success(), "{log}");
+        assert_eq!(text, alone, "{log}");
+        log
+    };
     for (n, liar) in liar_ids.iter().enumerate() {
         // A request id whose committee of 4 has this liar first and no other liar (the one
         // caught before is avoided anyway).
@@ -617,57 +642,26 @@ fn a_committee_on_an_encrypted_quantized_model_answers_and_catches_other_keys_an
             "--weights-openings".into(),
             "0".into(),
         ];
-        let out = Command::new(veil_bin())
-            .env("VEIL_KEY_PASSPHRASE", "test passphrase")
-            .args([
-                "generate",
-                "--threads",
-                "1",
-                "--max-tokens",
-                "48",
-                "--prompt",
-                PROMPT,
-            ])
-            .args(&args)
-            .output()
-            .unwrap();
-        let (text, log) = (
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        );
-        assert!(out.status.success(), "{log}");
-        assert_eq!(text, alone, "{log}");
+        let log = ask_encrypted(&args);
         assert!(log.contains(&format!("caught {liar} lying")), "{log}");
         assert!(log.contains("(exact commitments)"), "{log}");
     }
 
     // With the weights check (the default), neither impostor is seated: both hold files other
     // than the one they claim, so their roots differ from the client's copy's.
-    let out = Command::new(veil_bin())
-        .env("VEIL_KEY_PASSPHRASE", "test passphrase")
-        .args([
-            "generate",
-            "--threads",
-            "1",
-            "--max-tokens",
-            "48",
-            "--prompt",
-            PROMPT,
-        ])
-        .args(["--bootstrap", &boot, "--verify", "4", "--state"])
-        .arg(dir.path().join("fresh-client.redb"))
-        .arg("--encrypted")
-        .arg(&enc)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .unwrap();
-    let (text, log) = (
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    );
-    assert!(out.status.success(), "{log}");
-    assert_eq!(text, alone, "{log}");
+    let fresh = dir.path().join("fresh-client.redb");
+    let log = ask_encrypted(&[
+        "--bootstrap".into(),
+        boot.clone(),
+        "--verify".into(),
+        "4".into(),
+        "--state".into(),
+        fresh.display().to_string(),
+        "--encrypted".into(),
+        enc.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+    ]);
     assert!(!log.contains("lying"), "{log}");
     for liar in &liar_ids {
         assert!(
