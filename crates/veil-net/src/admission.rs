@@ -45,7 +45,7 @@ pub(crate) struct Verdicts {
 
 impl Verdicts {
     /// The verdict on `peer` if one stands for the same announcement.
-    pub(crate) fn get(&self, peer: &PeerId, tag: &str) -> Option<Result<(), String>> {
+    fn get(&self, peer: &PeerId, tag: &str) -> Option<Result<(), String>> {
         let kept = self.lock();
         let (was, verdict, until) = kept.get(peer)?;
         (was == tag && Instant::now() < *until).then(|| verdict.clone())
@@ -53,13 +53,7 @@ impl Verdicts {
 
     /// Keeps `verdict` on `peer`'s announcement `tag`: acceptances for `accepted_for`, refusals
     /// for [`REFUSAL_KEPT`].
-    pub(crate) fn put(
-        &self,
-        peer: PeerId,
-        tag: String,
-        verdict: &Result<(), String>,
-        accepted_for: Duration,
-    ) {
+    fn put(&self, peer: PeerId, tag: String, verdict: &Result<(), String>, accepted_for: Duration) {
         let kept_for = if verdict.is_ok() {
             accepted_for
         } else {
@@ -74,6 +68,28 @@ impl Verdicts {
             }
         }
         kept.insert(peer, (tag, verdict.clone(), Instant::now() + kept_for));
+    }
+
+    /// The standing verdict on `peer`'s announcement `tag`, or a fresh one from `ask` (logged
+    /// as passing or failing `check`, and kept).
+    pub(crate) async fn judge(
+        &self,
+        peer: PeerId,
+        tag: String,
+        check: &str,
+        accepted_for: Duration,
+        ask: impl std::future::Future<Output = Result<(), String>>,
+    ) -> Result<(), String> {
+        if let Some(verdict) = self.get(&peer, &tag) {
+            return verdict;
+        }
+        let verdict = ask.await;
+        match &verdict {
+            Ok(()) => info!("node {peer} passed the {check}"),
+            Err(why) => warn!("node {peer} failed the {check}: {why}"),
+        }
+        self.put(peer, tag, &verdict, accepted_for);
+        verdict
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Kept>> {
@@ -104,17 +120,10 @@ impl WeightsGate {
 
     async fn check(&self, client: &SwarmClient, candidate: &Candidate) -> Result<(), String> {
         let tag = format!("{:?}", candidate.info.weights);
-        if let Some(verdict) = self.verdicts.get(&candidate.peer, &tag) {
-            return verdict;
-        }
-        let verdict = self.ask(client, candidate).await;
-        match &verdict {
-            Ok(()) => info!("node {} holds the weights it serves", candidate.peer),
-            Err(why) => warn!("node {} failed the weights check: {why}", candidate.peer),
-        }
+        let ask = self.ask(client, candidate);
         self.verdicts
-            .put(candidate.peer, tag, &verdict, ACCEPTANCE_KEPT);
-        verdict
+            .judge(candidate.peer, tag, "weights check", ACCEPTANCE_KEPT, ask)
+            .await
     }
 
     async fn ask(&self, client: &SwarmClient, candidate: &Candidate) -> Result<(), String> {

@@ -6,7 +6,6 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use libp2p::PeerId;
-use tracing::{info, warn};
 use veil_tee::{Expectation, Policy};
 
 use crate::admission::{Verdicts, ACCEPTANCE_KEPT};
@@ -34,22 +33,15 @@ impl TeeGate {
         candidate: &Candidate,
     ) -> Result<(), String> {
         let tag = format!("{:?}", candidate.info.tee);
-        if let Some(verdict) = self.verdicts.get(&candidate.peer, &tag) {
-            return verdict;
-        }
-        let verdict = self.ask(client, candidate).await;
-        match &verdict {
-            Ok(()) => info!("node {} is attested", candidate.peer),
-            Err(why) => warn!("node {} is not attested: {why}", candidate.peer),
-        }
         let accepted_for = self
             .policy
             .max_age_seconds
             .map_or(ACCEPTANCE_KEPT, Duration::from_secs)
             .min(ACCEPTANCE_KEPT);
+        let ask = self.ask(client, candidate);
         self.verdicts
-            .put(candidate.peer, tag, &verdict, accepted_for);
-        verdict
+            .judge(candidate.peer, tag, "TEE attestation", accepted_for, ask)
+            .await
     }
 
     async fn ask(&self, client: &SwarmClient, candidate: &Candidate) -> Result<(), String> {

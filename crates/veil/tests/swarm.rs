@@ -14,6 +14,8 @@ const PROMPT: &str = "Write a short poem about the sea.";
 
 fn generate(extra: &[&str]) -> (String, String) {
     let out = Command::new(veil_bin())
+        // For runs on an encrypted model's key.
+        .env("VEIL_KEY_PASSPHRASE", "test passphrase")
         .args([
             "generate",
             "--threads",
@@ -589,25 +591,8 @@ fn a_committee_on_an_encrypted_quantized_model_answers_and_catches_other_keys_an
     // Runs `veil generate` on the encrypted model with `args`; checks it answers as one process
     // does and returns its log.
     let ask_encrypted = |args: &[String]| {
-        let out = Command::new(veil_bin())
-            .env("VEIL_KEY_PASSPHRASE", "test passphrase")
-            .args([
-                "generate",
-                "--threads",
-                "1",
-                "--max-tokens",
-                "48",
-                "--prompt",
-                PROMPT,
-            ])
-            .args(args)
-            .output()
-            .unwrap();
-        let (text, log) = (
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        );
-        assert!(out.status.success(), "{log}");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (text, log) = generate(&args);
         assert_eq!(text, alone, "{log}");
         log
     };
