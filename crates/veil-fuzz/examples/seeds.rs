@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use libp2p::identity::Keypair;
-use veil_net::wire::{Request, RequestBody, Response, SessionId, StepInput, WireDType, WireTensor};
+use veil_net::protocol::{infer, prove, verify, ErrorKind, Refusal};
+use veil_net::wire::{SessionId, StepInput, WireDType, WireTensor};
 use veil_verify::{
     ActivationCommitment, Claim, CommitmentBuilder, CommitmentMode, Evidence, HopInput, HopJob,
     HopTranscript, Job, SamplingSpec, Signed, Verdict, VerdictReveal, EVIDENCE_VERSION,
@@ -23,13 +24,6 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
 
 fn cbor<T: serde::Serialize>(value: &T) -> Vec<u8> {
     cbor4ii::serde::to_vec(Vec::new(), value).expect("encodes")
-}
-
-fn request(body: RequestBody) -> Vec<u8> {
-    cbor(&Request {
-        version: veil_net::WIRE_VERSION,
-        body,
-    })
 }
 
 fn tensor(rows: usize, cols: usize) -> WireTensor {
@@ -132,70 +126,104 @@ fn main() {
     let session = SessionId([9; 16]);
     let (signed, hop) = (job(&key), signed_hop(&key, &token_inputs()));
 
-    for (name, body) in [
-        ("info", RequestBody::Info),
-        ("open", RequestBody::Open),
+    let infer_requests = [
+        ("info", infer::Request::Info),
+        ("open", infer::Request::Open),
         (
             "step-tokens",
-            RequestBody::Step {
+            infer::Request::Step {
                 session,
                 input: StepInput::Tokens(vec![1, 2, 3]),
             },
         ),
         (
             "step-hidden",
-            RequestBody::Step {
+            infer::Request::Step {
                 session,
                 input: StepInput::Hidden(tensor(2, 576)),
             },
         ),
-        ("close", RequestBody::Close { session }),
+        ("close", infer::Request::Close { session }),
+    ];
+    for (name, request) in infer_requests {
+        write("wire_request", name, &cbor(&request));
+    }
+    let verify_requests = [
+        (
+            "open-verified",
+            verify::Request::OpenVerified {
+                request_id: "ab".repeat(32),
+                sampling: signed.body.claim.sampling.clone(),
+                commitment: CommitmentMode::Exact,
+            },
+        ),
+        ("finish", verify::Request::Finish { session }),
         (
             "open-hop",
-            RequestBody::OpenHop {
+            verify::Request::OpenHop {
                 request_id: "ab".repeat(32),
             },
         ),
-        ("finish-hop", RequestBody::FinishHop { session }),
+        ("finish-hop", verify::Request::FinishHop { session }),
         (
             "judge",
-            RequestBody::Judge {
+            verify::Request::Judge {
                 job: Box::new(signed.clone()),
             },
         ),
         (
             "judge-hop",
-            RequestBody::JudgeHop {
+            verify::Request::JudgeHop {
                 job: Box::new(hop.clone()),
                 inputs: vec![StepInput::Tokens(vec![1, 2, 3]), StepInput::Tokens(vec![4])],
             },
         ),
         (
             "reveal",
-            RequestBody::Reveal {
+            verify::Request::Reveal {
                 job: "ef".repeat(32),
             },
         ),
+    ];
+    for (name, request) in verify_requests {
+        write("wire_request", name, &cbor(&request));
+    }
+    let prove_requests = [
         (
             "open-weights",
-            RequestBody::OpenWeights { leaves: vec![0, 5] },
+            prove::Request::OpenWeights { leaves: vec![0, 5] },
         ),
-        ("attest", RequestBody::Attest { nonce: [3; 32] }),
-    ] {
-        write("wire_request", name, &request(body));
-    }
-    for (name, response) in [
-        ("output", Response::Output(tensor(1, 16))),
-        ("opened", Response::Opened { session }),
-        ("finished", Response::Finished(Box::new(signed.clone()))),
-        ("hop-finished", Response::HopFinished(Box::new(hop.clone()))),
+        ("attest", prove::Request::Attest { nonce: [3; 32] }),
         (
-            "error",
-            Response::Error {
-                kind: veil_net::wire::ErrorKind::Busy,
-                message: "busy".into(),
-            },
+            "prove-inference",
+            prove::Request::ProveInference { input: vec![1; 64] },
         ),
+    ];
+    for (name, request) in prove_requests {
+        write("wire_request", name, &cbor(&request));
+    }
+    let busy = Refusal::new(ErrorKind::Busy, "busy");
+    write(
+        "wire_response",
+        "output",
+        &cbor(&infer::Response::Output(tensor(1, 16))),
+    );
+    write(
+        "wire_response",
+        "error",
+        &cbor(&infer::Response::Refused(busy.clone())),
+    );
+    for (name, response) in [
+        ("opened", verify::Response::Opened { session }),
+        (
+            "finished",
+            verify::Response::Finished(Box::new(signed.clone())),
+        ),
+        (
+            "hop-finished",
+            verify::Response::HopFinished(Box::new(hop.clone())),
+        ),
+        ("refused", verify::Response::Refused(busy)),
     ] {
         write("wire_response", name, &cbor(&response));
     }

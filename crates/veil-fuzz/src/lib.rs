@@ -13,7 +13,8 @@ use halo2_proofs::pasta::EqAffine;
 use halo2_proofs::plonk::VerifyingKey;
 use halo2_proofs::poly::commitment::Params;
 use libp2p::identity::Keypair;
-use veil_net::wire::{Request, RequestBody, Response, ShardInfo, StepInput};
+use veil_net::protocol::{infer, prove, verify};
+use veil_net::wire::{ShardInfo, StepInput};
 use veil_verify::{Evidence, HopJob, Job, Signed};
 
 /// Builds what targets share once, before the first input (the proof target's verifying key
@@ -88,44 +89,49 @@ fn check_hop(job: &Signed<HopJob>) {
     let _ = digests.byte_len();
 }
 
-/// A request as a node's codec decodes it (CBOR), then the node's checks on its parts.
+/// A request as a node's codecs decode it (CBOR, under each protocol), then the node's checks
+/// on its parts.
 pub fn wire_request(data: &[u8]) {
-    let Ok(request) = cbor4ii::serde::from_slice::<Request>(data) else {
-        return;
-    };
-    match &request.body {
-        RequestBody::Step { input, .. } => check_step(input),
-        RequestBody::Judge { job } => check_job(job),
-        RequestBody::JudgeHop { job, inputs } => {
-            check_hop(job);
-            inputs.iter().take(64).for_each(check_step);
-        }
-        RequestBody::OpenVerified { sampling, .. } => {
-            let _ = sampling.params();
-        }
-        _ => {}
+    if let Ok(infer::Request::Step { input, .. }) = cbor4ii::serde::from_slice(data) {
+        check_step(&input);
     }
+    if let Ok(request) = cbor4ii::serde::from_slice::<verify::Request>(data) {
+        match &request {
+            verify::Request::Judge { job } => check_job(job),
+            verify::Request::JudgeHop { job, inputs } => {
+                check_hop(job);
+                inputs.iter().take(64).for_each(check_step);
+            }
+            verify::Request::OpenVerified { sampling, .. } => {
+                let _ = sampling.params();
+            }
+            _ => {}
+        }
+    }
+    let _ = cbor4ii::serde::from_slice::<prove::Request>(data);
 }
 
-/// A response as a client's codec decodes it, then the client's checks.
+/// A response as a client's codecs decode it, then the client's checks.
 pub fn wire_response(data: &[u8]) {
-    let Ok(response) = cbor4ii::serde::from_slice::<Response>(data) else {
-        return;
-    };
-    match &response {
-        Response::Output(t) => {
-            let _ = t.to_tensor();
+    if let Ok(infer::Response::Output(t)) = cbor4ii::serde::from_slice(data) {
+        let _ = t.to_tensor();
+    }
+    if let Ok(response) = cbor4ii::serde::from_slice::<verify::Response>(data) {
+        match &response {
+            verify::Response::Finished(job) => check_job(job),
+            verify::Response::HopFinished(job) => check_hop(job),
+            verify::Response::Committed(c) => {
+                let _ = c.verify();
+            }
+            verify::Response::Revealed(r) => {
+                let _ = r.verify();
+            }
+            _ => {}
         }
-        Response::Finished(job) => check_job(job),
-        Response::HopFinished(job) => check_hop(job),
-        Response::Committed(c) => {
-            let _ = c.verify();
-        }
-        Response::Revealed(r) => {
-            let _ = r.verify();
-        }
-        Response::Attested(evidence) => check_tee(evidence),
-        Response::InferenceProof(proof) => check_proof(proof),
+    }
+    match cbor4ii::serde::from_slice::<prove::Response>(data) {
+        Ok(prove::Response::Attested(evidence)) => check_tee(&evidence),
+        Ok(prove::Response::InferenceProof(proof)) => check_proof(&proof),
         _ => {}
     }
 }

@@ -1,6 +1,7 @@
 //! The libp2p behaviour every Veil peer runs, composed from maintained parts: identify (learn a
 //! peer's listen addresses), ping (liveness, latency), Kademlia (who serves which shard),
-//! request-response (the inference protocol, CBOR with bounded message sizes), gossipsub
+//! request-response for each of Veil's protocols ([`crate::protocol`]: inference,
+//! verification, proofs; CBOR, each with its own message bounds and stream budget), gossipsub
 //! (MetaInf's run records, signed by their authors) and connection limits (so no peer, and no
 //! crowd of peers, can hold more connections than a node can serve, and a node short of memory
 //! takes no more).
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
-use libp2p::request_response::{self, cbor, ProtocolSupport};
+use libp2p::request_response::cbor;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
     connection_limits, gossipsub, identify, memory_connection_limits, noise, ping, tcp, yamux,
@@ -18,7 +19,7 @@ use libp2p::{
 
 use crate::error::{NetError, Result};
 use crate::history::{MAX_GOSSIP_BYTES, RUNS_TOPIC};
-use crate::wire::{Request, Response, MAX_MESSAGE_BYTES, PROTOCOL};
+use crate::protocol::{infer, prove, verify};
 
 /// Veil's private Kademlia protocol, so the DHT holds only Veil peers.
 const KAD_PROTOCOL: &str = "/veil/kad/1.0.0";
@@ -29,13 +30,6 @@ pub const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 pub const MAX_INCOMING_CONNECTIONS: u32 = 256;
 /// Connections a node lets sit in the handshake at once.
 pub const MAX_PENDING_INCOMING: u32 = 64;
-/// Requests one connection may have in flight at once (libp2p's stream budget, inbound and
-/// outbound together). With [`MAX_CONNECTIONS_PER_PEER`] it bounds what one peer can make a
-/// node hold: 64 requests of at most 32 MiB each, where libp2p's default of 100 per connection
-/// let one peer park 400. An honest client needs far fewer: a node gives it 4 sessions, one
-/// step in flight each, and one judgement.
-pub const MAX_STREAMS_PER_CONNECTION: usize = 16;
-
 /// The parts of a Veil peer.
 #[derive(NetworkBehaviour)]
 pub struct VeilBehaviour {
@@ -49,8 +43,12 @@ pub struct VeilBehaviour {
     pub ping: ping::Behaviour,
     /// Provider records: which peers serve which shard.
     pub kad: kad::Behaviour<MemoryStore>,
-    /// The inference protocol.
-    pub infer: cbor::Behaviour<Request, Response>,
+    /// Sessions on a shard: [`infer`].
+    pub infer: cbor::Behaviour<infer::Request, infer::Response>,
+    /// Verified sessions and judging: [`verify`].
+    pub verify: cbor::Behaviour<verify::Request, verify::Response>,
+    /// Weight openings, TEE evidence, proofs: [`prove`].
+    pub prove: cbor::Behaviour<prove::Request, prove::Response>,
     /// Run records shared between nodes.
     pub gossipsub: gossipsub::Behaviour,
 }
@@ -95,9 +93,6 @@ pub fn build_swarm(
             let mut kad =
                 kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
             kad.set_mode(Some(kad::Mode::Server));
-            let codec = cbor::codec::Codec::default()
-                .set_request_size_maximum(MAX_MESSAGE_BYTES)
-                .set_response_size_maximum(MAX_MESSAGE_BYTES);
             let limits = connection_limits::ConnectionLimits::default()
                 .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
                 .with_max_established_incoming(Some(MAX_INCOMING_CONNECTIONS))
@@ -116,13 +111,9 @@ pub fn build_swarm(
                 ),
                 ping: ping::Behaviour::default(),
                 kad,
-                infer: request_response::Behaviour::with_codec(
-                    codec,
-                    [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
-                    request_response::Config::default()
-                        .with_request_timeout(request_timeout)
-                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
-                ),
+                infer: infer::PROTOCOL.behaviour(request_timeout),
+                verify: verify::PROTOCOL.behaviour(request_timeout),
+                prove: prove::PROTOCOL.behaviour(request_timeout),
                 gossipsub,
             })
         })

@@ -18,8 +18,9 @@ use veil_model::{LogitsAt, ModelError, ShardCache, ShardInput, ShardModel, Token
 use crate::admission::Admission;
 use crate::client::{Candidate, SwarmClient};
 use crate::error::{NetError, Result};
+use crate::protocol::{infer, verify};
 use crate::route::plan_route;
-use crate::wire::{RequestBody, Response, SessionId, StepInput, WireTensor};
+use crate::wire::{SessionId, StepInput, WireTensor};
 use veil_verify::{HopJob, HopTranscript, Signed};
 
 /// How many replacements one step may go through before giving up.
@@ -277,11 +278,11 @@ impl RemoteChain {
     /// Ends one hop's session and checks its signed record.
     fn finish_hop(&self, request_id: &str, hop: Hop) -> Result<FinishedHop> {
         let peer = hop.node.peer;
-        let body = RequestBody::FinishHop {
+        let body = verify::Request::FinishHop {
             session: hop.session,
         };
-        let job = match self.runtime.block_on(self.client.request(peer, body))? {
-            Response::HopFinished(job) => *job,
+        let job = match self.runtime.block_on(self.client.verify(peer, body))? {
+            verify::Response::HopFinished(job) => *job,
             other => {
                 return Err(NetError::BadMessage(format!(
                     "{peer} answered FinishHop with {other:?}"
@@ -332,12 +333,12 @@ impl RemoteChain {
     /// Frees the sessions on every node.
     pub fn close(&mut self) {
         for hop in self.hops.drain(..) {
-            let body = RequestBody::Close {
+            let body = infer::Request::Close {
                 session: hop.session,
             };
             let _ = self
                 .runtime
-                .block_on(self.client.request(hop.node.peer, body));
+                .block_on(self.client.infer(hop.node.peer, body));
         }
     }
 
@@ -376,13 +377,13 @@ impl RemoteChain {
         loop {
             let hop = &self.hops[i];
             let started = Instant::now();
-            let body = RequestBody::Step {
+            let body = infer::Request::Step {
                 session: hop.session,
                 input: input.clone(),
             };
             let answer = self
                 .runtime
-                .block_on(self.client.request(hop.node.peer, body));
+                .block_on(self.client.infer(hop.node.peer, body));
             let answer = answer.and_then(|r| self.check_output(i, &input, r));
             match answer {
                 Ok(output) => {
@@ -412,9 +413,14 @@ impl RemoteChain {
     }
 
     /// Checks a node's answer has the shape the next stage expects.
-    fn check_output(&self, i: usize, input: &StepInput, response: Response) -> Result<WireTensor> {
+    fn check_output(
+        &self,
+        i: usize,
+        input: &StepInput,
+        response: infer::Response,
+    ) -> Result<WireTensor> {
         let hop = &self.hops[i];
-        let Response::Output(t) = response else {
+        let infer::Response::Output(t) = response else {
             return Err(NetError::BadMessage(format!(
                 "{} answered a step with {response:?}",
                 hop.node.peer
@@ -480,15 +486,12 @@ impl RemoteChain {
         // The replacement's record covers the replayed steps too.
         let mut transcript = HopTranscript::new();
         for step in &history {
-            let body = RequestBody::Step {
+            let body = infer::Request::Step {
                 session,
                 input: step.clone(),
             };
-            match self
-                .runtime
-                .block_on(self.client.request(next.peer, body))?
-            {
-                Response::Output(output) => {
+            match self.runtime.block_on(self.client.infer(next.peer, body))? {
+                infer::Response::Output(output) => {
                     if self.request_id.is_some() {
                         output.check()?;
                         transcript.push(&step.to_hop_input()?, &decode_values(&output));
@@ -536,11 +539,11 @@ impl Drop for RemoteChain {
         // Best effort, without blocking (the drop may run inside the runtime).
         for hop in self.hops.drain(..) {
             let client = self.client.clone();
-            let body = RequestBody::Close {
+            let body = infer::Request::Close {
                 session: hop.session,
             };
             self.runtime.spawn(async move {
-                let _ = client.request(hop.node.peer, body).await;
+                let _ = client.infer(hop.node.peer, body).await;
             });
         }
     }
@@ -560,18 +563,23 @@ async fn open_session(
     peer: PeerId,
     request_id: Option<&str>,
 ) -> Result<SessionId> {
-    let body = match request_id {
-        Some(id) => RequestBody::OpenHop {
-            request_id: id.to_string(),
+    let opened = match request_id {
+        Some(id) => {
+            let request_id = id.to_string();
+            match client
+                .verify(peer, verify::Request::OpenHop { request_id })
+                .await?
+            {
+                verify::Response::Opened { session } => Some(session),
+                _ => None,
+            }
+        }
+        None => match client.infer(peer, infer::Request::Open).await? {
+            infer::Response::Opened { session } => Some(session),
+            _ => None,
         },
-        None => RequestBody::Open,
     };
-    match client.request(peer, body).await? {
-        Response::Opened { session } => Ok(session),
-        other => Err(NetError::BadMessage(format!(
-            "{peer} answered Open with {other:?}"
-        ))),
-    }
+    opened.ok_or_else(|| NetError::BadMessage(format!("{peer} answered Open with no session")))
 }
 
 /// A checked tensor's values (its bytes are whole little-endian f32s).

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::kad::{self, GetProvidersOk, QueryResult, RecordKey};
-use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::request_response::{self, Message, OutboundRequestId};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, Multiaddr, PeerId, Swarm};
@@ -17,7 +17,8 @@ use tracing::debug;
 use crate::behaviour::{build_swarm, model_key, range_key, VeilBehaviour, VeilBehaviourEvent};
 use crate::error::{NetError, Result};
 use crate::node::join;
-use crate::wire::{Request, RequestBody, Response, ShardInfo, WIRE_VERSION};
+use crate::protocol::{infer, prove, verify, Answer};
+use crate::wire::ShardInfo;
 
 /// A node found serving part of a model, with how fast it answered.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,12 +31,13 @@ pub struct Candidate {
     pub latency: Duration,
 }
 
+/// Where an answer goes.
+type Reply<R> = oneshot::Sender<Result<R>>;
+
 enum Command {
-    Request {
-        peer: PeerId,
-        body: RequestBody,
-        reply: oneshot::Sender<Result<Response>>,
-    },
+    Infer(PeerId, infer::Request, Reply<infer::Response>),
+    Verify(PeerId, verify::Request, Reply<verify::Response>),
+    Prove(PeerId, prove::Request, Reply<prove::Response>),
     Providers {
         key: RecordKey,
         reply: oneshot::Sender<Vec<PeerId>>,
@@ -93,11 +95,27 @@ impl SwarmClient {
         self.local_id
     }
 
-    /// Sends a request and waits for the answer; a peer that is gone, stalls past the request
-    /// timeout, or sends garbage is a [`NetError::PeerFailed`].
-    pub async fn request(&self, peer: PeerId, body: RequestBody) -> Result<Response> {
+    /// Sends an inference request and waits for the answer. A refusal is a
+    /// [`NetError::Refused`]; a peer that is gone, stalls past the request timeout, or sends
+    /// garbage is a [`NetError::PeerFailed`].
+    pub async fn infer(&self, peer: PeerId, request: infer::Request) -> Result<infer::Response> {
+        self.ask(|reply| Command::Infer(peer, request, reply)).await
+    }
+
+    /// Sends a verification request and waits for the answer, as [`SwarmClient::infer`] does.
+    pub async fn verify(&self, peer: PeerId, request: verify::Request) -> Result<verify::Response> {
+        self.ask(|reply| Command::Verify(peer, request, reply))
+            .await
+    }
+
+    /// Sends a challenge and waits for the answer, as [`SwarmClient::infer`] does.
+    pub async fn prove(&self, peer: PeerId, request: prove::Request) -> Result<prove::Response> {
+        self.ask(|reply| Command::Prove(peer, request, reply)).await
+    }
+
+    async fn ask<R>(&self, command: impl FnOnce(Reply<R>) -> Command) -> Result<R> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Request { peer, body, reply })?;
+        self.send(command(reply))?;
         answer.await.map_err(|_| task_gone())?
     }
 
@@ -143,12 +161,14 @@ impl SwarmClient {
     async fn describe(&self, peers: Vec<PeerId>, model_digest: &str) -> Result<Vec<Candidate>> {
         let asks = peers.into_iter().map(|peer| async move {
             let started = Instant::now();
-            match self.request(peer, RequestBody::Info).await {
-                Ok(Response::Info(info)) if info.model_digest == model_digest => Some(Candidate {
-                    peer,
-                    info,
-                    latency: started.elapsed(),
-                }),
+            match self.infer(peer, infer::Request::Info).await {
+                Ok(infer::Response::Info(info)) if info.model_digest == model_digest => {
+                    Some(Candidate {
+                        peer,
+                        info,
+                        latency: started.elapsed(),
+                    })
+                }
                 other => {
                     debug!("{peer} left out: {other:?}");
                     None
@@ -167,19 +187,74 @@ fn task_gone() -> NetError {
     NetError::Network("the client's network task stopped".into())
 }
 
+/// Answers awaited on one protocol. Request ids are counted per protocol, so each has its own.
+struct Awaited<R>(HashMap<OutboundRequestId, (PeerId, Reply<R>)>);
+
+impl<R: Answer> Awaited<R> {
+    fn new() -> Self {
+        Self(HashMap::new())
+    }
+
+    /// Hands an answer, a refusal or a failure to whoever waits for it.
+    fn settle<Q>(&mut self, event: request_response::Event<Q, R>) {
+        let (request_id, answer) = match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let answer = response.refusal().map_err(|r| NetError::Refused {
+                    peer: peer.to_string(),
+                    message: r.message,
+                });
+                (request_id, answer)
+            }
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                let failed = NetError::PeerFailed {
+                    peer: peer.to_string(),
+                    reason: error.to_string(),
+                };
+                (request_id, Err(failed))
+            }
+            _ => return,
+        };
+        if let Some((_, reply)) = self.0.remove(&request_id) {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
 /// The swarm task: runs commands, routes answers back.
 async fn drive(mut swarm: Swarm<VeilBehaviour>, mut commands: mpsc::UnboundedReceiver<Command>) {
-    let mut pending: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<Response>>)> =
-        HashMap::new();
+    let mut inferring = Awaited::<infer::Response>::new();
+    let mut verifying = Awaited::<verify::Response>::new();
+    let mut proving = Awaited::<prove::Response>::new();
     let mut queries: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)> =
         HashMap::new();
     loop {
         tokio::select! {
             command = commands.recv() => match command {
                 None => return,
-                Some(Command::Request { peer, body, reply }) => {
-                    let id = swarm.behaviour_mut().infer.send_request(&peer, Request { version: WIRE_VERSION, body });
-                    pending.insert(id, (peer, reply));
+                Some(Command::Infer(peer, request, reply)) => {
+                    let id = swarm.behaviour_mut().infer.send_request(&peer, request);
+                    inferring.0.insert(id, (peer, reply));
+                }
+                Some(Command::Verify(peer, request, reply)) => {
+                    let id = swarm.behaviour_mut().verify.send_request(&peer, request);
+                    verifying.0.insert(id, (peer, reply));
+                }
+                Some(Command::Prove(peer, request, reply)) => {
+                    let id = swarm.behaviour_mut().prove.send_request(&peer, request);
+                    proving.0.insert(id, (peer, reply));
                 }
                 Some(Command::Providers { key, reply }) => {
                     let id = swarm.behaviour_mut().kad.get_providers(key);
@@ -190,22 +265,9 @@ async fn drive(mut swarm: Swarm<VeilBehaviour>, mut commands: mpsc::UnboundedRec
                 }
             },
             event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response },
-                    ..
-                })) => {
-                    if let Some((peer, reply)) = pending.remove(&request_id) {
-                        let _ = reply.send(match response {
-                            Response::Error { message, .. } => Err(NetError::Refused { peer: peer.to_string(), message }),
-                            r => Ok(r),
-                        });
-                    }
-                }
-                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::OutboundFailure { request_id, error, peer, .. })) => {
-                    if let Some((_, reply)) = pending.remove(&request_id) {
-                        let _ = reply.send(Err(NetError::PeerFailed { peer: peer.to_string(), reason: error.to_string() }));
-                    }
-                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(event)) => inferring.settle(event),
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Verify(event)) => verifying.settle(event),
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(event)) => proving.settle(event),
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. })) => {
                     if let QueryResult::GetProviders(result) = result {
                         if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {

@@ -27,7 +27,8 @@ use veil_verify::{
 use crate::client::SwarmClient;
 use crate::error::{NetError, Result};
 use crate::node_state::NodeState;
-use crate::wire::{RequestBody, Response, SessionId, StepInput};
+use crate::protocol::{infer, verify};
+use crate::wire::{SessionId, StepInput};
 
 /// What a verified request asks for.
 pub struct VerifiedRequest<'a> {
@@ -179,7 +180,7 @@ pub fn generate_verified(
         let generate_time = started.elapsed();
         let started = Instant::now();
         let digest = job.body.digest()?;
-        let ask = || RequestBody::Judge {
+        let ask = || verify::Request::Judge {
             job: Box::new(job.clone()),
         };
         let (votes, commits, reveals) = runtime.block_on(judge_until_decided(
@@ -296,17 +297,17 @@ fn serve(
     let peer: PeerId = generator
         .parse()
         .map_err(|_| NetError::BadMessage(format!("{generator} is not a peer id")))?;
-    let opened = runtime.block_on(client.request(
+    let opened = runtime.block_on(client.verify(
         peer,
-        RequestBody::OpenVerified {
+        verify::Request::OpenVerified {
             request_id: request.request_id.clone(),
             sampling: SamplingSpec::from(&request.params.sampling),
             commitment: mode,
         },
     ))?;
     let session = match opened {
-        Response::Opened { session } => session,
-        other => return Err(refused(peer, other)),
+        verify::Response::Opened { session } => session,
+        other => return Err(unexpected(peer, &other)),
     };
     let mut remote = VerifiedStep {
         client,
@@ -324,11 +325,11 @@ fn serve(
         request.params,
         &mut |_| {},
     );
-    let finished = runtime.block_on(client.request(peer, RequestBody::Finish { session }))?;
+    let finished = runtime.block_on(client.verify(peer, verify::Request::Finish { session }))?;
     let completion = completion?;
     let job = match finished {
-        Response::Finished(job) => *job,
-        other => return Err(refused(peer, other)),
+        verify::Response::Finished(job) => *job,
+        other => return Err(unexpected(peer, &other)),
     };
     let signer = job.verify()?;
     let body = &job.body;
@@ -365,7 +366,7 @@ pub(crate) async fn judge_until_decided(
     generator: &str,
     judges: &mut Vec<String>,
     spares: &[String],
-    request: impl Fn() -> RequestBody,
+    request: impl Fn() -> verify::Request,
 ) -> Result<(
     Tally,
     Vec<Signed<VerdictCommit>>,
@@ -394,19 +395,21 @@ pub(crate) async fn seal_and_open(
     client: &SwarmClient,
     digest: &str,
     judges: &[String],
-    request: impl Fn() -> RequestBody,
+    request: impl Fn() -> verify::Request,
 ) -> Result<(Vec<Signed<VerdictCommit>>, Vec<Signed<VerdictReveal>>)> {
     let digest = digest.to_string();
     let peers: Vec<PeerId> = judges.iter().filter_map(|j| j.parse().ok()).collect();
     let sealed =
-        futures::future::join_all(peers.iter().map(|&peer| client.request(peer, request()))).await;
+        futures::future::join_all(peers.iter().map(|&peer| client.verify(peer, request()))).await;
     let mut commits = Vec::new();
     for (peer, answer) in peers.iter().zip(sealed) {
         match answer {
-            Ok(Response::Committed(c)) if c.signer == peer.to_string() && c.body.job == digest => {
+            Ok(verify::Response::Committed(c))
+                if c.signer == peer.to_string() && c.body.job == digest =>
+            {
                 commits.push(c)
             }
-            Ok(other) => warn!("judge {peer} answered {}", short(&other)),
+            Ok(other) => warn!("judge {peer} answered {other:?}"),
             Err(e) => warn!("judge {peer} failed: {e}"),
         }
     }
@@ -418,7 +421,7 @@ pub(crate) async fn seal_and_open(
             match peer {
                 Some(peer) => {
                     client
-                        .request(peer, RequestBody::Reveal { job: digest })
+                        .verify(peer, verify::Request::Reveal { job: digest })
                         .await
                 }
                 None => Err(NetError::BadMessage("bad signer".into())),
@@ -430,32 +433,20 @@ pub(crate) async fn seal_and_open(
     let mut reveals = Vec::new();
     for (commit, answer) in commits.into_iter().zip(opened) {
         match answer {
-            Ok(Response::Revealed(r)) if r.signer == commit.signer => {
+            Ok(verify::Response::Revealed(r)) if r.signer == commit.signer => {
                 kept_commits.push(commit);
                 reveals.push(r);
             }
-            Ok(other) => warn!("judge {} revealed {}", commit.signer, short(&other)),
+            Ok(other) => warn!("judge {} revealed {other:?}", commit.signer),
             Err(e) => warn!("judge {} failed to reveal: {e}", commit.signer),
         }
     }
     Ok((kept_commits, reveals))
 }
 
-pub(crate) fn short(r: &Response) -> String {
-    match r {
-        Response::Error { message, .. } => format!("an error: {message}"),
-        _ => "something unexpected".into(),
-    }
-}
-
-fn refused(peer: PeerId, r: Response) -> NetError {
-    match r {
-        Response::Error { message, .. } => NetError::Refused {
-            peer: peer.to_string(),
-            message,
-        },
-        other => NetError::BadMessage(format!("{peer} answered {}", short(&other))),
-    }
+/// A node answered with something other than what the request asks for.
+fn unexpected(peer: PeerId, answer: &impl std::fmt::Debug) -> NetError {
+    NetError::BadMessage(format!("{peer} answered {answer:?}"))
 }
 
 /// One remote verified session as a [`TokenStep`].
@@ -474,23 +465,25 @@ impl TokenStep for VerifiedStep<'_> {
         }
         let answer = self
             .runtime
-            .block_on(self.client.request(
+            .block_on(self.client.infer(
                 self.peer,
-                RequestBody::Step {
+                infer::Request::Step {
                     session: self.session,
                     input: StepInput::Tokens(tokens.to_vec()),
                 },
             ))
             .map_err(|e| ModelError::Remote(e.to_string()))?;
         match answer {
-            Response::Output(t) => {
+            infer::Response::Output(t) => {
                 let logits = t
                     .to_tensor()
                     .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
                     .map_err(|e| ModelError::Remote(e.to_string()))?;
                 Ok(logits)
             }
-            other => Err(ModelError::Remote(refused(self.peer, other).to_string())),
+            other => Err(ModelError::Remote(
+                unexpected(self.peer, &other).to_string(),
+            )),
         }
     }
 }

@@ -6,7 +6,7 @@ use libp2p::PeerId;
 use crate::behaviour::zk_key;
 use crate::client::SwarmClient;
 use crate::error::{NetError, Result};
-use crate::wire::{RequestBody, Response};
+use crate::protocol::prove;
 
 /// Nodes proving answers of the private model with `commitment`.
 pub async fn provers(client: &SwarmClient, commitment: &str) -> Result<Vec<PeerId>> {
@@ -19,14 +19,11 @@ pub async fn ask_proof(
     peer: PeerId,
     input: &[u8],
 ) -> Result<veil_zk::proof::InferenceProof> {
-    let body = RequestBody::ProveInference {
+    let body = prove::Request::ProveInference {
         input: input.to_vec(),
     };
-    match client.request(peer, body).await? {
-        Response::InferenceProof(proof) => Ok(*proof),
-        Response::Error { message, .. } => {
-            Err(NetError::BadMessage(format!("{peer} refused: {message}")))
-        }
+    match client.prove(peer, body).await? {
+        prove::Response::InferenceProof(proof) => Ok(*proof),
         other => Err(NetError::BadMessage(format!("{peer} answered {other:?}"))),
     }
 }

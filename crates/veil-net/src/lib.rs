@@ -10,7 +10,9 @@ pub mod critical;
 pub mod error;
 pub mod history;
 pub mod node;
+mod node_session;
 pub mod node_state;
+pub mod protocol;
 pub mod route;
 pub mod sessions;
 pub mod state_writer;
@@ -35,4 +37,4 @@ pub use verified_chain::{
     VerifiedChainRequest,
 };
 pub use weights_check::challenge_weights;
-pub use wire::{ShardInfo, PROTOCOL, WIRE_VERSION};
+pub use wire::ShardInfo;

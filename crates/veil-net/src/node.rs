@@ -10,35 +10,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use libp2p::request_response::{self, ResponseChannel};
+use libp2p::request_response::{self, Message};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, identify, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use veil_model::{
-    GgufFile, LogitsAt, ShardCache, ShardInput, ShardManifest, ShardModel, Tensor, WeightFormat,
-};
-use veil_verify::{
-    judge_hop, load_serving_shard, run_hop_step, validate, HopInput, HopJob, HopTranscript, Job,
-    Keypair, Misbehaviour, ServingSession, Signed, Tolerances, VerdictCommit, VerdictReveal,
-};
+use veil_model::{GgufFile, ShardManifest, WeightFormat};
+use veil_verify::{load_serving_shard, Misbehaviour};
+use veil_zk::WeightsCommitment;
 
 use crate::behaviour::{
     build_swarm, model_key, range_key, zk_key, VeilBehaviour, VeilBehaviourEvent,
 };
 use crate::error::{NetError, Result};
-use veil_zk::WeightsCommitment;
-
-use crate::history::{
-    accept_gossiped, AuthorQuota, RunTemplate, SessionUsage, MAX_KEPT_RUNS, RUNS_TOPIC,
-};
+use crate::history::{accept_gossiped, AuthorQuota, RunTemplate, MAX_KEPT_RUNS, RUNS_TOPIC};
+use crate::node_session::NodeSession;
 use crate::node_state::NodeState;
+use crate::protocol::infer::{self, Handled};
+use crate::protocol::prove::ProveService;
+use crate::protocol::verify::VerifyService;
 use crate::sessions::{SessionLimits, SessionTable};
 use crate::state_writer::{StateWrite, StateWriter};
-use crate::wire::{
-    ErrorKind, Request, RequestBody, Response, SessionId, ShardInfo, StepInput, WeightsRoot,
-    WireTensor, WIRE_VERSION,
-};
+use crate::wire::{ShardInfo, WeightsRoot};
 
 /// How a node is started.
 #[derive(Debug, Clone)]
@@ -72,71 +65,6 @@ pub struct NodeConfig {
     /// A committed private model whose answers this node proves.
     pub zk: Option<Arc<veil_zk::proof::Prover>>,
 }
-
-/// What the node holds for one session.
-enum NodeSession {
-    /// A plain session: the KV cache, and what it has used so far.
-    Plain(ShardCache, SessionUsage),
-    /// A verified session on a whole-model node: samples, commits, signs at the end.
-    Verified(Box<VerifiedSession>),
-    /// One hop of a verified split chain: a plain session that records its inputs and outputs
-    /// and signs them at the end.
-    Hop(Box<HopSession>),
-}
-
-/// A hop session and the request it serves.
-struct HopSession {
-    request_id: String,
-    cache: ShardCache,
-    transcript: HopTranscript,
-}
-
-/// A verified session and the request it serves.
-struct VerifiedSession {
-    request_id: String,
-    serving: ServingSession,
-}
-
-impl NodeSession {
-    fn position(&self) -> usize {
-        match self {
-            Self::Plain(cache, _) => cache.position(),
-            Self::Verified(v) => v.serving.position(),
-            Self::Hop(h) => h.cache.position(),
-        }
-    }
-}
-
-/// Verdicts sealed and waiting to be revealed, oldest first; bounded so peers cannot fill
-/// memory with judge requests.
-const MAX_PENDING_REVEALS: usize = 256;
-/// Sealed verdicts one peer may leave waiting; its oldest make way for new ones.
-const MAX_PENDING_REVEALS_PER_PEER: usize = 16;
-/// Judgements run at once (each a prefill of up to a session's length); more are refused as
-/// busy. One peer may have one judgement running.
-const MAX_JUDGES_IN_FLIGHT: usize = 2;
-
-/// A step finished on a blocking thread, on its way back to the event loop.
-struct StepDone {
-    session: SessionId,
-    cache: NodeSession,
-    result: std::result::Result<WireTensor, StepError>,
-    channel: ResponseChannel<Response>,
-}
-
-/// Why a step failed, which decides whether its session survives.
-enum StepError {
-    /// The input did not decode; the cache is untouched.
-    BadInput(NetError),
-    /// The model failed part-way; the cache may be half-updated.
-    Failed(NetError),
-}
-
-/// Proofs of the private model made at once; more requests are refused as busy (each costs
-/// about a second and a half of CPU).
-const MAX_PROOFS_IN_FLIGHT: usize = 2;
-/// TEE quotes and weight openings obtained at once; more requests are refused as busy.
-const MAX_CHALLENGES_IN_FLIGHT: usize = 8;
 
 /// How often provider records are published again, so peers that joined later learn them.
 const REANNOUNCE: Duration = Duration::from_secs(15);
@@ -222,17 +150,9 @@ pub async fn run_node(
         && shard_info.head
         && shard_info.first_block == 0
         && shard_info.end_block == shard_info.block_count;
-    let judge = Arc::new(Judge {
-        key: key.clone(),
-        digest: shard_info.model_digest.clone(),
-        format: shard_info.format.clone(),
-        whole,
-        misbehave,
-    });
     if let Some(kind) = misbehave {
         warn!("this node cheats ({kind}): for testing verification only");
     }
-    let vocab_size = model.config().vocab_size;
     info!(
         "serving {} of model {} as {local_id}",
         model.shard(),
@@ -240,7 +160,7 @@ pub async fn run_node(
     );
 
     let history = config.history.clone().filter(|_| whole);
-    let mut swarm = build_swarm(key, config.request_timeout, config.max_memory_bytes)?;
+    let mut swarm = build_swarm(key.clone(), config.request_timeout, config.max_memory_bytes)?;
     let runs_topic = gossipsub::IdentTopic::new(RUNS_TOPIC);
     swarm
         .behaviour_mut()
@@ -282,14 +202,11 @@ pub async fn run_node(
         max_tokens: shard_info.max_session_tokens,
         ..config.limits
     });
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<StepDone>();
-    let (answered_tx, mut answered_rx) = mpsc::unbounded_channel::<Answered>();
-    let mut reveals: Reveals = Default::default();
-    let mut judging: std::collections::HashSet<PeerId> = Default::default();
+    let (steps_done, mut step_done) = mpsc::unbounded_channel();
+    let (mut verify, mut judged) = VerifyService::new(key.clone(), &shard_info, misbehave);
+    let tee = config.tee.clone().map(|source| (source, public_key));
+    let (prove, mut proved) = ProveService::new(config.shard.clone(), weights, tee, config.zk);
     let mut gossip_quota = AuthorQuota::default();
-    let judges_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let proofs_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let challenges_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut reannounce = tokio::time::interval(REANNOUNCE);
     tokio::pin!(shutdown);
@@ -310,34 +227,16 @@ pub async fn run_node(
                 }
             }
             _ = reannounce.tick() => announce(&mut swarm, &shard_info),
-            Some(done) = done_rx.recv() => {
-                let response = match done.result {
-                    Ok(tensor) => {
-                        let held = done.cache.position();
-                        sessions.put_back(done.session, done.cache, held, Instant::now());
-                        Response::Output(tensor)
-                    }
-                    Err(StepError::BadInput(e)) => {
-                        let held = done.cache.position();
-                        sessions.put_back(done.session, done.cache, held, Instant::now());
-                        refuse(ErrorKind::BadRequest, e.to_string())
-                    }
-                    Err(StepError::Failed(e)) => {
-                        sessions.discard(done.session);
-                        warn!("session {} failed and was dropped: {e}", done.session);
-                        refuse(ErrorKind::Internal, e.to_string())
-                    }
-                };
-                let _ = swarm.behaviour_mut().infer.send_response(done.channel, response);
+            Some(done) = step_done.recv() => {
+                let (channel, response) = infer::settle(&mut sessions, done);
+                let _ = swarm.behaviour_mut().infer.send_response(channel, response);
             }
-            Some(answered) = answered_rx.recv() => {
-                if let Some(asker) = answered.judged_for {
-                    judging.remove(&asker);
-                    if let Some(reveal) = answered.reveal {
-                        keep_reveal(&mut reveals, asker, reveal);
-                    }
-                }
-                let _ = swarm.behaviour_mut().infer.send_response(answered.channel, answered.response);
+            Some(done) = judged.recv() => {
+                let (channel, response) = verify.settle(done);
+                let _ = swarm.behaviour_mut().verify.send_response(channel, response);
+            }
+            Some((channel, response)) = proved.recv() => {
+                let _ = swarm.behaviour_mut().prove.send_response(channel, response);
             }
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
@@ -352,100 +251,31 @@ pub async fn run_node(
                     }
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::Message {
-                    peer,
-                    message: request_response::Message::Request { request, channel, .. },
-                    ..
+                    peer, message: Message::Request { request, channel, .. }, ..
+                })) => match infer::handle(&mut sessions, &model, &shard_info, peer, request) {
+                    Handled::Now(response) => {
+                        let _ = swarm.behaviour_mut().infer.send_response(channel, response);
+                    }
+                    Handled::Step { session, cache, input } => {
+                        infer::spawn_step(&model, (session, cache, input), channel, &steps_done);
+                    }
+                    Handled::Closed(session) => {
+                        let _ = swarm.behaviour_mut().infer.send_response(channel, infer::Response::Closed);
+                        keep_run(&mut swarm, &mut writer, history.as_ref(), session);
+                    }
+                },
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Verify(request_response::Event::Message {
+                    peer, message: Message::Request { request, channel, .. }, ..
                 })) => {
-                    let answer = handle(&mut sessions, &model, &shard_info, &judge, &reveals, vocab_size, peer, request);
-                    match answer {
-                        Handled::Now(response) => {
-                            let _ = swarm.behaviour_mut().infer.send_response(channel, response);
-                        }
-                        Handled::Attest(nonce) => {
-                            let Some(slot) = InFlight::take(&challenges_in_flight, MAX_CHALLENGES_IN_FLIGHT) else {
-                                let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "answering other challenges; try again shortly"));
-                                continue;
-                            };
-                            let (source, key, tx) = (config.tee.clone(), public_key.clone(), answered_tx.clone());
-                            tokio::task::spawn_blocking(move || {
-                                let _slot = slot;
-                                let response = match source.map(|s| s.evidence(&key, veil_tee::Freshness::Nonce(nonce))) {
-                                    Some(Ok(evidence)) => Response::Attested(Box::new(evidence)),
-                                    Some(Err(e)) => refuse(ErrorKind::Internal, format!("cannot obtain TEE evidence: {e}")),
-                                    None => refuse(ErrorKind::BadRequest, "this node runs in no TEE"),
-                                };
-                                let _ = tx.send(Answered { channel, response, reveal: None, judged_for: None });
-                            });
-                        }
-                        Handled::ProveInference(input) => {
-                            let Some(slot) = InFlight::take(&proofs_in_flight, MAX_PROOFS_IN_FLIGHT) else {
-                                let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "proving other answers; try again shortly"));
-                                continue;
-                            };
-                            let (prover, tx) = (config.zk.clone(), answered_tx.clone());
-                            tokio::task::spawn_blocking(move || {
-                                let _slot = slot;
-                                let response = match prover.map(|p| p.prove(&input)) {
-                                    Some(Ok(proof)) => Response::InferenceProof(Box::new(proof)),
-                                    Some(Err(e)) => refuse(ErrorKind::BadRequest, e.to_string()),
-                                    None => refuse(ErrorKind::BadRequest, "this node proves no private model"),
-                                };
-                                let _ = tx.send(Answered { channel, response, reveal: None, judged_for: None });
-                            });
-                        }
-                        Handled::OpenWeights(leaves) => {
-                            let Some(slot) = InFlight::take(&challenges_in_flight, MAX_CHALLENGES_IN_FLIGHT) else {
-                                let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "answering other challenges; try again shortly"));
-                                continue;
-                            };
-                            let (weights, path, tx) = (Arc::clone(&weights), config.shard.clone(), answered_tx.clone());
-                            tokio::task::spawn_blocking(move || {
-                                let _slot = slot;
-                                let opened = GgufFile::open(&path)
-                                    .map_err(veil_zk::ZkError::from)
-                                    .and_then(|mut file| weights.open(&mut file, &leaves));
-                                let response = match opened {
-                                    Ok(openings) => Response::WeightOpenings(Box::new(openings)),
-                                    Err(e @ veil_zk::ZkError::BadChallenge(_)) => refuse(ErrorKind::BadRequest, e.to_string()),
-                                    Err(e) => refuse(ErrorKind::Internal, e.to_string()),
-                                };
-                                let _ = tx.send(Answered { channel, response, reveal: None, judged_for: None });
-                            });
-                        }
-                        Handled::Closed(session) => {
-                            let _ = swarm.behaviour_mut().infer.send_response(channel, Response::Closed);
-                            keep_run(&mut swarm, &mut writer, history.as_ref(), session);
-                        }
-                        Handled::Judge(work) => {
-                            if judging.contains(&peer) {
-                                let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "judging your last job; ask again once it is answered"));
-                                continue;
-                            }
-                            let Some(slot) = InFlight::take(&judges_in_flight, MAX_JUDGES_IN_FLIGHT) else {
-                                let _ = swarm.behaviour_mut().infer.send_response(channel, refuse(ErrorKind::Busy, "judging other jobs; try again shortly"));
-                                continue;
-                            };
-                            judging.insert(peer);
-                            let (model, judge, tx) = (Arc::clone(&model), Arc::clone(&judge), answered_tx.clone());
-                            tokio::task::spawn_blocking(move || {
-                                let _slot = slot;
-                                let (response, reveal) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| judge.judge(&model, &work)))
-                                    .unwrap_or_else(|_| (refuse(ErrorKind::Internal, "the judgement failed inside the model"), None));
-                                let _ = tx.send(Answered { channel, response, reveal, judged_for: Some(peer) });
-                            });
-                        }
-                        Handled::Step { session, cache, input } => {
-                            let model = Arc::clone(&model);
-                            let tx = done_tx.clone();
-                            tokio::task::spawn_blocking(move || {
-                                let mut cache = cache;
-                                // A step that panics still answers, and its session is dropped
-                                // rather than held as running forever.
-                                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_step(&model, &mut cache, input)))
-                                    .unwrap_or_else(|_| Err(StepError::Failed(NetError::BadMessage("the step failed inside the model; the session is dropped".into()))));
-                                let _ = tx.send(StepDone { session, cache, result, channel });
-                            });
-                        }
+                    if let Some((channel, response)) = verify.handle(&mut sessions, &model, &shard_info, peer, request, channel) {
+                        let _ = swarm.behaviour_mut().verify.send_response(channel, response);
+                    }
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(request_response::Event::Message {
+                    message: Message::Request { request, channel, .. }, ..
+                })) => {
+                    if let Some((channel, response)) = prove.handle(request, channel) {
+                        let _ = swarm.behaviour_mut().prove.send_response(channel, response);
                     }
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, message_id, propagation_source })) => {
@@ -453,8 +283,10 @@ pub async fn run_node(
                     // Rejected records cost their sender score and are not relayed.
                     swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &propagation_source, verdict);
                 }
-                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::InboundFailure { peer, error, .. })) => {
-                    // Garbage, oversized or truncated requests end here; the node carries on.
+                // Garbage, oversized or truncated requests end here; the node carries on.
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::InboundFailure { peer, error, .. }))
+                | SwarmEvent::Behaviour(VeilBehaviourEvent::Verify(request_response::Event::InboundFailure { peer, error, .. }))
+                | SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(request_response::Event::InboundFailure { peer, error, .. })) => {
                     warn!("request from {peer} failed: {error}");
                 }
                 SwarmEvent::ConnectionClosed { peer_id, cause: Some(cause), .. } => {
@@ -464,556 +296,6 @@ pub async fn run_node(
             }
         }
     }
-}
-
-/// A place among the expensive requests running at once, given back when dropped.
-struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
-
-impl InFlight {
-    /// A place, if fewer than `max` are taken.
-    fn take(count: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Self> {
-        use std::sync::atomic::Ordering;
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(Arc::clone(count)))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// What the event loop does with a request.
-enum Handled {
-    /// Answer at once.
-    Now(Response),
-    /// Run a step on a blocking thread.
-    Step {
-        session: SessionId,
-        cache: NodeSession,
-        input: StepInput,
-    },
-    /// Recompute a job on a blocking thread.
-    Judge(JudgeWork),
-    /// A session was closed: answer, and keep its run record.
-    Closed(NodeSession),
-    /// Obtain TEE evidence for this nonce on a blocking thread.
-    Attest([u8; 32]),
-    /// Open these leaves of the weights commitment on a blocking thread.
-    OpenWeights(Vec<u32>),
-    /// Prove the private model's answer on a blocking thread.
-    ProveInference(Vec<u8>),
-}
-
-/// What a judge recomputes.
-enum JudgeWork {
-    /// A whole-model node's answer.
-    Answer(Box<Signed<Job>>),
-    /// One hop of a split chain, with the inputs it was sent (checked, decoded off the event
-    /// loop).
-    Hop(Box<Signed<HopJob>>, Vec<StepInput>),
-}
-
-/// An answer made on a blocking thread (a judgement, TEE evidence, weight openings, a proof).
-struct Answered {
-    channel: ResponseChannel<Response>,
-    response: Response,
-    /// A judgement's sealed verdict, kept for the peer that asked.
-    reveal: Option<Signed<VerdictReveal>>,
-    /// For a judgement: the peer that asked for it.
-    judged_for: Option<PeerId>,
-}
-
-/// Sealed verdicts waiting to be revealed, each with the peer that asked for the judgement.
-type Reveals = std::collections::VecDeque<(PeerId, Signed<VerdictReveal>)>;
-
-/// Keeps `reveal` for `asker`, within the per-peer and global bounds (oldest out first).
-fn keep_reveal(reveals: &mut Reveals, asker: PeerId, reveal: Signed<VerdictReveal>) {
-    reveals.retain(|(p, r)| !(*p == asker && r.body.job == reveal.body.job));
-    let held = reveals.iter().filter(|(p, _)| *p == asker).count();
-    if held >= MAX_PENDING_REVEALS_PER_PEER {
-        if let Some(oldest) = reveals.iter().position(|(p, _)| *p == asker) {
-            reveals.remove(oldest);
-        }
-    }
-    if reveals.len() >= MAX_PENDING_REVEALS {
-        reveals.pop_front();
-    }
-    reveals.push_back((asker, reveal));
-}
-
-/// What a node needs to take part in verification.
-struct Judge {
-    key: Keypair,
-    digest: String,
-    format: String,
-    whole: bool,
-    misbehave: Option<Misbehaviour>,
-}
-
-impl Judge {
-    /// Recomputes a job or a hop and seals the verdict; the reveal is kept for later.
-    fn judge(
-        &self,
-        model: &ShardModel,
-        work: &JudgeWork,
-    ) -> (Response, Option<Signed<VerdictReveal>>) {
-        match work {
-            JudgeWork::Answer(job) => self.judge_answer(model, job),
-            JudgeWork::Hop(job, inputs) => self.judge_hop(model, job, inputs),
-        }
-    }
-
-    /// Replays a chain hop's inputs on this node's blocks and seals the verdict.
-    fn judge_hop(
-        &self,
-        model: &ShardModel,
-        job: &Signed<HopJob>,
-        inputs: &[StepInput],
-    ) -> (Response, Option<Signed<VerdictReveal>>) {
-        let body = &job.body;
-        let inputs: Vec<HopInput> = match inputs.iter().map(StepInput::to_hop_input).collect() {
-            Ok(inputs) => inputs,
-            Err(e) => return (refuse(ErrorKind::BadRequest, e.to_string()), None),
-        };
-        match job.verify() {
-            Ok(peer) if peer.to_string() == body.node => {}
-            Ok(_) => {
-                return (
-                    refuse(ErrorKind::BadRequest, "the hop is not signed by its node"),
-                    None,
-                )
-            }
-            Err(e) => return (refuse(ErrorKind::BadRequest, e.to_string()), None),
-        }
-        if body.model_digest != self.digest || body.format != self.format {
-            return (
-                refuse(
-                    ErrorKind::BadRequest,
-                    format!(
-                        "this node runs model {} in {}, the hop claims {} in {}",
-                        self.digest, self.format, body.model_digest, body.format
-                    ),
-                ),
-                None,
-            );
-        }
-        let outcome = judge_hop(model, body, &inputs)
-            .map_err(|e| e.to_string())
-            .and_then(|verdict| {
-                let digest = body.digest().map_err(|e| e.to_string())?;
-                self.seal(digest, verdict)
-            });
-        match outcome {
-            Ok((commit, reveal)) => (Response::Committed(commit), Some(reveal)),
-            Err(e) => (refuse(ErrorKind::BadRequest, e), None),
-        }
-    }
-
-    /// A verdict on job `digest`, sealed and opened, both signed.
-    fn seal(
-        &self,
-        digest: String,
-        verdict: veil_verify::Verdict,
-    ) -> std::result::Result<(Signed<VerdictCommit>, Signed<VerdictReveal>), String> {
-        let reveal = VerdictReveal::new(digest, verdict);
-        let commit = reveal
-            .commit(&self.key.public().to_peer_id())
-            .map_err(|e| e.to_string())?;
-        let sign = |e: veil_verify::VerifyError| e.to_string();
-        Ok((
-            Signed::sign(commit, &self.key).map_err(sign)?,
-            Signed::sign(reveal, &self.key).map_err(sign)?,
-        ))
-    }
-
-    /// Recomputes a whole-model node's signed answer and seals the verdict.
-    fn judge_answer(
-        &self,
-        model: &ShardModel,
-        job: &Signed<Job>,
-    ) -> (Response, Option<Signed<VerdictReveal>>) {
-        let body = &job.body;
-        match job.verify() {
-            Ok(peer) if peer.to_string() == body.generator => {}
-            Ok(_) => {
-                return (
-                    refuse(
-                        ErrorKind::BadRequest,
-                        "the job is not signed by its generator",
-                    ),
-                    None,
-                )
-            }
-            Err(e) => return (refuse(ErrorKind::BadRequest, e.to_string()), None),
-        }
-        if body.model_digest != self.digest || body.format != self.format {
-            return (
-                refuse(
-                    ErrorKind::BadRequest,
-                    format!(
-                        "this node runs model {} in {}, the job claims {} in {}",
-                        self.digest, self.format, body.model_digest, body.format
-                    ),
-                ),
-                None,
-            );
-        }
-        let outcome = validate(
-            std::slice::from_ref(model),
-            &body.claim,
-            &Tolerances::default(),
-        )
-        .map_err(|e| e.to_string())
-        .and_then(|v| {
-            let digest = body.digest().map_err(|e| e.to_string())?;
-            self.seal(digest, v.verdict)
-        });
-        match outcome {
-            Ok((commit, reveal)) => (Response::Committed(commit), Some(reveal)),
-            Err(e) => (refuse(ErrorKind::BadRequest, e), None),
-        }
-    }
-}
-
-/// The answer to a request on a session that is unknown (to this peer) or over its limits.
-fn session_refused(e: crate::sessions::SessionRefusal) -> Response {
-    let kind = match e {
-        crate::sessions::SessionRefusal::Unknown(_) => ErrorKind::UnknownSession,
-        _ => ErrorKind::Busy,
-    };
-    refuse(kind, e.to_string())
-}
-
-fn refuse(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Error {
-        kind,
-        message: message.into(),
-    }
-}
-
-/// Validates a request and answers it, or hands a step to a worker.
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    sessions: &mut SessionTable<NodeSession>,
-    model: &ShardModel,
-    info: &ShardInfo,
-    judge: &Judge,
-    reveals: &Reveals,
-    vocab_size: usize,
-    peer: PeerId,
-    request: Request,
-) -> Handled {
-    if request.version != WIRE_VERSION {
-        return Handled::Now(refuse(
-            ErrorKind::Version,
-            format!(
-                "protocol version {} is not spoken here (this node speaks {WIRE_VERSION})",
-                request.version
-            ),
-        ));
-    }
-    let now = Instant::now();
-    Handled::Now(match request.body {
-        RequestBody::Info => Response::Info(info.clone()),
-        RequestBody::Open => match sessions.open(
-            peer,
-            NodeSession::Plain(model.new_cache(), SessionUsage::default()),
-            now,
-        ) {
-            Ok(session) => {
-                info!("opened session {session} for {peer}");
-                Response::Opened { session }
-            }
-            Err(e) => refuse(ErrorKind::Busy, e.to_string()),
-        },
-        RequestBody::OpenVerified {
-            request_id,
-            sampling,
-            commitment,
-        } => {
-            if !judge.whole {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    "verified sessions need a node serving the whole model",
-                ));
-            }
-            if !veil_verify::is_request_id(&request_id) {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    "a request id is 64 hex digits",
-                ));
-            }
-            let fault_seed = rand::random();
-            let shards = std::slice::from_ref(model);
-            let serving = sampling.params().map_err(|e| e.to_string()).and_then(|p| {
-                ServingSession::new(shards, p, judge.misbehave, fault_seed)
-                    .and_then(|s| s.with_commitment(shards, commitment))
-                    .map_err(|e| e.to_string())
-            });
-            let serving = match serving {
-                Ok(s) => s,
-                Err(e) => return Handled::Now(refuse(ErrorKind::BadRequest, e)),
-            };
-            let state = NodeSession::Verified(Box::new(VerifiedSession {
-                request_id,
-                serving,
-            }));
-            match sessions.open(peer, state, now) {
-                Ok(session) => {
-                    info!("opened verified session {session} for {peer}");
-                    Response::Opened { session }
-                }
-                Err(e) => refuse(ErrorKind::Busy, e.to_string()),
-            }
-        }
-        RequestBody::Finish { session } => match sessions.take(peer, session, 0) {
-            Ok((NodeSession::Verified(v), _)) => {
-                sessions.discard(session);
-                let job = Job {
-                    request_id: v.request_id,
-                    model_digest: info.model_digest.clone(),
-                    format: info.format.clone(),
-                    generator: judge.key.public().to_peer_id().to_string(),
-                    claim: v.serving.finish(),
-                };
-                match Signed::sign(job, &judge.key) {
-                    Ok(signed) => Response::Finished(Box::new(signed)),
-                    Err(e) => refuse(ErrorKind::Internal, e.to_string()),
-                }
-            }
-            Ok((plain, held)) => {
-                sessions.put_back(session, plain, held, now);
-                refuse(
-                    ErrorKind::BadRequest,
-                    format!("session {session} is not verified"),
-                )
-            }
-            Err(e) => session_refused(e),
-        },
-        RequestBody::OpenHop { request_id } => {
-            if !info.exact {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    "hops of verified chains are checked bit for bit, and this node's kernels \
-                     are not bit-reproducible",
-                ));
-            }
-            if !veil_verify::is_request_id(&request_id) {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    "a request id is 64 hex digits",
-                ));
-            }
-            let state = NodeSession::Hop(Box::new(HopSession {
-                request_id,
-                cache: model.new_cache(),
-                transcript: HopTranscript::new(),
-            }));
-            match sessions.open(peer, state, now) {
-                Ok(session) => {
-                    info!("opened hop session {session} for {peer}");
-                    Response::Opened { session }
-                }
-                Err(e) => refuse(ErrorKind::Busy, e.to_string()),
-            }
-        }
-        RequestBody::FinishHop { session } => match sessions.take(peer, session, 0) {
-            Ok((NodeSession::Hop(h), _)) => {
-                sessions.discard(session);
-                let job = HopJob {
-                    request_id: h.request_id,
-                    model_digest: info.model_digest.clone(),
-                    format: info.format.clone(),
-                    node: judge.key.public().to_peer_id().to_string(),
-                    first_block: info.first_block,
-                    end_block: info.end_block,
-                    digests: h.transcript.finish(),
-                };
-                match Signed::sign(job, &judge.key) {
-                    Ok(signed) => Response::HopFinished(Box::new(signed)),
-                    Err(e) => refuse(ErrorKind::Internal, e.to_string()),
-                }
-            }
-            Ok((other, held)) => {
-                sessions.put_back(session, other, held, now);
-                refuse(
-                    ErrorKind::BadRequest,
-                    format!("session {session} is not a hop session"),
-                )
-            }
-            Err(e) => session_refused(e),
-        },
-        RequestBody::JudgeHop { job, inputs } => {
-            let body = &job.body;
-            if (body.first_block, body.end_block) != (info.first_block, info.end_block) {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    format!(
-                        "the hop ran blocks {}-{}; this node serves {}-{}",
-                        body.first_block, body.end_block, info.first_block, info.end_block
-                    ),
-                ));
-            }
-            let positions: usize = inputs.iter().map(StepInput::len).sum();
-            if positions > info.max_session_tokens {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    format!(
-                        "the hop holds {positions} positions; this node judges at most {}",
-                        info.max_session_tokens
-                    ),
-                ));
-            }
-            if let Err(e) = inputs
-                .iter()
-                .try_for_each(|input| info.check_input(input, vocab_size))
-            {
-                return Handled::Now(refuse(ErrorKind::BadRequest, e.to_string()));
-            }
-            return Handled::Judge(JudgeWork::Hop(job, inputs));
-        }
-        RequestBody::Judge { job } => {
-            if !judge.whole {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    "judging needs a node serving the whole model",
-                ));
-            }
-            let positions = job.body.claim.prompt.len() + job.body.claim.output.len();
-            if positions > info.max_session_tokens {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    format!(
-                        "the job holds {positions} positions; this node judges at most {}",
-                        info.max_session_tokens
-                    ),
-                ));
-            }
-            return Handled::Judge(JudgeWork::Answer(job));
-        }
-        RequestBody::ProveInference { input } => {
-            if info.zk_commitment.is_none() {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    "this node proves no private model",
-                ));
-            }
-            if input.len() != veil_zk::model::INPUTS || input.iter().any(|&p| p > 16) {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    "an input is 64 pixels of 0..16",
-                ));
-            }
-            return Handled::ProveInference(input);
-        }
-        RequestBody::OpenWeights { leaves } => {
-            if leaves.is_empty() || leaves.len() > veil_zk::MAX_OPENINGS {
-                return Handled::Now(refuse(
-                    ErrorKind::BadRequest,
-                    format!("ask for 1 to {} leaves", veil_zk::MAX_OPENINGS),
-                ));
-            }
-            return Handled::OpenWeights(leaves);
-        }
-        RequestBody::Attest { nonce } => {
-            if info.tee.is_none() {
-                return Handled::Now(refuse(ErrorKind::BadRequest, "this node runs in no TEE"));
-            }
-            return Handled::Attest(nonce);
-        }
-        // Only to the peer that asked for the judgement: another judge must not copy it.
-        RequestBody::Reveal { job } => match reveals
-            .iter()
-            .find(|(asker, r)| *asker == peer && r.body.job == job)
-        {
-            Some((_, reveal)) => Response::Revealed(reveal.clone()),
-            None => refuse(
-                ErrorKind::UnknownSession,
-                format!("no sealed verdict on job {job} here"),
-            ),
-        },
-        RequestBody::Close { session } => match sessions.close(peer, session) {
-            Some(closed) => return Handled::Closed(closed),
-            None => refuse(
-                ErrorKind::UnknownSession,
-                format!("unknown session {session}"),
-            ),
-        },
-        RequestBody::Step { session, input } => {
-            if let Err(e) = info.check_input(&input, vocab_size) {
-                return Handled::Now(refuse(ErrorKind::BadRequest, e.to_string()));
-            }
-            match sessions.take(peer, session, input.len()) {
-                Ok((cache, _)) => {
-                    return Handled::Step {
-                        session,
-                        cache,
-                        input,
-                    }
-                }
-                Err(e) => session_refused(e),
-            }
-        }
-    })
-}
-
-/// Runs one step of a session: hidden states out, or last-position logits for a head shard.
-fn run_step(
-    model: &ShardModel,
-    session: &mut NodeSession,
-    input: StepInput,
-) -> std::result::Result<WireTensor, StepError> {
-    let (cache, usage) = match session {
-        NodeSession::Plain(cache, usage) => (cache, usage),
-        NodeSession::Verified(v) => {
-            let StepInput::Tokens(ids) = &input else {
-                return Err(StepError::BadInput(NetError::BadMessage(
-                    "a verified session takes token ids".into(),
-                )));
-            };
-            let logits = v
-                .serving
-                .step(std::slice::from_ref(model), ids)
-                .map_err(|e| StepError::BadInput(NetError::BadMessage(e.to_string())))?;
-            let n = logits.len();
-            let t = Tensor::from_vec(logits, (1, n), &candle_core::Device::Cpu)
-                .map_err(|e| StepError::Failed(NetError::BadMessage(e.to_string())))?;
-            return WireTensor::from_tensor(&t).map_err(StepError::Failed);
-        }
-        NodeSession::Hop(h) => {
-            let recorded = input.to_hop_input().map_err(StepError::BadInput)?;
-            let output = run_hop_step(model, &mut h.cache, &recorded)
-                .map_err(|e| StepError::Failed(NetError::BadMessage(e.to_string())))?;
-            h.transcript.push(&recorded, &output);
-            // Hidden states for every position, or the head's logits at the last one.
-            let rows = if model.shard().head {
-                1
-            } else {
-                recorded.positions()
-            };
-            let width = output.len() / rows.max(1);
-            let t = Tensor::from_vec(output, (rows, width), &candle_core::Device::Cpu)
-                .map_err(|e| StepError::Failed(NetError::BadMessage(e.to_string())))?;
-            return WireTensor::from_tensor(&t).map_err(StepError::Failed);
-        }
-    };
-    let input = match &input {
-        StepInput::Tokens(ids) => ShardInput::Tokens(ids),
-        StepInput::Hidden(t) => ShardInput::Hidden(t.to_tensor().map_err(StepError::BadInput)?),
-    };
-    let started = Instant::now();
-    let positions = cache.position();
-    let output = model
-        .forward(input, cache, LogitsAt::Last)
-        .map_err(|e| StepError::Failed(e.into()))?;
-    usage.add_step(cache.position() - positions, started.elapsed());
-    WireTensor::from_tensor(&output).map_err(StepError::Failed)
 }
 
 /// Keeps the run record of a finished plain session and shares it with peers.

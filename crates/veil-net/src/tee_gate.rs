@@ -10,7 +10,7 @@ use veil_tee::{Expectation, Policy};
 
 use crate::admission::{Verdicts, ACCEPTANCE_KEPT};
 use crate::client::{Candidate, SwarmClient};
-use crate::wire::{RequestBody, Response};
+use crate::protocol::prove;
 
 /// The TEE policy and the verdicts reached under it.
 pub struct TeeGate {
@@ -50,10 +50,10 @@ impl TeeGate {
         };
         let nonce: [u8; 32] = rand::random();
         let evidence = match client
-            .request(candidate.peer, RequestBody::Attest { nonce })
+            .prove(candidate.peer, prove::Request::Attest { nonce })
             .await
         {
-            Ok(Response::Attested(evidence)) => evidence,
+            Ok(prove::Response::Attested(evidence)) => evidence,
             Ok(other) => return Err(format!("it answered the challenge with {other:?}")),
             Err(e) => return Err(format!("it did not answer the challenge: {e}")),
         };

@@ -23,7 +23,8 @@ use crate::client::SwarmClient;
 use crate::committee::{judge_until_decided, CANCELLED};
 use crate::error::{NetError, Result};
 use crate::node_state::NodeState;
-use crate::wire::{RequestBody, StepInput};
+use crate::protocol::verify;
+use crate::wire::StepInput;
 
 /// Chains tried before giving up, each without the hops caught lying before it.
 const MAX_CHAINS: usize = 3;
@@ -259,7 +260,7 @@ fn judge_hop(
         )));
     }
     let digest = b.digest()?;
-    let ask = || RequestBody::JudgeHop {
+    let ask = || verify::Request::JudgeHop {
         job: Box::new(hop.job.clone()),
         inputs: hop.inputs.clone(),
     };

@@ -2,7 +2,7 @@
 //! the verifier expects, and random chunks it opens must hash to that root.
 
 use crate::client::{Candidate, SwarmClient};
-use crate::wire::{RequestBody, Response};
+use crate::protocol::prove;
 
 /// Challenges `node` to open `count` random leaves; checks its announced root equals
 /// `expected` and that the openings verify under it. Returns how many leaves were opened.
@@ -31,15 +31,15 @@ pub async fn challenge_weights(
     let leaves = usize::try_from(announced.leaves).map_err(|_| "too many leaves")?;
     let asked = veil_zk::challenge(leaves, count);
     let answer = match client
-        .request(
+        .prove(
             node.peer,
-            RequestBody::OpenWeights {
+            prove::Request::OpenWeights {
                 leaves: asked.clone(),
             },
         )
         .await
     {
-        Ok(Response::WeightOpenings(openings)) => openings,
+        Ok(prove::Response::WeightOpenings(openings)) => openings,
         Ok(other) => return Err(format!("it answered the challenge with {other:?}")),
         Err(e) => return Err(format!("it did not answer the challenge: {e}")),
     };

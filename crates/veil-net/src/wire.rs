@@ -1,24 +1,12 @@
-//! The inference protocol's messages: versioned, CBOR on the wire (libp2p's request-response
-//! codec), tensors as raw little-endian bytes with dtype and shape. Every message is bounded in
-//! size by the codec and checked here before any of it is used.
+//! What Veil's protocols ([`crate::protocol`]) carry: session handles, tensors as raw
+//! little-endian bytes with dtype and shape, and what a node announces it serves. Every message
+//! is bounded in size by its protocol's codec and checked here before any of it is used.
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use veil_verify::{
-    CommitmentMode, HopInput, HopJob, Job, SamplingSpec, Signed, VerdictCommit, VerdictReveal,
-};
+use veil_verify::HopInput;
 
 use crate::error::{NetError, Result};
-
-/// The protocol name; the version changes when a message changes shape.
-pub const PROTOCOL: &str = "/veil/infer/1";
-
-/// The protocol version inside every request, so a mismatch is an explicit error.
-pub const WIRE_VERSION: u16 = 4;
-
-/// Largest request or response a peer accepts: 32 MiB, room for a 4096-token prefill of hidden
-/// states of width 2048 in f32.
-pub const MAX_MESSAGE_BYTES: u64 = 32 << 20;
 
 /// Largest number of positions one step may carry.
 pub const MAX_STEP_TOKENS: usize = 8192;
@@ -160,150 +148,6 @@ impl StepInput {
     }
 }
 
-/// A request to a shard node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Request {
-    /// [`WIRE_VERSION`] of the sender.
-    pub version: u16,
-    /// What to do.
-    pub body: RequestBody,
-}
-
-/// The operations a node serves.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum RequestBody {
-    /// What do you serve?
-    Info,
-    /// Open a session with an empty cache.
-    Open,
-    /// Run new positions of a session; returns hidden states, or logits at the last position
-    /// for a shard with the head.
-    Step {
-        /// The session.
-        session: SessionId,
-        /// The new positions.
-        input: StepInput,
-    },
-    /// Free a session.
-    Close {
-        /// The session.
-        session: SessionId,
-    },
-    /// Open a verified session (whole-model nodes only): the node samples each token with the
-    /// client's seed, commits to its activations, and signs the answer at [`RequestBody::Finish`].
-    OpenVerified {
-        /// The request's id: 64 hex digits.
-        request_id: String,
-        /// How the client samples.
-        sampling: SamplingSpec,
-        /// How the answer commits to its activations: exact only where the node announces
-        /// [`ShardInfo::exact`] (the client asks for it when every judge does too).
-        #[serde(default)]
-        commitment: CommitmentMode,
-    },
-    /// End a verified session; the answer comes back as a job signed by the node.
-    Finish {
-        /// The session.
-        session: SessionId,
-    },
-    /// Open a session as one hop of a verified split chain: a plain session whose inputs and
-    /// outputs the node records, to sign them at [`RequestBody::FinishHop`]. Exact nodes only.
-    OpenHop {
-        /// The chain's request id: 64 hex digits.
-        request_id: String,
-    },
-    /// End a hop session; its record comes back signed by the node.
-    FinishHop {
-        /// The session.
-        session: SessionId,
-    },
-    /// Judge another node's hop of a split chain by replaying `inputs` (what the client sent
-    /// it) on the same blocks; the answer is a sealed verdict.
-    JudgeHop {
-        /// The hop's record, signed by its node.
-        job: Box<Signed<HopJob>>,
-        /// Every step's input, in order.
-        inputs: Vec<StepInput>,
-    },
-    /// Judge another node's signed job by recomputing it; the answer is a sealed verdict.
-    Judge {
-        /// The job, signed by its generator.
-        job: Box<Signed<Job>>,
-    },
-    /// Open the sealed verdict on a job judged earlier.
-    Reveal {
-        /// The job's digest.
-        job: String,
-    },
-    /// Open these leaves of your weights commitment, with their Merkle proof.
-    OpenWeights {
-        /// Leaf indices, at most [`veil_zk::MAX_OPENINGS`].
-        leaves: Vec<u32>,
-    },
-    /// Run your committed private model on these 64 pixels and prove the answer.
-    ProveInference {
-        /// Pixels, 0..16.
-        input: Vec<u8>,
-    },
-    /// Prove you run in a TEE: evidence naming your key and this nonce.
-    Attest {
-        /// The verifier's fresh challenge.
-        nonce: [u8; 32],
-    },
-}
-
-/// A node's answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Response {
-    /// What the node serves.
-    Info(ShardInfo),
-    /// A session was opened.
-    Opened {
-        /// Its handle.
-        session: SessionId,
-    },
-    /// A step's output.
-    Output(WireTensor),
-    /// The session is gone.
-    Closed,
-    /// A verified session ended: its answer, signed.
-    Finished(Box<Signed<Job>>),
-    /// A hop session ended: its record, signed.
-    HopFinished(Box<Signed<HopJob>>),
-    /// A sealed verdict.
-    Committed(Signed<VerdictCommit>),
-    /// An opened verdict.
-    Revealed(Signed<VerdictReveal>),
-    /// Opened weight chunks answering [`RequestBody::OpenWeights`].
-    WeightOpenings(Box<veil_zk::Openings>),
-    /// A private model's answer with its zero-knowledge proof.
-    InferenceProof(Box<veil_zk::proof::InferenceProof>),
-    /// TEE evidence answering [`RequestBody::Attest`].
-    Attested(Box<veil_tee::Evidence>),
-    /// The request was refused; the message says why.
-    Error {
-        /// What kind of failure, for the client to act on.
-        kind: ErrorKind,
-        /// For people.
-        message: String,
-    },
-}
-
-/// Why a node refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ErrorKind {
-    /// The request was malformed or does not fit the shard.
-    BadRequest,
-    /// The session does not exist (never opened, closed, or expired).
-    UnknownSession,
-    /// A limit was reached (sessions, tokens).
-    Busy,
-    /// The sender speaks another protocol version.
-    Version,
-    /// The node failed while computing.
-    Internal,
-}
-
 /// What a node announces about the shard it serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardInfo {
@@ -325,11 +169,11 @@ pub struct ShardInfo {
     pub max_session_tokens: usize,
     /// The weight format the node runs (and claims in signed answers).
     pub format: String,
-    /// The TEE the node runs in, if any; its evidence comes on [`RequestBody::Attest`].
+    /// The TEE the node runs in, if any; its evidence comes on [`crate::protocol::prove::Request::Attest`].
     #[serde(default)]
     pub tee: Option<veil_tee::TeeKind>,
     /// The commitment to the weights the node holds; openings come on
-    /// [`RequestBody::OpenWeights`].
+    /// [`crate::protocol::prove::Request::OpenWeights`].
     #[serde(default)]
     pub weights: Option<WeightsRoot>,
     /// The commitment of the private model whose answers the node proves, if any.

@@ -11,9 +11,8 @@ use libp2p::{noise, tcp, yamux, Multiaddr, StreamProtocol, SwarmBuilder};
 use tokio::sync::mpsc;
 use veil_model::SamplingParams;
 use veil_model::{ModelStore, Shard, WeightFormat, SMOLLM2_135M};
-use veil_net::wire::{
-    RequestBody, Response, SessionId, StepInput, WireDType, WireTensor, PROTOCOL,
-};
+use veil_net::protocol::{infer, prove, verify};
+use veil_net::wire::{SessionId, StepInput, WireDType, WireTensor};
 use veil_net::{peer_of, NetError, NodeConfig, SessionLimits, SwarmClient};
 use veil_verify::{CommitmentMode, Keypair, SamplingSpec, Signed, Verdict};
 
@@ -155,8 +154,13 @@ impl request_response::Codec for RawCodec {
     }
 }
 
-/// Sends `bytes` raw to the node and returns how the exchange ended.
-async fn send_raw(node: &Multiaddr, bytes: Vec<u8>, wait: Duration) -> String {
+/// Sends `bytes` raw to the node under `protocol` and returns how the exchange ended.
+async fn send_raw(
+    node: &Multiaddr,
+    protocol: &'static str,
+    bytes: Vec<u8>,
+    wait: Duration,
+) -> String {
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -168,7 +172,7 @@ async fn send_raw(node: &Multiaddr, bytes: Vec<u8>, wait: Duration) -> String {
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
                 RawCodec,
-                [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
+                [(StreamProtocol::new(protocol), ProtocolSupport::Outbound)],
                 request_response::Config::default().with_request_timeout(wait),
             )
         })
@@ -203,34 +207,28 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
     )
     .await
     .unwrap();
-    let ask = |body| client.request(peer, body);
-    let refused = |r: Result<Response, NetError>, want: &str| match r {
-        Err(NetError::Refused { message, .. }) => {
-            assert!(message.contains(want), "{message:?} lacks {want:?}")
-        }
-        other => panic!("expected a refusal mentioning {want:?}, got {other:?}"),
-    };
+    let ask = |body| client.infer(peer, body);
 
-    let Response::Info(info) = ask(RequestBody::Info).await.unwrap() else {
+    let infer::Response::Info(info) = ask(infer::Request::Info).await.unwrap() else {
         panic!("no info")
     };
     assert_eq!((info.first_block, info.end_block), (10, 20));
-    let Response::Opened { session } = ask(RequestBody::Open).await.unwrap() else {
+    let infer::Response::Opened { session } = ask(infer::Request::Open).await.unwrap() else {
         panic!("no session")
     };
 
-    let step = |session, input| RequestBody::Step { session, input };
-    refused(
+    let step = |session, input| infer::Request::Step { session, input };
+    refused_with(
         ask(step(SessionId([0xde; 16]), hidden(vec![1, 576]))).await,
         "unknown session",
     );
-    refused(ask(step(session, hidden(vec![1, 100]))).await, "shape");
-    refused(ask(step(session, hidden(vec![576]))).await, "shape");
-    refused(
+    refused_with(ask(step(session, hidden(vec![1, 100]))).await, "shape");
+    refused_with(ask(step(session, hidden(vec![576]))).await, "shape");
+    refused_with(
         ask(step(session, hidden(vec![0, 576]))).await,
         "at least one position",
     );
-    refused(
+    refused_with(
         ask(step(session, StepInput::Tokens(vec![1, 2]))).await,
         "hidden states, not token ids",
     );
@@ -239,13 +237,13 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
         shape: vec![1, 576],
         data: vec![0; 2 * 576],
     });
-    refused(ask(step(session, f16)).await, "f16");
+    refused_with(ask(step(session, f16)).await, "f16");
     let short = StepInput::Hidden(WireTensor {
         dtype: WireDType::F32,
         shape: vec![2, 576],
         data: vec![0; 4 * 576],
     });
-    refused(ask(step(session, short)).await, "needs");
+    refused_with(ask(step(session, short)).await, "needs");
     let mut nan = vec![0u8; 4 * 576];
     nan[..4].copy_from_slice(&f32::NAN.to_le_bytes());
     let nan = StepInput::Hidden(WireTensor {
@@ -253,35 +251,52 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
         shape: vec![1, 576],
         data: nan,
     });
-    refused(ask(step(session, nan)).await, "NaN");
+    refused_with(ask(step(session, nan)).await, "NaN");
     // Two sessions at most: the third is refused, not queued without bound.
-    ask(RequestBody::Open).await.unwrap();
-    refused(ask(RequestBody::Open).await, "session slots");
+    ask(infer::Request::Open).await.unwrap();
+    refused_with(ask(infer::Request::Open).await, "session slots");
 
     // Oversized: 40 MiB of hidden states is cut off at the node's 32 MiB limit.
     let big = ask(step(session, hidden(vec![18_000, 576]))).await;
     assert!(matches!(big, Err(NetError::PeerFailed { .. })), "{big:?}");
 
-    // Garbage bytes and a request that stalls half-way: errors, not answers.
-    let garbage = send_raw(
-        &node,
-        vec![0xff, 0x00, 0x13, 0x37, 0x42],
-        Duration::from_secs(5),
-    )
-    .await;
-    // The node closes the stream without a word (the raw reader sees an empty answer).
-    assert!(
-        garbage.starts_with("failed") || garbage == "answered 0 bytes",
-        "{garbage}"
-    );
+    // Each protocol bounds its own messages: a challenge is small, so 200 KB of leaf
+    // indices is cut off at 64 KiB, where the same bytes would fit a step.
+    let huge_challenge = prove::Request::OpenWeights {
+        leaves: vec![0; 200_000],
+    };
+    let cut = client.prove(peer, huge_challenge).await;
+    assert!(matches!(cut, Err(NetError::PeerFailed { .. })), "{cut:?}");
+    let too_many = prove::Request::OpenWeights {
+        leaves: vec![0; 129],
+    };
+    refused_with(client.prove(peer, too_many).await, "ask for 1 to 128");
+
+    // Garbage bytes and a request that stalls half-way: errors, not answers, on every protocol.
+    for protocol in [infer::PROTOCOL, verify::PROTOCOL, prove::PROTOCOL] {
+        let garbage = send_raw(
+            &node,
+            protocol.name,
+            vec![0xff, 0x00, 0x13, 0x37, 0x42],
+            Duration::from_secs(5),
+        )
+        .await;
+        // The node closes the stream without a word (the raw reader sees an empty answer).
+        assert!(
+            garbage.starts_with("failed") || garbage == "answered 0 bytes",
+            "{}: {garbage}",
+            protocol.name
+        );
+    }
     let stall = tokio::spawn({
         let node = node.clone();
-        async move { send_raw(&node, b"STALL\xa1\x67".to_vec(), Duration::from_secs(4)).await }
+        let stall = b"STALL\xa1\x67".to_vec();
+        async move { send_raw(&node, infer::PROTOCOL.name, stall, Duration::from_secs(4)).await }
     });
 
     // Meanwhile, and after all of it, the node serves real work.
     let ok = ask(step(session, hidden(vec![3, 576]))).await.unwrap();
-    let Response::Output(out) = ok else {
+    let infer::Response::Output(out) = ok else {
         panic!("no output: {ok:?}")
     };
     assert_eq!(out.shape, vec![3, 576]);
@@ -291,14 +306,17 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
         "{stalled}"
     );
     assert!(matches!(
-        ask(RequestBody::Info).await,
-        Ok(Response::Info(_))
+        ask(infer::Request::Info).await,
+        Ok(infer::Response::Info(_))
     ));
     assert!(matches!(
-        ask(RequestBody::Close { session }).await,
-        Ok(Response::Closed)
+        ask(infer::Request::Close { session }).await,
+        Ok(infer::Response::Closed)
     ));
-    refused(ask(RequestBody::Close { session }).await, "unknown session");
+    refused_with(
+        ask(infer::Request::Close { session }).await,
+        "unknown session",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,16 +332,17 @@ async fn a_node_serves_over_quic() {
     )
     .await
     .unwrap();
-    let Response::Opened { session } = client.request(peer, RequestBody::Open).await.unwrap()
+    let infer::Response::Opened { session } =
+        client.infer(peer, infer::Request::Open).await.unwrap()
     else {
         panic!("no session")
     };
     let input = hidden(vec![2, 576]);
     let answer = client
-        .request(peer, RequestBody::Step { session, input })
+        .infer(peer, infer::Request::Step { session, input })
         .await
         .unwrap();
-    assert!(matches!(answer, Response::Output(t) if t.shape == vec![2, 576]));
+    assert!(matches!(answer, infer::Response::Output(t) if t.shape == vec![2, 576]));
 }
 
 /// A verified session with exact commitments on `node`: the prompt `[1, 9690, 28]`, one
@@ -333,10 +352,10 @@ async fn exact_answer(
     node: libp2p::PeerId,
     request_id: String,
 ) -> Box<Signed<veil_verify::Job>> {
-    let Response::Opened { session } = client
-        .request(
+    let verify::Response::Opened { session } = client
+        .verify(
             node,
-            RequestBody::OpenVerified {
+            verify::Request::OpenVerified {
                 request_id,
                 sampling: SamplingSpec::from(&SamplingParams::greedy()),
                 commitment: CommitmentMode::Exact,
@@ -347,11 +366,12 @@ async fn exact_answer(
     else {
         panic!("no exact session")
     };
-    let step = |tokens: Vec<u32>| RequestBody::Step {
+    let step = |tokens: Vec<u32>| infer::Request::Step {
         session,
         input: StepInput::Tokens(tokens),
     };
-    let Response::Output(logits) = client.request(node, step(vec![1, 9690, 28])).await.unwrap()
+    let infer::Response::Output(logits) =
+        client.infer(node, step(vec![1, 9690, 28])).await.unwrap()
     else {
         panic!("no logits")
     };
@@ -364,9 +384,9 @@ async fn exact_answer(
             .to_vec1()
             .unwrap(),
     );
-    client.request(node, step(vec![first])).await.unwrap();
-    let Response::Finished(job) = client
-        .request(node, RequestBody::Finish { session })
+    client.infer(node, step(vec![first])).await.unwrap();
+    let verify::Response::Finished(job) = client
+        .verify(node, verify::Request::Finish { session })
         .await
         .unwrap()
     else {
@@ -389,33 +409,29 @@ async fn verification_requests_are_checked_before_any_work() {
     .await
     .unwrap();
     let (part, node) = (peer_of(&part).unwrap(), peer_of(&whole).unwrap());
-    let refused = |r: Result<Response, NetError>, want: &str| match r {
-        Err(NetError::Refused { message, .. }) => {
-            assert!(message.contains(want), "{message:?} lacks {want:?}")
-        }
-        other => panic!("expected a refusal mentioning {want:?}, got {other:?}"),
-    };
     let id = "ab".repeat(32);
-    let open = |request_id: String| RequestBody::OpenVerified {
+    let open = |request_id: String| verify::Request::OpenVerified {
         request_id,
         sampling: SamplingSpec::from(&SamplingParams::greedy()),
         commitment: CommitmentMode::Tolerant,
     };
-    refused(client.request(part, open(id.clone())).await, "whole model");
-    refused(
-        client.request(node, open("xyz".into())).await,
+    refused_with(client.verify(part, open(id.clone())).await, "whole model");
+    refused_with(
+        client.verify(node, open("xyz".into())).await,
         "64 hex digits",
     );
 
     // A verified session samples what the client will, and signs the answer.
-    let Response::Opened { session } = client.request(node, open(id.clone())).await.unwrap() else {
+    let verify::Response::Opened { session } = client.verify(node, open(id.clone())).await.unwrap()
+    else {
         panic!("no session")
     };
-    let step = |tokens: Vec<u32>| RequestBody::Step {
+    let step = |tokens: Vec<u32>| infer::Request::Step {
         session,
         input: StepInput::Tokens(tokens),
     };
-    let Response::Output(logits) = client.request(node, step(vec![1, 9690, 28])).await.unwrap()
+    let infer::Response::Output(logits) =
+        client.infer(node, step(vec![1, 9690, 28])).await.unwrap()
     else {
         panic!("no logits")
     };
@@ -428,13 +444,10 @@ async fn verification_requests_are_checked_before_any_work() {
             .to_vec1()
             .unwrap(),
     );
-    refused(
-        client.request(node, step(vec![sampled + 1])).await,
-        "sampled",
-    );
-    client.request(node, step(vec![sampled])).await.unwrap();
-    let Response::Finished(job) = client
-        .request(node, RequestBody::Finish { session })
+    refused_with(client.infer(node, step(vec![sampled + 1])).await, "sampled");
+    client.infer(node, step(vec![sampled])).await.unwrap();
+    let verify::Response::Finished(job) = client
+        .verify(node, verify::Request::Finish { session })
         .await
         .unwrap()
     else {
@@ -446,17 +459,17 @@ async fn verification_requests_are_checked_before_any_work() {
     assert_eq!(job.body.claim.output.len(), 2);
 
     // Judged: a sealed verdict, then its opening.
-    let Response::Committed(commit) = client
-        .request(node, RequestBody::Judge { job: job.clone() })
+    let verify::Response::Committed(commit) = client
+        .verify(node, verify::Request::Judge { job: job.clone() })
         .await
         .unwrap()
     else {
         panic!("no commit")
     };
-    let Response::Revealed(reveal) = client
-        .request(
+    let verify::Response::Revealed(reveal) = client
+        .verify(
             node,
-            RequestBody::Reveal {
+            verify::Request::Reveal {
                 job: commit.body.job.clone(),
             },
         )
@@ -469,7 +482,7 @@ async fn verification_requests_are_checked_before_any_work() {
     assert_eq!(reveal.body.verdict, Verdict::Pass);
 
     // The node runs Q4_1 on Veil's kernels, so it offers exact commitments: a digest per chunk.
-    let Ok(Response::Info(info)) = client.request(node, RequestBody::Info).await else {
+    let Ok(infer::Response::Info(info)) = client.infer(node, infer::Request::Info).await else {
         panic!("no info")
     };
     assert!(info.exact);
@@ -481,17 +494,17 @@ async fn verification_requests_are_checked_before_any_work() {
     let judged = |job: Box<Signed<veil_verify::Job>>| {
         let client = &client;
         async move {
-            let Response::Committed(commit) = client
-                .request(node, RequestBody::Judge { job })
+            let verify::Response::Committed(commit) = client
+                .verify(node, verify::Request::Judge { job })
                 .await
                 .unwrap()
             else {
                 panic!("no commit")
             };
-            let Response::Revealed(reveal) = client
-                .request(
+            let verify::Response::Revealed(reveal) = client
+                .verify(
                     node,
-                    RequestBody::Reveal {
+                    verify::Request::Reveal {
                         job: commit.body.job,
                     },
                 )
@@ -520,9 +533,9 @@ async fn verification_requests_are_checked_before_any_work() {
     // or another model's job is refused with a reason.
     let mut forged = job.clone();
     forged.body.claim.output[0] ^= 1;
-    refused(
+    refused_with(
         client
-            .request(node, RequestBody::Judge { job: forged })
+            .verify(node, verify::Request::Judge { job: forged })
             .await,
         "signature",
     );
@@ -531,11 +544,11 @@ async fn verification_requests_are_checked_before_any_work() {
     body.generator = stranger.public().to_peer_id().to_string();
     body.claim.commitment.chunks[0].indices.reverse();
     let malformed = Signed::sign(body.clone(), &stranger).unwrap();
-    refused(
+    refused_with(
         client
-            .request(
+            .verify(
                 node,
-                RequestBody::Judge {
+                verify::Request::Judge {
                     job: Box::new(malformed),
                 },
             )
@@ -544,30 +557,30 @@ async fn verification_requests_are_checked_before_any_work() {
     );
     body.model_digest = "0".repeat(64);
     let elsewhere = Signed::sign(body, &stranger).unwrap();
-    refused(
+    refused_with(
         client
-            .request(
+            .verify(
                 node,
-                RequestBody::Judge {
+                verify::Request::Judge {
                     job: Box::new(elsewhere),
                 },
             )
             .await,
         "this node runs model",
     );
-    refused(
+    refused_with(
         client
-            .request(
+            .verify(
                 node,
-                RequestBody::Reveal {
+                verify::Request::Reveal {
                     job: "f".repeat(64),
                 },
             )
             .await,
         "no sealed verdict",
     );
-    refused(
-        client.request(part, RequestBody::Judge { job }).await,
+    refused_with(
+        client.verify(part, verify::Request::Judge { job }).await,
         "whole model",
     );
 }
@@ -583,7 +596,8 @@ async fn stranger(node: &Multiaddr) -> SwarmClient {
     .unwrap()
 }
 
-fn refused_with(r: Result<Response, NetError>, want: &str) {
+/// Checks the node refused the request, saying `want`.
+fn refused_with<T: std::fmt::Debug>(r: Result<T, NetError>, want: &str) {
     match r {
         Err(NetError::Refused { message, .. }) => {
             assert!(message.contains(want), "{message:?} lacks {want:?}")
@@ -598,34 +612,38 @@ async fn a_session_serves_only_the_peer_that_opened_it() {
     let node = start_node(dir.path(), "/ip4/127.0.0.1/tcp/0").await;
     let peer = peer_of(&node).unwrap();
     let (victim, thief) = (stranger(&node).await, stranger(&node).await);
-    let Response::Opened { session } = victim.request(peer, RequestBody::Open).await.unwrap()
+    let infer::Response::Opened { session } =
+        victim.infer(peer, infer::Request::Open).await.unwrap()
     else {
         panic!("no session")
     };
     // The thief knows the id (say it was leaked) and tries every request that names it.
-    let step = |input| RequestBody::Step { session, input };
+    let step = |input| infer::Request::Step { session, input };
     refused_with(
-        thief.request(peer, step(hidden(vec![1, 576]))).await,
+        thief.infer(peer, step(hidden(vec![1, 576]))).await,
         "unknown session",
     );
     refused_with(
-        thief.request(peer, RequestBody::Finish { session }).await,
+        thief
+            .verify(peer, verify::Request::Finish { session })
+            .await,
         "unknown session",
     );
     refused_with(
-        thief.request(peer, RequestBody::Close { session }).await,
+        thief.infer(peer, infer::Request::Close { session }).await,
         "unknown session",
     );
     // The thief's own session is a fresh random id, not the next in a sequence.
-    let Response::Opened { session: other } = thief.request(peer, RequestBody::Open).await.unwrap()
+    let infer::Response::Opened { session: other } =
+        thief.infer(peer, infer::Request::Open).await.unwrap()
     else {
         panic!("no session")
     };
     let as_number = |s: SessionId| u128::from_le_bytes(s.0);
     assert!(as_number(other).abs_diff(as_number(session)) > 1 << 64);
     // The victim's session is untouched.
-    let Response::Output(out) = victim
-        .request(peer, step(hidden(vec![2, 576])))
+    let infer::Response::Output(out) = victim
+        .infer(peer, step(hidden(vec![2, 576])))
         .await
         .unwrap()
     else {
@@ -633,8 +651,8 @@ async fn a_session_serves_only_the_peer_that_opened_it() {
     };
     assert_eq!(out.shape, vec![2, 576]);
     assert!(matches!(
-        victim.request(peer, RequestBody::Close { session }).await,
-        Ok(Response::Closed)
+        victim.infer(peer, infer::Request::Close { session }).await,
+        Ok(infer::Response::Closed)
     ));
 }
 
@@ -666,28 +684,31 @@ async fn one_peer_cannot_take_every_session_slot_or_position() {
     let (hog, other) = (stranger(&node).await, stranger(&node).await);
     let mut held = Vec::new();
     for _ in 0..2 {
-        let Response::Opened { session } = hog.request(peer, RequestBody::Open).await.unwrap()
+        let infer::Response::Opened { session } =
+            hog.infer(peer, infer::Request::Open).await.unwrap()
         else {
             panic!("no session")
         };
         held.push(session);
     }
     refused_with(
-        hog.request(peer, RequestBody::Open).await,
+        hog.infer(peer, infer::Request::Open).await,
         "the most one peer may",
     );
     // Positions: 4 in one session and 3 in the other pass the per-peer 6.
-    let step = |session, n| RequestBody::Step {
+    let step = |session, n| infer::Request::Step {
         session,
         input: hidden(vec![n, 576]),
     };
-    hog.request(peer, step(held[0], 4)).await.unwrap();
-    refused_with(hog.request(peer, step(held[1], 3)).await, "per peer");
+    hog.infer(peer, step(held[0], 4)).await.unwrap();
+    refused_with(hog.infer(peer, step(held[1], 3)).await, "per peer");
     // Everyone else is still served.
-    let Response::Opened { session } = other.request(peer, RequestBody::Open).await.unwrap() else {
+    let infer::Response::Opened { session } =
+        other.infer(peer, infer::Request::Open).await.unwrap()
+    else {
         panic!("the other peer found no free slot")
     };
-    other.request(peer, step(session, 3)).await.unwrap();
+    other.infer(peer, step(session, 3)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -698,23 +719,23 @@ async fn verdicts_go_only_to_the_asker_and_oversized_jobs_are_refused() {
     let (client, lazy_judge) = (stranger(&node).await, stranger(&node).await);
     let job = exact_answer(&client, peer, "ef".repeat(32)).await;
     let first = job.body.claim.output[0];
-    let Response::Committed(commit) = client
-        .request(peer, RequestBody::Judge { job: job.clone() })
+    let verify::Response::Committed(commit) = client
+        .verify(peer, verify::Request::Judge { job: job.clone() })
         .await
         .unwrap()
     else {
         panic!("no sealed verdict")
     };
     // A lazy judge asks for the verdict to copy it: it is not there for it.
-    let reveal = |job: String| RequestBody::Reveal { job };
+    let reveal = |job: String| verify::Request::Reveal { job };
     refused_with(
         lazy_judge
-            .request(peer, reveal(commit.body.job.clone()))
+            .verify(peer, reveal(commit.body.job.clone()))
             .await,
         "no sealed verdict",
     );
-    let Response::Revealed(opened) = client
-        .request(peer, reveal(commit.body.job.clone()))
+    let verify::Response::Revealed(opened) = client
+        .verify(peer, reveal(commit.body.job.clone()))
         .await
         .unwrap()
     else {
@@ -727,7 +748,9 @@ async fn verdicts_go_only_to_the_asker_and_oversized_jobs_are_refused() {
     let mut long = job.clone();
     long.body.claim.output = vec![first; 9000];
     refused_with(
-        client.request(peer, RequestBody::Judge { job: long }).await,
+        client
+            .verify(peer, verify::Request::Judge { job: long })
+            .await,
         "judges at most",
     );
 }
@@ -777,14 +800,13 @@ async fn one_peer_cannot_hold_more_than_its_share_of_connections() {
     // Others are still served.
     let client = stranger(&node).await;
     assert!(matches!(
-        client.request(peer, RequestBody::Info).await,
-        Ok(Response::Info(_))
+        client.infer(peer, infer::Request::Info).await,
+        Ok(infer::Response::Info(_))
     ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_peer_cannot_hold_more_than_its_share_of_requests_in_flight() {
-    use veil_net::behaviour::MAX_STREAMS_PER_CONNECTION;
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), "/ip4/127.0.0.1/tcp/0").await;
     let peer = peer_of(&node).unwrap();
@@ -802,7 +824,10 @@ async fn one_peer_cannot_hold_more_than_its_share_of_requests_in_flight() {
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
                 RawCodec,
-                [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
+                [(
+                    StreamProtocol::new(infer::PROTOCOL.name),
+                    ProtocolSupport::Outbound,
+                )],
                 request_response::Config::default()
                     .with_request_timeout(Duration::from_secs(30))
                     .with_max_concurrent_streams(1000),
@@ -811,19 +836,12 @@ async fn one_peer_cannot_hold_more_than_its_share_of_requests_in_flight() {
         .unwrap()
         .build();
     rogue.dial(node.clone()).unwrap();
-    for _ in 0..MAX_STREAMS_PER_CONNECTION + 8 {
+    for _ in 0..infer::PROTOCOL.max_streams + 8 {
         rogue
             .behaviour_mut()
             .send_request(&peer, b"STALL\xa2\x67".to_vec());
     }
-    let info = cbor4ii::serde::to_vec(
-        Vec::new(),
-        &veil_net::wire::Request {
-            version: veil_net::WIRE_VERSION,
-            body: RequestBody::Info,
-        },
-    )
-    .unwrap();
+    let info = cbor4ii::serde::to_vec(Vec::new(), &infer::Request::Info).unwrap();
     let mut asked = None;
     let started = tokio::time::Instant::now();
     let answer = loop {
@@ -852,8 +870,8 @@ async fn one_peer_cannot_hold_more_than_its_share_of_requests_in_flight() {
     // Others are served meanwhile.
     let client = stranger(&node).await;
     assert!(matches!(
-        client.request(peer, RequestBody::Info).await,
-        Ok(Response::Info(_))
+        client.infer(peer, infer::Request::Info).await,
+        Ok(infer::Response::Info(_))
     ));
 }
 
@@ -885,7 +903,7 @@ async fn a_node_short_of_memory_takes_no_new_connections() {
     )
     .await
     {
-        Ok(client) => client.request(peer, RequestBody::Info).await.is_ok(),
+        Ok(client) => client.infer(peer, infer::Request::Info).await.is_ok(),
         Err(_) => false,
     };
     assert!(

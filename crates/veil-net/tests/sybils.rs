@@ -20,7 +20,8 @@ use veil_model::{
     SMOLLM2_135M,
 };
 use veil_net::behaviour::{build_swarm, model_key, VeilBehaviourEvent};
-use veil_net::wire::{ErrorKind, RequestBody, Response, ShardInfo};
+use veil_net::protocol::{infer, prove, ErrorKind, Refusal};
+use veil_net::wire::ShardInfo;
 use veil_net::{
     generate_verified, peer_of, Admission, Candidate, NetError, NodeConfig, RemoteChain,
     SessionLimits, SwarmClient, VerifiedRequest, WeightsGate,
@@ -105,9 +106,17 @@ fn squat(runtime: &tokio::runtime::Runtime, bootstrap: &Multiaddr, claims: Shard
                     SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::Message {
                         message: Message::Request { request, channel, .. }, ..
                     })) => {
-                        let answer = match request.body {
-                            RequestBody::Info => Response::Info(claims.clone()),
-                            RequestBody::OpenWeights { leaves } => Response::WeightOpenings(Box::new(Openings {
+                        let answer = match request {
+                            infer::Request::Info => infer::Response::Info(claims.clone()),
+                            _ => infer::Response::Refused(Refusal::new(ErrorKind::Internal, "squatting")),
+                        };
+                        let _ = swarm.behaviour_mut().infer.send_response(channel, answer);
+                    }
+                    SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(request_response::Event::Message {
+                        message: Message::Request { request, channel, .. }, ..
+                    })) => {
+                        let answer = match request {
+                            prove::Request::OpenWeights { leaves } => prove::Response::WeightOpenings(Box::new(Openings {
                                 openings: leaves
                                     .into_iter()
                                     .map(|index| Opening {
@@ -119,12 +128,9 @@ fn squat(runtime: &tokio::runtime::Runtime, bootstrap: &Multiaddr, claims: Shard
                                     .collect(),
                                 proof: vec![0; 32],
                             })),
-                            _ => Response::Error {
-                                kind: ErrorKind::Internal,
-                                message: "squatting".into(),
-                            },
+                            _ => prove::Response::Refused(Refusal::new(ErrorKind::Internal, "squatting")),
                         };
-                        let _ = swarm.behaviour_mut().infer.send_response(channel, answer);
+                        let _ = swarm.behaviour_mut().prove.send_response(channel, answer);
                     }
                     _ => {}
                 }

@@ -11,7 +11,8 @@ use veil_model::{
     generate, ChatMessage, GenerationParams, LocalModel, ModelStore, Shard, WeightFormat,
     SMOLLM2_135M,
 };
-use veil_net::wire::{RequestBody, StepInput};
+use veil_net::protocol::verify;
+use veil_net::wire::StepInput;
 use veil_net::{
     generate_verified_chain, judge_hops, peer_of, NetError, NodeConfig, NodeState, RemoteChain,
     SessionLimits, SwarmClient, VerifiedChainRequest,
@@ -58,7 +59,7 @@ fn serve(
 }
 
 /// Checks the node refused the request, saying `want`.
-fn refused_with(answer: Result<veil_net::wire::Response, NetError>, want: &str) {
+fn refused_with(answer: Result<verify::Response, NetError>, want: &str) {
     match answer {
         Err(NetError::Refused { message, .. }) => {
             assert!(message.contains(want), "{message:?} lacks {want:?}")
@@ -190,9 +191,9 @@ fn a_verified_chain_names_the_lying_hop_and_answers_like_one_process() {
         panic!("the back hop takes hidden states")
     };
     t.data[0] ^= 1;
-    let answer = runtime.block_on(client.request(
+    let answer = runtime.block_on(client.verify(
         honest_back[0],
-        RequestBody::JudgeHop {
+        verify::Request::JudgeHop {
             job: Box::new(finished[1].job.clone()),
             inputs: framed,
         },
@@ -204,9 +205,9 @@ fn a_verified_chain_names_the_lying_hop_and_answers_like_one_process() {
     let mut huge = finished[1].job.body.clone();
     huge.node = rogue.public().to_peer_id().to_string();
     huge.digests.steps = vec![(1, u32::MAX)];
-    let answer = runtime.block_on(client.request(
+    let answer = runtime.block_on(client.verify(
         honest_back[0],
-        RequestBody::JudgeHop {
+        verify::Request::JudgeHop {
             job: Box::new(Signed::sign(huge, &rogue).unwrap()),
             inputs: finished[1].inputs.clone(),
         },

@@ -1,0 +1,109 @@
+//! What a node holds for one session, whichever protocol opened it, and how a step runs on
+//! it. Plain sessions are opened by [`crate::protocol::infer`], verified and hop sessions by
+//! [`crate::protocol::verify`]; all are stepped through `infer`.
+
+use std::time::Instant;
+
+use veil_model::{LogitsAt, ShardCache, ShardInput, ShardModel, Tensor};
+use veil_verify::{run_hop_step, HopTranscript, ServingSession};
+
+use crate::error::NetError;
+use crate::history::SessionUsage;
+use crate::wire::{StepInput, WireTensor};
+
+/// What the node holds for one session.
+pub(crate) enum NodeSession {
+    /// A plain session: the KV cache, and what it has used so far.
+    Plain(ShardCache, SessionUsage),
+    /// A verified session on a whole-model node: samples, commits, signs at the end.
+    Verified(Box<VerifiedSession>),
+    /// One hop of a verified split chain: a plain session that records its inputs and outputs
+    /// and signs them at the end.
+    Hop(Box<HopSession>),
+}
+
+/// A hop session and the request it serves.
+pub(crate) struct HopSession {
+    pub(crate) request_id: String,
+    pub(crate) cache: ShardCache,
+    pub(crate) transcript: HopTranscript,
+}
+
+/// A verified session and the request it serves.
+pub(crate) struct VerifiedSession {
+    pub(crate) request_id: String,
+    pub(crate) serving: ServingSession,
+}
+
+impl NodeSession {
+    /// Positions the session holds.
+    pub(crate) fn position(&self) -> usize {
+        match self {
+            Self::Plain(cache, _) => cache.position(),
+            Self::Verified(v) => v.serving.position(),
+            Self::Hop(h) => h.cache.position(),
+        }
+    }
+}
+
+/// Why a step failed, which decides whether its session survives.
+pub(crate) enum StepError {
+    /// The input did not decode; the cache is untouched.
+    BadInput(NetError),
+    /// The model failed part-way; the cache may be half-updated.
+    Failed(NetError),
+}
+
+/// Runs one step of a session: hidden states out, or last-position logits for a head shard.
+pub(crate) fn run_step(
+    model: &ShardModel,
+    session: &mut NodeSession,
+    input: StepInput,
+) -> Result<WireTensor, StepError> {
+    let failed = |e: String| StepError::Failed(NetError::BadMessage(e));
+    let (cache, usage) = match session {
+        NodeSession::Plain(cache, usage) => (cache, usage),
+        NodeSession::Verified(v) => {
+            let StepInput::Tokens(ids) = &input else {
+                return Err(StepError::BadInput(NetError::BadMessage(
+                    "a verified session takes token ids".into(),
+                )));
+            };
+            let logits = v
+                .serving
+                .step(std::slice::from_ref(model), ids)
+                .map_err(|e| StepError::BadInput(NetError::BadMessage(e.to_string())))?;
+            let n = logits.len();
+            let t = Tensor::from_vec(logits, (1, n), &candle_core::Device::Cpu)
+                .map_err(|e| failed(e.to_string()))?;
+            return WireTensor::from_tensor(&t).map_err(StepError::Failed);
+        }
+        NodeSession::Hop(h) => {
+            let recorded = input.to_hop_input().map_err(StepError::BadInput)?;
+            let output =
+                run_hop_step(model, &mut h.cache, &recorded).map_err(|e| failed(e.to_string()))?;
+            h.transcript.push(&recorded, &output);
+            // Hidden states for every position, or the head's logits at the last one.
+            let rows = if model.shard().head {
+                1
+            } else {
+                recorded.positions()
+            };
+            let width = output.len() / rows.max(1);
+            let t = Tensor::from_vec(output, (rows, width), &candle_core::Device::Cpu)
+                .map_err(|e| failed(e.to_string()))?;
+            return WireTensor::from_tensor(&t).map_err(StepError::Failed);
+        }
+    };
+    let input = match &input {
+        StepInput::Tokens(ids) => ShardInput::Tokens(ids),
+        StepInput::Hidden(t) => ShardInput::Hidden(t.to_tensor().map_err(StepError::BadInput)?),
+    };
+    let started = Instant::now();
+    let positions = cache.position();
+    let output = model
+        .forward(input, cache, LogitsAt::Last)
+        .map_err(|e| StepError::Failed(e.into()))?;
+    usage.add_step(cache.position() - positions, started.elapsed());
+    WireTensor::from_tensor(&output).map_err(StepError::Failed)
+}

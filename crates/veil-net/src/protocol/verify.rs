@@ -1,0 +1,590 @@
+//! The verification protocol: verified sessions (a whole-model node samples with the client's
+//! seed, commits to its activations and signs the answer), hop sessions of verified split
+//! chains (a node records a hop's inputs and outputs and signs them), and judging either by
+//! recomputation with sealed, signed verdicts.
+//!
+//! Limits: sessions count against the node's [`crate::SessionLimits`] like plain ones and are
+//! stepped through [`super::infer`]; judgements (each a prefill of up to a session's length)
+//! run [`MAX_JUDGES_IN_FLIGHT`] at once and one per peer; sealed verdicts wait
+//! ([`MAX_PENDING_REVEALS`], [`MAX_PENDING_REVEALS_PER_PEER`]) to be opened only for the peer
+//! that asked, so a lazy judge cannot copy an honest one's verdict.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Instant;
+
+use libp2p::request_response::ResponseChannel;
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::info;
+use veil_model::ShardModel;
+use veil_verify::{
+    judge_hop, validate, CommitmentMode, HopInput, HopJob, HopTranscript, Job, Keypair,
+    Misbehaviour, SamplingSpec, ServingSession, Signed, Tolerances, Verdict, VerdictCommit,
+    VerdictReveal,
+};
+
+use super::infer::session_refused;
+use super::{Answer, ErrorKind, InFlight, ProtocolSpec, Refusal};
+use crate::node_session::{HopSession, NodeSession, VerifiedSession};
+use crate::sessions::SessionTable;
+use crate::wire::{SessionId, ShardInfo, StepInput};
+
+/// The protocol: a judgement of a hop carries the hop's inputs (up to a session's hidden
+/// states), so messages go up to 32 MiB; 8 requests in flight per connection (a client
+/// judging asks each node for one judgement, then its reveal).
+pub const PROTOCOL: ProtocolSpec = ProtocolSpec {
+    name: "/veil/verify/1",
+    max_request_bytes: 32 << 20,
+    max_response_bytes: 32 << 20,
+    max_streams: 8,
+};
+
+/// Judgements run at once; more are refused as busy. One peer may have one running.
+pub const MAX_JUDGES_IN_FLIGHT: usize = 2;
+/// Verdicts sealed and waiting to be revealed, oldest first.
+pub const MAX_PENDING_REVEALS: usize = 256;
+/// Sealed verdicts one peer may leave waiting; its oldest make way for new ones.
+pub const MAX_PENDING_REVEALS_PER_PEER: usize = 16;
+
+/// A request to take part in verification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Open a verified session (whole-model nodes only): the node samples each token with the
+    /// client's seed, commits to its activations, and signs the answer at [`Request::Finish`].
+    OpenVerified {
+        /// The request's id: 64 hex digits.
+        request_id: String,
+        /// How the client samples.
+        sampling: SamplingSpec,
+        /// How the answer commits to its activations: exact only where the node announces
+        /// [`ShardInfo::exact`] (the client asks for it when every judge does too).
+        #[serde(default)]
+        commitment: CommitmentMode,
+    },
+    /// End a verified session; the answer comes back as a job signed by the node.
+    Finish {
+        /// The session.
+        session: SessionId,
+    },
+    /// Open a session as one hop of a verified split chain: a plain session whose inputs and
+    /// outputs the node records, to sign them at [`Request::FinishHop`]. Exact nodes only.
+    OpenHop {
+        /// The chain's request id: 64 hex digits.
+        request_id: String,
+    },
+    /// End a hop session; its record comes back signed by the node.
+    FinishHop {
+        /// The session.
+        session: SessionId,
+    },
+    /// Judge another node's hop of a split chain by replaying `inputs` (what the client sent
+    /// it) on the same blocks; the answer is a sealed verdict.
+    JudgeHop {
+        /// The hop's record, signed by its node.
+        job: Box<Signed<HopJob>>,
+        /// Every step's input, in order.
+        inputs: Vec<StepInput>,
+    },
+    /// Judge another node's signed job by recomputing it; the answer is a sealed verdict.
+    Judge {
+        /// The job, signed by its generator.
+        job: Box<Signed<Job>>,
+    },
+    /// Open the sealed verdict on a job judged earlier.
+    Reveal {
+        /// The job's digest.
+        job: String,
+    },
+}
+
+/// A node's answer on verification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// A verified or hop session was opened; step it through [`super::infer`].
+    Opened {
+        /// Its handle.
+        session: SessionId,
+    },
+    /// A verified session ended: its answer, signed.
+    Finished(Box<Signed<Job>>),
+    /// A hop session ended: its record, signed.
+    HopFinished(Box<Signed<HopJob>>),
+    /// A sealed verdict.
+    Committed(Signed<VerdictCommit>),
+    /// An opened verdict.
+    Revealed(Signed<VerdictReveal>),
+    /// The request was refused.
+    Refused(Refusal),
+}
+
+impl Answer for Response {
+    fn refusal(self) -> Result<Self, Refusal> {
+        match self {
+            Self::Refused(r) => Err(r),
+            other => Ok(other),
+        }
+    }
+}
+
+fn refuse(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Refused(Refusal::new(kind, message))
+}
+
+/// A judgement made on a blocking thread, on its way back to the event loop.
+pub(crate) struct Judged {
+    channel: ResponseChannel<Response>,
+    response: Response,
+    /// The sealed verdict's reveal, kept for the peer that asked.
+    reveal: Option<Signed<VerdictReveal>>,
+    /// The peer that asked.
+    asker: PeerId,
+}
+
+/// The node's side of the protocol: its signing key and claims, the judgements running, and
+/// the sealed verdicts waiting.
+pub(crate) struct VerifyService {
+    judge: Arc<Judge>,
+    reveals: VecDeque<(PeerId, Signed<VerdictReveal>)>,
+    judging: HashSet<PeerId>,
+    in_flight: Arc<AtomicUsize>,
+    judged: mpsc::UnboundedSender<Judged>,
+}
+
+impl VerifyService {
+    /// A service signing with `key` for a node serving `info`; judgements come back on the
+    /// receiver, for [`VerifyService::settle`].
+    pub(crate) fn new(
+        key: Keypair,
+        info: &ShardInfo,
+        misbehave: Option<Misbehaviour>,
+    ) -> (Self, mpsc::UnboundedReceiver<Judged>) {
+        let whole = info.embedding
+            && info.head
+            && info.first_block == 0
+            && info.end_block == info.block_count;
+        let judge = Judge {
+            key,
+            digest: info.model_digest.clone(),
+            format: info.format.clone(),
+            whole,
+            misbehave,
+        };
+        let (judged, rx) = mpsc::unbounded_channel();
+        let service = Self {
+            judge: Arc::new(judge),
+            reveals: VecDeque::new(),
+            judging: HashSet::new(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            judged,
+        };
+        (service, rx)
+    }
+
+    /// Validates a request from `peer` and answers it (`Some`), or starts a judgement whose
+    /// answer comes back later.
+    pub(crate) fn handle(
+        &mut self,
+        sessions: &mut SessionTable<NodeSession>,
+        model: &Arc<ShardModel>,
+        info: &ShardInfo,
+        peer: PeerId,
+        request: Request,
+        channel: ResponseChannel<Response>,
+    ) -> Option<(ResponseChannel<Response>, Response)> {
+        let now = Instant::now();
+        let judge = &self.judge;
+        let response = match request {
+            Request::OpenVerified {
+                request_id,
+                sampling,
+                commitment,
+            } => open_verified(
+                sessions, model, judge, peer, request_id, sampling, commitment,
+            ),
+            Request::Finish { session } => match sessions.take(peer, session, 0) {
+                Ok((NodeSession::Verified(v), _)) => {
+                    sessions.discard(session);
+                    let job = Job {
+                        request_id: v.request_id,
+                        model_digest: info.model_digest.clone(),
+                        format: info.format.clone(),
+                        generator: judge.key.public().to_peer_id().to_string(),
+                        claim: v.serving.finish(),
+                    };
+                    match Signed::sign(job, &judge.key) {
+                        Ok(signed) => Response::Finished(Box::new(signed)),
+                        Err(e) => refuse(ErrorKind::Internal, e.to_string()),
+                    }
+                }
+                Ok((other, held)) => {
+                    sessions.put_back(session, other, held, now);
+                    refuse(
+                        ErrorKind::BadRequest,
+                        format!("session {session} is not verified"),
+                    )
+                }
+                Err(e) => Response::Refused(session_refused(e)),
+            },
+            Request::OpenHop { request_id } => open_hop(sessions, model, info, peer, request_id),
+            Request::FinishHop { session } => match sessions.take(peer, session, 0) {
+                Ok((NodeSession::Hop(h), _)) => {
+                    sessions.discard(session);
+                    let job = HopJob {
+                        request_id: h.request_id,
+                        model_digest: info.model_digest.clone(),
+                        format: info.format.clone(),
+                        node: judge.key.public().to_peer_id().to_string(),
+                        first_block: info.first_block,
+                        end_block: info.end_block,
+                        digests: h.transcript.finish(),
+                    };
+                    match Signed::sign(job, &judge.key) {
+                        Ok(signed) => Response::HopFinished(Box::new(signed)),
+                        Err(e) => refuse(ErrorKind::Internal, e.to_string()),
+                    }
+                }
+                Ok((other, held)) => {
+                    sessions.put_back(session, other, held, now);
+                    refuse(
+                        ErrorKind::BadRequest,
+                        format!("session {session} is not a hop session"),
+                    )
+                }
+                Err(e) => Response::Refused(session_refused(e)),
+            },
+            Request::JudgeHop { job, inputs } => {
+                match check_hop(info, model.config().vocab_size, &job, &inputs) {
+                    Ok(()) => return self.start(model, peer, JudgeWork::Hop(job, inputs), channel),
+                    Err(refusal) => Response::Refused(refusal),
+                }
+            }
+            Request::Judge { job } => match check_job(judge, info, &job) {
+                Ok(()) => return self.start(model, peer, JudgeWork::Answer(job), channel),
+                Err(refusal) => Response::Refused(refusal),
+            },
+            // Only to the peer that asked for the judgement: another judge must not copy it.
+            Request::Reveal { job } => match self
+                .reveals
+                .iter()
+                .find(|(asker, r)| *asker == peer && r.body.job == job)
+            {
+                Some((_, reveal)) => Response::Revealed(reveal.clone()),
+                None => refuse(
+                    ErrorKind::UnknownSession,
+                    format!("no sealed verdict on job {job} here"),
+                ),
+            },
+        };
+        Some((channel, response))
+    }
+
+    /// Starts a judgement on a blocking thread, within the node's and `peer`'s share.
+    fn start(
+        &mut self,
+        model: &Arc<ShardModel>,
+        peer: PeerId,
+        work: JudgeWork,
+        channel: ResponseChannel<Response>,
+    ) -> Option<(ResponseChannel<Response>, Response)> {
+        if self.judging.contains(&peer) {
+            let busy = "judging your last job; ask again once it is answered";
+            return Some((channel, refuse(ErrorKind::Busy, busy)));
+        }
+        let Some(slot) = InFlight::take(&self.in_flight, MAX_JUDGES_IN_FLIGHT) else {
+            let busy = "judging other jobs; try again shortly";
+            return Some((channel, refuse(ErrorKind::Busy, busy)));
+        };
+        self.judging.insert(peer);
+        let (model, judge, tx) = (
+            Arc::clone(model),
+            Arc::clone(&self.judge),
+            self.judged.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let (response, reveal) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                judge.judge(&model, &work)
+            }))
+            .unwrap_or_else(|_| {
+                let failed = "the judgement failed inside the model";
+                (refuse(ErrorKind::Internal, failed), None)
+            });
+            let _ = tx.send(Judged {
+                channel,
+                response,
+                reveal,
+                asker: peer,
+            });
+        });
+        None
+    }
+
+    /// Keeps a finished judgement's reveal for the peer that asked, and says what to answer.
+    pub(crate) fn settle(&mut self, judged: Judged) -> (ResponseChannel<Response>, Response) {
+        self.judging.remove(&judged.asker);
+        if let Some(reveal) = judged.reveal {
+            self.keep_reveal(judged.asker, reveal);
+        }
+        (judged.channel, judged.response)
+    }
+
+    /// Keeps `reveal` for `asker`, within the per-peer and global bounds (oldest out first).
+    fn keep_reveal(&mut self, asker: PeerId, reveal: Signed<VerdictReveal>) {
+        let reveals = &mut self.reveals;
+        reveals.retain(|(p, r)| !(*p == asker && r.body.job == reveal.body.job));
+        let held = reveals.iter().filter(|(p, _)| *p == asker).count();
+        if held >= MAX_PENDING_REVEALS_PER_PEER {
+            if let Some(oldest) = reveals.iter().position(|(p, _)| *p == asker) {
+                reveals.remove(oldest);
+            }
+        }
+        if reveals.len() >= MAX_PENDING_REVEALS {
+            reveals.pop_front();
+        }
+        reveals.push_back((asker, reveal));
+    }
+}
+
+/// Opens a verified session for `peer`, if this node serves the whole model.
+fn open_verified(
+    sessions: &mut SessionTable<NodeSession>,
+    model: &ShardModel,
+    judge: &Judge,
+    peer: PeerId,
+    request_id: String,
+    sampling: SamplingSpec,
+    commitment: CommitmentMode,
+) -> Response {
+    if !judge.whole {
+        return refuse(
+            ErrorKind::BadRequest,
+            "verified sessions need a node serving the whole model",
+        );
+    }
+    if !veil_verify::is_request_id(&request_id) {
+        return refuse(ErrorKind::BadRequest, "a request id is 64 hex digits");
+    }
+    let fault_seed = rand::random();
+    let shards = std::slice::from_ref(model);
+    let serving = sampling.params().map_err(|e| e.to_string()).and_then(|p| {
+        ServingSession::new(shards, p, judge.misbehave, fault_seed)
+            .and_then(|s| s.with_commitment(shards, commitment))
+            .map_err(|e| e.to_string())
+    });
+    let serving = match serving {
+        Ok(s) => s,
+        Err(e) => return refuse(ErrorKind::BadRequest, e),
+    };
+    let state = NodeSession::Verified(Box::new(VerifiedSession {
+        request_id,
+        serving,
+    }));
+    match sessions.open(peer, state, Instant::now()) {
+        Ok(session) => {
+            info!("opened verified session {session} for {peer}");
+            Response::Opened { session }
+        }
+        Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+    }
+}
+
+/// Opens a hop session for `peer`, if this node's kernels are bit-reproducible.
+fn open_hop(
+    sessions: &mut SessionTable<NodeSession>,
+    model: &ShardModel,
+    info: &ShardInfo,
+    peer: PeerId,
+    request_id: String,
+) -> Response {
+    if !info.exact {
+        return refuse(
+            ErrorKind::BadRequest,
+            "hops of verified chains are checked bit for bit, and this node's kernels are not \
+             bit-reproducible",
+        );
+    }
+    if !veil_verify::is_request_id(&request_id) {
+        return refuse(ErrorKind::BadRequest, "a request id is 64 hex digits");
+    }
+    let state = NodeSession::Hop(Box::new(HopSession {
+        request_id,
+        cache: model.new_cache(),
+        transcript: HopTranscript::new(),
+    }));
+    match sessions.open(peer, state, Instant::now()) {
+        Ok(session) => {
+            info!("opened hop session {session} for {peer}");
+            Response::Opened { session }
+        }
+        Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+    }
+}
+
+/// What can be checked of a hop to judge before any work: it ran this node's blocks, holds no
+/// more than a session may, and every input fits the shard. The inputs are decoded later, off
+/// the event loop.
+fn check_hop(
+    info: &ShardInfo,
+    vocab_size: usize,
+    job: &Signed<HopJob>,
+    inputs: &[StepInput],
+) -> Result<(), Refusal> {
+    let body = &job.body;
+    if (body.first_block, body.end_block) != (info.first_block, info.end_block) {
+        return Err(Refusal::new(
+            ErrorKind::BadRequest,
+            format!(
+                "the hop ran blocks {}-{}; this node serves {}-{}",
+                body.first_block, body.end_block, info.first_block, info.end_block
+            ),
+        ));
+    }
+    let positions: usize = inputs.iter().map(StepInput::len).sum();
+    if positions > info.max_session_tokens {
+        return Err(Refusal::new(
+            ErrorKind::BadRequest,
+            format!(
+                "the hop holds {positions} positions; this node judges at most {}",
+                info.max_session_tokens
+            ),
+        ));
+    }
+    inputs
+        .iter()
+        .try_for_each(|input| info.check_input(input, vocab_size))
+        .map_err(|e| Refusal::new(ErrorKind::BadRequest, e.to_string()))
+}
+
+/// What can be checked of a job to judge before any work: this node holds the whole model,
+/// and the job is no longer than a session may be.
+fn check_job(judge: &Judge, info: &ShardInfo, job: &Signed<Job>) -> Result<(), Refusal> {
+    if !judge.whole {
+        return Err(Refusal::new(
+            ErrorKind::BadRequest,
+            "judging needs a node serving the whole model",
+        ));
+    }
+    let positions = job.body.claim.prompt.len() + job.body.claim.output.len();
+    if positions > info.max_session_tokens {
+        return Err(Refusal::new(
+            ErrorKind::BadRequest,
+            format!(
+                "the job holds {positions} positions; this node judges at most {}",
+                info.max_session_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What a judge recomputes.
+enum JudgeWork {
+    /// A whole-model node's answer.
+    Answer(Box<Signed<Job>>),
+    /// One hop of a split chain, with the inputs it was sent (checked, decoded off the event
+    /// loop).
+    Hop(Box<Signed<HopJob>>, Vec<StepInput>),
+}
+
+/// What a node needs to take part in verification.
+struct Judge {
+    key: Keypair,
+    digest: String,
+    format: String,
+    whole: bool,
+    misbehave: Option<Misbehaviour>,
+}
+
+impl Judge {
+    /// Recomputes a job or a hop and seals the verdict; the reveal is kept for later.
+    fn judge(
+        &self,
+        model: &ShardModel,
+        work: &JudgeWork,
+    ) -> (Response, Option<Signed<VerdictReveal>>) {
+        let outcome = match work {
+            JudgeWork::Answer(job) => self.judge_answer(model, job),
+            JudgeWork::Hop(job, inputs) => self.judge_hop(model, job, inputs),
+        };
+        match outcome {
+            Ok((commit, reveal)) => (Response::Committed(commit), Some(reveal)),
+            Err(e) => (refuse(ErrorKind::BadRequest, e), None),
+        }
+    }
+
+    /// Replays a chain hop's inputs on this node's blocks and seals the verdict.
+    fn judge_hop(
+        &self,
+        model: &ShardModel,
+        job: &Signed<HopJob>,
+        inputs: &[StepInput],
+    ) -> Result<(Signed<VerdictCommit>, Signed<VerdictReveal>), String> {
+        let body = &job.body;
+        let inputs: Vec<HopInput> = inputs
+            .iter()
+            .map(StepInput::to_hop_input)
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        match job.verify() {
+            Ok(peer) if peer.to_string() == body.node => {}
+            Ok(_) => return Err("the hop is not signed by its node".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+        self.check_claims("hop", &body.model_digest, &body.format)?;
+        let verdict = judge_hop(model, body, &inputs).map_err(|e| e.to_string())?;
+        self.seal(body.digest().map_err(|e| e.to_string())?, verdict)
+    }
+
+    /// Recomputes a whole-model node's signed answer and seals the verdict.
+    fn judge_answer(
+        &self,
+        model: &ShardModel,
+        job: &Signed<Job>,
+    ) -> Result<(Signed<VerdictCommit>, Signed<VerdictReveal>), String> {
+        let body = &job.body;
+        match job.verify() {
+            Ok(peer) if peer.to_string() == body.generator => {}
+            Ok(_) => return Err("the job is not signed by its generator".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+        self.check_claims("job", &body.model_digest, &body.format)?;
+        let validated = validate(
+            std::slice::from_ref(model),
+            &body.claim,
+            &Tolerances::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        self.seal(body.digest().map_err(|e| e.to_string())?, validated.verdict)
+    }
+
+    /// Whether the work claims the model and format this node runs.
+    fn check_claims(&self, what: &str, digest: &str, format: &str) -> Result<(), String> {
+        if digest == self.digest && format == self.format {
+            return Ok(());
+        }
+        Err(format!(
+            "this node runs model {} in {}, the {what} claims {digest} in {format}",
+            self.digest, self.format
+        ))
+    }
+
+    /// A verdict on job `digest`, sealed and opened, both signed.
+    fn seal(
+        &self,
+        digest: String,
+        verdict: Verdict,
+    ) -> Result<(Signed<VerdictCommit>, Signed<VerdictReveal>), String> {
+        let reveal = VerdictReveal::new(digest, verdict);
+        let commit = reveal
+            .commit(&self.key.public().to_peer_id())
+            .map_err(|e| e.to_string())?;
+        let sign = |e: veil_verify::VerifyError| e.to_string();
+        Ok((
+            Signed::sign(commit, &self.key).map_err(sign)?,
+            Signed::sign(reveal, &self.key).map_err(sign)?,
+        ))
+    }
+}
