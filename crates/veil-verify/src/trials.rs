@@ -206,6 +206,7 @@ pub fn detection_trials(
         let Validation {
             verdict,
             deviations,
+            ..
         } = validate(std::slice::from_ref(&validator), &claim, tol)?;
         report.worst = report.worst.max(deviations);
         report.closest = report.closest.min(deviations.over(tol));

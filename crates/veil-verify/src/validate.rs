@@ -189,6 +189,9 @@ pub struct Validation {
     pub verdict: Verdict,
     /// What it measured, for calibration.
     pub deviations: Deviations,
+    /// Answer tokens recomputed: all of them for an answer that passes, up to the chunk where
+    /// it went wrong for one that fails.
+    pub recomputed: usize,
 }
 
 /// Recomputes `claim` on `shards` (a chain covering the whole model, in the claimed weight
@@ -249,11 +252,6 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
         .collect();
     let mut deviations = Deviations::default();
     let mut first_fail: Option<(usize, String)> = None;
-    let mut fail = |token: usize, reason: String| {
-        if first_fail.as_ref().is_none_or(|(t, _)| token < *t) {
-            first_fail = Some((token, reason));
-        }
-    };
 
     // Logits for at most LOGIT_CHUNK answer positions at a time: a long answer costs its
     // hidden states (n × hidden), not n × vocabulary floats of logits. The prefill runs in the
@@ -262,6 +260,8 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
     let mut hidden: Vec<f32> = Vec::with_capacity(n * h);
     let mut rng = ChaCha20Rng::seed_from_u64(sampling.seed);
     let (mut fed, mut checked) = (0, 0);
+    let chunks_total = n.div_ceil(CHUNK_TOKENS);
+    let mut next_chunk = 0;
     while checked < n {
         let k = (n - checked).min(LOGIT_CHUNK);
         let end = p - 1 + checked + k;
@@ -287,7 +287,7 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
             if sampling.is_greedy() {
                 deviations.logit_gap = deviations.logit_gap.max(gap);
                 if gap > logit_delta {
-                    fail(i, format!("greedy token {token} has logit {:.3}, {gap:.3} below the best (token {best}); δ is {}", row[token as usize], logit_delta));
+                    fail(&mut first_fail, i, format!("greedy token {token} has logit {:.3}, {gap:.3} below the best (token {best}); δ is {}", row[token as usize], logit_delta));
                 }
                 continue;
             }
@@ -302,46 +302,34 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
             let near_edge = interval(&cands, token)
                 .is_some_and(|(lo, hi)| u >= lo - probability_slack && u < hi + probability_slack);
             if !near_edge && near_tie > logit_delta {
-                fail(i, format!("the seed picks token {picked} from the validator's distribution, not the claimed {token} (logits {:.3} vs {:.3})", row[picked as usize], row[token as usize]));
+                fail(&mut first_fail, i, format!("the seed picks token {picked} from the validator's distribution, not the claimed {token} (logits {:.3} vs {:.3})", row[picked as usize], row[token as usize]));
             }
         }
         fed = end;
         checked += k;
-    }
-
-    let digests = claim.commitment.exact.as_ref().map(|e| &e.digests[..]);
-    for (c, digest) in digests.unwrap_or_default().iter().enumerate() {
-        let start = c * CHUNK_TOKENS;
-        let end = (start + CHUNK_TOKENS).min(n);
-        if chunk_digest(c, &hidden[start * h..end * h]) != *digest {
-            deviations.digest_mismatches += 1;
-            fail(
-                start,
-                format!(
-                    "tokens {start}..{end}: the final hidden states differ from the committed \
-                     ones (exact mode: any difference fails)"
-                ),
+        // The commitment's chunks whose tokens are all in, checked now: once anything fails,
+        // nothing later can fail earlier, so a bad answer costs its judge no more than the
+        // chunk where it goes wrong (a stranger's 8,191-token junk costs one chunk).
+        let covered = if checked == n {
+            chunks_total
+        } else {
+            checked / CHUNK_TOKENS
+        };
+        while next_chunk < covered {
+            check_commitment_chunk(
+                claim,
+                next_chunk,
+                &hidden,
+                h,
+                n,
+                tol,
+                &mut deviations,
+                &mut first_fail,
             );
+            next_chunk += 1;
         }
-    }
-    for (c, chunk) in claim.commitment.chunks.iter().enumerate() {
-        let start = c * CHUNK_TOKENS;
-        let ours = &hidden[start * h..(start + chunk.tokens as usize) * h];
-        let d = compare_chunk(ours, &chunk.indices, &chunk.values);
-        deviations = deviations.max(d);
-        let end = start + chunk.tokens as usize;
-        if d.hidden_mean > tol.hidden_mean {
-            fail(start, format!("tokens {start}..{end}: committed activations are off by {:.4} on average (tolerance {})", d.hidden_mean, tol.hidden_mean));
-        } else if d.hidden_max > tol.hidden_max {
-            fail(
-                start,
-                format!(
-                    "tokens {start}..{end}: a committed activation is off by {:.4} (tolerance {})",
-                    d.hidden_max, tol.hidden_max
-                ),
-            );
-        } else if d.rank > tol.rank_slack {
-            fail(start, format!("tokens {start}..{end}: committed positions are not the largest activations (short by {:.3}, tolerance {})", d.rank, tol.rank_slack));
+        if first_fail.is_some() {
+            break;
         }
     }
 
@@ -351,7 +339,71 @@ pub fn validate(shards: &[ShardModel], claim: &Claim, tol: &Tolerances) -> Resul
             Some((token, reason)) => Verdict::Fail { token, reason },
         },
         deviations,
+        recomputed: checked,
     })
+}
+
+/// Keeps the earliest failure.
+fn fail(first_fail: &mut Option<(usize, String)>, token: usize, reason: String) {
+    if first_fail.as_ref().is_none_or(|(t, _)| token < *t) {
+        *first_fail = Some((token, reason));
+    }
+}
+
+/// Checks chunk `c` of the claim's commitment (exact digest, or tolerant sampled activations)
+/// against the validator's final hidden states `hidden` (`h` wide, at least up to the chunk's
+/// end).
+#[allow(clippy::too_many_arguments)]
+fn check_commitment_chunk(
+    claim: &Claim,
+    c: usize,
+    hidden: &[f32],
+    h: usize,
+    n: usize,
+    tol: &Tolerances,
+    deviations: &mut Deviations,
+    first_fail: &mut Option<(usize, String)>,
+) {
+    let start = c * CHUNK_TOKENS;
+    if let Some(digest) = claim
+        .commitment
+        .exact
+        .as_ref()
+        .and_then(|e| e.digests.get(c))
+    {
+        let end = (start + CHUNK_TOKENS).min(n);
+        if chunk_digest(c, &hidden[start * h..end * h]) != *digest {
+            deviations.digest_mismatches += 1;
+            fail(
+                first_fail,
+                start,
+                format!(
+                    "tokens {start}..{end}: the final hidden states differ from the committed \
+                     ones (exact mode: any difference fails)"
+                ),
+            );
+        }
+    }
+    let Some(chunk) = claim.commitment.chunks.get(c) else {
+        return;
+    };
+    let end = start + chunk.tokens as usize;
+    let d = compare_chunk(&hidden[start * h..end * h], &chunk.indices, &chunk.values);
+    *deviations = deviations.max(d);
+    if d.hidden_mean > tol.hidden_mean {
+        fail(first_fail, start, format!("tokens {start}..{end}: committed activations are off by {:.4} on average (tolerance {})", d.hidden_mean, tol.hidden_mean));
+    } else if d.hidden_max > tol.hidden_max {
+        fail(
+            first_fail,
+            start,
+            format!(
+                "tokens {start}..{end}: a committed activation is off by {:.4} (tolerance {})",
+                d.hidden_max, tol.hidden_max
+            ),
+        );
+    } else if d.rank > tol.rank_slack {
+        fail(first_fail, start, format!("tokens {start}..{end}: committed positions are not the largest activations (short by {:.3}, tolerance {})", d.rank, tol.rank_slack));
+    }
 }
 
 /// The claimed entries of one chunk against the validator's hidden states for it.

@@ -66,7 +66,31 @@ fn bad_claims_are_clear_errors() {
     let session = ServingSession::new(&shards, SamplingParams::greedy(), None, 0).unwrap();
     let answer = serve_fixed_length(&shards, session, &prompt, 4).unwrap();
     let tol = Tolerances::default();
-    assert!(validate(&shards, &answer, &tol).unwrap().verdict.passed());
+    let honest = validate(&shards, &answer, &tol).unwrap();
+    assert!(honest.verdict.passed());
+    assert_eq!(honest.recomputed, 4);
+
+    // A stranger's junk: 1,000 tokens whose first is wrong, with made-up activations. The
+    // judge stops at the chunk where it goes wrong instead of recomputing all of it.
+    let mut junk = answer.clone();
+    junk.output = (0..1000).map(|i| 100 + i).collect();
+    let mut builder =
+        veil_verify::CommitmentBuilder::new(576, veil_verify::CommitmentMode::Tolerant).unwrap();
+    for _ in 0..1000 {
+        builder.push(&[0.5; 576]).unwrap();
+    }
+    junk.commitment = builder.finish();
+    let judged = validate(&shards, &junk, &tol).unwrap();
+    assert!(
+        matches!(judged.verdict, veil_verify::Verdict::Fail { token: 0, .. }),
+        "{:?}",
+        judged.verdict
+    );
+    assert!(
+        judged.recomputed <= 256,
+        "recomputed {} of 1000",
+        judged.recomputed
+    );
 
     let mut c = answer.clone();
     c.commitment.chunks[0].values.pop();
