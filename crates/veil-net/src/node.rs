@@ -48,6 +48,9 @@ pub struct NodeConfig {
     pub state: PathBuf,
     /// Session limits.
     pub limits: SessionLimits,
+    /// Positions each peer may have this node judge a minute
+    /// ([`crate::protocol::verify::JudgeBudget`]).
+    pub judge_tokens_per_minute: usize,
     /// How long an answer may take before the asker gives up.
     pub request_timeout: Duration,
     /// Take no new connections while this process uses more memory than this (default: 90% of
@@ -203,7 +206,12 @@ pub async fn run_node(
         ..config.limits
     });
     let (steps_done, mut step_done) = mpsc::unbounded_channel();
-    let (mut verify, mut judged) = VerifyService::new(key.clone(), &shard_info, misbehave);
+    let (mut verify, mut judged) = VerifyService::new(
+        key.clone(),
+        &shard_info,
+        misbehave,
+        config.judge_tokens_per_minute,
+    );
     let tee = config.tee.clone().map(|source| (source, public_key));
     let (prove, mut proved) = ProveService::new(config.shard.clone(), weights, tee, config.zk);
     let mut gossip_quota = AuthorQuota::default();

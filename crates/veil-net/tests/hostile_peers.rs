@@ -71,6 +71,7 @@ async fn serve_limited(
         state: dir.join("node.redb"),
         limits,
         request_timeout: Duration::from_secs(5),
+        judge_tokens_per_minute: 8192,
         max_memory_bytes,
         on_listen: Some(tx),
         misbehave: None,
@@ -753,6 +754,41 @@ async fn verdicts_go_only_to_the_asker_and_oversized_jobs_are_refused() {
             .await,
         "judges at most",
     );
+
+    // The attack: a stranger signs junk of one prompt token and 8,191 answer tokens
+    // and asks for it to be judged, again and again. The first is judged, stopping where it
+    // goes wrong; the next is past the stranger's budget of positions judged a minute. The
+    // honest client's budget is its own.
+    let rogue_key = Keypair::generate_ed25519();
+    let junk = |seed: u32| {
+        let mut body = job.body.clone();
+        body.generator = rogue_key.public().to_peer_id().to_string();
+        body.claim.prompt = vec![1];
+        body.claim.output = (0..8191).map(|i| (i * 7 + seed) % 49_152).collect();
+        let mut builder = veil_verify::CommitmentBuilder::new(576, CommitmentMode::Exact).unwrap();
+        for _ in 0..8191 {
+            builder.push(&[0.0; 576]).unwrap();
+        }
+        body.claim.commitment = builder.finish();
+        Box::new(Signed::sign(body, &rogue_key).unwrap())
+    };
+    let verify::Response::Committed(_) = lazy_judge
+        .verify(peer, verify::Request::Judge { job: junk(1) })
+        .await
+        .unwrap()
+    else {
+        panic!("the first junk job is not judged")
+    };
+    refused_with(
+        lazy_judge
+            .verify(peer, verify::Request::Judge { job: junk(2) })
+            .await,
+        "judging budget",
+    );
+    assert!(matches!(
+        client.verify(peer, verify::Request::Judge { job }).await,
+        Ok(verify::Response::Committed(_))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,7 @@ fn serve(
         state: dir.join(format!("{name}.redb")),
         limits: SessionLimits::default(),
         request_timeout: Duration::from_secs(60),
+        judge_tokens_per_minute: 8192,
         max_memory_bytes: None,
         on_listen: Some(tx),
         misbehave,

@@ -5,14 +5,15 @@
 //!
 //! Limits: sessions count against the node's [`crate::SessionLimits`] like plain ones and are
 //! stepped through [`super::infer`]; judgements (each a prefill of up to a session's length)
-//! run [`MAX_JUDGES_IN_FLIGHT`] at once and one per peer; sealed verdicts wait
+//! run [`MAX_JUDGES_IN_FLIGHT`] at once and one per peer, and each peer has a budget of
+//! positions judged per minute ([`JudgeBudget`]); sealed verdicts wait
 //! ([`MAX_PENDING_REVEALS`], [`MAX_PENDING_REVEALS_PER_PEER`]) to be opened only for the peer
 //! that asked, so a lazy judge cannot copy an honest one's verdict.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use libp2p::request_response::ResponseChannel;
 use libp2p::PeerId;
@@ -48,6 +49,68 @@ pub const MAX_JUDGES_IN_FLIGHT: usize = 2;
 pub const MAX_PENDING_REVEALS: usize = 256;
 /// Sealed verdicts one peer may leave waiting; its oldest make way for new ones.
 pub const MAX_PENDING_REVEALS_PER_PEER: usize = 16;
+/// Peers whose judging budgets are tracked at once; past it, peers whose budget is full again
+/// are forgotten, and if none is, new peers wait.
+const MAX_BUDGETED_PEERS: usize = 4096;
+
+/// Positions (prompt and answer, or a hop's inputs) each peer may have this node judge, as a
+/// budget that refills evenly over a minute. A judge recomputes what it is sent, and a
+/// stranger's junk costs it a prefill of the whole prompt even when the answer fails at its
+/// first token; the budget bounds what one peer can make it spend. Many identities get many
+/// budgets; [`MAX_JUDGES_IN_FLIGHT`] bounds them all together.
+#[derive(Debug)]
+pub struct JudgeBudget {
+    per_minute: f64,
+    peers: HashMap<PeerId, (f64, Instant)>,
+}
+
+impl JudgeBudget {
+    /// A budget of `per_minute` positions per peer.
+    pub fn new(per_minute: usize) -> Self {
+        Self {
+            per_minute: per_minute as f64,
+            peers: HashMap::new(),
+        }
+    }
+
+    /// Takes `positions` from `peer`'s budget at `now`, or says why not.
+    pub fn spend(&mut self, peer: PeerId, positions: usize, now: Instant) -> Result<(), String> {
+        let wanted = positions as f64;
+        if wanted > self.per_minute {
+            return Err(format!(
+                "judging {positions} positions is more than this node judges for one peer in a \
+                 minute ({})",
+                self.per_minute
+            ));
+        }
+        if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_BUDGETED_PEERS {
+            let per_minute = self.per_minute;
+            self.peers
+                .retain(|_, (left, at)| refilled(*left, *at, per_minute, now) < per_minute);
+            if self.peers.len() >= MAX_BUDGETED_PEERS {
+                return Err("judging for too many peers; try again shortly".into());
+            }
+        }
+        let (left, at) = self.peers.entry(peer).or_insert((self.per_minute, now));
+        let available = refilled(*left, *at, self.per_minute, now);
+        if available < wanted {
+            let wait = (wanted - available) / self.per_minute * 60.0;
+            return Err(format!(
+                "you have used this node's judging budget ({} positions a minute); try again in \
+                 {wait:.0} s",
+                self.per_minute
+            ));
+        }
+        (*left, *at) = (available - wanted, now);
+        Ok(())
+    }
+}
+
+/// A budget left at `left` when last spent at `at`, refilled until `now`.
+fn refilled(left: f64, at: Instant, per_minute: f64, now: Instant) -> f64 {
+    let seconds = now.saturating_duration_since(at).as_secs_f64();
+    (left + seconds * per_minute / Duration::from_secs(60).as_secs_f64()).min(per_minute)
+}
 
 /// A request to take part in verification.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,17 +212,19 @@ pub(crate) struct VerifyService {
     judge: Arc<Judge>,
     reveals: VecDeque<(PeerId, Signed<VerdictReveal>)>,
     judging: HashSet<PeerId>,
+    budget: JudgeBudget,
     in_flight: Arc<AtomicUsize>,
     judged: mpsc::UnboundedSender<Judged>,
 }
 
 impl VerifyService {
-    /// A service signing with `key` for a node serving `info`; judgements come back on the
-    /// receiver, for [`VerifyService::settle`].
+    /// A service signing with `key` for a node serving `info`, judging `budget` positions a
+    /// minute per peer; judgements come back on the receiver, for [`VerifyService::settle`].
     pub(crate) fn new(
         key: Keypair,
         info: &ShardInfo,
         misbehave: Option<Misbehaviour>,
+        budget: usize,
     ) -> (Self, mpsc::UnboundedReceiver<Judged>) {
         let whole = info.embedding
             && info.head
@@ -177,6 +242,7 @@ impl VerifyService {
             judge: Arc::new(judge),
             reveals: VecDeque::new(),
             judging: HashSet::new(),
+            budget: JudgeBudget::new(budget),
             in_flight: Arc::new(AtomicUsize::new(0)),
             judged,
         };
@@ -257,12 +323,19 @@ impl VerifyService {
             },
             Request::JudgeHop { job, inputs } => {
                 match check_hop(info, model.config().vocab_size, &job, &inputs) {
-                    Ok(()) => return self.start(model, peer, JudgeWork::Hop(job, inputs), channel),
+                    Ok(()) => {
+                        let positions = inputs.iter().map(StepInput::len).sum();
+                        let work = JudgeWork::Hop(job, inputs);
+                        return self.start(model, peer, work, positions, channel);
+                    }
                     Err(refusal) => Response::Refused(refusal),
                 }
             }
             Request::Judge { job } => match check_job(judge, info, &job) {
-                Ok(()) => return self.start(model, peer, JudgeWork::Answer(job), channel),
+                Ok(()) => {
+                    let positions = job.body.claim.prompt.len() + job.body.claim.output.len();
+                    return self.start(model, peer, JudgeWork::Answer(job), positions, channel);
+                }
                 Err(refusal) => Response::Refused(refusal),
             },
             // Only to the peer that asked for the judgement: another judge must not copy it.
@@ -281,12 +354,14 @@ impl VerifyService {
         Some((channel, response))
     }
 
-    /// Starts a judgement on a blocking thread, within the node's and `peer`'s share.
+    /// Starts a judgement of `positions` on a blocking thread, within the node's and `peer`'s
+    /// share.
     fn start(
         &mut self,
         model: &Arc<ShardModel>,
         peer: PeerId,
         work: JudgeWork,
+        positions: usize,
         channel: ResponseChannel<Response>,
     ) -> Option<(ResponseChannel<Response>, Response)> {
         if self.judging.contains(&peer) {
@@ -297,6 +372,9 @@ impl VerifyService {
             let busy = "judging other jobs; try again shortly";
             return Some((channel, refuse(ErrorKind::Busy, busy)));
         };
+        if let Err(spent) = self.budget.spend(peer, positions, Instant::now()) {
+            return Some((channel, refuse(ErrorKind::Busy, spent)));
+        }
         self.judging.insert(peer);
         let (model, judge, tx) = (
             Arc::clone(model),
@@ -586,5 +664,43 @@ impl Judge {
             Signed::sign(commit, &self.key).map_err(sign)?,
             Signed::sign(reveal, &self.key).map_err(sign)?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_judges_at_most_its_budget_a_minute_and_others_keep_theirs() {
+        let mut budget = JudgeBudget::new(1000);
+        let (rogue, other) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        assert!(budget.spend(rogue, 600, t0).is_ok());
+        assert!(budget.spend(rogue, 400, t0).is_ok());
+        let refused = budget.spend(rogue, 1, t0).unwrap_err();
+        assert!(refused.contains("judging budget"), "{refused}");
+        assert!(budget.spend(other, 1000, t0).is_ok());
+        // Half a minute refills half the budget.
+        let later = t0 + Duration::from_secs(30);
+        assert!(budget.spend(rogue, 501, later).is_err());
+        assert!(budget.spend(rogue, 499, later).is_ok());
+        // More than a minute's budget is never judged.
+        let refused = budget.spend(PeerId::random(), 1001, t0).unwrap_err();
+        assert!(refused.contains("in a minute"), "{refused}");
+    }
+
+    #[test]
+    fn the_budgets_tracked_are_bounded() {
+        let mut budget = JudgeBudget::new(10);
+        let t0 = Instant::now();
+        for _ in 0..MAX_BUDGETED_PEERS {
+            budget.spend(PeerId::random(), 10, t0).unwrap();
+        }
+        assert!(budget.spend(PeerId::random(), 1, t0).is_err());
+        // Once the others' budgets are full again, they are forgotten to make room.
+        let later = t0 + Duration::from_secs(60);
+        assert!(budget.spend(PeerId::random(), 1, later).is_ok());
+        assert_eq!(budget.peers.len(), 1);
     }
 }

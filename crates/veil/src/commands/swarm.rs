@@ -113,6 +113,10 @@ pub struct NodeArgs {
     /// Positions one peer's sessions may hold together.
     #[arg(long, default_value_t = 16384)]
     pub max_tokens_per_peer: usize,
+    /// Positions (prompts and answers) one peer may have this node judge a minute: a judge
+    /// recomputes what it is sent, so this bounds what a stranger can make it spend.
+    #[arg(long, default_value_t = 8192)]
+    pub judge_tokens_per_minute: usize,
     /// Take no new connections while this process uses more than this many MiB (default: 90%
     /// of the machine's memory).
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
@@ -161,11 +165,12 @@ pub fn node(args: NodeArgs) -> Result<()> {
         args.max_session_tokens,
         args.max_sessions_per_peer,
         args.max_tokens_per_peer,
+        args.judge_tokens_per_minute,
     ]
     .contains(&0)
         || args.idle_timeout == 0
     {
-        bail!("--max-sessions, --max-session-tokens, --max-sessions-per-peer, --max-tokens-per-peer and --idle-timeout must be positive");
+        bail!("--max-sessions, --max-session-tokens, --max-sessions-per-peer, --max-tokens-per-peer, --judge-tokens-per-minute and --idle-timeout must be positive");
     }
     if !args.shard.is_file() {
         bail!("no shard file at {}", args.shard.display());
@@ -200,6 +205,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
             max_sessions_per_peer: args.max_sessions_per_peer,
             max_tokens_per_peer: args.max_tokens_per_peer,
         },
+        judge_tokens_per_minute: args.judge_tokens_per_minute,
         request_timeout: Duration::from_secs(60),
         max_memory_bytes: args
             .max_memory
