@@ -74,6 +74,25 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["encrypted", "llama_cpp", "gateway"])]
     pub meta: bool,
 
+    /// Run the soak instead: a gateway and four nodes (real processes on loopback) serve
+    /// streamed clients for --soak-minutes, then as long again while a rogue peer and client run
+    /// every attack of docs/SECURITY.md; prints honest throughput with and without the rogue,
+    /// requests lost, what the rogue got, peak memory and sessions left open.
+    #[arg(long, conflicts_with_all = ["encrypted", "llama_cpp", "gateway", "meta"])]
+    pub soak: bool,
+
+    /// With --soak: minutes of each half (without, then with the rogue).
+    #[arg(long, default_value_t = 10.0, requires = "soak")]
+    pub soak_minutes: f64,
+
+    /// With --soak: honest clients streaming at once.
+    #[arg(long, default_value_t = 64, requires = "soak")]
+    pub soak_clients: usize,
+
+    /// With --soak: milliseconds the rogue waits between rounds of attacks.
+    #[arg(long, default_value_t = 250, requires = "soak")]
+    pub soak_pause_ms: u64,
+
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -143,6 +162,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.meta {
         return crate::commands::bench_meta::run(&args);
+    }
+    if args.soak {
+        return crate::commands::bench_soak::run(&args);
     }
     let path = args.model.resolve_path()?;
     let started = Instant::now();
