@@ -24,8 +24,10 @@ use crate::protocol::{infer, prove, verify};
 /// Veil's private Kademlia protocol, so the DHT holds only Veil peers.
 const KAD_PROTOCOL: &str = "/veil/kad/1.0.0";
 
-/// Connections one peer may hold open to a node at once.
-pub const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+/// Connections one peer may hold open to a node at once: room for a TCP and a QUIC connection,
+/// or two dials crossing; each connection multiplies what one peer may have in flight (see
+/// [`crate::protocol::ProtocolSpec::max_streams`]).
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 /// Connections a node accepts from all peers together.
 pub const MAX_INCOMING_CONNECTIONS: u32 = 256;
 /// Connections a node lets sit in the handshake at once.

@@ -34,13 +34,13 @@ use crate::sessions::SessionTable;
 use crate::wire::{SessionId, ShardInfo, StepInput};
 
 /// The protocol: a judgement of a hop carries the hop's inputs (up to a session's hidden
-/// states), so messages go up to 32 MiB; 8 requests in flight per connection (a client
+/// states), so messages go up to 32 MiB; 4 requests in flight per connection (a client
 /// judging asks each node for one judgement, then its reveal).
 pub const PROTOCOL: ProtocolSpec = ProtocolSpec {
     name: "/veil/verify/1",
     max_request_bytes: 32 << 20,
     max_response_bytes: 32 << 20,
-    max_streams: 8,
+    max_streams: 4,
 };
 
 /// Judgements run at once; more are refused as busy. One peer may have one running.
