@@ -146,3 +146,159 @@ fn join<'a>(
         None => Joined::Done(answer.finish(started, &mut |_| {})),
     })
 }
+
+/// A request to [`serve_batched`]: what to generate, and where its text and its answer go.
+pub struct LiveRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Sampling, stop strings and the token budget: each request its own.
+    pub params: GenerationParams,
+    /// Told each piece of text as it is released. It must not block: the whole batch waits.
+    pub on_text: Box<dyn FnMut(&str) + Send>,
+    /// Set once nobody waits for the answer: the request leaves the batch at the next step.
+    pub cancelled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Told the answer, or why there is none, once.
+    pub on_done: Box<dyn FnOnce(Result<Completion>) + Send>,
+}
+
+/// How [`serve_batched`] batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Requests running at once (prefilling or decoding); more wait in arrival order.
+    pub max_batch: NonZeroUsize,
+    /// Prompt tokens run between two decode steps, so a long prompt does not stall the batch.
+    pub prefill_chunk: NonZeroUsize,
+}
+
+/// A request in the engine.
+struct Running<'a> {
+    request: LiveRequest,
+    session: LocalSession<'a>,
+    answer: Answer<'a>,
+    /// Prompt tokens already run.
+    fed: usize,
+    /// The token to feed at the next decode step; `None` while the prompt runs.
+    next: Option<u32>,
+    started: Instant,
+    /// Set when the request is done: its answer, or why there is none.
+    outcome: Option<Result<()>>,
+}
+
+/// Serves requests from `requests` with continuous batching until the channel closes. Up to
+/// `max_batch` run at once; a request joins as soon as there is room, its prompt runs
+/// `prefill_chunk` tokens at a time between the batch's decode steps, then it decodes with the
+/// batch, one batched step per token, and it leaves when its answer ends or it is cancelled.
+/// Each answer is exactly the one generating it alone gives: the kernels sum each row in one
+/// order however many rows a step has.
+pub fn serve_batched(
+    model: &LocalModel,
+    requests: &std::sync::mpsc::Receiver<LiveRequest>,
+    config: BatchConfig,
+) {
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc::TryRecvError;
+    let mut running: Vec<Running<'_>> = Vec::new();
+    loop {
+        // Join: wait for work when idle, else take what has arrived, in order.
+        while running.len() < config.max_batch.get() {
+            let request = if running.is_empty() {
+                match requests.recv() {
+                    Ok(r) => r,
+                    Err(_) => return,
+                }
+            } else {
+                match requests.try_recv() {
+                    Ok(r) => r,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            };
+            let answer = Answer::new(
+                &model.tokenizer,
+                &request.prompt,
+                model.config.context_length,
+                &request.params,
+            );
+            match answer {
+                Ok(mut answer) => {
+                    let started = Instant::now();
+                    answer.start_clock(started);
+                    running.push(Running {
+                        request,
+                        session: model.session(),
+                        answer,
+                        fed: 0,
+                        next: None,
+                        started,
+                        outcome: None,
+                    });
+                }
+                Err(e) => (request.on_done)(Err(e)),
+            }
+        }
+        for r in &mut running {
+            if r.request.cancelled.load(Ordering::Relaxed) {
+                r.outcome = Some(Err(ModelError::Cancelled));
+            }
+        }
+        // One piece of one prompt (the oldest still prefilling).
+        if let Some(r) = running
+            .iter_mut()
+            .find(|r| r.next.is_none() && r.outcome.is_none())
+        {
+            let end = (r.fed + config.prefill_chunk.get()).min(r.request.prompt.len());
+            match r.session.step(&r.request.prompt[r.fed..end]) {
+                Ok(logits) => {
+                    r.fed = end;
+                    if end == r.request.prompt.len() {
+                        r.take(&logits);
+                    }
+                }
+                Err(e) => r.outcome = Some(Err(e)),
+            }
+        }
+        // One decode step for every request past its prompt.
+        let mut decoding: Vec<&mut Running<'_>> = running
+            .iter_mut()
+            .filter(|r| r.next.is_some() && r.outcome.is_none())
+            .collect();
+        if !decoding.is_empty() {
+            let tokens: Vec<u32> = decoding.iter().filter_map(|r| r.next).collect();
+            let mut sessions: Vec<&mut LocalSession<'_>> =
+                decoding.iter_mut().map(|r| &mut r.session).collect();
+            match model.step_batch(&mut sessions, &tokens) {
+                Ok(logits) => {
+                    for (r, logits) in decoding.into_iter().zip(logits) {
+                        r.take(&logits);
+                    }
+                }
+                Err(e) => {
+                    for r in decoding {
+                        r.outcome = Some(Err(ModelError::Batch(e.to_string())));
+                    }
+                }
+            }
+        }
+        // Leave: answers and failures go to their requests.
+        let (done, still): (Vec<_>, Vec<_>) =
+            running.into_iter().partition(|r| r.outcome.is_some());
+        running = still;
+        for mut r in done {
+            let result = match r.outcome.take() {
+                Some(Err(e)) => Err(e),
+                _ => Ok(r.answer.finish(r.started, &mut *r.request.on_text)),
+            };
+            (r.request.on_done)(result);
+        }
+    }
+}
+
+impl Running<'_> {
+    /// Samples the next token from `logits`: the request goes on, or is done.
+    fn take(&mut self, logits: &[f32]) {
+        match self.answer.sample(logits, &mut *self.request.on_text) {
+            Ok(Some(next)) => self.next = Some(next),
+            Ok(None) => self.outcome = Some(Ok(())),
+            Err(e) => self.outcome = Some(Err(e)),
+        }
+    }
+}

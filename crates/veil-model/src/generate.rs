@@ -177,7 +177,7 @@ impl<'a> Answer<'a> {
         tokenizer: &'a GgufTokenizer,
         prompt: &[u32],
         context_length: usize,
-        params: &'a GenerationParams,
+        params: &GenerationParams,
     ) -> Result<Self> {
         if prompt.is_empty() {
             return Err(ModelError::EmptyPrompt);
@@ -288,7 +288,7 @@ impl<'a> Answer<'a> {
 /// string, so text is released only once it can no longer change or be cut.
 pub struct TextStream<'a> {
     tokenizer: &'a GgufTokenizer,
-    stop: &'a [String],
+    stop: Vec<String>,
     tokens: Vec<u32>,
     text: String,
     released: usize,
@@ -296,10 +296,10 @@ pub struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     /// A stream that ends at any of `stop`.
-    pub fn new(tokenizer: &'a GgufTokenizer, stop: &'a [String]) -> Self {
+    pub fn new(tokenizer: &'a GgufTokenizer, stop: &[String]) -> Self {
         Self {
             tokenizer,
-            stop,
+            stop: stop.to_vec(),
             tokens: Vec::new(),
             text: String::new(),
             released: 0,

@@ -28,7 +28,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use accel::{generate_accelerated, prompt_lookup, Accel, DraftStats, Drafting};
-pub use batch::{generate_batch, BatchRequest};
+pub use batch::{generate_batch, serve_batched, BatchConfig, BatchRequest, LiveRequest};
 pub use candle_core::Tensor;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, LlamaConfig, SUPPORTED_ARCHITECTURES};

@@ -6,9 +6,9 @@ use std::num::NonZeroUsize;
 
 use veil_model::prompts::SAMPLE_PROMPTS;
 use veil_model::{
-    generate, generate_accelerated, generate_batch, Accel, BatchRequest, ChatMessage, Completion,
-    DraftStats, Drafting, GenerationParams, LocalModel, ModelStore, PrefixCache, SamplingParams,
-    WeightFormat, SMOLLM2_135M,
+    generate, generate_accelerated, generate_batch, serve_batched, Accel, BatchConfig,
+    BatchRequest, ChatMessage, Completion, DraftStats, Drafting, GenerationParams, LiveRequest,
+    LocalModel, ModelStore, PrefixCache, SamplingParams, WeightFormat, SMOLLM2_135M,
 };
 
 /// Tokens generated per answer.
@@ -310,4 +310,88 @@ fn the_prefill_and_decode_clocks_split_an_answer_where_its_first_token_appears()
     // Five more steps after the first token, each at least PAUSE.
     assert!(c.decode_time >= 5 * PAUSE, "{c:?}");
     assert!(c.prefill_time >= PAUSE, "{c:?}");
+}
+
+#[test]
+fn the_live_batching_engine_gives_each_request_its_plain_answer_and_drops_the_cancelled() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    let model = model();
+    // Requests with their own sampling, stop strings and budgets; one with bad sampling; one
+    // whose client leaves at its first text. A batch of 3 with prompts run 5 tokens at a time.
+    let mut params: Vec<GenerationParams> = (0..6)
+        .map(|i| GenerationParams {
+            max_tokens: 6 + 4 * i,
+            ..if i % 2 == 1 {
+                seeded(i as u64)
+            } else {
+                greedy()
+            }
+        })
+        .collect();
+    params[2].stop = vec![".".into()];
+    params[3].sampling.temperature = -1.0;
+    let prompts: Vec<Vec<u32>> = SAMPLE_PROMPTS[..6]
+        .iter()
+        .map(|q| prompt(&model, q))
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    type Answered = Option<veil_model::Result<(Vec<u32>, String)>>;
+    let results: Arc<Mutex<Vec<Answered>>> = Arc::new(Mutex::new((0..6).map(|_| None).collect()));
+    let texts = Arc::new(Mutex::new(vec![String::new(); 6]));
+    let leaving = Arc::new(AtomicBool::new(false));
+    for (i, (prompt, params)) in prompts.iter().zip(&params).enumerate() {
+        let (results, texts) = (Arc::clone(&results), Arc::clone(&texts));
+        let cancelled = if i == 4 {
+            Arc::clone(&leaving)
+        } else {
+            Arc::new(AtomicBool::new(false))
+        };
+        let leave = Arc::clone(&cancelled);
+        tx.send(LiveRequest {
+            prompt: prompt.clone(),
+            params: params.clone(),
+            on_text: Box::new(move |t| {
+                texts.lock().unwrap()[i].push_str(t);
+                if i == 4 {
+                    leave.store(true, Ordering::Relaxed);
+                }
+            }),
+            cancelled,
+            on_done: Box::new(move |r| {
+                results.lock().unwrap()[i] = Some(r.map(|c| (c.tokens, c.text)));
+            }),
+        })
+        .unwrap();
+    }
+    drop(tx);
+    let config = BatchConfig {
+        max_batch: nz(3).unwrap(),
+        prefill_chunk: nz(5).unwrap(),
+    };
+    serve_batched(&model, &rx, config);
+    let results = results.lock().unwrap();
+    for (i, result) in results.iter().enumerate() {
+        let result = result.as_ref().expect("every request is answered");
+        match i {
+            3 => assert!(result.is_err(), "bad sampling fails alone"),
+            4 => assert!(
+                matches!(result, Err(veil_model::ModelError::Cancelled)),
+                "{result:?}"
+            ),
+            _ => {
+                let (tokens, text) = result.as_ref().unwrap();
+                assert_eq!(
+                    *tokens,
+                    plain(&model, &prompts[i], &params[i]),
+                    "request {i}"
+                );
+                assert_eq!(
+                    *text,
+                    texts.lock().unwrap()[i],
+                    "request {i} streamed its text"
+                );
+            }
+        }
+    }
 }

@@ -401,6 +401,98 @@ fn a_client_that_leaves_mid_stream_stops_its_generation() {
     assert_eq!(s, 200, "the slot is free again");
 }
 
+/// The text of a streamed chat answer.
+fn streamed_text(gateway: &Gateway, body: &Value) -> String {
+    let text = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .json(body)
+        .send()
+        .expect("stream")
+        .text()
+        .expect("a whole stream");
+    sse_data(&text)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+#[test]
+fn a_batching_gateway_answers_each_request_as_alone_and_frees_the_slot_of_a_client_that_leaves() {
+    // The model as stored (Veil's kernels, whose rows do not depend on the batch).
+    let gateway = Gateway::start_with(&["--local", "--batch", "3", "--max-queued", "8"]);
+    let requests = [
+        ask("Say hello.", json!({"max_tokens": 16})),
+        ask(
+            "Name a colour.",
+            json!({"max_tokens": 20, "temperature": 0.8, "seed": 7}),
+        ),
+        ask(
+            "Tell me about the sea.",
+            json!({"max_tokens": 24, "stop": ["."]}),
+        ),
+    ];
+    // Each alone, then all three at once: the batch gives each request its own answer.
+    let alone: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            let (status, body) = gateway.post("/v1/chat/completions", r);
+            assert_eq!(status, 200, "{body}");
+            let accel = body["veil"]["accel"].as_str().unwrap_or_default();
+            assert!(accel.starts_with("continuous batching"), "{body}");
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let together: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r["stream"] = json!(true);
+                let gateway = &gateway;
+                scope.spawn(move || streamed_text(gateway, &r))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    assert!(alone.iter().all(|t| !t.is_empty()), "{alone:?}");
+
+    // A client that leaves frees its place in the batch.
+    let mut response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .json(&ask(
+            "Write a long story about the sea.",
+            json!({"stream": true, "max_tokens": 2000, "temperature": 0.8, "seed": 7}),
+        ))
+        .send()
+        .expect("stream");
+    let mut first = [0u8; 64];
+    response.read_exact(&mut first).expect("the stream starts");
+    drop(response);
+    let mut active = 1.0;
+    for _ in 0..600 {
+        active = gateway.metric("veil_active_generations");
+        if active == 0.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        active, 0.0,
+        "the generation kept running after its client left"
+    );
+    assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
+}
+
 /// A venv with the official `openai` package, made once under `$VEIL_HOME`.
 fn openai_python() -> std::path::PathBuf {
     let home = std::env::var_os("VEIL_HOME")

@@ -68,6 +68,11 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["encrypted", "llama_cpp"])]
     pub gateway: bool,
 
+    /// With --gateway: requests decoding together in the gateway's continuous batching engine
+    /// (1: one generation at a time).
+    #[arg(long, default_value_t = 1, requires = "gateway", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub batch: u16,
+
     /// Measure MetaInf instead: a mixed workload (short and long prompts, shared prefixes,
     /// single and batched requests) with `--accel auto` against the default fixed
     /// configuration, alternating, and print the throughput ratio.

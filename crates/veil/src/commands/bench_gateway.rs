@@ -39,6 +39,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         max_queued: 64,
         max_body_bytes: 1 << 20,
         max_tokens: args.tokens.max(64),
+        batch: usize::from(args.batch),
     };
     let gateway = Arc::new(Gateway::new(
         served,
@@ -120,9 +121,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!("gateway    {g:>7.1} tok/s (HTTP on loopback, non-streamed)");
     println!("ratio      {:>7.3}", g / d);
 
-    println!(
-        "concurrent streamed requests (64 tokens each, one generation at a time, the rest queued):"
-    );
+    match args.batch {
+        1 => println!(
+            "concurrent streamed requests (64 tokens each, one generation at a time, the rest queued):"
+        ),
+        n => println!(
+            "concurrent streamed requests (64 tokens each, continuous batching of {n}, the rest queued):"
+        ),
+    }
     println!(
         "{:>3} {:>16} {:>16} {:>18}",
         "N", "TTFT median ms", "TTFT max ms", "aggregate tok/s"

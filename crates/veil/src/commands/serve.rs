@@ -26,6 +26,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub max_concurrent: u16,
 
+    /// Requests decoding together (continuous batching: requests join and leave the batch at
+    /// each step, prompts run 64 tokens at a time between steps), for a model in this process
+    /// without --encrypted; with 1, generations run one at a time with MetaInf's per-request
+    /// methods. Admits max(this, --max-concurrent) requests at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub batch: u16,
+
     /// Requests allowed to wait; more are answered 429.
     #[arg(long, default_value_t = 16)]
     pub max_queued: usize,
@@ -182,6 +189,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_queued: args.max_queued,
         max_body_bytes: args.max_body_bytes,
         max_tokens: args.max_tokens as usize,
+        batch: usize::from(args.batch),
     };
     // MetaInf chooses per request for a plaintext model in this process.
     let selector = if args.local && privacy.is_none() {

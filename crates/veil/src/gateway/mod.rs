@@ -28,8 +28,8 @@ use axum::{Json, Router};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use veil_model::{
-    generate, ChatMessage, Completion, Drafting, FinishReason, GenerationParams, LocalModel,
-    ModelError, PrefixCache, SamplingParams, TokenStep,
+    generate, ChatMessage, Completion, Drafting, FinishReason, GenerationParams, LiveRequest,
+    LocalModel, ModelError, PrefixCache, SamplingParams, TokenStep,
 };
 use veil_net::{RemoteChain, SwarmClient};
 
@@ -50,6 +50,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens: usize,
+    /// Requests decoding together in one batch (continuous batching) for a plaintext model in
+    /// this process; 1 runs one generation at a time with MetaInf's per-request methods.
+    pub batch: usize,
 }
 
 /// Where generations run.
@@ -101,7 +104,10 @@ pub struct Privacy {
 
 /// What the gateway serves and how.
 pub struct Gateway {
-    model: LocalModel,
+    model: Arc<LocalModel>,
+    /// The continuous batching engine's queue, when [`Limits::batch`] is above 1 for a
+    /// plaintext model in this process.
+    batcher: Option<std::sync::mpsc::Sender<LiveRequest>>,
     backend: Backend,
     privacy: Option<Privacy>,
     model_id: String,
@@ -126,6 +132,32 @@ const MAX_TENANT_CACHES: usize = 16;
 
 /// The most keys and values the gateway's prefix cache keeps (a quarter of it per API key).
 const PREFIX_CACHE_BYTES: usize = 256 << 20;
+
+/// Prompt tokens the batching engine runs between two decode steps.
+const BATCH_PREFILL_CHUNK: usize = 64;
+
+/// Starts the continuous batching engine on its own thread, serving `model` `slots` requests
+/// at a time; it stops when the gateway (the queue's sender) is dropped.
+fn start_batcher(
+    model: Arc<LocalModel>,
+    slots: usize,
+) -> Option<std::sync::mpsc::Sender<LiveRequest>> {
+    let config = veil_model::BatchConfig {
+        max_batch: std::num::NonZeroUsize::new(slots)?,
+        prefill_chunk: std::num::NonZeroUsize::new(BATCH_PREFILL_CHUNK)?,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = std::thread::Builder::new()
+        .name("veil-batch".into())
+        .spawn(move || veil_model::serve_batched(&model, &rx, config));
+    match started {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!("cannot start the batching engine ({e}); one generation at a time");
+            None
+        }
+    }
+}
 
 /// Writes evidence where the gateway keeps it; a failure is logged (the request goes on).
 fn keep_evidence<J: veil_verify::Judged>(
@@ -199,7 +231,12 @@ impl Gateway {
         selector: Option<(veil_meta::Selector, veil_meta::ModelFeatures)>,
     ) -> Self {
         let (selector, model_features) = selector.unzip();
+        let model = Arc::new(model);
+        let batcher = (limits.batch > 1 && matches!(backend, Backend::Local) && privacy.is_none())
+            .then(|| start_batcher(Arc::clone(&model), limits.batch))
+            .flatten();
         Self {
+            batcher,
             selector,
             model_features,
             hardware: crate::accel::hardware_features(1.0),
@@ -209,7 +246,9 @@ impl Gateway {
             privacy,
             model_id,
             info,
-            slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
+            slots: Arc::new(Semaphore::new(
+                limits.max_concurrent.max(limits.batch).max(1),
+            )),
             limits,
             waiting: AtomicUsize::new(0),
             metrics: GatewayMetrics::new(),
@@ -509,7 +548,8 @@ impl Gateway {
     /// Runs `job` once admitted: streams server-sent events, or answers with the whole text.
     async fn run(self: Arc<Self>, job: Job) -> Result<Response, ApiError> {
         let permit = self.admit().await?;
-        let (tx, rx) = mpsc::channel(64);
+        // Room for every piece of text and the end, so a generation never waits on a reader.
+        let (tx, rx) = mpsc::channel(job.params.max_tokens.max(1) + 2);
         let gateway = self.clone();
         let (prompt, params, chat, verify, accel, tenant) = (
             job.prompt.clone(),
@@ -559,6 +599,11 @@ impl Gateway {
         let tokenizer = &self.model.tokenizer;
         let mut method_used = "plain".to_string();
         let (result, route) = match &self.backend {
+            Backend::Local if self.batcher.is_some() => {
+                method_used = format!("continuous batching ({} slots)", self.limits.batch);
+                let result = self.generate_batched(prompt, params, tx, &cancelled);
+                (result, self.local_route())
+            }
             Backend::Local if self.privacy.is_none() => {
                 let pick = self.pick_method(prompt, params, accel, tenant);
                 tracing::info!("accel: {} ({})", pick.method.name, pick.why);
@@ -963,6 +1008,57 @@ impl Gateway {
             }
         }
         Ok(completion)
+    }
+
+    /// One local plaintext generation in the continuous batching engine: its text goes to `tx`
+    /// as it comes (never blocking the batch), and it leaves the batch once `tx` is closed.
+    fn generate_batched(
+        &self,
+        prompt: &[u32],
+        params: &GenerationParams,
+        tx: &mpsc::Sender<Progress>,
+        cancelled: &AtomicBool,
+    ) -> Result<Completion, Failure> {
+        let batcher = self
+            .batcher
+            .as_ref()
+            .ok_or_else(|| Failure::Failed("no batching engine".into()))?;
+        let gone = Arc::new(AtomicBool::new(false));
+        let (done, answer) = std::sync::mpsc::channel();
+        let (text, leave) = (tx.clone(), Arc::clone(&gone));
+        let request = LiveRequest {
+            prompt: prompt.to_vec(),
+            params: params.clone(),
+            // The channel holds a whole answer's text, so a slow reader never fills it.
+            on_text: Box::new(move |t| {
+                if text.try_send(Progress::Text(t.to_string())).is_err() {
+                    leave.store(true, Ordering::Relaxed);
+                }
+            }),
+            cancelled: Arc::clone(&gone),
+            on_done: Box::new(move |result| {
+                let _ = done.send(result);
+            }),
+        };
+        batcher
+            .send(request)
+            .map_err(|_| Failure::Failed("the batching engine stopped".into()))?;
+        // A client that leaves while no text is due is noticed here, once a second.
+        let result = loop {
+            match answer.recv_timeout(std::time::Duration::from_secs(1)) {
+                Ok(result) => break result,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if tx.is_closed() {
+                        gone.store(true, Ordering::Relaxed);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    break Err(ModelError::Batch("the batching engine stopped".into()))
+                }
+            }
+        };
+        cancelled.store(gone.load(Ordering::Relaxed), Ordering::Relaxed);
+        result.map_err(Failure::from)
     }
 
     /// The route of a generation in this process.
