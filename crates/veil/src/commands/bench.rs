@@ -68,9 +68,15 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["encrypted", "llama_cpp"])]
     pub gateway: bool,
 
-    /// With --gateway: requests decoding together in the gateway's continuous batching engine
-    /// (1: one generation at a time).
-    #[arg(long, default_value_t = 1, requires = "gateway", value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// Measure the gateway against llama.cpp's llama-server instead, side by side: the official
+    /// openai client (AsyncOpenAI) sends 1, 4 and 16 concurrent streamed requests to each (same
+    /// file, same threads; llama-server with -np 4 and -np 16).
+    #[arg(long, conflicts_with_all = ["encrypted", "llama_cpp", "gateway"])]
+    pub serving: bool,
+
+    /// With --gateway or --serving: requests decoding together in the gateway's continuous
+    /// batching engine (1: one generation at a time).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub batch: u16,
 
     /// Measure MetaInf instead: a mixed workload (short and long prompts, shared prefixes,
@@ -170,6 +176,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.soak {
         return crate::commands::bench_soak::run(&args);
+    }
+    if args.serving {
+        return crate::commands::bench_serving::run(&args);
     }
     let path = args.model.resolve_path()?;
     let started = Instant::now();

@@ -443,7 +443,7 @@ fn medians(samples: &[Sample]) -> EngineFigures {
 
 /// llama.cpp's bin directory: `$VEIL_LLAMA_CPP`, or the shared build script's output (it
 /// builds the tools the first time, about 5 minutes on 2 cores).
-fn llama_cpp_bin() -> Result<PathBuf> {
+pub(crate) fn llama_cpp_bin() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("VEIL_LLAMA_CPP") {
         let dir = PathBuf::from(dir);
         ensure!(
