@@ -115,8 +115,7 @@ pub fn generate_verified(
     let mut found: Vec<_> = runtime
         .block_on(client.discover(request.model_digest))?
         .into_iter()
-        .filter(|c| c.info.embedding && c.info.head && c.info.first_block == 0)
-        .filter(|c| c.info.end_block == c.info.block_count)
+        .filter(|c| c.info.is_whole())
         .filter(|c| !avoid.contains(&c.peer.to_string()))
         .collect();
     let mut refused = 0;

@@ -149,10 +149,6 @@ pub async fn run_node(
             Some(_) => !matches!(format, WeightFormat::F32 | WeightFormat::F16),
         },
     };
-    let whole = shard_info.embedding
-        && shard_info.head
-        && shard_info.first_block == 0
-        && shard_info.end_block == shard_info.block_count;
     if let Some(kind) = misbehave {
         warn!("this node cheats ({kind}): for testing verification only");
     }
@@ -162,7 +158,7 @@ pub async fn run_node(
         &shard_info.model_digest[..12.min(shard_info.model_digest.len())]
     );
 
-    let history = config.history.clone().filter(|_| whole);
+    let history = config.history.clone().filter(|_| shard_info.is_whole());
     let mut swarm = build_swarm(key.clone(), config.request_timeout, config.max_memory_bytes)?;
     let runs_topic = gossipsub::IdentTopic::new(RUNS_TOPIC);
     swarm

@@ -195,6 +195,11 @@ pub struct WeightsRoot {
 }
 
 impl ShardInfo {
+    /// Whether the node serves the whole model (what verified sessions and judging need).
+    pub fn is_whole(&self) -> bool {
+        self.embedding && self.head && self.first_block == 0 && self.end_block == self.block_count
+    }
+
     /// Checks that a step's input fits this shard before it reaches the model.
     pub fn check_input(&self, input: &StepInput, vocab_size: usize) -> Result<()> {
         if input.is_empty() {

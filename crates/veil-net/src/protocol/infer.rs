@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use veil_model::ShardModel;
 
-use super::{Answer, ErrorKind, ProtocolSpec, Refusal};
+use super::{refuse, Answer, ErrorKind, ProtocolSpec, Refusal};
 use crate::error::NetError;
 use crate::history::SessionUsage;
 use crate::node_session::{run_step, NodeSession, StepError};
@@ -75,16 +75,16 @@ pub enum Response {
 }
 
 impl Answer for Response {
+    fn refused(refusal: Refusal) -> Self {
+        Self::Refused(refusal)
+    }
+
     fn refusal(self) -> Result<Self, Refusal> {
         match self {
             Self::Refused(r) => Err(r),
             other => Ok(other),
         }
     }
-}
-
-fn refuse(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Refused(Refusal::new(kind, message))
 }
 
 /// The answer to a request on a session that is unknown (to this peer) or over its limits.

@@ -97,8 +97,15 @@ impl Refusal {
 /// A protocol's answers: each is either an answer or a [`Refusal`], which the client turns
 /// into [`crate::NetError::Refused`].
 pub trait Answer: Sized {
+    /// The answer that refuses with `refusal`.
+    fn refused(refusal: Refusal) -> Self;
     /// The refusal, if this answer is one.
     fn refusal(self) -> Result<Self, Refusal>;
+}
+
+/// The answer, in any protocol, that refuses a request for `message`.
+pub(crate) fn refuse<A: Answer>(kind: ErrorKind, message: impl Into<String>) -> A {
+    A::refused(Refusal::new(kind, message))
 }
 
 /// A place among the expensive requests of one kind running at once, given back when dropped.

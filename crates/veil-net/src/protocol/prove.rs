@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use veil_model::GgufFile;
 use veil_zk::WeightsCommitment;
 
-use super::{Answer, ErrorKind, InFlight, ProtocolSpec, Refusal};
+use super::{refuse, Answer, ErrorKind, InFlight, ProtocolSpec, Refusal};
 
 /// The protocol: requests up to 64 KiB (the most leaves one may ask for is
 /// [`veil_zk::MAX_OPENINGS`]); answers up to 16 MiB (that many 64 KiB chunks with their
@@ -68,16 +68,16 @@ pub enum Response {
 }
 
 impl Answer for Response {
+    fn refused(refusal: Refusal) -> Self {
+        Self::Refused(refusal)
+    }
+
     fn refusal(self) -> Result<Self, Refusal> {
         match self {
             Self::Refused(r) => Err(r),
             other => Ok(other),
         }
     }
-}
-
-fn refuse(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Refused(Refusal::new(kind, message))
 }
 
 /// An answer made on a blocking thread, on its way back to the event loop.

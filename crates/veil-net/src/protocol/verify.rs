@@ -28,7 +28,7 @@ use veil_verify::{
 };
 
 use super::infer::session_refused;
-use super::{Answer, ErrorKind, InFlight, ProtocolSpec, Refusal};
+use super::{refuse, Answer, ErrorKind, InFlight, ProtocolSpec, Refusal};
 use crate::node_session::{HopSession, NodeSession, VerifiedSession};
 use crate::sessions::SessionTable;
 use crate::wire::{SessionId, ShardInfo, StepInput};
@@ -184,16 +184,16 @@ pub enum Response {
 }
 
 impl Answer for Response {
+    fn refused(refusal: Refusal) -> Self {
+        Self::Refused(refusal)
+    }
+
     fn refusal(self) -> Result<Self, Refusal> {
         match self {
             Self::Refused(r) => Err(r),
             other => Ok(other),
         }
     }
-}
-
-fn refuse(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Refused(Refusal::new(kind, message))
 }
 
 /// A judgement made on a blocking thread, on its way back to the event loop.
@@ -226,15 +226,11 @@ impl VerifyService {
         misbehave: Option<Misbehaviour>,
         budget: usize,
     ) -> (Self, mpsc::UnboundedReceiver<Judged>) {
-        let whole = info.embedding
-            && info.head
-            && info.first_block == 0
-            && info.end_block == info.block_count;
         let judge = Judge {
             key,
             digest: info.model_digest.clone(),
             format: info.format.clone(),
-            whole,
+            whole: info.is_whole(),
             misbehave,
         };
         let (judged, rx) = mpsc::unbounded_channel();
