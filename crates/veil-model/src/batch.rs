@@ -157,6 +157,9 @@ pub struct LiveRequest {
     pub on_text: Box<dyn FnMut(&str) + Send>,
     /// Set once nobody waits for the answer: the request leaves the batch at the next step.
     pub cancelled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The prefix cache of whoever sent it: the prompt starts from the longest prefix the
+    /// cache holds, and is kept there once run.
+    pub prefixes: Option<std::sync::Arc<std::sync::Mutex<PrefixCache>>>,
     /// Told the answer, or why there is none, once.
     pub on_done: Box<dyn FnOnce(Result<Completion>) + Send>,
 }
@@ -166,7 +169,8 @@ pub struct LiveRequest {
 pub struct BatchConfig {
     /// Requests running at once (prefilling or decoding); more wait in arrival order.
     pub max_batch: NonZeroUsize,
-    /// Prompt tokens run between two decode steps, so a long prompt does not stall the batch.
+    /// Prompt tokens a step takes in all, beside one token of each decoding request, so a
+    /// long prompt does not stall the batch.
     pub prefill_chunk: NonZeroUsize,
 }
 
@@ -185,9 +189,10 @@ struct Running<'a> {
 }
 
 /// Serves requests from `requests` with continuous batching until the channel closes. Up to
-/// `max_batch` run at once; a request joins as soon as there is room, its prompt runs
-/// `prefill_chunk` tokens at a time between the batch's decode steps, then it decodes with the
-/// batch, one batched step per token, and it leaves when its answer ends or it is cancelled.
+/// `max_batch` run at once; a request joins as soon as there is room, its prompt runs in
+/// pieces in the same passes as the others' decode tokens (at most `prefill_chunk` prompt
+/// tokens a pass), then it decodes with the batch, one pass per token, and it leaves when its
+/// answer ends or it is cancelled.
 /// Each answer is exactly the one generating it alone gives: the kernels sum each row in one
 /// order however many rows a step has.
 pub fn serve_batched(
@@ -218,15 +223,22 @@ pub fn serve_batched(
                 model.config.context_length,
                 &request.params,
             );
-            match answer {
-                Ok(mut answer) => {
+            let session = match &request.prefixes {
+                Some(cache) => match cache.lock() {
+                    Ok(mut cache) => model.session_from(&mut cache, &request.prompt),
+                    Err(_) => Ok(model.session()),
+                },
+                None => Ok(model.session()),
+            };
+            match answer.and_then(|a| session.map(|s| (a, s))) {
+                Ok((mut answer, session)) => {
                     let started = Instant::now();
                     answer.start_clock(started);
                     running.push(Running {
                         request,
-                        session: model.session(),
+                        fed: session.position(),
+                        session,
                         answer,
-                        fed: 0,
                         next: None,
                         started,
                         outcome: None,
@@ -240,39 +252,59 @@ pub fn serve_batched(
                 r.outcome = Some(Err(ModelError::Cancelled));
             }
         }
-        // One piece of one prompt (the oldest still prefilling).
-        if let Some(r) = running
-            .iter_mut()
-            .find(|r| r.next.is_none() && r.outcome.is_none())
-        {
-            let end = (r.fed + config.prefill_chunk.get()).min(r.request.prompt.len());
-            match r.session.step(&r.request.prompt[r.fed..end]) {
-                Ok(logits) => {
-                    r.fed = end;
-                    if end == r.request.prompt.len() {
-                        r.take(&logits);
-                    }
-                }
-                Err(e) => r.outcome = Some(Err(e)),
+        // One pass over the weights for the whole batch: a token of every request that is
+        // decoding, and pieces of the prompts still running, oldest first, up to
+        // `prefill_chunk` prompt tokens in all.
+        let mut budget = config.prefill_chunk.get();
+        let mut stepping: Vec<&mut Running<'_>> = Vec::new();
+        let mut pieces: Vec<std::ops::Range<usize>> = Vec::new();
+        for r in running.iter_mut().filter(|r| r.outcome.is_none()) {
+            if r.next.is_some() {
+                pieces.push(0..1);
+                stepping.push(r);
+            } else if budget > 0 {
+                let end = (r.fed + budget).min(r.request.prompt.len());
+                budget -= end - r.fed;
+                pieces.push(r.fed..end);
+                stepping.push(r);
             }
         }
-        // One decode step for every request past its prompt.
-        let mut decoding: Vec<&mut Running<'_>> = running
-            .iter_mut()
-            .filter(|r| r.next.is_some() && r.outcome.is_none())
-            .collect();
-        if !decoding.is_empty() {
-            let tokens: Vec<u32> = decoding.iter().filter_map(|r| r.next).collect();
-            let mut sessions: Vec<&mut LocalSession<'_>> =
-                decoding.iter_mut().map(|r| &mut r.session).collect();
-            match model.step_batch(&mut sessions, &tokens) {
+        if !stepping.is_empty() {
+            // Copied out (a few hundred ids at most), so the sessions can be borrowed mutably.
+            let owned: Vec<Vec<u32>> = stepping
+                .iter()
+                .zip(&pieces)
+                .map(|(r, piece)| match r.next {
+                    Some(next) => vec![next],
+                    None => r.request.prompt[piece.clone()].to_vec(),
+                })
+                .collect();
+            let tokens: Vec<&[u32]> = owned.iter().map(Vec::as_slice).collect();
+            let mut fed = Vec::with_capacity(stepping.len());
+            let mut sessions: Vec<&mut LocalSession<'_>> = Vec::with_capacity(stepping.len());
+            for (r, piece) in stepping.iter_mut().zip(&pieces) {
+                fed.push((r.next.is_none(), piece.end, r.request.prompt.len()));
+                sessions.push(&mut r.session);
+            }
+            let stepped = model.step_pieces(&mut sessions, &tokens);
+            drop(sessions);
+            match stepped {
                 Ok(logits) => {
-                    for (r, logits) in decoding.into_iter().zip(logits) {
+                    for ((r, logits), (prefilling, end, prompt)) in
+                        stepping.into_iter().zip(logits).zip(fed)
+                    {
+                        if prefilling {
+                            r.fed = end;
+                            if end < prompt {
+                                continue;
+                            }
+                            r.keep_prompt();
+                        }
                         r.take(&logits);
                     }
                 }
                 Err(e) => {
-                    for r in decoding {
+                    for r in stepping {
                         r.outcome = Some(Err(ModelError::Batch(e.to_string())));
                     }
                 }
@@ -293,6 +325,18 @@ pub fn serve_batched(
 }
 
 impl Running<'_> {
+    /// Keeps the prompt's keys and values in the sender's prefix cache, if it has one.
+    fn keep_prompt(&self) {
+        let Some(cache) = &self.request.prefixes else {
+            return;
+        };
+        if let Ok(mut cache) = cache.lock() {
+            if let Err(e) = cache.insert(&self.request.prompt, &self.session) {
+                tracing::warn!("prefix cache: {e}");
+            }
+        }
+    }
+
     /// Samples the next token from `logits`: the request goes on, or is done.
     fn take(&mut self, logits: &[f32]) {
         match self.answer.sample(logits, &mut *self.request.on_text) {

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::kv::KvStore;
-use crate::layers::{rms_norm, Attention, BlockWeights, FeedForward, Gate, Rope};
+use crate::layers::{rms_norm, Attention, BlockWeights, FeedForward, Gate, Rope, Segment};
 use crate::linear::Linear;
 
 /// The factor token embeddings are multiplied by, as llama.cpp computes it (`sqrtf(n_embd)`).
@@ -59,10 +59,10 @@ impl Gemma3Block {
         &self,
         x: &Tensor,
         kvs: &mut [&mut KvStore],
-        starts: &[usize],
+        segments: &[Segment],
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.attn_norm, self.eps)?;
-        let attended = self.attention.forward_batch(&h, kvs, starts)?;
+        let attended = self.attention.forward_batch(&h, kvs, segments)?;
         self.finish(x, &attended)
     }
 

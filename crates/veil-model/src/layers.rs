@@ -12,6 +12,15 @@ use crate::kv::KvStore;
 use crate::linear::{Kernels, Linear};
 use crate::weights::WeightFormat;
 
+/// One session's rows in a batched step: `len` new positions from `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Segment {
+    /// The session's position before the step.
+    pub(crate) start: usize,
+    /// Positions the step adds.
+    pub(crate) len: usize,
+}
+
 /// Rotary position embedding for one kind of layer. Angles are computed for the positions of
 /// each call rather than tabled for the whole context: Gemma 3's 32k context and 256-wide
 /// heads would make tables of 32 MB per RoPE base.
@@ -159,16 +168,18 @@ impl Attention {
         &self,
         h: &Tensor,
         kvs: &mut [&mut KvStore],
-        starts: &[usize],
+        segments: &[Segment],
     ) -> Result<Tensor> {
         let (q, k, v) = self.project(h)?;
+        let mut offset = 0;
         let rows = kvs
             .iter_mut()
-            .zip(starts)
-            .enumerate()
-            .map(|(i, (kv, &start))| {
-                let row = |t: &Tensor| t.narrow(2, i, 1);
-                self.attend(row(&q)?, row(&k)?, row(&v)?, kv, start)
+            .zip(segments)
+            .map(|(kv, segment)| {
+                let rows = |t: &Tensor| t.narrow(2, offset, segment.len);
+                let attended = self.attend(rows(&q)?, rows(&k)?, rows(&v)?, kv, segment.start);
+                offset += segment.len;
+                attended
             })
             .collect::<Result<Vec<_>>>()?;
         self.wo.forward(&Tensor::cat(&rows, 1)?)

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::kv::KvStore;
-use crate::layers::{rms_norm, Attention, BlockWeights, FeedForward, Gate, Rope};
+use crate::layers::{rms_norm, Attention, BlockWeights, FeedForward, Gate, Rope, Segment};
 use crate::linear::Linear;
 
 /// One llama-family block's weights.
@@ -48,10 +48,10 @@ impl LlamaBlock {
         &self,
         x: &Tensor,
         kvs: &mut [&mut KvStore],
-        starts: &[usize],
+        segments: &[Segment],
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.attn_norm, self.eps)?;
-        let x = (x + self.attention.forward_batch(&h, kvs, starts)?)?;
+        let x = (x + self.attention.forward_batch(&h, kvs, segments)?)?;
         self.feed_forward(&x)
     }
 

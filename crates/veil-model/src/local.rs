@@ -212,25 +212,39 @@ impl LocalModel {
         sessions: &mut [&mut LocalSession<'_>],
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>> {
-        if sessions.len() != tokens.len() {
+        let pieces: Vec<&[u32]> = tokens.chunks(1).collect();
+        self.step_pieces(sessions, &pieces)
+    }
+
+    /// One step of several sessions at once, each taking its own piece of tokens (a decode
+    /// token, or part of a prompt): one pass over the weights for all of them. Returns each
+    /// session's logits after its piece, exactly as a step of that session alone would.
+    pub fn step_pieces(
+        &self,
+        sessions: &mut [&mut LocalSession<'_>],
+        pieces: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        if sessions.len() != pieces.len() {
             return Err(ModelError::InvalidInput(format!(
-                "{} tokens for {} sessions",
-                tokens.len(),
+                "{} pieces of tokens for {} sessions",
+                pieces.len(),
                 sessions.len()
             )));
         }
         if sessions.is_empty() {
             return Ok(Vec::new());
         }
+        let lens: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
+        let tokens: Vec<u32> = pieces.concat();
         let mut out = None;
         for (i, shard) in self.shards.iter().enumerate() {
             let mut caches: Vec<&mut ShardCache> =
                 sessions.iter_mut().map(|s| &mut s.caches[i]).collect();
             let input = match out.take() {
-                None => ShardInput::Tokens(tokens),
+                None => ShardInput::Tokens(&tokens),
                 Some(hidden) => ShardInput::Hidden(hidden),
             };
-            out = Some(shard.forward_batch(input, &mut caches)?);
+            out = Some(shard.forward_batch(input, &mut caches, &lens)?);
         }
         Ok(out
             .ok_or_else(|| ModelError::InvalidShard("the model has no shards".into()))?

@@ -19,7 +19,7 @@ use crate::error::{ModelError, Result};
 use crate::gemma3::{self, Gemma3Block};
 use crate::gguf::GgufFile;
 use crate::kv::KvStore;
-use crate::layers::{dense, load, rms_norm, BlockWeights, Rope};
+use crate::layers::{dense, load, rms_norm, BlockWeights, Rope, Segment};
 use crate::linear::{Kernels, Linear};
 use crate::llama::LlamaBlock;
 use crate::shard::Shard;
@@ -138,11 +138,11 @@ impl Block {
         &self,
         x: &Tensor,
         kvs: &mut [&mut KvStore],
-        starts: &[usize],
+        segments: &[Segment],
     ) -> Result<Tensor> {
         match self {
-            Self::Llama(b) => b.forward_batch(x, kvs, starts),
-            Self::Gemma3(b) => b.forward_batch(x, kvs, starts),
+            Self::Llama(b) => b.forward_batch(x, kvs, segments),
+            Self::Gemma3(b) => b.forward_batch(x, kvs, segments),
         }
     }
 
@@ -438,16 +438,19 @@ impl ShardModel {
         self.logits(&x, norm, head)
     }
 
-    /// One decode step for several sessions at once (continuous batching): row `i` of `input`
-    /// is the next position of the session whose cache is `caches[i]`.
+    /// One step for several sessions at once (continuous batching): the rows of `input` are
+    /// `lens[0]` new positions of the session whose cache is `caches[0]`, then `lens[1]` of
+    /// `caches[1]`'s, and so on (one each when decoding; a piece of a prompt when prefilling).
     ///
-    /// Returns `(sessions, hidden_size)` hidden states, or for a shard with the head
-    /// `(sessions, vocab_size)` logits. Each row comes out exactly as a step of its session
-    /// alone would give it: the kernels sum every row in one order however many rows there are.
+    /// Returns every row's hidden states `(rows, hidden_size)`, or for a shard with the head
+    /// `(sessions, vocab_size)` logits at each session's last new position. Each row comes out
+    /// exactly as a step of its session alone would give it: the kernels sum every row in one
+    /// order however many rows there are, and attention runs per session.
     pub fn forward_batch(
         &self,
         input: ShardInput<'_>,
         caches: &mut [&mut ShardCache],
+        lens: &[usize],
     ) -> Result<Tensor> {
         if let Some(bad) = caches.iter().find(|c| c.layers.len() != self.blocks.len()) {
             return Err(ModelError::InvalidInput(format!(
@@ -458,17 +461,28 @@ impl ShardModel {
             )));
         }
         let mut x = self.embed(input)?;
-        if x.dim(1)? != caches.len() {
+        let rows: usize = lens.iter().sum();
+        if lens.len() != caches.len() || lens.contains(&0) || x.dim(1)? != rows {
             return Err(ModelError::InvalidInput(format!(
-                "a batched step takes one position per session: {} rows for {} sessions",
+                "a batched step of {} rows in segments {lens:?} for {} sessions",
                 x.dim(1)?,
                 caches.len()
             )));
         }
-        let starts: Vec<usize> = caches.iter().map(|c| c.position).collect();
-        if let Some(&full) = starts.iter().find(|&&p| p >= self.config.context_length) {
+        let segments: Vec<Segment> = caches
+            .iter()
+            .zip(lens)
+            .map(|(c, &len)| Segment {
+                start: c.position,
+                len,
+            })
+            .collect();
+        if let Some(full) = segments
+            .iter()
+            .find(|s| s.start + s.len > self.config.context_length)
+        {
             return Err(ModelError::ContextOverflow {
-                needed: full + 1,
+                needed: full.start + full.len,
                 context: self.config.context_length,
             });
         }
@@ -476,15 +490,27 @@ impl ShardModel {
             if !self.skipped.contains(&i) {
                 let mut kvs: Vec<&mut KvStore> =
                     caches.iter_mut().map(|c| &mut c.layers[layer]).collect();
-                x = block.forward_batch(&x, &mut kvs, &starts)?;
+                x = block.forward_batch(&x, &mut kvs, &segments)?;
             }
         }
-        for cache in caches.iter_mut() {
-            cache.position += 1;
+        for (cache, len) in caches.iter_mut().zip(lens) {
+            cache.position += len;
         }
         let Some((norm, head)) = &self.head else {
             return Ok(x.squeeze(0)?);
         };
+        if rows != caches.len() {
+            // Logits only where each session's new positions end.
+            let last: Vec<u32> = lens
+                .iter()
+                .scan(0usize, |end, &len| {
+                    *end += len;
+                    Some((*end - 1) as u32)
+                })
+                .collect();
+            let last = Tensor::from_vec(last, lens.len(), x.device())?;
+            x = x.index_select(&last, 1)?;
+        }
         self.logits(&x, norm, head)
     }
 

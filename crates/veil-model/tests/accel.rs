@@ -340,6 +340,8 @@ fn the_live_batching_engine_gives_each_request_its_plain_answer_and_drops_the_ca
     let results: Arc<Mutex<Vec<Answered>>> = Arc::new(Mutex::new((0..6).map(|_| None).collect()));
     let texts = Arc::new(Mutex::new(vec![String::new(); 6]));
     let leaving = Arc::new(AtomicBool::new(false));
+    // One prefix cache for all: the chat template's common start is run once, then reused.
+    let cache = Arc::new(Mutex::new(PrefixCache::new(64 << 20)));
     for (i, (prompt, params)) in prompts.iter().zip(&params).enumerate() {
         let (results, texts) = (Arc::clone(&results), Arc::clone(&texts));
         let cancelled = if i == 4 {
@@ -358,6 +360,7 @@ fn the_live_batching_engine_gives_each_request_its_plain_answer_and_drops_the_ca
                 }
             }),
             cancelled,
+            prefixes: Some(Arc::clone(&cache)),
             on_done: Box::new(move |r| {
                 results.lock().unwrap()[i] = Some(r.map(|c| (c.tokens, c.text)));
             }),
@@ -370,6 +373,12 @@ fn the_live_batching_engine_gives_each_request_its_plain_answer_and_drops_the_ca
         prefill_chunk: nz(5).unwrap(),
     };
     serve_batched(&model, &rx, config);
+    let cache = cache.lock().unwrap();
+    assert_eq!(
+        cache.shared_len(&prompts[0]),
+        prompts[0].len() - 1,
+        "the prompts were kept"
+    );
     let results = results.lock().unwrap();
     for (i, result) in results.iter().enumerate() {
         let result = result.as_ref().expect("every request is answered");

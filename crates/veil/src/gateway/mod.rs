@@ -124,8 +124,11 @@ pub struct Gateway {
     /// This machine's features, read once.
     hardware: veil_meta::HardwareFeatures,
     /// Keys and values of recent prompts, for the prefix-cache methods: one cache per tenant.
-    prefixes: std::sync::Mutex<HashMap<access::Tenant, PrefixCache>>,
+    prefixes: std::sync::Mutex<HashMap<access::Tenant, TenantCache>>,
 }
+
+/// One API key's prefix cache, shared with the batching engine.
+type TenantCache = Arc<std::sync::Mutex<PrefixCache>>;
 
 /// Prefix caches the gateway keeps, one per API key (tenants past it run without one).
 const MAX_TENANT_CACHES: usize = 16;
@@ -133,8 +136,8 @@ const MAX_TENANT_CACHES: usize = 16;
 /// The most keys and values the gateway's prefix cache keeps (a quarter of it per API key).
 const PREFIX_CACHE_BYTES: usize = 256 << 20;
 
-/// Prompt tokens the batching engine runs between two decode steps.
-const BATCH_PREFILL_CHUNK: usize = 64;
+/// Prompt tokens the batching engine runs in one pass, beside the decoding requests' tokens.
+const BATCH_PREFILL_CHUNK: usize = 128;
 
 /// Starts the continuous batching engine on its own thread, serving `model` `slots` requests
 /// at a time; it stops when the gateway (the queue's sender) is dropped.
@@ -601,7 +604,7 @@ impl Gateway {
         let (result, route) = match &self.backend {
             Backend::Local if self.batcher.is_some() => {
                 method_used = format!("continuous batching ({} slots)", self.limits.batch);
-                let result = self.generate_batched(prompt, params, tx, &cancelled);
+                let result = self.generate_batched(prompt, params, tenant, tx, &cancelled);
                 (result, self.local_route())
             }
             Backend::Local if self.privacy.is_none() => {
@@ -922,6 +925,14 @@ impl Gateway {
         tenant: access::Tenant,
         f: impl FnOnce(&mut PrefixCache) -> R,
     ) -> Option<R> {
+        let cache = self.tenant_cache(tenant)?;
+        let mut cache = cache.lock().ok()?;
+        Some(f(&mut cache))
+    }
+
+    /// `tenant`'s prefix cache, made on first use; `None` if the lock is poisoned or the
+    /// gateway already holds [`MAX_TENANT_CACHES`] caches.
+    fn tenant_cache(&self, tenant: access::Tenant) -> Option<TenantCache> {
         let mut caches = self.prefixes.lock().ok()?;
         if !caches.contains_key(&tenant) && caches.len() >= MAX_TENANT_CACHES {
             return None;
@@ -930,9 +941,10 @@ impl Gateway {
             None => PREFIX_CACHE_BYTES,
             Some(_) => PREFIX_CACHE_BYTES / 4,
         };
-        Some(f(caches
+        let cache = caches
             .entry(tenant)
-            .or_insert_with(|| PrefixCache::new(budget))))
+            .or_insert_with(|| Arc::new(std::sync::Mutex::new(PrefixCache::new(budget))));
+        Some(Arc::clone(cache))
     }
 
     /// The selector's pick for this workload, `shared` of the prompt's tokens being cached.
@@ -1016,6 +1028,7 @@ impl Gateway {
         &self,
         prompt: &[u32],
         params: &GenerationParams,
+        tenant: access::Tenant,
         tx: &mpsc::Sender<Progress>,
         cancelled: &AtomicBool,
     ) -> Result<Completion, Failure> {
@@ -1036,6 +1049,7 @@ impl Gateway {
                 }
             }),
             cancelled: Arc::clone(&gone),
+            prefixes: self.tenant_cache(tenant),
             on_done: Box::new(move |result| {
                 let _ = done.send(result);
             }),
