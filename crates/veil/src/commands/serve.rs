@@ -27,7 +27,8 @@ pub struct ServeArgs {
     pub max_concurrent: u16,
 
     /// Requests decoding together (continuous batching: requests join and leave the batch at
-    /// each step, prompts run 64 tokens at a time between steps), for a model in this process
+    /// each step, prompts run in pieces of up to 128 tokens in the same passes, starting from
+    /// the API key's prefix cache), for a model in this process
     /// without --encrypted; with 1, generations run one at a time with MetaInf's per-request
     /// methods. Admits max(this, --max-concurrent) requests at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
