@@ -202,6 +202,7 @@ pub async fn run_node(
         ..config.limits
     });
     let (steps_done, mut step_done) = mpsc::unbounded_channel();
+    let decode_batcher = infer::DecodeBatcher::start(&model, &steps_done);
     let (mut verify, mut judged) = VerifyService::new(
         key.clone(),
         &shard_info,
@@ -261,7 +262,13 @@ pub async fn run_node(
                         let _ = swarm.behaviour_mut().infer.send_response(channel, response);
                     }
                     Handled::Step { session, cache, input } => {
-                        infer::spawn_step(&model, (session, cache, input), channel, &steps_done);
+                        let alone = match &decode_batcher {
+                            Some(batcher) => batcher.offer((session, cache, input), channel),
+                            None => Some(((session, cache, input), channel)),
+                        };
+                        if let Some((step, channel)) = alone {
+                            infer::spawn_step(&model, step, channel, &steps_done);
+                        }
                     }
                     Handled::Closed(session) => {
                         let _ = swarm.behaviour_mut().infer.send_response(channel, infer::Response::Closed);

@@ -107,3 +107,71 @@ pub(crate) fn run_step(
     usage.add_step(cache.position() - positions, started.elapsed());
     WireTensor::from_tensor(&output).map_err(StepError::Failed)
 }
+
+/// Runs one-position steps of several plain sessions in one pass over the shard (continuous
+/// batching on a node), each answer exactly what its step alone gives (Veil's kernels sum every
+/// row in one order however many rows there are). `steps[i]` is session `sessions[i]`'s input.
+///
+/// An input that does not decode is an error before the shard is touched (`Ok(Err)`: run the
+/// steps one by one instead); a failure in the shard is `Err`, and the caches may be half
+/// updated.
+pub(crate) fn run_decode_batch(
+    model: &ShardModel,
+    sessions: &mut [&mut NodeSession],
+    steps: &[StepInput],
+) -> Result<Result<Vec<WireTensor>, NetError>, NetError> {
+    let ids: Vec<u32>;
+    let input = match steps.first() {
+        Some(StepInput::Tokens(_)) => {
+            let decoded: Option<Vec<u32>> = steps
+                .iter()
+                .map(|s| match s {
+                    StepInput::Tokens(ids) if ids.len() == 1 => Some(ids[0]),
+                    _ => None,
+                })
+                .collect();
+            let Some(decoded) = decoded else {
+                return Ok(Err(NetError::BadMessage(
+                    "a batch holds one token per session".into(),
+                )));
+            };
+            ids = decoded;
+            ShardInput::Tokens(&ids)
+        }
+        _ => {
+            let rows: Result<Vec<Tensor>, NetError> = steps
+                .iter()
+                .map(|s| match s {
+                    StepInput::Hidden(t) if s.len() == 1 => t.to_tensor(),
+                    _ => Err(NetError::BadMessage(
+                        "a batch holds one position per session".into(),
+                    )),
+                })
+                .collect();
+            match rows.and_then(|rows| Ok(Tensor::cat(&rows, 0)?)) {
+                Ok(hidden) => ShardInput::Hidden(hidden),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    };
+    let mut caches = Vec::with_capacity(sessions.len());
+    let mut usages = Vec::with_capacity(sessions.len());
+    for session in sessions.iter_mut() {
+        let NodeSession::Plain(cache, usage) = &mut **session else {
+            return Ok(Err(NetError::BadMessage(
+                "only plain sessions decode in a batch".into(),
+            )));
+        };
+        caches.push(cache);
+        usages.push(usage);
+    }
+    let started = Instant::now();
+    let output = model.forward_batch(input, &mut caches, &vec![1; steps.len()])?;
+    let share = started.elapsed() / steps.len().max(1) as u32;
+    for usage in usages {
+        usage.add_step(1, share);
+    }
+    Ok((0..steps.len())
+        .map(|i| WireTensor::from_tensor(&output.narrow(0, i, 1)?))
+        .collect())
+}

@@ -1060,3 +1060,93 @@ async fn a_peer_gossiping_bad_records_is_neither_relayed_nor_heard() {
         seen.len()
     );
 }
+
+/// Four sessions decode on one node: greedy tokens after a prompt each, stepped one session at
+/// a time or all at once (the node then runs the steps that arrive together in one pass);
+/// returns each session's tokens.
+async fn decode_four(client: &SwarmClient, peer: libp2p::PeerId, together: bool) -> Vec<Vec<u32>> {
+    let prompts: [&[u32]; 4] = [&[1, 9690, 28], &[1, 4154], &[1, 12, 13, 14, 15], &[1, 77]];
+    let mut sessions = Vec::new();
+    let mut next = Vec::new();
+    for prompt in prompts {
+        let infer::Response::Opened { session } =
+            client.infer(peer, infer::Request::Open).await.unwrap()
+        else {
+            panic!("no session")
+        };
+        let step = infer::Request::Step {
+            session,
+            input: StepInput::Tokens(prompt.to_vec()),
+        };
+        let infer::Response::Output(logits) = client.infer(peer, step).await.unwrap() else {
+            panic!("no logits")
+        };
+        sessions.push(session);
+        next.push(greedy(&logits));
+    }
+    let mut tokens = vec![Vec::new(); 4];
+    for _ in 0..6 {
+        let steps = sessions.iter().zip(&next).map(|(&session, &token)| {
+            client.infer(
+                peer,
+                infer::Request::Step {
+                    session,
+                    input: StepInput::Tokens(vec![token]),
+                },
+            )
+        });
+        let answers = if together {
+            futures::future::join_all(steps).await
+        } else {
+            let mut answers = Vec::new();
+            for step in steps {
+                answers.push(step.await);
+            }
+            answers
+        };
+        for (i, answer) in answers.into_iter().enumerate() {
+            let infer::Response::Output(logits) = answer.unwrap() else {
+                panic!("no logits")
+            };
+            tokens[i].push(next[i]);
+            next[i] = greedy(&logits);
+        }
+    }
+    for session in sessions {
+        client
+            .infer(peer, infer::Request::Close { session })
+            .await
+            .unwrap();
+    }
+    tokens
+}
+
+/// The best token of a head's logits `(1, vocab)`.
+fn greedy(logits: &WireTensor) -> u32 {
+    let row = logits
+        .to_tensor()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    veil_model::sampling::argmax(&row)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_steps_of_different_sessions_arriving_together_answer_as_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = serve_with(
+        dir.path(),
+        "/ip4/127.0.0.1/tcp/0",
+        model_path(),
+        SessionLimits::default(),
+    )
+    .await;
+    let peer = peer_of(&node).unwrap();
+    let client = stranger(&node).await;
+    let alone = decode_four(&client, peer, false).await;
+    let together = decode_four(&client, peer, true).await;
+    assert_eq!(together, alone);
+    assert!(alone.iter().all(|t| t.len() == 6));
+}

@@ -20,7 +20,7 @@ use veil_model::ShardModel;
 use super::{refuse, Answer, ErrorKind, ProtocolSpec, Refusal};
 use crate::error::NetError;
 use crate::history::SessionUsage;
-use crate::node_session::{run_step, NodeSession, StepError};
+use crate::node_session::{run_decode_batch, run_step, NodeSession, StepError};
 use crate::sessions::{SessionRefusal, SessionTable};
 use crate::wire::{SessionId, ShardInfo, StepInput, WireTensor};
 
@@ -167,29 +167,201 @@ pub(crate) struct StepDone {
 /// Runs a step on a blocking thread; the outcome comes back on `done`.
 pub(crate) fn spawn_step(
     model: &Arc<ShardModel>,
-    (session, mut cache, input): (SessionId, NodeSession, StepInput),
+    (session, cache, input): (SessionId, NodeSession, StepInput),
     channel: ResponseChannel<Response>,
     done: &mpsc::UnboundedSender<StepDone>,
 ) {
     let (model, done) = (Arc::clone(model), done.clone());
     tokio::task::spawn_blocking(move || {
-        // A step that panics still answers, and its session is dropped rather than held as
-        // running forever.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_step(&model, &mut cache, input)
-        }))
-        .unwrap_or_else(|_| {
-            Err(StepError::Failed(NetError::BadMessage(
-                "the step failed inside the model; the session is dropped".into(),
-            )))
-        });
+        let _ = done.send(step_alone(&model, session, cache, input, channel));
+    });
+}
+
+/// Runs one step on this thread. A step that panics still answers, and its session is dropped
+/// rather than held as running forever.
+fn step_alone(
+    model: &ShardModel,
+    session: SessionId,
+    mut cache: NodeSession,
+    input: StepInput,
+    channel: ResponseChannel<Response>,
+) -> StepDone {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_step(model, &mut cache, input)
+    }))
+    .unwrap_or_else(|_| {
+        Err(StepError::Failed(NetError::BadMessage(
+            "the step failed inside the model; the session is dropped".into(),
+        )))
+    });
+    StepDone {
+        session,
+        cache,
+        result,
+        channel,
+    }
+}
+
+/// Decode steps queued to run together.
+const MAX_DECODE_BATCH: usize = 64;
+
+/// A step waiting for the decode batcher.
+struct Queued {
+    session: SessionId,
+    cache: NodeSession,
+    input: StepInput,
+    channel: ResponseChannel<Response>,
+}
+
+/// Runs the one-position steps of plain sessions on a thread of its own, those that arrive
+/// while others run taken together in one pass over the shard (continuous batching on a
+/// node: many users' decode steps cost about one). Prompts and verified or hop sessions run
+/// on their own threads as before, so a long prompt does not hold up the batch.
+pub(crate) struct DecodeBatcher {
+    queue: std::sync::mpsc::Sender<Queued>,
+    context_length: usize,
+}
+
+impl DecodeBatcher {
+    /// A batcher for `model`, if its kernels give every row the same bits in any batch (else
+    /// steps run alone, as before); finished steps come back on `done`.
+    pub(crate) fn start(
+        model: &Arc<ShardModel>,
+        done: &mpsc::UnboundedSender<StepDone>,
+    ) -> Option<Self> {
+        if !model.bit_reproducible() {
+            return None;
+        }
+        let (queue, rx) = std::sync::mpsc::channel();
+        let (model, done) = (Arc::clone(model), done.clone());
+        let context_length = model.config().context_length;
+        std::thread::Builder::new()
+            .name("veil-decode-batch".into())
+            .spawn(move || decode_batches(&model, &rx, &done))
+            .ok()?;
+        Some(Self {
+            queue,
+            context_length,
+        })
+    }
+
+    /// Queues a step if it is one position of a plain session with room left; otherwise hands
+    /// it back, to run alone.
+    pub(crate) fn offer(
+        &self,
+        (session, cache, input): (SessionId, NodeSession, StepInput),
+        channel: ResponseChannel<Response>,
+    ) -> Option<(
+        (SessionId, NodeSession, StepInput),
+        ResponseChannel<Response>,
+    )> {
+        let fits = input.len() == 1
+            && matches!(cache, NodeSession::Plain(..))
+            && cache.position() < self.context_length;
+        if !fits {
+            return Some(((session, cache, input), channel));
+        }
+        let queued = Queued {
+            session,
+            cache,
+            input,
+            channel,
+        };
+        match self.queue.send(queued) {
+            Ok(()) => None,
+            Err(std::sync::mpsc::SendError(q)) => Some(((q.session, q.cache, q.input), q.channel)),
+        }
+    }
+}
+
+/// The batcher's loop: waits for a step, takes every step queued behind it, runs them in one
+/// pass, and answers each.
+fn decode_batches(
+    model: &ShardModel,
+    queue: &std::sync::mpsc::Receiver<Queued>,
+    done: &mpsc::UnboundedSender<StepDone>,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_DECODE_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        // Embedding shards take ids, the others hidden states: a batch takes one kind.
+        let tokens = |q: &Queued| matches!(q.input, StepInput::Tokens(_));
+        let kind = tokens(&batch[0]);
+        let (same, other): (Vec<Queued>, Vec<Queued>) =
+            batch.into_iter().partition(|q| tokens(q) == kind);
+        for q in other {
+            let _ = done.send(step_alone(model, q.session, q.cache, q.input, q.channel));
+        }
+        if same.len() == 1 {
+            for q in same {
+                let _ = done.send(step_alone(model, q.session, q.cache, q.input, q.channel));
+            }
+            continue;
+        }
+        let mut caches: Vec<NodeSession> = Vec::with_capacity(same.len());
+        let mut rest = Vec::with_capacity(same.len());
+        let mut inputs = Vec::with_capacity(same.len());
+        for q in same {
+            caches.push(q.cache);
+            inputs.push(q.input);
+            rest.push((q.session, q.channel));
+        }
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut refs: Vec<&mut NodeSession> = caches.iter_mut().collect();
+            run_decode_batch(model, &mut refs, &inputs)
+        }));
+        match ran {
+            Ok(Ok(Ok(outputs))) => {
+                for ((cache, (session, channel)), output) in
+                    caches.into_iter().zip(rest).zip(outputs)
+                {
+                    let _ = done.send(StepDone {
+                        session,
+                        cache,
+                        result: Ok(output),
+                        channel,
+                    });
+                }
+            }
+            // An input that does not decode: nothing ran; each step alone says whose it is.
+            Ok(Ok(Err(_))) => {
+                for ((cache, (session, channel)), input) in caches.into_iter().zip(rest).zip(inputs)
+                {
+                    let _ = done.send(step_alone(model, session, cache, input, channel));
+                }
+            }
+            // The shard failed part-way: every cache in the pass may be half updated.
+            Ok(Err(e)) => fail_all(caches, rest, &e.to_string(), done),
+            Err(_) => fail_all(
+                caches,
+                rest,
+                "the batched step failed inside the model",
+                done,
+            ),
+        }
+    }
+}
+
+/// Answers every step of a failed pass with the failure; their sessions are dropped.
+fn fail_all(
+    caches: Vec<NodeSession>,
+    rest: Vec<(SessionId, ResponseChannel<Response>)>,
+    why: &str,
+    done: &mpsc::UnboundedSender<StepDone>,
+) {
+    for (cache, (session, channel)) in caches.into_iter().zip(rest) {
         let _ = done.send(StepDone {
             session,
             cache,
-            result,
+            result: Err(StepError::Failed(NetError::BadMessage(why.to_string()))),
             channel,
         });
-    });
+    }
 }
 
 /// Puts a finished step's session back (or drops it, if the model failed part-way) and says
