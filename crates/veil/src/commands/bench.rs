@@ -285,7 +285,12 @@ pub(crate) fn median(xs: &mut [f64]) -> f64 {
 
 /// The process's peak resident set size, from `/proc/self/status` (Linux only).
 pub(crate) fn peak_memory() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    peak_memory_of("self")
+}
+
+/// Process `pid`'s peak resident set size (`self` for this one), from `/proc` (Linux only).
+pub(crate) fn peak_memory_of(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)

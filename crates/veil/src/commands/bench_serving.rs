@@ -198,10 +198,7 @@ fn start_veil(file: &Path, threads: usize, batch: usize) -> Result<Server> {
         .context("cannot start veil serve")?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
+    let addr = crate::commands::bench_soak::gateway_address(&line)
         .with_context(|| format!("veil serve printed {line:?}"))?;
     let model = line
         .split("(model ")

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::commands::bench::BenchArgs;
+use crate::commands::bench::{peak_memory_of, BenchArgs};
 use crate::commands::soak_rogue::{self, RogueTally, Targets};
 
 /// The key honest clients (and the rogue, where it pretends to be one) send the gateway.
@@ -82,10 +82,7 @@ impl Process {
 
     /// Peak resident memory (VmHWM), in MiB.
     fn peak_mib(&self) -> Option<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib / 1024.0)
+        peak_memory_of(&self.child.id().to_string()).map(|bytes| bytes as f64 / f64::from(1 << 20))
     }
 
     /// Whether it is still running.
@@ -181,10 +178,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         path_arg(&dir.path().join("evidence")),
     ];
     let (mut gateway, line) = Process::start("the gateway", &gateway_args)?;
-    let base = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
+    let base = gateway_address(&line)
         .with_context(|| format!("the gateway printed {line:?}"))?
         .to_string();
     let gateway_addr: std::net::SocketAddr = base.parse().context("the gateway's address")?;
@@ -283,6 +277,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         bail!("the soak run failed: see above");
     }
     Ok(())
+}
+
+/// The host:port in the line `veil serve` prints first.
+pub(crate) fn gateway_address(line: &str) -> Option<&str> {
+    line.split("http://").nth(1)?.split_whitespace().next()
 }
 
 fn path_arg(path: &Path) -> String {
