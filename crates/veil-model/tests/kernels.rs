@@ -65,7 +65,7 @@ fn every_kernel_family_gives_the_reference_logits_bit_for_bit() {
 fn greedy_answers_of_the_default_model_match_candles_kernels_on_the_sample_prompts() {
     let veil = load(WeightFormat::AsStored, Kernels::default());
     let candle = load(WeightFormat::AsStored, Kernels::Candle);
-    for question in &SAMPLE_PROMPTS[..20] {
+    for question in &SAMPLE_PROMPTS[..8] {
         let (ours, theirs) = (greedy(&veil, question), greedy(&candle, question));
         assert_eq!(
             ours, theirs,

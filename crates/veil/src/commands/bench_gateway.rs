@@ -1,6 +1,7 @@
 //! `veil bench --gateway`: what the gateway costs. The same greedy answer is generated directly
 //! and through the gateway's HTTP API on loopback, alternating, in one run; then 1, 4 and 16
-//! concurrent streamed requests report time to first token and aggregate tokens/s.
+//! concurrent streamed requests of `--tokens` tokens report time to first token and aggregate
+//! tokens/s.
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -121,12 +122,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!("gateway    {g:>7.1} tok/s (HTTP on loopback, non-streamed)");
     println!("ratio      {:>7.3}", g / d);
 
+    let tokens = args.tokens;
     match args.batch {
         1 => println!(
-            "concurrent streamed requests (64 tokens each, one generation at a time, the rest queued):"
+            "concurrent streamed requests ({tokens} tokens each, one generation at a time, the rest queued):"
         ),
         n => println!(
-            "concurrent streamed requests (64 tokens each, continuous batching of {n}, the rest queued):"
+            "concurrent streamed requests ({tokens} tokens each, continuous batching of {n}, the rest queued):"
         ),
     }
     println!(
@@ -137,7 +139,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let started = Instant::now();
         let results: Vec<Result<(Duration, usize)>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..n)
-                .map(|_| scope.spawn(|| stream_one(&client, &base, &model_id)))
+                .map(|_| scope.spawn(|| stream_one(&client, &base, &model_id, tokens)))
                 .collect();
             handles
                 .into_iter()
@@ -164,11 +166,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One streamed request of 64 tokens: time to its first text, and the tokens it got.
+/// One streamed request of `max_tokens` tokens: time to its first text, and the tokens it got.
 fn stream_one(
     client: &reqwest::blocking::Client,
     base: &str,
     model: &str,
+    max_tokens: usize,
 ) -> Result<(Duration, usize)> {
     let started = Instant::now();
     let response = client
@@ -177,7 +180,7 @@ fn stream_one(
             "model": model,
             "messages": [{"role": "user", "content": PROMPT}],
             "temperature": 0,
-            "max_tokens": 64,
+            "max_tokens": max_tokens,
             "stream": true,
         }))
         .send()?
