@@ -74,6 +74,17 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["encrypted", "llama_cpp", "gateway"])]
     pub serving: bool,
 
+    /// With --serving: each concurrent request asks about its own subject, instead of all
+    /// asking for the same story (prompts then share only the chat template and first words).
+    #[arg(long, requires = "serving")]
+    pub distinct_prompts: bool,
+
+    /// With --serving: serve through a swarm instead, a gateway (`--max-concurrent 16`) over a
+    /// chain of three `veil node` processes on loopback, one thread each; prints aggregate
+    /// tokens/s at 1, 4 and 16 concurrent requests and the ratio of 16 to 1.
+    #[arg(long, requires = "serving")]
+    pub swarm: bool,
+
     /// With --gateway or --serving: requests decoding together in the gateway's continuous
     /// batching engine (1: one generation at a time).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]

@@ -3,17 +3,21 @@
 //! and 16 concurrent streamed chat requests of 64 greedy tokens to each server in turn (same
 //! file, same threads), and the run prints aggregate tokens/s, median time to first token and
 //! the ratio for each load. llama-server runs with `-np 4` and with `-np 16` (its best for the
-//! heaviest load); Veil with `--batch N`.
+//! heaviest load); Veil with `--batch N`. `--distinct-prompts` gives each request its own
+//! prompt; `--swarm` measures the gateway over a three-node chain instead ([`run_swarm`]).
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
+use veil_model::{GgufFile, LayerRange, LlamaConfig};
+
 use crate::commands::bench::{median, BenchArgs};
+use crate::commands::bench_process::{gateway_address, path_arg, Process};
 use crate::commands::python_venv::{venv_python, VenvSpec};
 
 /// The load driver, run with the venv's Python.
@@ -47,8 +51,58 @@ struct Sample {
     ttft_median_ms: f64,
 }
 
+/// The official `openai` client and the load script, ready to run.
+struct LoadDriver {
+    python: PathBuf,
+    script: PathBuf,
+    prompts: &'static str,
+    _dir: tempfile::TempDir,
+}
+
+impl LoadDriver {
+    /// Makes (once) the venv with the `openai` package and writes the script out.
+    fn new(args: &BenchArgs) -> Result<Self> {
+        let home = veil_model::ModelStore::from_env().home().to_path_buf();
+        let python = venv_python(
+            &home,
+            &VenvSpec {
+                name: "bench-openai-venv",
+                packages: &["openai>=1,<3"],
+                imports: "openai",
+                env: Vec::new(),
+                note: "a few seconds, once",
+            },
+        )?;
+        let dir = tempfile::tempdir()?;
+        let script = dir.path().join("serving_load.py");
+        std::fs::write(&script, LOAD_SCRIPT)?;
+        Ok(Self {
+            python,
+            script,
+            prompts: if args.distinct_prompts {
+                "distinct"
+            } else {
+                "same"
+            },
+            _dir: dir,
+        })
+    }
+
+    /// What the prompts of a load are, for the table's heading.
+    fn prompts_said(&self) -> &'static str {
+        match self.prompts {
+            "same" => "one prompt for all",
+            _ => "a different prompt for each request",
+        }
+    }
+}
+
 /// Runs `veil bench --serving`.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    let driver = LoadDriver::new(args)?;
+    if args.swarm {
+        return run_swarm(args, &driver);
+    }
     let threads = args.model.threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         usize::from,
@@ -61,34 +115,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "no llama-server in {}: build llama.cpp's llama-server target too",
         bin.display()
     );
-    let home = veil_model::ModelStore::from_env().home().to_path_buf();
-    let python = venv_python(
-        &home,
-        &VenvSpec {
-            name: "bench-openai-venv",
-            packages: &["openai>=1,<3"],
-            imports: "openai",
-            env: Vec::new(),
-            note: "a few seconds, once",
-        },
-    )?;
-    let dir = tempfile::tempdir()?;
-    let script = dir.path().join("serving_load.py");
-    std::fs::write(&script, LOAD_SCRIPT)?;
-
     let mut servers = vec![start_veil(&file, threads, usize::from(args.batch))?];
     for slots in [4, 16] {
         servers.push(start_llama_server(&server_bin, &file, threads, slots)?);
     }
     // One request each first, so every server has loaded and warmed up.
     for server in &servers {
-        drive(&python, &script, server, 1)
-            .with_context(|| format!("{} answers nothing", server.name))?;
+        drive(&driver, server, 1).with_context(|| format!("{} answers nothing", server.name))?;
     }
     let runs = args.runs.max(1);
     println!(
         "{ANSWER_TOKENS}-token streamed chat requests through the official openai client \
-         (AsyncOpenAI), {threads} threads, {} run(s) alternating (medians), file {}",
+         (AsyncOpenAI), {}, {threads} threads, {} run(s) alternating (medians), file {}",
+        driver.prompts_said(),
         runs,
         file.display()
     );
@@ -100,7 +139,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
         for _ in 0..runs {
             for (server, kept) in servers.iter().zip(&mut samples) {
-                kept.push(drive(&python, &script, server, n)?);
+                kept.push(drive(&driver, server, n)?);
             }
         }
         let medians: Vec<Sample> = samples
@@ -135,13 +174,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 /// Runs the load driver: `n` concurrent streamed requests to `server`.
-fn drive(python: &Path, script: &Path, server: &Server, n: usize) -> Result<Sample> {
-    let out = Command::new(python)
-        .arg(script)
+fn drive(driver: &LoadDriver, server: &Server, n: usize) -> Result<Sample> {
+    let out = Command::new(&driver.python)
+        .arg(&driver.script)
         .arg(&server.base)
         .arg(&server.model)
         .arg(n.to_string())
         .arg(ANSWER_TOKENS.to_string())
+        .arg(driver.prompts)
         .output()
         .context("cannot run the openai load driver")?;
     if !out.status.success() {
@@ -174,32 +214,28 @@ fn drive(python: &Path, script: &Path, server: &Server, n: usize) -> Result<Samp
 
 /// `veil serve --local` on `file` with continuous batching of `batch`.
 fn start_veil(file: &Path, threads: usize, batch: usize) -> Result<Server> {
+    let args: Vec<String> = ["serve", "--local", "--max-queued", "64", "--threads"]
+        .map(String::from)
+        .into_iter()
+        .chain([threads.to_string(), "--batch".into(), batch.to_string()])
+        .chain(["--model".into(), path_arg(file)])
+        .collect();
+    start_gateway(&format!("Veil --batch {batch}"), &args)
+}
+
+/// `veil ARGS` (a `veil serve` on a free loopback port), once it prints its address.
+fn start_gateway(name: &str, args: &[String]) -> Result<Server> {
     let exe = std::env::current_exe().context("cannot find the veil executable")?;
     let mut child = Command::new(exe)
-        .args([
-            "serve",
-            "--local",
-            "--listen",
-            "127.0.0.1:0",
-            "--max-queued",
-            "64",
-        ])
-        .args([
-            "--threads",
-            &threads.to_string(),
-            "--batch",
-            &batch.to_string(),
-        ])
-        .arg("--model")
-        .arg(file)
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .context("cannot start veil serve")?;
+        .with_context(|| format!("cannot start {name}"))?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
-    let addr = crate::commands::bench_soak::gateway_address(&line)
-        .with_context(|| format!("veil serve printed {line:?}"))?;
+    let addr = gateway_address(&line).with_context(|| format!("{name} printed {line:?}"))?;
     let model = line
         .split("(model ")
         .nth(1)
@@ -207,11 +243,142 @@ fn start_veil(file: &Path, threads: usize, batch: usize) -> Result<Server> {
         .unwrap_or("model")
         .to_string();
     Ok(Server {
-        name: format!("Veil --batch {batch}"),
+        name: name.to_string(),
         base: format!("http://{addr}"),
         model,
         child,
     })
+}
+
+/// Runs `veil bench --serving --swarm`: the gateway over a chain of three `veil node`
+/// processes, each serving a third of the blocks on one thread (so a single request keeps one
+/// core busy at a time, and concurrent ones can keep both busy while the nodes batch their
+/// decode steps). Each node lets the gateway hold 16 sessions (`--max-sessions-per-peer 16`):
+/// one gateway speaks for many users.
+fn run_swarm(args: &BenchArgs, driver: &LoadDriver) -> Result<()> {
+    let file = args.model.resolve_path()?;
+    let config = LlamaConfig::from_gguf(&GgufFile::open(&file)?)?;
+    let blocks = config.block_count;
+    ensure!(
+        blocks >= 3,
+        "the model has {blocks} blocks: too few for three nodes"
+    );
+    let ranges: Vec<LayerRange> = (0..3)
+        .map(|i| LayerRange(i * blocks / 3..(i + 1) * blocks / 3))
+        .collect();
+    let shards = crate::commands::swarm::plan_shards(&ranges, 0, blocks)?;
+    let dir = tempfile::tempdir()?;
+    let manifests = veil_model::write_shard_files(&file, &shards, dir.path(), &mut |_, _| {})?;
+
+    let mut nodes = Vec::new();
+    let mut first_addr: Option<String> = None;
+    for (i, manifest) in manifests.iter().enumerate() {
+        let mut node_args: Vec<String> = [
+            "node",
+            "--threads",
+            "1",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--max-sessions",
+            "32",
+            "--max-sessions-per-peer",
+            "16",
+        ]
+        .map(String::from)
+        .to_vec();
+        node_args.extend(["--shard".into(), path_arg(&dir.path().join(&manifest.file))]);
+        node_args.extend([
+            "--state".into(),
+            path_arg(&dir.path().join(format!("node{i}.redb"))),
+        ]);
+        if let Some(first) = &first_addr {
+            node_args.extend(["--bootstrap".into(), first.clone()]);
+        }
+        let (node, line) = Process::start(&format!("node {i}"), &node_args)?;
+        let addr = line
+            .strip_prefix("listening on ")
+            .with_context(|| format!("node {i} printed {line:?}"))?
+            .to_string();
+        eprintln!("node {i} ({}) at {addr}", manifest.shard());
+        first_addr.get_or_insert(addr);
+        nodes.push(node);
+    }
+    let gateway_args: Vec<String> = [
+        "serve",
+        "--max-concurrent",
+        "16",
+        "--max-queued",
+        "64",
+        "--bootstrap",
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain(first_addr.clone())
+    .chain(["--model".into(), path_arg(&file)])
+    .chain(["--state".into(), path_arg(&dir.path().join("client.redb"))])
+    .chain([
+        "--evidence-dir".into(),
+        path_arg(&dir.path().join("evidence")),
+    ])
+    .collect();
+    let gateway = start_gateway("Veil over 3 nodes", &gateway_args)?;
+    // The gateway finds the chain through the DHT: retry the first request until it answers.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match drive(driver, &gateway, 1) {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for the chain to form: {e:#}");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => {
+                let logs: Vec<String> = nodes.iter().map(Process::log_tail).collect();
+                return Err(e.context(format!("the swarm never answered; nodes: {logs:?}")));
+            }
+        }
+    }
+
+    let runs = args.runs.max(1);
+    println!(
+        "{ANSWER_TOKENS}-token streamed chat requests through the official openai client \
+         (AsyncOpenAI), {}, a gateway over three nodes of {}/{}/{} blocks on one thread each, \
+         {runs} run(s) (medians), file {}",
+        driver.prompts_said(),
+        ranges[0].0.len(),
+        ranges[1].0.len(),
+        ranges[2].0.len(),
+        file.display()
+    );
+    println!(
+        "{:>3}  {:>16}  {:>16}",
+        "N", "aggregate tok/s", "TTFT median ms"
+    );
+    let mut single = None;
+    let mut last = 0.0;
+    for n in CONCURRENCY {
+        let samples = (0..runs)
+            .map(|_| drive(driver, &gateway, n))
+            .collect::<Result<Vec<_>>>()?;
+        let tps = median(
+            &mut samples
+                .iter()
+                .map(|s| s.tokens_per_second)
+                .collect::<Vec<_>>(),
+        );
+        let ttft = median(&mut samples.iter().map(|s| s.ttft_median_ms).collect::<Vec<_>>());
+        println!("{n:>3}  {tps:>16.1}  {ttft:>16.0}");
+        single.get_or_insert(tps);
+        last = tps;
+    }
+    let ratio = last / single.unwrap_or(1.0).max(1e-9);
+    println!(
+        "ratio: {ratio:.2} (aggregate tokens/s at {} concurrent requests over one request's)",
+        CONCURRENCY[CONCURRENCY.len() - 1]
+    );
+    for node in &mut nodes {
+        ensure!(node.alive(), "{} stopped: {}", node.name, node.log_tail());
+    }
+    Ok(())
 }
 
 /// `llama-server` on `file` with `slots` parallel sequences, once its health check passes.
