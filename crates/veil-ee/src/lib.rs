@@ -6,6 +6,7 @@ pub mod attack;
 pub mod error;
 pub mod frequency;
 mod group_local;
+pub mod inversion;
 pub mod key;
 pub mod model_file;
 pub mod rotation;
@@ -16,6 +17,9 @@ pub use agreement::{agreement, Agreement, EVAL_PROMPTS};
 pub use attack::{match_embeddings, WeightMatch};
 pub use error::{EeError, Result};
 pub use frequency::{FrequencyAttack, FrequencyGuess};
+pub use inversion::{
+    hidden_states_seen, invert_hidden_states, HiddenView, Inversion, InversionBudget,
+};
 pub use key::{refuse_inexact, EeKey, KeyKind, LayerKey, KEY_VERSION};
 pub use model_file::{check_key, encrypt_model, model_digest, natural_kind};
 pub use rotation::{KeyUsage, RotationPolicy};

@@ -68,6 +68,11 @@ impl KvStore {
 
     /// An independent copy of the first `len` positions.
     pub(crate) fn copy_prefix(&self, len: usize) -> Result<Self> {
+        self.copy_prefix_growing(len, self.grow_step)
+    }
+
+    /// [`copy_prefix`](Self::copy_prefix), the copy growing `grow_step` positions at a time.
+    pub(crate) fn copy_prefix_growing(&self, len: usize, grow_step: usize) -> Result<Self> {
         let len = len.min(self.len);
         let storage = match &self.storage {
             Some((k, v)) if len > 0 => {
@@ -78,7 +83,7 @@ impl KvStore {
         Ok(Self {
             storage,
             len,
-            grow_step: self.grow_step,
+            grow_step: grow_step.max(1),
         })
     }
 

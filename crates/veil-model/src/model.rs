@@ -89,6 +89,20 @@ impl ShardCache {
         })
     }
 
+    /// [`copy_prefix`](Self::copy_prefix) for a short-lived copy that takes a few positions
+    /// more: it grows `grow_step` positions at a time rather than the session's step, so a
+    /// thousand copies that each take one token (an inversion attack's candidates) stay small.
+    pub fn copy_prefix_growing(&self, positions: usize, grow_step: usize) -> Result<Self> {
+        Ok(Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.copy_prefix_growing(positions, grow_step))
+                .collect::<Result<_>>()?,
+            position: self.position.min(positions),
+        })
+    }
+
     /// Memory the cached positions take.
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(KvStore::bytes).sum()

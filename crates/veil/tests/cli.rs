@@ -449,6 +449,34 @@ fn frequency_attack_runs_on_the_projects_own_text() {
 }
 
 #[test]
+fn the_inversion_attack_reads_a_text_back_and_refuses_bad_depths() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "The bees came home before the rain.").unwrap();
+    let out = veil()
+        .args(["ee", "attack-inversion", "--client-layers", "1", "--text"])
+        .arg(&text)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    // One row per mode, each reading the whole text back.
+    for mode in [
+        "| 1 | split (plaintext) | 100.0% |",
+        "| 1 | EE (permuted) | 100.0% |",
+    ] {
+        assert!(stdout.contains(mode), "{stdout}");
+    }
+
+    let err = fails(&["ee", "attack-inversion", "--client-layers", "30"]);
+    assert!(err.contains("K must be below 30"), "{err}");
+    let err = fails(&["ee", "attack-inversion", "--max-candidates", "0"]);
+    assert!(err.contains("at least 1"), "{err}");
+    let err = fails(&["ee", "attack-inversion", "--text", "/nonexistent/text"]);
+    assert!(err.contains("cannot read /nonexistent/text"), "{err}");
+}
+
+#[test]
 fn bad_kernel_choices() {
     let err = fails(&["bench", "--kernels", "turbo"]);
     assert!(

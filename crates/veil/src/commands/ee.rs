@@ -82,6 +82,25 @@ pub enum EeCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Vocabulary-matching inversion: read a text back from the hidden states a node is
+    /// handed, with the public weights (`--model`), for a client-side split of K client blocks
+    /// (plaintext states) and for EE (the same states, residual stream permuted, from the model
+    /// encrypted under a fresh key). Prints tokens recovered per K and mode, and the cost.
+    AttackInversion {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Client blocks before the node's first (0: the embedding's output).
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2,4")]
+        client_layers: Vec<usize>,
+        /// A text file to read back (raw text, no chat template); default: a held-out passage
+        /// written for Veil.
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// Candidates tried at one position before the closest is taken (default: the whole
+        /// vocabulary).
+        #[arg(long)]
+        max_candidates: Option<usize>,
+    },
 }
 
 /// An encrypted model and the key it was made with.
@@ -178,6 +197,99 @@ pub fn run(command: EeCommand) -> Result<()> {
             tokens,
             seed,
         } => attack_frequency(&model, &texts, &tokens, seed)?,
+        EeCommand::AttackInversion {
+            model,
+            client_layers,
+            text,
+            max_candidates,
+        } => attack_inversion(&model, &client_layers, text.as_deref(), max_candidates)?,
+    }
+    Ok(())
+}
+
+/// Runs the inversion attack for each K in `client_layers`, on plaintext and EE states.
+fn attack_inversion(
+    model: &ModelArgs,
+    client_layers: &[usize],
+    text: Option<&Path>,
+    max_candidates: Option<usize>,
+) -> Result<()> {
+    let path = model.resolve_path()?;
+    let public = model.load()?;
+    let blocks = public.config.block_count;
+    if let Some(&k) = client_layers.iter().find(|&&k| k >= blocks) {
+        bail!("--client-layers {k}: the model has {blocks} blocks, so K must be below {blocks}");
+    }
+    let (text, source) = match text {
+        Some(file) => (
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?,
+            file.display().to_string(),
+        ),
+        None => (
+            crate::accel::HELD_OUT.to_string(),
+            "the held-out passage".into(),
+        ),
+    };
+    let ids = public.raw_prompt(text.trim())?;
+    let budget = veil_ee::InversionBudget {
+        max_candidates: max_candidates.unwrap_or(usize::MAX),
+        ..Default::default()
+    };
+    if budget.max_candidates == 0 {
+        bail!("--max-candidates must be at least 1");
+    }
+
+    let gguf = GgufFile::open(&path)?;
+    let kind = veil_ee::natural_kind(&gguf);
+    let key = EeKey::generate_of_kind(&public.config, &model_digest(&path)?, kind);
+    let dir = tempfile::tempdir()?;
+    let encrypted = dir.path().join("encrypted.gguf");
+    encrypt_model(&path, &key, &encrypted)?;
+    let encrypted_ids = veil_ee::encrypt_tokens(&key, &ids);
+    let first_blocks = |file: &Path, k: usize| -> Result<ShardModel> {
+        let shard = veil_model::Shard {
+            layers: 0..k,
+            embedding: true,
+            head: false,
+        };
+        Ok(ShardModel::load_with(
+            &mut GgufFile::open(file)?,
+            &shard,
+            model.dtype,
+            model.kernels,
+        )?)
+    };
+    println!(
+        "reading back {} tokens of {source} with the public weights of {} ({}); EE under a fresh {kind} key",
+        ids.len(),
+        path.display(),
+        model.dtype,
+    );
+    println!(
+        "| K | node sees | tokens recovered | matched exactly | candidates per token | time |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for &k in client_layers {
+        let public_blocks = first_blocks(&path, k)?;
+        let split = veil_ee::hidden_states_seen(&public_blocks, &ids)?;
+        let ee = veil_ee::hidden_states_seen(&first_blocks(&encrypted, k)?, &encrypted_ids)?;
+        for (seen, states, view) in [
+            ("split (plaintext)", &split, veil_ee::HiddenView::Plain),
+            ("EE (permuted)", &ee, veil_ee::HiddenView::Permuted),
+        ] {
+            let started = Instant::now();
+            let read =
+                veil_ee::invert_hidden_states(&public_blocks, &public, states, view, budget)?;
+            println!(
+                "| {k} | {seen} | {:.1}% | {} of {} | {:.0} | {:.1} s |",
+                100.0 * read.recovered(&ids),
+                read.matched,
+                ids.len(),
+                read.candidates_tried as f64 / ids.len() as f64,
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     Ok(())
 }
