@@ -4,17 +4,20 @@
 //! verification, proofs; CBOR, each with its own message bounds and stream budget), gossipsub
 //! (MetaInf's run records, signed by their authors) and connection limits (so no peer, and no
 //! crowd of peers, can hold more connections than a node can serve, and a node short of memory
-//! takes no more).
+//! takes no more), and for nodes behind NATs circuit relay v2 (a reachable node relays, within
+//! [`RelayLimits`]; a node behind a NAT reserves a slot and is dialed through it) and DCUtR (hole
+//! punching upgrades a relayed connection to a direct one).
 
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::cbor;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    connection_limits, gossipsub, identify, memory_connection_limits, noise, ping, tcp, yamux,
-    StreamProtocol, Swarm, SwarmBuilder,
+    connection_limits, dcutr, gossipsub, identify, memory_connection_limits, noise, ping, relay,
+    tcp, yamux, StreamProtocol, Swarm, SwarmBuilder,
 };
 
 use crate::error::{NetError, Result};
@@ -53,6 +56,60 @@ pub struct VeilBehaviour {
     pub prove: cbor::Behaviour<prove::Request, prove::Response>,
     /// Run records shared between nodes.
     pub gossipsub: gossipsub::Behaviour,
+    /// Relays circuits for peers behind NATs, on nodes that offer it (`veil node --relay-server`).
+    pub relay: Toggle<relay::Behaviour>,
+    /// Reserves slots on relays and dials peers through them.
+    pub relay_client: relay::client::Behaviour,
+    /// Upgrades a relayed connection to a direct one by hole punching, where the NATs allow.
+    pub dcutr: dcutr::Behaviour,
+}
+
+/// What a node that relays for others allows. libp2p's defaults (128 KiB and 2 minutes a
+/// circuit) suit a hole-punching handshake, not inference: one step of a 37-token prompt carries
+/// about 85 KB of hidden states. A relayed hop stays relayed where punching fails (symmetric
+/// NATs), so a circuit here may carry a whole generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Slots reserved on this node at once, over all peers.
+    pub max_reservations: usize,
+    /// Slots one peer may reserve.
+    pub max_reservations_per_peer: usize,
+    /// Circuits relayed at once, over all peers.
+    pub max_circuits: usize,
+    /// Circuits one peer may have relayed at once.
+    pub max_circuits_per_peer: usize,
+    /// How long one circuit may last.
+    pub max_circuit_duration: Duration,
+    /// Bytes one circuit may carry (both ways together).
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_reservations_per_peer: 4,
+            max_circuits: 16,
+            max_circuits_per_peer: 4,
+            max_circuit_duration: Duration::from_secs(30 * 60),
+            max_circuit_bytes: 256 << 20,
+        }
+    }
+}
+
+impl RelayLimits {
+    /// libp2p's relay configuration with these limits (and its default rate limits).
+    fn config(self) -> relay::Config {
+        relay::Config {
+            max_reservations: self.max_reservations,
+            max_reservations_per_peer: self.max_reservations_per_peer,
+            max_circuits: self.max_circuits,
+            max_circuits_per_peer: self.max_circuits_per_peer,
+            max_circuit_duration: self.max_circuit_duration,
+            max_circuit_bytes: self.max_circuit_bytes,
+            ..relay::Config::default()
+        }
+    }
 }
 
 /// Builds a swarm over TCP and QUIC (Noise, Yamux) for `key`; `request_timeout` bounds how long
@@ -67,6 +124,16 @@ pub fn build_swarm(
     request_timeout: Duration,
     max_memory_bytes: Option<usize>,
 ) -> Result<Swarm<VeilBehaviour>> {
+    build_relaying_swarm(key, request_timeout, max_memory_bytes, None)
+}
+
+/// [`build_swarm`] for a peer that also relays for others within `relay` (`None`: it does not).
+pub fn build_relaying_swarm(
+    key: Keypair,
+    request_timeout: Duration,
+    max_memory_bytes: Option<usize>,
+    relay: Option<RelayLimits>,
+) -> Result<Swarm<VeilBehaviour>> {
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -76,7 +143,9 @@ pub fn build_swarm(
         )
         .map_err(|e| NetError::Network(e.to_string()))?
         .with_quic()
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetError::Network(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .max_transmit_size(MAX_GOSSIP_BYTES)
                 .validation_mode(gossipsub::ValidationMode::Strict)
@@ -117,6 +186,11 @@ pub fn build_swarm(
                 verify: verify::PROTOCOL.behaviour(request_timeout),
                 prove: prove::PROTOCOL.behaviour(request_timeout),
                 gossipsub,
+                relay: relay
+                    .map(|limits| relay::Behaviour::new(peer_id, limits.config()))
+                    .into(),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(peer_id),
             })
         })
         .map_err(|e| NetError::Network(e.to_string()))?

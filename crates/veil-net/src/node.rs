@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, Message};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{gossipsub, identify, Multiaddr, PeerId, Swarm};
+use libp2p::{dcutr, gossipsub, identify, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use veil_model::{GgufFile, ShardManifest, WeightFormat};
@@ -20,7 +21,8 @@ use veil_verify::{load_serving_shard, Misbehaviour};
 use veil_zk::WeightsCommitment;
 
 use crate::behaviour::{
-    build_swarm, model_key, range_key, zk_key, VeilBehaviour, VeilBehaviourEvent,
+    build_relaying_swarm, model_key, range_key, zk_key, RelayLimits, VeilBehaviour,
+    VeilBehaviourEvent,
 };
 use crate::error::{NetError, Result};
 use crate::history::{accept_gossiped, AuthorQuota, RunTemplate, MAX_KEPT_RUNS, RUNS_TOPIC};
@@ -67,6 +69,11 @@ pub struct NodeConfig {
     pub tee: Option<veil_tee::EvidenceSource>,
     /// A committed private model whose answers this node proves.
     pub zk: Option<Arc<veil_zk::proof::Prover>>,
+    /// Relay circuits for peers behind NATs, within these limits (`None`: relay for no one).
+    pub relay_server: Option<RelayLimits>,
+    /// Relays to reserve a slot on and be reached through (each ending in `/p2p/<peer id>`):
+    /// for a node behind a NAT, which cannot be dialed at the addresses it listens on.
+    pub relays: Vec<Multiaddr>,
 }
 
 /// How often provider records are published again, so peers that joined later learn them.
@@ -159,7 +166,12 @@ pub async fn run_node(
     );
 
     let history = config.history.clone().filter(|_| shard_info.is_whole());
-    let mut swarm = build_swarm(key.clone(), config.request_timeout, config.max_memory_bytes)?;
+    let mut swarm = build_relaying_swarm(
+        key.clone(),
+        config.request_timeout,
+        config.max_memory_bytes,
+        config.relay_server,
+    )?;
     let runs_topic = gossipsub::IdentTopic::new(RUNS_TOPIC);
     swarm
         .behaviour_mut()
@@ -181,6 +193,7 @@ pub async fn run_node(
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 report_listening(&address, local_id, config.on_listen.as_ref());
+                offer_relay_at(&mut swarm, config.relay_server.is_some(), address);
                 listening += 1;
             }
             SwarmEvent::ListenerError { error, .. } => {
@@ -195,6 +208,8 @@ pub async fn run_node(
     let mut writer = StateWriter::start(state, runs)
         .map_err(|e| NetError::Network(format!("cannot start the database writer: {e}")))?;
     join(&mut swarm, &bootstrap)?;
+    let mut relays = RelaySlots::new(&config.relays)?;
+    relays.dial(&mut swarm);
     announce(&mut swarm, &shard_info);
 
     let mut sessions: SessionTable<NodeSession> = SessionTable::new(SessionLimits {
@@ -231,7 +246,10 @@ pub async fn run_node(
                     keep_run(&mut swarm, &mut writer, history.as_ref(), session);
                 }
             }
-            _ = reannounce.tick() => announce(&mut swarm, &shard_info),
+            _ = reannounce.tick() => {
+                announce(&mut swarm, &shard_info);
+                relays.dial(&mut swarm);
+            }
             Some(done) = step_done.recv() => {
                 let (channel, response) = infer::settle(&mut sessions, done);
                 let _ = swarm.behaviour_mut().infer.send_response(channel, response);
@@ -246,6 +264,7 @@ pub async fn run_node(
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
                     report_listening(&address, local_id, config.on_listen.as_ref());
+                    offer_relay_at(&mut swarm, config.relay_server.is_some(), address);
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                     for addr in info.listen_addrs {
@@ -300,8 +319,24 @@ pub async fn run_node(
                 | SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(request_response::Event::InboundFailure { peer, error, .. })) => {
                     warn!("request from {peer} failed: {error}");
                 }
-                SwarmEvent::ConnectionClosed { peer_id, cause: Some(cause), .. } => {
-                    debug!("connection to {peer_id} closed: {cause}");
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => relays.connected(&mut swarm, peer_id),
+                SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+                    debug!("connection to {peer_id} closed: {cause:?}");
+                    relays.disconnected(&mut swarm, peer_id);
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Relay(event)) => log_relay(&event),
+                SwarmEvent::Behaviour(VeilBehaviourEvent::RelayClient(
+                    relay::client::Event::ReservationReqAccepted { relay_peer_id, renewal: false, .. },
+                )) => info!("reserved a slot on relay {relay_peer_id}"),
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+                    Ok(_) => info!("hole punched: a direct connection to {remote_peer_id}"),
+                    Err(e) => info!("no direct connection to {remote_peer_id}, staying relayed: {e}"),
+                },
+                SwarmEvent::ListenerClosed { addresses, reason, .. } => {
+                    if let Err(e) = reason {
+                        warn!("stopped listening on {addresses:?}: {e}");
+                    }
+                    relays.listener_closed(&addresses);
                 }
                 other => debug!("{other:?}"),
             }
@@ -379,7 +414,134 @@ fn keep_peer_run(
     Accept
 }
 
-/// Dials the bootstrap peers and adds them to the routing table.
+/// The relays a node behind a NAT is reached through. It listens through a relay (asks it for
+/// a slot) once connected to it, since libp2p's relay client does not wait for a dial already
+/// under way; when the relay goes away, the node dials it again and asks anew. The relayed
+/// address then reaches peers in identify's listen addresses, as a reachable node's do.
+struct RelaySlots {
+    /// Each relay's peer id and address, and whether the node listens through it now.
+    relays: Vec<(PeerId, Multiaddr, bool)>,
+}
+
+impl RelaySlots {
+    fn new(relays: &[Multiaddr]) -> Result<Self> {
+        let relays = relays
+            .iter()
+            .map(|relay| match peer_of(relay) {
+                Some(peer) => Ok((peer, relay.clone(), false)),
+                None => Err(NetError::Network(format!(
+                    "relay address {relay} must end in /p2p/<peer id> (as the relay prints it)"
+                ))),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { relays })
+    }
+
+    /// Dials every relay not listened through, unless already connected (then listens).
+    fn dial(&mut self, swarm: &mut Swarm<VeilBehaviour>) {
+        for (peer, addr, listening) in &mut self.relays {
+            if *listening {
+                continue;
+            }
+            if swarm.is_connected(peer) {
+                *listening = listen_through(swarm, addr);
+            } else {
+                swarm.behaviour_mut().kad.add_address(peer, addr.clone());
+                if let Err(e) = swarm.dial(addr.clone()) {
+                    debug!("relay {addr}: {e}");
+                }
+            }
+        }
+    }
+
+    fn connected(&mut self, swarm: &mut Swarm<VeilBehaviour>, peer: PeerId) {
+        for (relay, addr, listening) in &mut self.relays {
+            if *relay == peer && !*listening {
+                *listening = listen_through(swarm, addr);
+            }
+        }
+    }
+
+    fn disconnected(&mut self, swarm: &mut Swarm<VeilBehaviour>, peer: PeerId) {
+        if self.relays.iter().any(|(relay, ..)| *relay == peer) && !swarm.is_connected(&peer) {
+            for (relay, _, listening) in &mut self.relays {
+                *listening &= *relay != peer;
+            }
+            self.dial(swarm);
+        }
+    }
+
+    /// Forgets the slots of a relay listener that closed; [`Self::dial`] asks again later (not
+    /// at once, so a relay that keeps refusing is not asked in a loop).
+    fn listener_closed(&mut self, addresses: &[Multiaddr]) {
+        let mut closed = false;
+        for (relay, _, listening) in &mut self.relays {
+            let through = addresses
+                .iter()
+                .any(|a| a.iter().any(|p| p == Protocol::P2p(*relay)));
+            if through {
+                *listening = false;
+                closed = true;
+            }
+        }
+        if closed {
+            debug!("a relay stopped relaying for this node; asking again at the next announcement");
+        }
+    }
+}
+
+/// Asks `relay` for a slot; says whether the request went out.
+fn listen_through(swarm: &mut Swarm<VeilBehaviour>, relay: &Multiaddr) -> bool {
+    let circuit = relay.clone().with(Protocol::P2pCircuit);
+    match swarm.listen_on(circuit.clone()) {
+        Ok(_) => true,
+        Err(e) => {
+            warn!("cannot listen through {circuit}: {e}");
+            false
+        }
+    }
+}
+
+/// On a relaying node, takes a direct listen address as one peers can reach: libp2p's relay
+/// serves only from confirmed external addresses, and an operator who passes `--relay-server`
+/// says the node is reachable where it listens.
+fn offer_relay_at(swarm: &mut Swarm<VeilBehaviour>, relays: bool, address: Multiaddr) {
+    let relayed = address.iter().any(|p| p == Protocol::P2pCircuit);
+    if relays && is_routable(&address) && !relayed {
+        swarm.add_external_address(address);
+    }
+}
+
+/// What a relaying node did for others: reservations and circuits refused say why.
+fn log_relay(event: &relay::Event) {
+    match event {
+        relay::Event::ReservationReqAccepted { src_peer_id, .. } => {
+            info!("relay: reserved a slot for {src_peer_id}")
+        }
+        relay::Event::ReservationReqDenied {
+            src_peer_id,
+            status,
+        } => {
+            warn!("relay: refused a reservation by {src_peer_id}: {status:?}")
+        }
+        relay::Event::CircuitReqAccepted {
+            src_peer_id,
+            dst_peer_id,
+        } => info!("relay: circuit from {src_peer_id} to {dst_peer_id}"),
+        relay::Event::CircuitReqDenied {
+            src_peer_id,
+            dst_peer_id,
+            status,
+        } => warn!("relay: refused a circuit from {src_peer_id} to {dst_peer_id}: {status:?}"),
+        relay::Event::CircuitClosed {
+            src_peer_id,
+            dst_peer_id,
+            error: Some(e),
+        } => info!("relay: circuit from {src_peer_id} to {dst_peer_id} closed: {e}"),
+        other => debug!("relay: {other:?}"),
+    }
+}
+
 /// Prints a listen address (parents, the demo and tests, read this line to find the node) and
 /// hands it to whoever asked.
 fn report_listening(
@@ -387,13 +549,16 @@ fn report_listening(
     local_id: PeerId,
     on_listen: Option<&mpsc::UnboundedSender<Multiaddr>>,
 ) {
-    println!("listening on {address}/p2p/{local_id}");
+    // A relayed address already ends in this node's id.
+    let address = address.clone().with_p2p(local_id).unwrap_or_else(|a| a);
+    println!("listening on {address}");
     let _ = std::io::stdout().flush();
     if let Some(tx) = on_listen {
-        let _ = tx.send(address.clone().with_p2p(local_id).unwrap_or_else(|a| a));
+        let _ = tx.send(address);
     }
 }
 
+/// Dials the bootstrap peers and adds them to the routing table.
 pub(crate) fn join(swarm: &mut Swarm<VeilBehaviour>, bootstrap: &[Multiaddr]) -> Result<()> {
     for addr in bootstrap {
         let Some(peer) = peer_of(addr) else {

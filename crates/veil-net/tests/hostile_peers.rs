@@ -78,6 +78,8 @@ async fn serve_limited(
         history: None,
         tee: None,
         zk: None,
+        relay_server: None,
+        relays: Vec::new(),
     };
     tokio::spawn(async move {
         veil_net::run_node(config, futures::future::pending())

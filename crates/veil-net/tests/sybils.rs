@@ -68,6 +68,8 @@ fn serve(
         history: None,
         tee: None,
         zk: None,
+        relay_server: None,
+        relays: Vec::new(),
     };
     runtime.spawn(async move {
         veil_net::run_node(config, futures::future::pending())

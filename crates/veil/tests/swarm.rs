@@ -133,6 +133,40 @@ fn a_three_node_chain_answers_like_one_process_and_survives_losing_a_node() {
 
 /// Sessions `node` has logged opening.
 #[test]
+fn a_node_reachable_only_through_a_relay_serves_its_blocks_in_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = shards(dir.path());
+    let state = |name: &str| dir.path().join(format!("{name}.redb"));
+    let relay = NodeProcess::start_with(&files[0], &state("relay"), None, &["--relay-server"]);
+    let boot = relay.addr.clone();
+    // The middle node listens on no address of its own: only through the relay.
+    let mut cmd = Command::new(veil_bin());
+    cmd.args(["--log", "info", "node", "--threads", "1", "--only-relayed"])
+        .arg("--shard")
+        .arg(&files[1])
+        .arg("--state")
+        .arg(state("hidden"))
+        .args(["--bootstrap", &boot, "--relay", &boot]);
+    let hidden = NodeProcess::spawn(cmd);
+    assert!(
+        hidden
+            .addr
+            .contains(&format!("{}/p2p-circuit/p2p/", peer_id(&boot))),
+        "{}",
+        hidden.addr
+    );
+    let _last = NodeProcess::start(&files[2], &state("last"), Some(&boot));
+    wait_for_route(&boot);
+
+    let (alone, _) = generate(&[]);
+    let (chained, log) = generate(&["--bootstrap", &boot]);
+    assert_eq!(chained, alone, "{log}");
+    assert!(log.contains("route: blocks 10-20"), "{log}");
+    wait_for_log(&hidden, "reserved a slot on relay");
+    wait_for_log(&relay, "relay: circuit from");
+}
+
+#[test]
 fn a_verified_split_chain_of_processes_answers_like_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let files = shards(dir.path());

@@ -149,6 +149,29 @@ pub struct NodeArgs {
     /// critical requests.
     #[arg(long, value_name = "DIR")]
     pub zk_setup: Option<PathBuf>,
+    /// Relay for nodes behind NATs (circuit relay v2): for a node others can dial directly.
+    #[arg(long)]
+    pub relay_server: bool,
+    /// With --relay-server: circuits relayed at once (4 per peer at most).
+    #[arg(long, default_value_t = 16, requires = "relay_server",
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub relay_max_circuits: u32,
+    /// With --relay-server: MiB one circuit may carry before the relay closes it.
+    #[arg(long, default_value_t = 256, requires = "relay_server",
+          value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub relay_circuit_mib: u64,
+    /// With --relay-server: minutes one circuit may last.
+    #[arg(long, default_value_t = 30, requires = "relay_server",
+          value_parser = clap::value_parser!(u64).range(1..=1440))]
+    pub relay_circuit_minutes: u64,
+    /// A relay to reserve a slot on and be reached through, as that node prints its address
+    /// (/ip4/.../tcp/PORT/p2p/PEER_ID): for a node behind a NAT. Repeat for more relays.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub relay: Vec<Multiaddr>,
+    /// Listen only through --relay, on no address of this machine: for a node that can take
+    /// no inbound connection at all.
+    #[arg(long, requires = "relay", conflicts_with = "listen")]
+    pub only_relayed: bool,
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
@@ -195,7 +218,11 @@ pub fn node(args: NodeArgs) -> Result<()> {
     let config = NodeConfig {
         shard: args.shard,
         format: args.dtype,
-        listen: args.listen,
+        listen: if args.only_relayed {
+            Vec::new()
+        } else {
+            args.listen
+        },
         bootstrap: args.bootstrap,
         state,
         limits: SessionLimits {
@@ -223,6 +250,17 @@ pub fn node(args: NodeArgs) -> Result<()> {
             Some(dir) => Some(std::sync::Arc::new(crate::commands::zk::open_prover(dir)?)),
             None => None,
         },
+        relay_server: args.relay_server.then(|| {
+            let circuits = args.relay_max_circuits as usize;
+            veil_net::behaviour::RelayLimits {
+                max_circuits: circuits,
+                max_circuits_per_peer: circuits.min(4),
+                max_circuit_bytes: args.relay_circuit_mib << 20,
+                max_circuit_duration: Duration::from_secs(args.relay_circuit_minutes * 60),
+                ..Default::default()
+            }
+        }),
+        relays: args.relay,
     };
     let runtime = runtime()?;
     runtime

@@ -46,6 +46,12 @@ impl NodeProcess {
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }
+        Self::spawn(cmd)
+    }
+
+    /// A node from a `veil` command line of the caller's own, once it prints its address.
+    pub fn spawn(mut cmd: Command) -> Self {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("veil node starts");
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
