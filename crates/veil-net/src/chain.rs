@@ -317,6 +317,11 @@ impl RemoteChain {
         })
     }
 
+    /// Whether the client reaches `peer` only through a relay.
+    pub fn is_relayed(&self, peer: &PeerId) -> bool {
+        self.client.is_relayed(peer)
+    }
+
     /// The nodes in use, in order, with their blocks and costs.
     pub fn route(&self) -> Vec<(Candidate, HopStats)> {
         self.hops

@@ -3,10 +3,12 @@
 //! so callers just `await` answers.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::kad::{self, GetProvidersOk, QueryResult, RecordKey};
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, Message, OutboundRequestId};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::SwarmEvent;
@@ -52,7 +54,11 @@ enum Command {
 pub struct SwarmClient {
     commands: mpsc::UnboundedSender<Command>,
     local_id: PeerId,
+    links: Links,
 }
+
+/// How the client is connected to each peer: open connections through a relay and direct ones.
+type Links = Arc<Mutex<HashMap<PeerId, (usize, usize)>>>;
 
 impl SwarmClient {
     /// Starts a client peer (fresh identity) that joins through `bootstrap`, and waits up to
@@ -73,10 +79,12 @@ impl SwarmClient {
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
         join(&mut swarm, bootstrap)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(drive(swarm, rx));
+        let links = Links::default();
+        tokio::spawn(drive(swarm, rx, Arc::clone(&links)));
         let client = Self {
             commands: tx,
             local_id,
+            links,
         };
         let deadline = Instant::now() + join_timeout;
         while client.connected().await? == 0 {
@@ -93,6 +101,15 @@ impl SwarmClient {
     /// This client's peer id.
     pub fn local_id(&self) -> PeerId {
         self.local_id
+    }
+
+    /// Whether every open connection to `peer` goes through a relay (none direct: a node
+    /// behind a NAT that hole punching has not reached).
+    pub fn is_relayed(&self, peer: &PeerId) -> bool {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links
+            .get(peer)
+            .is_some_and(|&(relayed, direct)| relayed > 0 && direct == 0)
     }
 
     /// Sends an inference request and waits for the answer. A refusal is a
@@ -234,7 +251,11 @@ impl<R: Answer> Awaited<R> {
 }
 
 /// The swarm task: runs commands, routes answers back.
-async fn drive(mut swarm: Swarm<VeilBehaviour>, mut commands: mpsc::UnboundedReceiver<Command>) {
+async fn drive(
+    mut swarm: Swarm<VeilBehaviour>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    links: Links,
+) {
     let mut inferring = Awaited::<infer::Response>::new();
     let mut verifying = Awaited::<verify::Response>::new();
     let mut proving = Awaited::<prove::Response>::new();
@@ -293,8 +314,26 @@ async fn drive(mut swarm: Swarm<VeilBehaviour>, mut commands: mpsc::UnboundedRec
                         swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                    count_link(&links, peer_id, endpoint.get_remote_address(), 1);
+                }
+                SwarmEvent::ConnectionClosed { peer_id, endpoint, .. } => {
+                    count_link(&links, peer_id, endpoint.get_remote_address(), -1);
+                }
                 other => debug!("{other:?}"),
             }
         }
+    }
+}
+
+/// Counts a connection to `peer` opening (`+1`) or closing (`-1`), as relayed or direct.
+fn count_link(links: &Links, peer: PeerId, address: &Multiaddr, change: isize) {
+    let relayed = address.iter().any(|p| p == Protocol::P2pCircuit);
+    let mut links = links.lock().unwrap_or_else(|e| e.into_inner());
+    let entry = links.entry(peer).or_default();
+    let count = if relayed { &mut entry.0 } else { &mut entry.1 };
+    *count = count.saturating_add_signed(change);
+    if *entry == (0, 0) {
+        links.remove(&peer);
     }
 }

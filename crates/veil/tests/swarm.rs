@@ -161,7 +161,13 @@ fn a_node_reachable_only_through_a_relay_serves_its_blocks_in_the_chain() {
     let (alone, _) = generate(&[]);
     let (chained, log) = generate(&["--bootstrap", &boot]);
     assert_eq!(chained, alone, "{log}");
-    assert!(log.contains("route: blocks 10-20"), "{log}");
+    // The route says which hop the client reaches through the relay, and only that one.
+    let hidden_id = peer_id(&hidden.addr);
+    assert!(
+        log.contains(&format!("blocks 10-20 on {hidden_id} (relayed)")),
+        "{log}"
+    );
+    assert_eq!(log.matches("(relayed)").count(), 1, "{log}");
     wait_for_log(&hidden, "reserved a slot on relay");
     wait_for_log(&relay, "relay: circuit from");
 }

@@ -434,10 +434,15 @@ pub fn describe_route(chain: &RemoteChain) -> Vec<String> {
         .iter()
         .map(|(node, stats)| {
             format!(
-                "blocks {:>2}-{:<2} on {}: {} steps, {:.0} ms, {} KiB sent",
+                "blocks {:>2}-{:<2} on {}{}: {} steps, {:.0} ms, {} KiB sent",
                 node.info.first_block,
                 node.info.end_block,
                 node.peer,
+                if chain.is_relayed(&node.peer) {
+                    " (relayed)"
+                } else {
+                    ""
+                },
                 stats.steps,
                 stats.busy.as_secs_f64() * 1000.0,
                 stats.bytes_sent / 1024

@@ -1178,8 +1178,13 @@ fn describe_route(chain: &RemoteChain) -> String {
         .route()
         .iter()
         .map(|(node, _)| {
+            let relayed = if chain.is_relayed(&node.peer) {
+                " (relayed)"
+            } else {
+                ""
+            };
             format!(
-                "blocks {}-{} on {}",
+                "blocks {}-{} on {}{relayed}",
                 node.info.first_block, node.info.end_block, node.peer
             )
         })
