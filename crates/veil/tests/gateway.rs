@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -1103,6 +1104,76 @@ fn an_encrypted_model_behind_the_gateway_answers_like_the_plaintext_one() {
         ),
     );
     assert_eq!(s, 200);
+}
+
+#[test]
+fn the_key_rotates_without_changing_answers_and_a_failed_rotation_keeps_the_old_key() {
+    let dir = tempfile::tempdir().unwrap();
+    // The plaintext model the gateway re-encrypts: a copy (its name gives the served model's),
+    // so the test can take it away.
+    let plain = dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::copy(model_path(), &plain).unwrap();
+    let (key, enc) = (dir.path().join("key.veil"), dir.path().join("enc.gguf"));
+    for args in [
+        vec!["ee", "keygen", "--out", key.to_str().unwrap()],
+        vec![
+            "ee",
+            "encrypt",
+            "--key",
+            key.to_str().unwrap(),
+            "--out",
+            enc.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_veil"))
+            .args(&args)
+            .args(["--model", plain.to_str().unwrap()])
+            .env("VEIL_KEY_PASSPHRASE", PASSPHRASE)
+            .output()
+            .expect("veil ee runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every request (a prompt of about 30 tokens and 8 answer tokens) spends the budget.
+    let gateway = Gateway::start(&[
+        "--model",
+        plain.to_str().unwrap(),
+        "--encrypted",
+        enc.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--rotate-after-tokens",
+        "20",
+    ]);
+    let question = ask("What is the capital of France?", json!({"max_tokens": 8}));
+    let answer = |gateway: &Gateway| {
+        let (status, got) = gateway.post("/v1/chat/completions", &question);
+        assert_eq!(status, 200, "{got}");
+        got["choices"][0]["message"]["content"].clone()
+    };
+    let wait_for = |name: &str, value: f64| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while gateway.metric(name) < value {
+            assert!(Instant::now() < deadline, "{name} never reached {value}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let first = answer(&gateway);
+    wait_for("veil_key_rotations_total", 1.0);
+    // Under the new key the answer is the same (EE is exact), and it rotates again.
+    assert_eq!(answer(&gateway), first);
+    wait_for("veil_key_rotations_total", 2.0);
+    assert_eq!(gateway.metric("veil_key_rotation_failures_total"), 0.0);
+
+    // Without the plaintext model the next rotation fails half-way; the old key serves on.
+    std::fs::remove_file(&plain).unwrap();
+    assert_eq!(answer(&gateway), first);
+    wait_for("veil_key_rotation_failures_total", 1.0);
+    assert_eq!(answer(&gateway), first);
+    assert_eq!(gateway.metric("veil_key_rotations_total"), 2.0);
 }
 
 #[test]

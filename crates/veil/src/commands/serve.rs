@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::args::ModelArgs;
 use crate::commands::swarm::SwarmArgs;
+use crate::gateway::key_rotation::{KeyRotation, KeyedModel};
 use crate::gateway::openai::VeilInfo;
 use crate::gateway::{Backend, Gateway, Limits, Privacy, SwarmBackend};
 
@@ -67,6 +68,27 @@ pub struct ServeArgs {
     /// The key the encrypted model was made with.
     #[arg(long, value_name = "PATH", requires = "encrypted")]
     pub key: Option<std::path::PathBuf>,
+
+    /// With --encrypted and --local: replace the key once it has served this many tokens
+    /// (prompts and answers), re-encrypting --model under a fresh key in the background;
+    /// requests running then finish under the old key. 0: never by tokens.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10_000,
+        requires = "encrypted"
+    )]
+    pub rotate_after_tokens: u64,
+
+    /// With --encrypted and --local: replace the key once it has been in use this long (checked
+    /// as requests finish). 0: never by age.
+    #[arg(
+        long,
+        value_name = "MINUTES",
+        default_value_t = 60,
+        requires = "encrypted"
+    )]
+    pub rotate_after_minutes: u64,
 
     /// The client's database of node reputations, moved by committee verdicts (default:
     /// $VEIL_HOME/client.redb; one process at a time).
@@ -150,6 +172,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
+    let privacy = privacy.map(|privacy| {
+        let rotation = key_rotation(&args, &path);
+        KeyedModel::new(privacy, rotation)
+    });
     let model = if args.local && privacy.is_none() {
         args.model.load()?
     } else {
@@ -278,5 +304,50 @@ pub fn run(args: ServeArgs) -> Result<()> {
         })
         .await;
         Ok(())
+    })
+}
+
+/// How the key of the encrypted model rotates: on the gateway's own encrypted model, re-encrypting the
+/// plaintext `model`; not on the swarm, whose nodes hold shards of the encrypted file (they
+/// would need the re-encrypted shards handed to them, which Veil does not do yet).
+fn key_rotation(args: &ServeArgs, model: &std::path::Path) -> Option<KeyRotation> {
+    let never = |n: u64| n == 0;
+    if never(args.rotate_after_tokens) && never(args.rotate_after_minutes) {
+        return None;
+    }
+    if !args.local {
+        tracing::warn!(
+            "the key does not rotate on the swarm: its nodes serve shards of the encrypted file; \
+             re-encrypt and re-shard by hand (veil ee keygen, encrypt, shard)"
+        );
+        return None;
+    }
+    let config = veil_model::GgufFile::open(model)
+        .and_then(|gguf| veil_model::LlamaConfig::from_gguf(&gguf));
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::warn!(
+                "the key will not rotate: cannot read {}: {e}",
+                model.display()
+            );
+            return None;
+        }
+    };
+    let loader = args.model.clone();
+    Some(KeyRotation {
+        policy: veil_ee::RotationPolicy {
+            max_tokens: match args.rotate_after_tokens {
+                0 => u64::MAX,
+                n => n,
+            },
+            max_age: match args.rotate_after_minutes {
+                0 => std::time::Duration::MAX,
+                m => std::time::Duration::from_secs(m.saturating_mul(60)),
+            },
+        },
+        plain: model.to_path_buf(),
+        config,
+        load: Box::new(move |file, key| crate::commands::ee::load_encrypted(file, key, &loader)),
     })
 }

@@ -87,6 +87,20 @@ impl GatewayMetrics {
             .inc();
     }
 
+    /// Reports the key rotations of an encrypted model the gateway runs itself.
+    pub fn count_key_rotations(&mut self, (done, failed): (Counter, Counter)) {
+        self.registry.register(
+            "veil_key_rotations",
+            "Keys replaced (the model re-encrypted under a fresh key and swapped in)",
+            done,
+        );
+        self.registry.register(
+            "veil_key_rotation_failures",
+            "Key rotations that failed; the old key kept serving",
+            failed,
+        );
+    }
+
     /// The text `/metrics` serves.
     pub fn render(&self) -> String {
         let mut out = String::new();

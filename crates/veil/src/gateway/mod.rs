@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod dashboard;
+pub mod key_rotation;
 pub mod metrics;
 pub mod openai;
 pub mod server;
@@ -34,6 +35,7 @@ use veil_model::{
 use veil_net::{RemoteChain, SwarmClient};
 
 use dashboard::{NodeRow, RecentRequests, RequestRecord};
+use key_rotation::KeyedModel;
 use metrics::GatewayMetrics;
 use openai::{
     ApiError, ChatRequest, CompletionRequest, GenerationOptions, StopField, Usage, VeilInfo,
@@ -109,7 +111,7 @@ pub struct Gateway {
     /// plaintext model in this process.
     batcher: Option<std::sync::mpsc::Sender<LiveRequest>>,
     backend: Backend,
-    privacy: Option<Privacy>,
+    privacy: Option<Arc<KeyedModel>>,
     model_id: String,
     info: VeilInfo,
     limits: Limits,
@@ -227,7 +229,7 @@ impl Gateway {
     pub fn new(
         model: LocalModel,
         backend: Backend,
-        privacy: Option<Privacy>,
+        privacy: Option<KeyedModel>,
         model_id: String,
         info: VeilInfo,
         limits: Limits,
@@ -246,7 +248,14 @@ impl Gateway {
             prefixes: std::sync::Mutex::new(HashMap::new()),
             model,
             backend,
-            privacy,
+            metrics: {
+                let mut metrics = GatewayMetrics::new();
+                if let Some(keyed) = &privacy {
+                    metrics.count_key_rotations(keyed.rotation_counters());
+                }
+                metrics
+            },
+            privacy: privacy.map(Arc::new),
             model_id,
             info,
             slots: Arc::new(Semaphore::new(
@@ -254,7 +263,6 @@ impl Gateway {
             )),
             limits,
             waiting: AtomicUsize::new(0),
-            metrics: GatewayMetrics::new(),
             recent: RecentRequests::default(),
         }
     }
@@ -601,6 +609,8 @@ impl Gateway {
         let context = self.model.config.context_length;
         let tokenizer = &self.model.tokenizer;
         let mut method_used = "plain".to_string();
+        // The key a request starts with is the one it ends with, whatever rotates meanwhile.
+        let privacy = self.privacy.as_ref().map(|keyed| keyed.current());
         let (result, route) = match &self.backend {
             Backend::Local if self.batcher.is_some() => {
                 method_used = format!("continuous batching ({} slots)", self.limits.batch);
@@ -622,7 +632,7 @@ impl Gateway {
                 (result, self.local_route())
             }
             Backend::Local => {
-                let inner: Box<dyn TokenStep + '_> = match &self.privacy {
+                let inner: Box<dyn TokenStep + '_> = match &privacy {
                     Some(p) => Box::new(veil_ee::EncryptedSession::new(&p.key, &p.shards)),
                     None => Box::new(self.model.session()),
                 };
@@ -662,7 +672,7 @@ impl Gateway {
                             counted: 0,
                             gauge: &self.metrics.open_node_sessions,
                         };
-                        let inner: Box<dyn TokenStep + '_> = match &self.privacy {
+                        let inner: Box<dyn TokenStep + '_> = match &privacy {
                             Some(p) => Box::new(veil_ee::EncryptedStep::new(&p.key, &mut counted)),
                             None => Box::new(&mut counted),
                         };
@@ -685,6 +695,9 @@ impl Gateway {
             }
         };
         self.metrics.active_generations.dec();
+        if let (Some(keyed), Some(used), Ok(c)) = (&self.privacy, &privacy, &result) {
+            keyed.spent(used, (prompt.len() + c.tokens.len()) as u64);
+        }
         match &result {
             Ok(c) => {
                 self.metrics.generated_tokens.inc_by(c.tokens.len() as u64);
@@ -794,7 +807,7 @@ impl Gateway {
         let encrypted_order = self
             .privacy
             .as_ref()
-            .map(|p| veil_ee::EncryptedOrder::new(&p.key));
+            .map(|keyed| veil_ee::EncryptedOrder::new(&keyed.current().key));
         let recheck = |job: &veil_verify::Job| match &swarm.recheck {
             Some(local) => local.passes(job),
             None => Err("no recheck".into()),
