@@ -3,6 +3,7 @@
 //! error case in OpenAI's shape, limits, a client that leaves mid-stream, the dashboard.
 
 use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -1044,10 +1045,9 @@ fn verified_answers_come_from_a_committee_and_a_committee_of_liars_is_a_502() {
     assert!(scores.contains(&-100), "{board}");
 }
 
-#[test]
-fn an_encrypted_model_behind_the_gateway_answers_like_the_plaintext_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let (key, enc) = (dir.path().join("key.veil"), dir.path().join("enc.gguf"));
+/// A key for `model` and the model encrypted under it, in `dir`.
+fn encrypt(dir: &std::path::Path, model: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (key, enc) = (dir.join("key.veil"), dir.join("enc.gguf"));
     for args in [
         vec!["ee", "keygen", "--out", key.to_str().unwrap()],
         vec![
@@ -1061,6 +1061,8 @@ fn an_encrypted_model_behind_the_gateway_answers_like_the_plaintext_one() {
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_veil"))
             .args(&args)
+            .arg("--model")
+            .arg(model)
             .env("VEIL_KEY_PASSPHRASE", PASSPHRASE)
             .output()
             .expect("veil ee runs");
@@ -1070,6 +1072,13 @@ fn an_encrypted_model_behind_the_gateway_answers_like_the_plaintext_one() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    (key, enc)
+}
+
+#[test]
+fn an_encrypted_model_behind_the_gateway_answers_like_the_plaintext_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, enc) = encrypt(dir.path(), &model_path());
     let question = "What is the capital of France?";
     let plain = Gateway::start(&[]);
     let (status, want) = plain.post("/v1/chat/completions", &ask(question, json!({})));
@@ -1113,30 +1122,7 @@ fn the_key_rotates_without_changing_answers_and_a_failed_rotation_keeps_the_old_
     // so the test can take it away.
     let plain = dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     std::fs::copy(model_path(), &plain).unwrap();
-    let (key, enc) = (dir.path().join("key.veil"), dir.path().join("enc.gguf"));
-    for args in [
-        vec!["ee", "keygen", "--out", key.to_str().unwrap()],
-        vec![
-            "ee",
-            "encrypt",
-            "--key",
-            key.to_str().unwrap(),
-            "--out",
-            enc.to_str().unwrap(),
-        ],
-    ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_veil"))
-            .args(&args)
-            .args(["--model", plain.to_str().unwrap()])
-            .env("VEIL_KEY_PASSPHRASE", PASSPHRASE)
-            .output()
-            .expect("veil ee runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let (key, enc) = encrypt(dir.path(), &plain);
     // Every request (a prompt of about 30 tokens and 8 answer tokens) spends the budget.
     let gateway = Gateway::start(&[
         "--model",

@@ -90,6 +90,32 @@ impl Drop for Process {
     }
 }
 
+/// Starts `veil node` on one thread on loopback for `shard`, with its database `state`,
+/// joining through `bootstrap` and taking the `extra` flags; returns it with its address.
+pub fn start_node(
+    name: &str,
+    shard: &Path,
+    state: &Path,
+    bootstrap: Option<&str>,
+    extra: &[&str],
+) -> Result<(Process, String)> {
+    let mut args: Vec<String> = ["node", "--threads", "1", "--listen", "/ip4/127.0.0.1/tcp/0"]
+        .map(String::from)
+        .to_vec();
+    args.extend(["--shard".into(), path_arg(shard)]);
+    args.extend(["--state".into(), path_arg(state)]);
+    if let Some(first) = bootstrap {
+        args.extend(["--bootstrap".into(), first.to_string()]);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let (node, line) = Process::start(name, &args)?;
+    let addr = line
+        .strip_prefix("listening on ")
+        .with_context(|| format!("{name} printed {line:?}"))?
+        .to_string();
+    Ok((node, addr))
+}
+
 /// The host:port in the line `veil serve` prints first.
 pub fn gateway_address(line: &str) -> Option<&str> {
     line.split("http://").nth(1)?.split_whitespace().next()

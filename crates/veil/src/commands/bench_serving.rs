@@ -17,7 +17,7 @@ use serde_json::Value;
 use veil_model::{GgufFile, LayerRange, LlamaConfig};
 
 use crate::commands::bench::{median, BenchArgs};
-use crate::commands::bench_process::{gateway_address, path_arg, Process};
+use crate::commands::bench_process::{gateway_address, path_arg, start_node, Process};
 use crate::commands::python_venv::{venv_python, VenvSpec};
 
 /// The load driver, run with the venv's Python.
@@ -273,32 +273,13 @@ fn run_swarm(args: &BenchArgs, driver: &LoadDriver) -> Result<()> {
     let mut nodes = Vec::new();
     let mut first_addr: Option<String> = None;
     for (i, manifest) in manifests.iter().enumerate() {
-        let mut node_args: Vec<String> = [
-            "node",
-            "--threads",
-            "1",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--max-sessions",
-            "32",
-            "--max-sessions-per-peer",
-            "16",
-        ]
-        .map(String::from)
-        .to_vec();
-        node_args.extend(["--shard".into(), path_arg(&dir.path().join(&manifest.file))]);
-        node_args.extend([
-            "--state".into(),
-            path_arg(&dir.path().join(format!("node{i}.redb"))),
-        ]);
-        if let Some(first) = &first_addr {
-            node_args.extend(["--bootstrap".into(), first.clone()]);
-        }
-        let (node, line) = Process::start(&format!("node {i}"), &node_args)?;
-        let addr = line
-            .strip_prefix("listening on ")
-            .with_context(|| format!("node {i} printed {line:?}"))?
-            .to_string();
+        let (node, addr) = start_node(
+            &format!("node {i}"),
+            &dir.path().join(&manifest.file),
+            &dir.path().join(format!("node{i}.redb")),
+            first_addr.as_deref(),
+            &["--max-sessions", "32", "--max-sessions-per-peer", "16"],
+        )?;
         eprintln!("node {i} ({}) at {addr}", manifest.shard());
         first_addr.get_or_insert(addr);
         nodes.push(node);

@@ -13,7 +13,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
 use crate::commands::bench::BenchArgs;
-use crate::commands::bench_process::{gateway_address, path_arg, Process};
+use crate::commands::bench_process::{gateway_address, path_arg, start_node, Process};
 use crate::commands::soak_rogue::{self, RogueTally, Targets};
 
 /// The key honest clients (and the rogue, where it pretends to be one) send the gateway.
@@ -51,31 +51,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let mut nodes = Vec::new();
     let mut addrs: Vec<String> = Vec::new();
+    let idle_timeout = IDLE_TIMEOUT_SECS.to_string();
     for i in 0..4 {
-        let mut node_args: Vec<String> = [
-            "node",
-            "--threads",
-            "1",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--idle-timeout",
-        ]
-        .map(String::from)
-        .to_vec();
-        node_args.push(IDLE_TIMEOUT_SECS.to_string());
-        node_args.extend(["--shard".into(), path_arg(&model)]);
-        node_args.extend([
-            "--state".into(),
-            path_arg(&dir.path().join(format!("node{i}.redb"))),
-        ]);
-        if let Some(first) = addrs.first() {
-            node_args.extend(["--bootstrap".into(), first.clone()]);
-        }
-        let (node, line) = Process::start(&format!("node {i}"), &node_args)?;
-        let addr = line
-            .strip_prefix("listening on ")
-            .with_context(|| format!("node {i} printed {line:?}"))?
-            .to_string();
+        let (node, addr) = start_node(
+            &format!("node {i}"),
+            &model,
+            &dir.path().join(format!("node{i}.redb")),
+            addrs.first().map(String::as_str),
+            &["--idle-timeout", &idle_timeout],
+        )?;
         eprintln!("node {i} at {addr}");
         addrs.push(addr);
         nodes.push(node);
