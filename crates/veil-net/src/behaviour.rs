@@ -249,6 +249,11 @@ pub fn zk_key(commitment: &str) -> kad::RecordKey {
     kad::RecordKey::new(&format!("veil/zk/{commitment}"))
 }
 
+/// The provider key for nodes that relay for peers behind NATs (`veil node --relay-server`).
+pub fn relay_key() -> kad::RecordKey {
+    kad::RecordKey::new(&"veil/relay/1")
+}
+
 /// The provider key for nodes serving one block range of a model.
 pub fn range_key(model_digest: &str, first_block: usize, end_block: usize) -> kad::RecordKey {
     kad::RecordKey::new(&format!(

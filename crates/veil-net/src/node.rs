@@ -13,7 +13,7 @@ use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, Message};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{dcutr, gossipsub, identify, relay, Multiaddr, PeerId, Swarm};
+use libp2p::{dcutr, gossipsub, identify, kad, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use veil_model::{GgufFile, ShardManifest, WeightFormat};
@@ -21,7 +21,7 @@ use veil_verify::{load_serving_shard, Misbehaviour};
 use veil_zk::WeightsCommitment;
 
 use crate::behaviour::{
-    build_relaying_swarm, model_key, range_key, zk_key, RelayLimits, VeilBehaviour,
+    build_relaying_swarm, model_key, range_key, relay_key, zk_key, RelayLimits, VeilBehaviour,
     VeilBehaviourEvent,
 };
 use crate::error::{NetError, Result};
@@ -74,6 +74,9 @@ pub struct NodeConfig {
     /// Relays to reserve a slot on and be reached through (each ending in `/p2p/<peer id>`):
     /// for a node behind a NAT, which cannot be dialed at the addresses it listens on.
     pub relays: Vec<Multiaddr>,
+    /// Relays to find in the DHT (among those announcing [`relay_key`]) and reserve slots on,
+    /// besides `relays`.
+    pub find_relays: usize,
 }
 
 /// How often provider records are published again, so peers that joined later learn them.
@@ -208,9 +211,10 @@ pub async fn run_node(
     let mut writer = StateWriter::start(state, runs)
         .map_err(|e| NetError::Network(format!("cannot start the database writer: {e}")))?;
     join(&mut swarm, &bootstrap)?;
-    let mut relays = RelaySlots::new(&config.relays)?;
+    let mut relays = RelaySlots::new(&config.relays, config.find_relays)?;
     relays.dial(&mut swarm);
-    announce(&mut swarm, &shard_info);
+    let relaying = config.relay_server.is_some();
+    announce(&mut swarm, &shard_info, relaying);
 
     let mut sessions: SessionTable<NodeSession> = SessionTable::new(SessionLimits {
         max_tokens: shard_info.max_session_tokens,
@@ -247,7 +251,7 @@ pub async fn run_node(
                 }
             }
             _ = reannounce.tick() => {
-                announce(&mut swarm, &shard_info);
+                announce(&mut swarm, &shard_info, relaying);
                 relays.dial(&mut swarm);
             }
             Some(done) = step_done.recv() => {
@@ -319,7 +323,17 @@ pub async fn run_node(
                 | SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(request_response::Event::InboundFailure { peer, error, .. })) => {
                     warn!("request from {peer} failed: {error}");
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, .. } => relays.connected(&mut swarm, peer_id),
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                    relays.connected(&mut swarm, peer_id, endpoint.get_remote_address());
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                    result: kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { key, providers })),
+                    ..
+                })) if key == relay_key() => {
+                    for relay in providers {
+                        relays.found(&mut swarm, relay);
+                    }
+                }
                 SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
                     debug!("connection to {peer_id} closed: {cause:?}");
                     relays.disconnected(&mut swarm, peer_id);
@@ -414,49 +428,90 @@ fn keep_peer_run(
     Accept
 }
 
-/// The relays a node behind a NAT is reached through. It listens through a relay (asks it for
-/// a slot) once connected to it, since libp2p's relay client does not wait for a dial already
-/// under way; when the relay goes away, the node dials it again and asks anew. The relayed
-/// address then reaches peers in identify's listen addresses, as a reachable node's do.
+/// The relays a node behind a NAT is reached through: those named (`--relay`) and up to
+/// `wanted` more found in the DHT. It listens through a relay (asks it for a slot) once
+/// connected to it, since libp2p's relay client does not wait for a dial already under way;
+/// when the relay goes away, the node dials it again and asks anew. The relayed address then
+/// reaches peers in identify's listen addresses, as a reachable node's do.
 struct RelaySlots {
-    /// Each relay's peer id and address, and whether the node listens through it now.
-    relays: Vec<(PeerId, Multiaddr, bool)>,
+    /// Each relay's peer id, its address (of a relay found in the DHT: known once connected),
+    /// and whether the node listens through it now.
+    relays: Vec<(PeerId, Option<Multiaddr>, bool)>,
+    /// Relays to find in the DHT, besides those named.
+    wanted: usize,
+    found: usize,
 }
 
 impl RelaySlots {
-    fn new(relays: &[Multiaddr]) -> Result<Self> {
+    fn new(relays: &[Multiaddr], wanted: usize) -> Result<Self> {
         let relays = relays
             .iter()
             .map(|relay| match peer_of(relay) {
-                Some(peer) => Ok((peer, relay.clone(), false)),
+                Some(peer) => Ok((peer, Some(relay.clone()), false)),
                 None => Err(NetError::Network(format!(
                     "relay address {relay} must end in /p2p/<peer id> (as the relay prints it)"
                 ))),
             })
             .collect::<Result<_>>()?;
-        Ok(Self { relays })
+        Ok(Self {
+            relays,
+            wanted,
+            found: 0,
+        })
     }
 
-    /// Dials every relay not listened through, unless already connected (then listens).
+    /// Dials every relay not listened through, unless already connected (then listens), and
+    /// asks the DHT for relays while fewer than wanted are found.
     fn dial(&mut self, swarm: &mut Swarm<VeilBehaviour>) {
         for (peer, addr, listening) in &mut self.relays {
             if *listening {
                 continue;
             }
-            if swarm.is_connected(peer) {
-                *listening = listen_through(swarm, addr);
-            } else {
-                swarm.behaviour_mut().kad.add_address(peer, addr.clone());
-                if let Err(e) = swarm.dial(addr.clone()) {
-                    debug!("relay {addr}: {e}");
+            match (swarm.is_connected(peer), addr.as_ref()) {
+                (true, Some(addr)) => *listening = listen_through(swarm, addr),
+                (true, None) => {}
+                (false, Some(addr)) => {
+                    swarm.behaviour_mut().kad.add_address(peer, addr.clone());
+                    if let Err(e) = swarm.dial(addr.clone()) {
+                        debug!("relay {addr}: {e}");
+                    }
+                }
+                (false, None) => {
+                    if let Err(e) = swarm.dial(*peer) {
+                        debug!("relay {peer}: {e}");
+                    }
                 }
             }
         }
+        if self.found < self.wanted {
+            swarm.behaviour_mut().kad.get_providers(relay_key());
+        }
     }
 
-    fn connected(&mut self, swarm: &mut Swarm<VeilBehaviour>, peer: PeerId) {
+    /// A relay the DHT names: kept (and dialed) while more are wanted.
+    fn found(&mut self, swarm: &mut Swarm<VeilBehaviour>, relay: PeerId) {
+        let known = self.relays.iter().any(|(peer, ..)| *peer == relay);
+        if known || relay == *swarm.local_peer_id() || self.found >= self.wanted {
+            return;
+        }
+        info!("found relay {relay} in the DHT");
+        self.found += 1;
+        // Already connected (a bootstrap peer, say): its address is in the routing table.
+        let addr = routing_address(swarm, relay);
+        self.relays.push((relay, addr, false));
+        self.dial(swarm);
+    }
+
+    fn connected(&mut self, swarm: &mut Swarm<VeilBehaviour>, peer: PeerId, at: &Multiaddr) {
+        let direct = !at.iter().any(|p| p == Protocol::P2pCircuit);
         for (relay, addr, listening) in &mut self.relays {
-            if *relay == peer && !*listening {
+            if *relay != peer || *listening {
+                continue;
+            }
+            if addr.is_none() && direct {
+                *addr = Some(at.clone().with_p2p(peer).unwrap_or_else(|a| a));
+            }
+            if let Some(addr) = addr {
                 *listening = listen_through(swarm, addr);
             }
         }
@@ -488,6 +543,18 @@ impl RelaySlots {
             debug!("a relay stopped relaying for this node; asking again at the next announcement");
         }
     }
+}
+
+/// A direct address of `peer` from the routing table, ending in its id.
+fn routing_address(swarm: &mut Swarm<VeilBehaviour>, peer: PeerId) -> Option<Multiaddr> {
+    let bucket = swarm.behaviour_mut().kad.kbucket(peer)?;
+    let entry = bucket.iter().find(|e| *e.node.key.preimage() == peer)?;
+    let addr = entry
+        .node
+        .value
+        .iter()
+        .find(|a| !a.iter().any(|p| p == Protocol::P2pCircuit))?;
+    Some(addr.clone().with_p2p(peer).unwrap_or_else(|a| a))
 }
 
 /// Asks `relay` for a slot; says whether the request went out.
@@ -580,15 +647,17 @@ pub(crate) fn join(swarm: &mut Swarm<VeilBehaviour>, bootstrap: &[Multiaddr]) ->
     Ok(())
 }
 
-fn announce(swarm: &mut Swarm<VeilBehaviour>, info: &ShardInfo) {
+fn announce(swarm: &mut Swarm<VeilBehaviour>, info: &ShardInfo, relaying: bool) {
     let kad = &mut swarm.behaviour_mut().kad;
     let private = info.zk_commitment.as_deref().map(zk_key);
+    let relay = relaying.then(relay_key);
     for key in [
         model_key(&info.model_digest),
         range_key(&info.model_digest, info.first_block, info.end_block),
     ]
     .into_iter()
     .chain(private)
+    .chain(relay)
     {
         if let Err(e) = kad.start_providing(key) {
             warn!("cannot announce: {e}");

@@ -80,6 +80,7 @@ async fn serve_limited(
         zk: None,
         relay_server: None,
         relays: Vec::new(),
+        find_relays: 0,
     };
     tokio::spawn(async move {
         veil_net::run_node(config, futures::future::pending())

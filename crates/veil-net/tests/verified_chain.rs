@@ -52,6 +52,7 @@ fn serve(
         zk: None,
         relay_server: None,
         relays: Vec::new(),
+        find_relays: 0,
     };
     runtime.spawn(async move {
         veil_net::run_node(config, futures::future::pending())

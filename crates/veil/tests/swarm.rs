@@ -155,19 +155,31 @@ fn a_node_reachable_only_through_a_relay_serves_its_blocks_in_the_chain() {
         "{}",
         hidden.addr
     );
-    let _last = NodeProcess::start(&files[2], &state("last"), Some(&boot));
+    // The last node names no relay: it finds the relay's announcement in the DHT.
+    let mut cmd = Command::new(veil_bin());
+    cmd.args(["--log", "info", "node", "--threads", "1", "--only-relayed"])
+        .args(["--find-relays", "1", "--shard"])
+        .arg(&files[2])
+        .arg("--state")
+        .arg(state("found"))
+        .args(["--bootstrap", &boot]);
+    let found = NodeProcess::spawn(cmd);
+    assert!(found.addr.contains("/p2p-circuit/"), "{}", found.addr);
     wait_for_route(&boot);
 
     let (alone, _) = generate(&[]);
     let (chained, log) = generate(&["--bootstrap", &boot]);
     assert_eq!(chained, alone, "{log}");
-    // The route says which hop the client reaches through the relay, and only that one.
-    let hidden_id = peer_id(&hidden.addr);
-    assert!(
-        log.contains(&format!("blocks 10-20 on {hidden_id} (relayed)")),
-        "{log}"
-    );
-    assert_eq!(log.matches("(relayed)").count(), 1, "{log}");
+    // The route says which hops the client reaches through the relay, and only those.
+    for (blocks, node) in [("10-20", &hidden), ("20-30", &found)] {
+        let id = peer_id(&node.addr);
+        assert!(
+            log.contains(&format!("blocks {blocks} on {id} (relayed)")),
+            "{log}"
+        );
+    }
+    assert_eq!(log.matches("(relayed)").count(), 2, "{log}");
+    wait_for_log(&found, "found relay");
     wait_for_log(&hidden, "reserved a slot on relay");
     wait_for_log(&relay, "relay: circuit from");
 }

@@ -168,9 +168,14 @@ pub struct NodeArgs {
     /// (/ip4/.../tcp/PORT/p2p/PEER_ID): for a node behind a NAT. Repeat for more relays.
     #[arg(long, value_name = "MULTIADDR")]
     pub relay: Vec<Multiaddr>,
-    /// Listen only through --relay, on no address of this machine: for a node that can take
-    /// no inbound connection at all.
-    #[arg(long, requires = "relay", conflicts_with = "listen")]
+    /// Reserve slots on up to N relays found in the DHT (nodes started with --relay-server
+    /// announce themselves there), besides those named with --relay.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=8))]
+    pub find_relays: u8,
+    /// Listen only through relays (--relay, --find-relays), on no address of this machine: for
+    /// a node that can take no inbound connection at all.
+    #[arg(long, conflicts_with = "listen")]
     pub only_relayed: bool,
 }
 
@@ -180,6 +185,11 @@ fn parse_format(s: &str) -> Result<WeightFormat, String> {
 
 /// Runs `veil node` until interrupted.
 pub fn node(args: NodeArgs) -> Result<()> {
+    if args.only_relayed && args.relay.is_empty() && args.find_relays == 0 {
+        bail!(
+            "--only-relayed needs a relay to listen through: give --relay ADDR or --find-relays N"
+        );
+    }
     if let Some(threads) = args.threads {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
@@ -261,6 +271,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
             }
         }),
         relays: args.relay,
+        find_relays: usize::from(args.find_relays),
     };
     let runtime = runtime()?;
     runtime
