@@ -93,6 +93,15 @@ pub fn invert_hidden_states(
             "the attack needs a batch and a candidate budget of at least 1".into(),
         )));
     }
+    let width = public.config.hidden_size;
+    if let Some(bad) = observed.iter().find(|row| row.len() != width) {
+        return Err(EeError::Model(veil_model::ModelError::InvalidInput(
+            format!(
+                "an observed hidden state of {} values, but the model's are {width} wide",
+                bad.len()
+            ),
+        )));
+    }
     let mut prefix = blocks.new_cache();
     let mut predictor = public.session();
     let mut next_logits: Option<Vec<f32>> = None;
@@ -101,7 +110,7 @@ pub fn invert_hidden_states(
         matched: 0,
         candidates_tried: 0,
     };
-    for target in observed {
+    for (position, target) in observed.iter().enumerate() {
         let target = view.canonical(target);
         let norm: f32 = target.iter().map(|x| x.abs()).sum();
         let order = candidate_order(next_logits.as_deref(), vocab);
@@ -147,7 +156,10 @@ pub fn invert_hidden_states(
             &mut prefix,
             veil_model::LogitsAt::Last,
         )?;
-        next_logits = Some(predictor.step(&[token])?);
+        // The next position's candidates, if there is one.
+        if position + 1 < observed.len() {
+            next_logits = Some(predictor.step(&[token])?);
+        }
     }
     Ok(result)
 }

@@ -62,4 +62,10 @@ fn the_attack_reads_a_prompt_back_from_split_and_permuted_hidden_states() {
         invert_hidden_states(&public_blocks, &public, &ee, HiddenView::Plain, short).unwrap();
     assert_eq!(blind.matched, 0, "{blind:?}");
     assert!(blind.recovered(&ids) < 0.5, "{blind:?}");
+
+    // States of another width are refused, not compared in part.
+    let narrow = vec![split[0][..100].to_vec()];
+    let err = invert_hidden_states(&public_blocks, &public, &narrow, HiddenView::Plain, budget)
+        .unwrap_err();
+    assert!(err.to_string().contains("576 wide"), "{err}");
 }

@@ -103,14 +103,14 @@ impl KeyedModel {
         let started = Instant::now();
         match fresh_model(rotation, &old.key) {
             Ok(fresh) => {
-                let fingerprint = fresh.key.fingerprint();
+                let (new, old) = (fresh.key.fingerprint(), old.key.fingerprint());
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
                 *self.usage.lock().unwrap_or_else(|e| e.into_inner()) = (Instant::now(), 0);
                 self.done.inc();
                 tracing::info!(
                     "rotated the key: {} replaces {} ({:.1} s to re-encrypt and load)",
-                    &fingerprint[..16.min(fingerprint.len())],
-                    &old.key.fingerprint()[..16.min(old.key.fingerprint().len())],
+                    new.get(..16).unwrap_or(&new),
+                    old.get(..16).unwrap_or(&old),
                     started.elapsed().as_secs_f64()
                 );
             }
