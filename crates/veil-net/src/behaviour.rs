@@ -27,6 +27,12 @@ use crate::protocol::{infer, prove, verify};
 /// Veil's private Kademlia protocol, so the DHT holds only Veil peers.
 const KAD_PROTOCOL: &str = "/veil/kad/1.0.0";
 
+/// Whether a peer's identify protocols include the DHT's: nodes do, clients (the DHT's client
+/// mode) do not, so a node keeps only other nodes' addresses.
+pub(crate) fn speaks_kad(protocols: &[StreamProtocol]) -> bool {
+    protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL)
+}
+
 /// Connections one peer may hold open to a node at once: room for a TCP and a QUIC connection,
 /// or two dials crossing; each connection multiplies what one peer may have in flight (see
 /// [`crate::protocol::ProtocolSpec::max_streams`]).

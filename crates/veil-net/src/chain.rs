@@ -95,6 +95,10 @@ pub struct RemoteChain {
     hops: Vec<Hop>,
     split: Option<(ClientSplit, ShardCache, ShardCache)>,
     failed: HashSet<PeerId>,
+    /// Nodes whose connection broke once (a relay that went away, say): they may still be
+    /// reachable another way (a punched hole, another relay), so they stay candidates, after
+    /// every other node, until they fail again.
+    lost_once: HashSet<PeerId>,
     failovers: Vec<Failover>,
     /// Only nodes that pass these checks may serve, replacements included.
     gate: Option<Arc<Admission>>,
@@ -245,6 +249,7 @@ impl RemoteChain {
             hops,
             split,
             failed: HashSet::new(),
+            lost_once: HashSet::new(),
             failovers: Vec::new(),
             gate,
             request_id,
@@ -410,7 +415,7 @@ impl RemoteChain {
                 }
                 Err(e) if attempts < MAX_FAILOVERS_PER_STEP => {
                     attempts += 1;
-                    self.fail_over(i, &e.to_string())?;
+                    self.fail_over(i, &e)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -455,14 +460,20 @@ impl RemoteChain {
     }
 
     /// Replaces hop `i`'s node with another serving the same range and replays its history.
-    fn fail_over(&mut self, i: usize, reason: &str) -> Result<()> {
+    /// A node that only dropped off the network once may replace itself, reached anew, when no
+    /// other node serves the range.
+    fn fail_over(&mut self, i: usize, error: &NetError) -> Result<()> {
         let (first, end) = (
             self.hops[i].node.info.first_block,
             self.hops[i].node.info.end_block,
         );
         let dead = self.hops[i].node.peer;
+        let reason = error.to_string();
         warn!("node {dead} for blocks {first}-{end} failed: {reason}");
-        self.failed.insert(dead);
+        let lost = matches!(error, NetError::PeerFailed { .. });
+        if !(lost && self.lost_once.insert(dead)) {
+            self.failed.insert(dead);
+        }
         let found =
             self.runtime
                 .block_on(self.client.discover_range(&self.model_digest, first, end))?;
@@ -476,7 +487,7 @@ impl RemoteChain {
                 .block_on(gate.admit(&self.client, &replacements));
             replacements.retain(|c| allowed.contains(&c.peer));
         }
-        replacements.sort_by_key(|c| c.latency);
+        replacements.sort_by_key(|c| (c.peer == dead, c.latency));
         let Some(next) = replacements.into_iter().next() else {
             return Err(NetError::NoRoute(format!(
                 "node {dead} for blocks {first}-{end} failed ({reason}) and no other node serves that range"
@@ -510,16 +521,33 @@ impl RemoteChain {
                 }
             }
         }
-        info!(
-            "switched blocks {first}-{end} from {dead} to {}, replayed {} steps",
-            next.peer,
-            history.len()
-        );
+        if next.peer == dead {
+            info!(
+                "reached {dead} again for blocks {first}-{end}, replayed {} steps",
+                history.len()
+            );
+            // Its old session, if the node still holds it, is of no more use.
+            let (client, body) = (
+                self.client.clone(),
+                infer::Request::Close {
+                    session: self.hops[i].session,
+                },
+            );
+            self.runtime.spawn(async move {
+                let _ = client.infer(dead, body).await;
+            });
+        } else {
+            info!(
+                "switched blocks {first}-{end} from {dead} to {}, replayed {} steps",
+                next.peer,
+                history.len()
+            );
+        }
         self.failovers.push(Failover {
             blocks: (first, end),
             from: dead,
             to: next.peer,
-            reason: reason.to_string(),
+            reason,
             replayed_steps: history.len(),
         });
         let hop = &mut self.hops[i];

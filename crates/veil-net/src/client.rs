@@ -68,6 +68,18 @@ impl SwarmClient {
         request_timeout: Duration,
         join_timeout: Duration,
     ) -> Result<Self> {
+        Self::connect_listening(bootstrap, &[], request_timeout, join_timeout).await
+    }
+
+    /// [`SwarmClient::connect`] for a client that also listens on `listen`. Behind a NAT, hole
+    /// punching (DCUtR) needs that: the client's connections then leave from its listening
+    /// port, so the address the relay observes is one a node can punch through to.
+    pub async fn connect_listening(
+        bootstrap: &[Multiaddr],
+        listen: &[Multiaddr],
+        request_timeout: Duration,
+        join_timeout: Duration,
+    ) -> Result<Self> {
         if bootstrap.is_empty() {
             return Err(NetError::Network(
                 "give at least one bootstrap address (--bootstrap /ip4/.../p2p/<peer id>)".into(),
@@ -77,6 +89,7 @@ impl SwarmClient {
         let local_id = key.public().to_peer_id();
         let mut swarm = build_swarm(key, request_timeout, None)?;
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
+        listen_first(&mut swarm, listen).await?;
         join(&mut swarm, bootstrap)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let links = Links::default();
@@ -324,6 +337,37 @@ async fn drive(
             }
         }
     }
+}
+
+/// Listens on `addresses` and waits until each listener is bound, so that the dials that follow
+/// leave from its port (libp2p reuses a listening port for outgoing connections).
+async fn listen_first(swarm: &mut Swarm<VeilBehaviour>, addresses: &[Multiaddr]) -> Result<()> {
+    let mut waiting = HashSet::new();
+    for addr in addresses {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Network(format!("cannot listen on {addr}: {e}")))?;
+        waiting.insert(id);
+    }
+    while !waiting.is_empty() {
+        let event = tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some())
+            .await
+            .map_err(|_| NetError::Network("no listen address within 10 s".into()))?;
+        match event {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                debug!("client listening on {address}");
+                waiting.remove(&listener_id);
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                return Err(NetError::Network(format!("listener failed: {error}")));
+            }
+            other => debug!("{other:?}"),
+        }
+    }
+    Ok(())
 }
 
 /// Counts a connection to `peer` opening (`+1`) or closing (`-1`), as relayed or direct.

@@ -20,8 +20,8 @@ use veil_verify::{load_serving_shard, Misbehaviour};
 use veil_zk::WeightsCommitment;
 
 use crate::behaviour::{
-    build_relaying_swarm, model_key, range_key, relay_key, zk_key, RelayLimits, VeilBehaviour,
-    VeilBehaviourEvent,
+    build_relaying_swarm, model_key, range_key, relay_key, speaks_kad, zk_key, RelayLimits,
+    VeilBehaviour, VeilBehaviourEvent,
 };
 use crate::error::{NetError, Result};
 use crate::history::{accept_gossiped, AuthorQuota, RunTemplate, MAX_KEPT_RUNS, RUNS_TOPIC};
@@ -270,7 +270,7 @@ pub async fn run_node(
                     report_listening(&address, local_id, config.on_listen.as_ref());
                     offer_relay_at(&mut swarm, config.relay_server.is_some(), address);
                 }
-                SwarmEvent::Behaviour(VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) if speaks_kad(&info.protocols) => {
                     for addr in info.listen_addrs {
                         if is_routable(&addr) {
                             swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
@@ -437,8 +437,9 @@ fn report_listening(
 ) {
     // A relayed address already ends in this node's id.
     let address = address.clone().with_p2p(local_id).unwrap_or_else(|a| a);
-    println!("listening on {address}");
-    let _ = std::io::stdout().flush();
+    // A parent that stopped reading (closed the pipe) must not bring the node down.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening on {address}").and_then(|()| out.flush());
     if let Some(tx) = on_listen {
         let _ = tx.send(address);
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{model_path, shards, veil_bin, NodeProcess};
+use common::{model_path, peer_id, shards, veil_bin, NodeProcess};
 
 const PROMPT: &str = "Write a short poem about the sea.";
 
@@ -179,9 +179,9 @@ fn a_node_reachable_only_through_a_relay_serves_its_blocks_in_the_chain() {
         );
     }
     assert_eq!(log.matches("(relayed)").count(), 2, "{log}");
-    wait_for_log(&found, "found relay");
-    wait_for_log(&hidden, "reserved a slot on relay");
-    wait_for_log(&relay, "relay: circuit from");
+    found.wait_for_log("found relay");
+    hidden.wait_for_log("reserved a slot on relay");
+    relay.wait_for_log("relay: circuit from");
 }
 
 #[test]
@@ -381,11 +381,6 @@ fn the_demo_runs_an_encrypted_swarm_of_processes_and_cleans_up() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("models")], "{left:?}");
-}
-
-/// The peer id at the end of a node's address.
-fn peer_id(addr: &str) -> String {
-    addr.rsplit('/').next().unwrap().to_string()
 }
 
 #[test]
@@ -728,22 +723,6 @@ fn a_committee_on_an_encrypted_quantized_model_answers_and_catches_other_keys_an
     }
 }
 
-/// Waits until a node's log has a line containing `needle`.
-fn wait_for_log(node: &NodeProcess, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(line) = node.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log: {:?}",
-            node.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The run records in a stopped node's database, through `veil meta export`.
 fn exported_runs(state: &Path, out: &Path) -> Vec<serde_json::Value> {
     let export = Command::new(veil_bin())
@@ -812,7 +791,7 @@ fn whole_model_nodes_record_their_runs_and_share_them_over_gossip() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let server_id = peer_id(&server.addr);
-    wait_for_log(other, &format!("kept run record from peer {server_id}"));
+    other.wait_for_log(&format!("kept run record from peer {server_id}"));
 
     // A running node holds its database: export says what to do.
     let busy = Command::new(veil_bin())

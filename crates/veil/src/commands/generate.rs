@@ -263,9 +263,14 @@ fn run_on_swarm(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
         eprintln!("route: {line}");
     }
     for f in chain.failovers() {
+        let (first, end) = f.blocks;
+        let moved = match f.from == f.to {
+            true => format!("reached {} again", f.to),
+            false => format!("moved from {} to {}", f.from, f.to),
+        };
         eprintln!(
-            "failover: blocks {}-{} moved from {} to {} after {} ({} steps replayed)",
-            f.blocks.0, f.blocks.1, f.from, f.to, f.reason, f.replayed_steps
+            "failover: blocks {first}-{end} {moved} after {} ({} steps replayed)",
+            f.reason, f.replayed_steps
         );
     }
     chain.close();
@@ -427,8 +432,7 @@ fn verification_client(
     args: &GenerateArgs,
 ) -> Result<(tokio::runtime::Runtime, veil_net::SwarmClient)> {
     let runtime = crate::commands::swarm::runtime()?;
-    let client = runtime.block_on(veil_net::SwarmClient::connect(
-        &args.swarm.bootstrap,
+    let client = runtime.block_on(args.swarm.connect(
         std::time::Duration::from_secs(120),
         std::time::Duration::from_secs(10),
     ))?;

@@ -240,13 +240,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let backend = if args.local {
             Backend::Local
         } else {
-            let client = veil_net::SwarmClient::connect(
-                &args.swarm.bootstrap,
-                std::time::Duration::from_secs(60),
-                std::time::Duration::from_secs(10),
-            )
-            .await
-            .context("cannot join the swarm")?;
+            let client = args
+                .swarm
+                .connect(
+                    std::time::Duration::from_secs(60),
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+                .context("cannot join the swarm")?;
             Backend::Swarm(Box::new(SwarmBackend {
                 client,
                 runtime: tokio::runtime::Handle::current(),

@@ -325,9 +325,28 @@ pub struct SwarmArgs {
     /// are skipped).
     #[arg(long, value_name = "PATH")]
     pub allow_nodes: Option<PathBuf>,
+    /// Listen on this address too (/ip4/0.0.0.0/tcp/0, say): behind a NAT, nodes that are
+    /// behind NATs too can then punch a hole to this client instead of relaying every step.
+    #[arg(long, value_name = "MULTIADDR", requires = "bootstrap")]
+    pub listen: Vec<Multiaddr>,
 }
 
 impl SwarmArgs {
+    /// Joins the swarm as a client, listening where `--listen` says.
+    pub async fn connect(
+        &self,
+        request_timeout: Duration,
+        join_timeout: Duration,
+    ) -> Result<SwarmClient> {
+        Ok(SwarmClient::connect_listening(
+            &self.bootstrap,
+            &self.listen,
+            request_timeout,
+            join_timeout,
+        )
+        .await?)
+    }
+
     /// The checks a node must pass to serve or judge for this client, with `served` the model
     /// file the nodes serve shards of; `tee` adds a TEE policy.
     pub fn admission(
@@ -421,11 +440,8 @@ pub fn open_chain(
             })
         }
     };
-    let client = runtime.block_on(SwarmClient::connect(
-        &swarm.bootstrap,
-        Duration::from_secs(60),
-        Duration::from_secs(10),
-    ))?;
+    let client =
+        runtime.block_on(swarm.connect(Duration::from_secs(60), Duration::from_secs(10)))?;
     let chain = RemoteChain::open_gated(
         client,
         runtime.handle().clone(),

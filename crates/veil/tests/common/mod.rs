@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use veil_model::{ModelStore, SMOLLM2_135M};
 
@@ -17,6 +18,11 @@ pub fn model_path() -> PathBuf {
     ModelStore::from_env()
         .ensure(&SMOLLM2_135M, &mut |_| {})
         .expect("the default model can be fetched")
+}
+
+/// The peer id at the end of a node's address.
+pub fn peer_id(addr: &str) -> String {
+    addr.rsplit('/').next().unwrap().to_string()
 }
 
 /// A `veil node` process; killed when dropped. Its stderr lines are collected as they come.
@@ -71,7 +77,43 @@ impl NodeProcess {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}; log: {:?}", log.lock()))
             .to_string();
+        // Later addresses (a relayed one, say) go to the log too.
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         Self { child, addr, log }
+    }
+
+    /// The first log line holding `needle`, waiting up to a minute for it.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        self.wait_for_log_count(needle, 1)
+    }
+
+    /// The `count`th log line holding `needle`, waiting up to a minute for it.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(count - 1)
+                .cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {count} {needle:?} in the log: {:?}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
