@@ -9,6 +9,7 @@
 #   wan     a bridge, the "public internet" 10.77.0.0/24
 #   relay   a public host at 10.77.0.10
 #   pub     a second public host at 10.77.0.11
+#   pub2    a third public host at 10.77.0.12
 #   rN      for N = 1, 2, 3: a home router, 10.77.0.N on the internet and 192.168.N.1 at home,
 #           masquerading (Linux's NAT: the same outside port for one inside port whatever the
 #           destination, inbound packets only in answer to what went out, the rest dropped
@@ -26,7 +27,7 @@ usage() {
 action=$1
 p=$2
 [[ $p =~ ^[a-z][a-z0-9]{0,7}$ ]] || { echo "PREFIX must be 1-8 lowercase letters and digits" >&2; exit 2; }
-hosts=(wan relay pub r1 r2 r3 h1 h2 h3)
+hosts=(wan relay pub pub2 r1 r2 r3 h1 h2 h3)
 
 down() {
   for h in "${hosts[@]}"; do
@@ -62,6 +63,7 @@ up() {
   }
   public relay 10.77.0.10
   public pub 10.77.0.11
+  public pub2 10.77.0.12
 
   for n in 1 2 3; do
     public "r$n" "10.77.0.$n"

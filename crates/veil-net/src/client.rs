@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 use crate::behaviour::{build_swarm, model_key, range_key, VeilBehaviour, VeilBehaviourEvent};
+use crate::client_paths::DirectPaths;
 use crate::error::{NetError, Result};
 use crate::node::join;
 use crate::protocol::{infer, prove, verify, Answer};
@@ -225,8 +226,13 @@ impl<R: Answer> Awaited<R> {
         Self(HashMap::new())
     }
 
-    /// Hands an answer, a refusal or a failure to whoever waits for it.
-    fn settle<Q>(&mut self, event: request_response::Event<Q, R>) {
+    fn waits_on(&self, peer: &PeerId) -> bool {
+        self.0.values().any(|(p, _)| p == peer)
+    }
+
+    /// Hands an answer, a refusal or a failure to whoever waits for it; returns the peer of a
+    /// request that was settled.
+    fn settle<Q>(&mut self, event: request_response::Event<Q, R>) -> Option<PeerId> {
         let (request_id, answer) = match event {
             request_response::Event::Message {
                 peer,
@@ -255,10 +261,79 @@ impl<R: Answer> Awaited<R> {
                 };
                 (request_id, Err(failed))
             }
-            _ => return,
+            _ => return None,
         };
-        if let Some((_, reply)) = self.0.remove(&request_id) {
-            let _ = reply.send(answer);
+        let (peer, reply) = self.0.remove(&request_id)?;
+        let _ = reply.send(answer);
+        Some(peer)
+    }
+}
+
+/// What the client waits for: answers on each protocol and DHT queries.
+struct Pending {
+    inferring: Awaited<infer::Response>,
+    verifying: Awaited<verify::Response>,
+    proving: Awaited<prove::Response>,
+    queries: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+}
+
+impl Pending {
+    /// Sends what `command` asks for.
+    fn start(&mut self, swarm: &mut Swarm<VeilBehaviour>, command: Command) {
+        match command {
+            Command::Infer(peer, request, reply) => {
+                let id = swarm.behaviour_mut().infer.send_request(&peer, request);
+                self.inferring.0.insert(id, (peer, reply));
+            }
+            Command::Verify(peer, request, reply) => {
+                let id = swarm.behaviour_mut().verify.send_request(&peer, request);
+                self.verifying.0.insert(id, (peer, reply));
+            }
+            Command::Prove(peer, request, reply) => {
+                let id = swarm.behaviour_mut().prove.send_request(&peer, request);
+                self.proving.0.insert(id, (peer, reply));
+            }
+            Command::Providers { key, reply } => {
+                let id = swarm.behaviour_mut().kad.get_providers(key);
+                self.queries.insert(id, (HashSet::new(), reply));
+            }
+            Command::Connected { reply } => {
+                let _ = reply.send(swarm.connected_peers().count());
+            }
+        }
+    }
+
+    /// Whether a request to `peer` awaits its answer.
+    fn in_flight(&self, peer: &PeerId) -> bool {
+        self.inferring.waits_on(peer)
+            || self.verifying.waits_on(peer)
+            || self.proving.waits_on(peer)
+    }
+}
+
+impl Command {
+    /// The peer a request goes to.
+    fn peer(&self) -> Option<PeerId> {
+        match self {
+            Command::Infer(peer, ..) | Command::Verify(peer, ..) | Command::Prove(peer, ..) => {
+                Some(*peer)
+            }
+            Command::Providers { .. } | Command::Connected { .. } => None,
+        }
+    }
+}
+
+/// Closes `peer`'s relayed connections if [`DirectPaths`] says it is time.
+fn close_relayed(
+    swarm: &mut Swarm<VeilBehaviour>,
+    paths: &mut DirectPaths,
+    pending: &Pending,
+    peer: PeerId,
+) {
+    for id in paths.to_close(peer, !pending.in_flight(&peer)) {
+        debug!("closing the relayed connection to {peer}: a direct one is open");
+        if !swarm.close_connection(id) {
+            paths.closed(peer, id);
         }
     }
 }
@@ -269,39 +344,40 @@ async fn drive(
     mut commands: mpsc::UnboundedReceiver<Command>,
     links: Links,
 ) {
-    let mut inferring = Awaited::<infer::Response>::new();
-    let mut verifying = Awaited::<verify::Response>::new();
-    let mut proving = Awaited::<prove::Response>::new();
-    let mut queries: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)> =
-        HashMap::new();
+    let mut pending = Pending {
+        inferring: Awaited::new(),
+        verifying: Awaited::new(),
+        proving: Awaited::new(),
+        queries: HashMap::new(),
+    };
+    let mut paths = DirectPaths::default();
+    // Requests held until their peer's relayed connections have closed.
+    let mut held: Vec<Command> = Vec::new();
     loop {
         tokio::select! {
             command = commands.recv() => match command {
                 None => return,
-                Some(Command::Infer(peer, request, reply)) => {
-                    let id = swarm.behaviour_mut().infer.send_request(&peer, request);
-                    inferring.0.insert(id, (peer, reply));
-                }
-                Some(Command::Verify(peer, request, reply)) => {
-                    let id = swarm.behaviour_mut().verify.send_request(&peer, request);
-                    verifying.0.insert(id, (peer, reply));
-                }
-                Some(Command::Prove(peer, request, reply)) => {
-                    let id = swarm.behaviour_mut().prove.send_request(&peer, request);
-                    proving.0.insert(id, (peer, reply));
-                }
-                Some(Command::Providers { key, reply }) => {
-                    let id = swarm.behaviour_mut().kad.get_providers(key);
-                    queries.insert(id, (HashSet::new(), reply));
-                }
-                Some(Command::Connected { reply }) => {
-                    let _ = reply.send(swarm.connected_peers().count());
-                }
+                Some(command) => match command.peer() {
+                    Some(peer) if paths.must_wait(&peer) => held.push(command),
+                    _ => pending.start(&mut swarm, command),
+                },
             },
             event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(event)) => inferring.settle(event),
-                SwarmEvent::Behaviour(VeilBehaviourEvent::Verify(event)) => verifying.settle(event),
-                SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(event)) => proving.settle(event),
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(event)) => {
+                    if let Some(peer) = pending.inferring.settle(event) {
+                        close_relayed(&mut swarm, &mut paths, &pending, peer);
+                    }
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Verify(event)) => {
+                    if let Some(peer) = pending.verifying.settle(event) {
+                        close_relayed(&mut swarm, &mut paths, &pending, peer);
+                    }
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(event)) => {
+                    if let Some(peer) = pending.proving.settle(event) {
+                        close_relayed(&mut swarm, &mut paths, &pending, peer);
+                    }
+                }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. })) => {
                     if let QueryResult::GetProviders(result) = result {
                         if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {
@@ -311,12 +387,12 @@ async fn drive(
                                     let _ = swarm.dial(DialOpts::peer_id(*peer).build());
                                 }
                             }
-                            if let Some((found, _)) = queries.get_mut(&id) {
+                            if let Some((found, _)) = pending.queries.get_mut(&id) {
                                 found.extend(providers);
                             }
                         }
                         if step.last {
-                            if let Some((found, reply)) = queries.remove(&id) {
+                            if let Some((found, reply)) = pending.queries.remove(&id) {
                                 let _ = reply.send(found.into_iter().collect());
                             }
                         }
@@ -327,16 +403,31 @@ async fn drive(
                         swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
-                    count_link(&links, peer_id, endpoint.get_remote_address(), 1);
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                    let address = endpoint.get_remote_address();
+                    count_link(&links, peer_id, address, 1);
+                    paths.opened(peer_id, connection_id, is_relayed(address));
+                    close_relayed(&mut swarm, &mut paths, &pending, peer_id);
                 }
-                SwarmEvent::ConnectionClosed { peer_id, endpoint, .. } => {
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, endpoint, .. } => {
                     count_link(&links, peer_id, endpoint.get_remote_address(), -1);
+                    if paths.closed(peer_id, connection_id) {
+                        let (go, stay) = held.drain(..).partition(|c: &Command| c.peer() == Some(peer_id));
+                        held = stay;
+                        for command in go {
+                            pending.start(&mut swarm, command);
+                        }
+                    }
                 }
                 other => debug!("{other:?}"),
             }
         }
     }
+}
+
+/// Whether a connection's address goes through a relay.
+fn is_relayed(address: &Multiaddr) -> bool {
+    address.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
 /// Listens on `addresses` and waits until each listener is bound, so that the dials that follow
@@ -372,7 +463,7 @@ async fn listen_first(swarm: &mut Swarm<VeilBehaviour>, addresses: &[Multiaddr])
 
 /// Counts a connection to `peer` opening (`+1`) or closing (`-1`), as relayed or direct.
 fn count_link(links: &Links, peer: PeerId, address: &Multiaddr, change: isize) {
-    let relayed = address.iter().any(|p| p == Protocol::P2pCircuit);
+    let relayed = is_relayed(address);
     let mut links = links.lock().unwrap_or_else(|e| e.into_inner());
     let entry = links.entry(peer).or_default();
     let count = if relayed { &mut entry.0 } else { &mut entry.1 };

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod behaviour;
 pub mod chain;
 pub mod client;
+mod client_paths;
 pub mod committee;
 pub mod critical;
 pub mod error;

@@ -115,6 +115,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 250, requires = "soak")]
     pub soak_pause_ms: u64,
 
+    /// Measure a three-hop chain across real NATs instead (network namespaces; root only): decode
+    /// tokens/s direct, relayed and hole-punched, alternating; the relay's bytes per generated
+    /// token; and a NATed node's time from start to its first served request.
+    #[arg(long, conflicts_with_all = ["encrypted", "llama_cpp", "gateway", "meta", "soak", "serving"])]
+    pub nat: bool,
+
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -190,6 +196,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.serving {
         return crate::commands::bench_serving::run(&args);
+    }
+    if args.nat {
+        return crate::commands::bench_nat::run(&args);
     }
     let path = args.model.resolve_path()?;
     let started = Instant::now();

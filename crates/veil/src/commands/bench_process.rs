@@ -19,8 +19,21 @@ pub(crate) struct Process {
 impl Process {
     /// Starts `veil ARGS` and returns it with the first line it prints.
     pub fn start(name: &str, args: &[String]) -> Result<(Self, String)> {
+        Self::start_in(name, None, args)
+    }
+
+    /// [`Process::start`] in a network namespace (`ip netns exec NETNS`), or in this one.
+    pub fn start_in(name: &str, netns: Option<&str>, args: &[String]) -> Result<(Self, String)> {
         let exe = std::env::current_exe().context("cannot find the veil executable")?;
-        let mut child = Command::new(exe)
+        let mut command = match netns {
+            Some(netns) => {
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec", netns]).arg(exe);
+                ip
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .args(["--log", "info"])
             .args(args)
             .env_remove("VEIL_KEY_PASSPHRASE")

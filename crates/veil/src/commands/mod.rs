@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_gateway;
 pub mod bench_llama_cpp;
 pub mod bench_meta;
+pub mod bench_nat;
 pub mod bench_process;
 pub mod bench_serving;
 pub mod bench_soak;
