@@ -330,7 +330,7 @@ fn close_relayed(
     pending: &Pending,
     peer: PeerId,
 ) {
-    for id in paths.to_close(peer, !pending.in_flight(&peer)) {
+    for id in paths.start_closing(peer, !pending.in_flight(&peer)) {
         debug!("closing the relayed connection to {peer}: a direct one is open");
         if !swarm.close_connection(id) {
             paths.closed(peer, id);

@@ -51,7 +51,7 @@ impl DirectPaths {
 
     /// The relayed connections to `peer` to close now: those of a peer with a direct connection,
     /// when no request to it is in flight (`idle`). They count as closing from here on.
-    pub(crate) fn to_close(&mut self, peer: PeerId, idle: bool) -> Vec<ConnectionId> {
+    pub(crate) fn start_closing(&mut self, peer: PeerId, idle: bool) -> Vec<ConnectionId> {
         if !idle || !self.direct.contains_key(&peer) {
             return Vec::new();
         }
@@ -84,15 +84,15 @@ mod tests {
             ConnectionId::new_unchecked(2),
         );
         paths.opened(peer, relayed, true);
-        assert!(paths.to_close(peer, true).is_empty(), "no direct path yet");
+        assert!(paths.start_closing(peer, true).is_empty(), "no direct path yet");
         paths.opened(peer, direct, false);
         assert!(
-            paths.to_close(peer, false).is_empty(),
+            paths.start_closing(peer, false).is_empty(),
             "a request is in flight"
         );
-        assert_eq!(paths.to_close(peer, true), vec![relayed]);
+        assert_eq!(paths.start_closing(peer, true), vec![relayed]);
         assert!(paths.must_wait(&peer));
-        assert!(paths.to_close(peer, true).is_empty(), "asked once");
+        assert!(paths.start_closing(peer, true).is_empty(), "asked once");
         assert!(
             !paths.closed(peer, direct),
             "the relayed one is still closing"
@@ -107,7 +107,7 @@ mod tests {
         let peer = PeerId::random();
         paths.opened(peer, ConnectionId::new_unchecked(1), true);
         paths.opened(peer, ConnectionId::new_unchecked(2), true);
-        assert!(paths.to_close(peer, true).is_empty());
+        assert!(paths.start_closing(peer, true).is_empty());
         assert!(!paths.must_wait(&peer));
         assert!(!paths.closed(peer, ConnectionId::new_unchecked(1)));
     }
