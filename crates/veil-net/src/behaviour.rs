@@ -16,8 +16,8 @@ use libp2p::request_response::cbor;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    connection_limits, dcutr, gossipsub, identify, memory_connection_limits, noise, ping, relay,
-    tcp, yamux, StreamProtocol, Swarm, SwarmBuilder,
+    autonat, connection_limits, dcutr, gossipsub, identify, memory_connection_limits, noise, ping,
+    relay, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder,
 };
 
 use crate::error::{NetError, Result};
@@ -68,6 +68,29 @@ pub struct VeilBehaviour {
     pub relay_client: relay::client::Behaviour,
     /// Upgrades a relayed connection to a direct one by hole punching, where the NATs allow.
     pub dcutr: dcutr::Behaviour,
+    /// Tells a node whether others can dial it (AutoNAT: connected nodes try to dial it back),
+    /// and dials back for other nodes; off in clients.
+    pub autonat: Toggle<autonat::Behaviour>,
+}
+
+/// How a node takes part in AutoNAT.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReachabilityProbes {
+    /// Also probe, and dial back, addresses in private ranges (a swarm on a LAN, or the NAT
+    /// lab's namespaces). Off by default: dialing back private addresses would let a stranger
+    /// make a node probe its own LAN.
+    pub private_addresses: bool,
+}
+
+impl ReachabilityProbes {
+    fn config(self) -> autonat::Config {
+        autonat::Config {
+            boot_delay: Duration::from_secs(2),
+            retry_interval: Duration::from_secs(30),
+            only_global_ips: !self.private_addresses,
+            ..autonat::Config::default()
+        }
+    }
 }
 
 /// What a node that relays for others allows. libp2p's defaults (128 KiB and 2 minutes a
@@ -130,15 +153,17 @@ pub fn build_swarm(
     request_timeout: Duration,
     max_memory_bytes: Option<usize>,
 ) -> Result<Swarm<VeilBehaviour>> {
-    build_relaying_swarm(key, request_timeout, max_memory_bytes, None)
+    build_node_swarm(key, request_timeout, max_memory_bytes, None, None)
 }
 
-/// [`build_swarm`] for a peer that also relays for others within `relay` (`None`: it does not).
-pub fn build_relaying_swarm(
+/// [`build_swarm`] for a node: one that also relays for others within `relay` (`None`: it does
+/// not) and learns its reachability with `probes` (`None`: it does not).
+pub fn build_node_swarm(
     key: Keypair,
     request_timeout: Duration,
     max_memory_bytes: Option<usize>,
     relay: Option<RelayLimits>,
+    probes: Option<ReachabilityProbes>,
 ) -> Result<Swarm<VeilBehaviour>> {
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -197,6 +222,9 @@ pub fn build_relaying_swarm(
                     .into(),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(peer_id),
+                autonat: probes
+                    .map(|p| autonat::Behaviour::new(peer_id, p.config()))
+                    .into(),
             })
         })
         .map_err(|e| NetError::Network(e.to_string()))?

@@ -84,7 +84,10 @@ mod tests {
             ConnectionId::new_unchecked(2),
         );
         paths.opened(peer, relayed, true);
-        assert!(paths.start_closing(peer, true).is_empty(), "no direct path yet");
+        assert!(
+            paths.start_closing(peer, true).is_empty(),
+            "no direct path yet"
+        );
         paths.opened(peer, direct, false);
         assert!(
             paths.start_closing(peer, false).is_empty(),

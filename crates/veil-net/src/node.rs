@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use libp2p::request_response::{self, Message};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{dcutr, gossipsub, identify, kad, relay, Multiaddr, PeerId, Swarm};
+use libp2p::{autonat, dcutr, gossipsub, identify, kad, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use veil_model::{GgufFile, ShardManifest, WeightFormat};
@@ -20,8 +20,8 @@ use veil_verify::{load_serving_shard, Misbehaviour};
 use veil_zk::WeightsCommitment;
 
 use crate::behaviour::{
-    build_relaying_swarm, model_key, range_key, relay_key, speaks_kad, zk_key, RelayLimits,
-    VeilBehaviour, VeilBehaviourEvent,
+    build_node_swarm, model_key, range_key, relay_key, speaks_kad, zk_key, ReachabilityProbes,
+    RelayLimits, VeilBehaviour, VeilBehaviourEvent,
 };
 use crate::error::{NetError, Result};
 use crate::history::{accept_gossiped, AuthorQuota, RunTemplate, MAX_KEPT_RUNS, RUNS_TOPIC};
@@ -77,7 +77,14 @@ pub struct NodeConfig {
     /// Relays to find in the DHT (among those announcing [`relay_key`]) and reserve slots on,
     /// besides `relays`.
     pub find_relays: usize,
+    /// How this node learns whether others can dial it; one it finds they cannot (behind a
+    /// NAT) reserves slots on [`RELAYS_WHEN_PRIVATE`] relays from the DHT, if it was given none.
+    pub probes: ReachabilityProbes,
 }
+
+/// Relays a node that AutoNAT finds unreachable looks for in the DHT, when its operator named
+/// none: two, so that losing one leaves it reachable.
+pub const RELAYS_WHEN_PRIVATE: usize = 2;
 
 /// How often provider records are published again, so peers that joined later learn them.
 const REANNOUNCE: Duration = Duration::from_secs(15);
@@ -169,11 +176,12 @@ pub async fn run_node(
     );
 
     let history = config.history.clone().filter(|_| shard_info.is_whole());
-    let mut swarm = build_relaying_swarm(
+    let mut swarm = build_node_swarm(
         key.clone(),
         config.request_timeout,
         config.max_memory_bytes,
         config.relay_server,
+        Some(config.probes),
     )?;
     let runs_topic = gossipsub::IdentTopic::new(RUNS_TOPIC);
     swarm
@@ -339,6 +347,17 @@ pub async fn run_node(
                     relays.disconnected(&mut swarm, peer_id);
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Relay(event)) => log_relay(&event),
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. })) => match new {
+                    autonat::NatStatus::Public(addr) => info!("reachability: public, dialed back at {addr}"),
+                    autonat::NatStatus::Private => {
+                        info!("reachability: private (behind a NAT or firewall): peers cannot dial this node");
+                        if relays.want_at_least(RELAYS_WHEN_PRIVATE) {
+                            info!("looking for {RELAYS_WHEN_PRIVATE} relays in the DHT");
+                            relays.dial(&mut swarm);
+                        }
+                    }
+                    autonat::NatStatus::Unknown => info!("reachability: unknown"),
+                },
                 SwarmEvent::Behaviour(VeilBehaviourEvent::RelayClient(
                     relay::client::Event::ReservationReqAccepted { relay_peer_id, renewal: false, .. },
                 )) => info!("reserved a slot on relay {relay_peer_id}"),

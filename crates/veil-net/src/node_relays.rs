@@ -69,6 +69,16 @@ impl RelaySlots {
         }
     }
 
+    /// Wants `n` relays from the DHT, where no relay was named or asked for; says whether that
+    /// changed anything.
+    pub(crate) fn want_at_least(&mut self, n: usize) -> bool {
+        if self.wanted > 0 || !self.relays.is_empty() {
+            return false;
+        }
+        self.wanted = n;
+        true
+    }
+
     /// A relay the DHT names: kept (and dialed) while more are wanted.
     pub(crate) fn found(&mut self, swarm: &mut Swarm<VeilBehaviour>, relay: PeerId) {
         let known = self.relays.iter().any(|(peer, ..)| *peer == relay);

@@ -81,6 +81,7 @@ async fn serve_limited(
         relay_server: None,
         relays: Vec::new(),
         find_relays: 0,
+        probes: Default::default(),
     };
     tokio::spawn(async move {
         veil_net::run_node(config, futures::future::pending())

@@ -53,6 +53,7 @@ fn serve(
         relay_server: None,
         relays: Vec::new(),
         find_relays: 0,
+        probes: Default::default(),
     };
     runtime.spawn(async move {
         veil_net::run_node(config, futures::future::pending())

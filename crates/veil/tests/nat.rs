@@ -66,9 +66,9 @@ impl NatLab {
             "node",
             "--threads",
             "1",
-            "--listen",
-            listen,
+            "--private-network",
         ])
+        .args(["--listen", listen])
         .arg("--shard")
         .arg(shard)
         .arg("--state")
@@ -116,8 +116,10 @@ fn nodes_behind_nats_serve_through_relays_punch_holes_and_outlive_the_relay() {
     let files = shards(dir.path());
     let state = |name: &str| dir.path().join(format!("{name}.redb"));
 
-    // Two public relays serve the first blocks; each home node serves a range behind its NAT
-    // and finds both relays in the DHT.
+    // Two public relays serve the first blocks; each home node serves a range behind its NAT.
+    // The first is told to find two relays in the DHT; the second learns by itself (AutoNAT)
+    // that nobody can dial it, and then looks for two. The lab's "internet" is a private
+    // range, hence --private-network everywhere.
     let relay = lab.node(
         "relay",
         "/ip4/10.77.0.10/tcp/4001",
@@ -133,19 +135,18 @@ fn nodes_behind_nats_serve_through_relays_punch_holes_and_outlive_the_relay() {
         state("pub"),
         &["--relay-server", "--bootstrap", &boot],
     );
-    let homes: Vec<NodeProcess> = [(1, "h1"), (2, "h2")]
+    let homes: Vec<NodeProcess> = [(1, "h1", &["--find-relays", "2"][..]), (2, "h2", &[])]
         .iter()
-        .map(|&(i, host)| {
+        .map(|&(i, host, relays)| {
             let listen = format!("/ip4/192.168.{i}.2/tcp/4001");
-            lab.node(
-                host,
-                &listen,
-                &files[i],
-                state(host),
-                &["--bootstrap", &boot, "--find-relays", "2"],
-            )
+            let mut flags = vec!["--bootstrap", boot.as_str()];
+            flags.extend(relays);
+            lab.node(host, &listen, &files[i], state(host), &flags)
         })
         .collect();
+    homes[1].wait_for_log("reachability: private");
+    homes[1].wait_for_log("looking for 2 relays in the DHT");
+    public.wait_for_log("reachability: public");
     for home in &homes {
         assert!(home.addr.contains("/ip4/192.168."), "{}", home.addr);
         home.wait_for_log_count("reserved a slot on relay", 2);

@@ -135,9 +135,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let lab = NatLab::up()?;
 
     let node = |name: &str, host: &str, listen: &str, i: usize, extra: &[&str]| {
-        let mut node_args: Vec<String> = ["node", "--threads", "1", "--listen", listen, "--shard"]
+        let mut node_args: Vec<String> = ["node", "--threads", "1", "--private-network"]
+            .into_iter()
+            .chain(["--listen", listen, "--shard"])
             .map(String::from)
-            .to_vec();
+            .collect();
         node_args.push(shard(i));
         node_args.push("--state".into());
         node_args.push(path_arg(&dir.path().join(format!("{name}.redb"))));

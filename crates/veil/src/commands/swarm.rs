@@ -177,6 +177,10 @@ pub struct NodeArgs {
     /// a node that can take no inbound connection at all.
     #[arg(long, conflicts_with = "listen")]
     pub only_relayed: bool,
+    /// Treat addresses in private ranges (10/8, 192.168/16, ...) as an internet: AutoNAT then
+    /// probes this node's, and dials back other nodes', for a swarm on a LAN or in namespaces.
+    #[arg(long)]
+    pub private_network: bool,
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
@@ -272,6 +276,9 @@ pub fn node(args: NodeArgs) -> Result<()> {
         }),
         relays: args.relay,
         find_relays: usize::from(args.find_relays),
+        probes: veil_net::behaviour::ReachabilityProbes {
+            private_addresses: args.private_network,
+        },
     };
     let runtime = runtime()?;
     runtime
