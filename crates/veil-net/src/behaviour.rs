@@ -8,6 +8,7 @@
 //! [`RelayLimits`]; a node behind a NAT reserves a slot and is dialed through it) and DCUtR (hole
 //! punching upgrades a relayed connection to a direct one).
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
@@ -111,6 +112,13 @@ pub struct RelayLimits {
     pub max_circuit_duration: Duration,
     /// Bytes one circuit may carry (both ways together).
     pub max_circuit_bytes: u64,
+    /// New circuits one peer may open at once, then one more per `circuit_refill`.
+    pub circuit_burst_per_peer: u32,
+    /// New circuits one IP address may open at once (every client behind one NAT shares it),
+    /// then one more per `circuit_refill`.
+    pub circuit_burst_per_ip: u32,
+    /// How often one more circuit is allowed after a burst.
+    pub circuit_refill: Duration,
 }
 
 impl Default for RelayLimits {
@@ -122,13 +130,20 @@ impl Default for RelayLimits {
             max_circuits_per_peer: 4,
             max_circuit_duration: Duration::from_secs(30 * 60),
             max_circuit_bytes: 256 << 20,
+            // libp2p's defaults (30 per peer and 60 per IP address, then one a minute or two)
+            // suit hole-punching handshakes; here each generation of a client opens one circuit
+            // per relayed hop, and a NAT's users share one address.
+            circuit_burst_per_peer: 60,
+            circuit_burst_per_ip: 240,
+            circuit_refill: Duration::from_secs(1),
         }
     }
 }
 
 impl RelayLimits {
-    /// libp2p's relay configuration with these limits (and its default rate limits).
+    /// libp2p's relay configuration with these limits (and its default reservation rates).
     fn config(self) -> relay::Config {
+        let burst = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
         relay::Config {
             max_reservations: self.max_reservations,
             max_reservations_per_peer: self.max_reservations_per_peer,
@@ -136,8 +151,11 @@ impl RelayLimits {
             max_circuits_per_peer: self.max_circuits_per_peer,
             max_circuit_duration: self.max_circuit_duration,
             max_circuit_bytes: self.max_circuit_bytes,
+            circuit_src_rate_limiters: Vec::new(),
             ..relay::Config::default()
         }
+        .circuit_src_per_peer(burst(self.circuit_burst_per_peer), self.circuit_refill)
+        .circuit_src_per_ip(burst(self.circuit_burst_per_ip), self.circuit_refill)
     }
 }
 

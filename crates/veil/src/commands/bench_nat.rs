@@ -111,6 +111,9 @@ struct NatReport {
     first_served_after_s: f64,
     /// Relay bytes of one new client's weights check of the two NATed hops.
     weights_check_relay_bytes: u64,
+    /// From the start of a NATed node named no relay to AutoNAT's verdict and to its slot.
+    autonat_private_after_s: f64,
+    autonat_reserved_after_s: f64,
 }
 
 /// Runs `veil bench --nat`.
@@ -226,6 +229,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
 
+    // A NATed node given no relay: AutoNAT must find it unreachable first.
+    let started_alone = Instant::now();
+    let (home3, _) = node("home3", "h3", "/ip4/192.168.3.2/tcp/4001", 1, &join)?;
+    let private_after = wait_for(&home3, "reachability: private", started_alone)?;
+    let autonat_reserved_after = wait_for(&home3, "reserved a slot on relay", started_alone)?;
+    drop(home3);
+
     // What a new client's weights check of the two NATed hops costs the relay.
     let openings = veil_net::DEFAULT_OPENINGS.to_string();
     let mut check_bytes = 0;
@@ -290,6 +300,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         reserved_after_s: reserved_after.as_secs_f64(),
         first_served_after_s: first_served_after.as_secs_f64(),
         weights_check_relay_bytes: check_bytes,
+        autonat_private_after_s: private_after.as_secs_f64(),
+        autonat_reserved_after_s: autonat_reserved_after.as_secs_f64(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -314,8 +326,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     println!(
-        "a NATed node: relay slot {:.2} s and first request served {:.2} s after its start",
+        "a NATed node named a relay (--relay): relay slot {:.2} s and first request served {:.2} s after its start",
         report.reserved_after_s, report.first_served_after_s
+    );
+    println!(
+        "a NATed node named none: AutoNAT says private {:.1} s and a relay slot is held {:.1} s after its start",
+        report.autonat_private_after_s, report.autonat_reserved_after_s
     );
     println!(
         "a new client's weights check ({} openings per node) of the two relayed hops: {:.1} MB through the relay",
