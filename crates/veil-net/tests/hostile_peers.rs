@@ -62,11 +62,27 @@ async fn serve_limited(
     limits: SessionLimits,
     max_memory_bytes: Option<usize>,
 ) -> Multiaddr {
+    serve_config(dir, listen, shard, limits, max_memory_bytes, |_| {}).await
+}
+
+/// [`serve_limited`] with the rest of the configuration changed by `more` (no listen address
+/// given: the node listens only where `more` says, through a relay say).
+async fn serve_config(
+    dir: &std::path::Path,
+    listen: &str,
+    shard: std::path::PathBuf,
+    limits: SessionLimits,
+    max_memory_bytes: Option<usize>,
+    more: impl FnOnce(&mut NodeConfig),
+) -> Multiaddr {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let config = NodeConfig {
+    let mut config = NodeConfig {
         shard,
         format: WeightFormat::AsStored,
-        listen: vec![listen.parse().unwrap()],
+        listen: (!listen.is_empty())
+            .then(|| listen.parse().unwrap())
+            .into_iter()
+            .collect(),
         bootstrap: Vec::new(),
         state: dir.join("node.redb"),
         limits,
@@ -83,6 +99,7 @@ async fn serve_limited(
         find_relays: 0,
         probes: Default::default(),
     };
+    more(&mut config);
     tokio::spawn(async move {
         veil_net::run_node(config, futures::future::pending())
             .await
@@ -843,6 +860,109 @@ async fn one_peer_cannot_hold_more_than_its_share_of_connections() {
         client.infer(peer, infer::Request::Info).await,
         Ok(infer::Response::Info(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_hold_a_relays_circuits() {
+    use libp2p::multiaddr::Protocol;
+    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let shards = dir.path().join("shards");
+    let manifests = veil_model::write_shard_files(
+        &model,
+        &[
+            Shard::span(0..10, 30).unwrap(),
+            Shard::span(10..20, 30).unwrap(),
+            Shard::span(20..30, 30).unwrap(),
+        ],
+        &shards,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let shard = |i: usize| shards.join(&manifests[i].file);
+    // A relay with room for 6 circuits, 2 per peer, and two nodes reachable only through it.
+    let limits = veil_net::behaviour::RelayLimits {
+        max_circuits: 6,
+        max_circuits_per_peer: 2,
+        ..Default::default()
+    };
+    let relay_dir = dir.path().join("relay");
+    let relay = serve_config(
+        &relay_dir,
+        "/ip4/127.0.0.1/tcp/0",
+        shard(0),
+        SessionLimits::default(),
+        None,
+        |c| {
+            c.relay_server = Some(limits);
+        },
+    )
+    .await;
+    let mut hidden = Vec::new();
+    for i in 1..3 {
+        let node_dir = dir.path().join(format!("hidden{i}"));
+        let addr = serve_config(
+            &node_dir,
+            "",
+            shard(i),
+            SessionLimits::default(),
+            None,
+            |c| {
+                c.bootstrap = vec![relay.clone()];
+                c.relays = vec![relay.clone()];
+            },
+        )
+        .await;
+        assert!(addr.iter().any(|p| p == Protocol::P2pCircuit), "{addr}");
+        hidden.push(addr);
+    }
+
+    // A rogue opens circuits to both hidden nodes, six times each, and keeps every connection.
+    let mut rogue = veil_net::behaviour::build_swarm(
+        libp2p::identity::Keypair::generate_ed25519(),
+        Duration::from_secs(10),
+        None,
+    )
+    .unwrap();
+    rogue.dial(relay.clone()).unwrap();
+    for addr in hidden.iter().cycle().take(12) {
+        let opts = DialOpts::peer_id(peer_of(addr).unwrap())
+            .addresses(vec![addr.clone()])
+            .condition(PeerCondition::Always)
+            .build();
+        rogue.dial(opts).unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::timeout_at(deadline, rogue.select_next_some())
+        .await
+        .is_ok()
+    {}
+    let held = rogue.network_info().connection_counters().num_established() - 1;
+    assert!(held >= 1, "the rogue got no circuit at all");
+    // Twelve asked for: the relay's 2 circuits per peer (libp2p lets a third in before it
+    // refuses) and each hidden node's 2 connections per peer bound what the rogue holds.
+    assert!(held <= 3, "the rogue holds {held} relayed connections");
+
+    // An honest client still reaches both hidden nodes through the relay.
+    let digest = veil_model::store::file_digest(&model).unwrap().1;
+    let client = stranger(&relay).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = client.discover(&digest).await.unwrap();
+        let reached = hidden
+            .iter()
+            .filter(|h| found.iter().any(|c| Some(c.peer) == peer_of(h)))
+            .count();
+        if reached == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the honest client reached {reached} of 2 hidden nodes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
