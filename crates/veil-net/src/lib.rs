@@ -14,6 +14,7 @@ pub mod node;
 mod node_relays;
 mod node_session;
 pub mod node_state;
+mod peer_addresses;
 pub mod protocol;
 pub mod route;
 pub mod sessions;

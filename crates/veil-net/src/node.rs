@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, Message};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{DialError, SwarmEvent};
 use libp2p::{autonat, dcutr, gossipsub, identify, kad, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -28,6 +29,7 @@ use crate::history::{accept_gossiped, AuthorQuota, RunTemplate, MAX_KEPT_RUNS, R
 use crate::node_relays::{log_relay, offer_relay_at, RelaySlots};
 use crate::node_session::NodeSession;
 use crate::node_state::NodeState;
+use crate::peer_addresses::PeerAddresses;
 use crate::protocol::infer::{self, Handled};
 use crate::protocol::prove::ProveService;
 use crate::protocol::verify::VerifyService;
@@ -220,6 +222,7 @@ pub async fn run_node(
         .map_err(|e| NetError::Network(format!("cannot start the database writer: {e}")))?;
     join(&mut swarm, &bootstrap)?;
     let mut relays = RelaySlots::new(&config.relays, config.find_relays)?;
+    let mut peer_addresses = PeerAddresses::new(config.probes.private_addresses, &config.listen);
     relays.dial(&mut swarm);
     let relaying = config.relay_server.is_some();
     announce(&mut swarm, &shard_info, relaying);
@@ -280,7 +283,7 @@ pub async fn run_node(
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) if speaks_kad(&info.protocols) => {
                     for addr in info.listen_addrs {
-                        if is_routable(&addr) {
+                        if peer_addresses.keep(&addr, Instant::now()) {
                             swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
                             writer.send(StateWrite::Peer { peer: peer_id.to_string(), addr: addr.with_p2p(peer_id).unwrap_or_else(|a| a) });
                         }
@@ -342,6 +345,18 @@ pub async fn run_node(
                         relays.found(&mut swarm, relay);
                     }
                 }
+                SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error: DialError::Transport(failed), .. } => {
+                    for (addr, error) in failed {
+                        // A relayed address fails with its relay's mood; only direct ones are left out.
+                        if addr.iter().any(|p| p == Protocol::P2pCircuit) {
+                            continue;
+                        }
+                        let addr = without_peer(addr);
+                        debug!("{addr} of {peer} unreachable ({error}); left out for a while");
+                        swarm.behaviour_mut().kad.remove_address(&peer, &addr);
+                        peer_addresses.failed(addr, Instant::now());
+                    }
+                }
                 SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
                     debug!("connection to {peer_id} closed: {cause:?}");
                     relays.disconnected(&mut swarm, peer_id);
@@ -375,6 +390,14 @@ pub async fn run_node(
             }
         }
     }
+}
+
+/// `addr` without a trailing `/p2p/<peer id>`, as the DHT keeps addresses.
+fn without_peer(mut addr: Multiaddr) -> Multiaddr {
+    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.pop();
+    }
+    addr
 }
 
 /// Keeps the run record of a finished plain session and shares it with peers.

@@ -62,11 +62,23 @@ async fn serve_limited(
     limits: SessionLimits,
     max_memory_bytes: Option<usize>,
 ) -> Multiaddr {
-    serve_config(dir, listen, shard, limits, max_memory_bytes, |_| {}).await
+    let pending = futures::future::pending();
+    serve_config(
+        dir,
+        listen,
+        shard,
+        limits,
+        max_memory_bytes,
+        |_| {},
+        pending,
+    )
+    .await
+    .0
 }
 
 /// [`serve_limited`] with the rest of the configuration changed by `more` (no listen address
-/// given: the node listens only where `more` says, through a relay say).
+/// given: the node listens only where `more` says, through a relay say), running until
+/// `shutdown`; returns its address and its task.
 async fn serve_config(
     dir: &std::path::Path,
     listen: &str,
@@ -74,7 +86,8 @@ async fn serve_config(
     limits: SessionLimits,
     max_memory_bytes: Option<usize>,
     more: impl FnOnce(&mut NodeConfig),
-) -> Multiaddr {
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Multiaddr, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut config = NodeConfig {
         shard,
@@ -100,12 +113,12 @@ async fn serve_config(
         probes: Default::default(),
     };
     more(&mut config);
-    tokio::spawn(async move {
-        veil_net::run_node(config, futures::future::pending())
+    let task = tokio::spawn(async move {
+        veil_net::run_node(config, shutdown)
             .await
             .expect("node runs")
     });
-    rx.recv().await.expect("the node listens")
+    (rx.recv().await.expect("the node listens"), task)
 }
 
 fn hidden(shape: Vec<usize>) -> StepInput {
@@ -897,8 +910,10 @@ async fn one_peer_cannot_hold_a_relays_circuits() {
         |c| {
             c.relay_server = Some(limits);
         },
+        futures::future::pending(),
     )
-    .await;
+    .await
+    .0;
     let mut hidden = Vec::new();
     for i in 1..3 {
         let node_dir = dir.path().join(format!("hidden{i}"));
@@ -912,8 +927,10 @@ async fn one_peer_cannot_hold_a_relays_circuits() {
                 c.bootstrap = vec![relay.clone()];
                 c.relays = vec![relay.clone()];
             },
+            futures::future::pending(),
         )
-        .await;
+        .await
+        .0;
         assert!(addr.iter().any(|p| p == Protocol::P2pCircuit), "{addr}");
         hidden.push(addr);
     }
@@ -963,6 +980,69 @@ async fn one_peer_cannot_hold_a_relays_circuits() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_naming_addresses_nobody_can_reach_does_not_get_them_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    let manifests = veil_model::write_shard_files(
+        &model_path(),
+        &[Shard::span(10..20, 30).unwrap()],
+        &shards,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (node, task) = serve_config(
+        dir.path(),
+        "/ip4/127.0.0.1/tcp/0",
+        shards.join(&manifests[0].file),
+        SessionLimits::default(),
+        None,
+        |_| {},
+        async move {
+            let _ = stopped.await;
+        },
+    )
+    .await;
+    // Two rogues that speak the DHT: one names a home network's address as its own, the other
+    // a public one (the database keeps one address a peer).
+    let (private, public): (Multiaddr, Multiaddr) = (
+        "/ip4/192.168.7.7/tcp/4001".parse().unwrap(),
+        "/ip4/203.0.113.9/tcp/4001".parse().unwrap(),
+    );
+    for named in [&private, &public] {
+        let mut rogue = veil_net::behaviour::build_swarm(
+            libp2p::identity::Keypair::generate_ed25519(),
+            Duration::from_secs(10),
+            None,
+        )
+        .unwrap();
+        rogue.add_external_address(named.clone());
+        rogue.dial(node.clone()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::timeout_at(deadline, rogue.select_next_some())
+            .await
+            .is_ok()
+        {}
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    // The node's database (the peers it dials at every start) holds the public one only.
+    let kept: Vec<Multiaddr> = veil_net::NodeState::open(&dir.path().join("node.redb"))
+        .unwrap()
+        .peers()
+        .unwrap()
+        .into_iter()
+        .map(|(_, addr)| addr)
+        .collect();
+    let holds = |a: &Multiaddr| {
+        kept.iter()
+            .any(|k| k.to_string().starts_with(&a.to_string()))
+    };
+    assert!(holds(&public), "{kept:?}");
+    assert!(!holds(&private), "{kept:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
