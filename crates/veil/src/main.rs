@@ -123,3 +123,25 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
             .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    /// No command takes two arguments of one name: flattened groups (the swarm's arguments in
+    /// `veil serve`, say) could clash unseen, and clap checks this only in debug builds.
+    #[test]
+    fn no_command_has_two_arguments_of_one_name() {
+        use clap::CommandFactory;
+        fn check(command: &clap::Command) {
+            let mut seen = std::collections::HashSet::new();
+            for long in command.get_arguments().filter_map(|a| a.get_long()) {
+                assert!(
+                    seen.insert(long),
+                    "veil {} takes --{long} twice",
+                    command.get_name()
+                );
+            }
+            command.get_subcommands().for_each(check);
+        }
+        check(&super::Cli::command());
+    }
+}

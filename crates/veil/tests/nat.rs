@@ -189,7 +189,7 @@ fn nodes_behind_nats_serve_through_relays_punch_holes_and_outlive_the_relay() {
     let (punched, log) = lab.generate(
         Some("h3"),
         128,
-        &["--bootstrap", &boot, "--listen", "/ip4/0.0.0.0/tcp/0"],
+        &["--bootstrap", &boot, "--p2p-listen", "/ip4/0.0.0.0/tcp/0"],
     );
     assert_eq!(punched, alone, "{log}");
     assert!(!log.contains("(relayed)"), "{log}");

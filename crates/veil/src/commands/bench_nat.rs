@@ -203,7 +203,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .args(["--bootstrap", &relay_addr, "--allow-nodes", allowed])
             .args(["--weights-openings", openings]);
         if matches!(path, Path::Punched) {
-            command.args(["--listen", "/ip4/0.0.0.0/tcp/0"]);
+            command.args(["--p2p-listen", "/ip4/0.0.0.0/tcp/0"]);
         }
         let began = Instant::now();
         let out = command.output().context("cannot run veil generate")?;

@@ -174,7 +174,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         client_layers: None,
         weights_openings: veil_net::DEFAULT_OPENINGS as u16,
         allow_nodes: None,
-        listen: Vec::new(),
+        p2p_listen: Vec::new(),
     };
     let rt = runtime()?;
     let mut chain = retry(|| open_chain(&rt, &swarm, &encrypted, stored, &Default::default()))?;

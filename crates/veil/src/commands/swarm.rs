@@ -332,14 +332,15 @@ pub struct SwarmArgs {
     /// are skipped).
     #[arg(long, value_name = "PATH")]
     pub allow_nodes: Option<PathBuf>,
-    /// Listen on this address too (/ip4/0.0.0.0/tcp/0, say): behind a NAT, nodes that are
-    /// behind NATs too can then punch a hole to this client instead of relaying every step.
-    #[arg(long, value_name = "MULTIADDR", requires = "bootstrap")]
-    pub listen: Vec<Multiaddr>,
+    /// Listen on this peer-to-peer address too (/ip4/0.0.0.0/tcp/0, say): behind a NAT, nodes
+    /// that are behind NATs too can then punch a hole to this client instead of relaying every
+    /// step.
+    #[arg(long = "p2p-listen", value_name = "MULTIADDR", requires = "bootstrap")]
+    pub p2p_listen: Vec<Multiaddr>,
 }
 
 impl SwarmArgs {
-    /// Joins the swarm as a client, listening where `--listen` says.
+    /// Joins the swarm as a client, listening where `--p2p-listen` says.
     pub async fn connect(
         &self,
         request_timeout: Duration,
@@ -347,7 +348,7 @@ impl SwarmArgs {
     ) -> Result<SwarmClient> {
         Ok(SwarmClient::connect_listening(
             &self.bootstrap,
-            &self.listen,
+            &self.p2p_listen,
             request_timeout,
             join_timeout,
         )
