@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -77,6 +77,17 @@ impl NatLab {
         NodeProcess::spawn(cmd)
     }
 
+    /// `curl ARGS` on `host`, its answer read as JSON (null when it is not JSON).
+    fn curl(&self, host: &str, args: &[&str]) -> serde_json::Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("{}-{host}", self.prefix)])
+            .args(["curl", "-s", "--max-time", "120"])
+            .args(args)
+            .output()
+            .expect("curl runs");
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
     /// `veil generate` from `host` (root's namespace for `None`); its stdout and stderr.
     fn generate(&self, host: Option<&str>, tokens: usize, extra: &[&str]) -> (String, String) {
         let out = self
@@ -100,6 +111,16 @@ impl NatLab {
             .args(["--max-tokens", &tokens.to_string()])
             .args(extra);
         cmd
+    }
+}
+
+/// A process killed when dropped.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -185,17 +206,142 @@ fn nodes_behind_nats_serve_through_relays_punch_holes_and_outlive_the_relay() {
 
     // A client that listens is punched to as well, by both home nodes, and then closes the
     // relayed connections: the route ends direct.
-    let (alone, _) = lab.generate(None, 128, &[]);
+    let (alone_128, _) = lab.generate(None, 128, &[]);
     let (punched, log) = lab.generate(
         Some("h3"),
         128,
         &["--bootstrap", &boot, "--p2p-listen", "/ip4/0.0.0.0/tcp/0"],
     );
-    assert_eq!(punched, alone, "{log}");
+    assert_eq!(punched, alone_128, "{log}");
     assert!(!log.contains("(relayed)"), "{log}");
     for home in &homes {
         home.wait_for_log_count("hole punched: a direct connection to", 2);
     }
+
+    // A verified split chain through the NATs: a second node per range in each home gives
+    // every hop a judge, and every hop passes.
+    let seconds: Vec<NodeProcess> = [(1, "h1", 2), (2, "h2", 1)]
+        .iter()
+        .map(|&(i, host, shard)| {
+            let listen = format!("/ip4/192.168.{i}.2/tcp/4002");
+            let flags = ["--bootstrap", boot.as_str(), "--find-relays", "2"];
+            lab.node(
+                host,
+                &listen,
+                &files[shard],
+                state(&format!("{host}b")),
+                &flags,
+            )
+        })
+        .collect();
+    for node in &seconds {
+        node.wait_for_log_count("reserved a slot on relay", 2);
+    }
+    let (alone_24, _) = lab.generate(None, 24, &[]);
+    let client_state = dir.path().join("client.redb");
+    let verify = [
+        "--bootstrap",
+        boot.as_str(),
+        "--verify",
+        "2",
+        "--chain",
+        "--state",
+        client_state.to_str().unwrap(),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (verified, log) = loop {
+        let out = lab
+            .generate_command(Some("h3"), 24, &verify)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            break (String::from_utf8_lossy(&out.stdout).to_string(), log);
+        }
+        // Until the second nodes are announced, a hop may lack a judge.
+        assert!(Instant::now() < deadline, "{log}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(verified, alone_24, "{log}");
+    for blocks in ["blocks  0-10", "blocks 10-20", "blocks 20-30"] {
+        let line = log.lines().find(|l| l.contains(blocks));
+        assert!(
+            line.is_some_and(|l| l.contains("passed by 1 of 1 judges")),
+            "{log}"
+        );
+    }
+
+    // The gateway in the third home answers through the NATs as one process does, and its
+    // dashboard marks the hops it reaches through a relay.
+    let mut cmd = lab.veil("h3");
+    cmd.args([
+        "serve",
+        "--threads",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--bootstrap",
+        &boot,
+    ])
+    .arg("--state")
+    .arg(dir.path().join("gateway.redb"))
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _gateway = Stopped(child);
+    let base = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let (alone_16, _) = lab.generate(None, 16, &[]);
+    let body = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "temperature": 0,
+        "max_tokens": 16,
+    })
+    .to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reply = loop {
+        let reply = lab.curl(
+            "h3",
+            &[
+                "-X",
+                "POST",
+                &format!("http://{base}/v1/chat/completions"),
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body,
+            ],
+        );
+        if reply["choices"].is_array() {
+            break reply;
+        }
+        // Until the gateway has found every range, it answers no_route.
+        assert!(Instant::now() < deadline, "{reply}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let content = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(content.trim_end(), alone_16.trim_end(), "{reply}");
+    let board = lab.curl("h3", &[&format!("http://{base}/api/dashboard")]);
+    let answered = board["requests"].as_array().and_then(|requests| {
+        requests
+            .iter()
+            .find(|r| r["completion_tokens"].as_u64().is_some_and(|n| n > 0))
+    });
+    let route = answered
+        .and_then(|r| r["route"].as_str())
+        .unwrap_or_default();
+    assert_eq!(route.matches("(relayed)").count(), 2, "{board}");
 
     // A relay killed while a relayed client generates changes nothing in the answer: each
     // hop it carried is reached again through the other relay (or the other public node
@@ -218,7 +364,7 @@ fn nodes_behind_nats_serve_through_relays_punch_holes_and_outlive_the_relay() {
     assert!(!rest.is_empty(), "the relay died after the answer: {log}");
     assert_eq!(
         format!("{}{rest}", String::from_utf8_lossy(&first_bytes)),
-        alone,
+        alone_128,
         "{log}"
     );
     drop(public);
