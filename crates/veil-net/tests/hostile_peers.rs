@@ -24,6 +24,11 @@ fn model_path() -> std::path::PathBuf {
 
 /// Starts a node serving blocks 10-20 of the default model on `listen`; returns its address.
 async fn start_node(dir: &std::path::Path, listen: &str) -> Multiaddr {
+    serve(dir, listen, middle_shard(dir)).await
+}
+
+/// Writes blocks 10-20 of the default model under `dir`; returns the shard file.
+fn middle_shard(dir: &std::path::Path) -> std::path::PathBuf {
     let shards = dir.join("shards");
     let manifests = veil_model::write_shard_files(
         &model_path(),
@@ -32,7 +37,7 @@ async fn start_node(dir: &std::path::Path, listen: &str) -> Multiaddr {
         &mut |_, _| {},
     )
     .unwrap();
-    serve(dir, listen, shards.join(&manifests[0].file)).await
+    shards.join(&manifests[0].file)
 }
 
 /// Starts a node serving `shard` on `listen`; returns its address.
@@ -694,27 +699,14 @@ async fn a_session_serves_only_the_peer_that_opened_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_peer_cannot_take_every_session_slot_or_position() {
     let dir = tempfile::tempdir().unwrap();
-    let shards = dir.path().join("shards");
-    let manifests = veil_model::write_shard_files(
-        &model_path(),
-        &[Shard::span(10..20, 30).unwrap()],
-        &shards,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let shard = middle_shard(dir.path());
     let limits = SessionLimits {
         max_sessions: 4,
         max_sessions_per_peer: 2,
         max_tokens_per_peer: 6,
         ..SessionLimits::default()
     };
-    let node = serve_with(
-        dir.path(),
-        "/ip4/127.0.0.1/tcp/0",
-        shards.join(&manifests[0].file),
-        limits,
-    )
-    .await;
+    let node = serve_with(dir.path(), "/ip4/127.0.0.1/tcp/0", shard.clone(), limits).await;
     let peer = peer_of(&node).unwrap();
     let (hog, other) = (stranger(&node).await, stranger(&node).await);
     let mut held = Vec::new();
@@ -985,19 +977,12 @@ async fn one_peer_cannot_hold_a_relays_circuits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_naming_addresses_nobody_can_reach_does_not_get_them_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let shards = dir.path().join("shards");
-    let manifests = veil_model::write_shard_files(
-        &model_path(),
-        &[Shard::span(10..20, 30).unwrap()],
-        &shards,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let shard = middle_shard(dir.path());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (node, task) = serve_config(
         dir.path(),
         "/ip4/127.0.0.1/tcp/0",
-        shards.join(&manifests[0].file),
+        shard.clone(),
         SessionLimits::default(),
         None,
         |_| {},
@@ -1118,19 +1103,12 @@ async fn one_peer_cannot_hold_more_than_its_share_of_requests_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_short_of_memory_takes_no_new_connections() {
     let dir = tempfile::tempdir().unwrap();
-    let shards = dir.path().join("shards");
-    let manifests = veil_model::write_shard_files(
-        &model_path(),
-        &[Shard::span(10..20, 30).unwrap()],
-        &shards,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let shard = middle_shard(dir.path());
     // A limit far below what the loaded shard already takes: every new connection is refused.
     let node = serve_limited(
         dir.path(),
         "/ip4/127.0.0.1/tcp/0",
-        shards.join(&manifests[0].file),
+        shard.clone(),
         SessionLimits::default(),
         Some(1 << 20),
     )

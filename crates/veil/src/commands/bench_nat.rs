@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
-use veil_model::{GgufFile, LayerRange, LlamaConfig};
 
 use crate::commands::bench::{median, BenchArgs};
-use crate::commands::bench_process::{path_arg, Process};
+use crate::commands::bench_process::{path_arg, three_shards, Process};
 
 /// The lab's script, carried in the binary so the benchmark runs from anywhere.
 const NATLAB: &str = include_str!("../../../../scripts/natlab.sh");
@@ -121,19 +120,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("veil bench --nat makes network namespaces: run it as root");
     }
-    let file = args.model.resolve_path()?;
-    let config = LlamaConfig::from_gguf(&GgufFile::open(&file)?)?;
-    let blocks = config.block_count;
-    ensure!(
-        blocks >= 3,
-        "the model has {blocks} blocks: too few for three hops"
-    );
-    let ranges: Vec<LayerRange> = (0..3)
-        .map(|i| LayerRange(i * blocks / 3..(i + 1) * blocks / 3))
-        .collect();
-    let shards = crate::commands::swarm::plan_shards(&ranges, 0, blocks)?;
-    let dir = tempfile::tempdir()?;
-    let manifests = veil_model::write_shard_files(&file, &shards, dir.path(), &mut |_, _| {})?;
+    let (_, dir, manifests) = three_shards(args)?;
     let shard = |i: usize| path_arg(&dir.path().join(&manifests[i].file));
     let lab = NatLab::up()?;
 
@@ -318,7 +305,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for p in &report.paths {
         let note = match p.runs_ending_relayed {
             0 => String::new(),
-            n => format!("  ({n} runs ended with a relayed hop)"),
+            n => format!("  ({n} of {} runs ended with a relayed hop)", report.runs),
         };
         println!(
             "{:<14} {:>12.1} {:>10.3} {:>20.0}{note}",

@@ -138,3 +138,28 @@ pub fn gateway_address(line: &str) -> Option<&str> {
 pub fn path_arg(path: &Path) -> String {
     path.display().to_string()
 }
+
+/// The model file of a benchmark cut into three shards of about equal blocks (the last with the
+/// head), written into a fresh temporary directory: the chain the swarm benchmarks run.
+pub fn three_shards(
+    args: &crate::commands::bench::BenchArgs,
+) -> Result<(
+    std::path::PathBuf,
+    tempfile::TempDir,
+    Vec<veil_model::ShardManifest>,
+)> {
+    let file = args.model.resolve_path()?;
+    let config = veil_model::LlamaConfig::from_gguf(&veil_model::GgufFile::open(&file)?)?;
+    let blocks = config.block_count;
+    ensure!(
+        blocks >= 3,
+        "the model has {blocks} blocks: too few for three nodes"
+    );
+    let ranges: Vec<veil_model::LayerRange> = (0..3)
+        .map(|i| veil_model::LayerRange(i * blocks / 3..(i + 1) * blocks / 3))
+        .collect();
+    let shards = crate::commands::swarm::plan_shards(&ranges, 0, blocks)?;
+    let dir = tempfile::tempdir()?;
+    let manifests = veil_model::write_shard_files(&file, &shards, dir.path(), &mut |_, _| {})?;
+    Ok((file, dir, manifests))
+}

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use veil_model::{GgufFile, LayerRange, LlamaConfig};
-
 use crate::commands::bench::{median, BenchArgs};
-use crate::commands::bench_process::{gateway_address, path_arg, start_node, Process};
+use crate::commands::bench_process::{
+    gateway_address, path_arg, start_node, three_shards, Process,
+};
 use crate::commands::python_venv::{venv_python, VenvSpec};
 
 /// The load driver, run with the venv's Python.
@@ -256,19 +256,7 @@ fn start_gateway(name: &str, args: &[String]) -> Result<Server> {
 /// decode steps). Each node lets the gateway hold 16 sessions (`--max-sessions-per-peer 16`):
 /// one gateway speaks for many users.
 fn run_swarm(args: &BenchArgs, driver: &LoadDriver) -> Result<()> {
-    let file = args.model.resolve_path()?;
-    let config = LlamaConfig::from_gguf(&GgufFile::open(&file)?)?;
-    let blocks = config.block_count;
-    ensure!(
-        blocks >= 3,
-        "the model has {blocks} blocks: too few for three nodes"
-    );
-    let ranges: Vec<LayerRange> = (0..3)
-        .map(|i| LayerRange(i * blocks / 3..(i + 1) * blocks / 3))
-        .collect();
-    let shards = crate::commands::swarm::plan_shards(&ranges, 0, blocks)?;
-    let dir = tempfile::tempdir()?;
-    let manifests = veil_model::write_shard_files(&file, &shards, dir.path(), &mut |_, _| {})?;
+    let (file, dir, manifests) = three_shards(args)?;
 
     let mut nodes = Vec::new();
     let mut first_addr: Option<String> = None;
@@ -325,9 +313,9 @@ fn run_swarm(args: &BenchArgs, driver: &LoadDriver) -> Result<()> {
          (AsyncOpenAI), {}, a gateway over three nodes of {}/{}/{} blocks on one thread each, \
          {runs} run(s) (medians), file {}",
         driver.prompts_said(),
-        ranges[0].0.len(),
-        ranges[1].0.len(),
-        ranges[2].0.len(),
+        manifests[0].end_block - manifests[0].first_block,
+        manifests[1].end_block - manifests[1].first_block,
+        manifests[2].end_block - manifests[2].first_block,
         file.display()
     );
     println!(
