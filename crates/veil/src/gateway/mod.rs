@@ -12,6 +12,8 @@ pub mod key_rotation;
 pub mod metrics;
 pub mod openai;
 pub mod server;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
