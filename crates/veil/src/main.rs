@@ -37,7 +37,7 @@ enum Command {
     /// Talk with the model; the conversation is kept between turns.
     Chat(commands::chat::ChatArgs),
     /// Measure prefill and decode speed and peak memory.
-    Bench(commands::bench::BenchArgs),
+    Bench(commands::bench_args::BenchArgs),
     /// Fetch and list cached models.
     Models {
         #[command(subcommand)]

@@ -11,7 +11,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use veil_model::{generate, ChatMessage, GenerationParams};
 
-use crate::commands::bench::{median, BenchArgs};
+use crate::commands::bench_args::BenchArgs;
+use crate::commands::measure::median;
 use crate::gateway::openai::VeilInfo;
 use crate::gateway::{Backend, Gateway, Limits};
 

@@ -21,7 +21,8 @@ use candle_core::quantized::GgmlDType;
 use serde::{Deserialize, Serialize};
 use veil_model::{ChatMessage, GgufFile, Kernels, LocalModel, TokenStep, WeightFormat};
 
-use crate::commands::bench::{measure, median, BenchArgs};
+use crate::commands::bench_args::BenchArgs;
+use crate::commands::measure::{measure, median};
 use crate::progress;
 
 /// The shared script that builds llama.cpp's tools (next to the repository).

@@ -10,7 +10,8 @@ use crate::accel::{
     build_workload, features_of, hardware_features, model_features, pick_method, run_workload,
     PromptSize, Workload,
 };
-use crate::commands::bench::{median, BenchArgs};
+use crate::commands::bench_args::BenchArgs;
+use crate::commands::measure::median;
 
 /// The mix: (prompt size, output tokens, requests at once, shared text, rewrite).
 const MIX: [(PromptSize, usize, usize, bool, bool); 8] = [

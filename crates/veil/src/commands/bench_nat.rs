@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
-use crate::commands::bench::{median, BenchArgs};
+use crate::commands::bench_args::BenchArgs;
 use crate::commands::bench_process::{path_arg, three_shards, Process};
+use crate::commands::measure::median;
 
 /// The lab's script, carried in the binary so the benchmark runs from anywhere.
 const NATLAB: &str = include_str!("../../../../scripts/natlab.sh");

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Context, Result};
 
-use crate::commands::bench::peak_memory_of;
+use crate::commands::measure::peak_memory_of;
 
 /// A `veil` process of the run, killed if the run ends early; its stderr lines are kept.
 pub(crate) struct Process {
@@ -142,7 +142,7 @@ pub fn path_arg(path: &Path) -> String {
 /// The model file of a benchmark cut into three shards of about equal blocks (the last with the
 /// head), written into a fresh temporary directory: the chain the swarm benchmarks run.
 pub fn three_shards(
-    args: &crate::commands::bench::BenchArgs,
+    args: &crate::commands::bench_args::BenchArgs,
 ) -> Result<(
     std::path::PathBuf,
     tempfile::TempDir,

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use crate::commands::bench::{median, BenchArgs};
+use crate::commands::bench_args::BenchArgs;
 use crate::commands::bench_process::{
     gateway_address, path_arg, start_node, three_shards, Process,
 };
+use crate::commands::measure::median;
 use crate::commands::python_venv::{venv_python, VenvSpec};
 
 /// The load driver, run with the venv's Python.

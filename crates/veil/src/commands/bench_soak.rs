@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::commands::bench::BenchArgs;
+use crate::commands::bench_args::BenchArgs;
 use crate::commands::bench_process::{gateway_address, path_arg, start_node, Process};
 use crate::commands::soak_rogue::{self, RogueTally, Targets};
 

@@ -21,9 +21,10 @@ use veil_model::{
 };
 
 use crate::args::ModelArgs;
-use crate::commands::bench::median;
 use crate::commands::generate::{print_stats, StdoutStream};
-use crate::commands::swarm::{describe_route, open_chain, runtime, SwarmArgs};
+use crate::commands::measure::median;
+use crate::commands::network_runtime::runtime;
+use crate::commands::swarm::{describe_route, open_chain, SwarmArgs};
 use crate::progress;
 
 /// Arguments of `veil demo`.

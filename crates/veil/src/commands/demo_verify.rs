@@ -14,9 +14,9 @@ use veil_net::{generate_verified, NodeState, RemoteChain, SwarmClient, VerifiedR
 use veil_verify::trials::load_whole;
 use veil_verify::{committee, validate, Tolerances, Verdict};
 
-use crate::commands::bench::median;
 use crate::commands::demo::{retry, NodeChild};
-use crate::commands::swarm::runtime;
+use crate::commands::measure::median;
+use crate::commands::network_runtime::runtime;
 
 /// The encrypted model the demo's committee serves, and what the key holder keeps.
 pub struct EncryptedModel<'a> {

@@ -8,6 +8,7 @@ use clap::Args;
 use veil_model::{generate, ChatMessage, Completion, LocalModel, ModelError, TokenStep};
 
 use crate::args::{ModelArgs, SamplingArgs};
+use crate::commands::evidence_file::write_evidence;
 use crate::commands::swarm::{describe_route, open_chain, SwarmArgs};
 
 /// Arguments of `veil generate`.
@@ -241,7 +242,7 @@ fn run_on_swarm(args: &GenerateArgs, params: &veil_model::GenerationParams) -> R
     };
     // Nodes serve shards of the file the client names: the encrypted one when there is a key.
     let served = args.encrypted.clone().unwrap_or(text_model);
-    let runtime = crate::commands::swarm::runtime()?;
+    let runtime = crate::commands::network_runtime::runtime()?;
     let mut chain = open_chain(
         &runtime,
         &args.swarm,
@@ -431,7 +432,7 @@ fn show(completion: &veil_model::Completion) -> Result<()> {
 fn verification_client(
     args: &GenerateArgs,
 ) -> Result<(tokio::runtime::Runtime, veil_net::SwarmClient)> {
-    let runtime = crate::commands::swarm::runtime()?;
+    let runtime = crate::commands::network_runtime::runtime()?;
     let client = runtime.block_on(args.swarm.connect(
         std::time::Duration::from_secs(120),
         std::time::Duration::from_secs(10),
@@ -531,29 +532,6 @@ fn run_verified_chain(
         );
     }
     Ok(())
-}
-
-/// Writes a record as `<job digest>.json` (through a temporary file, so none is half
-/// written); returns the path.
-pub(crate) fn write_evidence<J: veil_verify::Judged>(
-    dir: &std::path::Path,
-    record: &veil_verify::Evidence<J>,
-) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let path = dir.join(format!(
-        "{}.json",
-        veil_verify::job_digest(&record.job.body)?
-    ));
-    let tmp = path.with_extension("json.partial");
-    let bytes = record.to_bytes()?;
-    std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            std::io::Write::write_all(&mut f, &bytes)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(path)
 }
 
 /// Streams text to stdout, remembering the first write error (a closed pipe, say) so the

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_args;
 pub mod bench_gateway;
 pub mod bench_llama_cpp;
 pub mod bench_meta;
@@ -13,9 +14,12 @@ pub mod chat;
 pub mod demo;
 pub mod demo_verify;
 pub mod ee;
+pub mod evidence_file;
 pub mod generate;
+pub mod measure;
 pub mod meta;
 pub mod models;
+pub mod network_runtime;
 pub mod python_venv;
 pub mod serve;
 pub mod soak_rogue;

@@ -10,6 +10,7 @@ use veil_model::{GgufFile, LayerRange, LlamaConfig, Shard, ShardModel, WeightFor
 use veil_net::{ClientSplit, NodeConfig, RemoteChain, SessionLimits, SwarmClient};
 
 use crate::args::ModelArgs;
+use crate::commands::network_runtime::runtime;
 use crate::progress;
 
 /// Arguments of `veil shard`.
@@ -302,15 +303,6 @@ async fn shutdown_signal() {
         }
     }
     let _ = ctrl_c.await;
-}
-
-/// The async runtime the network runs on; generation blocks on it from the main thread.
-pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
 }
 
 /// How to reach the swarm from a client command.

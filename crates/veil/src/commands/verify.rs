@@ -16,7 +16,7 @@ use veil_verify::{
 };
 
 use crate::args::ModelArgs;
-use crate::commands::bench::median;
+use crate::commands::measure::median;
 use crate::progress;
 
 /// Subcommands of `veil verify`.

@@ -270,7 +270,7 @@ fn prove(args: ProveArgs) -> Result<()> {
     let proof = veil_zk::proof::prove(&params, &pk, &model, salt, &pixels)?;
     let proving = started.elapsed();
     write_json(&args.out, &proof)?;
-    let peak_mib = crate::commands::bench::peak_memory().unwrap_or(0) >> 20;
+    let peak_mib = crate::commands::measure::peak_memory().unwrap_or(0) >> 20;
     if args.json {
         println!(
             "{}",
@@ -373,7 +373,7 @@ fn commit(args: CommitArgs) -> Result<()> {
 fn challenge(args: ChallengeArgs) -> Result<()> {
     let mut file = GgufFile::open(&args.model)?;
     let digest = veil_model::store::file_digest(&args.model)?.1;
-    let runtime = crate::commands::swarm::runtime()?;
+    let runtime = crate::commands::network_runtime::runtime()?;
     let client = runtime
         .block_on(veil_net::SwarmClient::connect(
             &args.bootstrap,

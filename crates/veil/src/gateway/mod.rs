@@ -171,7 +171,7 @@ fn keep_evidence<J: veil_verify::Judged>(
     dir: &std::path::Path,
     evidence: &veil_verify::Evidence<J>,
 ) {
-    if let Err(e) = crate::commands::generate::write_evidence(dir, evidence) {
+    if let Err(e) = crate::commands::evidence_file::write_evidence(dir, evidence) {
         tracing::warn!("cannot keep evidence: {e:#}");
     }
 }
