@@ -4,14 +4,41 @@
 //! output. Each proof runs in a fresh child process (Veil: `veil zk prove`; EZKL: its prove
 //! step), so peak memory is the prover's own; medians over `--runs`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use clap::Args;
 use serde_json::Value;
 
+use crate::commands::json_file::write_json;
 use crate::commands::python_venv::{venv_python, VenvSpec};
-use crate::commands::zk::{write_json, BenchArgs};
+
+/// Arguments of `veil zk bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The models to measure.
+    #[arg(long, value_delimiter = ',', default_values = ["models/zk/mlp.json", "models/zk/cnn.json"])]
+    pub models: Vec<PathBuf>,
+    /// Proofs per engine and model (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub runs: u32,
+    /// The held-out digit to prove.
+    #[arg(long, default_value_t = 0)]
+    pub digit: usize,
+    /// EZKL's fixed-point scale (bits): 6 matches Veil's activations.
+    #[arg(long, default_value_t = 6)]
+    pub ezkl_scale: u32,
+    /// EZKL's circuit size 2^K (16 is the least its hashed weights fit in).
+    #[arg(long, default_value_t = 16)]
+    pub ezkl_logrows: u32,
+    /// EZKL's lookup range, ±this (Veil's activation tables cover ±1024 at scale 2^6).
+    #[arg(long, default_value_t = 1024)]
+    pub ezkl_lookup: i64,
+    /// The digits.
+    #[arg(long, default_value = "datasets/digits/digits.csv.gz")]
+    pub data: PathBuf,
+}
 
 /// The EZKL release measured against.
 const EZKL: &str = "ezkl==23.0.5";

@@ -5,12 +5,10 @@
 //! serving the same encrypted model verifying an answer and catching a lying node
 //! (`demo_verify`).
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use veil_ee::{
     encrypt_model, encrypt_tokens, model_digest, natural_kind, EeKey, EncryptedStep, KeyKind,
@@ -21,6 +19,7 @@ use veil_model::{
 };
 
 use crate::args::ModelArgs;
+use crate::commands::demo_nodes::{retry, NodeChild};
 use crate::commands::generate::{print_stats, StdoutStream};
 use crate::commands::measure::median;
 use crate::commands::network_runtime::runtime;
@@ -41,63 +40,6 @@ pub struct DemoArgs {
     /// Also measure decode speed of the swarm against one process, side by side.
     #[arg(long)]
     pub bench: bool,
-}
-
-/// A `veil node` child process, stopped when dropped.
-pub(crate) struct NodeChild {
-    child: Child,
-    pub(crate) addr: String,
-    blocks: String,
-}
-
-impl NodeChild {
-    fn start(shard: &Path, blocks: &str, state: &Path, bootstrap: Option<&str>) -> Result<Self> {
-        Self::start_with(shard, blocks, state, bootstrap, &[])
-    }
-
-    /// A node with more `veil node` flags.
-    pub(crate) fn start_with(
-        shard: &Path,
-        blocks: &str,
-        state: &Path,
-        bootstrap: Option<&str>,
-        extra: &[&str],
-    ) -> Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the veil binary")?;
-        let mut cmd = Command::new(exe);
-        // Nodes hold no key: the passphrase stays with the key holder.
-        cmd.env_remove("VEIL_KEY_PASSPHRASE")
-            .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--shard"])
-            .arg(shard)
-            .arg("--state")
-            .arg(state)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        if let Some(b) = bootstrap {
-            cmd.args(["--bootstrap", b]);
-        }
-        let mut child = cmd.spawn().context("cannot start a node process")?;
-        let mut line = String::new();
-        let stdout = child.stdout.take().context("node stdout")?;
-        BufReader::new(stdout).read_line(&mut line)?;
-        let Some(addr) = line.trim().strip_prefix("listening on ") else {
-            let _ = child.kill();
-            bail!("node for blocks {blocks} did not start (it printed {line:?})");
-        };
-        Ok(Self {
-            addr: addr.to_string(),
-            child,
-            blocks: blocks.to_string(),
-        })
-    }
-}
-
-impl Drop for NodeChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Runs `veil demo`.
@@ -236,21 +178,6 @@ pub fn run(args: DemoArgs) -> Result<()> {
     )?;
     eprintln!("   removed {}", work.path().display());
     Ok(())
-}
-
-/// Retries `f` for up to 20 s: right after start, nodes have not all announced themselves.
-pub(crate) fn retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("not yet: {e:#}");
-                std::thread::sleep(std::time::Duration::from_millis(300));
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Decode speed through the swarm against the same encrypted model in this process, runs

@@ -14,7 +14,7 @@ use veil_net::{generate_verified, NodeState, RemoteChain, SwarmClient, VerifiedR
 use veil_verify::trials::load_whole;
 use veil_verify::{committee, validate, Tolerances, Verdict};
 
-use crate::commands::demo::{retry, NodeChild};
+use crate::commands::demo_nodes::{retry, NodeChild};
 use crate::commands::measure::median;
 use crate::commands::network_runtime::runtime;
 

@@ -12,6 +12,9 @@ use libp2p::Multiaddr;
 use veil_model::{GgufFile, LayerRange, LlamaConfig, Shard};
 use veil_zk::WeightsCommitment;
 
+use crate::commands::bench_zk::BenchArgs;
+use crate::commands::json_file::{read_json, write_json};
+
 /// `veil zk` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum ZkCommand {
@@ -33,32 +36,6 @@ pub enum ZkCommand {
     /// Side by side with EZKL on the same models and inputs: proving and verifying time,
     /// proof size, peak memory (installs `ezkl` with pip into $VEIL_HOME/ezkl once).
     Bench(BenchArgs),
-}
-
-/// Arguments of `veil zk bench`.
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    /// The models to measure.
-    #[arg(long, value_delimiter = ',', default_values = ["models/zk/mlp.json", "models/zk/cnn.json"])]
-    pub models: Vec<PathBuf>,
-    /// Proofs per engine and model (medians are reported).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
-    pub runs: u32,
-    /// The held-out digit to prove.
-    #[arg(long, default_value_t = 0)]
-    pub digit: usize,
-    /// EZKL's fixed-point scale (bits): 6 matches Veil's activations.
-    #[arg(long, default_value_t = 6)]
-    pub ezkl_scale: u32,
-    /// EZKL's circuit size 2^K (16 is the least its hashed weights fit in).
-    #[arg(long, default_value_t = 16)]
-    pub ezkl_logrows: u32,
-    /// EZKL's lookup range, ±this (Veil's activation tables cover ±1024 at scale 2^6).
-    #[arg(long, default_value_t = 1024)]
-    pub ezkl_lookup: i64,
-    /// The digits.
-    #[arg(long, default_value = "datasets/digits/digits.csv.gz")]
-    pub data: PathBuf,
 }
 
 /// Arguments of `veil zk train`.
@@ -163,23 +140,6 @@ pub fn run(command: ZkCommand) -> Result<()> {
         ZkCommand::Verify(args) => verify(args),
         ZkCommand::Bench(args) => crate::commands::bench_zk::run(args),
     }
-}
-
-/// Largest JSON file read (a model, a proof, an input): these are kilobytes.
-const MAX_FILE_BYTES: u64 = 16 << 20;
-
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
-    let bytes = crate::args::read_limited(path, what, MAX_FILE_BYTES)?;
-    serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a valid {what}", path.display()))
-}
-
-pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let text = serde_json::to_string_pretty(value)?;
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn train(args: TrainArgs) -> Result<()> {
