@@ -256,8 +256,10 @@ fn a_verified_split_chain_of_processes_answers_like_one_process() {
         {
             break file.unwrap().path();
         }
+        // Four nodes serve the middle range and the fastest answer wins, so about one request
+        // in four takes the liar; 40 misses in a row happen about once in 100,000 runs.
         assert!(
-            attempts < 16,
+            attempts < 40,
             "no route took the liar in {attempts} requests"
         );
     };
