@@ -55,11 +55,9 @@ enum Command {
 pub struct SwarmClient {
     commands: mpsc::UnboundedSender<Command>,
     local_id: PeerId,
-    links: Links,
+    /// The client's connections by kind; its swarm task keeps them, `is_relayed` reads them.
+    paths: Arc<Mutex<DirectPaths>>,
 }
-
-/// How the client is connected to each peer: open connections through a relay and direct ones.
-type Links = Arc<Mutex<HashMap<PeerId, (usize, usize)>>>;
 
 impl SwarmClient {
     /// Starts a client peer (fresh identity) that joins through `bootstrap`, and waits up to
@@ -93,12 +91,12 @@ impl SwarmClient {
         listen_first(&mut swarm, listen).await?;
         join(&mut swarm, bootstrap)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let links = Links::default();
-        tokio::spawn(drive(swarm, rx, Arc::clone(&links)));
+        let paths = Arc::new(Mutex::new(DirectPaths::default()));
+        tokio::spawn(drive(swarm, rx, Arc::clone(&paths)));
         let client = Self {
             commands: tx,
             local_id,
-            links,
+            paths,
         };
         let deadline = Instant::now() + join_timeout;
         while client.connected().await? == 0 {
@@ -120,10 +118,7 @@ impl SwarmClient {
     /// Whether every open connection to `peer` goes through a relay (none direct: a node
     /// behind a NAT that hole punching has not reached).
     pub fn is_relayed(&self, peer: &PeerId) -> bool {
-        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        links
-            .get(peer)
-            .is_some_and(|&(relayed, direct)| relayed > 0 && direct == 0)
+        lock(&self.paths).only_relayed(peer)
     }
 
     /// Sends an inference request and waits for the answer. A refusal is a
@@ -342,7 +337,7 @@ fn close_relayed(
 async fn drive(
     mut swarm: Swarm<VeilBehaviour>,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    links: Links,
+    paths: Arc<Mutex<DirectPaths>>,
 ) {
     let mut pending = Pending {
         inferring: Awaited::new(),
@@ -350,7 +345,6 @@ async fn drive(
         proving: Awaited::new(),
         queries: HashMap::new(),
     };
-    let mut paths = DirectPaths::default();
     // Requests held until their peer's relayed connections have closed.
     let mut held: Vec<Command> = Vec::new();
     loop {
@@ -358,24 +352,24 @@ async fn drive(
             command = commands.recv() => match command {
                 None => return,
                 Some(command) => match command.peer() {
-                    Some(peer) if paths.must_wait(&peer) => held.push(command),
+                    Some(peer) if lock(&paths).must_wait(&peer) => held.push(command),
                     _ => pending.start(&mut swarm, command),
                 },
             },
             event = swarm.select_next_some() => match event {
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(event)) => {
                     if let Some(peer) = pending.inferring.settle(event) {
-                        close_relayed(&mut swarm, &mut paths, &pending, peer);
+                        close_relayed(&mut swarm, &mut lock(&paths), &pending, peer);
                     }
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Verify(event)) => {
                     if let Some(peer) = pending.verifying.settle(event) {
-                        close_relayed(&mut swarm, &mut paths, &pending, peer);
+                        close_relayed(&mut swarm, &mut lock(&paths), &pending, peer);
                     }
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(event)) => {
                     if let Some(peer) = pending.proving.settle(event) {
-                        close_relayed(&mut swarm, &mut paths, &pending, peer);
+                        close_relayed(&mut swarm, &mut lock(&paths), &pending, peer);
                     }
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. })) => {
@@ -405,13 +399,13 @@ async fn drive(
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                     let address = endpoint.get_remote_address();
-                    count_link(&links, peer_id, address, 1);
+                    let mut paths = lock(&paths);
                     paths.opened(peer_id, connection_id, is_relayed(address));
                     close_relayed(&mut swarm, &mut paths, &pending, peer_id);
                 }
-                SwarmEvent::ConnectionClosed { peer_id, connection_id, endpoint, .. } => {
-                    count_link(&links, peer_id, endpoint.get_remote_address(), -1);
-                    if paths.closed(peer_id, connection_id) {
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, .. } => {
+                    let released = lock(&paths).closed(peer_id, connection_id);
+                    if released {
                         let (go, stay) = held.drain(..).partition(|c: &Command| c.peer() == Some(peer_id));
                         held = stay;
                         for command in go {
@@ -461,14 +455,8 @@ async fn listen_first(swarm: &mut Swarm<VeilBehaviour>, addresses: &[Multiaddr])
     Ok(())
 }
 
-/// Counts a connection to `peer` opening (`+1`) or closing (`-1`), as relayed or direct.
-fn count_link(links: &Links, peer: PeerId, address: &Multiaddr, change: isize) {
-    let relayed = is_relayed(address);
-    let mut links = links.lock().unwrap_or_else(|e| e.into_inner());
-    let entry = links.entry(peer).or_default();
-    let count = if relayed { &mut entry.0 } else { &mut entry.1 };
-    *count = count.saturating_add_signed(change);
-    if *entry == (0, 0) {
-        links.remove(&peer);
-    }
+/// The paths, even if a thread panicked holding them (they stay consistent: every change is
+/// one call).
+fn lock(paths: &Mutex<DirectPaths>) -> std::sync::MutexGuard<'_, DirectPaths> {
+    paths.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -65,6 +65,11 @@ impl DirectPaths {
         ids
     }
 
+    /// Whether the client reaches `peer` only through relays (no direct connection open).
+    pub(crate) fn only_relayed(&self, peer: &PeerId) -> bool {
+        self.relayed.contains_key(peer) && !self.direct.contains_key(peer)
+    }
+
     /// Whether a request to `peer` must wait for its relayed connections to close.
     pub(crate) fn must_wait(&self, peer: &PeerId) -> bool {
         self.closing.contains_key(peer)

@@ -12,6 +12,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::commands::json_file::write_json;
+use crate::commands::measure::median;
 use crate::commands::python_venv::{venv_python, VenvSpec};
 
 /// Arguments of `veil zk bench`.
@@ -52,11 +53,6 @@ struct Figures {
     proof_bytes: u64,
     peak_mib: u64,
     rows_log2: u32,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 /// Runs `veil` with `args` and reads the JSON line it prints.
@@ -124,8 +120,8 @@ fn veil_figures(model: &Path, dir: &Path, digit: usize, data: &Path, runs: u32) 
         verify.push(v["verify_s"].as_f64().unwrap_or(f64::NAN));
     }
     Ok(Figures {
-        prove_s: median(prove),
-        verify_s: median(verify),
+        prove_s: median(&mut prove),
+        verify_s: median(&mut verify),
         proof_bytes: bytes,
         peak_mib: peak,
         rows_log2: veil_zk::circuit::K,
