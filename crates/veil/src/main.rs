@@ -3,10 +3,8 @@
 //! Each subcommand lives in its own module under `commands/`; this file parses the command line,
 //! sets up logging and threads, and turns errors into a message and an exit code.
 
-mod accel;
 mod args;
 mod commands;
-mod gateway;
 mod progress;
 
 use std::process::ExitCode;

@@ -13,8 +13,8 @@ use veil_model::{generate, ChatMessage, GenerationParams};
 
 use crate::commands::bench_args::BenchArgs;
 use crate::commands::measure::median;
-use crate::gateway::openai::VeilInfo;
-use crate::gateway::{Backend, Gateway, Limits};
+use veil_serve::gateway::openai::VeilInfo;
+use veil_serve::gateway::{Gateway, Limits, Serving};
 
 /// The prompt of every measured request: one that makes the model write at length.
 const PROMPT: &str = "Write a long story about a lighthouse keeper and the sea.";
@@ -44,15 +44,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         batch: usize::from(args.batch),
     };
     let gateway = Arc::new(Gateway::new(
-        served,
-        Backend::Local,
-        None,
+        Arc::new(served),
+        // No selector: the gateway runs the plain method, as the direct path does, so the
+        // ratio is the gateway's overhead alone.
+        Serving::Local { selector: None },
         model_id.clone(),
         info,
         limits,
-        // No selector: the gateway runs the plain method, as the direct path does, so the
-        // ratio is the gateway's overhead alone.
-        None,
     ));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -64,7 +62,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     runtime.spawn(async move {
         axum::serve(
             listener,
-            gateway.router(Arc::new(crate::gateway::access::Access::default())),
+            gateway.router(Arc::new(veil_serve::gateway::access::Access::default())),
         )
         .await
     });

@@ -6,12 +6,12 @@ use anyhow::{ensure, Result};
 use serde::Serialize;
 use veil_meta::default_method;
 
-use crate::accel::{
+use crate::commands::bench_args::BenchArgs;
+use crate::commands::measure::median;
+use veil_serve::accel::{
     build_workload, features_of, hardware_features, model_features, pick_method, run_workload,
     PromptSize, Workload,
 };
-use crate::commands::bench_args::BenchArgs;
-use crate::commands::measure::median;
 
 /// The mix: (prompt size, output tokens, requests at once, shared text, rewrite).
 const MIX: [(PromptSize, usize, usize, bool, bool); 8] = [
@@ -55,14 +55,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .map(|&(size, output, batch, shared, rewrite)| {
             build_workload(&model, size, output, batch, shared, rewrite)
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     let picks = mix
         .iter()
         .map(|w| {
             let features = features_of(&model_f, &hardware, w.features());
             pick_method("auto", Some(&selector), &features, Some(&format))
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     let plain = default_method();
     // Seconds per workload per run, and tokens (the same for both: the methods are exact).
     let mut plain_s = vec![Vec::new(); mix.len()];

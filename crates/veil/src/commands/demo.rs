@@ -23,7 +23,7 @@ use crate::commands::demo_nodes::{retry, NodeChild};
 use crate::commands::generate::{print_stats, StdoutStream};
 use crate::commands::measure::median;
 use crate::commands::network_runtime::runtime;
-use crate::commands::swarm::{describe_route, open_chain, SwarmArgs};
+use crate::commands::swarm::{open_chain, route_lines, SwarmArgs};
 use crate::progress;
 
 /// Arguments of `veil demo`.
@@ -145,7 +145,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     out.finish()?;
     print_stats(&completion);
     eprintln!("4. route:");
-    for line in describe_route(&chain) {
+    for line in route_lines(&veil_serve::backend::Route::of_chain(&chain)) {
         eprintln!("   {line}");
     }
     if args.bench {

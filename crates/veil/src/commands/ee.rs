@@ -227,7 +227,7 @@ fn attack_inversion(
             file.display().to_string(),
         ),
         None => (
-            crate::accel::HELD_OUT.to_string(),
+            veil_serve::accel::HELD_OUT.to_string(),
             "the held-out passage".into(),
         ),
     };

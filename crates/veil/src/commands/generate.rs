@@ -3,13 +3,20 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
 use clap::Args;
-use veil_model::{generate, ChatMessage, Completion, LocalModel, ModelError, TokenStep};
+use veil_model::{ChatMessage, Completion, LocalModel, ModelError};
+use veil_serve::backend::{
+    Answer, Backend, Committee, EncryptedLocal, LocalBackend, Request, Route, SwarmChain,
+    SwarmConnection, Verification, VerifiedChain,
+};
+use veil_serve::key_rotation::{KeyedModel, Privacy};
 
 use crate::args::{ModelArgs, SamplingArgs};
-use crate::commands::evidence_file::write_evidence;
-use crate::commands::swarm::{describe_route, open_chain, SwarmArgs};
+use crate::commands::swarm::{client_split, failover_lines, route_lines, SwarmArgs};
 
 /// Arguments of `veil generate`.
 #[derive(Args, Debug)]
@@ -85,7 +92,8 @@ pub struct VerifyArgs {
     pub recheck: bool,
 }
 
-/// Runs `veil generate`.
+/// Runs `veil generate`: builds the backend the arguments name, runs the prompt through it,
+/// and reports the answer and how it was made.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let params = args.sampling.params()?;
     if args.prompt.trim().is_empty() {
@@ -95,105 +103,322 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if (remote || args.encrypted.is_some()) && !matches!(args.accel.as_str(), "auto" | "plain") {
         bail!("--accel {} applies to local plaintext generation; on the swarm and for encrypted models each node runs its own kernels", args.accel);
     }
-    if args.verify.verify.is_some() {
-        return run_verified(&args, &params);
-    }
-    if !args.swarm.bootstrap.is_empty() {
-        return run_on_swarm(&args, &params);
-    }
-    if args.encrypted.is_none() {
-        return run_accelerated(&args, &params);
-    }
-    let (model, encrypted) = match (&args.encrypted, &args.key) {
-        (Some(enc), Some(key)) => {
-            let key = crate::commands::ee::read_key(key)?;
-            let text = LocalModel::open_text(&args.model.resolve_path()?)?;
-            let shards = crate::commands::ee::load_encrypted(enc, &key, &args.model)?;
-            (text, Some((key, shards)))
-        }
-        _ => (args.model.load()?, None),
+    let built = build(&args)?;
+    let prompt = prompt_ids(&args, &built.text)?;
+    let request = Request {
+        prompt: &prompt,
+        params: &params,
+        method: built.method,
+        prefixes: None,
+        cancelled: &|| false,
     };
-    let prompt = prompt_ids(&args, &model)?;
-    let mut local;
-    let mut blind;
-    let session: &mut dyn TokenStep = match &encrypted {
-        Some((key, shards)) => {
-            blind = veil_ee::EncryptedSession::new(key, shards);
-            &mut blind
-        }
-        None => {
-            local = model.session();
-            &mut local
-        }
+    let mut out = StdoutStream::default();
+    let result = built
+        .backend
+        .generate(&request, &mut |text| out.write(text));
+    let answer = match (result, &built.verified) {
+        (Ok(answer), _) => answer,
+        (Err(e), Some(what)) => return Err(anyhow::Error::new(e).context(format!("{what} failed"))),
+        (Err(e), None) => return Err(e.into()),
     };
-    answer(session, &model, &prompt, &params)?;
-    Ok(())
+    out.finish()?;
+    print_stats(&answer.completion);
+    report(&answer, built.request_id.as_deref())
 }
 
-/// Local plaintext generation with the acceleration method `--accel` names or the selector
-/// picks.
-fn run_accelerated(args: &GenerateArgs, params: &veil_model::GenerationParams) -> Result<()> {
+/// A backend built from the command line, with what running and reporting it needs.
+struct Built {
+    backend: Box<dyn Backend>,
+    /// The plaintext model's tokenizer and template (and weights, for a local model).
+    text: Arc<LocalModel>,
+    /// The method `--accel` forces, for a local plaintext model.
+    method: Option<&'static veil_meta::Method>,
+    /// For a verified request: its id, and what to call it when it fails.
+    request_id: Option<String>,
+    verified: Option<&'static str>,
+    /// The runtime the swarm client runs on, kept alive while the backend runs.
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// The backend the arguments name: a committee or verified chain (`--verify`), a chain of
+/// nodes (`--bootstrap`), an encrypted model here (`--encrypted`), or the plaintext model here.
+fn build(args: &GenerateArgs) -> Result<Built> {
+    if let Some(size) = args.verify.verify {
+        return build_verified(args, size);
+    }
+    if !args.swarm.bootstrap.is_empty() {
+        return build_swarm(args);
+    }
+    if let (Some(encrypted), Some(key)) = (&args.encrypted, &args.key) {
+        let key = crate::commands::ee::read_key(key)?;
+        let text = Arc::new(LocalModel::open_text(&args.model.resolve_path()?)?);
+        let shards = crate::commands::ee::load_encrypted(encrypted, &key, &args.model)?;
+        let keyed = Arc::new(KeyedModel::new(Privacy { key, shards }, None));
+        return Ok(Built {
+            backend: Box::new(EncryptedLocal::new(Arc::clone(&text), keyed)),
+            text,
+            method: None,
+            request_id: None,
+            verified: None,
+            _runtime: None,
+        });
+    }
+    build_local(args)
+}
+
+/// The plaintext model here, with the acceleration method `--accel` names or the selector
+/// picks (`auto`, which keeps the answer exact: it chooses among methods for the format
+/// `--dtype` names; a format change happens only when asked for).
+fn build_local(args: &GenerateArgs) -> Result<Built> {
     let path = args.model.resolve_path()?;
-    let text = LocalModel::open_text(&path)?;
-    let prompt = prompt_ids(args, &text)?;
-    let features = veil_meta::Features {
-        model: crate::accel::model_features(&text, &path),
-        hardware: crate::accel::hardware_features(1.0),
-        workload: veil_meta::WorkloadFeatures {
-            prompt_tokens: prompt.len().max(1) as u32,
-            output_tokens: params.max_tokens.max(1) as u32,
-            batch: 1,
-            shared_prefix: 0.0,
-            rewrite: false,
-        },
-    };
-    let selector = match args.accel.as_str() {
+    let mut model_args = args.model.clone();
+    let (selector, method) = match args.accel.as_str() {
         "auto" => match crate::commands::meta::load_selector() {
-            Ok(s) => Some(s),
+            Ok(s) => (Some(s), None),
             Err(e) => {
                 tracing::warn!("no selector ({e:#}); running the plain method");
-                None
+                (None, None)
             }
         },
-        _ => None,
+        forced => {
+            let method = veil_meta::method(forced)?;
+            if args.model.dtype != veil_model::WeightFormat::AsStored
+                && method.format != args.model.dtype.to_string()
+            {
+                bail!(
+                    "--accel {forced} runs {} weights but the model is loaded as {}",
+                    method.format,
+                    args.model.dtype
+                );
+            }
+            model_args.dtype = veil_serve::accel::format_of(method)?;
+            (None, Some(method))
+        }
     };
-    // `auto` keeps the answer exact: it chooses among methods for the format --dtype names.
-    // A format change (another answer, another quality) happens only when asked for.
-    let pick = match args.accel.as_str() {
-        "auto" => crate::accel::pick_method(
-            "auto",
-            selector.as_ref(),
-            &features,
-            Some(&args.model.dtype.to_string()),
-        )?,
-        forced => crate::accel::pick_method(
-            forced,
+    let model = Arc::new(model_args.load()?);
+    let selector = selector.map(|s| (s, veil_serve::accel::model_features(&model, &path)));
+    let backend = LocalBackend::new(Arc::clone(&model), args.model.dtype.to_string(), selector);
+    Ok(Built {
+        backend: Box::new(backend),
+        text: model,
+        method,
+        request_id: None,
+        verified: None,
+        _runtime: None,
+    })
+}
+
+/// `veil generate --bootstrap ...`: the same answer, computed by a chain of the swarm's nodes
+/// (serving the encrypted file when there is a key), split with this process under
+/// `--client-layers`.
+fn build_swarm(args: &GenerateArgs) -> Result<Built> {
+    let path = args.model.resolve_path()?;
+    let text = Arc::new(LocalModel::open_text(&path)?);
+    let key = match &args.key {
+        Some(key) => Some(Arc::new(KeyedModel::new(
+            Privacy {
+                key: crate::commands::ee::read_key(key)?,
+                shards: Vec::new(),
+            },
             None,
-            &features,
-            (args.model.dtype != veil_model::WeightFormat::AsStored)
-                .then(|| args.model.dtype.to_string())
-                .as_deref(),
-        )?,
+        ))),
+        None => None,
     };
-    tracing::info!("accel: {} ({})", pick.method.name, pick.why);
-    let mut model_args = args.model.clone();
-    if args.accel != "auto" {
-        model_args.dtype = crate::accel::format_of(pick.method)?;
-    }
-    let model = model_args.load()?;
-    let mut out = StdoutStream::default();
-    let (completion, _) = veil_model::generate_accelerated(
-        &mut model.session(),
-        &model.tokenizer,
-        &prompt,
-        model.config.context_length,
-        params,
-        &crate::accel::accel_of(pick.method),
-        &mut |text| out.write(text),
+    // Nodes serve shards of the file the client names: the encrypted one when there is a key.
+    let served = args.encrypted.clone().unwrap_or(path);
+    let split = client_split(&args.swarm, &served, args.model.dtype)?;
+    let runtime = crate::commands::network_runtime::runtime()?;
+    let connection = connect(
+        args,
+        &runtime,
+        &served,
+        &text,
+        read_liars(args.verify.state.as_deref()),
+        Duration::from_secs(60),
     )?;
-    out.finish()?;
-    print_stats(&completion);
-    eprintln!("accel: {} ({})", pick.method.name, pick.why);
+    let mut chain = SwarmChain::new(Arc::new(connection), key);
+    if let Some((front, head)) = split {
+        chain = chain.split_with(front, head);
+    }
+    Ok(Built {
+        backend: Box::new(chain),
+        text,
+        method: None,
+        request_id: None,
+        verified: None,
+        _runtime: Some(runtime),
+    })
+}
+
+/// `veil generate --bootstrap ... --verify N [--chain]`: a committee generates and checks the
+/// answer, or a split chain generates and `N - 1` other nodes serving each hop's blocks
+/// replay that hop. With a key, the committee serves the encrypted file and works in the
+/// key's token order; the plaintext model only supplies the tokenizer.
+fn build_verified(args: &GenerateArgs, size: usize) -> Result<Built> {
+    if args.swarm.client_layers.is_some() {
+        bail!("--verify works with whole-model nodes; drop --client-layers");
+    }
+    if size < 2 {
+        bail!("--verify needs a committee of at least 2 (one generates, one judges)");
+    }
+    if args.verify.chain && args.encrypted.is_some() {
+        bail!("--chain verifies plaintext split chains; drop --encrypted");
+    }
+    let request_id = request_id(args)?;
+    let path = args.model.resolve_path()?;
+    let text = Arc::new(LocalModel::open_text(&path)?);
+    let (served, key) = match (&args.encrypted, &args.key) {
+        (Some(encrypted), Some(key)) => {
+            let key = crate::commands::ee::read_key(key)?;
+            veil_ee::check_key(&veil_model::GgufFile::open(encrypted)?, &key)?;
+            let keyed = KeyedModel::new(
+                Privacy {
+                    key,
+                    shards: Vec::new(),
+                },
+                None,
+            );
+            (encrypted.clone(), Some(Arc::new(keyed)))
+        }
+        _ => (path, None),
+    };
+    let runtime = crate::commands::network_runtime::runtime()?;
+    let mut connection = connect(
+        args,
+        &runtime,
+        &served,
+        &text,
+        Some(open_state(args)?),
+        // Judging can take a while: two minutes per request.
+        Duration::from_secs(120),
+    )?;
+    let seed = args.verify.committee_seed.clone();
+    let (backend, verified): (Box<dyn Backend>, _) = if args.verify.chain {
+        let chain = VerifiedChain::new(Arc::new(connection), size - 1)
+            .seeded(seed, Some(request_id.clone()));
+        (Box::new(chain), "verified chain generation")
+    } else {
+        if args.verify.recheck {
+            connection.recheck = Some(veil_verify::LocalRecheck::new(served));
+        }
+        let committee =
+            Committee::new(Arc::new(connection), size, key).seeded(seed, Some(request_id.clone()));
+        (Box::new(committee), "verified generation")
+    };
+    Ok(Built {
+        backend,
+        text,
+        method: None,
+        request_id: Some(request_id),
+        verified: Some(verified),
+        _runtime: Some(runtime),
+    })
+}
+
+/// A client joined to the swarm for the model file `served`, with the node checks of
+/// `--weights-openings`, `--allow-nodes` and the records in `state`.
+fn connect(
+    args: &GenerateArgs,
+    runtime: &tokio::runtime::Runtime,
+    served: &std::path::Path,
+    text: &Arc<LocalModel>,
+    state: Option<veil_net::NodeState>,
+    request_timeout: Duration,
+) -> Result<SwarmConnection> {
+    let admission = args.swarm.admission(served, None)?;
+    let digest = veil_model::store::file_digest(served)?.1;
+    let client = runtime.block_on(args.swarm.connect(request_timeout, Duration::from_secs(10)))?;
+    let evidence_dir = args
+        .verify
+        .evidence_dir
+        .clone()
+        .unwrap_or_else(|| veil_model::ModelStore::from_env().home().join("evidence"));
+    Ok(SwarmConnection {
+        client,
+        runtime: runtime.handle().clone(),
+        text: Arc::clone(text),
+        digest,
+        state,
+        admission,
+        evidence_dir,
+        recheck: None,
+    })
+}
+
+/// Prints how the answer was made: the accel method, the route and failovers, or the
+/// committee's verdicts, and the evidence written against liars. Fails if evidence could not
+/// be kept.
+fn report(answer: &Answer, request_id: Option<&str>) -> Result<()> {
+    if matches!(answer.route, Route::Local { .. }) && answer.accel != "plain" {
+        eprintln!("accel: {}", answer.accel);
+    }
+    for line in route_lines(&answer.route) {
+        eprintln!("route: {line}");
+    }
+    for line in failover_lines(&answer.route) {
+        eprintln!("failover: {line}");
+    }
+    let id = request_id.unwrap_or_default();
+    match &answer.verification {
+        Some(Verification::Committee(c)) => {
+            eprintln!(
+                "request {id}: committee {} ({} commitments)",
+                c.committee.join(", "),
+                c.mode
+            );
+            eprintln!(
+                "accepted the answer of {}: passed by {} of {} judges; generation {:.2} s, judging {:.2} s",
+                c.generator,
+                c.tally.passed.len(),
+                c.tally.passed.len() + c.tally.failed.len(),
+                c.generate_time.as_secs_f64(),
+                c.judge_time.as_secs_f64()
+            );
+            for (peer, verdict) in &c.tally.failed {
+                eprintln!("  dissent from {peer}: {verdict}");
+            }
+            if !c.overruled.is_empty() {
+                eprintln!(
+                    "  the answer recomputes here, so the judges that failed it lied and are avoided from now on: {}",
+                    c.overruled.join(", ")
+                );
+            }
+        }
+        Some(Verification::Chain(c)) => {
+            eprintln!(
+                "request {id}: every hop replayed by its judges; generation {:.2} s, judging {:.2} s",
+                c.generate_time.as_secs_f64(),
+                c.judge_time.as_secs_f64()
+            );
+            for hop in &c.hops {
+                eprintln!(
+                    "  blocks {:>2}-{:<2} on {}: passed by {} of {} judges ({} bytes of signed digests)",
+                    hop.blocks.0,
+                    hop.blocks.1,
+                    hop.node,
+                    hop.tally.passed.len(),
+                    hop.tally.passed.len() + hop.tally.failed.len(),
+                    hop.commitment_bytes
+                );
+            }
+        }
+        None => {}
+    }
+    let mut unkept = None;
+    for kept in &answer.evidence {
+        match &kept.file {
+            Ok(file) => eprintln!(
+                "caught {} lying: evidence in {} (re-check: veil verify-evidence {})",
+                kept.against,
+                file.display(),
+                file.display()
+            ),
+            Err(e) => unkept = Some(e),
+        }
+    }
+    if let Some(e) = unkept {
+        bail!("evidence against a node caught lying could not be kept: {e}");
+    }
     Ok(())
 }
 
@@ -211,77 +436,10 @@ fn prompt_ids(args: &GenerateArgs, model: &LocalModel) -> Result<Vec<u32>> {
     })
 }
 
-/// Generates from `prompt`, streaming to stdout, with the stats line on stderr.
-fn answer(
-    session: &mut dyn TokenStep,
-    model: &LocalModel,
-    prompt: &[u32],
-    params: &veil_model::GenerationParams,
-) -> Result<Completion> {
-    let mut out = StdoutStream::default();
-    let completion = generate(
-        session,
-        &model.tokenizer,
-        prompt,
-        model.config.context_length,
-        params,
-        &mut |text| out.write(text),
-    )?;
-    out.finish()?;
-    print_stats(&completion);
-    Ok(completion)
-}
-
-/// `veil generate --bootstrap ...`: the same answer, computed by the swarm's nodes.
-fn run_on_swarm(args: &GenerateArgs, params: &veil_model::GenerationParams) -> Result<()> {
-    let text_model = args.model.resolve_path()?;
-    let model = LocalModel::open_text(&text_model)?;
-    let key = match &args.key {
-        Some(key) => Some(crate::commands::ee::read_key(key)?),
-        None => None,
-    };
-    // Nodes serve shards of the file the client names: the encrypted one when there is a key.
-    let served = args.encrypted.clone().unwrap_or(text_model);
-    let runtime = crate::commands::network_runtime::runtime()?;
-    let mut chain = open_chain(
-        &runtime,
-        &args.swarm,
-        &served,
-        args.model.dtype,
-        &avoided(args.verify.state.as_deref()),
-    )?;
-    let prompt = prompt_ids(args, &model)?;
-    let result = match &key {
-        Some(key) => answer(
-            &mut veil_ee::EncryptedStep::new(key, &mut chain),
-            &model,
-            &prompt,
-            params,
-        ),
-        None => answer(&mut chain, &model, &prompt, params),
-    };
-    for line in describe_route(&chain) {
-        eprintln!("route: {line}");
-    }
-    for f in chain.failovers() {
-        let (first, end) = f.blocks;
-        let moved = match f.from == f.to {
-            true => format!("reached {} again", f.to),
-            false => format!("moved from {} to {}", f.from, f.to),
-        };
-        eprintln!(
-            "failover: blocks {first}-{end} {moved} after {} ({} steps replayed)",
-            f.reason, f.replayed_steps
-        );
-    }
-    chain.close();
-    result.map(|_| ())
-}
-
-/// Nodes this client's database says a committee caught lying. The database is read if it can
-/// be opened; another `veil` process holding it (a gateway, a verified run) leaves this route
-/// without the list, with a warning.
-fn avoided(state: Option<&std::path::Path>) -> std::collections::HashSet<libp2p::PeerId> {
+/// The client's database of node reputations, for a plain route to leave out the nodes a
+/// committee caught lying. It is read only if it exists; another `veil` process holding it
+/// (a gateway, a verified run) leaves this route without it, with a warning.
+fn read_liars(state: Option<&std::path::Path>) -> Option<veil_net::NodeState> {
     let path = state.map_or_else(
         || {
             veil_model::ModelStore::from_env()
@@ -291,153 +449,18 @@ fn avoided(state: Option<&std::path::Path>) -> std::collections::HashSet<libp2p:
         std::path::Path::to_path_buf,
     );
     if !path.exists() {
-        return Default::default();
+        return None;
     }
-    match veil_net::NodeState::open(&path).and_then(|s| s.avoided()) {
-        Ok(avoid) => avoid,
+    match veil_net::NodeState::open(&path) {
+        Ok(state) => Some(state),
         Err(e) => {
             eprintln!(
                 "warning: cannot read the liars to avoid from {}: {e}",
                 path.display()
             );
-            Default::default()
+            None
         }
     }
-}
-
-/// `veil generate --bootstrap ... --verify N`: a committee generates and checks the answer.
-fn run_verified(args: &GenerateArgs, params: &veil_model::GenerationParams) -> Result<()> {
-    let size = args.verify.verify.unwrap_or(0);
-    if args.swarm.client_layers.is_some() {
-        bail!("--verify works with whole-model nodes; drop --client-layers");
-    }
-    if size < 2 {
-        bail!("--verify needs a committee of at least 2 (one generates, one judges)");
-    }
-    let request_id = request_id(args)?;
-    if args.verify.chain {
-        if args.encrypted.is_some() {
-            bail!("--chain verifies plaintext split chains; drop --encrypted");
-        }
-        return run_verified_chain(args, params, size - 1, request_id);
-    }
-    let path = args.model.resolve_path()?;
-    let model = LocalModel::open_text(&path)?;
-    let prompt = prompt_ids(args, &model)?;
-    // With a key, the committee serves the encrypted file and works in the key's token order;
-    // the plaintext model only supplies the tokenizer.
-    let (served, order): (PathBuf, Box<dyn veil_model::TokenOrder + Sync>) =
-        match (&args.encrypted, &args.key) {
-            (Some(encrypted), Some(key)) => {
-                let key = crate::commands::ee::read_key(key)?;
-                veil_ee::check_key(&veil_model::GgufFile::open(encrypted)?, &key)?;
-                (
-                    encrypted.clone(),
-                    Box::new(veil_ee::EncryptedOrder::new(&key)),
-                )
-            }
-            _ => (path.clone(), Box::new(veil_model::PlainOrder)),
-        };
-    let admission = args.swarm.admission(&served, None)?;
-    let (state, evidence_dir) = verification_records(args)?;
-    let (runtime, client) = verification_client(args)?;
-    let digest = veil_model::store::file_digest(&served)?.1;
-    let local = veil_verify::LocalRecheck::new(served.clone());
-    let recheck = |job: &veil_verify::Job| local.passes(job);
-    let request = veil_net::VerifiedRequest {
-        model_digest: &digest,
-        prompt: &prompt,
-        order: order.as_ref(),
-        params,
-        context_length: model.config.context_length,
-        size,
-        seed: &args.verify.committee_seed,
-        request_id: request_id.clone(),
-        gate: admission.as_deref(),
-        cancelled: &|| false,
-        recheck: match args.verify.recheck {
-            true => Some(&recheck),
-            false => None,
-        },
-    };
-    let (outcome, written) = keeping_evidence(&evidence_dir, |keep| {
-        veil_net::generate_verified(
-            &client,
-            runtime.handle(),
-            &model.tokenizer,
-            &request,
-            Some(&state),
-            keep,
-        )
-    })?;
-    let answer = outcome.context("verified generation failed")?;
-    show(&answer.completion)?;
-    eprintln!(
-        "request {request_id}: committee {} ({} commitments)",
-        answer.committee.join(", "),
-        answer.mode
-    );
-    eprintln!(
-        "accepted the answer of {}: passed by {} of {} judges; generation {:.2} s, judging {:.2} s",
-        answer.generator,
-        answer.tally.passed.len(),
-        answer.tally.passed.len() + answer.tally.failed.len(),
-        answer.generate_time.as_secs_f64(),
-        answer.judge_time.as_secs_f64()
-    );
-    for (peer, verdict) in &answer.tally.failed {
-        eprintln!("  dissent from {peer}: {verdict}");
-    }
-    if !answer.overruled.is_empty() {
-        eprintln!(
-            "  the answer recomputes here, so the judges that failed it lied and are avoided from now on: {}",
-            answer.overruled.join(", ")
-        );
-    }
-    for (file, record) in written.iter().zip(&answer.evidence) {
-        eprintln!(
-            "caught {} lying: evidence in {} (re-check: veil verify-evidence {})",
-            record.job.body.generator,
-            file.display(),
-            file.display()
-        );
-    }
-    Ok(())
-}
-
-/// Runs a verified request, writing each piece of evidence it makes to `dir` at once: before
-/// the answer is reported, so evidence survives a failed request. Returns the request's
-/// outcome and the files written.
-fn keeping_evidence<T, J: veil_verify::Judged>(
-    dir: &std::path::Path,
-    request: impl FnOnce(&mut dyn FnMut(&veil_verify::Evidence<J>)) -> veil_net::Result<T>,
-) -> Result<(veil_net::Result<T>, Vec<PathBuf>)> {
-    let mut written = Vec::new();
-    let outcome = request(&mut |record| written.push(write_evidence(dir, record)));
-    let written = written.into_iter().collect::<Result<Vec<_>>>()?;
-    Ok((outcome, written))
-}
-
-/// Prints an accepted verified answer and its speed.
-fn show(completion: &veil_model::Completion) -> Result<()> {
-    let mut out = StdoutStream::default();
-    out.write(&completion.text);
-    out.finish()?;
-    print_stats(completion);
-    Ok(())
-}
-
-/// The async runtime and a client joined to the swarm, for a verified request (judging can
-/// take a while: two minutes per request).
-fn verification_client(
-    args: &GenerateArgs,
-) -> Result<(tokio::runtime::Runtime, veil_net::SwarmClient)> {
-    let runtime = crate::commands::network_runtime::runtime()?;
-    let client = runtime.block_on(args.swarm.connect(
-        std::time::Duration::from_secs(120),
-        std::time::Duration::from_secs(10),
-    ))?;
-    Ok((runtime, client))
 }
 
 /// `--request-id`, or a fresh random one.
@@ -449,89 +472,14 @@ fn request_id(args: &GenerateArgs) -> Result<String> {
     })
 }
 
-/// The client's reputation database and evidence folder (`--state`, `--evidence-dir`).
-fn verification_records(args: &GenerateArgs) -> Result<(veil_net::NodeState, PathBuf)> {
-    let home = veil_model::ModelStore::from_env().home().to_path_buf();
-    let state = veil_net::NodeState::open(
-        &args
-            .verify
-            .state
-            .clone()
-            .unwrap_or_else(|| home.join("client.redb")),
-    )?;
-    let evidence = args
-        .verify
-        .evidence_dir
-        .clone()
-        .unwrap_or_else(|| home.join("evidence"));
-    Ok((state, evidence))
-}
-
-/// `veil generate --bootstrap ... --verify N --chain`: a split chain generates, and `judges`
-/// other nodes serving each hop's blocks replay that hop.
-fn run_verified_chain(
-    args: &GenerateArgs,
-    params: &veil_model::GenerationParams,
-    judges: usize,
-    request_id: String,
-) -> Result<()> {
-    let path = args.model.resolve_path()?;
-    let model = LocalModel::open_text(&path)?;
-    let prompt = prompt_ids(args, &model)?;
-    let admission = args.swarm.admission(&path, None)?;
-    let (state, evidence_dir) = verification_records(args)?;
-    let (runtime, client) = verification_client(args)?;
-    let digest = veil_model::store::file_digest(&path)?.1;
-    let request = veil_net::VerifiedChainRequest {
-        model_digest: &digest,
-        block_count: model.config.block_count,
-        prompt: &prompt,
-        params,
-        context_length: model.config.context_length,
-        judges,
-        seed: &args.verify.committee_seed,
-        request_id: request_id.clone(),
-        gate: admission,
-        cancelled: &|| false,
-    };
-    let (outcome, written) = keeping_evidence(&evidence_dir, |keep| {
-        veil_net::generate_verified_chain(
-            &client,
-            runtime.handle(),
-            &model.tokenizer,
-            &request,
-            Some(&state),
-            keep,
-        )
-    })?;
-    let answer = outcome.context("verified chain generation failed")?;
-    show(&answer.completion)?;
-    eprintln!(
-        "request {request_id}: every hop replayed by its judges; generation {:.2} s, judging {:.2} s",
-        answer.generate_time.as_secs_f64(),
-        answer.judge_time.as_secs_f64()
-    );
-    for hop in &answer.hops {
-        eprintln!(
-            "  blocks {:>2}-{:<2} on {}: passed by {} of {} judges ({} bytes of signed digests)",
-            hop.blocks.0,
-            hop.blocks.1,
-            hop.node,
-            hop.tally.passed.len(),
-            hop.tally.passed.len() + hop.tally.failed.len(),
-            hop.commitment_bytes
-        );
-    }
-    for (file, record) in written.iter().zip(&answer.evidence) {
-        eprintln!(
-            "caught hop {} (blocks {}-{}) lying: evidence in {}",
-            record.job.body.node,
-            record.job.body.first_block,
-            record.job.body.end_block,
-            file.display()
-        );
-    }
-    Ok(())
+/// The client's reputation database (`--state`), which verified requests move.
+fn open_state(args: &GenerateArgs) -> Result<veil_net::NodeState> {
+    let path = args.verify.state.clone().unwrap_or_else(|| {
+        veil_model::ModelStore::from_env()
+            .home()
+            .join("client.redb")
+    });
+    Ok(veil_net::NodeState::open(&path)?)
 }
 
 /// Streams text to stdout, remembering the first write error (a closed pipe, say) so the

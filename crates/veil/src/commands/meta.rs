@@ -12,12 +12,12 @@ use veil_meta::{
 };
 use veil_model::{LocalModel, ModelStore};
 
-use crate::accel::{
+use crate::args::ModelArgs;
+use crate::progress;
+use veil_serve::accel::{
     build_workload, features_of, format_of, hardware_features, model_features, perplexity,
     run_workload, PromptSize, Workload, HELD_OUT,
 };
-use crate::args::ModelArgs;
-use crate::progress;
 
 /// The dataset collected on the development machine and committed with the code: what the
 /// selector trains on when no other data is given.

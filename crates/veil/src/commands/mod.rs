@@ -15,7 +15,6 @@ pub mod demo;
 pub mod demo_nodes;
 pub mod demo_verify;
 pub mod ee;
-pub mod evidence_file;
 pub mod generate;
 pub mod json_file;
 pub mod measure;

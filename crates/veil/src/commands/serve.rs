@@ -6,11 +6,13 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use veil_serve::backend::SwarmConnection;
+use veil_serve::gateway::openai::VeilInfo;
+use veil_serve::gateway::{Gateway, Limits, Serving};
+use veil_serve::key_rotation::{KeyRotation, KeyedModel, Privacy};
+
 use crate::args::ModelArgs;
 use crate::commands::swarm::SwarmArgs;
-use crate::gateway::key_rotation::{KeyRotation, KeyedModel};
-use crate::gateway::openai::VeilInfo;
-use crate::gateway::{Backend, Gateway, Limits, Privacy, SwarmBackend};
 
 /// Arguments of `veil serve`.
 #[derive(Args, Debug)]
@@ -145,7 +147,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.swarm.client_layers.is_some() {
         bail!("veil serve does not split the model with the swarm yet: drop --client-layers");
     }
-    let access = Arc::new(crate::gateway::access::Access::new(
+    let access = Arc::new(veil_serve::gateway::access::Access::new(
         args.api_key_file.as_deref(),
         &args.allowed_hosts,
     )?);
@@ -176,11 +178,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let rotation = key_rotation(&args, &path);
         KeyedModel::new(privacy, rotation)
     });
-    let model = if args.local && privacy.is_none() {
+    let model = Arc::new(if args.local && privacy.is_none() {
         args.model.load()?
     } else {
         veil_model::LocalModel::open_text(&path)?
-    };
+    });
     // Nodes serve shards cut from the file they run: the encrypted one when there is a key.
     let served = args.encrypted.clone().unwrap_or_else(|| path.clone());
     let admission = args.swarm.admission(&served, tee_gate)?;
@@ -221,7 +223,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // MetaInf chooses per request for a plaintext model in this process.
     let selector = if args.local && privacy.is_none() {
         match crate::commands::meta::load_selector() {
-            Ok(s) => Some((s, crate::accel::model_features(&model, &path))),
+            Ok(s) => Some((s, veil_serve::accel::model_features(&model, &path))),
             Err(e) => {
                 tracing::warn!("no MetaInf selector ({e:#}): every request runs the plain method");
                 None
@@ -237,26 +239,28 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     let home = veil_model::ModelStore::from_env().home().to_path_buf();
     runtime.block_on(async move {
-        let backend = if args.local {
-            Backend::Local
-        } else {
-            let client = args
-                .swarm
-                .connect(
-                    std::time::Duration::from_secs(60),
-                    std::time::Duration::from_secs(10),
-                )
-                .await
-                .context("cannot join the swarm")?;
-            Backend::Swarm(Box::new(SwarmBackend {
+        let serving = match (args.local, privacy) {
+            (true, None) => Serving::Local { selector },
+            (true, Some(keyed)) => Serving::Encrypted(keyed),
+            (false, key) => {
+                let client = args
+                    .swarm
+                    .connect(
+                        std::time::Duration::from_secs(60),
+                        std::time::Duration::from_secs(10),
+                    )
+                    .await
+                    .context("cannot join the swarm")?;
+                let connection = SwarmConnection {
                 client,
                 runtime: tokio::runtime::Handle::current(),
+                text: Arc::clone(&model),
                 digest: veil_model::store::file_digest(&served)?.1,
                 evidence_dir: args
                     .evidence_dir
                     .clone()
                     .unwrap_or_else(|| home.join("evidence")),
-                state: veil_net::NodeState::open(
+                state: Some(veil_net::NodeState::open(
                     &args
                         .state
                         .clone()
@@ -264,23 +268,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 )
                 .context(
                     "cannot open the reputation database (is another veil client using it?)",
-                )?,
+                )?),
                 admission,
-                private_model,
                 recheck: args
                     .recheck
                     .then(|| veil_verify::LocalRecheck::new(served.clone())),
-            }))
+            };
+                Serving::Swarm {
+                    connection: Box::new(connection),
+                    key,
+                    private_model,
+                }
+            }
         };
-        let gateway = Arc::new(Gateway::new(
-            model,
-            backend,
-            privacy,
-            model_id.clone(),
-            info,
-            limits,
-            selector,
-        ));
+        let gateway = Arc::new(Gateway::new(model, serving, model_id.clone(), info, limits));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -296,11 +297,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
                     std::time::Duration::from_secs(args.body_timeout),
                 ));
-        let limits = crate::gateway::server::ConnectionLimits {
+        let limits = veil_serve::gateway::server::ConnectionLimits {
             header_timeout: std::time::Duration::from_secs(args.header_timeout),
             max_connections: usize::from(args.max_connections),
         };
-        crate::gateway::server::serve(listener, router, limits, async {
+        veil_serve::gateway::server::serve(listener, router, limits, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await;
@@ -349,6 +350,8 @@ fn key_rotation(args: &ServeArgs, model: &std::path::Path) -> Option<KeyRotation
         },
         plain: model.to_path_buf(),
         config,
-        load: Box::new(move |file, key| crate::commands::ee::load_encrypted(file, key, &loader)),
+        load: Box::new(move |file, key| {
+            crate::commands::ee::load_encrypted(file, key, &loader).map_err(Into::into)
+        }),
     })
 }

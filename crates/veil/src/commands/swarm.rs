@@ -1,6 +1,7 @@
 //! `veil shard`, `veil node`, and the client side of the swarm used by `generate` and `demo`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -8,6 +9,7 @@ use clap::Args;
 use libp2p::Multiaddr;
 use veil_model::{GgufFile, LayerRange, LlamaConfig, Shard, ShardModel, WeightFormat};
 use veil_net::{ClientSplit, NodeConfig, RemoteChain, SessionLimits, SwarmClient};
+use veil_serve::backend::Route;
 
 use crate::args::ModelArgs;
 use crate::commands::network_runtime::runtime;
@@ -223,7 +225,7 @@ pub fn node(args: NodeArgs) -> Result<()> {
     // A cheating node's timings say nothing about the method, so it records none.
     let history = match args.misbehave {
         Some(_) => None,
-        None => crate::accel::node_run_template(
+        None => veil_serve::accel::node_run_template(
             &args.shard,
             args.dtype,
             args.price,
@@ -411,35 +413,10 @@ pub fn open_chain(
     avoid: &std::collections::HashSet<libp2p::PeerId>,
 ) -> Result<RemoteChain> {
     let admission = swarm.admission(model, None)?;
-    let mut gguf = GgufFile::open(model)?;
-    let config = LlamaConfig::from_gguf(&gguf)?;
+    let config = LlamaConfig::from_gguf(&GgufFile::open(model)?)?;
     let digest = veil_model::store::file_digest(model)?.1;
-    let split = match swarm.client_layers {
-        None => None,
-        Some(k) if k == 0 || k >= config.block_count => {
-            bail!(
-                "--client-layers must be between 1 and {}",
-                config.block_count - 1
-            )
-        }
-        Some(k) => {
-            let front = Shard {
-                layers: 0..k,
-                embedding: true,
-                head: false,
-            };
-            let n = config.block_count;
-            let head = Shard {
-                layers: n..n,
-                embedding: false,
-                head: true,
-            };
-            Some(ClientSplit {
-                front: ShardModel::load(&mut gguf, &front, format)?.into(),
-                head: ShardModel::load(&mut gguf, &head, format)?.into(),
-            })
-        }
-    };
+    let split =
+        client_split(swarm, model, format)?.map(|(front, head)| ClientSplit { front, head });
     let client =
         runtime.block_on(swarm.connect(Duration::from_secs(60), Duration::from_secs(10)))?;
     let chain = RemoteChain::open_gated(
@@ -454,25 +431,74 @@ pub fn open_chain(
     Ok(chain)
 }
 
-/// One line per hop: blocks, node, steps, time spent and bytes sent.
-pub fn describe_route(chain: &RemoteChain) -> Vec<String> {
-    chain
-        .route()
-        .iter()
-        .map(|(node, stats)| {
+/// With `--client-layers K`: the blocks this process runs itself, loaded from `model` in
+/// `format`: the embedding and the first K blocks, and the head.
+pub fn client_split(
+    swarm: &SwarmArgs,
+    model: &Path,
+    format: WeightFormat,
+) -> Result<Option<(Arc<ShardModel>, Arc<ShardModel>)>> {
+    let Some(k) = swarm.client_layers else {
+        return Ok(None);
+    };
+    let mut gguf = GgufFile::open(model)?;
+    let n = LlamaConfig::from_gguf(&gguf)?.block_count;
+    if k == 0 || k >= n {
+        bail!("--client-layers must be between 1 and {}", n - 1)
+    }
+    let front = Shard {
+        layers: 0..k,
+        embedding: true,
+        head: false,
+    };
+    let head = Shard {
+        layers: n..n,
+        embedding: false,
+        head: true,
+    };
+    Ok(Some((
+        ShardModel::load(&mut gguf, &front, format)?.into(),
+        ShardModel::load(&mut gguf, &head, format)?.into(),
+    )))
+}
+
+/// One line per hop of a chain's route: blocks, node, steps, time spent and bytes sent.
+pub fn route_lines(route: &Route) -> Vec<String> {
+    let Route::Chain { hops, .. } = route else {
+        return Vec::new();
+    };
+    hops.iter()
+        .map(|hop| {
             format!(
                 "blocks {:>2}-{:<2} on {}{}: {} steps, {:.0} ms, {} KiB sent",
-                node.info.first_block,
-                node.info.end_block,
-                node.peer,
-                if chain.is_relayed(&node.peer) {
-                    " (relayed)"
-                } else {
-                    ""
-                },
-                stats.steps,
-                stats.busy.as_secs_f64() * 1000.0,
-                stats.bytes_sent / 1024
+                hop.blocks.0,
+                hop.blocks.1,
+                hop.peer,
+                if hop.relayed { " (relayed)" } else { "" },
+                hop.stats.steps,
+                hop.stats.busy.as_secs_f64() * 1000.0,
+                hop.stats.bytes_sent / 1024
+            )
+        })
+        .collect()
+}
+
+/// One line per node a chain replaced on the way.
+pub fn failover_lines(route: &Route) -> Vec<String> {
+    let Route::Chain { failovers, .. } = route else {
+        return Vec::new();
+    };
+    failovers
+        .iter()
+        .map(|f| {
+            let (first, end) = f.blocks;
+            let moved = match f.from == f.to {
+                true => format!("reached {} again", f.to),
+                false => format!("moved from {} to {}", f.from, f.to),
+            };
+            format!(
+                "blocks {first}-{end} {moved} after {} ({} steps replayed)",
+                f.reason, f.replayed_steps
             )
         })
         .collect()

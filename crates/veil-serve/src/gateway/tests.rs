@@ -11,7 +11,7 @@ use veil_model::{ChatMessage, GenerationParams, LocalModel, WeightFormat};
 
 use super::access::Access;
 use super::openai::VeilInfo;
-use super::{Backend, Gateway, Limits};
+use super::{Gateway, Limits, Serving};
 
 const MODEL: &str = "SmolLM2-135M-Instruct";
 
@@ -41,13 +41,11 @@ fn router() -> axum::Router {
         batch: 1,
     };
     let gateway = Gateway::new(
-        load(),
-        Backend::Local,
-        None,
+        Arc::new(load()),
+        Serving::Local { selector: None },
         MODEL.into(),
         info,
         limits,
-        None,
     );
     Arc::new(gateway).router(Arc::new(Access::default()))
 }

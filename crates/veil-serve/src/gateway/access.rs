@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Result, ServeError};
 use axum::extract::{Request, State};
 use axum::http::header::{AUTHORIZATION, HOST};
 use axum::middleware::Next;
@@ -40,8 +40,10 @@ impl Access {
         let keys = match key_file {
             None => None,
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read API keys from {}", path.display()))?;
+                let text = std::fs::read_to_string(path).map_err(ServeError::io(format!(
+                    "cannot read API keys from {}",
+                    path.display()
+                )))?;
                 let keys: HashSet<[u8; 32]> = text
                     .lines()
                     .map(str::trim)
@@ -49,10 +51,10 @@ impl Access {
                     .map(|k| *blake3::hash(k.as_bytes()).as_bytes())
                     .collect();
                 if keys.is_empty() {
-                    bail!(
+                    return Err(ServeError::Invalid(format!(
                         "{} holds no API key: one key per line (blank lines and # comments are skipped)",
                         path.display()
-                    );
+                    )));
                 }
                 Some(keys)
             }

@@ -6,7 +6,7 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use crate::error::{Result, ServeError};
 use veil_meta::{Features, HardwareFeatures, Method, ModelFeatures, WorkloadFeatures};
 use veil_model::{
     generate_accelerated, generate_batch, Accel, BatchRequest, ChatMessage, Completion,
@@ -21,7 +21,7 @@ pub fn format_of(method: &Method) -> Result<WeightFormat> {
     method
         .format
         .parse()
-        .map_err(|e| anyhow::anyhow!("method {}: {e}", method.name))
+        .map_err(|e| ServeError::Invalid(format!("method {}: {e}", method.name)))
 }
 
 /// The runtime knobs of a method, for one request.
@@ -102,7 +102,8 @@ pub fn run_workload(model: &LocalModel, method: &Method, workload: &Workload) ->
                 params: workload.params.clone(),
             })
             .collect();
-        let width = NonZeroUsize::new(requests.len()).context("an empty workload")?;
+        let width = NonZeroUsize::new(requests.len())
+            .ok_or_else(|| ServeError::Invalid("an empty workload".into()))?;
         for answer in generate_batch(
             model,
             &requests,
@@ -233,8 +234,7 @@ pub fn node_run_template(
     let (true, Some(method)) = (whole, plain) else {
         return Ok(None);
     };
-    let model = LocalModel::load(path, format, &[])
-        .with_context(|| format!("loading {} to measure it", path.display()))?;
+    let model = LocalModel::load(path, format, &[])?;
     Ok(Some(veil_net::RunTemplate {
         model: model_features(&model, path),
         hardware: hardware_features(price_per_hour),
@@ -248,11 +248,14 @@ pub fn node_run_template(
 /// weight format.
 pub fn perplexity(model: &LocalModel, text: &str) -> Result<f64> {
     let tokens = model.raw_prompt(text)?;
-    anyhow::ensure!(tokens.len() >= 2, "held-out text too short");
+    if tokens.len() < 2 {
+        return Err(ServeError::Invalid("held-out text too short".into()));
+    }
     let logits = model
         .session()
         .forward(&tokens[..tokens.len() - 1], LogitsAt::All)?
-        .to_vec2::<f32>()?;
+        .to_vec2::<f32>()
+        .map_err(veil_model::ModelError::from)?;
     let mut nll = 0.0;
     for (row, next) in logits.iter().zip(&tokens[1..]) {
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -388,10 +391,10 @@ pub fn pick_method(
     if accel != "auto" {
         let method = veil_meta::method(accel)?;
         if let Some(f) = format.filter(|f| *f != method.format) {
-            anyhow::bail!(
+            return Err(ServeError::Invalid(format!(
                 "--accel {accel} runs {} weights but the model is loaded as {f}",
                 method.format
-            );
+            )));
         }
         return Ok(Pick {
             method,

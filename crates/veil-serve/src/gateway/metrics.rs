@@ -26,6 +26,12 @@ pub struct GatewayMetrics {
     pub open_node_sessions: Gauge,
 }
 
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl GatewayMetrics {
     /// Registers every metric.
     pub fn new() -> Self {

@@ -10,15 +10,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use anyhow::Context;
 use prometheus_client::metrics::counter::Counter;
 use veil_ee::{EeKey, KeyUsage, RotationPolicy};
 use veil_model::{LlamaConfig, ShardModel};
 
-use super::Privacy;
+use crate::error::{Result, ServeError};
+
+/// An encrypted model: the key stays with whoever holds this; the shards (run in this process)
+/// see only permuted ids and rotated activations.
+pub struct Privacy {
+    /// The model's key.
+    pub key: EeKey,
+    /// The encrypted shards, for a model run in this process (empty when nodes run it).
+    pub shards: Vec<ShardModel>,
+}
 
 /// Loads an encrypted model file as the gateway runs it (its block ranges, format, kernels).
-pub type ShardLoader = Box<dyn Fn(&Path, &EeKey) -> anyhow::Result<Vec<ShardModel>> + Send + Sync>;
+pub type ShardLoader = Box<
+    dyn Fn(&Path, &EeKey) -> Result<Vec<ShardModel>, Box<dyn std::error::Error + Send + Sync>>
+        + Send
+        + Sync,
+>;
 
 /// How a gateway that runs its encrypted model itself replaces the key.
 pub struct KeyRotation {
@@ -125,16 +137,14 @@ impl KeyedModel {
 
 /// The plaintext model encrypted under a fresh key of `old`'s kind, loaded. The file is
 /// written next to nothing the user owns (a temporary directory) and removed once loaded.
-fn fresh_model(rotation: &KeyRotation, old: &EeKey) -> anyhow::Result<Privacy> {
+fn fresh_model(rotation: &KeyRotation, old: &EeKey) -> Result<Privacy> {
     let key = EeKey::generate_of_kind(&rotation.config, &old.model_digest, old.kind());
-    let dir = tempfile::tempdir().context("no room for the re-encrypted model")?;
+    let dir = tempfile::tempdir().map_err(ServeError::io("no room for the re-encrypted model"))?;
     let file = dir.path().join("rotated.gguf");
-    veil_ee::encrypt_model(&rotation.plain, &key, &file).with_context(|| {
-        format!(
-            "cannot encrypt {} under the new key",
-            rotation.plain.display()
-        )
+    veil_ee::encrypt_model(&rotation.plain, &key, &file)?;
+    let shards = (rotation.load)(&file, &key).map_err(|source| ServeError::Load {
+        what: "cannot load the re-encrypted model".into(),
+        source,
     })?;
-    let shards = (rotation.load)(&file, &key).context("cannot load the re-encrypted model")?;
     Ok(Privacy { key, shards })
 }

@@ -1,8 +1,8 @@
-//! Evidence against a lying node, written as a file: by `veil generate` and by the gateway.
+//! Evidence against a lying node, written as a file by the verified backends.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use crate::error::{Result, ServeError};
 
 /// Writes a record as `<job digest>.json` (through a temporary file, so none is half
 /// written); returns the path.
@@ -10,7 +10,8 @@ pub fn write_evidence<J: veil_verify::Judged>(
     dir: &std::path::Path,
     record: &veil_verify::Evidence<J>,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(ServeError::io(format!("cannot create {}", dir.display())))?;
     let path = dir.join(format!(
         "{}.json",
         veil_verify::job_digest(&record.job.body)?
@@ -23,6 +24,6 @@ pub fn write_evidence<J: veil_verify::Judged>(
             f.sync_all()
         })
         .and_then(|()| std::fs::rename(&tmp, &path))
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .map_err(ServeError::io(format!("cannot write {}", path.display())))?;
     Ok(path)
 }

@@ -1,0 +1,112 @@
+//! A committee of whole-model nodes: one generates and signs its answer, the others recompute
+//! it and vote; the text is handed over only once a majority accepts it. On an encrypted
+//! model the committee generates and judges in the key's token order.
+
+use std::sync::Arc;
+
+use super::{
+    keep_evidence, Answer, Backend, Failure, Request, Route, SwarmConnection, Verification,
+};
+use crate::key_rotation::KeyedModel;
+
+/// A committee of `size` nodes per request.
+pub struct Committee {
+    connection: Arc<SwarmConnection>,
+    size: usize,
+    /// Public seed mixed into the committee choice.
+    seed: String,
+    /// The request id (which fixes the committee); `None`: a fresh random one per request.
+    request_id: Option<String>,
+    /// The key of the encrypted model the nodes serve (`None`: plaintext).
+    key: Option<Arc<KeyedModel>>,
+}
+
+impl Committee {
+    /// Committees of `size` (one generator, `size - 1` judges) over `connection`'s nodes.
+    pub fn new(
+        connection: Arc<SwarmConnection>,
+        size: usize,
+        key: Option<Arc<KeyedModel>>,
+    ) -> Self {
+        Self {
+            connection,
+            size,
+            seed: "veil".into(),
+            request_id: None,
+            key,
+        }
+    }
+
+    /// Mixes `seed` into the committee choice, and fixes the request id (and so the
+    /// committee) when `request_id` is given.
+    pub fn seeded(mut self, seed: String, request_id: Option<String>) -> Self {
+        self.seed = seed;
+        self.request_id = request_id;
+        self
+    }
+}
+
+impl Backend for Committee {
+    fn generate(
+        &self,
+        request: &Request<'_>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Answer, Failure> {
+        let swarm = &self.connection;
+        let order: Box<dyn veil_model::TokenOrder + Sync> = match &self.key {
+            Some(keyed) => Box::new(veil_ee::EncryptedOrder::new(&keyed.current().key)),
+            None => Box::new(veil_model::PlainOrder),
+        };
+        let recheck = |job: &veil_verify::Job| match &swarm.recheck {
+            Some(local) => local.passes(job),
+            None => Err("no recheck".into()),
+        };
+        let verified = veil_net::VerifiedRequest {
+            model_digest: &swarm.digest,
+            prompt: request.prompt,
+            order: order.as_ref(),
+            params: request.params,
+            context_length: swarm.text.config.context_length,
+            size: self.size,
+            seed: &self.seed,
+            request_id: self
+                .request_id
+                .clone()
+                .unwrap_or_else(veil_verify::random_request_id),
+            gate: swarm.admission.as_deref(),
+            cancelled: request.cancelled,
+            recheck: swarm
+                .recheck
+                .as_ref()
+                .map(|_| &recheck as &veil_net::Recheck),
+        };
+        let mut evidence = Vec::new();
+        let outcome = veil_net::generate_verified(
+            &swarm.client,
+            &swarm.runtime,
+            &swarm.text.tokenizer,
+            &verified,
+            swarm.state.as_ref(),
+            &mut |record| {
+                let against = record.job.body.generator.clone();
+                keep_evidence(&swarm.evidence_dir, against, record, &mut evidence)
+            },
+        );
+        let answer = outcome.map_err(Failure::of_verified)?;
+        on_text(&answer.completion.text);
+        Ok(Answer {
+            completion: answer.completion.clone(),
+            route: Route::Committee {
+                size: self.size,
+                generator: answer.generator.clone(),
+            },
+            verification: Some(Verification::Committee(Box::new(answer))),
+            accel: "plain".into(),
+            evidence,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("committee of {}", self.size)
+    }
+}
