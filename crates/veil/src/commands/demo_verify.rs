@@ -160,7 +160,12 @@ pub fn run(
         answer.tally.passed.len() + answer.tally.failed.len(),
         answer.completion.text.trim()
     );
-    eprintln!("   reputation now: {:?}", client_state.reputations()?);
+    let reputations: Vec<String> = client_state
+        .reputations()?
+        .iter()
+        .map(|(node, score)| format!("{node} {score:+}"))
+        .collect();
+    eprintln!("   reputation now: {}", reputations.join(", "));
     if bench {
         // A prompt with a long answer, so the figure covers many tokens.
         let long = text.chat_prompt(&[ChatMessage::user(
