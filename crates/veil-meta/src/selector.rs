@@ -151,11 +151,10 @@ pub trait Chooser {
 /// The learners compared in `veil meta eval`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Learner {
-    /// Veil's selector: the cost model, a gradient-boosted regressor per method of its cost
-    /// relative to plain.
+    /// The cost model, a gradient-boosted regressor per method of its cost relative to plain.
     CostModel,
-    /// The cost model, gradient boosting on the winner and kNN voting; the cost model breaks
-    /// a three-way split.
+    /// Veil's selector: the cost model, gradient boosting on the winner and kNN voting; the
+    /// cost model breaks a three-way split.
     Vote,
     /// The method that was cheapest most often relative to the others in training.
     SingleBest,
@@ -171,8 +170,8 @@ pub enum Learner {
 impl Learner {
     /// Every learner, Veil's first.
     pub const ALL: [Learner; 6] = [
-        Self::CostModel,
         Self::Vote,
+        Self::CostModel,
         Self::SingleBest,
         Self::GradientBoosting,
         Self::Knn,
@@ -182,8 +181,8 @@ impl Learner {
     /// Its name in reports.
     pub fn name(self) -> &'static str {
         match self {
-            Self::CostModel => "veil cost model",
-            Self::Vote => "vote (cost, winner, kNN)",
+            Self::CostModel => "cost model",
+            Self::Vote => "veil (vote: cost, winner, kNN)",
             Self::SingleBest => "single best method",
             Self::GradientBoosting => "gradient boosting (winner)",
             Self::Knn => "kNN (k = 3)",
@@ -316,26 +315,28 @@ impl Chooser for CostModel {
     }
 }
 
-/// Veil's selector as `--accel auto` uses it: the cost model.
-pub struct Selector(CostModel);
+/// Veil's selector as `--accel auto` uses it: the vote of the cost model, gradient boosting
+/// on the winner and kNN (the best of the learners on the committed dataset, held out one
+/// workload at a time, once it held batches of 16; the cost model alone was before).
+pub struct Selector(Vote);
 
 impl Selector {
-    /// Fits the cost model on `cases` (milliseconds for the committed dataset, so
-    /// `--accel auto` fits it at start).
+    /// Fits the learners on `cases` (milliseconds for the committed dataset, so
+    /// `--accel auto` fits them at start).
     pub fn fit(cases: &[Case]) -> Result<Self> {
-        Ok(Self(CostModel::fit(cases)?))
+        Ok(Self(Vote::fit(cases)?))
     }
 
-    /// Predicted cost of each applicable method relative to plain.
+    /// Predicted cost of each applicable method relative to plain (the cost model's).
     pub fn predict(&self, features: &Features) -> Vec<(&'static str, f64)> {
-        self.0.predict(features)
+        self.0.cost.predict(features)
     }
 
     /// Methods in order of preference: the pick, then the rest by predicted cost (for when
     /// the pick cannot run, say in another weight format).
     pub fn rank(&self, features: &Features) -> Vec<&'static str> {
         let first = self.choose(features);
-        let mut rest = self.0.predict(features);
+        let mut rest = self.0.cost.predict(features);
         rest.sort_by(|a, b| a.1.total_cmp(&b.1));
         std::iter::once(first)
             .chain(rest.into_iter().map(|(m, _)| m).filter(|m| *m != first))

@@ -175,12 +175,12 @@ fn the_selector_picks_the_method_that_is_clearly_best_in_each_region() {
         assert_eq!(selector.choose(&f), want);
         assert_eq!(selector.rank(&f)[0], want);
     }
-    // Held-out workloads and models: the cost model finds the best method nearly always.
+    // Held-out workloads and models: the selector (the vote) finds the best method nearly always.
     for held_out in [HeldOut::Workloads, HeldOut::Models] {
         let scores = evaluate(&all, held_out).unwrap();
         let veil = scores
             .iter()
-            .find(|s| s.name == Learner::CostModel.name())
+            .find(|s| s.name == Learner::Vote.name())
             .unwrap();
         assert!(veil.accuracy >= 0.9, "{held_out:?}: {scores:?}");
         let random = scores.iter().find(|s| s.name == "random choice").unwrap();

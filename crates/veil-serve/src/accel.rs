@@ -49,24 +49,37 @@ impl Workload {
     /// The workload's features as the selector sees them; the shared prefix is measured from
     /// the prompts themselves (what a gateway's prefix cache would find).
     pub fn features(&self) -> WorkloadFeatures {
-        let n = self.prompts.len().max(1);
-        let prompt_tokens = self.prompts.iter().map(Vec::len).sum::<usize>() / n;
-        let mut shared = 0.0;
-        for (i, p) in self.prompts.iter().enumerate().skip(1) {
-            let longest = self.prompts[..i]
-                .iter()
-                .map(|q| q.iter().zip(p).take_while(|(a, b)| a == b).count())
-                .max()
-                .unwrap_or(0);
-            shared += longest as f64 / p.len().max(1) as f64;
-        }
-        WorkloadFeatures {
-            prompt_tokens: prompt_tokens.max(1) as u32,
-            output_tokens: self.params.max_tokens.max(1) as u32,
-            batch: self.prompts.len().max(1) as u32,
-            shared_prefix: (shared / n as f64).clamp(0.0, 1.0),
-            rewrite: self.rewrite,
-        }
+        let prompts: Vec<&[u32]> = self.prompts.iter().map(Vec::as_slice).collect();
+        workload_features(&prompts, self.params.max_tokens, self.rewrite)
+    }
+}
+
+/// The features of `prompts` arriving together, each generating up to `output_tokens`: the
+/// shared prefix is each prompt's longest common prefix with an earlier one, as a share of
+/// the prompt, averaged over all (the first shares nothing). The gateway measures its live
+/// traffic (the requests in flight) this way, as `veil meta collect` measured its workloads.
+pub fn workload_features(
+    prompts: &[&[u32]],
+    output_tokens: usize,
+    rewrite: bool,
+) -> WorkloadFeatures {
+    let n = prompts.len().max(1);
+    let prompt_tokens = prompts.iter().map(|p| p.len()).sum::<usize>() / n;
+    let mut shared = 0.0;
+    for (i, p) in prompts.iter().enumerate().skip(1) {
+        let longest = prompts[..i]
+            .iter()
+            .map(|q| q.iter().zip(p.iter()).take_while(|(a, b)| a == b).count())
+            .max()
+            .unwrap_or(0);
+        shared += longest as f64 / p.len().max(1) as f64;
+    }
+    WorkloadFeatures {
+        prompt_tokens: prompt_tokens.max(1) as u32,
+        output_tokens: output_tokens.max(1) as u32,
+        batch: prompts.len().max(1) as u32,
+        shared_prefix: (shared / n as f64).clamp(0.0, 1.0),
+        rewrite,
     }
 }
 
@@ -338,6 +351,8 @@ pub fn build_workload(
                 "Copy paragraph {} of the text exactly, fixing any spelling.",
                 1 + i % count
             ),
+            // Shared: every user asks the same question.
+            (false, 0) if shared => veil_model::prompts::SAMPLE_PROMPTS[0].to_string(),
             (false, 0) => veil_model::prompts::SAMPLE_PROMPTS[i % 25].to_string(),
             (false, _) => questions[i % questions.len()].to_string(),
         };

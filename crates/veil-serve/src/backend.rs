@@ -24,7 +24,7 @@ use veil_net::NetError;
 
 pub use committee::Committee;
 pub use encrypted::EncryptedLocal;
-pub use local::LocalBackend;
+pub use local::{Batching, LocalBackend, AUTO_BATCH_SLOTS};
 pub use swarm::{SwarmChain, SwarmConnection};
 pub use verified_chain::VerifiedChain;
 

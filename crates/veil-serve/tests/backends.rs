@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use veil_model::{ChatMessage, GenerationParams, LocalModel, ModelError, WeightFormat};
-use veil_serve::backend::{Backend, Failure, LocalBackend, Request, Route};
+use veil_serve::backend::{Backend, Batching, Failure, LocalBackend, Request, Route};
 
 fn model() -> Arc<LocalModel> {
     let path = veil_model::ModelStore::from_env()
@@ -62,7 +62,8 @@ fn local_backends_answer_as_the_model_does_and_a_gone_asker_cancels_only_its_req
     .expect("it generates");
 
     let one_at_a_time = LocalBackend::new(Arc::clone(&model), "stored".into(), None);
-    let batching = LocalBackend::new(Arc::clone(&model), "stored".into(), None).batching(3);
+    let batching =
+        LocalBackend::new(Arc::clone(&model), "stored".into(), None).batching(Batching::Always(3));
     let forced = veil_meta::method("lookup").expect("a catalogued method");
     for (name, backend, method) in [
         ("one at a time", &one_at_a_time, None),
@@ -73,14 +74,21 @@ fn local_backends_answer_as_the_model_does_and_a_gone_asker_cancels_only_its_req
         let answer = answer.unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(answer.completion.tokens, direct.tokens, "{name}");
         assert_eq!(streamed, answer.completion.text, "{name}");
-        assert!(matches!(answer.route, Route::Local { blocks: 30 }), "{name}");
+        assert!(
+            matches!(answer.route, Route::Local { blocks: 30 }),
+            "{name}"
+        );
         assert!(answer.verification.is_none(), "{name}");
         match method {
             Some(m) => assert_eq!(answer.accel, format!("{} (forced)", m.name), "{name}"),
             None if name == "batching" => {
                 assert_eq!(answer.accel, "continuous batching (3 slots)")
             }
-            None => assert!(answer.accel.contains("auto: no selector"), "{}", answer.accel),
+            None => assert!(
+                answer.accel.contains("auto: no selector"),
+                "{}",
+                answer.accel
+            ),
         }
 
         let (_, gone) = ask(backend, &prompt, None, true);

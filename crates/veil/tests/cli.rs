@@ -530,3 +530,23 @@ fn bad_allow_lists_and_weights_checks() {
     let err = run(&["--weights-openings", "1000"]);
     assert!(err.contains("1000"), "{err}");
 }
+
+/// A batch size outside 1..=64 or a word other than `auto` is refused with what to give, by
+/// the gateway and by the collection grid alike.
+#[test]
+fn bad_batch_sizes() {
+    for bad in ["0", "65", "fast", "2.5"] {
+        let err = fails(&["serve", "--local", "--batch", bad]);
+        assert!(
+            err.contains("give 1 (no batching), 2 to 64, or auto"),
+            "--batch {bad}: {err}"
+        );
+    }
+    let err = fails(&["meta", "collect", "--batches", "8"]);
+    assert!(
+        err.contains("the grid's batch sizes are 1, 4 and 16"),
+        "{err}"
+    );
+    let err = fails(&["meta", "collect", "--methods", "warp", "--quick"]);
+    assert!(err.contains("warp"), "{err}");
+}

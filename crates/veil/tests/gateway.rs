@@ -472,6 +472,87 @@ fn a_batching_gateway_answers_each_request_as_alone_and_frees_the_slot_of_a_clie
     assert_stops_once_left(&gateway);
 }
 
+#[test]
+fn with_batch_auto_metainf_batches_concurrent_requests_and_runs_a_lone_one_alone() {
+    let gateway = Gateway::start_with(&["--local", "--batch", "auto", "--max-queued", "16"]);
+    let questions = [
+        "Name a fruit.",
+        "Name a city.",
+        "Name a river.",
+        "Name a planet.",
+        "Name a tree.",
+        "Name a bird.",
+    ];
+    let accel_and_text = |body: &Value| {
+        (
+            body["veil"]["accel"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    // One at a time: MetaInf sees a single request in flight and runs it alone.
+    let alone: Vec<String> = questions
+        .iter()
+        .map(|q| {
+            let (status, body) =
+                gateway.post("/v1/chat/completions", &ask(q, json!({"max_tokens": 16})));
+            assert_eq!(status, 200, "{body}");
+            let (accel, text) = accel_and_text(&body);
+            assert!(
+                !accel.starts_with("continuous batching") && accel.contains("1 in flight"),
+                "a lone request goes alone: {accel}"
+            );
+            text
+        })
+        .collect();
+    // All at once: those that arrive while others run see them, and the selector sends them
+    // to the batch; each answer is the one it got alone.
+    let together: Vec<(String, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = questions
+            .iter()
+            .map(|q| {
+                let gateway = &gateway;
+                scope.spawn(move || {
+                    let (status, body) =
+                        gateway.post("/v1/chat/completions", &ask(q, json!({"max_tokens": 16})));
+                    assert_eq!(status, 200, "{body}");
+                    accel_and_text(&body)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let texts: Vec<String> = together.iter().map(|(_, t)| t.clone()).collect();
+    assert_eq!(texts, alone);
+    assert!(
+        together
+            .iter()
+            .any(|(accel, _)| accel.starts_with("continuous batching (16 slots): batch")),
+        "no concurrent request was batched: {together:?}"
+    );
+    // A forced batching method goes to the batch even alone.
+    let (status, body) = gateway.post(
+        "/v1/chat/completions",
+        &ask(
+            questions[0],
+            json!({"max_tokens": 16, "veil": {"accel": "batch"}}),
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        accel_and_text(&body),
+        (
+            "continuous batching (16 slots): batch (forced)".to_string(),
+            alone[0].clone()
+        )
+    );
+}
+
 /// Checks the one generation whose client left stops (within 30 s) and counts as cancelled.
 fn assert_stops_once_left(gateway: &Gateway) {
     let mut active = 1.0;

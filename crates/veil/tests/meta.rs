@@ -80,12 +80,14 @@ fn the_selector_beats_the_baselines_on_the_committed_dataset() {
             .collect();
         (nums[nums.len() - 3], nums[nums.len() - 1])
     };
-    let (accuracy, regret) = row("veil cost model");
-    assert!(accuracy >= 0.90, "accuracy {accuracy}: {report}");
+    // Veil's selector is the vote; each learner it is made of, and every baseline, alone.
+    let (accuracy, regret) = row("veil (vote");
+    assert!(accuracy >= 0.88, "accuracy {accuracy}: {report}");
     assert!(regret <= 5.0, "regret {regret}%: {report}");
     let (random_accuracy, _) = row("random choice");
     assert!(random_accuracy < accuracy);
     for baseline in [
+        "cost model",
         "single best method",
         "gradient boosting",
         "kNN",

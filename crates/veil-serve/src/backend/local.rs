@@ -1,11 +1,12 @@
 //! The plaintext model in this process: one request at a time with an acceleration method
 //! (forced, or MetaInf's pick for the workload), or many at once in the continuous batching
-//! engine.
+//! engine; with [`Batching::Auto`], MetaInf chooses between the two for each request from the
+//! live traffic (the requests in flight when it arrives).
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use veil_model::{Completion, LiveRequest, LocalModel, ModelError};
@@ -15,6 +16,60 @@ use crate::accel::{self, Pick};
 
 /// Prompt tokens the batching engine runs in one pass, beside the decoding requests' tokens.
 const BATCH_PREFILL_CHUNK: usize = 128;
+
+/// Slots of the batching engine under `--batch auto`.
+pub const AUTO_BATCH_SLOTS: usize = 16;
+
+/// How a local backend batches requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batching {
+    /// One generation at a time, each with MetaInf's per-request method.
+    Off,
+    /// Every request in the continuous batching engine, this many at once.
+    Always(usize),
+    /// For each request, MetaInf's selector chooses from the traffic in flight (how many
+    /// requests, how long, how much of their prompts they share) between the batching engine
+    /// (this many slots) and a one-at-a-time method; one-at-a-time requests take turns.
+    Auto(usize),
+}
+
+impl Batching {
+    /// Requests this batching runs at once (the gateway admits as many).
+    pub fn slots(self) -> usize {
+        match self {
+            Batching::Off => 1,
+            Batching::Always(n) | Batching::Auto(n) => n,
+        }
+    }
+}
+
+impl std::str::FromStr for Batching {
+    type Err = String;
+
+    /// `1` (off), a number of slots up to 64, or `auto`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Batching::Auto(AUTO_BATCH_SLOTS));
+        }
+        match s.parse::<usize>() {
+            Ok(1) => Ok(Batching::Off),
+            Ok(n @ 2..=64) => Ok(Batching::Always(n)),
+            _ => Err(format!(
+                "{s:?} is not a batch size: give 1 (no batching), 2 to 64, or auto"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Batching {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Batching::Off => f.write_str("1"),
+            Batching::Always(n) => write!(f, "{n}"),
+            Batching::Auto(_) => f.write_str("auto"),
+        }
+    }
+}
 
 /// The plaintext model loaded in this process.
 pub struct LocalBackend {
@@ -28,6 +83,14 @@ pub struct LocalBackend {
     hardware: veil_meta::HardwareFeatures,
     /// The continuous batching engine's queue and its slots, when batching.
     batcher: Option<(mpsc::Sender<LiveRequest>, usize)>,
+    /// Whether MetaInf chooses between the engine and one-at-a-time methods per request.
+    auto: bool,
+    /// The prompts of the requests in flight, by arrival: the live traffic MetaInf sees.
+    in_flight: Mutex<Vec<(u64, Vec<u32>)>>,
+    /// Numbers requests in flight.
+    arrivals: std::sync::atomic::AtomicU64,
+    /// One-at-a-time requests take turns while the engine runs beside them.
+    solo: Mutex<()>,
 }
 
 impl LocalBackend {
@@ -43,27 +106,29 @@ impl LocalBackend {
             selector,
             hardware: accel::hardware_features(1.0),
             batcher: None,
+            auto: false,
+            in_flight: Mutex::new(Vec::new()),
+            arrivals: Default::default(),
+            solo: Mutex::new(()),
         }
     }
 
-    /// Runs requests `slots` at a time in the continuous batching engine (on a thread of its
-    /// own, stopped when this backend is dropped) instead of one at a time; 1 keeps one at a
-    /// time with per-request methods.
-    pub fn batching(mut self, slots: usize) -> Self {
+    /// Batches as `batching` says: the continuous batching engine (on a thread of its own,
+    /// stopped when this backend is dropped) takes every request, or those MetaInf sends it.
+    pub fn batching(mut self, batching: Batching) -> Self {
+        let slots = batching.slots();
         if slots > 1 {
             self.batcher = start_batcher(Arc::clone(&self.model), slots).map(|tx| (tx, slots));
+            self.auto = matches!(batching, Batching::Auto(_));
         }
         self
     }
 
-    /// The method for `request`: the forced one, or the selector's pick among those that keep
-    /// the answer exact (this format) and do not batch.
-    fn pick(&self, request: &Request<'_>) -> Pick {
+    /// The method for one request at a time: the forced one, or the selector's pick among
+    /// those that keep the answer exact (this format), `shared` of the prompt being cached.
+    fn pick_alone(&self, request: &Request<'_>) -> Pick {
         if let Some(method) = request.method {
-            return Pick {
-                method,
-                why: "forced".into(),
-            };
+            return forced(method);
         }
         let prompt = request.prompt;
         let shared = request
@@ -71,7 +136,14 @@ impl LocalBackend {
             .as_ref()
             .and_then(|cache| Some(cache.lock().ok()?.shared_len(prompt)))
             .unwrap_or(0);
-        let mut pick = self.pick_by_features(request, shared);
+        let workload = veil_meta::WorkloadFeatures {
+            prompt_tokens: prompt.len().max(1) as u32,
+            output_tokens: request.params.max_tokens.max(1) as u32,
+            batch: 1,
+            shared_prefix: shared as f64 / prompt.len().max(1) as f64,
+            rewrite: false,
+        };
+        let mut pick = self.pick_for(workload);
         pick.why = format!(
             "{}; {shared} of {} prompt tokens cached",
             pick.why,
@@ -80,25 +152,38 @@ impl LocalBackend {
         pick
     }
 
-    /// The selector's pick for this workload, `shared` of the prompt's tokens being cached.
-    fn pick_by_features(&self, request: &Request<'_>, shared: usize) -> Pick {
+    /// The method for a request arriving while `others` are in flight (`Batching::Auto`): the
+    /// selector sees them and this one as a workload arriving together, as `veil meta collect`
+    /// measured its workloads, and may pick a batching method (the engine) or not.
+    fn pick_live(&self, request: &Request<'_>, others: &[Vec<u32>]) -> Pick {
+        if let Some(method) = request.method {
+            return forced(method);
+        }
+        let mut prompts: Vec<&[u32]> = others.iter().map(Vec::as_slice).collect();
+        prompts.push(request.prompt);
+        let workload = accel::workload_features(&prompts, request.params.max_tokens, false);
+        let mut pick = self.pick_for(workload.clone());
+        pick.why = format!(
+            "{}; {} in flight sharing {:.0}% of their prompts",
+            pick.why,
+            workload.batch,
+            workload.shared_prefix * 100.0
+        );
+        pick
+    }
+
+    /// The selector's pick for `workload` on this model and machine.
+    fn pick_for(&self, workload: veil_meta::WorkloadFeatures) -> Pick {
         let Some((selector, model_features)) = &self.selector else {
             return Pick {
                 method: veil_meta::default_method(),
                 why: "auto: no selector".into(),
             };
         };
-        let prompt_tokens = request.prompt.len().max(1);
         let features = veil_meta::Features {
             model: model_features.clone(),
             hardware: self.hardware.clone(),
-            workload: veil_meta::WorkloadFeatures {
-                prompt_tokens: prompt_tokens as u32,
-                output_tokens: request.params.max_tokens.max(1) as u32,
-                batch: 1,
-                shared_prefix: shared as f64 / prompt_tokens as f64,
-                rewrite: false,
-            },
+            workload,
         };
         accel::pick_method("auto", Some(selector), &features, Some(&self.format)).unwrap_or_else(
             |_| Pick {
@@ -106,6 +191,16 @@ impl LocalBackend {
                 why: "auto: no choice".into(),
             },
         )
+    }
+
+    /// Counts `prompt` among the requests in flight until the guard drops; returns the
+    /// prompts that were in flight before it.
+    fn arrive(&self, prompt: &[u32]) -> (InFlight<'_>, Vec<Vec<u32>>) {
+        let id = self.arrivals.fetch_add(1, Ordering::Relaxed);
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let others = in_flight.iter().map(|(_, p)| p.clone()).collect();
+        in_flight.push((id, prompt.to_vec()));
+        (InFlight { backend: self, id }, others)
     }
 
     /// One request with `method`; a prefix-cache method keeps the prompt's keys and values for
@@ -195,25 +290,36 @@ impl Backend for LocalBackend {
         request: &Request<'_>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer, Failure> {
-        let (completion, accel) = match &self.batcher {
-            Some((batcher, slots)) => (
-                self.generate_batched(batcher, request, on_text)?,
-                format!("continuous batching ({slots} slots)"),
-            ),
-            None => {
-                let pick = self.pick(request);
-                tracing::info!("accel: {} ({})", pick.method.name, pick.why);
+        let (_counted, others) = self.arrive(request.prompt);
+        let Some((batcher, slots)) = &self.batcher else {
+            let pick = self.pick_alone(request);
+            tracing::info!("accel: {} ({})", pick.method.name, pick.why);
+            let completion = self.generate_one(request, pick.method, on_text)?;
+            return Ok(self.answer(completion, format!("{} ({})", pick.method.name, pick.why)));
+        };
+        let pick = match (request.method, self.auto) {
+            (None, false) => None,
+            (Some(_), _) | (None, true) => Some(self.pick_live(request, &others)),
+        };
+        let engine = format!("continuous batching ({slots} slots)");
+        let (completion, accel) = match pick {
+            None => (self.generate_batched(batcher, request, on_text)?, engine),
+            Some(pick) if pick.method.batch => {
+                tracing::info!("accel: the engine, {} ({})", pick.method.name, pick.why);
+                let completion = self.generate_batched(batcher, request, on_text)?;
+                (
+                    completion,
+                    format!("{engine}: {} ({})", pick.method.name, pick.why),
+                )
+            }
+            Some(pick) => {
+                tracing::info!("accel: alone, {} ({})", pick.method.name, pick.why);
+                let _turn = self.solo.lock().unwrap_or_else(|e| e.into_inner());
                 let completion = self.generate_one(request, pick.method, on_text)?;
                 (completion, format!("{} ({})", pick.method.name, pick.why))
             }
         };
-        Ok(Answer {
-            completion,
-            route: self.route(),
-            verification: None,
-            accel,
-            evidence: Vec::new(),
-        })
+        Ok(self.answer(completion, accel))
     }
 
     fn describe(&self) -> String {
@@ -222,10 +328,45 @@ impl Backend for LocalBackend {
 }
 
 impl LocalBackend {
+    fn answer(&self, completion: Completion, accel: String) -> Answer {
+        Answer {
+            completion,
+            route: self.route(),
+            verification: None,
+            accel,
+            evidence: Vec::new(),
+        }
+    }
+
     fn route(&self) -> Route {
         Route::Local {
             blocks: self.model.config.block_count,
         }
+    }
+}
+
+/// A method a request forces.
+fn forced(method: &'static veil_meta::Method) -> Pick {
+    Pick {
+        method,
+        why: "forced".into(),
+    }
+}
+
+/// A request counted among those in flight, until it drops.
+struct InFlight<'a> {
+    backend: &'a LocalBackend,
+    id: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self
+            .backend
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        in_flight.retain(|(id, _)| *id != self.id);
     }
 }
 

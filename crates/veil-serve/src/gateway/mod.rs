@@ -35,8 +35,8 @@ use veil_model::{
 };
 
 use crate::backend::{
-    Answer, Backend, Committee, EncryptedLocal, Failure, LocalBackend, Request, SharedPrefixCache,
-    SwarmChain, SwarmConnection, VerifiedChain,
+    Answer, Backend, Batching, Committee, EncryptedLocal, Failure, LocalBackend, Request,
+    SharedPrefixCache, SwarmChain, SwarmConnection, VerifiedChain,
 };
 use crate::key_rotation::KeyedModel;
 use dashboard::{NodeRow, RecentRequests, RequestRecord};
@@ -55,9 +55,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens: usize,
-    /// Requests decoding together in one batch (continuous batching) for a plaintext model in
-    /// this process; 1 runs one generation at a time with MetaInf's per-request methods.
-    pub batch: usize,
+    /// Continuous batching for a plaintext model in this process: off (one generation at a
+    /// time with MetaInf's per-request methods), always, or MetaInf's choice per request.
+    pub batch: Batching,
 }
 
 /// Where the gateway's requests run.
@@ -200,7 +200,7 @@ impl Gateway {
             model_id,
             info,
             slots: Arc::new(Semaphore::new(
-                limits.max_concurrent.max(limits.batch).max(1),
+                limits.max_concurrent.max(limits.batch.slots()).max(1),
             )),
             limits,
             waiting: AtomicUsize::new(0),
@@ -300,9 +300,9 @@ impl Gateway {
                     method.format, self.info.format
                 ));
             }
-            if method.batch {
+            if method.batch && self.limits.batch == Batching::Off {
                 return wrong(format!(
-                    "veil.accel {asked:?}: the gateway does not batch requests together yet"
+                    "veil.accel {asked:?} batches requests together: start the gateway with --batch N or --batch auto"
                 ));
             }
             return Ok(Some(method));

@@ -38,7 +38,7 @@ fn router() -> axum::Router {
         max_queued: 4,
         max_body_bytes: 1 << 20,
         max_tokens: 64,
-        batch: 1,
+        batch: crate::backend::Batching::Off,
     };
     let gateway = Gateway::new(
         Arc::new(load()),

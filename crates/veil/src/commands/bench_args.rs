@@ -82,9 +82,11 @@ pub struct BenchArgs {
     pub swarm: bool,
 
     /// With --gateway or --serving: requests decoding together in the gateway's continuous
-    /// batching engine (1: one generation at a time).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub batch: u16,
+    /// batching engine (1: one generation at a time; auto: MetaInf chooses per request from
+    /// the requests in flight). --serving measures one Veil gateway per value given
+    /// (`--batch 16 --batch auto`); --gateway the first.
+    #[arg(long, value_name = "N|auto", default_value = "1")]
+    pub batch: Vec<veil_serve::backend::Batching>,
 
     /// Measure MetaInf instead: a mixed workload (short and long prompts, shared prefixes,
     /// single and batched requests) with `--accel auto` against the default fixed

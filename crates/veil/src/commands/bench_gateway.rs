@@ -13,6 +13,7 @@ use veil_model::{generate, ChatMessage, GenerationParams};
 
 use crate::commands::bench_args::BenchArgs;
 use crate::commands::measure::median;
+use veil_serve::backend::Batching;
 use veil_serve::gateway::openai::VeilInfo;
 use veil_serve::gateway::{Gateway, Limits, Serving};
 
@@ -26,6 +27,17 @@ const CONCURRENCY: [usize; 3] = [1, 4, 16];
 pub fn run(args: &BenchArgs) -> Result<()> {
     let direct = args.model.load()?;
     let served = args.model.load()?;
+    let batch = args.batch.first().copied().unwrap_or(Batching::Off);
+    // No selector unless MetaInf chooses the batching: the gateway runs the plain method, as
+    // the direct path does, so the ratio is the gateway's overhead alone.
+    let selector = match batch {
+        Batching::Auto(_) => {
+            let path = args.model.resolve_path()?;
+            let selector = crate::commands::meta::load_selector()?;
+            Some((selector, veil_serve::accel::model_features(&served, &path)))
+        }
+        _ => None,
+    };
     let model_id = "bench".to_string();
     let info = VeilInfo {
         mode: "local",
@@ -41,13 +53,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         max_queued: 64,
         max_body_bytes: 1 << 20,
         max_tokens: args.tokens.max(64),
-        batch: usize::from(args.batch),
+        batch,
     };
     let gateway = Arc::new(Gateway::new(
         Arc::new(served),
-        // No selector: the gateway runs the plain method, as the direct path does, so the
-        // ratio is the gateway's overhead alone.
-        Serving::Local { selector: None },
+        Serving::Local { selector },
         model_id.clone(),
         info,
         limits,
@@ -122,12 +132,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!("ratio      {:>7.3}", g / d);
 
     let tokens = args.tokens;
-    match args.batch {
-        1 => println!(
+    match batch {
+        Batching::Off => println!(
             "concurrent streamed requests ({tokens} tokens each, one generation at a time, the rest queued):"
         ),
-        n => println!(
+        Batching::Always(n) => println!(
             "concurrent streamed requests ({tokens} tokens each, continuous batching of {n}, the rest queued):"
+        ),
+        Batching::Auto(n) => println!(
+            "concurrent streamed requests ({tokens} tokens each, MetaInf choosing per request between a batch of {n} and one at a time):"
         ),
     }
     println!(

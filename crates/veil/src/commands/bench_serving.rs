@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
+use veil_serve::backend::Batching;
 
 use crate::commands::bench_args::BenchArgs;
 use crate::commands::bench_process::{
@@ -116,7 +117,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "no llama-server in {}: build llama.cpp's llama-server target too",
         bin.display()
     );
-    let mut servers = vec![start_veil(&file, threads, usize::from(args.batch))?];
+    let mut servers = Vec::new();
+    for batch in &args.batch {
+        servers.push(start_veil(&file, threads, *batch)?);
+    }
+    let veils = servers.len();
     for slots in [4, 16] {
         servers.push(start_llama_server(&server_bin, &file, threads, slots)?);
     }
@@ -132,10 +137,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         runs,
         file.display()
     );
-    println!(
-        "{:>3}  {:>30}  {:>30}  {:>30}  {:>8}",
-        "N", servers[0].name, servers[1].name, servers[2].name, "ratio"
-    );
+    let mut header = format!("{:>3}", "N");
+    for server in &servers {
+        header += &format!("  {:>30}", server.name);
+    }
+    for server in &servers[..veils] {
+        header += &format!("  {:>22}", format!("ratio {}", server.name));
+    }
+    println!("{header}");
     for n in CONCURRENCY {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
         for _ in 0..runs {
@@ -152,7 +161,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 ttft_median_ms: median(&mut s.iter().map(|x| x.ttft_median_ms).collect::<Vec<_>>()),
             })
             .collect();
-        let best_llama = medians[1..]
+        let best_llama = medians[veils..]
             .iter()
             .map(|s| s.tokens_per_second)
             .fold(0.0, f64::max);
@@ -162,13 +171,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 s.tokens_per_second, s.ttft_median_ms
             )
         };
-        println!(
-            "{n:>3}  {:>30}  {:>30}  {:>30}  {:>8.3}",
-            cell(&medians[0]),
-            cell(&medians[1]),
-            cell(&medians[2]),
-            medians[0].tokens_per_second / best_llama.max(1e-9)
-        );
+        let mut row = format!("{n:>3}");
+        for sample in &medians {
+            row += &format!("  {:>30}", cell(sample));
+        }
+        for sample in &medians[..veils] {
+            row += &format!(
+                "  {:>22.3}",
+                sample.tokens_per_second / best_llama.max(1e-9)
+            );
+        }
+        println!("{row}");
     }
     println!("ratio: Veil's aggregate tokens/s over llama-server's best of -np 4 and -np 16");
     Ok(())
@@ -213,8 +226,8 @@ fn drive(driver: &LoadDriver, server: &Server, n: usize) -> Result<Sample> {
     })
 }
 
-/// `veil serve --local` on `file` with continuous batching of `batch`.
-fn start_veil(file: &Path, threads: usize, batch: usize) -> Result<Server> {
+/// `veil serve --local` on `file` with `--batch batch`.
+fn start_veil(file: &Path, threads: usize, batch: Batching) -> Result<Server> {
     let args: Vec<String> = ["serve", "--local", "--max-queued", "64", "--threads"]
         .map(String::from)
         .into_iter()

@@ -74,8 +74,24 @@ pub struct CollectArgs {
     /// the median).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub runs: u32,
+    /// Only the grid's workloads of these batch sizes (1, 4 and 16: requests arriving
+    /// together; 16 has short and medium prompts only), e.g. `--batches 16` to add them to a
+    /// dataset collected before.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16", value_parser = grid_batch)]
+    pub batches: Vec<usize>,
+    /// Only these methods (`veil meta methods`); default: every one.
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// A batch size of the collection grid.
+fn grid_batch(s: &str) -> Result<usize, String> {
+    match s.parse() {
+        Ok(n @ (1 | 4 | 16)) => Ok(n),
+        _ => Err(format!("{s:?}: the grid's batch sizes are 1, 4 and 16")),
+    }
 }
 
 /// Where the data comes from.
@@ -243,19 +259,19 @@ fn eval(args: DataArgs) -> Result<()> {
             Ok(scores) => {
                 println!("held-out {held_out:?} (leave one group out):");
                 println!(
-                    "  {:<28} {:>9} {:>7} {:>12}",
+                    "  {:<32} {:>9} {:>7} {:>12}",
                     "selector", "accuracy", "strict", "mean regret"
                 );
                 for s in &scores {
                     println!(
-                        "  {:<28} {:>9.3} {:>7.3} {:>11.1}%",
+                        "  {:<32} {:>9.3} {:>7.3} {:>11.1}%",
                         s.name,
                         s.accuracy,
                         s.strict_accuracy,
                         s.mean_regret * 100.0
                     );
                 }
-                let veil = scores.iter().find(|s| s.name == Learner::CostModel.name());
+                let veil = scores.iter().find(|s| s.name == Learner::Vote.name());
                 for miss in veil.filter(|_| args.misses).map_or(&[][..], |s| &s.misses) {
                     let w = &miss.workload;
                     println!(
@@ -312,8 +328,9 @@ fn choose(args: ChooseArgs) -> Result<()> {
     Ok(())
 }
 
-/// The sweep: every workload of the grid (or the quick one) with every method.
-fn workloads(model: &LocalModel, quick: bool) -> Result<Vec<Workload>> {
+/// The sweep: every workload of the grid (or the quick one) with every method, for requests
+/// arriving `batches` at a time.
+fn workloads(model: &LocalModel, quick: bool, batches: &[usize]) -> Result<Vec<Workload>> {
     if quick {
         return Ok(vec![
             build_workload(model, PromptSize::Short, 4, 1, false, false)?,
@@ -323,11 +340,19 @@ fn workloads(model: &LocalModel, quick: bool) -> Result<Vec<Workload>> {
     let mut out = Vec::new();
     for size in [PromptSize::Short, PromptSize::Medium, PromptSize::Long] {
         for output in [16, 64] {
-            for batch in [1, 4] {
+            for &batch in batches {
                 for shared in [false, true] {
                     for rewrite in [false, true] {
-                        if size == PromptSize::Short && shared {
-                            continue; // a bare question has no text to share
+                        // Sixteen at once: short and medium prompts, questions only (sixteen
+                        // long prompts take a minute a method).
+                        let many = batch >= 16;
+                        if many && (size == PromptSize::Long || rewrite) {
+                            continue;
+                        }
+                        // Fewer at once: a bare question has no text to share (sixteen share
+                        // it: the same question from every user).
+                        if size == PromptSize::Short && shared && !many {
+                            continue;
                         }
                         out.push(build_workload(model, size, output, batch, shared, rewrite)?);
                     }
@@ -353,7 +378,12 @@ fn collect(args: CollectArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| ModelStore::from_env().home().join("meta.redb"));
     let history = RecordStore::open(&history_path)?;
-    let methods: Vec<_> = if args.quick {
+    let methods: Vec<_> = if !args.methods.is_empty() {
+        args.methods
+            .iter()
+            .map(|m| method(m))
+            .collect::<veil_meta::Result<_>>()?
+    } else if args.quick {
         ["plain", "batch", "prefix+lookup"]
             .iter()
             .map(|m| method(m))
@@ -378,7 +408,7 @@ fn collect(args: CollectArgs) -> Result<()> {
     let (reference, _) = &models[methods[0].format];
     let model_f = model_features(reference, &path);
     let hardware = hardware_features(args.price);
-    let grid = workloads(reference, args.quick)?;
+    let grid = workloads(reference, args.quick, &args.batches)?;
     println!(
         "{} workloads × up to {} methods × {} run(s) on {} ({:.0}M parameters), {} cores",
         grid.len(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use veil_serve::backend::SwarmConnection;
+use veil_serve::backend::{Batching, SwarmConnection};
 use veil_serve::gateway::openai::VeilInfo;
 use veil_serve::gateway::{Gateway, Limits, Serving};
 use veil_serve::key_rotation::{KeyRotation, KeyedModel, Privacy};
@@ -31,11 +31,12 @@ pub struct ServeArgs {
 
     /// Requests decoding together (continuous batching: requests join and leave the batch at
     /// each step, prompts run in pieces of up to 128 tokens in the same passes, starting from
-    /// the API key's prefix cache), for a model in this process
-    /// without --encrypted; with 1, generations run one at a time with MetaInf's per-request
-    /// methods. Admits max(this, --max-concurrent) requests at once.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub batch: u16,
+    /// the API key's prefix cache), for a model in this process without --encrypted; with 1,
+    /// generations run one at a time with MetaInf's per-request methods; with `auto`, MetaInf
+    /// chooses for each request, from the requests in flight, between the batch (16 slots) and
+    /// a one-at-a-time method. Admits max(this, --max-concurrent) requests at once.
+    #[arg(long, value_name = "N|auto", default_value = "1")]
+    pub batch: Batching,
 
     /// Requests allowed to wait; more are answered 429.
     #[arg(long, default_value_t = 16)]
@@ -218,7 +219,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_queued: args.max_queued,
         max_body_bytes: args.max_body_bytes,
         max_tokens: args.max_tokens as usize,
-        batch: usize::from(args.batch),
+        batch: args.batch,
     };
     // MetaInf chooses per request for a plaintext model in this process.
     let selector = if args.local && privacy.is_none() {
