@@ -165,13 +165,29 @@ pub struct LiveRequest {
 }
 
 /// How [`serve_batched`] batches.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BatchConfig {
     /// Requests running at once (prefilling or decoding); more wait in arrival order.
     pub max_batch: NonZeroUsize,
     /// Prompt tokens a step takes in all, beside one token of each decoding request, so a
     /// long prompt does not stall the batch.
     pub prefill_chunk: NonZeroUsize,
+    /// A lower limit on the requests admitted at once, which whoever feeds the engine may
+    /// change while it runs (MetaInf's choice for the live traffic); read at every step and
+    /// kept within 1..=`max_batch`. Requests already running are never stopped by it.
+    pub admit: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+}
+
+impl BatchConfig {
+    /// Requests that may run at once now.
+    fn admitted(&self) -> usize {
+        let max = self.max_batch.get();
+        self.admit.as_ref().map_or(max, |limit| {
+            limit
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .clamp(1, max)
+        })
+    }
 }
 
 /// A request in the engine.
@@ -205,7 +221,7 @@ pub fn serve_batched(
     let mut running: Vec<Running<'_>> = Vec::new();
     loop {
         // Join: wait for work when idle, else take what has arrived, in order.
-        while running.len() < config.max_batch.get() {
+        while running.len() < config.admitted() {
             let request = if running.is_empty() {
                 match requests.recv() {
                     Ok(r) => r,

@@ -371,6 +371,7 @@ fn the_live_batching_engine_gives_each_request_its_plain_answer_and_drops_the_ca
     let config = BatchConfig {
         max_batch: nz(3).unwrap(),
         prefill_chunk: nz(5).unwrap(),
+        admit: None,
     };
     serve_batched(&model, &rx, config);
     let cache = cache.lock().unwrap();
@@ -403,4 +404,66 @@ fn the_live_batching_engine_gives_each_request_its_plain_answer_and_drops_the_ca
             }
         }
     }
+}
+
+/// An engine told to admit one request at a time (MetaInf's choice under `--batch auto`) runs
+/// its requests one after another in arrival order, each giving its plain answer; told to
+/// admit its slots again, it batches the next ones.
+#[test]
+fn the_engines_admission_limit_runs_requests_one_at_a_time_until_it_opens() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    let model = model();
+    let prompts: Vec<Vec<u32>> = SAMPLE_PROMPTS[..3]
+        .iter()
+        .map(|q| prompt(&model, q))
+        .collect();
+    let params = GenerationParams {
+        max_tokens: 6,
+        ..greedy()
+    };
+    // Events in the order the engine made them: (request, "text" or "done").
+    let events: Arc<Mutex<Vec<(usize, &'static str)>>> = Arc::default();
+    let admit = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let run = |admit_now: usize| {
+        admit.store(admit_now, Ordering::Relaxed);
+        events.lock().unwrap().clear();
+        let (tx, rx) = mpsc::channel();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let (on_text, on_done) = (Arc::clone(&events), Arc::clone(&events));
+            tx.send(LiveRequest {
+                prompt: prompt.clone(),
+                params: params.clone(),
+                on_text: Box::new(move |_| on_text.lock().unwrap().push((i, "text"))),
+                cancelled: Arc::new(AtomicBool::new(false)),
+                prefixes: None,
+                on_done: Box::new(move |r| {
+                    assert!(r.is_ok(), "request {i}: {r:?}");
+                    on_done.lock().unwrap().push((i, "done"));
+                }),
+            })
+            .unwrap();
+        }
+        drop(tx);
+        let config = BatchConfig {
+            max_batch: nz(3).unwrap(),
+            prefill_chunk: nz(64).unwrap(),
+            admit: Some(Arc::clone(&admit)),
+        };
+        serve_batched(&model, &rx, config);
+        events.lock().unwrap().clone()
+    };
+    // One at a time: every event of request 0, then of 1, then of 2.
+    let alone = run(1);
+    let order: Vec<usize> = alone.iter().map(|(i, _)| *i).collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "one at a time: {alone:?}");
+    assert_eq!(alone.iter().filter(|(_, e)| *e == "done").count(), 3);
+    // Open: the three run together, so their texts interleave.
+    let together = run(3);
+    let order: Vec<usize> = together.iter().map(|(i, _)| *i).collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_ne!(order, sorted, "batched: {together:?}");
 }

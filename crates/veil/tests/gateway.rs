@@ -473,7 +473,7 @@ fn a_batching_gateway_answers_each_request_as_alone_and_frees_the_slot_of_a_clie
 }
 
 #[test]
-fn with_batch_auto_metainf_batches_concurrent_requests_and_runs_a_lone_one_alone() {
+fn with_batch_auto_metainf_opens_the_batch_for_concurrent_requests_and_admits_a_lone_one_alone() {
     let gateway = Gateway::start_with(&["--local", "--batch", "auto", "--max-queued", "16"]);
     let questions = [
         "Name a fruit.",
@@ -495,7 +495,7 @@ fn with_batch_auto_metainf_batches_concurrent_requests_and_runs_a_lone_one_alone
                 .to_string(),
         )
     };
-    // One at a time: MetaInf sees a single request in flight and runs it alone.
+    // One at a time: MetaInf sees a single request in flight and has the engine admit one.
     let alone: Vec<String> = questions
         .iter()
         .map(|q| {
@@ -504,14 +504,15 @@ fn with_batch_auto_metainf_batches_concurrent_requests_and_runs_a_lone_one_alone
             assert_eq!(status, 200, "{body}");
             let (accel, text) = accel_and_text(&body);
             assert!(
-                !accel.starts_with("continuous batching") && accel.contains("1 in flight"),
+                accel.starts_with("one at a time in the batching engine: ")
+                    && accel.contains("1 in flight"),
                 "a lone request goes alone: {accel}"
             );
             text
         })
         .collect();
-    // All at once: those that arrive while others run see them, and the selector sends them
-    // to the batch; each answer is the one it got alone.
+    // All at once: those that arrive while others run see them, and the selector opens the
+    // batch; each answer is the one it got alone.
     let together: Vec<(String, String)> = std::thread::scope(|scope| {
         let handles: Vec<_> = questions
             .iter()

@@ -1,10 +1,10 @@
 //! The plaintext model in this process: one request at a time with an acceleration method
 //! (forced, or MetaInf's pick for the workload), or many at once in the continuous batching
-//! engine; with [`Batching::Auto`], MetaInf chooses between the two for each request from the
-//! live traffic (the requests in flight when it arrives).
+//! engine; with [`Batching::Auto`], MetaInf chooses at each arrival, from the live traffic
+//! (the requests in flight), whether the engine batches or admits one request at a time.
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,9 +27,9 @@ pub enum Batching {
     Off,
     /// Every request in the continuous batching engine, this many at once.
     Always(usize),
-    /// For each request, MetaInf's selector chooses from the traffic in flight (how many
-    /// requests, how long, how much of their prompts they share) between the batching engine
-    /// (this many slots) and a one-at-a-time method; one-at-a-time requests take turns.
+    /// Every request in the engine, which MetaInf's selector, at each arrival, lets admit this
+    /// many at once or one at a time, from the traffic in flight (how many requests, how
+    /// long, how much of their prompts they share).
     Auto(usize),
 }
 
@@ -83,13 +83,15 @@ pub struct LocalBackend {
     hardware: veil_meta::HardwareFeatures,
     /// The continuous batching engine's queue and its slots, when batching.
     batcher: Option<(mpsc::Sender<LiveRequest>, usize)>,
-    /// Whether MetaInf chooses between the engine and one-at-a-time methods per request.
-    auto: bool,
+    /// Under `Batching::Auto`: how many requests the engine admits at once, set by MetaInf's
+    /// pick at each arrival (all its slots for a batching method, else one).
+    admit: Option<Arc<AtomicUsize>>,
     /// The prompts of the requests in flight, by arrival: the live traffic MetaInf sees.
     in_flight: Mutex<Vec<(u64, Vec<u32>)>>,
     /// Numbers requests in flight.
     arrivals: std::sync::atomic::AtomicU64,
-    /// One-at-a-time requests take turns while the engine runs beside them.
+    /// Requests that force a one-at-a-time method take turns while the engine runs beside
+    /// them.
     solo: Mutex<()>,
 }
 
@@ -106,7 +108,7 @@ impl LocalBackend {
             selector,
             hardware: accel::hardware_features(1.0),
             batcher: None,
-            auto: false,
+            admit: None,
             in_flight: Mutex::new(Vec::new()),
             arrivals: Default::default(),
             solo: Mutex::new(()),
@@ -118,8 +120,11 @@ impl LocalBackend {
     pub fn batching(mut self, batching: Batching) -> Self {
         let slots = batching.slots();
         if slots > 1 {
-            self.batcher = start_batcher(Arc::clone(&self.model), slots).map(|tx| (tx, slots));
-            self.auto = matches!(batching, Batching::Auto(_));
+            let admit =
+                matches!(batching, Batching::Auto(_)).then(|| Arc::new(AtomicUsize::new(1)));
+            self.batcher =
+                start_batcher(Arc::clone(&self.model), slots, admit.clone()).map(|tx| (tx, slots));
+            self.admit = admit.filter(|_| self.batcher.is_some());
         }
         self
     }
@@ -154,7 +159,7 @@ impl LocalBackend {
 
     /// The method for a request arriving while `others` are in flight (`Batching::Auto`): the
     /// selector sees them and this one as a workload arriving together, as `veil meta collect`
-    /// measured its workloads, and may pick a batching method (the engine) or not.
+    /// measured its workloads, and may pick a batching method or not.
     fn pick_live(&self, request: &Request<'_>, others: &[Vec<u32>]) -> Pick {
         if let Some(method) = request.method {
             return forced(method);
@@ -297,26 +302,35 @@ impl Backend for LocalBackend {
             let completion = self.generate_one(request, pick.method, on_text)?;
             return Ok(self.answer(completion, format!("{} ({})", pick.method.name, pick.why)));
         };
-        let pick = match (request.method, self.auto) {
-            (None, false) => None,
-            (Some(_), _) | (None, true) => Some(self.pick_live(request, &others)),
-        };
         let engine = format!("continuous batching ({slots} slots)");
-        let (completion, accel) = match pick {
-            None => (self.generate_batched(batcher, request, on_text)?, engine),
-            Some(pick) if pick.method.batch => {
-                tracing::info!("accel: the engine, {} ({})", pick.method.name, pick.why);
+        let (completion, accel) = match (request.method, &self.admit) {
+            // A forced method runs where it says: a batching one in the engine, any other
+            // alone, taking turns with the other requests that forced one.
+            (Some(method), _) if method.batch => (
+                self.generate_batched(batcher, request, on_text)?,
+                format!("{engine}: {} (forced)", method.name),
+            ),
+            (Some(method), _) => {
+                let _turn = self.solo.lock().unwrap_or_else(|e| e.into_inner());
+                let completion = self.generate_one(request, method, on_text)?;
+                (completion, format!("{} (forced)", method.name))
+            }
+            (None, None) => (self.generate_batched(batcher, request, on_text)?, engine),
+            // MetaInf chooses for the traffic in flight: a batching method opens the engine's
+            // slots, any other has it admit one request at a time (those running finish).
+            (None, Some(admit)) => {
+                let pick = self.pick_live(request, &others);
+                let (open, how) = match pick.method.batch {
+                    true => (*slots, engine),
+                    false => (1, "one at a time in the batching engine".to_string()),
+                };
+                admit.store(open, Ordering::Relaxed);
+                tracing::info!("accel: {how}, {} ({})", pick.method.name, pick.why);
                 let completion = self.generate_batched(batcher, request, on_text)?;
                 (
                     completion,
-                    format!("{engine}: {} ({})", pick.method.name, pick.why),
+                    format!("{how}: {} ({})", pick.method.name, pick.why),
                 )
-            }
-            Some(pick) => {
-                tracing::info!("accel: alone, {} ({})", pick.method.name, pick.why);
-                let _turn = self.solo.lock().unwrap_or_else(|e| e.into_inner());
-                let completion = self.generate_one(request, pick.method, on_text)?;
-                (completion, format!("{} ({})", pick.method.name, pick.why))
             }
         };
         Ok(self.answer(completion, accel))
@@ -372,10 +386,15 @@ impl Drop for InFlight<'_> {
 
 /// Starts the continuous batching engine on its own thread, serving `model` `slots` requests
 /// at a time; it stops when the queue's sender is dropped.
-fn start_batcher(model: Arc<LocalModel>, slots: usize) -> Option<mpsc::Sender<LiveRequest>> {
+fn start_batcher(
+    model: Arc<LocalModel>,
+    slots: usize,
+    admit: Option<Arc<AtomicUsize>>,
+) -> Option<mpsc::Sender<LiveRequest>> {
     let config = veil_model::BatchConfig {
         max_batch: NonZeroUsize::new(slots)?,
         prefill_chunk: NonZeroUsize::new(BATCH_PREFILL_CHUNK)?,
+        admit,
     };
     let (tx, rx) = mpsc::channel();
     let started = std::thread::Builder::new()
