@@ -227,6 +227,34 @@ impl Failure {
     }
 }
 
+/// What decides who sits on a committee (and judges each hop of a verified chain): a public
+/// seed mixed into the choice, and the request id, random per request unless fixed.
+#[derive(Debug, Clone)]
+pub struct Seating {
+    /// The public seed.
+    pub seed: String,
+    /// A fixed request id (64 hex digits); `None`: a fresh one per request.
+    pub request_id: Option<String>,
+}
+
+impl Default for Seating {
+    fn default() -> Self {
+        Self {
+            seed: "veil".into(),
+            request_id: None,
+        }
+    }
+}
+
+impl Seating {
+    /// The id of the next request: the fixed one, or a fresh random one.
+    fn request_id(&self) -> String {
+        self.request_id
+            .clone()
+            .unwrap_or_else(veil_verify::random_request_id)
+    }
+}
+
 /// Writes evidence to `dir` at once (before the answer is reported and before reputations
 /// move), keeping the file or the error.
 fn keep_evidence<J: veil_verify::Judged>(

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{
-    keep_evidence, Answer, Backend, Failure, Request, Route, SwarmConnection, Verification,
+    keep_evidence, Answer, Backend, Failure, Request, Route, Seating, SwarmConnection, Verification,
 };
 use crate::key_rotation::KeyedModel;
 
@@ -13,10 +13,8 @@ use crate::key_rotation::KeyedModel;
 pub struct Committee {
     connection: Arc<SwarmConnection>,
     size: usize,
-    /// Public seed mixed into the committee choice.
-    seed: String,
-    /// The request id (which fixes the committee); `None`: a fresh random one per request.
-    request_id: Option<String>,
+    /// Who sits on the committees.
+    seating: Seating,
     /// The key of the encrypted model the nodes serve (`None`: plaintext).
     key: Option<Arc<KeyedModel>>,
 }
@@ -31,17 +29,14 @@ impl Committee {
         Self {
             connection,
             size,
-            seed: "veil".into(),
-            request_id: None,
+            seating: Seating::default(),
             key,
         }
     }
 
-    /// Mixes `seed` into the committee choice, and fixes the request id (and so the
-    /// committee) when `request_id` is given.
-    pub fn seeded(mut self, seed: String, request_id: Option<String>) -> Self {
-        self.seed = seed;
-        self.request_id = request_id;
+    /// Seats committees by `seating` (a seed of the user's, a fixed request id).
+    pub fn seated(mut self, seating: Seating) -> Self {
+        self.seating = seating;
         self
     }
 }
@@ -68,11 +63,8 @@ impl Backend for Committee {
             params: request.params,
             context_length: swarm.text.config.context_length,
             size: self.size,
-            seed: &self.seed,
-            request_id: self
-                .request_id
-                .clone()
-                .unwrap_or_else(veil_verify::random_request_id),
+            seed: &self.seating.seed,
+            request_id: self.seating.request_id(),
             gate: swarm.admission.as_deref(),
             cancelled: request.cancelled,
             recheck: swarm

@@ -295,7 +295,11 @@ impl Backend for LocalBackend {
         request: &Request<'_>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer, Failure> {
-        let (_counted, others) = self.arrive(request.prompt);
+        // The traffic in flight matters only to MetaInf's choice under `Batching::Auto`.
+        let counted = self.admit.is_some().then(|| self.arrive(request.prompt));
+        let others = counted
+            .as_ref()
+            .map_or(&[][..], |(_, others)| others.as_slice());
         let Some((batcher, slots)) = &self.batcher else {
             let pick = self.pick_alone(request);
             tracing::info!("accel: {} ({})", pick.method.name, pick.why);
@@ -319,7 +323,7 @@ impl Backend for LocalBackend {
             // MetaInf chooses for the traffic in flight: a batching method opens the engine's
             // slots, any other has it admit one request at a time (those running finish).
             (None, Some(admit)) => {
-                let pick = self.pick_live(request, &others);
+                let pick = self.pick_live(request, others);
                 let (open, how) = match pick.method.batch {
                     true => (*slots, engine),
                     false => (1, "one at a time in the batching engine".to_string()),

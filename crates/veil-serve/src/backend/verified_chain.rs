@@ -5,17 +5,15 @@
 use std::sync::Arc;
 
 use super::{
-    keep_evidence, Answer, Backend, Failure, Request, Route, SwarmConnection, Verification,
+    keep_evidence, Answer, Backend, Failure, Request, Route, Seating, SwarmConnection, Verification,
 };
 
 /// Verified split chains with `judges` judges per hop.
 pub struct VerifiedChain {
     connection: Arc<SwarmConnection>,
     judges: usize,
-    /// Public seed mixed into each hop's committee.
-    seed: String,
-    /// The request id; `None`: a fresh random one per request.
-    request_id: Option<String>,
+    /// Who sits on the committees.
+    seating: Seating,
 }
 
 impl VerifiedChain {
@@ -24,15 +22,13 @@ impl VerifiedChain {
         Self {
             connection,
             judges,
-            seed: "veil".into(),
-            request_id: None,
+            seating: Seating::default(),
         }
     }
 
-    /// Mixes `seed` into each hop's committee, and fixes the request id when given.
-    pub fn seeded(mut self, seed: String, request_id: Option<String>) -> Self {
-        self.seed = seed;
-        self.request_id = request_id;
+    /// Seats committees by `seating` (a seed of the user's, a fixed request id).
+    pub fn seated(mut self, seating: Seating) -> Self {
+        self.seating = seating;
         self
     }
 }
@@ -52,11 +48,8 @@ impl Backend for VerifiedChain {
             params: request.params,
             context_length: config.context_length,
             judges: self.judges,
-            seed: &self.seed,
-            request_id: self
-                .request_id
-                .clone()
-                .unwrap_or_else(veil_verify::random_request_id),
+            seed: &self.seating.seed,
+            request_id: self.seating.request_id(),
             gate: swarm.admission.clone(),
             cancelled: request.cancelled,
         };

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use veil_model::{ChatMessage, Completion, LocalModel, ModelError};
 use veil_serve::backend::{
-    Answer, Backend, Committee, EncryptedLocal, LocalBackend, Request, Route, SwarmChain,
+    Answer, Backend, Committee, EncryptedLocal, LocalBackend, Request, Route, Seating, SwarmChain,
     SwarmConnection, Verification, VerifiedChain,
 };
 use veil_serve::key_rotation::{KeyedModel, Privacy};
@@ -292,17 +292,18 @@ fn build_verified(args: &GenerateArgs, size: usize) -> Result<Built> {
         // Judging can take a while: two minutes per request.
         Duration::from_secs(120),
     )?;
-    let seed = args.verify.committee_seed.clone();
+    let seating = Seating {
+        seed: args.verify.committee_seed.clone(),
+        request_id: Some(request_id.clone()),
+    };
     let (backend, verified): (Box<dyn Backend>, _) = if args.verify.chain {
-        let chain = VerifiedChain::new(Arc::new(connection), size - 1)
-            .seeded(seed, Some(request_id.clone()));
+        let chain = VerifiedChain::new(Arc::new(connection), size - 1).seated(seating);
         (Box::new(chain), "verified chain generation")
     } else {
         if args.verify.recheck {
             connection.recheck = Some(veil_verify::LocalRecheck::new(served));
         }
-        let committee =
-            Committee::new(Arc::new(connection), size, key).seeded(seed, Some(request_id.clone()));
+        let committee = Committee::new(Arc::new(connection), size, key).seated(seating);
         (Box::new(committee), "verified generation")
     };
     Ok(Built {
