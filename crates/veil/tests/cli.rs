@@ -550,3 +550,67 @@ fn bad_batch_sizes() {
     let err = fails(&["meta", "collect", "--methods", "warp", "--quick"]);
     assert!(err.contains("warp"), "{err}");
 }
+
+/// The decode speed `veil generate` reports agrees with the pace its text reaches stdout: a
+/// consistency check between two clocks of one run (within 3×, so a slow or busy machine
+/// passes), which catches a speed computed from the wrong interval (8 tokens "at 205882352.9
+/// tok/s" once), with each acceleration method's own timing path.
+#[test]
+fn the_reported_decode_speed_matches_the_pace_of_the_streamed_text() {
+    use std::io::Read;
+    for accel in ["plain", "lookup"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
+            .args(["generate", "--prompt", "Write a long story about the sea."])
+            .args(["--max-tokens", "64", "--temperature", "0", "--accel", accel])
+            .arg("--model")
+            .arg(model_path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        // When each piece of text arrived (the final newline comes with the last token).
+        let mut arrivals = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(1..) = stdout.read(&mut buf) {
+            arrivals.push(std::time::Instant::now());
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        let (generated, reported) = stats_of(&stderr);
+        let (first, last) = (arrivals[0], arrivals[arrivals.len() - 1]);
+        let paced = (generated - 1) as f64 / (last - first).as_secs_f64().max(1e-3);
+        assert!(
+            generated > 16 && arrivals.len() > 4,
+            "{accel}: too short a stream to time: {stderr}"
+        );
+        let ratio = reported / paced;
+        assert!(
+            (1.0 / 3.0..=3.0).contains(&ratio),
+            "{accel}: reported {reported:.1} tok/s, but the text came at {paced:.1} tok/s: {stderr}"
+        );
+    }
+}
+
+/// Generated tokens and the decode speed from `veil generate`'s stats line.
+fn stats_of(stderr: &str) -> (usize, f64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(" generated at "))
+        .unwrap_or_else(|| panic!("no stats line with a decode speed: {stderr}"));
+    let after = line.split(" prompt tokens at ").nth(1).unwrap_or_default();
+    let generated = after
+        .split(", ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token count in {line}"));
+    let speed = line
+        .split(" generated at ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no speed in {line}"));
+    (generated, speed)
+}

@@ -554,6 +554,73 @@ fn with_batch_auto_metainf_opens_the_batch_for_concurrent_requests_and_admits_a_
     );
 }
 
+/// The speed the gateway reports (`veil.tokens_per_second`, and the dashboard's record of the
+/// request) agrees with the pace its streamed text reaches the client: a consistency check
+/// between two clocks of one request (within 3×, so a busy machine passes), which catches a
+/// speed computed over the wrong interval, one at a time and in the batching engine.
+#[test]
+fn the_reported_speed_matches_the_pace_of_the_streamed_text() {
+    for batch in ["1", "4"] {
+        let gateway = Gateway::start_with(&["--local", "--batch", batch]);
+        let body = ask(
+            "Write a long story about the sea.",
+            json!({"max_tokens": 64, "stream": true}),
+        );
+        let mut response = client()
+            .post(format!("{}/v1/chat/completions", gateway.base))
+            .json(&body)
+            .send()
+            .expect("stream");
+        // Each event's data with the time it arrived.
+        let mut events: Vec<(Instant, Value)> = Vec::new();
+        let mut pending = String::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = response.read(&mut buf) {
+            let now = Instant::now();
+            pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+            while let Some(end) = pending.find("\n\n") {
+                let event: String = pending.drain(..end + 2).collect();
+                if let Some(data) = event.trim().strip_prefix("data: ") {
+                    if let Ok(value) = serde_json::from_str::<Value>(data) {
+                        events.push((now, value));
+                    }
+                }
+            }
+        }
+        let texts: Vec<Instant> = events
+            .iter()
+            .filter(|(_, e)| {
+                e["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty())
+            })
+            .map(|(at, _)| *at)
+            .collect();
+        let last = &events.last().expect("events").1;
+        let tokens = last["usage"]["completion_tokens"].as_f64().expect("usage");
+        let reported = last["veil"]["tokens_per_second"].as_f64().expect("speed");
+        assert!(
+            tokens > 16.0 && texts.len() > 4,
+            "too short to time: {last}"
+        );
+        let elapsed = (texts[texts.len() - 1] - texts[0]).as_secs_f64().max(1e-3);
+        let paced = (tokens - 1.0) / elapsed;
+        let ratio = reported / paced;
+        assert!(
+            (1.0 / 3.0..=3.0).contains(&ratio),
+            "--batch {batch}: reported {reported:.1} tok/s, the text came at {paced:.1}: {last}"
+        );
+        let board = gateway.get_json("/api/dashboard");
+        let recorded = board["requests"][0]["tokens_per_second"]
+            .as_f64()
+            .expect("a record");
+        assert!(
+            (recorded - reported).abs() <= 1e-6 * reported,
+            "the dashboard charts {recorded}, the answer said {reported}: {board}"
+        );
+    }
+}
+
 /// Checks the one generation whose client left stops (within 30 s) and counts as cancelled.
 fn assert_stops_once_left(gateway: &Gateway) {
     let mut active = 1.0;
