@@ -314,7 +314,8 @@ impl<'a> WeightRow<'a> {
 }
 
 /// After whole tiles of [`TILE`] tokens, this many tokens are multiplied at once against a
-/// weight row (then one at a time), so the weight block is unpacked once for all of them.
+/// weight row (then the last one to three together), so the weight block is unpacked once for
+/// all of them.
 const SMALL_TILE: usize = 4;
 
 thread_local! {
@@ -582,8 +583,15 @@ impl QuantMatrix {
                     row_out[t..t + SMALL_TILE].copy_from_slice(&kernel.dots(w, tile));
                     t += SMALL_TILE;
                 }
-                for (t, o) in row_out.iter_mut().enumerate().skip(t) {
-                    *o = kernel.one(w, token(t));
+                // The last one to three tokens in one call too: the weight row is read once
+                // for all of them (one call per token read it up to three times, which made a
+                // batch of two decode steps slower than two steps alone).
+                match tokens - t {
+                    3 => row_out[t..]
+                        .copy_from_slice(&kernel.dots(w, [token(t), token(t + 1), token(t + 2)])),
+                    2 => row_out[t..].copy_from_slice(&kernel.dots(w, [token(t), token(t + 1)])),
+                    1 => row_out[t] = kernel.one(w, token(t)),
+                    _ => {}
                 }
                 // SAFETY: this thread's range of weight rows is its own (`split_row_ranges`).
                 unsafe { out.write_column(r, &row_out) };

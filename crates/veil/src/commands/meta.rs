@@ -74,10 +74,10 @@ pub struct CollectArgs {
     /// the median).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub runs: u32,
-    /// Only the grid's workloads of these batch sizes (1, 4 and 16: requests arriving
+    /// Only the grid's workloads of these batch sizes (1, 2, 4 and 16: requests arriving
     /// together; 16 has short and medium prompts only), e.g. `--batches 16` to add them to a
     /// dataset collected before.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16", value_parser = grid_batch)]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,16", value_parser = grid_batch)]
     pub batches: Vec<usize>,
     /// Only these methods (`veil meta methods`); default: every one.
     #[arg(long, value_delimiter = ',')]
@@ -89,8 +89,8 @@ pub struct CollectArgs {
 /// A batch size of the collection grid.
 fn grid_batch(s: &str) -> Result<usize, String> {
     match s.parse() {
-        Ok(n @ (1 | 4 | 16)) => Ok(n),
-        _ => Err(format!("{s:?}: the grid's batch sizes are 1, 4 and 16")),
+        Ok(n @ (1 | 2 | 4 | 16)) => Ok(n),
+        _ => Err(format!("{s:?}: the grid's batch sizes are 1, 2, 4 and 16")),
     }
 }
 
