@@ -555,7 +555,7 @@ impl QuantMatrix {
             split_rows(work, out, 1, |first, outs| {
                 let mut w = self.rows_from(first, outs.len());
                 let a = token(0);
-                if !kernel.rows(w, per_token, a, outs) {
+                if !kernel.rows(w, per_token, [a], outs) {
                     for o in outs.iter_mut() {
                         let (row, rest) = w.split_first(per_token, self.format);
                         *o = kernel.one(row, a);
@@ -566,6 +566,15 @@ impl QuantMatrix {
             return;
         }
         let out = TokenColumns::new(out, tokens, self.rows);
+        if tokens < SMALL_TILE {
+            // Two or three tokens (a few decode steps batched): a thread's run of rows in one
+            // kernel call, as for one token.
+            split_row_ranges(work * tokens, self.rows, |rows| match tokens {
+                2 => self.few_tokens(kernel, [token(0), token(1)], rows, &out),
+                _ => self.few_tokens(kernel, [token(0), token(1), token(2)], rows, &out),
+            });
+            return;
+        }
         split_row_ranges(work * tokens, self.rows, |rows| {
             let tiles: Vec<ActivationTile<'_>> = (0..acts.tile_count())
                 .map(|i| acts.tile(i, per_token))
@@ -597,6 +606,30 @@ impl QuantMatrix {
                 unsafe { out.write_column(r, &row_out) };
             }
         });
+    }
+
+    /// Weight rows `rows` times `R` tokens (a few decode steps batched), into their columns
+    /// of `out`: one kernel call for the whole run of rows where the family has one, else a
+    /// call per row for all `R` tokens at once.
+    fn few_tokens<const R: usize>(
+        &self,
+        kernel: &RowKernel,
+        tokens: [ActivationRow<'_>; R],
+        rows: std::ops::Range<usize>,
+        out: &TokenColumns<'_>,
+    ) {
+        let mut values = vec![0f32; rows.len() * R];
+        let run = self.rows_from(rows.start, rows.len());
+        if !kernel.rows(run, self.units(), tokens, &mut values) {
+            for (r, o) in rows.clone().zip(values.chunks_exact_mut(R)) {
+                o.copy_from_slice(&kernel.dots(self.row(r), tokens));
+            }
+        }
+        for (r, row) in rows.zip(values.chunks_exact(R)) {
+            // SAFETY: the caller's range of weight rows is this thread's own
+            // (`split_row_ranges`).
+            unsafe { out.write_column(r, row) };
+        }
     }
 }
 
@@ -715,10 +748,16 @@ impl RowKernel {
         self.dots(w, [a])[0]
     }
 
-    /// Consecutive weight rows (`w`, `units` blocks each) times one token, into `out`, where
-    /// the family has such a kernel (the K formats, whose rows are short); false otherwise.
+    /// Consecutive weight rows (`w`, `units` blocks each) times `R` tokens, into `out` (`R`
+    /// values per row, row-major), where the family has such a kernel; false otherwise.
     #[inline]
-    fn rows(&self, w: WeightRow<'_>, units: usize, a: ActivationRow<'_>, out: &mut [f32]) -> bool {
+    fn rows<const R: usize>(
+        &self,
+        w: WeightRow<'_>,
+        units: usize,
+        a: [ActivationRow<'_>; R],
+        out: &mut [f32],
+    ) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             use crate::x86;
@@ -726,12 +765,12 @@ impl RowKernel {
             // SAFETY: as in `dots`; `w` holds `out.len()` rows of `units` blocks.
             unsafe {
                 match (self.isa, self.format) {
-                    (Isa::Avx2, F::Q4_K) => x86::avx2::rows_q4_k(w, units, a, out),
-                    (Isa::Avx2, F::Q5_K) => x86::avx2::rows_q5_k(w, units, a, out),
-                    (Isa::Avx2, F::Q6_K) => x86::avx2::rows_q6_k(w, units, a, out),
-                    (Isa::Avx512, F::Q4_K) => x86::vnni::rows_q4_k(w, units, a, out),
-                    (Isa::Avx512, F::Q5_K) => x86::vnni::rows_q5_k(w, units, a, out),
-                    (Isa::Avx512, F::Q6_K) => x86::vnni::rows_q6_k(w, units, a, out),
+                    (Isa::Avx2, F::Q4_K) if R == 1 => x86::avx2::rows_q4_k(w, units, a[0], out),
+                    (Isa::Avx2, F::Q5_K) if R == 1 => x86::avx2::rows_q5_k(w, units, a[0], out),
+                    (Isa::Avx2, F::Q6_K) if R == 1 => x86::avx2::rows_q6_k(w, units, a[0], out),
+                    (Isa::Avx512, F::Q4_K) if R == 1 => x86::vnni::rows_q4_k(w, units, a[0], out),
+                    (Isa::Avx512, F::Q5_K) if R == 1 => x86::vnni::rows_q5_k(w, units, a[0], out),
+                    (Isa::Avx512, F::Q6_K) if R == 1 => x86::vnni::rows_q6_k(w, units, a[0], out),
                     (Isa::Avx2, F::Q4_1) => x86::rows_q4_1_avx2(w, units, a, out),
                     (Isa::Avx2, F::Q8_0) => x86::rows_q8_0_avx2(w, units, a, out),
                     (Isa::Avx512, F::Q4_1) => x86::rows_q4_1_avx512(w, units, a, out),

@@ -85,23 +85,25 @@ unsafe fn load8(values: &[f32]) -> __m256 {
 /// per row showed (3-5%).
 macro_rules! row_loop_kernel {
     ($features:literal, $rows:ident, $dot:ident, $format:expr) => {
-        /// Consecutive weight rows (`units` blocks each, `w` spanning them all) times one
-        /// token, one output per row, each as the one-row kernel computes it.
+        /// Consecutive weight rows (`units` blocks each, `w` spanning them all) times `R`
+        /// tokens, `R` outputs per row (row-major), each as the one-row kernel computes it:
+        /// one call for a thread's run of rows, so a decode step (or a few) pays no call per
+        /// row.
         ///
         /// # Safety
-        /// The CPU must have the features named above; `a` holds `units` blocks, `w`
-        /// `out.len() * units`.
+        /// The CPU must have the features named above; each of `a` holds `units` blocks, `w`
+        /// `out.len() / R * units`.
         #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $rows(
+        pub(crate) unsafe fn $rows<const R: usize>(
             w: WeightRow<'_>,
             units: usize,
-            a: ActivationRow<'_>,
+            a: [ActivationRow<'_>; R],
             out: &mut [f32],
         ) {
             let mut w = w;
-            for o in out.iter_mut() {
+            for o in out.chunks_exact_mut(R) {
                 let (row, rest) = w.split_first(units, $format);
-                [*o] = $dot(row, [a]);
+                o.copy_from_slice(&$dot(row, a));
                 w = rest;
             }
         }

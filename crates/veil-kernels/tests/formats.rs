@@ -242,6 +242,7 @@ fn shapes(format: QuantFormat) -> Vec<(usize, usize, usize)> {
     vec![
         (1, unit, 1),
         (3, unit, 2),
+        (5, 2 * unit, 3),
         (17, 3 * unit, 1),
         (17, 3 * unit, 5),
         (64, 2 * unit, 8),
