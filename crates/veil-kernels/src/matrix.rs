@@ -566,12 +566,19 @@ impl QuantMatrix {
             return;
         }
         let out = TokenColumns::new(out, tokens, self.rows);
-        if tokens < SMALL_TILE {
-            // Two or three tokens (a few decode steps batched): a thread's run of rows in one
+        if tokens < TILE {
+            // Up to seven tokens (a few decode steps batched): a thread's run of rows in one
             // kernel call, as for one token.
-            split_row_ranges(work * tokens, self.rows, |rows| match tokens {
-                2 => self.few_tokens(kernel, [token(0), token(1)], rows, &out),
-                _ => self.few_tokens(kernel, [token(0), token(1), token(2)], rows, &out),
+            split_row_ranges(work * tokens, self.rows, |rows| {
+                let few = |t: usize| token(t);
+                match tokens {
+                    2 => self.few_tokens::<2>(kernel, std::array::from_fn(few), rows, &out),
+                    3 => self.few_tokens::<3>(kernel, std::array::from_fn(few), rows, &out),
+                    4 => self.few_tokens::<4>(kernel, std::array::from_fn(few), rows, &out),
+                    5 => self.few_tokens::<5>(kernel, std::array::from_fn(few), rows, &out),
+                    6 => self.few_tokens::<6>(kernel, std::array::from_fn(few), rows, &out),
+                    _ => self.few_tokens::<7>(kernel, std::array::from_fn(few), rows, &out),
+                }
             });
             return;
         }
@@ -608,7 +615,7 @@ impl QuantMatrix {
         });
     }
 
-    /// Weight rows `rows` times `R` tokens (a few decode steps batched), into their columns
+    /// Weight rows `rows` times `R` tokens (a few decode steps batched, `R` < [`TILE`]), into their columns
     /// of `out`: one kernel call for the whole run of rows where the family has one, else a
     /// call per row for all `R` tokens at once.
     fn few_tokens<const R: usize>(

@@ -243,6 +243,8 @@ fn shapes(format: QuantFormat) -> Vec<(usize, usize, usize)> {
         (1, unit, 1),
         (3, unit, 2),
         (5, 2 * unit, 3),
+        (9, unit, 4),
+        (6, 3 * unit, 6),
         (17, 3 * unit, 1),
         (17, 3 * unit, 5),
         (64, 2 * unit, 8),
