@@ -544,7 +544,7 @@ fn bad_batch_sizes() {
     }
     let err = fails(&["meta", "collect", "--batches", "8"]);
     assert!(
-        err.contains("the grid's batch sizes are 1, 4 and 16"),
+        err.contains("the grid's batch sizes are 1, 2, 4 and 16"),
         "{err}"
     );
     let err = fails(&["meta", "collect", "--methods", "warp", "--quick"]);
