@@ -554,6 +554,50 @@ fn with_batch_auto_metainf_opens_the_batch_for_concurrent_requests_and_admits_a_
     );
 }
 
+/// A full batch: requests past its slots wait in arrival order, and past `--max-queued` they
+/// are answered 429; once the batch's clients leave, the waiting request is served.
+#[test]
+fn a_full_batch_queues_then_turns_requests_away() {
+    let gateway = Gateway::start_with(&["--local", "--batch", "2", "--max-queued", "1"]);
+    let long = ask(
+        "Write a long story about the sea.",
+        json!({"stream": true, "max_tokens": 2000, "temperature": 0.8, "seed": 7}),
+    );
+    // Two streams fill the batch's two slots.
+    let mut streams: Vec<_> = (0..2)
+        .map(|_| {
+            let mut response = client()
+                .post(format!("{}/v1/chat/completions", gateway.base))
+                .json(&long)
+                .send()
+                .expect("stream");
+            let mut first = [0u8; 64];
+            response.read_exact(&mut first).expect("the stream starts");
+            response
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        // A third waits for a slot...
+        let waiting = scope.spawn(|| gateway.post("/v1/chat/completions", &ask("hi", json!({}))));
+        let mut queued = 0.0;
+        for _ in 0..100 {
+            queued = gateway.metric("veil_queued_requests");
+            if queued == 1.0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(queued, 1.0, "the third request never queued");
+        // ...and a fourth finds the queue full.
+        let (s, b) = gateway.post("/v1/chat/completions", &ask("hi", json!({"max_tokens": 2})));
+        assert_openai_error(s, &b, 429, Some("queue_full"));
+        // The streams' clients leave: their slots free, and the waiting request is served.
+        streams.clear();
+        let (status, body) = waiting.join().expect("the waiting request");
+        assert_eq!(status, 200, "{body}");
+    });
+}
+
 /// The speed the gateway reports (`veil.tokens_per_second`, and the dashboard's record of the
 /// request) agrees with the pace its streamed text reaches the client: a consistency check
 /// between two clocks of one request (within 3×, so a busy machine passes), which catches a
