@@ -211,9 +211,6 @@ pub enum Failure {
     /// [`ModelError::Cancelled`]).
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// The backend could not be used as asked.
-    #[error(transparent)]
-    Serve(#[from] crate::ServeError),
 }
 
 impl Failure {

@@ -77,6 +77,19 @@ impl Gateway {
             .expect("a JSON body")
     }
 
+    /// Metric `name` once it reads `want` (polled for up to 30 s), or its last reading.
+    fn metric_reaching(&self, name: &str, want: f64) -> f64 {
+        let mut value = self.metric(name);
+        for _ in 0..600 {
+            if value == want {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            value = self.metric(name);
+        }
+        value
+    }
+
     fn metric(&self, name: &str) -> f64 {
         let text = client()
             .get(format!("{}/metrics", self.base))
@@ -371,14 +384,7 @@ fn a_client_that_leaves_mid_stream_stops_its_generation() {
     let mut first = [0u8; 64];
     response.read_exact(&mut first).expect("the stream starts");
     // The role chunk may come before the generation has counted itself: wait for it.
-    let mut active = 0.0;
-    for _ in 0..100 {
-        active = gateway.metric("veil_active_generations");
-        if active == 1.0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let active = gateway.metric_reaching("veil_active_generations", 1.0);
     assert_eq!(active, 1.0, "the generation never started");
 
     // The one slot is taken and nothing may wait: a second request is turned away.
@@ -579,14 +585,7 @@ fn a_full_batch_queues_then_turns_requests_away() {
     std::thread::scope(|scope| {
         // A third waits for a slot...
         let waiting = scope.spawn(|| gateway.post("/v1/chat/completions", &ask("hi", json!({}))));
-        let mut queued = 0.0;
-        for _ in 0..100 {
-            queued = gateway.metric("veil_queued_requests");
-            if queued == 1.0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let queued = gateway.metric_reaching("veil_queued_requests", 1.0);
         assert_eq!(queued, 1.0, "the third request never queued");
         // ...and a fourth finds the queue full.
         let (s, b) = gateway.post("/v1/chat/completions", &ask("hi", json!({"max_tokens": 2})));
@@ -667,14 +666,7 @@ fn the_reported_speed_matches_the_pace_of_the_streamed_text() {
 
 /// Checks the one generation whose client left stops (within 30 s) and counts as cancelled.
 fn assert_stops_once_left(gateway: &Gateway) {
-    let mut active = 1.0;
-    for _ in 0..600 {
-        active = gateway.metric("veil_active_generations");
-        if active == 0.0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let active = gateway.metric_reaching("veil_active_generations", 0.0);
     assert_eq!(
         active, 0.0,
         "the generation kept running after its client left"
@@ -904,14 +896,7 @@ fn through_a_swarm_of_nodes_it_answers_like_one_process_and_frees_node_sessions(
         .expect("the stream starts");
     assert_eq!(gateway.metric("veil_open_node_sessions"), 3.0);
     drop(response);
-    let mut open = 3.0;
-    for _ in 0..600 {
-        open = gateway.metric("veil_open_node_sessions");
-        if open == 0.0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let open = gateway.metric_reaching("veil_open_node_sessions", 0.0);
     assert_eq!(open, 0.0, "node sessions stayed open after the client left");
     assert_eq!(gateway.metric("veil_cancelled_generations_total"), 1.0);
 
@@ -1646,17 +1631,7 @@ fn leave_a_long_verified_stream(gateway: &Gateway, veil: Value, what: &str) {
         .expect("stream");
     let mut first = [0u8; 64];
     response.read_exact(&mut first).expect("the stream starts");
-    let wait_for_active = |want: f64| {
-        let mut active = 0.0;
-        for _ in 0..600 {
-            active = gateway.metric("veil_active_generations");
-            if active == want {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        active
-    };
+    let wait_for_active = |want: f64| gateway.metric_reaching("veil_active_generations", want);
     assert_eq!(wait_for_active(1.0), 1.0, "{what} never started");
     drop(response);
     assert_eq!(
