@@ -517,6 +517,143 @@ impl QuantMatrix {
         Ok(())
     }
 
+    /// `outs[i] = x · matrices[i]ᵀ` for matrices of one width that take the same
+    /// activations (a block's query, key and value projections; an FFN's gate and up): the
+    /// activations are quantized once, and for one token every matrix's rows go through the
+    /// pool in one pass, so a decode step pays one hand-over to the pool's threads instead of
+    /// one per matrix. Each row is computed by the kernel [`matmul_with`](Self::matmul_with)
+    /// uses, so the outputs are the same bits as separate products.
+    ///
+    /// The matrices may differ in format (a Q4_K_M file's value projection is often Q6_K or
+    /// Q8_0 beside Q5_0 queries), but either all or none must be K formats, which take
+    /// activations quantized by superblock.
+    pub fn matmul_shared(
+        isa: Isa,
+        matrices: &[&QuantMatrix],
+        x: &[f32],
+        outs: &mut [&mut [f32]],
+    ) -> Result<(), KernelError> {
+        if !isa.is_available() {
+            return Err(KernelError::Unsupported(isa));
+        }
+        let Some(first) = matrices.first() else {
+            return Err(KernelError::Shape("no matrices to multiply".into()));
+        };
+        let cols = first.cols;
+        if matrices
+            .iter()
+            .any(|m| m.cols != cols || m.format.is_k() != first.format.is_k())
+        {
+            return Err(KernelError::Shape(
+                "matrices sharing activations need one width, and all or none in K formats"
+                    .into(),
+            ));
+        }
+        if !x.len().is_multiple_of(cols) {
+            return Err(KernelError::Shape(format!(
+                "{} activations are not whole rows of {cols}",
+                x.len()
+            )));
+        }
+        let tokens = x.len() / cols;
+        if outs.len() != matrices.len()
+            || matrices
+                .iter()
+                .zip(outs.iter())
+                .any(|(m, out)| out.len() != tokens * m.rows)
+        {
+            return Err(KernelError::Shape(format!(
+                "{} outputs for {} matrices: each must hold {tokens} tokens × its rows",
+                outs.len(),
+                matrices.len()
+            )));
+        }
+        if tokens == 0 {
+            return Ok(());
+        }
+        ACTIVATIONS.with(|cell| {
+            let mut acts = cell.borrow_mut();
+            if first.format.is_k() {
+                acts.quantize_superblocks(x);
+            } else {
+                acts.quantize(x, isa);
+            }
+            if tokens == 1 {
+                Self::one_token_shared(isa, matrices, &acts, outs);
+                return;
+            }
+            for (m, out) in matrices.iter().zip(outs.iter_mut()) {
+                let shifted = m.format == QuantFormat::Q8_0 && isa == Isa::Avx512;
+                acts.prepare_tiles(m.units(), shifted);
+                m.multiply(&RowKernel::new(m.format, isa), &acts, tokens, out);
+            }
+        });
+        Ok(())
+    }
+
+    /// One token through several matrices' rows, split over the pool as one run of rows: each
+    /// thread takes its share of the rows of all the matrices laid end to end.
+    fn one_token_shared(
+        isa: Isa,
+        matrices: &[&QuantMatrix],
+        acts: &Activations,
+        outs: &mut [&mut [f32]],
+    ) {
+        let rows: usize = matrices.iter().map(|m| m.rows).sum();
+        let work = rows * (matrices[0].cols / BLOCK);
+        let pool = candle_core::utils::barrier_pool();
+        let parts = crate::threads::parts(pool.n_workers() + 1);
+        let parts = if work < SERIAL_BLOCKS { 1 } else { parts };
+        let per_part = rows.div_ceil(parts);
+        // Each part's pieces: (matrix, first row, outputs), cut from the outputs in order.
+        let mut dealt: Vec<Vec<(usize, usize, &mut [f32])>> =
+            (0..parts).map(|_| Vec::new()).collect();
+        let mut laid = 0;
+        for (i, out) in outs.iter_mut().enumerate() {
+            let mut rest: &mut [f32] = out;
+            let mut first = 0;
+            while !rest.is_empty() {
+                let part = laid / per_part;
+                let take = (per_part - laid % per_part).min(rest.len());
+                let (piece, tail) = rest.split_at_mut(take);
+                dealt[part].push((i, first, piece));
+                (rest, first, laid) = (tail, first + take, laid + take);
+            }
+        }
+        let run = |pieces: &mut Vec<(usize, usize, &mut [f32])>| {
+            for (i, first, out) in pieces.iter_mut() {
+                let m = matrices[*i];
+                m.one_token_rows(&RowKernel::new(m.format, isa), acts, *first, out);
+            }
+        };
+        if parts == 1 {
+            dealt.iter_mut().for_each(run);
+            return;
+        }
+        // Each part takes its own pieces; the locks only hand the disjoint slices across.
+        let dealt: Vec<Mutex<Vec<_>>> = dealt.into_iter().map(Mutex::new).collect();
+        pool.execute(|part| {
+            if let Some(pieces) = dealt.get(part) {
+                run(&mut pieces.lock().unwrap_or_else(PoisonError::into_inner));
+            }
+        });
+    }
+
+    /// Rows `first..first + outs.len()` times one token (the activations' first), into `outs`:
+    /// one kernel call for the whole run where the family has one.
+    fn one_token_rows(&self, kernel: &RowKernel, acts: &Activations, first: usize, outs: &mut [f32]) {
+        let per_token = self.units();
+        let mut w = self.rows_from(first, outs.len());
+        let a = acts.row(0, per_token);
+        if !kernel.rows(w, per_token, [a], outs) {
+            for o in outs.iter_mut() {
+                let (row, rest) = w.split_first(per_token, self.format);
+                *o = kernel.one(row, a);
+                w = rest;
+            }
+        }
+    }
+
     /// Blocks (or superblocks, for the K formats) per row.
     fn units(&self) -> usize {
         self.cols / self.format.block_values()
@@ -553,15 +690,7 @@ impl QuantMatrix {
         let token = |t: usize| acts.row(t * per_token, per_token);
         if tokens == 1 {
             split_rows(work, out, 1, |first, outs| {
-                let mut w = self.rows_from(first, outs.len());
-                let a = token(0);
-                if !kernel.rows(w, per_token, [a], outs) {
-                    for o in outs.iter_mut() {
-                        let (row, rest) = w.split_first(per_token, self.format);
-                        *o = kernel.one(row, a);
-                        w = rest;
-                    }
-                }
+                self.one_token_rows(kernel, acts, first, outs)
             });
             return;
         }

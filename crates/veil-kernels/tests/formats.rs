@@ -520,3 +520,72 @@ fn columns_moved_inside_scale_groups_give_the_same_bits() {
         }
     }
 }
+
+#[test]
+fn matrices_sharing_activations_give_the_bits_of_separate_products() {
+    // A block's projections through one quantization and one pass over the pool: query, key
+    // and value rows of different counts (and formats, as in Q4_K_M files), against each
+    // matrix alone, for one token (the shared pass) and several (tiles per matrix).
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let groups: [&[QuantFormat]; 4] = [
+        &[QuantFormat::Q4_1, QuantFormat::Q4_1, QuantFormat::Q4_1],
+        &[QuantFormat::Q5_0, QuantFormat::Q5_0, QuantFormat::Q8_0],
+        &[QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q5_1],
+        &[QuantFormat::Q4_K, QuantFormat::Q6_K, QuantFormat::Q5_K],
+    ];
+    for formats in groups {
+        let cols = 2 * SUPERBLOCK;
+        for rows in [[576, 192, 192], [1, 7, 3], [1536, 1536, 1]] {
+            let matrices: Vec<QuantMatrix> = formats
+                .iter()
+                .zip(rows)
+                .map(|(&format, rows)| {
+                    let bytes = random_bytes(format, rows, cols, Fill::Random, &mut rng);
+                    QuantMatrix::new(format, rows, cols, &bytes).expect("matrix")
+                })
+                .collect();
+            let refs: Vec<&QuantMatrix> = matrices.iter().collect();
+            for tokens in [1, 3, 9] {
+                let x: Vec<f32> = (0..tokens * cols)
+                    .map(|_| rng.random_range(-3.0..3.0))
+                    .collect();
+                for isa in Isa::available() {
+                    let mut outs: Vec<Vec<f32>> = matrices
+                        .iter()
+                        .map(|m| vec![f32::NAN; tokens * m.rows()])
+                        .collect();
+                    let mut slices: Vec<&mut [f32]> =
+                        outs.iter_mut().map(Vec::as_mut_slice).collect();
+                    QuantMatrix::matmul_shared(isa, &refs, &x, &mut slices).expect("product");
+                    for (m, out) in matrices.iter().zip(&outs) {
+                        let alone = run(m, isa, &x);
+                        let same = out.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{isa} {formats:?} {rows:?} × {tokens}: {}", m.format());
+                    }
+                }
+            }
+        }
+    }
+    // Matrices that cannot share activations are refused.
+    let plain = QuantMatrix::new(
+        QuantFormat::Q8_0,
+        2,
+        SUPERBLOCK,
+        &random_bytes(QuantFormat::Q8_0, 2, SUPERBLOCK, Fill::Random, &mut rng),
+    )
+    .expect("matrix");
+    let k = QuantMatrix::new(
+        QuantFormat::Q4_K,
+        2,
+        SUPERBLOCK,
+        &random_bytes(QuantFormat::Q4_K, 2, SUPERBLOCK, Fill::Random, &mut rng),
+    )
+    .expect("matrix");
+    let x = vec![1.0; SUPERBLOCK];
+    let (mut a, mut b) = (vec![0.0; 2], vec![0.0; 2]);
+    let refused =
+        QuantMatrix::matmul_shared(Isa::Scalar, &[&plain, &k], &x, &mut [&mut a, &mut b]);
+    assert!(matches!(refused, Err(KernelError::Shape(_))), "{refused:?}");
+    let refused = QuantMatrix::matmul_shared(Isa::Scalar, &[&plain], &x, &mut [&mut a[..1]]);
+    assert!(matches!(refused, Err(KernelError::Shape(_))), "{refused:?}");
+}

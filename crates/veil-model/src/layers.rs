@@ -193,11 +193,7 @@ impl Attention {
     /// Queries, keys and values `(1, heads, tokens, head_dim)` of normed hidden states, with
     /// biases and per-head norms applied (before RoPE).
     fn project(&self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (mut q, mut k, mut v) = (
-            self.wq.forward(h)?,
-            self.wk.forward(h)?,
-            self.wv.forward(h)?,
-        );
+        let [mut q, mut k, mut v] = Linear::forward_shared([&self.wq, &self.wk, &self.wv], h)?;
         if let Some([bq, bk, bv]) = &self.biases {
             q = q.broadcast_add(bq)?;
             k = k.broadcast_add(bk)?;
@@ -297,12 +293,12 @@ impl FeedForward {
     }
 
     pub(crate) fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward(h)?;
+        let [gate, up] = Linear::forward_shared([&self.gate, &self.up], h)?;
         let gate = match self.act {
             Gate::Silu => gate.silu()?,
             Gate::Gelu => gate.gelu()?,
         };
-        self.down.forward(&(gate * self.up.forward(h)?)?)
+        self.down.forward(&(gate * up)?)
     }
 
     pub(crate) fn matrices_mut(&mut self) -> [&mut Linear; 3] {

@@ -169,6 +169,67 @@ impl Linear {
         })
     }
 
+    /// `x · weightᵀ` for several layers that take the same input (a block's query, key and
+    /// value projections; an FFN's gate and up). On Veil's kernels the input is quantized once
+    /// and, for one token, all their rows go through the thread pool in one pass: a decode
+    /// step hands work to the pool about half as often. The outputs are the bits of
+    /// [`forward`](Self::forward) on each; layers the kernels cannot group run one by one.
+    pub(crate) fn forward_shared<const N: usize>(
+        layers: [&Linear; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        let products: Option<Vec<&VeilProduct>> = layers
+            .iter()
+            .map(|l| match l {
+                Self::Veil(op) => Some(op),
+                Self::Candle(_) => None,
+            })
+            .collect();
+        let groupable = products.filter(|ops| {
+            let first = ops[0].matrix.format().is_k();
+            ops.iter()
+                .all(|op| op.isa == ops[0].isa && op.matrix.format().is_k() == first)
+        });
+        let x = x.contiguous()?;
+        let dims = x.dims().to_vec();
+        let tensors = match groupable {
+            Some(ops) if dims.last() == Some(&ops[0].matrix.cols()) => {
+                Self::veil_shared(&ops, &x, &dims)?
+            }
+            _ => layers
+                .iter()
+                .map(|l| l.forward(&x))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        tensors
+            .try_into()
+            .map_err(|_| ModelError::InvalidInput("a shared product lost an output".into()))
+    }
+
+    /// [`forward_shared`](Self::forward_shared) on Veil's kernels.
+    fn veil_shared(ops: &[&VeilProduct], x: &Tensor, dims: &[usize]) -> Result<Vec<Tensor>> {
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        let tokens = values.len() / ops[0].matrix.cols();
+        let mut outs: Vec<Vec<f32>> = ops
+            .iter()
+            .map(|op| vec![0f32; tokens * op.matrix.rows()])
+            .collect();
+        let matrices: Vec<&QuantMatrix> = ops.iter().map(|op| op.matrix.as_ref()).collect();
+        let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+        QuantMatrix::matmul_shared(ops[0].isa, &matrices, &values, &mut slices)
+            .map_err(|e| ModelError::InvalidInput(format!("product: {e}")))?;
+        ops.iter()
+            .zip(outs)
+            .map(|(op, out)| {
+                let mut shape = dims.to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = op.matrix.rows();
+                }
+                Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+            })
+            .collect()
+    }
+
     /// The weight as dense f32 `(out, in)`.
     pub(crate) fn dense(&self) -> Result<Tensor> {
         Ok(match self {
