@@ -545,8 +545,7 @@ impl QuantMatrix {
             .any(|m| m.cols != cols || m.format.is_k() != first.format.is_k())
         {
             return Err(KernelError::Shape(
-                "matrices sharing activations need one width, and all or none in K formats"
-                    .into(),
+                "matrices sharing activations need one width, and all or none in K formats".into(),
             ));
         }
         if !x.len().is_multiple_of(cols) {
@@ -641,7 +640,13 @@ impl QuantMatrix {
 
     /// Rows `first..first + outs.len()` times one token (the activations' first), into `outs`:
     /// one kernel call for the whole run where the family has one.
-    fn one_token_rows(&self, kernel: &RowKernel, acts: &Activations, first: usize, outs: &mut [f32]) {
+    fn one_token_rows(
+        &self,
+        kernel: &RowKernel,
+        acts: &Activations,
+        first: usize,
+        outs: &mut [f32],
+    ) {
         let per_token = self.units();
         let mut w = self.rows_from(first, outs.len());
         let a = acts.row(0, per_token);

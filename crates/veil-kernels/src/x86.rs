@@ -80,11 +80,30 @@ unsafe fn load8(values: &[f32]) -> __m256 {
     _mm256_loadu_ps(values[..8].as_ptr())
 }
 
+/// Asks for the values of the row `ahead` rows into `rest` (rows of `row_bytes`), so they are
+/// in cache when that row's turn comes. Q8_0's rows (twice the bytes of 4-bit rows for the
+/// same work) outran the hardware's own prefetching when a matrix streams from L3: a decode
+/// step's large products ran 20-30% faster with it, smaller and 4-bit ones no slower.
+#[inline]
+#[target_feature(enable = "sse")]
+unsafe fn prefetch_row(rest: &[u8], row_bytes: usize, ahead: usize) {
+    let skip = row_bytes * (ahead - 1);
+    if rest.len() >= skip + row_bytes {
+        let row = rest[skip..].as_ptr().cast::<i8>();
+        for line in (0..row_bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(row.add(line));
+        }
+    }
+}
+
 /// Consecutive weight rows times one token through a one-row kernel (`$dot`), in one call per
 /// thread's run of rows: a decode step's rows are short, and a call, a dispatch and the slicing
 /// per row showed (3-5%).
 macro_rules! row_loop_kernel {
     ($features:literal, $rows:ident, $dot:ident, $format:expr) => {
+        row_loop_kernel!($features, $rows, $dot, $format, 0);
+    };
+    ($features:literal, $rows:ident, $dot:ident, $format:expr, $prefetch_rows:expr) => {
         /// Consecutive weight rows (`units` blocks each, `w` spanning them all) times `R`
         /// tokens, `R` outputs per row (row-major), each as the one-row kernel computes it:
         /// one call for a thread's run of rows, so a decode step (or a few) pays no call per
@@ -103,6 +122,9 @@ macro_rules! row_loop_kernel {
             let mut w = w;
             for o in out.chunks_exact_mut(R) {
                 let (row, rest) = w.split_first(units, $format);
+                if $prefetch_rows > 0 {
+                    prefetch_row(rest.qs, row.qs.len(), $prefetch_rows);
+                }
                 o.copy_from_slice(&$dot(row, a));
                 w = rest;
             }
@@ -247,7 +269,8 @@ row_loop_kernel!(
     "avx2,fma,f16c",
     rows_q8_0_avx2,
     dot_q8_0_avx2,
-    QuantFormat::Q8_0
+    QuantFormat::Q8_0,
+    4
 );
 row_loop_kernel!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
@@ -259,7 +282,8 @@ row_loop_kernel!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     rows_q8_0_avx512,
     dot_q8_0_avx512,
-    QuantFormat::Q8_0
+    QuantFormat::Q8_0,
+    4
 );
 
 /// [`ActivationBlock::quantize`] with AVX2: the same scale, and the same values (rounded half

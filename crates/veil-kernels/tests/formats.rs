@@ -559,8 +559,15 @@ fn matrices_sharing_activations_give_the_bits_of_separate_products() {
                     QuantMatrix::matmul_shared(isa, &refs, &x, &mut slices).expect("product");
                     for (m, out) in matrices.iter().zip(&outs) {
                         let alone = run(m, isa, &x);
-                        let same = out.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{isa} {formats:?} {rows:?} × {tokens}: {}", m.format());
+                        let same = out
+                            .iter()
+                            .zip(&alone)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{isa} {formats:?} {rows:?} × {tokens}: {}",
+                            m.format()
+                        );
                     }
                 }
             }
@@ -583,8 +590,7 @@ fn matrices_sharing_activations_give_the_bits_of_separate_products() {
     .expect("matrix");
     let x = vec![1.0; SUPERBLOCK];
     let (mut a, mut b) = (vec![0.0; 2], vec![0.0; 2]);
-    let refused =
-        QuantMatrix::matmul_shared(Isa::Scalar, &[&plain, &k], &x, &mut [&mut a, &mut b]);
+    let refused = QuantMatrix::matmul_shared(Isa::Scalar, &[&plain, &k], &x, &mut [&mut a, &mut b]);
     assert!(matches!(refused, Err(KernelError::Shape(_))), "{refused:?}");
     let refused = QuantMatrix::matmul_shared(Isa::Scalar, &[&plain], &x, &mut [&mut a[..1]]);
     assert!(matches!(refused, Err(KernelError::Shape(_))), "{refused:?}");
