@@ -180,7 +180,7 @@ impl LlamaConfig {
         };
         let vocab_size = match optional_usize("vocab_size")? {
             Some(n) => n,
-            None => gguf.array("tokenizer.ggml.tokens")?.len(),
+            None => gguf.token_count()?,
         };
         let block_count = gguf.usize(&key("block_count"))?;
         let sliding_window = match architecture {

@@ -19,6 +19,8 @@ pub struct GgufFile {
     path: PathBuf,
     content: Content,
     reader: BufReader<File>,
+    /// The vocabulary's size, kept when [`shed_tokenizer`](Self::shed_tokenizer) dropped it.
+    token_count: Option<usize>,
 }
 
 impl GgufFile {
@@ -81,7 +83,29 @@ impl GgufFile {
             path,
             content,
             reader,
+            token_count: None,
         })
+    }
+
+    /// Forgets the tokenizer's arrays (tokens, scores, types, merges) when only the weights
+    /// are wanted: parsed, Gemma 3's 262,144 tokens take about 30 MB, which a load would
+    /// otherwise hold beside the weights it reads (the peak memory `veil bench` reports).
+    /// The vocabulary's size stays readable through [`token_count`](Self::token_count).
+    pub fn shed_tokenizer(&mut self) {
+        if self.token_count.is_none() {
+            self.token_count = self.array(TOKENS).ok().map(Vec::len);
+        }
+        self.content.metadata.retain(|key, value| {
+            !(key.starts_with("tokenizer.ggml.") && matches!(value, Value::Array(_)))
+        });
+    }
+
+    /// How many tokens the vocabulary holds (`tokenizer.ggml.tokens`).
+    pub fn token_count(&self) -> Result<usize> {
+        match self.token_count {
+            Some(n) => Ok(n),
+            None => Ok(self.array(TOKENS)?.len()),
+        }
     }
 
     /// The file this was opened from.
@@ -214,6 +238,9 @@ impl GgufFile {
         self.value(key)?.to_vec().map_err(|e| bad(key, e))
     }
 }
+
+/// The metadata key of the vocabulary.
+const TOKENS: &str = "tokenizer.ggml.tokens";
 
 fn bad(key: &str, reason: impl ToString) -> ModelError {
     ModelError::BadMetadata {

@@ -42,7 +42,10 @@ impl LocalModel {
         kernels: Kernels,
     ) -> Result<Self> {
         let mut model = Self::open_text(path)?;
-        model.shards = ShardModel::load_chain(&mut GgufFile::open(path)?, ranges, format, kernels)?;
+        // The tokenizer is built; the weights' load need not hold its arrays a second time.
+        let mut gguf = GgufFile::open(path)?;
+        gguf.shed_tokenizer();
+        model.shards = ShardModel::load_chain(&mut gguf, ranges, format, kernels)?;
         Ok(model)
     }
 
