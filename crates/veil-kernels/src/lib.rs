@@ -22,6 +22,7 @@
 mod activation;
 mod attention;
 mod error;
+mod gated;
 mod isa;
 mod layout;
 mod matrix;
@@ -35,6 +36,7 @@ mod x86;
 pub use activation::{quantize_with, ActivationBlock, ActivationSuperblock, SUPERBLOCK_SUMS};
 pub use attention::{causal_attention, AttentionShape};
 pub use error::KernelError;
+pub use gated::{gated_activation, GateActivation};
 pub use isa::Isa;
 pub use layout::SCALE_GROUP;
 pub use matrix::{QuantFormat, QuantMatrix, QuantMatrixBuilder};

@@ -11,7 +11,9 @@ use candle_core::Tensor;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::kv::KvStore;
-use crate::layers::{rms_norm, Attention, BlockWeights, FeedForward, Gate, Rope, Segment};
+use crate::layers::{
+    rms_norm, Attention, BlockWeights, FeedForward, GateActivation, Rope, Segment,
+};
 use crate::linear::Linear;
 
 /// The factor token embeddings are multiplied by, as llama.cpp computes it (`sqrtf(n_embd)`).
@@ -43,7 +45,7 @@ impl Gemma3Block {
             attention: Attention::load(weights, config, rope)?,
             post_attn_norm: weights.vector("post_attention_norm.weight", h)?,
             ffn_norm: weights.vector("ffn_norm.weight", h)?,
-            ffn: FeedForward::load(weights, config, Gate::Gelu)?,
+            ffn: FeedForward::load(weights, config, GateActivation::GeluTanh)?,
             post_ffn_norm: weights.vector("post_ffw_norm.weight", h)?,
             eps: config.rms_eps,
         })

@@ -11,6 +11,7 @@ use crate::gguf::GgufFile;
 use crate::kv::KvStore;
 use crate::linear::{Kernels, Linear};
 use crate::weights::WeightFormat;
+pub(crate) use veil_kernels::GateActivation;
 
 /// One session's rows in a batched step: `len` new positions from `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,29 +260,20 @@ impl Attention {
     }
 }
 
-/// The non-linearity between a gated FFN's two projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Gate {
-    /// SiLU (SwiGLU): the llama family.
-    Silu,
-    /// GELU, tanh approximation (GeGLU): Gemma.
-    Gelu,
-}
-
 /// A gated feed-forward network: `down(act(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub(crate) struct FeedForward {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
-    act: Gate,
+    act: GateActivation,
 }
 
 impl FeedForward {
     pub(crate) fn load(
         weights: &mut BlockWeights<'_>,
         config: &LlamaConfig,
-        act: Gate,
+        act: GateActivation,
     ) -> Result<Self> {
         let (h, ffn) = (config.hidden_size, config.ffn_size);
         Ok(Self {
@@ -294,15 +286,53 @@ impl FeedForward {
 
     pub(crate) fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let [gate, up] = Linear::forward_shared([&self.gate, &self.up], h)?;
-        let gate = match self.act {
-            Gate::Silu => gate.silu()?,
-            Gate::Gelu => gate.gelu()?,
-        };
-        self.down.forward(&(gate * up)?)
+        let gated = gate
+            .contiguous()?
+            .apply_op2_no_bwd(&up.contiguous()?, &Gated(self.act))?;
+        self.down.forward(&gated)
     }
 
     pub(crate) fn matrices_mut(&mut self) -> [&mut Linear; 3] {
         [&mut self.gate, &mut self.up, &mut self.down]
+    }
+}
+
+/// `act(gate) · up` as a candle op, on Veil's kernel (one pass, on the pool's threads).
+struct Gated(GateActivation);
+
+impl CustomOp2 for Gated {
+    fn name(&self) -> &'static str {
+        "veil-gated-activation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(gate), CpuStorage::F32(up)) = (gate, up) else {
+            candle_core::bail!("{} takes f32 values", self.name());
+        };
+        let (Some((g0, g1)), Some((u0, u1))) = (
+            gate_layout.contiguous_offsets(),
+            up_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("{} takes contiguous tensors", self.name());
+        };
+        if gate_layout.shape() != up_layout.shape() {
+            candle_core::bail!(
+                "{}: gate {:?} and up {:?} differ in shape",
+                self.name(),
+                gate_layout.shape(),
+                up_layout.shape()
+            );
+        }
+        let mut out = vec![0f32; g1 - g0];
+        veil_kernels::gated_activation(self.0, &gate[g0..g1], &up[u0..u1], &mut out)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
 }
 

@@ -9,7 +9,9 @@ use candle_core::Tensor;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::kv::KvStore;
-use crate::layers::{rms_norm, Attention, BlockWeights, FeedForward, Gate, Rope, Segment};
+use crate::layers::{
+    rms_norm, Attention, BlockWeights, FeedForward, GateActivation, Rope, Segment,
+};
 use crate::linear::Linear;
 
 /// One llama-family block's weights.
@@ -33,7 +35,7 @@ impl LlamaBlock {
             attn_norm: weights.vector("attn_norm.weight", h)?,
             attention: Attention::load(weights, config, rope)?,
             ffn_norm: weights.vector("ffn_norm.weight", h)?,
-            ffn: FeedForward::load(weights, config, Gate::Silu)?,
+            ffn: FeedForward::load(weights, config, GateActivation::Silu)?,
             eps: config.rms_eps,
         })
     }
