@@ -26,7 +26,7 @@ pub(crate) fn dot_q4_0<const R: usize>(w: WeightRow<'_>, a: [ActivationRow<'_>; 
 
 /// Q5_0 weight row times `R` activation rows.
 pub(crate) fn dot_q5_0<const R: usize>(w: WeightRow<'_>, a: [ActivationRow<'_>; R]) -> [f32; R] {
-    signed_blocks(w, a, 4, 16)
+    signed_blocks(w, a, QuantFormat::Q5_0.high_bytes(), 16)
 }
 
 /// Blocks of `w = d * (q - offset)`, with `high` bytes of high bits per block.
@@ -71,7 +71,8 @@ pub(crate) fn dot_q5_1<const R: usize>(w: WeightRow<'_>, a: [ActivationRow<'_>; 
     a.map(|a| {
         let mut sum = 0f32;
         for b in 0..w.d.len() {
-            let (qs, qh) = (&w.qs[b * 16..(b + 1) * 16], &w.qh[b * 4..(b + 1) * 4]);
+            let high = QuantFormat::Q5_1.high_bytes();
+            let (qs, qh) = (&w.qs[b * 16..(b + 1) * 16], &w.qh[b * high..(b + 1) * high]);
             let isum: i32 = (0..BLOCK)
                 .map(|i| block_value(qs, qh, i) * i32::from(a.qs[b][i]))
                 .sum();

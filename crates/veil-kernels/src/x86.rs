@@ -343,22 +343,15 @@ pub(crate) unsafe fn quantize_avx2(xs: &[f32; BLOCK]) -> ActivationBlock {
 // reduced to exact integers and added in the reference's float order (see `scalar`).
 // ---------------------------------------------------------------------------------------------
 
-/// Bit `i` of the 32-bit little-endian mask at the start of `qh` as byte `i`: 0xFF where set.
+/// Bit 4 of each of a Q5 block's 32 values, in place (0x10 where set), from the 8 bytes
+/// `crate::matrix::spread_high_bits` lays them out in: broadcast to every 64-bit quarter and
+/// shifted right by the quarter's index. Shifts and masks only, no byte shuffle.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn bytes_from_bits(qh: &[u8]) -> __m256i {
-    let bits = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-    // Byte i takes byte i / 8 of the mask, then every bit but i % 8 is set: all ones iff that
-    // bit was.
-    let spread = _mm256_set_epi64x(
-        0x0303_0303_0303_0303,
-        0x0202_0202_0202_0202,
-        0x0101_0101_0101_0101,
-        0,
-    );
-    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
-    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
-    _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
+unsafe fn q5_high_bits(qh: &[u8]) -> __m256i {
+    let spread = _mm256_set1_epi64x(i64::from_le_bytes(qh[..8].try_into().unwrap_or_default()));
+    let shifted = _mm256_srlv_epi64(spread, _mm256_set_epi64x(3, 2, 1, 0));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(0x10))
 }
 
 /// Block `b` of a Q4_0 row as 32 unsigned values (0..16). (Macros rather than functions, so
@@ -369,25 +362,30 @@ macro_rules! q4_0_values {
     };
 }
 
+/// `q5_values` with AVX-512VL's three-input logic: the high bits masked and merged into the
+/// low ones in one instruction.
+macro_rules! q5_values_vl {
+    ($w:expr, $b:expr) => {{
+        let qh = &$w.qh[$b * 8..$b * 8 + 8];
+        let spread = _mm256_set1_epi64x(i64::from_le_bytes(qh.try_into().unwrap_or_default()));
+        let high = _mm256_srlv_epi64(spread, _mm256_set_epi64x(3, 2, 1, 0));
+        // low | (high & 0x10)
+        _mm256_ternarylogic_epi32::<0xF8>(
+            q4_1_values(&$w.qs[$b * 16..]),
+            high,
+            _mm256_set1_epi8(0x10),
+        )
+    }};
+}
+
 /// Block `b` of a Q5_0 or Q5_1 row as 32 unsigned values (0..32).
 macro_rules! q5_values {
     ($w:expr, $b:expr) => {
         _mm256_or_si256(
             q4_1_values(&$w.qs[$b * 16..]),
-            _mm256_and_si256(bytes_from_bits(&$w.qh[$b * 4..]), _mm256_set1_epi8(0x10)),
+            q5_high_bits(&$w.qh[$b * 8..]),
         )
     };
-}
-
-/// `q5_values` with AVX-512BW's byte masks: the 32-bit mask selects the bytes to set bit 4
-/// of directly.
-macro_rules! q5_values_bw {
-    ($w:expr, $b:expr) => {{
-        let qh = &$w.qh[$b * 4..$b * 4 + 4];
-        let bits = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-        let low = q4_1_values(&$w.qs[$b * 16..]);
-        _mm256_mask_add_epi8(low, bits, low, _mm256_set1_epi8(0x10))
-    }};
 }
 
 /// Superblock `b` of a Q4_K row as eight vectors of 32 unsigned values (0..16): each 32 bytes
@@ -1168,6 +1166,6 @@ family!(
     dot_vnni,
     dpbusd_vnni,
     madd_acc_vnni,
-    q5_values_bw,
+    q5_values_vl,
     q8_0_shifted_tile_kernel
 );
