@@ -481,41 +481,7 @@ impl QuantMatrix {
 
     /// [`matmul`](Self::matmul) on the given kernel family.
     pub fn matmul_with(&self, isa: Isa, x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
-        if !isa.is_available() {
-            return Err(KernelError::Unsupported(isa));
-        }
-        if !x.len().is_multiple_of(self.cols) {
-            return Err(KernelError::Shape(format!(
-                "{} activations are not whole rows of {}",
-                x.len(),
-                self.cols
-            )));
-        }
-        let tokens = x.len() / self.cols;
-        if out.len() != tokens * self.rows {
-            return Err(KernelError::Shape(format!(
-                "output holds {} values, {tokens} tokens × {} rows need {}",
-                out.len(),
-                self.rows,
-                tokens * self.rows
-            )));
-        }
-        if tokens == 0 {
-            return Ok(());
-        }
-        let kernel = RowKernel::new(self.format, isa);
-        ACTIVATIONS.with(|cell| {
-            let mut acts = cell.borrow_mut();
-            if self.format.is_k() {
-                acts.quantize_superblocks(x);
-            } else {
-                acts.quantize(x, isa);
-            }
-            let shifted = self.format == QuantFormat::Q8_0 && isa == Isa::Avx512;
-            acts.prepare_tiles(self.units(), shifted);
-            self.multiply(&kernel, &acts, tokens, out);
-        });
-        Ok(())
+        Self::matmul_shared(isa, &[self], x, &mut [out])
     }
 
     /// `outs[i] = x · matrices[i]ᵀ` for matrices of one width that take the same
@@ -556,17 +522,22 @@ impl QuantMatrix {
             )));
         }
         let tokens = x.len() / cols;
-        if outs.len() != matrices.len()
-            || matrices
-                .iter()
-                .zip(outs.iter())
-                .any(|(m, out)| out.len() != tokens * m.rows)
-        {
+        if outs.len() != matrices.len() {
             return Err(KernelError::Shape(format!(
-                "{} outputs for {} matrices: each must hold {tokens} tokens × its rows",
+                "{} outputs for {} matrices",
                 outs.len(),
                 matrices.len()
             )));
+        }
+        for (m, out) in matrices.iter().zip(outs.iter()) {
+            if out.len() != tokens * m.rows {
+                return Err(KernelError::Shape(format!(
+                    "output holds {} values, {tokens} tokens × {} rows need {}",
+                    out.len(),
+                    m.rows,
+                    tokens * m.rows
+                )));
+            }
         }
         if tokens == 0 {
             return Ok(());
@@ -683,23 +654,17 @@ impl QuantMatrix {
         }
     }
 
-    /// Splits the weight rows over candle's barrier pool (persistent threads that spin
-    /// briefly between calls, so a decode step's hundreds of small products do not each pay a
-    /// thread wake-up; the calling thread takes a share). One token writes its outputs
-    /// directly (on x86 through one kernel call per thread's run of rows, the rows are short);
-    /// several tokens are computed weight row by weight row (each weight row unpacked once for
-    /// a tile of [`TILE`] tokens), each row's outputs written into its column of `out`.
+    /// Two or more tokens, the weight rows split over candle's barrier pool (persistent
+    /// threads that spin briefly between calls, so a decode step's hundreds of small products
+    /// do not each pay a thread wake-up; the calling thread takes a share): computed weight
+    /// row by weight row (each weight row unpacked once for a tile of [`TILE`] tokens), each
+    /// row's outputs written into its column of `out`. One token goes through
+    /// [`one_token_shared`](Self::one_token_shared).
     fn multiply(&self, kernel: &RowKernel, acts: &Activations, tokens: usize, out: &mut [f32]) {
         let per_token = self.units();
         // The work of a product, in 32-value block products, for the choice of threads.
         let work = self.rows * (self.cols / BLOCK);
         let token = |t: usize| acts.row(t * per_token, per_token);
-        if tokens == 1 {
-            split_rows(work, out, 1, |first, outs| {
-                self.one_token_rows(kernel, acts, first, outs)
-            });
-            return;
-        }
         let out = TokenColumns::new(out, tokens, self.rows);
         if tokens < TILE {
             // Up to seven tokens (a few decode steps batched): a thread's run of rows in one
@@ -838,36 +803,6 @@ fn split_row_ranges(blocks: usize, rows: usize, work: impl Fn(std::ops::Range<us
 /// Below this many block products a product runs on the calling thread alone: handing work to
 /// the pool would cost more than it saves.
 const SERIAL_BLOCKS: usize = 2048;
-
-/// Calls `work(first_row, outputs)` on consecutive runs of rows (`per_row` outputs each)
-/// covering `out`, one run per thread of the pool.
-fn split_rows(
-    blocks: usize,
-    out: &mut [f32],
-    per_row: usize,
-    work: impl Fn(usize, &mut [f32]) + Sync,
-) {
-    let pool = candle_core::utils::barrier_pool();
-    let parts = crate::threads::parts(pool.n_workers() + 1);
-    if parts == 1 || blocks < SERIAL_BLOCKS {
-        work(0, out);
-        return;
-    }
-    let rows = out.len() / per_row;
-    let rows_per_part = rows.div_ceil(parts);
-    // Each part takes its own slice; the locks are never contended, they only hand the
-    // disjoint slices across threads safely.
-    let slices: Vec<Mutex<&mut [f32]>> = out
-        .chunks_mut(rows_per_part * per_row)
-        .map(Mutex::new)
-        .collect();
-    pool.execute(|part| {
-        if let Some(slice) = slices.get(part) {
-            let mut slice = slice.lock().unwrap_or_else(PoisonError::into_inner);
-            work(part * rows_per_part, &mut slice);
-        }
-    });
-}
 
 /// A tile kernel of `veil_kernels::x86` (row, tiles, unpacked-row room, outputs).
 #[cfg(target_arch = "x86_64")]

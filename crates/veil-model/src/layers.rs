@@ -312,15 +312,7 @@ impl CustomOp2 for Gated {
         up: &CpuStorage,
         up_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(gate), CpuStorage::F32(up)) = (gate, up) else {
-            candle_core::bail!("{} takes f32 values", self.name());
-        };
-        let (Some((g0, g1)), Some((u0, u1))) = (
-            gate_layout.contiguous_offsets(),
-            up_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("{} takes contiguous tensors", self.name());
-        };
+        let (gate, up) = contiguous_f32_pair(self.name(), (gate, gate_layout), (up, up_layout))?;
         if gate_layout.shape() != up_layout.shape() {
             candle_core::bail!(
                 "{}: gate {:?} and up {:?} differ in shape",
@@ -329,8 +321,8 @@ impl CustomOp2 for Gated {
                 up_layout.shape()
             );
         }
-        let mut out = vec![0f32; g1 - g0];
-        veil_kernels::gated_activation(self.0, &gate[g0..g1], &up[u0..u1], &mut out)
+        let mut out = vec![0f32; gate.len()];
+        veil_kernels::gated_activation(self.0, gate, up, &mut out)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
@@ -394,15 +386,7 @@ impl CustomOp2 for RmsNorm {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
-            candle_core::bail!("{} takes f32 values and weights", self.name());
-        };
-        let (Some((x0, x1)), Some((w0, w1))) =
-            (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
-        else {
-            candle_core::bail!("{} takes contiguous tensors", self.name());
-        };
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let (x, w) = contiguous_f32_pair(self.name(), (x, x_layout), (w, w_layout))?;
         let features = x_layout.shape().dims().last().copied().unwrap_or(0);
         if features != w.len() || features == 0 {
             candle_core::bail!(
@@ -416,6 +400,23 @@ impl CustomOp2 for RmsNorm {
         veil_kernels::rms_norm(x, w, self.eps, &mut out);
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
+}
+
+/// The values of a two-input candle op's operands, which Veil's ops take as contiguous f32.
+fn contiguous_f32_pair<'a>(
+    op: &str,
+    (a, a_layout): (&'a CpuStorage, &Layout),
+    (b, b_layout): (&'a CpuStorage, &Layout),
+) -> candle_core::Result<(&'a [f32], &'a [f32])> {
+    let (CpuStorage::F32(a), CpuStorage::F32(b)) = (a, b) else {
+        candle_core::bail!("{op} takes f32 values");
+    };
+    let (Some((a0, a1)), Some((b0, b1))) =
+        (a_layout.contiguous_offsets(), b_layout.contiguous_offsets())
+    else {
+        candle_core::bail!("{op} takes contiguous tensors");
+    };
+    Ok((&a[a0..a1], &b[b0..b1]))
 }
 
 /// Reads a tensor and checks its shape (GGUF stores `(out, in)` as candle sees it).

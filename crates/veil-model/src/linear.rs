@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor};
 use veil_kernels::{Isa, QuantFormat, QuantMatrix, QuantMatrixBuilder};
 
 use crate::error::{ModelError, Result};
@@ -208,7 +208,16 @@ impl Linear {
 
     /// [`forward_shared`](Self::forward_shared) on Veil's kernels.
     fn veil_shared(ops: &[&VeilProduct], x: &Tensor, dims: &[usize]) -> Result<Vec<Tensor>> {
-        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        // The input's values in place (it is contiguous), not copied out.
+        let (storage, layout) = x.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            return Err(ModelError::InvalidInput(
+                "a shared product takes contiguous f32 activations in CPU memory".into(),
+            ));
+        };
+        let values = &data[start..end];
         let tokens = values.len() / ops[0].matrix.cols();
         let mut outs: Vec<Vec<f32>> = ops
             .iter()
@@ -216,7 +225,7 @@ impl Linear {
             .collect();
         let matrices: Vec<&QuantMatrix> = ops.iter().map(|op| op.matrix.as_ref()).collect();
         let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
-        QuantMatrix::matmul_shared(ops[0].isa, &matrices, &values, &mut slices)
+        QuantMatrix::matmul_shared(ops[0].isa, &matrices, values, &mut slices)
             .map_err(|e| ModelError::InvalidInput(format!("product: {e}")))?;
         ops.iter()
             .zip(outs)
