@@ -488,8 +488,8 @@ impl QuantMatrix {
     /// activations (a block's query, key and value projections; an FFN's gate and up): the
     /// activations are quantized once, and for one token every matrix's rows go through the
     /// pool in one pass, so a decode step pays one hand-over to the pool's threads instead of
-    /// one per matrix. Each row is computed by the kernel [`matmul_with`](Self::matmul_with)
-    /// uses, so the outputs are the same bits as separate products.
+    /// one per matrix. Each row goes through the same kernel as in a product of its matrix
+    /// alone, so the outputs are the same bits as separate products.
     ///
     /// The matrices may differ in format (a Q4_K_M file's value projection is often Q6_K or
     /// Q8_0 beside Q5_0 queries), but either all or none must be K formats, which take

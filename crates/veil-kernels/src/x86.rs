@@ -343,15 +343,17 @@ pub(crate) unsafe fn quantize_avx2(xs: &[f32; BLOCK]) -> ActivationBlock {
 // reduced to exact integers and added in the reference's float order (see `scalar`).
 // ---------------------------------------------------------------------------------------------
 
-/// Bit 4 of each of a Q5 block's 32 values, in place (0x10 where set), from the 8 bytes
-/// `crate::matrix::spread_high_bits` lays them out in: broadcast to every 64-bit quarter and
-/// shifted right by the quarter's index. Shifts and masks only, no byte shuffle.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn q5_high_bits(qh: &[u8]) -> __m256i {
-    let spread = _mm256_set1_epi64x(i64::from_le_bytes(qh[..8].try_into().unwrap_or_default()));
-    let shifted = _mm256_srlv_epi64(spread, _mm256_set_epi64x(3, 2, 1, 0));
-    _mm256_and_si256(shifted, _mm256_set1_epi8(0x10))
+/// Block `b`'s 8 bytes of high bits (laid out by `crate::matrix::spread_high_bits`)
+/// broadcast to every 64-bit quarter and shifted right by the quarter's index: byte `i` then
+/// holds bit 4 of value `i` in its bit 4 (its other bits are other values'). Shifts only, no
+/// byte shuffle. (A macro: as a function it was not inlined into the AVX-512 loops, 10% slower.)
+macro_rules! q5_high_shifted {
+    ($w:expr, $b:expr) => {{
+        let qh = &$w.qh[$b * 8..$b * 8 + 8];
+        // The slice checks the 8 bytes are there; the read is one broadcast load.
+        let spread = i64::from_le(qh.as_ptr().cast::<i64>().read_unaligned());
+        _mm256_srlv_epi64(_mm256_set1_epi64x(spread), _mm256_set_epi64x(3, 2, 1, 0))
+    }};
 }
 
 /// Block `b` of a Q4_0 row as 32 unsigned values (0..16). (Macros rather than functions, so
@@ -365,17 +367,14 @@ macro_rules! q4_0_values {
 /// `q5_values` with AVX-512VL's three-input logic: the high bits masked and merged into the
 /// low ones in one instruction.
 macro_rules! q5_values_vl {
-    ($w:expr, $b:expr) => {{
-        let qh = &$w.qh[$b * 8..$b * 8 + 8];
-        let spread = _mm256_set1_epi64x(i64::from_le_bytes(qh.try_into().unwrap_or_default()));
-        let high = _mm256_srlv_epi64(spread, _mm256_set_epi64x(3, 2, 1, 0));
+    ($w:expr, $b:expr) => {
         // low | (high & 0x10)
         _mm256_ternarylogic_epi32::<0xF8>(
             q4_1_values(&$w.qs[$b * 16..]),
-            high,
+            q5_high_shifted!($w, $b),
             _mm256_set1_epi8(0x10),
         )
-    }};
+    };
 }
 
 /// Block `b` of a Q5_0 or Q5_1 row as 32 unsigned values (0..32).
@@ -383,7 +382,7 @@ macro_rules! q5_values {
     ($w:expr, $b:expr) => {
         _mm256_or_si256(
             q4_1_values(&$w.qs[$b * 16..]),
-            q5_high_bits(&$w.qh[$b * 8..]),
+            _mm256_and_si256(q5_high_shifted!($w, $b), _mm256_set1_epi8(0x10)),
         )
     };
 }

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use veil_kernels::{Isa, QuantFormat, QuantMatrix, QuantMatrixBuilder};
 
 use crate::error::{ModelError, Result};
@@ -165,7 +165,14 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Candle(m) => m.forward(x)?,
-            Self::Veil(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
+            Self::Veil(op) => {
+                let x = x.contiguous()?;
+                let dims = x.dims().to_vec();
+                let mut out = Self::veil_shared(&[op], &x, &dims)?;
+                out.pop().ok_or_else(|| {
+                    ModelError::InvalidInput("a product returned no output".into())
+                })?
+            }
         })
     }
 
@@ -206,8 +213,15 @@ impl Linear {
             .map_err(|_| ModelError::InvalidInput("a shared product lost an output".into()))
     }
 
-    /// [`forward_shared`](Self::forward_shared) on Veil's kernels.
+    /// [`forward_shared`](Self::forward_shared) on Veil's kernels, for contiguous `x` of shape
+    /// `dims`, whose last dimension must be the matrices' width.
     fn veil_shared(ops: &[&VeilProduct], x: &Tensor, dims: &[usize]) -> Result<Vec<Tensor>> {
+        let cols = ops.first().map_or(0, |op| op.matrix.cols());
+        if dims.last() != Some(&cols) {
+            return Err(ModelError::InvalidInput(format!(
+                "activations {dims:?} do not end in the weights' {cols} features"
+            )));
+        }
         // The input's values in place (it is contiguous), not copied out.
         let (storage, layout) = x.storage_and_layout();
         let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
@@ -218,7 +232,7 @@ impl Linear {
             ));
         };
         let values = &data[start..end];
-        let tokens = values.len() / ops[0].matrix.cols();
+        let tokens = values.len() / cols;
         let mut outs: Vec<Vec<f32>> = ops
             .iter()
             .map(|op| vec![0f32; tokens * op.matrix.rows()])
@@ -269,7 +283,7 @@ impl Linear {
 /// Bytes read from the file at a time while a matrix is unpacked.
 const READ_CHUNK: usize = 1 << 20;
 
-/// A quantized product run by `veil-kernels`, as a candle custom op.
+/// A quantized product run by `veil-kernels`.
 #[derive(Debug, Clone)]
 pub(crate) struct VeilProduct {
     matrix: Arc<QuantMatrix>,
@@ -298,40 +312,5 @@ impl VeilProduct {
             (m.rows(), m.cols()),
             &Device::Cpu,
         )?)
-    }
-}
-
-impl CustomOp1 for VeilProduct {
-    fn name(&self) -> &'static str {
-        "veil-quantized-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("{} takes f32 activations", self.name());
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{} takes contiguous activations", self.name());
-        };
-        let mut dims = layout.shape().dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == self.matrix.cols() => *last = self.matrix.rows(),
-            _ => candle_core::bail!(
-                "{}: activations {:?} do not end in {} features",
-                self.name(),
-                layout.shape(),
-                self.matrix.cols()
-            ),
-        }
-        let x = &data[start..end];
-        let mut out = vec![0f32; x.len() / self.matrix.cols() * self.matrix.rows()];
-        self.matrix
-            .matmul_with(self.isa, x, &mut out)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
