@@ -100,3 +100,179 @@ fn index_and_look_up(
         .map(|v| index.get(&key(v)).copied().flatten())
         .collect()
 }
+
+/// What the adaptive attack on an obfuscated model recovered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObfuscatedMatch {
+    /// For each encrypted id asked about, the plaintext id the attacker reads it as.
+    pub guesses: Vec<(u32, u32)>,
+    /// Gate rows whose norms paired them with a public row unambiguously (of the FFN's width).
+    pub rows_paired: usize,
+}
+
+impl ObfuscatedMatch {
+    /// Share of the guesses that are right under `key`.
+    pub fn score(&self, key: &EeKey) -> f64 {
+        let inv_vocab = crate::key::inverse(&key.vocab);
+        let right = self
+            .guesses
+            .iter()
+            .filter(|(enc, guess)| inv_vocab.get(*enc as usize) == Some(guess))
+            .count();
+        right as f64 / self.guesses.len().max(1) as f64
+    }
+}
+
+/// The weights the attack on an obfuscated model reads, from a public or an obfuscated file.
+#[derive(Debug)]
+pub struct ResidualView {
+    /// The embedding, `(vocab, hidden)`.
+    pub embedding: Tensor,
+    /// The head with the final norm folded in, `(vocab, hidden)`.
+    pub head: Tensor,
+    /// Block 0's FFN gate with its norm folded in, `(ffn, hidden)`.
+    pub gate: Tensor,
+}
+
+impl ResidualView {
+    /// Reads the three matrices from a GGUF (a tied head is the embedding).
+    pub fn read(gguf: &mut veil_model::GgufFile) -> Result<Self> {
+        let mut dense =
+            |name: &str| -> Result<Tensor> { Ok(gguf.tensor(name)?.dequantize(&Device::Cpu)?) };
+        let embedding = dense("token_embd.weight")?;
+        let head = match dense("output.weight") {
+            Ok(head) => head,
+            Err(_) => embedding.clone(),
+        };
+        let fold =
+            |w: Tensor, g: Tensor| -> Result<Tensor> { Ok(w.broadcast_mul(&g.unsqueeze(0)?)?) };
+        let head = fold(head, dense("output_norm.weight")?)?;
+        let gate = fold(
+            dense("blk.0.ffn_gate.weight")?,
+            dense("blk.0.ffn_norm.weight")?,
+        )?;
+        Ok(Self {
+            embedding,
+            head,
+            gate,
+        })
+    }
+}
+
+/// The adaptive attack on the obfuscated mode, by an attacker who knows how it is built: every
+/// map on the residual stream is orthogonal and the FFN gate's rows are only permuted (SiLU
+/// admits no scale), so each gate row keeps its norm. Norms pair the obfuscated gate's rows
+/// with the public ones, least squares over the pairs gives the residual map, and with it
+/// undone each obfuscated embedding and head row is read as its nearest public token (both
+/// distances, each over its matrix's spread). Only the noise stands in the way.
+///
+/// `encrypted_ids`: the rows to read (for example the ids of a text the node served).
+pub fn match_obfuscated(
+    public: &ResidualView,
+    obfuscated: &ResidualView,
+    encrypted_ids: &[u32],
+) -> Result<ObfuscatedMatch> {
+    let pub_gate = public.gate.to_vec2::<f32>()?;
+    let obf_gate = obfuscated.gate.to_vec2::<f32>()?;
+    let pairs = pair_by_norm(&pub_gate, &obf_gate);
+    let n = public.embedding.dim(1)?;
+    if pairs.len() < n {
+        return Err(crate::EeError::Invalid(format!(
+            "only {} gate rows pair by norm, fewer than the {n} the residual map needs",
+            pairs.len()
+        )));
+    }
+    // obf ≈ pub · M over the pairs: M = (AᵀA)⁻¹ Aᵀ B, in f64.
+    let a = nalgebra::DMatrix::<f64>::from_fn(pairs.len(), n, |r, c| {
+        f64::from(pub_gate[pairs[r].0][c])
+    });
+    let b = nalgebra::DMatrix::<f64>::from_fn(pairs.len(), n, |r, c| {
+        f64::from(obf_gate[pairs[r].1][c])
+    });
+    let map = (a.transpose() * &a)
+        .cholesky()
+        .ok_or_else(|| {
+            crate::EeError::Invalid("the paired gate rows do not span the residual stream".into())
+        })?
+        .solve(&(a.transpose() * b));
+    let undo = map
+        .try_inverse()
+        .ok_or_else(|| crate::EeError::Invalid("the recovered residual map is singular".into()))?;
+    let undo: Vec<f32> = (0..n)
+        .flat_map(|r| (0..n).map(move |c| (r, c)))
+        .map(|(r, c)| undo[(r, c)] as f32)
+        .collect();
+    let undo = Tensor::from_vec(undo, (n, n), &Device::Cpu)?;
+
+    let ids = Tensor::new(encrypted_ids, &Device::Cpu)?;
+    let mut total: Option<Tensor> = None;
+    for (pub_m, obf_m) in [
+        (&public.embedding, &obfuscated.embedding),
+        (&public.head, &obfuscated.head),
+    ] {
+        let seen = obf_m.index_select(&ids, 0)?.matmul(&undo)?;
+        let distances = squared_distances(&seen, pub_m)?;
+        let spread = pub_m
+            .flatten_all()?
+            .var(0)?
+            .to_scalar::<f32>()?
+            .max(f32::MIN_POSITIVE);
+        let scaled = (distances / f64::from(spread))?;
+        total = Some(match total {
+            Some(t) => (t + scaled)?,
+            None => scaled,
+        });
+    }
+    let nearest = total
+        .expect("two matrices")
+        .argmin_keepdim(1)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    Ok(ObfuscatedMatch {
+        guesses: encrypted_ids.iter().copied().zip(nearest).collect(),
+        rows_paired: pairs.len(),
+    })
+}
+
+/// `(rows, vocab)`: squared L2 distance from each row of `seen` to each row of `public`.
+fn squared_distances(seen: &Tensor, public: &Tensor) -> Result<Tensor> {
+    let cross = seen.matmul(&public.t()?)?;
+    let seen_sq = seen.sqr()?.sum_keepdim(1)?;
+    let public_sq = public.sqr()?.sum_keepdim(1)?.t()?;
+    Ok(cross
+        .affine(-2.0, 0.0)?
+        .broadcast_add(&seen_sq)?
+        .broadcast_add(&public_sq)?)
+}
+
+/// Pairs public and obfuscated rows of equal norm (rank by rank), keeping only pairs whose norm
+/// stands apart from its neighbours' in both lists (1e-4 relative), so a near tie never pairs
+/// the wrong rows.
+fn pair_by_norm(public: &[Vec<f32>], obfuscated: &[Vec<f32>]) -> Vec<(usize, usize)> {
+    let sorted = |rows: &[Vec<f32>]| {
+        let mut norms: Vec<(f64, usize)> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    r.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt(),
+                    i,
+                )
+            })
+            .collect();
+        norms.sort_by(|a, b| a.0.total_cmp(&b.0));
+        norms
+    };
+    let (p, o) = (sorted(public), sorted(obfuscated));
+    if p.len() != o.len() {
+        return Vec::new();
+    }
+    let apart = |v: &[(f64, usize)], i: usize| {
+        let gap = |j: usize| (v[i].0 - v[j].0).abs() > 1e-4 * v[i].0;
+        (i == 0 || gap(i - 1)) && (i + 1 == v.len() || gap(i + 1))
+    };
+    (0..p.len())
+        .filter(|&i| apart(&p, i) && apart(&o, i) && (p[i].0 - o[i].0).abs() <= 1e-5 * p[i].0)
+        .map(|i| (p[i].1, o[i].1))
+        .collect()
+}

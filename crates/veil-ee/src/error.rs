@@ -31,6 +31,9 @@ pub enum EeError {
         /// Digest of the model given.
         model: String,
     },
+    /// A setting or input is out of range; the message says which and what is accepted.
+    #[error("{0}")]
+    Invalid(String),
     /// Reading or running the model failed.
     #[error(transparent)]
     Model(#[from] veil_model::ModelError),

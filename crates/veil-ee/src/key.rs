@@ -356,7 +356,7 @@ fn permutation(n: usize, rng: &mut impl Rng) -> Vec<u32> {
 
 /// A uniformly random orthogonal matrix: the Q of a Gaussian matrix's QR decomposition, with
 /// signs fixed so the distribution is Haar.
-fn orthogonal(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+pub(crate) fn orthogonal(n: usize, rng: &mut impl Rng) -> Vec<f32> {
     let gaussian = DMatrix::<f64>::from_fn(n, n, |_, _| StandardNormal.sample(rng));
     let qr = gaussian.qr();
     let (mut q, r) = (qr.q(), qr.r());

@@ -9,6 +9,7 @@ mod group_local;
 pub mod inversion;
 pub mod key;
 pub mod model_file;
+pub mod obfuscation;
 pub mod rotation;
 pub mod session;
 pub mod transform;
@@ -21,7 +22,10 @@ pub use inversion::{
     hidden_states_seen, invert_hidden_states, HiddenView, Inversion, InversionBudget,
 };
 pub use key::{refuse_inexact, EeKey, KeyKind, LayerKey, KEY_VERSION};
-pub use model_file::{check_key, encrypt_model, model_digest, natural_kind};
+pub use model_file::{
+    check_key, encrypt_model, encrypt_model_with, model_digest, natural_kind, obfuscation_noise,
+    Obfuscate,
+};
 pub use rotation::{KeyUsage, RotationPolicy};
 pub use session::{EncryptedSession, EncryptedStep};
 pub use transform::{

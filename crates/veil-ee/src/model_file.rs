@@ -11,11 +11,14 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
 use veil_model::{GgufFile, LlamaConfig, ModelError};
 
 use crate::error::{EeError, Result};
 use crate::group_local::move_tensor;
 use crate::key::{EeKey, KeyKind};
+use crate::obfuscation::obfuscate_weights;
 use crate::transform::encrypt_weights;
 
 /// Metadata key of the encrypted model that names the key it was made with.
@@ -63,10 +66,45 @@ pub fn model_digest(path: &Path) -> Result<String> {
     Ok(veil_model::store::file_digest(path)?.1)
 }
 
+/// The obfuscated mode's settings for [`encrypt_model_with`] (see `obfuscation.rs`).
+#[derive(Debug, Clone, Copy)]
+pub struct Obfuscate {
+    /// Noise on the embedding and head, as a multiple of each matrix's own spread.
+    pub noise: f32,
+    /// The format the matrices are written in (F32 when `None`); quantizing again loses nothing
+    /// exact, since the obfuscated model is no longer the plaintext one.
+    pub format: Option<GgmlDType>,
+}
+
+/// The noise an obfuscated model was made with, `None` for any other model.
+pub fn obfuscation_noise(gguf: &GgufFile) -> Option<f32> {
+    gguf.content()
+        .metadata
+        .get(crate::obfuscation::NOISE_KEY)
+        .and_then(|v| v.to_f32().ok())
+}
+
 /// Transforms the plaintext GGUF at `base` with `key` and writes the encrypted GGUF to `out`:
 /// in F32 for a [`KeyKind::Full`] key, in the file's own formats for a
 /// [`KeyKind::GroupLocal`] one.
 pub fn encrypt_model(base: &Path, key: &EeKey, out: &Path) -> Result<()> {
+    encrypt_model_with(base, key, None, out)
+}
+
+/// [`encrypt_model`], obfuscated when `obfuscate` is given (a [`KeyKind::Full`] key only: the
+/// obfuscation's maps are dense, like the full transform's).
+pub fn encrypt_model_with(
+    base: &Path,
+    key: &EeKey,
+    obfuscate: Option<Obfuscate>,
+    out: &Path,
+) -> Result<()> {
+    if obfuscate.is_some() && key.kind() != KeyKind::Full {
+        return Err(EeError::Invalid(format!(
+            "obfuscation builds on the full transform, but this is a {} key: draw one with `veil ee keygen --transform full`",
+            key.kind()
+        )));
+    }
     let digest = model_digest(base)?;
     if digest != key.model_digest {
         return Err(EeError::WrongModel {
@@ -85,10 +123,22 @@ pub fn encrypt_model(base: &Path, key: &EeKey, out: &Path) -> Result<()> {
                 let dense = gguf.tensor(&name)?.dequantize(&Device::Cpu)?;
                 weights.insert(name, dense);
             }
+            if let Some(o) = obfuscate {
+                let mut rng = ChaCha20Rng::from_os_rng();
+                obfuscate_weights(o.noise, &config, &mut weights, &mut rng)?;
+            }
             encrypt_weights(key, &config, &mut weights)?;
+            let format = obfuscate.and_then(|o| o.format).unwrap_or(GgmlDType::F32);
             weights
                 .into_iter()
-                .map(|(name, t)| Ok((name, QTensor::quantize(&t, GgmlDType::F32)?)))
+                .map(|(name, t)| {
+                    let dtype = if t.rank() == 2 {
+                        format
+                    } else {
+                        GgmlDType::F32
+                    };
+                    Ok((name, QTensor::quantize(&t, dtype)?))
+                })
                 .collect::<Result<_>>()?
         }
         KeyKind::GroupLocal => names
@@ -113,6 +163,10 @@ pub fn encrypt_model(base: &Path, key: &EeKey, out: &Path) -> Result<()> {
     metadata.push((vocab_key.as_str(), &vocab_size));
     let fingerprint = Value::String(key.fingerprint());
     metadata.push((KEY_FINGERPRINT, &fingerprint));
+    let noise = obfuscate.map(|o| Value::F32(o.noise));
+    if let Some(noise) = &noise {
+        metadata.push((crate::obfuscation::NOISE_KEY, noise));
+    }
     metadata.sort_by_key(|(k, _)| *k);
 
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
