@@ -106,7 +106,8 @@ fn index_and_look_up(
 pub struct ObfuscatedMatch {
     /// For each encrypted id asked about, the plaintext id the attacker reads it as.
     pub guesses: Vec<(u32, u32)>,
-    /// Gate rows whose norms paired them with a public row unambiguously (of the FFN's width).
+    /// Gate rows whose norms paired them with a public row unambiguously (over
+    /// [`GATES_READ`] blocks).
     pub rows_paired: usize,
 }
 
@@ -130,13 +131,19 @@ pub struct ResidualView {
     pub embedding: Tensor,
     /// The head with the final norm folded in, `(vocab, hidden)`.
     pub head: Tensor,
-    /// Block 0's FFN gate with its norm folded in, `(ffn, hidden)`.
-    pub gate: Tensor,
+    /// The first blocks' FFN gates (up to [`GATES_READ`]) with their norms folded in, each
+    /// `(ffn, hidden)`: every one sees the same residual map.
+    pub gates: Vec<Tensor>,
 }
+
+/// Blocks whose gates the attack pairs rows from: one usually pairs enough rows by norm, more
+/// make the least squares sturdier.
+pub const GATES_READ: usize = 4;
 
 impl ResidualView {
     /// Reads the three matrices from a GGUF (a tied head is the embedding).
     pub fn read(gguf: &mut veil_model::GgufFile) -> Result<Self> {
+        let blocks = veil_model::LlamaConfig::from_gguf(gguf)?.block_count;
         let mut dense =
             |name: &str| -> Result<Tensor> { Ok(gguf.tensor(name)?.dequantize(&Device::Cpu)?) };
         let embedding = dense("token_embd.weight")?;
@@ -147,14 +154,18 @@ impl ResidualView {
         let fold =
             |w: Tensor, g: Tensor| -> Result<Tensor> { Ok(w.broadcast_mul(&g.unsqueeze(0)?)?) };
         let head = fold(head, dense("output_norm.weight")?)?;
-        let gate = fold(
-            dense("blk.0.ffn_gate.weight")?,
-            dense("blk.0.ffn_norm.weight")?,
-        )?;
+        let gates = (0..blocks.min(GATES_READ))
+            .map(|i| {
+                fold(
+                    dense(&format!("blk.{i}.ffn_gate.weight"))?,
+                    dense(&format!("blk.{i}.ffn_norm.weight"))?,
+                )
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             embedding,
             head,
-            gate,
+            gates,
         })
     }
 }
@@ -172,9 +183,16 @@ pub fn match_obfuscated(
     obfuscated: &ResidualView,
     encrypted_ids: &[u32],
 ) -> Result<ObfuscatedMatch> {
-    let pub_gate = public.gate.to_vec2::<f32>()?;
-    let obf_gate = obfuscated.gate.to_vec2::<f32>()?;
-    let pairs = pair_by_norm(&pub_gate, &obf_gate);
+    let (mut pub_rows, mut obf_rows) = (Vec::new(), Vec::new());
+    for (p, o) in public.gates.iter().zip(&obfuscated.gates) {
+        let (p, o) = (p.to_vec2::<f32>()?, o.to_vec2::<f32>()?);
+        for (i, j) in pair_by_norm(&p, &o) {
+            pub_rows.push(p[i].clone());
+            obf_rows.push(o[j].clone());
+        }
+    }
+    let pairs: Vec<(usize, usize)> = (0..pub_rows.len()).map(|i| (i, i)).collect();
+    let (pub_gate, obf_gate) = (pub_rows, obf_rows);
     let n = public.embedding.dim(1)?;
     if pairs.len() < n {
         return Err(crate::EeError::Invalid(format!(

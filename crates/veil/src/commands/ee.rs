@@ -10,7 +10,10 @@ use clap::{Args, Subcommand};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use veil_ee::{encrypt_model, model_digest, EeKey, FrequencyAttack, FrequencyGuess, KeyKind};
+use veil_ee::{
+    encrypt_model, encrypt_model_with, model_digest, EeKey, FrequencyAttack, FrequencyGuess,
+    KeyKind, Obfuscate,
+};
 use veil_model::{ChatMessage, GgufFile, LlamaConfig, LocalModel, ShardModel};
 
 use crate::args::ModelArgs;
@@ -43,6 +46,15 @@ pub enum EeCommand {
         /// Where to write the encrypted GGUF.
         #[arg(long)]
         out: PathBuf,
+        /// Obfuscate (for public models; needs a `full` key): add this much noise to the
+        /// embedding and the head, as a multiple of each matrix's spread (0 to 8; AloePri uses
+        /// 0.5-1), under dense secret maps. The model's output then differs from the plaintext
+        /// model's; `veil ee obfuscation-curve` measures by how much, and what attacks recover.
+        #[arg(long)]
+        obfuscate: Option<f32>,
+        /// The format an obfuscated model's matrices are written in: `f32` or `q8_0`.
+        #[arg(long, default_value = "f32", requires = "obfuscate")]
+        format: ObfuscatedFormat,
     },
     /// Compare the encrypted model's greedy output with the plaintext model's on 20 prompts.
     Agreement {
@@ -101,6 +113,32 @@ pub enum EeCommand {
         #[arg(long)]
         max_candidates: Option<usize>,
     },
+    /// The obfuscated mode's trade-off: for each noise level, a model obfuscated under a fresh
+    /// full key, its perplexity on held-out text and its greedy agreement with the plaintext
+    /// model, against the tokens each attack with the public weights (`--model`) recovers.
+    ObfuscationCurve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Noise levels, as multiples of the embedding's and head's spread.
+        #[arg(long, value_delimiter = ',', default_value = "0,0.5,1,2,4")]
+        noise: Vec<f32>,
+        /// Greedy tokens per sample prompt for the agreement.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        /// Random vocabulary entries the adaptive attack reads, besides the held-out text's.
+        #[arg(long, default_value_t = 1000)]
+        vocabulary_sample: usize,
+    },
+}
+
+/// The formats `veil ee encrypt --obfuscate` writes.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum ObfuscatedFormat {
+    /// 32-bit floats: the obfuscated model exactly as transformed.
+    F32,
+    /// 8-bit blocks: a quarter of the size, at Q8_0's speed.
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 /// An encrypted model and the key it was made with.
@@ -143,11 +181,24 @@ pub fn run(command: EeCommand) -> Result<()> {
                 out.display()
             );
         }
-        EeCommand::Encrypt { model, key, out } => {
+        EeCommand::Encrypt {
+            model,
+            key,
+            out,
+            obfuscate,
+            format,
+        } => {
             let path = model.resolve_path()?;
             let key = read_key(&key)?;
             let started = Instant::now();
-            encrypt_model(&path, &key, &out)?;
+            let obfuscate = obfuscate.map(|noise| Obfuscate {
+                noise,
+                format: match format {
+                    ObfuscatedFormat::F32 => None,
+                    ObfuscatedFormat::Q8_0 => Some(candle_core::quantized::GgmlDType::Q8_0),
+                },
+            });
+            encrypt_model_with(&path, &key, obfuscate, &out)?;
             eprintln!(
                 "wrote encrypted model to {} in {:.1} s",
                 out.display(),
@@ -160,6 +211,12 @@ pub fn run(command: EeCommand) -> Result<()> {
             tokens,
         } => {
             let key = read_key(&pair.key)?;
+            if let Some(noise) = veil_ee::obfuscation_noise(&GgufFile::open(&pair.encrypted)?) {
+                bail!(
+                    "{} is obfuscated (noise {noise}): its output differs from the plaintext model's by design, so identical output cannot be asked of it; `veil ee obfuscation-curve` measures how close it stays",
+                    pair.encrypted.display()
+                );
+            }
             let shards = load_encrypted(&pair.encrypted, &key, &model)?;
             let plain = model.load()?;
             let r = veil_ee::agreement(&plain, &key, &shards, &veil_ee::EVAL_PROMPTS, tokens)?;
@@ -203,6 +260,12 @@ pub fn run(command: EeCommand) -> Result<()> {
             text,
             max_candidates,
         } => attack_inversion(&model, &client_layers, text.as_deref(), max_candidates)?,
+        EeCommand::ObfuscationCurve {
+            model,
+            noise,
+            tokens,
+            vocabulary_sample,
+        } => crate::commands::ee_obfuscation::curve(&model, &noise, tokens, vocabulary_sample)?,
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod demo_nodes;
 pub mod demo_verify;
 pub mod ee;
+mod ee_obfuscation;
 pub mod generate;
 pub mod json_file;
 pub mod measure;
