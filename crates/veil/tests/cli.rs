@@ -614,3 +614,97 @@ fn stats_of(stderr: &str) -> (usize, f64) {
         .unwrap_or_else(|| panic!("no speed in {line}"));
     (generated, speed)
 }
+
+#[test]
+fn the_obfuscated_mode_is_written_refused_for_identical_output_and_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let (full, local, obfuscated) = (
+        dir.path().join("full.veil"),
+        dir.path().join("local.veil"),
+        dir.path().join("obfuscated.gguf"),
+    );
+    let with_key = |args: &[&str]| {
+        let mut c = veil();
+        c.env("VEIL_KEY_PASSPHRASE", "pw").args(args);
+        c
+    };
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    for (key, kind) in [(&full, "full"), (&local, "group-local")] {
+        let out = with_key(&["ee", "keygen", "--transform", kind, "--out", &path(key)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let encrypt = |key: &std::path::Path, noise: &str| {
+        with_key(&[
+            "ee",
+            "encrypt",
+            "--key",
+            &path(key),
+            "--out",
+            &path(&obfuscated),
+            "--obfuscate",
+            noise,
+            "--format",
+            "q8_0",
+        ])
+        .output()
+        .unwrap()
+    };
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).to_string();
+    let out = encrypt(&local, "0.02");
+    assert!(
+        !out.status.success() && stderr(&out).contains("--transform full"),
+        "{}",
+        stderr(&out)
+    );
+    let out = encrypt(&full, "9");
+    assert!(
+        !out.status.success() && stderr(&out).contains("out of range"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!obfuscated.exists());
+    let out = encrypt(&full, "0.02");
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Identical output cannot be asked of an obfuscated model.
+    let out = with_key(&[
+        "ee",
+        "agreement",
+        "--encrypted",
+        &path(&obfuscated),
+        "--key",
+        &path(&full),
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        !out.status.success() && stderr(&out).contains("is obfuscated"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Without noise the model is the plaintext one, and the adaptive attack reads every token.
+    let out = veil()
+        .args(["ee", "obfuscation-curve", "--noise", "0", "--tokens", "4"])
+        .args(["--vocabulary-sample", "50"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", stderr(&out));
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("| 0 |"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("| 20 of 20 | 100.0% | 0.0% | 100.0% | 100.0% |"),
+        "{stdout}"
+    );
+    let err = fails(&["ee", "obfuscation-curve", "--vocabulary-sample", "100000"]);
+    assert!(err.contains("the model has 49152 tokens"), "{err}");
+}
