@@ -67,6 +67,14 @@ impl QuantFormat {
         )
     }
 
+    /// Whether a matrix stored in this format can be held and multiplied in `held`: itself, or
+    /// Q5_0 as Q8_0 (each value `q - 16` in a byte of its own). That gives the same integer
+    /// sums and float terms, so the same bits, with no high bits to merge per block: faster
+    /// decoding for 8 bytes more per 32 values ([`QuantMatrixBuilder::held_as`]).
+    pub fn can_be_held_as(self, held: QuantFormat) -> bool {
+        self == held || (self, held) == (QuantFormat::Q5_0, QuantFormat::Q8_0)
+    }
+
     /// Bytes per block of [`block_values`](Self::block_values) values, as GGUF lays them out.
     pub fn block_bytes(self) -> usize {
         match self {
@@ -183,12 +191,31 @@ pub struct QuantMatrix {
 #[derive(Debug)]
 pub struct QuantMatrixBuilder {
     matrix: QuantMatrix,
+    /// The format of the GGUF bytes pushed; the matrix may hold them in another
+    /// ([`QuantFormat::held_as`]).
+    source: QuantFormat,
     filled: usize,
 }
 
 impl QuantMatrixBuilder {
     /// An empty `(rows, cols)` matrix in `format`, its storage reserved.
     pub fn new(format: QuantFormat, rows: usize, cols: usize) -> Result<Self, KernelError> {
+        Self::held_as(format, format, rows, cols)
+    }
+
+    /// An empty `(rows, cols)` matrix read from `format` and held in `held` (see
+    /// [`QuantFormat::can_be_held_as`]).
+    pub fn held_as(
+        format: QuantFormat,
+        held: QuantFormat,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        if !format.can_be_held_as(held) {
+            return Err(KernelError::BadMatrix(format!(
+                "a {format} matrix cannot be held as {held}"
+            )));
+        }
         let per_block = format.block_values();
         if rows == 0 || cols == 0 || !cols.is_multiple_of(per_block) {
             let supported = if format.is_k() {
@@ -214,8 +241,10 @@ impl QuantMatrixBuilder {
             crate::pages::prefer_huge_pages(&v);
             Some(v)
         }
+        let (source, format) = (format, held);
         let offsets = if format.has_offset() { 1 } else { 0 };
         Ok(Self {
+            source,
             matrix: QuantMatrix {
                 format,
                 rows,
@@ -233,7 +262,7 @@ impl QuantMatrixBuilder {
     /// Bytes of one row as GGUF stores it.
     pub fn row_bytes(&self) -> usize {
         let m = &self.matrix;
-        m.cols / m.format.block_values() * m.format.block_bytes()
+        m.cols / self.source.block_values() * self.source.block_bytes()
     }
 
     /// Rows still to come.
@@ -251,8 +280,8 @@ impl QuantMatrixBuilder {
                 self.rows_left()
             )));
         }
-        for block in bytes.chunks_exact(self.matrix.format.block_bytes()) {
-            self.matrix.push_block(block);
+        for block in bytes.chunks_exact(self.source.block_bytes()) {
+            self.matrix.push_block(self.source, block);
         }
         self.filled += bytes.len() / row;
         Ok(())
@@ -347,9 +376,9 @@ impl QuantMatrix {
         builder.finish()
     }
 
-    /// Unpacks one GGUF block (of exactly `block_bytes` bytes).
-    fn push_block(&mut self, block: &[u8]) {
-        match self.format {
+    /// Unpacks one GGUF block of `source` (of exactly `block_bytes` bytes).
+    fn push_block(&mut self, source: QuantFormat, block: &[u8]) {
+        match source {
             QuantFormat::Q4_0 => {
                 self.d.push(f16_at(block, 0));
                 self.qs.extend_from_slice(&block[2..18]);
@@ -358,6 +387,21 @@ impl QuantMatrix {
                 self.d.push(f16_at(block, 0));
                 self.m.push(f16_at(block, 2));
                 self.qs.extend_from_slice(&block[4..20]);
+            }
+            QuantFormat::Q5_0 if self.format == QuantFormat::Q8_0 => {
+                // Held as Q8_0: each value `q - 16` in a byte of its own.
+                self.d.push(f16_at(block, 0));
+                let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                let low = &block[6..22];
+                self.qs.extend((0..BLOCK).map(|i| {
+                    let nibble = if i < 16 {
+                        low[i] & 0x0F
+                    } else {
+                        low[i - 16] >> 4
+                    };
+                    let bit = ((high >> i) & 1) as u8;
+                    ((nibble | (bit << 4)) as i8 - 16) as u8
+                }));
             }
             QuantFormat::Q5_0 => {
                 self.d.push(f16_at(block, 0));

@@ -595,3 +595,52 @@ fn matrices_sharing_activations_give_the_bits_of_separate_products() {
     let refused = QuantMatrix::matmul_shared(Isa::Scalar, &[&plain], &x, &mut [&mut a[..1]]);
     assert!(matches!(refused, Err(KernelError::Shape(_))), "{refused:?}");
 }
+
+#[test]
+fn q5_0_held_as_q8_0_gives_the_bits_of_q5_0() {
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let held = |bytes: &[u8], rows: usize, cols: usize| {
+        let mut b = veil_kernels::QuantMatrixBuilder::held_as(
+            QuantFormat::Q5_0,
+            QuantFormat::Q8_0,
+            rows,
+            cols,
+        )
+        .expect("builder");
+        b.push_rows(bytes).expect("rows");
+        b.finish().expect("matrix")
+    };
+    for fill in [Fill::Random, Fill::Edge] {
+        for (rows, cols, tokens) in shapes(QuantFormat::Q5_0) {
+            let bytes = random_bytes(QuantFormat::Q5_0, rows, cols, fill, &mut rng);
+            let compact = QuantMatrix::new(QuantFormat::Q5_0, rows, cols, &bytes).expect("q5_0");
+            let bytewise = held(&bytes, rows, cols);
+            assert_eq!(bytewise.format(), QuantFormat::Q8_0);
+            let same =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&compact.dequantize(), &bytewise.dequantize()));
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            for isa in Isa::available() {
+                let (a, b) = (run(&compact, isa, &x), run(&bytewise, isa, &x));
+                assert!(
+                    same(&a, &b),
+                    "{isa:?} ({rows}, {cols}) x {tokens}: {a:?} vs {b:?}"
+                );
+            }
+        }
+    }
+    // Only Q5_0 → Q8_0 (or a format as itself) is a layout change that keeps the bits.
+    for (from, to) in [
+        (QuantFormat::Q5_1, QuantFormat::Q8_0),
+        (QuantFormat::Q8_0, QuantFormat::Q5_0),
+        (QuantFormat::Q4_0, QuantFormat::Q8_0),
+    ] {
+        let err = veil_kernels::QuantMatrixBuilder::held_as(from, to, 2, 32).unwrap_err();
+        assert!(
+            matches!(err, KernelError::BadMatrix(_)),
+            "{from} as {to}: {err}"
+        );
+    }
+}
