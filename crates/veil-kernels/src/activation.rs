@@ -127,6 +127,10 @@ pub(crate) struct Activations {
     pub qs: Vec<[i8; BLOCK]>,
     /// Each superblock's sums of 16 values (superblocks only).
     pub bsums: Vec<[i16; SUPERBLOCK_SUMS]>,
+    /// Each token's whole groups of [`GROUP`] blocks regrouped for one-token products with one
+    /// lane per block: entry `k` of a group holds, in its 32-bit lane `i`, values
+    /// `4k..4k + 4` of the group's block `i` (see [`Activations::prepare_words`]).
+    words: Vec<[i8; BLOCK]>,
     /// Entries of `qs` per unit: 1 for blocks, 8 for superblocks.
     per_unit: usize,
     /// The first token of each tile of [`TILE`] tokens.
@@ -168,6 +172,10 @@ pub(crate) struct ActivationTile<'a> {
     pub sums: &'a [[i32; TILE]],
 }
 
+/// Blocks regrouped together for one-token products with one lane per block (Q4_1's weights
+/// are laid out the same way, `crate::matrix::interleave_q4_1_row`).
+pub(crate) const GROUP: usize = 8;
+
 /// One row of [`Activations`]: its units' fields (empty where the unit kind has none).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ActivationRow<'a> {
@@ -176,6 +184,9 @@ pub(crate) struct ActivationRow<'a> {
     pub sums: &'a [i32],
     pub qs: &'a [[i8; BLOCK]],
     pub bsums: &'a [[i16; SUPERBLOCK_SUMS]],
+    /// The row's whole groups of [`GROUP`] blocks, regrouped ([`Activations::prepare_words`];
+    /// empty if they were not prepared).
+    pub words: &'a [[i8; BLOCK]],
 }
 
 impl Activations {
@@ -187,6 +198,7 @@ impl Activations {
         self.sums.clear();
         self.qs.clear();
         self.bsums.clear();
+        self.words.clear();
         self.per_unit = 1;
         for xs in x.chunks_exact(BLOCK) {
             let Ok(xs) = xs.try_into() else { continue };
@@ -200,6 +212,29 @@ impl Activations {
             self.s.push(block.s);
             self.sums.push(block.qs.iter().map(|&q| i32::from(q)).sum());
             self.qs.push(block.qs);
+        }
+    }
+
+    /// Regroups each token's whole groups of [`GROUP`] blocks (`per_token` blocks a token)
+    /// into [`ActivationRow::words`]: entry `k` of a group holds values `4k..4k + 4` of block
+    /// `i` in lane `i`, so that a weight group laid out the same way multiplies eight blocks
+    /// with one lane each, and each lane ends as its block's exact sum without a horizontal
+    /// reduction.
+    pub fn prepare_words(&mut self, per_token: usize) {
+        self.words.clear();
+        if per_token == 0 || self.s.is_empty() {
+            return;
+        }
+        for token in self.qs.chunks_exact(per_token) {
+            for group in token.chunks_exact(GROUP) {
+                for k in 0..BLOCK / 4 {
+                    let mut entry = [0i8; BLOCK];
+                    for (i, block) in group.iter().enumerate() {
+                        entry[4 * i..4 * i + 4].copy_from_slice(&block[4 * k..4 * k + 4]);
+                    }
+                    self.words.push(entry);
+                }
+            }
         }
     }
 
@@ -309,10 +344,17 @@ impl Activations {
         }
     }
 
-    /// Units `first..first + len`.
+    /// Units `first..first + len` (a token's whole row, for the regrouped words).
     pub fn row(&self, first: usize, len: usize) -> ActivationRow<'_> {
         let range = first..first + len;
+        let per_token = len / GROUP * (BLOCK / 4);
+        let token = first.checked_div(len).unwrap_or(0);
+        let words = self
+            .words
+            .get(token * per_token..(token + 1) * per_token)
+            .unwrap_or_default();
         ActivationRow {
+            words,
             d: &self.d[range.clone()],
             s: self.s.get(range.clone()).unwrap_or_default(),
             sums: self.sums.get(range.clone()).unwrap_or_default(),

@@ -7,7 +7,7 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use crate::activation::{ActivationRow, ActivationTile, Activations, TILE};
+use crate::activation::{ActivationRow, ActivationTile, Activations, GROUP, TILE};
 use crate::{scalar, Isa, KernelError, BLOCK, SUPERBLOCK};
 
 /// The GGUF block formats these kernels multiply.
@@ -283,7 +283,17 @@ impl QuantMatrixBuilder {
         for block in bytes.chunks_exact(self.source.block_bytes()) {
             self.matrix.push_block(self.source, block);
         }
-        self.filled += bytes.len() / row;
+        let rows = bytes.len() / row;
+        if self.matrix.format == QuantFormat::Q4_1 {
+            let row_bytes = self.matrix.cols / BLOCK * 16;
+            let start = self.filled * row_bytes;
+            for row_qs in
+                self.matrix.qs[start..start + rows * row_bytes].chunks_exact_mut(row_bytes)
+            {
+                interleave_q4_1_row(row_qs);
+            }
+        }
+        self.filled += rows;
         Ok(())
     }
 
@@ -485,8 +495,16 @@ impl QuantMatrix {
     /// Appends the values of blocks `blocks` to `out`.
     fn dequantize_blocks(&self, blocks: std::ops::Range<usize>, out: &mut Vec<f32>) {
         let format = self.format;
+        let per_row = self.cols / format.block_values();
         for b in blocks {
-            let qs = &self.qs[b * format.value_bytes()..(b + 1) * format.value_bytes()];
+            let q4_1: [u8; 16];
+            let qs = if format == QuantFormat::Q4_1 {
+                let row = &self.qs[b / per_row * per_row * 16..(b / per_row + 1) * per_row * 16];
+                q4_1 = q4_1_block_bytes(row, per_row, b % per_row);
+                &q4_1[..]
+            } else {
+                &self.qs[b * format.value_bytes()..(b + 1) * format.value_bytes()]
+            };
             let qh = &self.qh[b * format.high_bytes()..(b + 1) * format.high_bytes()];
             let scales = &self.scales[b * format.scale_bytes()..(b + 1) * format.scale_bytes()];
             let (d, m) = (self.d[b], self.m.get(b).copied().unwrap_or(0.0));
@@ -592,6 +610,9 @@ impl QuantMatrix {
                 acts.quantize_superblocks(x);
             } else {
                 acts.quantize(x, isa);
+                if tokens < TILE {
+                    acts.prepare_words(first.units());
+                }
             }
             if tokens == 1 {
                 Self::one_token_shared(isa, matrices, &acts, outs);
@@ -1011,6 +1032,36 @@ impl RowKernel {
 /// its value's bit 4 in place: two shifts-and-masks per block instead of a byte shuffle and a
 /// compare (AVX2 kernels ran Q5_0 at 0.70× llama.cpp's decode with those). It costs 4 bytes a
 /// block more than GGUF's mask.
+/// Lays a Q4_1 row's whole groups of eight blocks out for one-token products with one lane
+/// per block: within a group's 128 bytes, the 4-byte word `k` of block `i` (its values
+/// `4k..4k + 4` in the low nibbles and `16 + 4k..20 + 4k` in the high ones) moves to
+/// `32k + 4i`, so one 32-byte load holds the same word of all eight blocks. Blocks past the
+/// last whole group keep GGUF's order. Only the order of bytes changes, so the integer sums,
+/// and so the bits, do not; the lanes need no horizontal reduction (the prompt tiles and the
+/// reference read blocks back with [`q4_1_block_bytes`]).
+fn interleave_q4_1_row(row: &mut [u8]) {
+    for group in row.chunks_exact_mut(GROUP * 16) {
+        let old: [u8; GROUP * 16] = std::array::from_fn(|i| group[i]);
+        for i in 0..GROUP {
+            for k in 0..4 {
+                let from = 16 * i + 4 * k;
+                group[32 * k + 4 * i..32 * k + 4 * i + 4].copy_from_slice(&old[from..from + 4]);
+            }
+        }
+    }
+}
+
+/// Block `b`'s 16 bytes of nibbles in GGUF's order, from a Q4_1 row of `blocks` blocks laid
+/// out by [`interleave_q4_1_row`].
+pub(crate) fn q4_1_block_bytes(row: &[u8], blocks: usize, b: usize) -> [u8; 16] {
+    if b < blocks / GROUP * GROUP {
+        let (group, i) = (b / GROUP * GROUP * 16, b % GROUP);
+        std::array::from_fn(|t| row[group + 32 * (t / 4) + 4 * i + t % 4])
+    } else {
+        std::array::from_fn(|t| row[16 * b + t])
+    }
+}
+
 fn spread_high_bits(mask: &[u8]) -> [u8; 8] {
     let mask = u32::from_le_bytes([mask[0], mask[1], mask[2], mask[3]]);
     std::array::from_fn(|k| {

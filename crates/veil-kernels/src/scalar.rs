@@ -54,7 +54,7 @@ pub(crate) fn dot_q4_1<const R: usize>(w: WeightRow<'_>, a: [ActivationRow<'_>; 
     a.map(|a| {
         let mut sum = 0f32;
         for b in 0..w.d.len() {
-            let qs = &w.qs[b * 16..(b + 1) * 16];
+            let qs = crate::matrix::q4_1_block_bytes(w.qs, w.d.len(), b);
             let mut isum = 0i32;
             for (j, &q) in qs.iter().enumerate() {
                 isum += i32::from(q & 0x0F) * i32::from(a.qs[b][j])

@@ -59,8 +59,15 @@ unsafe fn add_in_order<const R: usize>(sums: &mut [f32; R], terms: &[__m256; R])
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn q4_1_values(qs: &[u8]) -> __m256i {
+    q4_1_expand(_mm_loadu_si128(qs[..16].as_ptr().cast()))
+}
+
+/// [`q4_1_values`] of 16 bytes already in a register.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_1_expand(bytes: __m128i) -> __m256i {
     // The 16 bytes in both halves, the upper half shifted by a nibble: no cross-lane shuffle.
-    let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(qs[..16].as_ptr().cast()));
+    let q = _mm256_broadcastsi128_si256(bytes);
     let shifts = _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0);
     _mm256_and_si256(_mm256_srlv_epi32(q, shifts), _mm256_set1_epi8(0x0F))
 }
@@ -150,9 +157,37 @@ macro_rules! block_kernels {
             let mut products = [_mm256_setzero_si256(); 8];
             let mut terms = [_mm256_setzero_ps(); R];
             let mut b = 0;
+            // Whole groups of eight blocks are interleaved (`matrix::interleave_q4_1_row`):
+            // with the activations regrouped the same way, lane `i` of the products is block
+            // `i`'s exact sum, without a horizontal reduction.
+            let groups = blocks / 8 * 8;
+            if a.iter().all(|x| x.words.len() >= groups) {
+                let low = _mm256_set1_epi8(0x0F);
+                while b + 8 <= blocks {
+                    let words: [__m256i; 4] =
+                        std::array::from_fn(|k| load32(&w.qs[b * 16 + 32 * k..]));
+                    let lo = words.map(|v| _mm256_and_si256(v, low));
+                    let hi = words.map(|v| _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+                    let (dw, mw) = (load8(&w.d[b..]), load8(&w.m[b..]));
+                    for r in 0..R {
+                        let x = a[r];
+                        let xw = &x.words[b..b + 8];
+                        let mut isums = _mm256_setzero_si256();
+                        for k in 0..4 {
+                            isums = _mm256_add_epi32(isums, $dot(lo[k], load32(&xw[k])));
+                            isums = _mm256_add_epi32(isums, $dot(hi[k], load32(&xw[k + 4])));
+                        }
+                        let isums = _mm256_cvtepi32_ps(isums);
+                        let scaled = _mm256_mul_ps(_mm256_mul_ps(isums, dw), load8(&x.d[b..]));
+                        terms[r] = _mm256_add_ps(scaled, _mm256_mul_ps(mw, load8(&x.s[b..])));
+                    }
+                    add_in_order(&mut sums, &terms);
+                    b += 8;
+                }
+            }
             while b + 8 <= blocks {
                 for i in 0..8 {
-                    q[i] = q4_1_values(&w.qs[(b + i) * 16..]);
+                    q[i] = q4_1_values(&crate::matrix::q4_1_block_bytes(w.qs, blocks, b + i));
                 }
                 let (dw, mw) = (load8(&w.d[b..]), load8(&w.m[b..]));
                 for r in 0..R {
@@ -784,11 +819,49 @@ macro_rules! group_sums {
     }};
 }
 
+/// The 8 × 8 transpose of 32-bit words: lane `i` of result `j` is lane `j` of `rows[i]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_words(rows: &[__m256i; 8]) -> [__m256i; 8] {
+    let t: [__m256i; 8] = std::array::from_fn(|k| {
+        let (a, b) = (rows[k / 2 * 2], rows[k / 2 * 2 + 1]);
+        if k % 2 == 0 {
+            _mm256_unpacklo_epi32(a, b)
+        } else {
+            _mm256_unpackhi_epi32(a, b)
+        }
+    });
+    // u[0..4] from rows 0-3, u[4..8] from rows 4-7: words (0,1,2,3) of rows 4h.. in order.
+    let u: [__m256i; 8] = std::array::from_fn(|k| {
+        let base = k / 4 * 4;
+        let (lo, hi) = (t[base + (k % 4) / 2], t[base + 2 + (k % 4) / 2]);
+        if k % 2 == 0 {
+            _mm256_unpacklo_epi64(lo, hi)
+        } else {
+            _mm256_unpackhi_epi64(lo, hi)
+        }
+    });
+    std::array::from_fn(|j| {
+        let (a, b) = (u[j % 4], u[4 + j % 4]);
+        if j < 4 {
+            _mm256_permute2x128_si256(a, b, 0x20)
+        } else {
+            _mm256_permute2x128_si256(a, b, 0x31)
+        }
+    })
+}
+
 /// Tile kernels for the 32-value formats stored unsigned: `$values` unpacks a block, `w =
 /// d · (q - 2^$shift)` (`$shift` 0: no offset), `$offset`: Q4_1-style `m · s` terms.
 macro_rules! block_tile_kernel {
     ($features:literal, $dpbusd:ident, $name:ident, $values:expr, $shift:literal,
      $offset:literal) => {
+        block_tile_kernel!($features, $dpbusd, $name, $values, $shift, $offset, false);
+    };
+    // `$interleaved`: whole groups of eight blocks laid out as `interleave_q4_1_row` does
+    // (Q4_1), unpacked a group at a time.
+    ($features:literal, $dpbusd:ident, $name:ident, $values:expr, $shift:literal,
+     $offset:literal, $interleaved:literal) => {
         /// One weight row times every tile, each tile's eight outputs into `out` at its
         /// tokens; `unpacked` holds at least a byte per column.
         ///
@@ -804,7 +877,22 @@ macro_rules! block_tile_kernel {
         ) {
             let blocks = w.d.len();
             assert!(unpacked.len() >= 32 * blocks, "unpacked row buffer");
-            for b in 0..blocks {
+            let groups = if $interleaved { blocks / 8 * 8 } else { 0 };
+            let low = _mm256_set1_epi8(0x0F);
+            for b in (0..groups).step_by(8) {
+                // Word `k` of the group's eight blocks, low nibbles (values 4k..) then high
+                // ones (values 16 + 4k..), transposed back to one block per vector.
+                let mut words = [_mm256_setzero_si256(); 8];
+                for k in 0..4 {
+                    let v = load32(&w.qs[16 * b + 32 * k..]);
+                    words[k] = _mm256_and_si256(v, low);
+                    words[k + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                }
+                for (i, block) in transpose_words(&words).iter().enumerate() {
+                    _mm256_storeu_si256(unpacked[32 * (b + i)..].as_mut_ptr().cast(), *block);
+                }
+            }
+            for b in groups..blocks {
                 _mm256_storeu_si256(unpacked[32 * b..].as_mut_ptr().cast(), $values(&w, b));
             }
             let values = unpacked.as_ptr();
@@ -1056,7 +1144,17 @@ macro_rules! q8_0_shifted_tile_kernel {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn q4_1_block(w: &WeightRow<'_>, b: usize) -> __m256i {
-    q4_1_values(&w.qs[b * 16..])
+    let blocks = w.d.len();
+    if b >= blocks / 8 * 8 {
+        return q4_1_values(&w.qs[b * 16..]);
+    }
+    // Its four words, one from each of its group's 32-byte rows (`interleave_q4_1_row`).
+    let at = b / 8 * 128 + 4 * (b % 8);
+    let word = |k: usize| {
+        let bytes = &w.qs[at + 32 * k..at + 32 * k + 4];
+        i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+    };
+    q4_1_expand(_mm_set_epi32(word(3), word(2), word(1), word(0)))
 }
 
 /// Block `b` of a Q4_0 row as 32 unsigned values (0..16).
@@ -1112,7 +1210,7 @@ macro_rules! family {
                 true
             );
             block_tile_kernel!($features, $dpbusd, tiles_q4_0, q4_0_block, 3, false);
-            block_tile_kernel!($features, $dpbusd, tiles_q4_1, q4_1_block, 0, true);
+            block_tile_kernel!($features, $dpbusd, tiles_q4_1, q4_1_block, 0, true, true);
             block_tile_kernel!($features, $dpbusd, tiles_q5_0, q5_block, 4, false);
             block_tile_kernel!($features, $dpbusd, tiles_q5_1, q5_block, 0, true);
             $q8_tile!($features, $dpbusd, tiles_q8_0);

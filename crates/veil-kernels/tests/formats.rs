@@ -265,7 +265,8 @@ fn dequantize_gives_candles_bits() {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     for format in QuantFormat::ALL {
         for fill in [Fill::Random, Fill::Edge] {
-            let (rows, cols) = (7, 2 * format.block_values());
+            // Ten blocks a row: a whole group of eight (Q4_1 interleaves them) and two more.
+            let (rows, cols) = (7, 10 * format.block_values());
             let bytes = random_bytes(format, rows, cols, fill, &mut rng);
             let ours = QuantMatrix::new(format, rows, cols, &bytes)
                 .expect("matrix")
