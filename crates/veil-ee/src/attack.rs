@@ -183,6 +183,7 @@ pub fn match_obfuscated(
     obfuscated: &ResidualView,
     encrypted_ids: &[u32],
 ) -> Result<ObfuscatedMatch> {
+    // Paired rows, public and obfuscated, over the blocks read.
     let (mut pub_rows, mut obf_rows) = (Vec::new(), Vec::new());
     for (p, o) in public.gates.iter().zip(&obfuscated.gates) {
         let (p, o) = (p.to_vec2::<f32>()?, o.to_vec2::<f32>()?);
@@ -191,22 +192,15 @@ pub fn match_obfuscated(
             obf_rows.push(o[j].clone());
         }
     }
-    let pairs: Vec<(usize, usize)> = (0..pub_rows.len()).map(|i| (i, i)).collect();
-    let (pub_gate, obf_gate) = (pub_rows, obf_rows);
-    let n = public.embedding.dim(1)?;
-    if pairs.len() < n {
+    let (paired, n) = (pub_rows.len(), public.embedding.dim(1)?);
+    if paired < n {
         return Err(crate::EeError::Invalid(format!(
-            "only {} gate rows pair by norm, fewer than the {n} the residual map needs",
-            pairs.len()
+            "only {paired} gate rows pair by norm, fewer than the {n} the residual map needs"
         )));
     }
     // obf ≈ pub · M over the pairs: M = (AᵀA)⁻¹ Aᵀ B, in f64.
-    let a = nalgebra::DMatrix::<f64>::from_fn(pairs.len(), n, |r, c| {
-        f64::from(pub_gate[pairs[r].0][c])
-    });
-    let b = nalgebra::DMatrix::<f64>::from_fn(pairs.len(), n, |r, c| {
-        f64::from(obf_gate[pairs[r].1][c])
-    });
+    let a = nalgebra::DMatrix::<f64>::from_fn(paired, n, |r, c| f64::from(pub_rows[r][c]));
+    let b = nalgebra::DMatrix::<f64>::from_fn(paired, n, |r, c| f64::from(obf_rows[r][c]));
     let map = (a.transpose() * &a)
         .cholesky()
         .ok_or_else(|| {
@@ -248,7 +242,7 @@ pub fn match_obfuscated(
         .to_vec1::<u32>()?;
     Ok(ObfuscatedMatch {
         guesses: encrypted_ids.iter().copied().zip(nearest).collect(),
-        rows_paired: pairs.len(),
+        rows_paired: paired,
     })
 }
 

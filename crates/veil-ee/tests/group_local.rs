@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use veil_ee::{decrypt_logits, encrypt_model, encrypt_tokens, model_digest, EeKey, KeyKind};
-use veil_model::{
-    GgufFile, LlamaConfig, LogitsAt, Shard, ShardCache, ShardInput, ShardModel, WeightFormat,
-};
+use veil_model::{GgufFile, LlamaConfig, ShardModel, WeightFormat};
+
+mod common;
+
+use common::{conformance_dir, step};
 
 fn fixtures() -> Vec<PathBuf> {
-    let dir =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../veil-model/tests/fixtures/conformance");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+    let mut files: Vec<PathBuf> = std::fs::read_dir(conformance_dir())
         .expect("the conformance fixtures")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
@@ -23,19 +23,7 @@ fn fixtures() -> Vec<PathBuf> {
 }
 
 fn load(path: &Path) -> ShardModel {
-    let mut gguf = GgufFile::open(path).expect("open");
-    let blocks = LlamaConfig::from_gguf(&gguf).expect("config").block_count;
-    ShardModel::load(&mut gguf, &Shard::whole(blocks), WeightFormat::AsStored).expect("load")
-}
-
-fn step(model: &ShardModel, cache: &mut ShardCache, ids: &[u32]) -> Vec<f32> {
-    model
-        .forward(ShardInput::Tokens(ids), cache, LogitsAt::Last)
-        .expect("forward")
-        .flatten_all()
-        .expect("flat")
-        .to_vec1()
-        .expect("logits")
+    common::load(path, WeightFormat::AsStored)
 }
 
 #[test]

@@ -10,30 +10,18 @@ use veil_ee::{
     decrypt_logits, encrypt_model_with, encrypt_tokens, match_embeddings, model_digest,
     obfuscation_noise, EeError, EeKey, Obfuscate,
 };
-use veil_model::{
-    GgufFile, LlamaConfig, LogitsAt, Shard, ShardCache, ShardInput, ShardModel, WeightFormat,
-};
+use veil_model::{GgufFile, LlamaConfig, ShardModel, WeightFormat};
+
+mod common;
+
+use common::{conformance_dir, step};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../veil-model/tests/fixtures/conformance")
-        .join(name)
+    conformance_dir().join(name)
 }
 
 fn load(path: &Path) -> ShardModel {
-    let mut gguf = GgufFile::open(path).expect("open");
-    let blocks = LlamaConfig::from_gguf(&gguf).expect("config").block_count;
-    ShardModel::load(&mut gguf, &Shard::whole(blocks), WeightFormat::F32).expect("load")
-}
-
-fn step(model: &ShardModel, cache: &mut ShardCache, ids: &[u32]) -> Vec<f32> {
-    model
-        .forward(ShardInput::Tokens(ids), cache, LogitsAt::Last)
-        .expect("forward")
-        .flatten_all()
-        .expect("flat")
-        .to_vec1()
-        .expect("logits")
+    common::load(path, WeightFormat::F32)
 }
 
 /// Obfuscates `base` with a fresh full key and `noise`; the key and the file.
