@@ -618,9 +618,15 @@ impl QuantMatrix {
                 Self::one_token_shared(isa, matrices, &acts, outs);
                 return;
             }
+            // The tiles are laid out once for all the matrices that take them the same way
+            // (they share their columns; only Q8_0 on AVX-512 wants them shifted).
+            let mut laid_out = None;
             for (m, out) in matrices.iter().zip(outs.iter_mut()) {
                 let shifted = m.format == QuantFormat::Q8_0 && isa == Isa::Avx512;
-                acts.prepare_tiles(m.units(), shifted);
+                if laid_out != Some(shifted) {
+                    acts.prepare_tiles(m.units(), shifted);
+                    laid_out = Some(shifted);
+                }
                 m.multiply(&RowKernel::new(m.format, isa), &acts, tokens, out);
             }
         });
