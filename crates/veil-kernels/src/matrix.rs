@@ -192,7 +192,7 @@ pub struct QuantMatrix {
 pub struct QuantMatrixBuilder {
     matrix: QuantMatrix,
     /// The format of the GGUF bytes pushed; the matrix may hold them in another
-    /// ([`QuantFormat::held_as`]).
+    /// ([`QuantFormat::can_be_held_as`]).
     source: QuantFormat,
     filled: usize,
 }

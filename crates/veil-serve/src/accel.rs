@@ -269,13 +269,19 @@ pub fn perplexity(model: &LocalModel, text: &str) -> Result<f64> {
         .forward(&tokens[..tokens.len() - 1], LogitsAt::All)?
         .to_vec2::<f32>()
         .map_err(veil_model::ModelError::from)?;
+    Ok(perplexity_of(&logits, &tokens[1..]))
+}
+
+/// `exp` of the mean negative log-likelihood of `targets` under `logits` (one row each): for
+/// logits a caller computed itself, such as an encrypted model's in its own vocabulary order.
+pub fn perplexity_of(logits: &[Vec<f32>], targets: &[u32]) -> f64 {
     let mut nll = 0.0;
-    for (row, next) in logits.iter().zip(&tokens[1..]) {
+    for (row, &next) in logits.iter().zip(targets) {
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-        nll += -(row[*next as usize] as f64 - max - sum.ln());
+        nll -= row[next as usize] as f64 - max - sum.ln();
     }
-    Ok((nll / logits.len() as f64).exp())
+    (nll / logits.len().max(1) as f64).exp()
 }
 
 /// Original prose (written for Veil) that the workloads quote and rewrite.

@@ -629,15 +629,12 @@ fn the_obfuscated_mode_is_written_refused_for_identical_output_and_measured() {
         c
     };
     let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).to_string();
     for (key, kind) in [(&full, "full"), (&local, "group-local")] {
         let out = with_key(&["ee", "keygen", "--transform", kind, "--out", &path(key)])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", stderr(&out));
     }
     let encrypt = |key: &std::path::Path, noise: &str| {
         with_key(&[
@@ -655,7 +652,6 @@ fn the_obfuscated_mode_is_written_refused_for_identical_output_and_measured() {
         .output()
         .unwrap()
     };
-    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).to_string();
     let out = encrypt(&local, "0.02");
     assert!(
         !out.status.success() && stderr(&out).contains("--transform full"),

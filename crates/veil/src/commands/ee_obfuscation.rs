@@ -11,6 +11,8 @@ use veil_ee::attack::{match_obfuscated, ResidualView};
 use veil_ee::{encrypt_model_with, model_digest, EeKey, Obfuscate};
 use veil_model::{GgufFile, LocalModel, LogitsAt, Shard, ShardInput, ShardModel, WeightFormat};
 
+use veil_serve::accel::perplexity_of;
+
 use crate::args::ModelArgs;
 
 /// Prints one line per noise level (see `EeCommand::ObfuscationCurve`).
@@ -38,7 +40,7 @@ pub fn curve(
         .session()
         .forward(&held_out[..held_out.len() - 1], LogitsAt::All)?
         .to_vec2::<f32>()?;
-    let plain_ppl = perplexity(&plain_logits, &held_out[1..]);
+    let plain_ppl = perplexity_of(&plain_logits, &held_out[1..]);
     let public_view = ResidualView::read(&mut GgufFile::open(&path)?)?;
     let public_embedding = public_view.embedding.clone();
     let mut rng = ChaCha20Rng::seed_from_u64(0);
@@ -77,7 +79,7 @@ pub fn curve(
                 LogitsAt::All,
             )?
             .to_vec2::<f32>()?;
-        let ppl = perplexity(&logits, &encrypted[1..]);
+        let ppl = perplexity_of(&logits, &encrypted[1..]);
         let shards = [obfuscated];
         let agree = veil_ee::agreement(&plain, &key, &shards, &veil_ee::EVAL_PROMPTS, tokens)?;
         drop(shards);
@@ -123,15 +125,4 @@ fn increase(ratio: f64) -> String {
     } else {
         format!("×{ratio:.2e}")
     }
-}
-
-/// `exp` of the mean negative log-likelihood of `targets` under `logits` (one row each).
-fn perplexity(logits: &[Vec<f32>], targets: &[u32]) -> f64 {
-    let mut nll = 0.0;
-    for (row, &next) in logits.iter().zip(targets) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-        nll -= row[next as usize] as f64 - max - sum.ln();
-    }
-    (nll / logits.len().max(1) as f64).exp()
 }
