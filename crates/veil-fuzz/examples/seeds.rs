@@ -127,8 +127,8 @@ fn main() {
     let (signed, hop) = (job(&key), signed_hop(&key, &token_inputs()));
 
     let infer_requests = [
-        ("info", infer::Request::Info),
-        ("open", infer::Request::Open),
+        ("info", infer::Request::Info { model: None }),
+        ("open", infer::Request::Open { model: None }),
         (
             "step-tokens",
             infer::Request::Step {
@@ -155,6 +155,7 @@ fn main() {
                 request_id: "ab".repeat(32),
                 sampling: signed.body.claim.sampling.clone(),
                 commitment: CommitmentMode::Exact,
+                model: None,
             },
         ),
         ("finish", verify::Request::Finish { session }),
@@ -162,6 +163,7 @@ fn main() {
             "open-hop",
             verify::Request::OpenHop {
                 request_id: "ab".repeat(32),
+                model: None,
             },
         ),
         ("finish-hop", verify::Request::FinishHop { session }),
@@ -191,7 +193,10 @@ fn main() {
     let prove_requests = [
         (
             "open-weights",
-            prove::Request::OpenWeights { leaves: vec![0, 5] },
+            prove::Request::OpenWeights {
+                leaves: vec![0, 5],
+                model: None,
+            },
         ),
         ("attest", prove::Request::Attest { nonce: [3; 32] }),
         (

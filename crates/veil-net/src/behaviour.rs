@@ -1,7 +1,7 @@
 //! The libp2p behaviour every Veil peer runs, composed from maintained parts: identify (learn a
 //! peer's listen addresses), ping (liveness, latency), Kademlia (who serves which shard),
 //! request-response for each of Veil's protocols ([`crate::protocol`]: inference,
-//! verification, proofs; CBOR, each with its own message bounds and stream budget), gossipsub
+//! verification, proofs, shard handoff; CBOR, each with its own message bounds and stream budget), gossipsub
 //! (MetaInf's run records, signed by their authors) and connection limits (so no peer, and no
 //! crowd of peers, can hold more connections than a node can serve, and a node short of memory
 //! takes no more), and for nodes behind NATs circuit relay v2 (a reachable node relays, within
@@ -23,7 +23,7 @@ use libp2p::{
 
 use crate::error::{NetError, Result};
 use crate::history::{MAX_GOSSIP_BYTES, RUNS_TOPIC};
-use crate::protocol::{infer, prove, verify};
+use crate::protocol::{handoff, infer, prove, verify};
 
 /// Veil's private Kademlia protocol, so the DHT holds only Veil peers.
 const KAD_PROTOCOL: &str = "/veil/kad/1.0.0";
@@ -61,6 +61,8 @@ pub struct VeilBehaviour {
     pub verify: cbor::Behaviour<verify::Request, verify::Response>,
     /// Weight openings, TEE evidence, proofs: [`prove`].
     pub prove: cbor::Behaviour<prove::Request, prove::Response>,
+    /// Shards re-encrypted under a new key, from the key holder: [`handoff`].
+    pub handoff: cbor::Behaviour<handoff::Request, handoff::Response>,
     /// Run records shared between nodes.
     pub gossipsub: gossipsub::Behaviour,
     /// Relays circuits for peers behind NATs, on nodes that offer it (`veil node --relay-server`).
@@ -234,6 +236,7 @@ pub fn build_node_swarm(
                 infer: infer::PROTOCOL.behaviour(request_timeout),
                 verify: verify::PROTOCOL.behaviour(request_timeout),
                 prove: prove::PROTOCOL.behaviour(request_timeout),
+                handoff: handoff::PROTOCOL.behaviour(request_timeout),
                 gossipsub,
                 relay: relay
                     .map(|limits| relay::Behaviour::new(peer_id, limits.config()))

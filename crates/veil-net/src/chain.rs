@@ -228,8 +228,12 @@ impl RemoteChain {
             })?;
         let mut hops = Vec::new();
         for node in route {
-            let session =
-                runtime.block_on(open_session(&client, node.peer, request_id.as_deref()))?;
+            let session = runtime.block_on(open_session(
+                &client,
+                node.peer,
+                model_digest,
+                request_id.as_deref(),
+            ))?;
             hops.push(Hop {
                 node,
                 session,
@@ -496,6 +500,7 @@ impl RemoteChain {
         let session = self.runtime.block_on(open_session(
             &self.client,
             next.peer,
+            &self.model_digest,
             self.request_id.as_deref(),
         ))?;
         let history = self.hops[i].history.clone();
@@ -594,20 +599,22 @@ struct ChainTarget<'a> {
 async fn open_session(
     client: &SwarmClient,
     peer: PeerId,
+    model_digest: &str,
     request_id: Option<&str>,
 ) -> Result<SessionId> {
+    let model = Some(model_digest.to_string());
     let opened = match request_id {
         Some(id) => {
             let request_id = id.to_string();
             match client
-                .verify(peer, verify::Request::OpenHop { request_id })
+                .verify(peer, verify::Request::OpenHop { request_id, model })
                 .await?
             {
                 verify::Response::Opened { session } => Some(session),
                 _ => None,
             }
         }
-        None => match client.infer(peer, infer::Request::Open).await? {
+        None => match client.infer(peer, infer::Request::Open { model }).await? {
             infer::Response::Opened { session } => Some(session),
             _ => None,
         },

@@ -20,7 +20,7 @@ use crate::behaviour::{build_swarm, model_key, range_key, VeilBehaviour, VeilBeh
 use crate::client_paths::DirectPaths;
 use crate::error::{NetError, Result};
 use crate::node::join;
-use crate::protocol::{infer, prove, verify, Answer};
+use crate::protocol::{handoff, infer, prove, verify, Answer};
 use crate::wire::ShardInfo;
 
 /// A node found serving part of a model, with how fast it answered.
@@ -41,6 +41,7 @@ enum Command {
     Infer(PeerId, infer::Request, Reply<infer::Response>),
     Verify(PeerId, verify::Request, Reply<verify::Response>),
     Prove(PeerId, prove::Request, Reply<prove::Response>),
+    Handoff(PeerId, handoff::Request, Reply<handoff::Response>),
     Providers {
         key: RecordKey,
         reply: oneshot::Sender<Vec<PeerId>>,
@@ -79,12 +80,24 @@ impl SwarmClient {
         request_timeout: Duration,
         join_timeout: Duration,
     ) -> Result<Self> {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        Self::connect_as(key, bootstrap, listen, request_timeout, join_timeout).await
+    }
+
+    /// [`SwarmClient::connect_listening`] under the identity `key`: for a key holder whose
+    /// nodes take re-encrypted shards only from its peer id (`veil node --accept-shards-from`).
+    pub async fn connect_as(
+        key: libp2p::identity::Keypair,
+        bootstrap: &[Multiaddr],
+        listen: &[Multiaddr],
+        request_timeout: Duration,
+        join_timeout: Duration,
+    ) -> Result<Self> {
         if bootstrap.is_empty() {
             return Err(NetError::Network(
                 "give at least one bootstrap address (--bootstrap /ip4/.../p2p/<peer id>)".into(),
             ));
         }
-        let key = libp2p::identity::Keypair::generate_ed25519();
         let local_id = key.public().to_peer_id();
         let mut swarm = build_swarm(key, request_timeout, None)?;
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
@@ -139,6 +152,51 @@ impl SwarmClient {
         self.ask(|reply| Command::Prove(peer, request, reply)).await
     }
 
+    /// Sends a shard handoff request and waits for the answer, as [`SwarmClient::infer`] does.
+    pub async fn handoff(
+        &self,
+        peer: PeerId,
+        request: handoff::Request,
+    ) -> Result<handoff::Response> {
+        self.ask(|reply| Command::Handoff(peer, request, reply))
+            .await
+    }
+
+    /// Hands `peer` the shard file at `file` in chunks and waits until it has loaded and staged
+    /// it; returns what it announces for it.
+    pub async fn hand_off_shard(&self, peer: PeerId, file: &std::path::Path) -> Result<ShardInfo> {
+        let unreadable = |e: std::io::Error| {
+            NetError::Network(format!("cannot read the shard {}: {e}", file.display()))
+        };
+        // Two passes over the file, a chunk in memory at a time: the digest goes first.
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_reader(std::fs::File::open(file).map_err(unreadable)?)
+            .map_err(unreadable)?;
+        let bytes = std::fs::metadata(file).map_err(unreadable)?.len();
+        let begin = handoff::Request::Begin {
+            bytes,
+            blake3: hasher.finalize().to_hex().to_string(),
+        };
+        self.handoff(peer, begin).await?;
+        let mut reader = std::fs::File::open(file).map_err(unreadable)?;
+        let mut offset = 0u64;
+        while offset < bytes {
+            let mut data = vec![0u8; handoff::CHUNK_BYTES.min((bytes - offset) as usize)];
+            std::io::Read::read_exact(&mut reader, &mut data).map_err(unreadable)?;
+            let len = data.len() as u64;
+            self.handoff(peer, handoff::Request::Chunk { offset, data })
+                .await?;
+            offset += len;
+        }
+        match self.handoff(peer, handoff::Request::Finish).await? {
+            handoff::Response::Staged(info) => Ok(info),
+            other => Err(NetError::BadMessage(format!(
+                "{peer} answered a finished handoff with {other:?}"
+            ))),
+        }
+    }
+
     async fn ask<R>(&self, command: impl FnOnce(Reply<R>) -> Command) -> Result<R> {
         let (reply, answer) = oneshot::channel();
         self.send(command(reply))?;
@@ -187,7 +245,8 @@ impl SwarmClient {
     async fn describe(&self, peers: Vec<PeerId>, model_digest: &str) -> Result<Vec<Candidate>> {
         let asks = peers.into_iter().map(|peer| async move {
             let started = Instant::now();
-            match self.infer(peer, infer::Request::Info).await {
+            let model = Some(model_digest.to_string());
+            match self.infer(peer, infer::Request::Info { model }).await {
                 Ok(infer::Response::Info(info)) if info.model_digest == model_digest => {
                     Some(Candidate {
                         peer,
@@ -269,6 +328,7 @@ struct Pending {
     inferring: Awaited<infer::Response>,
     verifying: Awaited<verify::Response>,
     proving: Awaited<prove::Response>,
+    handing: Awaited<handoff::Response>,
     queries: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
 }
 
@@ -288,6 +348,10 @@ impl Pending {
                 let id = swarm.behaviour_mut().prove.send_request(&peer, request);
                 self.proving.0.insert(id, (peer, reply));
             }
+            Command::Handoff(peer, request, reply) => {
+                let id = swarm.behaviour_mut().handoff.send_request(&peer, request);
+                self.handing.0.insert(id, (peer, reply));
+            }
             Command::Providers { key, reply } => {
                 let id = swarm.behaviour_mut().kad.get_providers(key);
                 self.queries.insert(id, (HashSet::new(), reply));
@@ -303,6 +367,7 @@ impl Pending {
         self.inferring.waits_on(peer)
             || self.verifying.waits_on(peer)
             || self.proving.waits_on(peer)
+            || self.handing.waits_on(peer)
     }
 }
 
@@ -310,9 +375,10 @@ impl Command {
     /// The peer a request goes to.
     fn peer(&self) -> Option<PeerId> {
         match self {
-            Command::Infer(peer, ..) | Command::Verify(peer, ..) | Command::Prove(peer, ..) => {
-                Some(*peer)
-            }
+            Command::Infer(peer, ..)
+            | Command::Verify(peer, ..)
+            | Command::Prove(peer, ..)
+            | Command::Handoff(peer, ..) => Some(*peer),
             Command::Providers { .. } | Command::Connected { .. } => None,
         }
     }
@@ -343,6 +409,7 @@ async fn drive(
         inferring: Awaited::new(),
         verifying: Awaited::new(),
         proving: Awaited::new(),
+        handing: Awaited::new(),
         queries: HashMap::new(),
     };
     // Requests held until their peer's relayed connections have closed.
@@ -369,6 +436,11 @@ async fn drive(
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(event)) => {
                     if let Some(peer) = pending.proving.settle(event) {
+                        close_relayed(&mut swarm, &mut lock(&paths), &pending, peer);
+                    }
+                }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Handoff(event)) => {
+                    if let Some(peer) = pending.handing.settle(event) {
                         close_relayed(&mut swarm, &mut lock(&paths), &pending, peer);
                     }
                 }

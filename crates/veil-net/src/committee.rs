@@ -302,6 +302,7 @@ fn serve(
             request_id: request.request_id.clone(),
             sampling: SamplingSpec::from(&request.params.sampling),
             commitment: mode,
+            model: Some(request.model_digest.to_string()),
         },
     ))?;
     let session = match opened {

@@ -11,6 +11,7 @@ pub mod critical;
 pub mod error;
 pub mod history;
 pub mod node;
+mod node_models;
 mod node_relays;
 mod node_session;
 pub mod node_state;

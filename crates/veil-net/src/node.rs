@@ -11,12 +11,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
+use libp2p::request_response::ResponseChannel;
 use libp2p::request_response::{self, Message};
 use libp2p::swarm::{DialError, SwarmEvent};
 use libp2p::{autonat, dcutr, gossipsub, identify, kad, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use veil_model::{GgufFile, ShardManifest, WeightFormat};
+use veil_model::{GgufFile, ShardManifest, ShardModel, WeightFormat};
 use veil_verify::{load_serving_shard, Misbehaviour};
 use veil_zk::WeightsCommitment;
 
@@ -26,10 +27,13 @@ use crate::behaviour::{
 };
 use crate::error::{NetError, Result};
 use crate::history::{accept_gossiped, AuthorQuota, RunTemplate, MAX_KEPT_RUNS, RUNS_TOPIC};
+use crate::node_models::{NodeModels, ServedShard};
 use crate::node_relays::{log_relay, offer_relay_at, RelaySlots};
 use crate::node_session::NodeSession;
 use crate::node_state::NodeState;
 use crate::peer_addresses::PeerAddresses;
+use crate::protocol;
+use crate::protocol::handoff::{self, HandoffPolicy, HandoffService};
 use crate::protocol::infer::{self, Handled};
 use crate::protocol::prove::ProveService;
 use crate::protocol::verify::VerifyService;
@@ -82,6 +86,9 @@ pub struct NodeConfig {
     /// How this node learns whether others can dial it; one it finds they cannot (behind a
     /// NAT) reserves slots on [`RELAYS_WHEN_PRIVATE`] relays from the DHT, if it was given none.
     pub probes: ReachabilityProbes,
+    /// Which key holders may hand this node the shard of their model re-encrypted under a new
+    /// key (none by default).
+    pub handoff: HandoffPolicy,
 }
 
 /// Relays a node that AutoNAT finds unreachable looks for in the DHT, when its operator named
@@ -100,26 +107,11 @@ pub async fn run_node(
     let key = state.identity()?;
     let local_id = key.public().to_peer_id();
 
-    let path = config.shard.clone();
-    let format = config.format;
-    let misbehave = config.misbehave;
-    let (model, manifest, weights) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut gguf = GgufFile::open(&path)?;
-        let manifest = ShardManifest::of(&gguf)?;
-        let shard = manifest.shard();
-        let whole = shard.embedding && shard.head && shard.layers.len() == manifest.block_count;
-        if let Some(kind) = misbehave.filter(|k| !k.in_weights() && !whole) {
-            return Err(NetError::BadMessage(format!(
-                "--misbehave {kind} needs a node serving the whole model"
-            )));
-        }
-        let model = load_serving_shard(&mut gguf, &shard, format, misbehave)?;
-        let weights = WeightsCommitment::of_shard(&mut gguf, &shard)
-            .map_err(|e| NetError::BadMessage(format!("cannot commit to the weights: {e}")))?;
-        Ok((model, manifest, weights))
-    })
-    .await
-    .map_err(|e| NetError::Network(format!("loading task failed: {e}")))??;
+    let (path, format, misbehave) = (config.shard.clone(), config.format, config.misbehave);
+    let (model, manifest, weights) =
+        tokio::task::spawn_blocking(move || load_shard(&path, format, misbehave))
+            .await
+            .map_err(|e| NetError::Network(format!("loading task failed: {e}")))??;
     let model = Arc::new(model);
     let weights = Arc::new(weights);
     let runs = state.runs()?;
@@ -145,29 +137,15 @@ pub async fn run_node(
             Some(evidence.kind)
         }
     };
-    let shard_info = ShardInfo {
-        model_digest: manifest.model_digest.clone(),
-        first_block: manifest.first_block,
-        end_block: manifest.end_block,
-        block_count: manifest.block_count,
-        embedding: manifest.embedding,
-        head: manifest.head,
-        hidden_size: model.config().hidden_size,
-        max_session_tokens: config.limits.max_tokens.min(model.config().context_length),
-        format: format.to_string(),
+    let announced = Announced {
+        format,
+        max_tokens: config.limits.max_tokens,
         tee: tee_kind,
-        weights: Some(WeightsRoot {
-            root: weights.root_hex(),
-            leaves: weights.leaf_count() as u64,
-        }),
         zk_commitment: config.zk.as_ref().map(|p| p.commitment().to_string()),
-        // A cheat (test-only) announces what an honest node of its claimed format would: its
-        // own weights may have been swapped for ones that are not.
-        exact: match misbehave {
-            None => model.bit_reproducible(),
-            Some(_) => !matches!(format, WeightFormat::F32 | WeightFormat::F16),
-        },
+        misbehave,
     };
+    let shard_info = announced.info(&manifest, &model, &weights);
+    let announced = Arc::new(announced);
     if let Some(kind) = misbehave {
         warn!("this node cheats ({kind}): for testing verification only");
     }
@@ -178,6 +156,12 @@ pub async fn run_node(
     );
 
     let history = config.history.clone().filter(|_| shard_info.is_whole());
+    let started_with = std::fs::metadata(&config.shard).map_or(0, |m| m.len());
+    let mut handoff = HandoffService::new(
+        config.handoff.clone(),
+        handoff_dir(&config.state),
+        started_with,
+    );
     let mut swarm = build_node_swarm(
         key.clone(),
         config.request_timeout,
@@ -225,14 +209,14 @@ pub async fn run_node(
     let mut peer_addresses = PeerAddresses::new(config.probes.private_addresses, &config.listen);
     relays.dial(&mut swarm);
     let relaying = config.relay_server.is_some();
-    announce(&mut swarm, &shard_info, relaying);
+    announce(&mut swarm, std::iter::once(&shard_info), relaying);
 
     let mut sessions: SessionTable<NodeSession> = SessionTable::new(SessionLimits {
         max_tokens: shard_info.max_session_tokens,
         ..config.limits
     });
     let (steps_done, mut step_done) = mpsc::unbounded_channel();
-    let decode_batcher = infer::DecodeBatcher::start(&model, &steps_done);
+    let mut decode_batcher = infer::DecodeBatcher::start(&model, &steps_done);
     let (mut verify, mut judged) = VerifyService::new(
         key.clone(),
         &shard_info,
@@ -240,7 +224,15 @@ pub async fn run_node(
         config.judge_tokens_per_minute,
     );
     let tee = config.tee.clone().map(|source| (source, public_key));
-    let (prove, mut proved) = ProveService::new(config.shard.clone(), weights, tee, config.zk);
+    let (prove, mut proved) = ProveService::new(tee, config.zk);
+    let mut models = NodeModels::new(ServedShard {
+        model,
+        info: shard_info,
+        file: config.shard.clone(),
+        weights,
+        handed: false,
+    });
+    let (loaded_tx, mut loaded) = mpsc::unbounded_channel();
     let mut gossip_quota = AuthorQuota::default();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut reannounce = tokio::time::interval(REANNOUNCE);
@@ -260,9 +252,10 @@ pub async fn run_node(
                 for session in expired {
                     keep_run(&mut swarm, &mut writer, history.as_ref(), session);
                 }
+                handoff.sweep(Instant::now());
             }
             _ = reannounce.tick() => {
-                announce(&mut swarm, &shard_info, relaying);
+                announce(&mut swarm, models.infos(), relaying);
                 relays.dial(&mut swarm);
             }
             Some(done) = step_done.recv() => {
@@ -275,6 +268,21 @@ pub async fn run_node(
             }
             Some((channel, response)) = proved.recv() => {
                 let _ = swarm.behaviour_mut().prove.send_response(channel, response);
+            }
+            Some(done) = loaded.recv() => {
+                let (by, channel, shard) = handoff.settle(done);
+                let response = match shard {
+                    Ok(shard) => {
+                        let info = shard.info.clone();
+                        announce(&mut swarm, std::iter::once(&info), relaying);
+                        if let Some(replaced) = models.stage(shard, by) {
+                            unannounce(&mut swarm, &replaced.info, &models);
+                        }
+                        handoff::Response::Staged(info)
+                    }
+                    Err(refusal) => handoff::Response::Refused(refusal),
+                };
+                let _ = swarm.behaviour_mut().handoff.send_response(channel, response);
             }
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
@@ -291,7 +299,7 @@ pub async fn run_node(
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::Message {
                     peer, message: Message::Request { request, channel, .. }, ..
-                })) => match infer::handle(&mut sessions, &model, &shard_info, peer, request) {
+                })) => match infer::handle(&mut sessions, &models, peer, request) {
                     Handled::Now(response) => {
                         let _ = swarm.behaviour_mut().infer.send_response(channel, response);
                     }
@@ -301,7 +309,7 @@ pub async fn run_node(
                             None => Some(((session, cache, input), channel)),
                         };
                         if let Some((step, channel)) = alone {
-                            infer::spawn_step(&model, step, channel, &steps_done);
+                            infer::spawn_step(step, channel, &steps_done);
                         }
                     }
                     Handled::Closed(session) => {
@@ -312,17 +320,50 @@ pub async fn run_node(
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Verify(request_response::Event::Message {
                     peer, message: Message::Request { request, channel, .. }, ..
                 })) => {
-                    if let Some((channel, response)) = verify.handle(&mut sessions, &model, &shard_info, peer, request, channel) {
+                    if let Some((channel, response)) = verify.handle(&mut sessions, &models, peer, request, channel) {
                         let _ = swarm.behaviour_mut().verify.send_response(channel, response);
                     }
                 }
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(request_response::Event::Message {
                     message: Message::Request { request, channel, .. }, ..
                 })) => {
-                    if let Some((channel, response)) = prove.handle(request, channel) {
+                    if let Some((channel, response)) = prove.handle(&models, request, channel) {
                         let _ = swarm.behaviour_mut().prove.send_response(channel, response);
                     }
                 }
+                SwarmEvent::Behaviour(VeilBehaviourEvent::Handoff(request_response::Event::Message {
+                    peer, message: Message::Request { request, channel, .. }, ..
+                })) => match handoff.handle(&models, peer, request, channel) {
+                    handoff::Handled::Now(channel, response) => {
+                        let _ = swarm.behaviour_mut().handoff.send_response(channel, response);
+                    }
+                    handoff::Handled::Load(peer, file, channel) => {
+                        spawn_handed_load((peer, file, channel), &models.current().info, &announced, &loaded_tx);
+                    }
+                    handoff::Handled::Promote(model, channel) => {
+                        let response = match models.promote(&model, peer) {
+                            Ok(current) => {
+                                verify.serve(&current.info);
+                                decode_batcher = infer::DecodeBatcher::start(&current.model, &steps_done);
+                                info!("now serving model {} to new sessions (promoted by {peer})", &model[..12.min(model.len())]);
+                                handoff::Response::Promoted
+                            }
+                            Err(why) => handoff::Response::Refused(protocol::Refusal::new(protocol::ErrorKind::BadRequest, why)),
+                        };
+                        let _ = swarm.behaviour_mut().handoff.send_response(channel, response);
+                    }
+                    handoff::Handled::Discard(model, channel) => {
+                        let response = match models.discard(&model, peer) {
+                            Ok(dropped) => {
+                                unannounce(&mut swarm, &dropped.info, &models);
+                                info!("dropped the staged model {} (discarded by {peer})", &model[..12.min(model.len())]);
+                                handoff::Response::Discarded
+                            }
+                            Err(why) => handoff::Response::Refused(protocol::Refusal::new(protocol::ErrorKind::BadRequest, why)),
+                        };
+                        let _ = swarm.behaviour_mut().handoff.send_response(channel, response);
+                    }
+                },
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, message_id, propagation_source })) => {
                     let verdict = keep_peer_run(&mut writer, &mut gossip_quota, &message);
                     // Rejected records cost their sender score and are not relayed.
@@ -331,7 +372,8 @@ pub async fn run_node(
                 // Garbage, oversized or truncated requests end here; the node carries on.
                 SwarmEvent::Behaviour(VeilBehaviourEvent::Infer(request_response::Event::InboundFailure { peer, error, .. }))
                 | SwarmEvent::Behaviour(VeilBehaviourEvent::Verify(request_response::Event::InboundFailure { peer, error, .. }))
-                | SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(request_response::Event::InboundFailure { peer, error, .. })) => {
+                | SwarmEvent::Behaviour(VeilBehaviourEvent::Prove(request_response::Event::InboundFailure { peer, error, .. }))
+                | SwarmEvent::Behaviour(VeilBehaviourEvent::Handoff(request_response::Event::InboundFailure { peer, error, .. })) => {
                     warn!("request from {peer} failed: {error}");
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
@@ -392,6 +434,107 @@ pub async fn run_node(
     }
 }
 
+/// What a node announces beside the shard itself: the same for every shard it is handed.
+struct Announced {
+    format: WeightFormat,
+    max_tokens: usize,
+    tee: Option<veil_tee::TeeKind>,
+    zk_commitment: Option<String>,
+    misbehave: Option<Misbehaviour>,
+}
+
+impl Announced {
+    /// What the node announces for `model`, cut as `manifest` says, committed to as `weights`.
+    fn info(
+        &self,
+        manifest: &ShardManifest,
+        model: &ShardModel,
+        weights: &WeightsCommitment,
+    ) -> ShardInfo {
+        ShardInfo {
+            model_digest: manifest.model_digest.clone(),
+            first_block: manifest.first_block,
+            end_block: manifest.end_block,
+            block_count: manifest.block_count,
+            embedding: manifest.embedding,
+            head: manifest.head,
+            hidden_size: model.config().hidden_size,
+            max_session_tokens: self.max_tokens.min(model.config().context_length),
+            format: self.format.to_string(),
+            tee: self.tee,
+            weights: Some(WeightsRoot {
+                root: weights.root_hex(),
+                leaves: weights.leaf_count() as u64,
+            }),
+            zk_commitment: self.zk_commitment.clone(),
+            // A cheat (test-only) announces what an honest node of its claimed format would: its
+            // own weights may have been swapped for ones that are not.
+            exact: match self.misbehave {
+                None => model.bit_reproducible(),
+                Some(_) => !matches!(self.format, WeightFormat::F32 | WeightFormat::F16),
+            },
+        }
+    }
+}
+
+/// Loads the shard file at `path` to serve in `format` (cheating as `misbehave` says), with
+/// what it is a shard of and the commitment to its weights. Blocking.
+fn load_shard(
+    path: &std::path::Path,
+    format: WeightFormat,
+    misbehave: Option<Misbehaviour>,
+) -> Result<(ShardModel, ShardManifest, WeightsCommitment)> {
+    let mut gguf = GgufFile::open(path)?;
+    let manifest = ShardManifest::of(&gguf)?;
+    let shard = manifest.shard();
+    let whole = shard.embedding && shard.head && shard.layers.len() == manifest.block_count;
+    if let Some(kind) = misbehave.filter(|k| !k.in_weights() && !whole) {
+        return Err(NetError::BadMessage(format!(
+            "--misbehave {kind} needs a node serving the whole model"
+        )));
+    }
+    let model = load_serving_shard(&mut gguf, &shard, format, misbehave)?;
+    let weights = WeightsCommitment::of_shard(&mut gguf, &shard)
+        .map_err(|e| NetError::BadMessage(format!("cannot commit to the weights: {e}")))?;
+    Ok((model, manifest, weights))
+}
+
+/// Loads a handed-over shard file on a blocking thread and checks it can follow `current`;
+/// the outcome comes back on `loaded`.
+fn spawn_handed_load(
+    (peer, file, channel): (PeerId, PathBuf, ResponseChannel<handoff::Response>),
+    current: &ShardInfo,
+    announced: &Arc<Announced>,
+    loaded: &mpsc::UnboundedSender<handoff::Loaded>,
+) {
+    let (current, announced, loaded) = (current.clone(), Arc::clone(announced), loaded.clone());
+    tokio::task::spawn_blocking(move || {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (model, manifest, weights) =
+                load_shard(&file, announced.format, announced.misbehave)
+                    .map_err(|e| format!("it does not load: {e}"))?;
+            let info = announced.info(&manifest, &model, &weights);
+            handoff::check_successor(&current, &info)?;
+            Ok(ServedShard {
+                model: Arc::new(model),
+                info,
+                file: file.clone(),
+                weights: Arc::new(weights),
+                handed: true,
+            })
+        }))
+        .unwrap_or_else(|_| Err("loading it failed inside the node".to_string()));
+        if outcome.is_err() {
+            let _ = std::fs::remove_file(&file);
+        }
+        let _ = loaded.send(handoff::Loaded {
+            peer,
+            channel,
+            shard: outcome,
+        });
+    });
+}
+
 /// `addr` without a trailing `/p2p/<peer id>`, as the DHT keeps addresses.
 fn without_peer(mut addr: Multiaddr) -> Multiaddr {
     if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
@@ -407,7 +550,7 @@ fn keep_run(
     history: Option<&RunTemplate>,
     session: NodeSession,
 ) {
-    let (Some(template), NodeSession::Plain(_, usage)) = (history, session) else {
+    let (Some(template), NodeSession::Plain(_, usage, _)) = (history, session) else {
         return;
     };
     let at_unix = SystemTime::now()
@@ -509,22 +652,52 @@ pub(crate) fn join(swarm: &mut Swarm<VeilBehaviour>, bootstrap: &[Multiaddr]) ->
     Ok(())
 }
 
-fn announce(swarm: &mut Swarm<VeilBehaviour>, info: &ShardInfo, relaying: bool) {
+/// Announces in the DHT the models and ranges of the shards held (and the private model this
+/// node proves, and its relay service).
+fn announce<'a>(
+    swarm: &mut Swarm<VeilBehaviour>,
+    infos: impl Iterator<Item = &'a ShardInfo>,
+    relaying: bool,
+) {
     let kad = &mut swarm.behaviour_mut().kad;
-    let private = info.zk_commitment.as_deref().map(zk_key);
-    let relay = relaying.then(relay_key);
-    for key in [
-        model_key(&info.model_digest),
-        range_key(&info.model_digest, info.first_block, info.end_block),
-    ]
-    .into_iter()
-    .chain(private)
-    .chain(relay)
-    {
+    let mut keys = Vec::new();
+    for info in infos {
+        keys.push(model_key(&info.model_digest));
+        keys.push(range_key(
+            &info.model_digest,
+            info.first_block,
+            info.end_block,
+        ));
+        keys.extend(info.zk_commitment.as_deref().map(zk_key));
+    }
+    keys.extend(relaying.then(relay_key));
+    for key in keys {
         if let Err(e) = kad.start_providing(key) {
             warn!("cannot announce: {e}");
         }
     }
+}
+
+/// Stops announcing the model of a shard no longer held (unless a held one shares it).
+fn unannounce(swarm: &mut Swarm<VeilBehaviour>, dropped: &ShardInfo, models: &NodeModels) {
+    if models.find(Some(&dropped.model_digest)).is_some() {
+        return;
+    }
+    let kad = &mut swarm.behaviour_mut().kad;
+    kad.stop_providing(&model_key(&dropped.model_digest));
+    kad.stop_providing(&range_key(
+        &dropped.model_digest,
+        dropped.first_block,
+        dropped.end_block,
+    ));
+}
+
+/// Where a node keeps the shard files handed to it: beside its database.
+fn handoff_dir(state: &std::path::Path) -> PathBuf {
+    state
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("handoff")
 }
 
 /// The peer id at the end of an address, if any.

@@ -1,7 +1,10 @@
 //! What a node holds for one session, whichever protocol opened it, and how a step runs on
 //! it. Plain sessions are opened by [`crate::protocol::infer`], verified and hop sessions by
-//! [`crate::protocol::verify`]; all are stepped through `infer`.
+//! [`crate::protocol::verify`]; all are stepped through `infer`. A session runs on the model it
+//! was opened on to its end, whatever the node serves meanwhile (a shard handed over by
+//! [`crate::protocol::handoff`] replaces the model new sessions get).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use veil_model::{LogitsAt, ShardCache, ShardInput, ShardModel, Tensor};
@@ -13,8 +16,8 @@ use crate::wire::{StepInput, WireTensor};
 
 /// What the node holds for one session.
 pub(crate) enum NodeSession {
-    /// A plain session: the KV cache, and what it has used so far.
-    Plain(ShardCache, SessionUsage),
+    /// A plain session: the KV cache, what it has used so far, and the model it runs on.
+    Plain(ShardCache, SessionUsage, Arc<ShardModel>),
     /// A verified session on a whole-model node: samples, commits, signs at the end.
     Verified(Box<VerifiedSession>),
     /// One hop of a verified split chain: a plain session that records its inputs and outputs
@@ -27,21 +30,36 @@ pub(crate) struct HopSession {
     pub(crate) request_id: String,
     pub(crate) cache: ShardCache,
     pub(crate) transcript: HopTranscript,
+    pub(crate) model: Arc<ShardModel>,
+    /// The digest of the model it runs, which the signed record names.
+    pub(crate) model_digest: String,
 }
 
 /// A verified session and the request it serves.
 pub(crate) struct VerifiedSession {
     pub(crate) request_id: String,
     pub(crate) serving: ServingSession,
+    pub(crate) model: Arc<ShardModel>,
+    /// The digest of the model it runs, which the signed answer names.
+    pub(crate) model_digest: String,
 }
 
 impl NodeSession {
     /// Positions the session holds.
     pub(crate) fn position(&self) -> usize {
         match self {
-            Self::Plain(cache, _) => cache.position(),
+            Self::Plain(cache, ..) => cache.position(),
             Self::Verified(v) => v.serving.position(),
             Self::Hop(h) => h.cache.position(),
+        }
+    }
+
+    /// The model the session was opened on, which all its steps run.
+    pub(crate) fn model(&self) -> &Arc<ShardModel> {
+        match self {
+            Self::Plain(_, _, model) => model,
+            Self::Verified(v) => &v.model,
+            Self::Hop(h) => &h.model,
         }
     }
 }
@@ -56,13 +74,12 @@ pub(crate) enum StepError {
 
 /// Runs one step of a session: hidden states out, or last-position logits for a head shard.
 pub(crate) fn run_step(
-    model: &ShardModel,
     session: &mut NodeSession,
     input: StepInput,
 ) -> Result<WireTensor, StepError> {
     let failed = |e: String| StepError::Failed(NetError::BadMessage(e));
-    let (cache, usage) = match session {
-        NodeSession::Plain(cache, usage) => (cache, usage),
+    let (cache, usage, model) = match session {
+        NodeSession::Plain(cache, usage, model) => (cache, usage, &**model),
         NodeSession::Verified(v) => {
             let StepInput::Tokens(ids) = &input else {
                 return Err(StepError::BadInput(NetError::BadMessage(
@@ -71,7 +88,7 @@ pub(crate) fn run_step(
             };
             let logits = v
                 .serving
-                .step(std::slice::from_ref(model), ids)
+                .step(std::slice::from_ref(&*v.model), ids)
                 .map_err(|e| StepError::BadInput(NetError::BadMessage(e.to_string())))?;
             let n = logits.len();
             let t = Tensor::from_vec(logits, (1, n), &candle_core::Device::Cpu)
@@ -80,11 +97,11 @@ pub(crate) fn run_step(
         }
         NodeSession::Hop(h) => {
             let recorded = input.to_hop_input().map_err(StepError::BadInput)?;
-            let output =
-                run_hop_step(model, &mut h.cache, &recorded).map_err(|e| failed(e.to_string()))?;
+            let output = run_hop_step(&h.model, &mut h.cache, &recorded)
+                .map_err(|e| failed(e.to_string()))?;
             h.transcript.push(&recorded, &output);
             // Hidden states for every position, or the head's logits at the last one.
-            let rows = if model.shard().head {
+            let rows = if h.model.shard().head {
                 1
             } else {
                 recorded.positions()
@@ -157,7 +174,7 @@ pub(crate) fn run_decode_batch(
     let mut caches = Vec::with_capacity(sessions.len());
     let mut usages = Vec::with_capacity(sessions.len());
     for session in sessions.iter_mut() {
-        let NodeSession::Plain(cache, usage) = &mut **session else {
+        let NodeSession::Plain(cache, usage, _) = &mut **session else {
             return Ok(Err(NetError::BadMessage(
                 "only plain sessions decode in a batch".into(),
             )));

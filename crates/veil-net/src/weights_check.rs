@@ -35,6 +35,7 @@ pub async fn challenge_weights(
             node.peer,
             prove::Request::OpenWeights {
                 leaves: asked.clone(),
+                model: Some(node.info.model_digest.clone()),
             },
         )
         .await

@@ -116,6 +116,7 @@ async fn serve_config(
         relays: Vec::new(),
         find_relays: 0,
         probes: Default::default(),
+        handoff: Default::default(),
     };
     more(&mut config);
     let task = tokio::spawn(async move {
@@ -249,11 +250,14 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
     .unwrap();
     let ask = |body| client.infer(peer, body);
 
-    let infer::Response::Info(info) = ask(infer::Request::Info).await.unwrap() else {
+    let infer::Response::Info(info) = ask(infer::Request::Info { model: None }).await.unwrap()
+    else {
         panic!("no info")
     };
     assert_eq!((info.first_block, info.end_block), (10, 20));
-    let infer::Response::Opened { session } = ask(infer::Request::Open).await.unwrap() else {
+    let infer::Response::Opened { session } =
+        ask(infer::Request::Open { model: None }).await.unwrap()
+    else {
         panic!("no session")
     };
 
@@ -293,8 +297,11 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
     });
     refused_with(ask(step(session, nan)).await, "NaN");
     // Two sessions at most: the third is refused, not queued without bound.
-    ask(infer::Request::Open).await.unwrap();
-    refused_with(ask(infer::Request::Open).await, "session slots");
+    ask(infer::Request::Open { model: None }).await.unwrap();
+    refused_with(
+        ask(infer::Request::Open { model: None }).await,
+        "session slots",
+    );
 
     // Oversized: 40 MiB of hidden states is cut off at the node's 32 MiB limit.
     let big = ask(step(session, hidden(vec![18_000, 576]))).await;
@@ -304,11 +311,13 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
     // indices is cut off at 64 KiB, where the same bytes would fit a step.
     let huge_challenge = prove::Request::OpenWeights {
         leaves: vec![0; 200_000],
+        model: None,
     };
     let cut = client.prove(peer, huge_challenge).await;
     assert!(matches!(cut, Err(NetError::PeerFailed { .. })), "{cut:?}");
     let too_many = prove::Request::OpenWeights {
         leaves: vec![0; 129],
+        model: None,
     };
     refused_with(client.prove(peer, too_many).await, "ask for 1 to 128");
 
@@ -346,7 +355,7 @@ async fn a_node_refuses_bad_requests_and_keeps_serving() {
         "{stalled}"
     );
     assert!(matches!(
-        ask(infer::Request::Info).await,
+        ask(infer::Request::Info { model: None }).await,
         Ok(infer::Response::Info(_))
     ));
     assert!(matches!(
@@ -372,8 +381,10 @@ async fn a_node_serves_over_quic() {
     )
     .await
     .unwrap();
-    let infer::Response::Opened { session } =
-        client.infer(peer, infer::Request::Open).await.unwrap()
+    let infer::Response::Opened { session } = client
+        .infer(peer, infer::Request::Open { model: None })
+        .await
+        .unwrap()
     else {
         panic!("no session")
     };
@@ -399,6 +410,7 @@ async fn exact_answer(
                 request_id,
                 sampling: SamplingSpec::from(&SamplingParams::greedy()),
                 commitment: CommitmentMode::Exact,
+                model: None,
             },
         )
         .await
@@ -454,6 +466,7 @@ async fn verification_requests_are_checked_before_any_work() {
         request_id,
         sampling: SamplingSpec::from(&SamplingParams::greedy()),
         commitment: CommitmentMode::Tolerant,
+        model: None,
     };
     refused_with(client.verify(part, open(id.clone())).await, "whole model");
     refused_with(
@@ -522,7 +535,10 @@ async fn verification_requests_are_checked_before_any_work() {
     assert_eq!(reveal.body.verdict, Verdict::Pass);
 
     // The node runs Q4_1 on Veil's kernels, so it offers exact commitments: a digest per chunk.
-    let Ok(infer::Response::Info(info)) = client.infer(node, infer::Request::Info).await else {
+    let Ok(infer::Response::Info(info)) = client
+        .infer(node, infer::Request::Info { model: None })
+        .await
+    else {
         panic!("no info")
     };
     assert!(info.exact);
@@ -652,8 +668,10 @@ async fn a_session_serves_only_the_peer_that_opened_it() {
     let node = start_node(dir.path(), "/ip4/127.0.0.1/tcp/0").await;
     let peer = peer_of(&node).unwrap();
     let (victim, thief) = (stranger(&node).await, stranger(&node).await);
-    let infer::Response::Opened { session } =
-        victim.infer(peer, infer::Request::Open).await.unwrap()
+    let infer::Response::Opened { session } = victim
+        .infer(peer, infer::Request::Open { model: None })
+        .await
+        .unwrap()
     else {
         panic!("no session")
     };
@@ -674,8 +692,10 @@ async fn a_session_serves_only_the_peer_that_opened_it() {
         "unknown session",
     );
     // The thief's own session is a fresh random id, not the next in a sequence.
-    let infer::Response::Opened { session: other } =
-        thief.infer(peer, infer::Request::Open).await.unwrap()
+    let infer::Response::Opened { session: other } = thief
+        .infer(peer, infer::Request::Open { model: None })
+        .await
+        .unwrap()
     else {
         panic!("no session")
     };
@@ -711,15 +731,17 @@ async fn one_peer_cannot_take_every_session_slot_or_position() {
     let (hog, other) = (stranger(&node).await, stranger(&node).await);
     let mut held = Vec::new();
     for _ in 0..2 {
-        let infer::Response::Opened { session } =
-            hog.infer(peer, infer::Request::Open).await.unwrap()
+        let infer::Response::Opened { session } = hog
+            .infer(peer, infer::Request::Open { model: None })
+            .await
+            .unwrap()
         else {
             panic!("no session")
         };
         held.push(session);
     }
     refused_with(
-        hog.infer(peer, infer::Request::Open).await,
+        hog.infer(peer, infer::Request::Open { model: None }).await,
         "the most one peer may",
     );
     // Positions: 4 in one session and 3 in the other pass the per-peer 6.
@@ -730,8 +752,10 @@ async fn one_peer_cannot_take_every_session_slot_or_position() {
     hog.infer(peer, step(held[0], 4)).await.unwrap();
     refused_with(hog.infer(peer, step(held[1], 3)).await, "per peer");
     // Everyone else is still served.
-    let infer::Response::Opened { session } =
-        other.infer(peer, infer::Request::Open).await.unwrap()
+    let infer::Response::Opened { session } = other
+        .infer(peer, infer::Request::Open { model: None })
+        .await
+        .unwrap()
     else {
         panic!("the other peer found no free slot")
     };
@@ -862,7 +886,9 @@ async fn one_peer_cannot_hold_more_than_its_share_of_connections() {
     // Others are still served.
     let client = stranger(&node).await;
     assert!(matches!(
-        client.infer(peer, infer::Request::Info).await,
+        client
+            .infer(peer, infer::Request::Info { model: None })
+            .await,
         Ok(infer::Response::Info(_))
     ));
 }
@@ -1066,7 +1092,7 @@ async fn one_peer_cannot_hold_more_than_its_share_of_requests_in_flight() {
             .behaviour_mut()
             .send_request(&peer, b"STALL\xa2\x67".to_vec());
     }
-    let info = cbor4ii::serde::to_vec(Vec::new(), &infer::Request::Info).unwrap();
+    let info = cbor4ii::serde::to_vec(Vec::new(), &infer::Request::Info { model: None }).unwrap();
     let mut asked = None;
     let started = tokio::time::Instant::now();
     let answer = loop {
@@ -1095,7 +1121,9 @@ async fn one_peer_cannot_hold_more_than_its_share_of_requests_in_flight() {
     // Others are served meanwhile.
     let client = stranger(&node).await;
     assert!(matches!(
-        client.infer(peer, infer::Request::Info).await,
+        client
+            .infer(peer, infer::Request::Info { model: None })
+            .await,
         Ok(infer::Response::Info(_))
     ));
 }
@@ -1121,7 +1149,10 @@ async fn a_node_short_of_memory_takes_no_new_connections() {
     )
     .await
     {
-        Ok(client) => client.infer(peer, infer::Request::Info).await.is_ok(),
+        Ok(client) => client
+            .infer(peer, infer::Request::Info { model: None })
+            .await
+            .is_ok(),
         Err(_) => false,
     };
     assert!(
@@ -1251,8 +1282,10 @@ async fn decode_four(client: &SwarmClient, peer: libp2p::PeerId, together: bool)
     let mut sessions = Vec::new();
     let mut next = Vec::new();
     for prompt in prompts {
-        let infer::Response::Opened { session } =
-            client.infer(peer, infer::Request::Open).await.unwrap()
+        let infer::Response::Opened { session } = client
+            .infer(peer, infer::Request::Open { model: None })
+            .await
+            .unwrap()
         else {
             panic!("no session")
         };

@@ -72,6 +72,7 @@ fn serve(
         relays: Vec::new(),
         find_relays: 0,
         probes: Default::default(),
+        handoff: Default::default(),
     };
     runtime.spawn(async move {
         veil_net::run_node(config, futures::future::pending())
@@ -112,7 +113,7 @@ fn squat(runtime: &tokio::runtime::Runtime, bootstrap: &Multiaddr, claims: Shard
                         message: Message::Request { request, channel, .. }, ..
                     })) => {
                         let answer = match request {
-                            infer::Request::Info => infer::Response::Info(claims.clone()),
+                            infer::Request::Info { .. } => infer::Response::Info(claims.clone()),
                             _ => infer::Response::Refused(Refusal::new(ErrorKind::Internal, "squatting")),
                         };
                         let _ = swarm.behaviour_mut().infer.send_response(channel, answer);
@@ -121,7 +122,7 @@ fn squat(runtime: &tokio::runtime::Runtime, bootstrap: &Multiaddr, claims: Shard
                         message: Message::Request { request, channel, .. }, ..
                     })) => {
                         let answer = match request {
-                            prove::Request::OpenWeights { leaves } => prove::Response::WeightOpenings(Box::new(Openings {
+                            prove::Request::OpenWeights { leaves, .. } => prove::Response::WeightOpenings(Box::new(Openings {
                                 openings: leaves
                                     .into_iter()
                                     .map(|index| Opening {

@@ -54,6 +54,7 @@ fn serve(
         relays: Vec::new(),
         find_relays: 0,
         probes: Default::default(),
+        handoff: Default::default(),
     };
     runtime.spawn(async move {
         veil_net::run_node(config, futures::future::pending())

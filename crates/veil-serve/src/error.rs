@@ -34,6 +34,15 @@ pub enum ServeError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Handing a re-encrypted model's shards to the swarm's nodes failed.
+    #[error("{what}")]
+    Handoff {
+        /// What was being done, and with which node.
+        what: String,
+        /// The cause.
+        #[source]
+        source: veil_net::NetError,
+    },
     /// An argument or input that cannot be served, with what to do instead.
     #[error("{0}")]
     Invalid(String),

@@ -1,9 +1,10 @@
-//! The key of an encrypted model that the gateway runs itself, replaced on a
-//! [`RotationPolicy`]: the frequency attack reads more of the token stream the more tokens one
-//! key serves (docs/THREAT_MODEL.md). When a key has served its budget, a fresh key of the same
-//! kind is drawn, the plaintext model is encrypted under it and loaded, all on a thread of its
-//! own, and only then swapped in. Requests already running finish under the old key, and a
-//! rotation that fails anywhere leaves the old key serving.
+//! The key of an encrypted model, replaced on a [`RotationPolicy`]: the frequency attack reads
+//! more of the token stream the more tokens one key serves (docs/THREAT_MODEL.md). When a key
+//! has served its budget, a fresh key of the same kind is drawn and the plaintext model is
+//! encrypted under it, on a thread of its own; a [`KeyInstaller`] makes the new model ready
+//! where it runs (loaded in this process, or handed to the swarm's nodes as shards,
+//! [`crate::key_handoff`]), and only then is it swapped in. Requests already running finish
+//! under the old key, and a rotation that fails anywhere leaves the old key serving.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,34 @@ pub struct Privacy {
     pub key: EeKey,
     /// The encrypted shards, for a model run in this process (empty when nodes run it).
     pub shards: Vec<ShardModel>,
+    /// Where the swarm's nodes serve the model under this key, once the key has rotated
+    /// there (`None`: as the swarm connection says).
+    pub nodes: Option<NodesServing>,
+}
+
+impl Privacy {
+    /// A key whose model runs in this process (`shards`), or on the swarm as its connection
+    /// says (no shards).
+    pub fn new(key: EeKey, shards: Vec<ShardModel>) -> Self {
+        Self {
+            key,
+            shards,
+            nodes: None,
+        }
+    }
+}
+
+/// The model the swarm's nodes serve for a rotated key.
+pub struct NodesServing {
+    /// The digest of the encrypted file the nodes hold shards of.
+    pub digest: String,
+    /// The checks a node must pass to serve it (its weights are this key's).
+    pub admission: Option<Arc<veil_net::Admission>>,
+    /// The nodes handed shards of it.
+    pub nodes: Vec<libp2p::PeerId>,
+    /// The encrypted file, kept while the key is in use (weight openings are checked against
+    /// it); removed with it.
+    pub file: Arc<tempfile::TempDir>,
 }
 
 /// Loads an encrypted model file as the gateway runs it (its block ranges, format, kernels).
@@ -32,7 +61,43 @@ pub type ShardLoader = Box<
         + Sync,
 >;
 
-/// How a gateway that runs its encrypted model itself replaces the key.
+/// Makes a model encrypted under a new key ready where it runs, without serving it yet.
+pub trait KeyInstaller: Send + Sync {
+    /// Readies the model encrypted under `key` at `file` (in `dir`, which the installer may
+    /// keep) to replace `old`'s; on failure, leaves nothing of it behind.
+    fn stage(
+        &self,
+        dir: tempfile::TempDir,
+        file: &Path,
+        key: EeKey,
+        old: &Privacy,
+    ) -> Result<Privacy>;
+
+    /// `new` has replaced `old`: new requests use it, and what only `old` needed may go.
+    fn promote(&self, _old: &Privacy, _new: &Privacy) {}
+}
+
+/// Loads the new model into this process.
+pub struct LoadHere(pub ShardLoader);
+
+impl KeyInstaller for LoadHere {
+    fn stage(
+        &self,
+        _dir: tempfile::TempDir,
+        file: &Path,
+        key: EeKey,
+        _: &Privacy,
+    ) -> Result<Privacy> {
+        // The file is removed with `_dir` once loaded.
+        let shards = (self.0)(file, &key).map_err(|source| ServeError::Load {
+            what: "cannot load the re-encrypted model".into(),
+            source,
+        })?;
+        Ok(Privacy::new(key, shards))
+    }
+}
+
+/// How a gateway replaces the key of its encrypted model.
 pub struct KeyRotation {
     /// When a key has served enough.
     pub policy: RotationPolicy,
@@ -40,8 +105,8 @@ pub struct KeyRotation {
     pub plain: PathBuf,
     /// Its architecture, which a new key's shapes follow.
     pub config: LlamaConfig,
-    /// Loads an encrypted file the way the first one was loaded.
-    pub load: ShardLoader,
+    /// Readies each new key's model where it runs.
+    pub install: Box<dyn KeyInstaller>,
 }
 
 /// The encrypted model in use, what its key has served, and how it is replaced.
@@ -58,8 +123,7 @@ pub struct KeyedModel {
 }
 
 impl KeyedModel {
-    /// `privacy` under `rotation` (`None`: the key never changes, as on the swarm, whose nodes
-    /// hold shards of the encrypted file).
+    /// `privacy` under `rotation` (`None`: the key never changes).
     pub fn new(privacy: Privacy, rotation: Option<KeyRotation>) -> Self {
         Self {
             current: RwLock::new(Arc::new(privacy)),
@@ -113,14 +177,16 @@ impl KeyedModel {
         };
         let old = self.current();
         let started = Instant::now();
-        match fresh_model(rotation, &old.key) {
+        match fresh_model(rotation, &old) {
             Ok(fresh) => {
-                let (new, old) = (fresh.key.fingerprint(), old.key.fingerprint());
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+                let fresh = Arc::new(fresh);
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&fresh);
                 *self.usage.lock().unwrap_or_else(|e| e.into_inner()) = (Instant::now(), 0);
+                rotation.install.promote(&old, &fresh);
                 self.done.inc();
+                let (new, old) = (fresh.key.fingerprint(), old.key.fingerprint());
                 tracing::info!(
-                    "rotated the key: {} replaces {} ({:.1} s to re-encrypt and load)",
+                    "rotated the key: {} replaces {} ({:.1} s to re-encrypt and install)",
                     new.get(..16).unwrap_or(&new),
                     old.get(..16).unwrap_or(&old),
                     started.elapsed().as_secs_f64()
@@ -135,16 +201,14 @@ impl KeyedModel {
     }
 }
 
-/// The plaintext model encrypted under a fresh key of `old`'s kind, loaded. The file is
-/// written next to nothing the user owns (a temporary directory) and removed once loaded.
-fn fresh_model(rotation: &KeyRotation, old: &EeKey) -> Result<Privacy> {
-    let key = EeKey::generate_of_kind(&rotation.config, &old.model_digest, old.kind());
+/// The plaintext model encrypted under a fresh key of `old`'s kind, installed. The file is
+/// written next to nothing the user owns (a temporary directory), which the installer keeps
+/// or drops.
+fn fresh_model(rotation: &KeyRotation, old: &Privacy) -> Result<Privacy> {
+    let kind = old.key.kind();
+    let key = EeKey::generate_of_kind(&rotation.config, &old.key.model_digest, kind);
     let dir = tempfile::tempdir().map_err(ServeError::io("no room for the re-encrypted model"))?;
     let file = dir.path().join("rotated.gguf");
     veil_ee::encrypt_model(&rotation.plain, &key, &file)?;
-    let shards = (rotation.load)(&file, &key).map_err(|source| ServeError::Load {
-        what: "cannot load the re-encrypted model".into(),
-        source,
-    })?;
-    Ok(Privacy { key, shards })
+    rotation.install.stage(dir, &file, key, old)
 }

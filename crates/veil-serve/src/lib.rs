@@ -7,7 +7,8 @@
 //!   encrypted), and verified answers ([`backend::Committee`], [`backend::VerifiedChain`]).
 //! - [`accel`]: the bridge between MetaInf's catalogue and the runtime.
 //! - [`gateway`]: the HTTP gateway, whose handlers check a request and hand it to a backend.
-//! - [`key_rotation`]: replacing the key of an encrypted model a gateway runs itself.
+//! - [`key_rotation`]: replacing the key of an encrypted model, where it runs;
+//!   [`key_handoff`]: handing the swarm's nodes the re-encrypted shards.
 //! - [`evidence`]: evidence against lying nodes, kept as files.
 
 pub mod accel;
@@ -15,6 +16,7 @@ pub mod backend;
 pub mod error;
 pub mod evidence;
 pub mod gateway;
+pub mod key_handoff;
 pub mod key_rotation;
 
 pub use backend::{Answer, Backend, Failure, Request};

@@ -20,6 +20,7 @@ use veil_model::ShardModel;
 use super::{refuse, Answer, ErrorKind, ProtocolSpec, Refusal};
 use crate::error::NetError;
 use crate::history::SessionUsage;
+use crate::node_models::NodeModels;
 use crate::node_session::{run_decode_batch, run_step, NodeSession, StepError};
 use crate::sessions::{SessionRefusal, SessionTable};
 use crate::wire::{SessionId, ShardInfo, StepInput, WireTensor};
@@ -28,7 +29,7 @@ use crate::wire::{SessionId, ShardInfo, StepInput, WireTensor};
 /// f32), 16 requests in flight per connection. An honest client needs far fewer: a node gives
 /// it 4 sessions, one step in flight each.
 pub const PROTOCOL: ProtocolSpec = ProtocolSpec {
-    name: "/veil/infer/2",
+    name: "/veil/infer/3",
     max_request_bytes: 32 << 20,
     max_response_bytes: 32 << 20,
     max_streams: 16,
@@ -37,10 +38,20 @@ pub const PROTOCOL: ProtocolSpec = ProtocolSpec {
 /// A request to a shard node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
-    /// What do you serve?
-    Info,
-    /// Open a session with an empty cache.
-    Open,
+    /// What do you serve (of model `model`, if named: a node may hold a second model while
+    /// an encrypted model's key rotates, [`super::handoff`])?
+    Info {
+        /// The model asked about; `None`: the one new sessions get.
+        #[serde(default)]
+        model: Option<String>,
+    },
+    /// Open a session with an empty cache, on model `model` if named: the session runs on it
+    /// to the end, whatever the node serves meanwhile.
+    Open {
+        /// The model the session runs; `None`: the one new sessions get.
+        #[serde(default)]
+        model: Option<String>,
+    },
     /// Run new positions of a session; returns hidden states, or logits at the last position
     /// for a shard with the head.
     Step {
@@ -113,23 +124,41 @@ pub(crate) enum Handled {
 /// Validates a request from `peer` and answers it, or hands a step over.
 pub(crate) fn handle(
     sessions: &mut SessionTable<NodeSession>,
-    model: &ShardModel,
-    info: &ShardInfo,
+    models: &NodeModels,
     peer: PeerId,
     request: Request,
 ) -> Handled {
+    let not_held = |model: &str| {
+        refuse(
+            ErrorKind::BadRequest,
+            format!(
+                "this node serves model {}, not {model}",
+                models.current().info.model_digest
+            ),
+        )
+    };
     Handled::Now(match request {
-        Request::Info => Response::Info(info.clone()),
-        Request::Open => match sessions.open(
-            peer,
-            NodeSession::Plain(model.new_cache(), SessionUsage::default()),
-            Instant::now(),
-        ) {
-            Ok(session) => {
-                info!("opened session {session} for {peer}");
-                Response::Opened { session }
-            }
-            Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+        Request::Info { model } => match models.find(model.as_deref()) {
+            Some(shard) => Response::Info(shard.info.clone()),
+            None => not_held(model.as_deref().unwrap_or_default()),
+        },
+        Request::Open { model } => match models.find(model.as_deref()) {
+            None => not_held(model.as_deref().unwrap_or_default()),
+            Some(shard) => match sessions.open(
+                peer,
+                NodeSession::Plain(
+                    shard.model.new_cache(),
+                    SessionUsage::default(),
+                    Arc::clone(&shard.model),
+                ),
+                Instant::now(),
+            ) {
+                Ok(session) => {
+                    info!("opened session {session} for {peer}");
+                    Response::Opened { session }
+                }
+                Err(e) => refuse(ErrorKind::Busy, e.to_string()),
+            },
         },
         Request::Close { session } => match sessions.close(peer, session) {
             Some(closed) => return Handled::Closed(closed),
@@ -139,7 +168,12 @@ pub(crate) fn handle(
             ),
         },
         Request::Step { session, input } => {
-            if let Err(e) = info.check_input(&input, model.config().vocab_size) {
+            // Every held shard has the same blocks and shapes (checked at handoff).
+            let current = models.current();
+            if let Err(e) = current
+                .info
+                .check_input(&input, current.model.config().vocab_size)
+            {
                 return Handled::Now(refuse(ErrorKind::BadRequest, e.to_string()));
             }
             match sessions.take(peer, session, input.len()) {
@@ -164,36 +198,34 @@ pub(crate) struct StepDone {
     channel: ResponseChannel<Response>,
 }
 
-/// Runs a step on a blocking thread; the outcome comes back on `done`.
+/// Runs a step on a blocking thread, on the model its session was opened on; the outcome comes
+/// back on `done`.
 pub(crate) fn spawn_step(
-    model: &Arc<ShardModel>,
     (session, cache, input): (SessionId, NodeSession, StepInput),
     channel: ResponseChannel<Response>,
     done: &mpsc::UnboundedSender<StepDone>,
 ) {
-    let (model, done) = (Arc::clone(model), done.clone());
+    let done = done.clone();
     tokio::task::spawn_blocking(move || {
-        let _ = done.send(step_alone(&model, session, cache, input, channel));
+        let _ = done.send(step_alone(session, cache, input, channel));
     });
 }
 
 /// Runs one step on this thread. A step that panics still answers, and its session is dropped
 /// rather than held as running forever.
 fn step_alone(
-    model: &ShardModel,
     session: SessionId,
     mut cache: NodeSession,
     input: StepInput,
     channel: ResponseChannel<Response>,
 ) -> StepDone {
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_step(model, &mut cache, input)
-    }))
-    .unwrap_or_else(|_| {
-        Err(StepError::Failed(NetError::BadMessage(
-            "the step failed inside the model; the session is dropped".into(),
-        )))
-    });
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_step(&mut cache, input)))
+            .unwrap_or_else(|_| {
+                Err(StepError::Failed(NetError::BadMessage(
+                    "the step failed inside the model; the session is dropped".into(),
+                )))
+            });
     StepDone {
         session,
         cache,
@@ -220,6 +252,8 @@ struct Queued {
 pub(crate) struct DecodeBatcher {
     queue: std::sync::mpsc::Sender<Queued>,
     context_length: usize,
+    /// The model it runs: sessions opened on another shard step alone.
+    model: Arc<ShardModel>,
 }
 
 impl DecodeBatcher {
@@ -233,15 +267,16 @@ impl DecodeBatcher {
             return None;
         }
         let (queue, rx) = std::sync::mpsc::channel();
-        let (model, done) = (Arc::clone(model), done.clone());
+        let (batched, done) = (Arc::clone(model), done.clone());
         let context_length = model.config().context_length;
         std::thread::Builder::new()
             .name("veil-decode-batch".into())
-            .spawn(move || decode_batches(&model, &rx, &done))
+            .spawn(move || decode_batches(&batched, &rx, &done))
             .ok()?;
         Some(Self {
             queue,
             context_length,
+            model: Arc::clone(model),
         })
     }
 
@@ -257,6 +292,7 @@ impl DecodeBatcher {
     )> {
         let fits = input.len() == 1
             && matches!(cache, NodeSession::Plain(..))
+            && Arc::ptr_eq(cache.model(), &self.model)
             && cache.position() < self.context_length;
         if !fits {
             return Some(((session, cache, input), channel));
@@ -295,11 +331,11 @@ fn decode_batches(
         let (same, other): (Vec<Queued>, Vec<Queued>) =
             batch.into_iter().partition(|q| tokens(q) == kind);
         for q in other {
-            let _ = done.send(step_alone(model, q.session, q.cache, q.input, q.channel));
+            let _ = done.send(step_alone(q.session, q.cache, q.input, q.channel));
         }
         if same.len() == 1 {
             for q in same {
-                let _ = done.send(step_alone(model, q.session, q.cache, q.input, q.channel));
+                let _ = done.send(step_alone(q.session, q.cache, q.input, q.channel));
             }
             continue;
         }
@@ -332,7 +368,7 @@ fn decode_batches(
             Ok(Ok(Err(_))) => {
                 for ((cache, (session, channel)), input) in caches.into_iter().zip(rest).zip(inputs)
                 {
-                    let _ = done.send(step_alone(model, session, cache, input, channel));
+                    let _ = done.send(step_alone(session, cache, input, channel));
                 }
             }
             // The shard failed part-way: every cache in the pass may be half updated.

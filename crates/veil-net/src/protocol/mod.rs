@@ -5,7 +5,9 @@
 //! - [`infer`]: sessions on a shard, the steps a chain of nodes runs;
 //! - [`verify`]: verified sessions and split-chain hops, signed answers, and judging them;
 //! - [`prove`]: what a node holds and where it runs: weight openings, TEE evidence, proofs of a
-//!   private model's answers.
+//!   private model's answers;
+//! - [`handoff`]: a key holder hands a node the shard of its model re-encrypted under a new
+//!   key, so the key rotates on the swarm.
 //!
 //! A quota or a new request lives in the slice it belongs to. The protocol names carry the
 //! version, so a peer speaking another one is told so when the stream is negotiated.
@@ -18,6 +20,7 @@ use libp2p::request_response::{self, cbor, ProtocolSupport};
 use libp2p::StreamProtocol;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+pub mod handoff;
 pub mod infer;
 pub mod prove;
 pub mod verify;

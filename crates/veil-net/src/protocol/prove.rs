@@ -7,7 +7,6 @@
 //! made [`MAX_CHALLENGES_IN_FLIGHT`] at once and proofs [`MAX_PROOFS_IN_FLIGHT`] at once, each
 //! on a blocking thread; more are refused as busy.
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
@@ -15,9 +14,9 @@ use libp2p::request_response::ResponseChannel;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use veil_model::GgufFile;
-use veil_zk::WeightsCommitment;
 
 use super::{refuse, Answer, ErrorKind, InFlight, ProtocolSpec, Refusal};
+use crate::node_models::NodeModels;
 
 /// The protocol: requests up to 64 KiB (the most leaves one may ask for is
 /// [`veil_zk::MAX_OPENINGS`]); answers up to 16 MiB (that many 64 KiB chunks with their
@@ -41,6 +40,10 @@ pub enum Request {
     OpenWeights {
         /// Leaf indices, at most [`veil_zk::MAX_OPENINGS`].
         leaves: Vec<u32>,
+        /// The model whose weights are opened (`None`: the one new sessions get); a node may
+        /// hold two while an encrypted model's key rotates.
+        #[serde(default)]
+        model: Option<String>,
     },
     /// Prove you run in a TEE: evidence naming your key and this nonce.
     Attest {
@@ -85,9 +88,6 @@ pub(crate) type Proved = (ResponseChannel<Response>, Response);
 
 /// The node's side of the protocol: what it can show, and the work in flight.
 pub(crate) struct ProveService {
-    /// The shard file, reopened for each opening.
-    shard: PathBuf,
-    weights: Arc<WeightsCommitment>,
     /// Where TEE evidence comes from, and the key it must name.
     tee: Option<(veil_tee::EvidenceSource, Vec<u8>)>,
     zk: Option<Arc<veil_zk::proof::Prover>>,
@@ -97,19 +97,14 @@ pub(crate) struct ProveService {
 }
 
 impl ProveService {
-    /// The service of a node serving `shard` under `weights`, in the TEE `tee` (with the public
-    /// key its evidence names), proving `zk`'s answers; answers made later come back on the
-    /// receiver.
+    /// The service of a node in the TEE `tee` (with the public key its evidence names),
+    /// proving `zk`'s answers; answers made later come back on the receiver.
     pub(crate) fn new(
-        shard: PathBuf,
-        weights: Arc<WeightsCommitment>,
         tee: Option<(veil_tee::EvidenceSource, Vec<u8>)>,
         zk: Option<Arc<veil_zk::proof::Prover>>,
     ) -> (Self, mpsc::UnboundedReceiver<Proved>) {
         let (proved, rx) = mpsc::unbounded_channel();
         let service = Self {
-            shard,
-            weights,
             tee,
             zk,
             proofs: Arc::new(AtomicUsize::new(0)),
@@ -119,19 +114,25 @@ impl ProveService {
         (service, rx)
     }
 
-    /// Validates a request and answers it (`Some`), or starts the work on a blocking thread.
+    /// Validates a request and answers it (`Some`), or starts the work on a blocking thread;
+    /// weights are opened from the held shard the request names.
     pub(crate) fn handle(
         &self,
+        models: &NodeModels,
         request: Request,
         channel: ResponseChannel<Response>,
     ) -> Option<Proved> {
         match request {
-            Request::OpenWeights { leaves } => {
+            Request::OpenWeights { leaves, model } => {
                 if leaves.is_empty() || leaves.len() > veil_zk::MAX_OPENINGS {
                     let ask = format!("ask for 1 to {} leaves", veil_zk::MAX_OPENINGS);
                     return Some((channel, refuse(ErrorKind::BadRequest, ask)));
                 }
-                let (weights, path) = (Arc::clone(&self.weights), self.shard.clone());
+                let Some(shard) = models.find(model.as_deref()) else {
+                    let why = format!("this node holds no shard of model {model:?}");
+                    return Some((channel, refuse(ErrorKind::BadRequest, why)));
+                };
+                let (weights, path) = (Arc::clone(&shard.weights), shard.file.clone());
                 self.spawn(
                     &self.challenges,
                     MAX_CHALLENGES_IN_FLIGHT,

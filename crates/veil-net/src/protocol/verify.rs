@@ -29,6 +29,7 @@ use veil_verify::{
 
 use super::infer::session_refused;
 use super::{refuse, Answer, ErrorKind, InFlight, ProtocolSpec, Refusal};
+use crate::node_models::{NodeModels, ServedShard};
 use crate::node_session::{HopSession, NodeSession, VerifiedSession};
 use crate::sessions::SessionTable;
 use crate::wire::{SessionId, ShardInfo, StepInput};
@@ -126,6 +127,10 @@ pub enum Request {
         /// [`ShardInfo::exact`] (the client asks for it when every judge does too).
         #[serde(default)]
         commitment: CommitmentMode,
+        /// The model the session runs (`None`: the one new sessions get); a node may hold two
+        /// while an encrypted model's key rotates.
+        #[serde(default)]
+        model: Option<String>,
     },
     /// End a verified session; the answer comes back as a job signed by the node.
     Finish {
@@ -137,6 +142,9 @@ pub enum Request {
     OpenHop {
         /// The chain's request id: 64 hex digits.
         request_id: String,
+        /// The model the hop runs, as in [`Request::OpenVerified`].
+        #[serde(default)]
+        model: Option<String>,
     },
     /// End a hop session; its record comes back signed by the node.
     FinishHop {
@@ -245,33 +253,56 @@ impl VerifyService {
         (service, rx)
     }
 
+    /// Signs and judges for `info` from now on: the node was handed a new shard to serve.
+    /// Judgements already running finish under the claims they started with.
+    pub(crate) fn serve(&mut self, info: &ShardInfo) {
+        self.judge = Arc::new(Judge {
+            key: self.judge.key.clone(),
+            digest: info.model_digest.clone(),
+            format: info.format.clone(),
+            whole: info.is_whole(),
+            misbehave: self.judge.misbehave,
+        });
+    }
+
     /// Validates a request from `peer` and answers it (`Some`), or starts a judgement whose
     /// answer comes back later.
+    /// Sessions open on the shard they name; judging runs on the current one.
     pub(crate) fn handle(
         &mut self,
         sessions: &mut SessionTable<NodeSession>,
-        model: &Arc<ShardModel>,
-        info: &ShardInfo,
+        models: &NodeModels,
         peer: PeerId,
         request: Request,
         channel: ResponseChannel<Response>,
     ) -> Option<(ResponseChannel<Response>, Response)> {
         let now = Instant::now();
         let judge = &self.judge;
+        let (model, info) = (&models.current().model, &models.current().info);
+        let not_held = |model: &Option<String>| {
+            refuse(
+                ErrorKind::BadRequest,
+                format!("this node holds no shard of model {model:?}"),
+            )
+        };
         let response = match request {
             Request::OpenVerified {
                 request_id,
                 sampling,
                 commitment,
-            } => open_verified(
-                sessions, model, judge, peer, request_id, sampling, commitment,
-            ),
+                model,
+            } => match models.find(model.as_deref()) {
+                Some(shard) => open_verified(
+                    sessions, shard, judge, peer, request_id, sampling, commitment,
+                ),
+                None => not_held(&model),
+            },
             Request::Finish { session } => match sessions.take(peer, session, 0) {
                 Ok((NodeSession::Verified(v), _)) => {
                     sessions.discard(session);
                     let job = Job {
                         request_id: v.request_id,
-                        model_digest: info.model_digest.clone(),
+                        model_digest: v.model_digest,
                         format: info.format.clone(),
                         generator: judge.key.public().to_peer_id().to_string(),
                         claim: v.serving.finish(),
@@ -290,13 +321,16 @@ impl VerifyService {
                 }
                 Err(e) => Response::Refused(session_refused(e)),
             },
-            Request::OpenHop { request_id } => open_hop(sessions, model, info, peer, request_id),
+            Request::OpenHop { request_id, model } => match models.find(model.as_deref()) {
+                Some(shard) => open_hop(sessions, shard, peer, request_id),
+                None => not_held(&model),
+            },
             Request::FinishHop { session } => match sessions.take(peer, session, 0) {
                 Ok((NodeSession::Hop(h), _)) => {
                     sessions.discard(session);
                     let job = HopJob {
                         request_id: h.request_id,
-                        model_digest: info.model_digest.clone(),
+                        model_digest: h.model_digest,
                         format: info.format.clone(),
                         node: judge.key.public().to_peer_id().to_string(),
                         first_block: info.first_block,
@@ -425,7 +459,7 @@ impl VerifyService {
 /// Opens a verified session for `peer`, if this node serves the whole model.
 fn open_verified(
     sessions: &mut SessionTable<NodeSession>,
-    model: &ShardModel,
+    shard: &ServedShard,
     judge: &Judge,
     peer: PeerId,
     request_id: String,
@@ -442,7 +476,7 @@ fn open_verified(
         return refuse(ErrorKind::BadRequest, "a request id is 64 hex digits");
     }
     let fault_seed = rand::random();
-    let shards = std::slice::from_ref(model);
+    let shards = std::slice::from_ref(&*shard.model);
     let serving = sampling.params().map_err(|e| e.to_string()).and_then(|p| {
         ServingSession::new(shards, p, judge.misbehave, fault_seed)
             .and_then(|s| s.with_commitment(shards, commitment))
@@ -455,6 +489,8 @@ fn open_verified(
     let state = NodeSession::Verified(Box::new(VerifiedSession {
         request_id,
         serving,
+        model: Arc::clone(&shard.model),
+        model_digest: shard.info.model_digest.clone(),
     }));
     match sessions.open(peer, state, Instant::now()) {
         Ok(session) => {
@@ -468,12 +504,11 @@ fn open_verified(
 /// Opens a hop session for `peer`, if this node's kernels are bit-reproducible.
 fn open_hop(
     sessions: &mut SessionTable<NodeSession>,
-    model: &ShardModel,
-    info: &ShardInfo,
+    shard: &ServedShard,
     peer: PeerId,
     request_id: String,
 ) -> Response {
-    if !info.exact {
+    if !shard.info.exact {
         return refuse(
             ErrorKind::BadRequest,
             "hops of verified chains are checked bit for bit, and this node's kernels are not \
@@ -485,8 +520,10 @@ fn open_hop(
     }
     let state = NodeSession::Hop(Box::new(HopSession {
         request_id,
-        cache: model.new_cache(),
+        cache: shard.model.new_cache(),
         transcript: HopTranscript::new(),
+        model: Arc::clone(&shard.model),
+        model_digest: shard.info.model_digest.clone(),
     }));
     match sessions.open(peer, state, Instant::now()) {
         Ok(session) => {

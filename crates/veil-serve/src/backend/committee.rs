@@ -48,16 +48,18 @@ impl Backend for Committee {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Answer, Failure> {
         let swarm = &self.connection;
-        let order: Box<dyn veil_model::TokenOrder + Sync> = match &self.key {
-            Some(keyed) => Box::new(veil_ee::EncryptedOrder::new(&keyed.current().key)),
+        let privacy = self.key.as_ref().map(|keyed| keyed.current());
+        let order: Box<dyn veil_model::TokenOrder + Sync> = match &privacy {
+            Some(privacy) => Box::new(veil_ee::EncryptedOrder::new(&privacy.key)),
             None => Box::new(veil_model::PlainOrder),
         };
+        let (digest, admission) = swarm.target(privacy.as_deref());
         let recheck = |job: &veil_verify::Job| match &swarm.recheck {
             Some(local) => local.passes(job),
             None => Err("no recheck".into()),
         };
         let verified = veil_net::VerifiedRequest {
-            model_digest: &swarm.digest,
+            model_digest: digest,
             prompt: request.prompt,
             order: order.as_ref(),
             params: request.params,
@@ -65,7 +67,7 @@ impl Backend for Committee {
             size: self.size,
             seed: &self.seating.seed,
             request_id: self.seating.request_id(),
-            gate: swarm.admission.as_deref(),
+            gate: admission.as_deref(),
             cancelled: request.cancelled,
             recheck: swarm
                 .recheck

@@ -40,6 +40,18 @@ pub struct SwarmConnection {
 }
 
 impl SwarmConnection {
+    /// The model the nodes serve under `privacy`'s key (or the connection's, for plaintext or
+    /// a key that never rotated), and the checks they must pass to serve it.
+    pub fn target<'a>(
+        &'a self,
+        privacy: Option<&'a crate::key_rotation::Privacy>,
+    ) -> (&'a str, Option<Arc<veil_net::Admission>>) {
+        match privacy.and_then(|p| p.nodes.as_ref()) {
+            Some(nodes) => (&nodes.digest, nodes.admission.clone()),
+            None => (&self.digest, self.admission.clone()),
+        }
+    }
+
     /// Nodes a committee caught lying, to leave out.
     fn avoided(&self) -> Result<HashSet<libp2p::PeerId>, veil_net::NetError> {
         match &self.state {
@@ -99,14 +111,17 @@ impl Backend for SwarmChain {
             front: Arc::clone(front),
             head: Arc::clone(head),
         });
+        // The key a request starts with is the one it ends with, on that key's nodes.
+        let privacy = self.key.as_ref().map(|keyed| keyed.current());
+        let (digest, admission) = swarm.target(privacy.as_deref());
         let mut chain = RemoteChain::open_gated(
             swarm.client.clone(),
             swarm.runtime.clone(),
-            &swarm.digest,
+            digest,
             config.block_count,
             split,
             &avoid,
-            swarm.admission.clone(),
+            admission,
         )
         .map_err(Failure::NoRoute)?;
         let mut counted = CountedChain {
@@ -114,8 +129,6 @@ impl Backend for SwarmChain {
             counted: 0,
             gauge: self.sessions.as_ref(),
         };
-        // The key a request starts with is the one it ends with.
-        let privacy = self.key.as_ref().map(|keyed| keyed.current());
         let inner: Box<dyn TokenStep + '_> = match &privacy {
             Some(p) => Box::new(veil_ee::EncryptedStep::new(&p.key, &mut counted)),
             None => Box::new(&mut counted),

@@ -622,11 +622,9 @@ impl Gateway {
                 reputation: None,
             }];
         };
-        let mut found = swarm
-            .client
-            .discover(&swarm.digest)
-            .await
-            .unwrap_or_default();
+        let privacy = self.keyed.as_ref().map(|keyed| keyed.current());
+        let (digest, _) = swarm.target(privacy.as_deref());
+        let mut found = swarm.client.discover(digest).await.unwrap_or_default();
         found.sort_by_key(|c| (c.info.first_block, c.info.end_block));
         let reputation: HashMap<String, i64> = swarm
             .state

@@ -153,7 +153,7 @@ fn build(args: &GenerateArgs) -> Result<Built> {
         let key = crate::commands::ee::read_key(key)?;
         let text = Arc::new(LocalModel::open_text(&args.model.resolve_path()?)?);
         let shards = crate::commands::ee::load_encrypted(encrypted, &key, &args.model)?;
-        let keyed = Arc::new(KeyedModel::new(Privacy { key, shards }, None));
+        let keyed = Arc::new(KeyedModel::new(Privacy::new(key, shards), None));
         return Ok(Built {
             backend: Box::new(EncryptedLocal::new(Arc::clone(&text), keyed)),
             text,
@@ -216,10 +216,7 @@ fn build_swarm(args: &GenerateArgs) -> Result<Built> {
     let text = Arc::new(LocalModel::open_text(&path)?);
     let key = match &args.key {
         Some(key) => Some(Arc::new(KeyedModel::new(
-            Privacy {
-                key: crate::commands::ee::read_key(key)?,
-                shards: Vec::new(),
-            },
+            Privacy::new(crate::commands::ee::read_key(key)?, Vec::new()),
             None,
         ))),
         None => None,
@@ -271,13 +268,7 @@ fn build_verified(args: &GenerateArgs, size: usize) -> Result<Built> {
         (Some(encrypted), Some(key)) => {
             let key = crate::commands::ee::read_key(key)?;
             veil_ee::check_key(&veil_model::GgufFile::open(encrypted)?, &key)?;
-            let keyed = KeyedModel::new(
-                Privacy {
-                    key,
-                    shards: Vec::new(),
-                },
-                None,
-            );
+            let keyed = KeyedModel::new(Privacy::new(key, Vec::new()), None);
             (encrypted.clone(), Some(Arc::new(keyed)))
         }
         _ => (path, None),

@@ -9,7 +9,8 @@ use clap::Args;
 use veil_serve::backend::{Batching, SwarmConnection};
 use veil_serve::gateway::openai::VeilInfo;
 use veil_serve::gateway::{Gateway, Limits, Serving};
-use veil_serve::key_rotation::{KeyRotation, KeyedModel, Privacy};
+use veil_serve::key_handoff::HandToNodes;
+use veil_serve::key_rotation::{KeyInstaller, KeyRotation, KeyedModel, LoadHere, Privacy};
 
 use crate::args::ModelArgs;
 use crate::commands::swarm::SwarmArgs;
@@ -171,14 +172,30 @@ pub fn run(args: ServeArgs) -> Result<()> {
             } else {
                 Vec::new()
             };
-            Some(Privacy { key, shards })
+            Some(Privacy::new(key, shards))
         }
         _ => None,
     };
-    let privacy = privacy.map(|privacy| {
-        let rotation = key_rotation(&args, &path);
-        KeyedModel::new(privacy, rotation)
-    });
+    let rotates = !(args.rotate_after_tokens == 0 && args.rotate_after_minutes == 0);
+    if privacy.is_some() && rotates && !args.local && args.recheck {
+        bail!(
+            "--recheck recomputes against the encrypted file given, which a rotated key \
+             replaces: drop --recheck, or keep the key (--rotate-after-tokens 0 \
+             --rotate-after-minutes 0)"
+        );
+    }
+    // On the swarm the key's rotation needs the connection, made below.
+    let (privacy, swarm_privacy) = match privacy {
+        Some(privacy) if args.local => {
+            let loader = args.model.clone();
+            let load_here = LoadHere(Box::new(move |file, key| {
+                crate::commands::ee::load_encrypted(file, key, &loader).map_err(Into::into)
+            }));
+            let rotation = key_rotation(&args, &path, Box::new(load_here));
+            (Some(KeyedModel::new(privacy, rotation)), None)
+        }
+        swarm => (None, swarm),
+    };
     let model = Arc::new(if args.local && privacy.is_none() {
         args.model.load()?
     } else {
@@ -243,25 +260,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let serving = match (args.local, privacy) {
             (true, None) => Serving::Local { selector },
             (true, Some(keyed)) => Serving::Encrypted(keyed),
-            (false, key) => {
-                let client = args
-                    .swarm
-                    .connect(
-                        std::time::Duration::from_secs(60),
-                        std::time::Duration::from_secs(10),
-                    )
-                    .await
-                    .context("cannot join the swarm")?;
-                let connection = SwarmConnection {
-                client,
-                runtime: tokio::runtime::Handle::current(),
-                text: Arc::clone(&model),
-                digest: veil_model::store::file_digest(&served)?.1,
-                evidence_dir: args
-                    .evidence_dir
-                    .clone()
-                    .unwrap_or_else(|| home.join("evidence")),
-                state: Some(veil_net::NodeState::open(
+            (false, _) => {
+                let state = veil_net::NodeState::open(
                     &args
                         .state
                         .clone()
@@ -269,12 +269,64 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 )
                 .context(
                     "cannot open the reputation database (is another veil client using it?)",
-                )?),
-                admission,
-                recheck: args
-                    .recheck
-                    .then(|| veil_verify::LocalRecheck::new(served.clone())),
-            };
+                )?;
+                let (request_timeout, join_timeout) = (
+                    std::time::Duration::from_secs(60),
+                    std::time::Duration::from_secs(10),
+                );
+                // A key that rotates is handed to nodes under a lasting identity, which they
+                // accept shards from; otherwise each run joins as a stranger.
+                let client = if swarm_privacy.is_some() && rotates {
+                    let identity = state
+                        .identity()
+                        .context("cannot read the gateway's identity")?;
+                    let client = args
+                        .swarm
+                        .connect_as(identity, request_timeout, join_timeout)
+                        .await;
+                    if let Ok(client) = &client {
+                        println!(
+                            "key holder peer id: {} (nodes take this gateway's re-encrypted \
+                             shards with `veil node --accept-shards-from {}`)",
+                            client.local_id(),
+                            client.local_id()
+                        );
+                    }
+                    client
+                } else {
+                    args.swarm.connect(request_timeout, join_timeout).await
+                }
+                .context("cannot join the swarm")?;
+                let digest = veil_model::store::file_digest(&served)?.1;
+                let key = swarm_privacy.map(|privacy| {
+                    let swarm_args = args.swarm.clone();
+                    let install = HandToNodes::new(
+                        client.clone(),
+                        tokio::runtime::Handle::current(),
+                        digest.clone(),
+                        Box::new(move |file: &std::path::Path| {
+                            swarm_args
+                                .admission(file, None)
+                                .map_err(|e| veil_serve::ServeError::Invalid(format!("{e:#}")))
+                        }),
+                    );
+                    KeyedModel::new(privacy, key_rotation(&args, &path, Box::new(install)))
+                });
+                let connection = SwarmConnection {
+                    client,
+                    runtime: tokio::runtime::Handle::current(),
+                    text: Arc::clone(&model),
+                    digest,
+                    evidence_dir: args
+                        .evidence_dir
+                        .clone()
+                        .unwrap_or_else(|| home.join("evidence")),
+                    state: Some(state),
+                    admission,
+                    recheck: args
+                        .recheck
+                        .then(|| veil_verify::LocalRecheck::new(served.clone())),
+                };
                 Serving::Swarm {
                     connection: Box::new(connection),
                     key,
@@ -310,19 +362,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
     })
 }
 
-/// How the key of the encrypted model rotates: on the gateway's own encrypted model, re-encrypting the
-/// plaintext `model`; not on the swarm, whose nodes hold shards of the encrypted file (they
-/// would need the re-encrypted shards handed to them, which Veil does not do yet).
-fn key_rotation(args: &ServeArgs, model: &std::path::Path) -> Option<KeyRotation> {
+/// How the key of the encrypted model rotates: the plaintext `model` is re-encrypted under
+/// each new key, and `install` readies it where the model runs (here, or on the nodes).
+fn key_rotation(
+    args: &ServeArgs,
+    model: &std::path::Path,
+    install: Box<dyn KeyInstaller>,
+) -> Option<KeyRotation> {
     let never = |n: u64| n == 0;
     if never(args.rotate_after_tokens) && never(args.rotate_after_minutes) {
-        return None;
-    }
-    if !args.local {
-        tracing::warn!(
-            "the key does not rotate on the swarm: its nodes serve shards of the encrypted file; \
-             re-encrypt and re-shard by hand (veil ee keygen, encrypt, shard)"
-        );
         return None;
     }
     let config = veil_model::GgufFile::open(model)
@@ -337,7 +385,6 @@ fn key_rotation(args: &ServeArgs, model: &std::path::Path) -> Option<KeyRotation
             return None;
         }
     };
-    let loader = args.model.clone();
     Some(KeyRotation {
         policy: veil_ee::RotationPolicy {
             max_tokens: match args.rotate_after_tokens {
@@ -351,8 +398,6 @@ fn key_rotation(args: &ServeArgs, model: &std::path::Path) -> Option<KeyRotation
         },
         plain: model.to_path_buf(),
         config,
-        load: Box::new(move |file, key| {
-            crate::commands::ee::load_encrypted(file, key, &loader).map_err(Into::into)
-        }),
+        install,
     })
 }

@@ -84,7 +84,10 @@ pub async fn run(targets: Targets, stop: Arc<AtomicBool>, pause: Duration) -> Ro
         return tally;
     };
     let peers: Vec<PeerId> = targets.nodes.iter().filter_map(peer_of).collect();
-    let honest = match rogue.infer(peers[0], infer::Request::Info).await {
+    let honest = match rogue
+        .infer(peers[0], infer::Request::Info { model: None })
+        .await
+    {
         Ok(infer::Response::Info(info)) => info,
         other => {
             tally.breach(format!(
@@ -171,7 +174,10 @@ async fn hog_sessions(tally: &mut RogueTally, rogue: &SwarmClient, peer: PeerId)
     let mut opened = Vec::new();
     for _ in 0..8 {
         tally.attempts += 1;
-        match rogue.infer(peer, infer::Request::Open).await {
+        match rogue
+            .infer(peer, infer::Request::Open { model: None })
+            .await
+        {
             Ok(infer::Response::Opened { session }) => {
                 tally.within_share += 1;
                 opened.push(session);
@@ -289,10 +295,12 @@ fn junk_job(key: &Keypair, honest: &ShardInfo, answer: u32) -> Option<Job> {
 async fn challenge_badly(tally: &mut RogueTally, rogue: &SwarmClient, peer: PeerId) {
     let many = prove::Request::OpenWeights {
         leaves: vec![0; 129],
+        model: None,
     };
     tally.expect_refused("129 leaves", rogue.prove(peer, many).await);
     let huge = prove::Request::OpenWeights {
         leaves: vec![0; 200_000],
+        model: None,
     };
     tally.expect_refused("a challenge past 64 KiB", rogue.prove(peer, huge).await);
     let attest = prove::Request::Attest { nonce: [7; 32] };
@@ -381,7 +389,7 @@ async fn squat_and_gossip(bootstrap: Multiaddr, claims: ShardInfo, stop: Arc<Ato
                     message: Message::Request { request, channel, .. }, ..
                 })) => {
                     let answer = match request {
-                        infer::Request::Info => infer::Response::Info(claims.clone()),
+                        infer::Request::Info { .. } => infer::Response::Info(claims.clone()),
                         _ => infer::Response::Refused(Refusal::new(ErrorKind::Internal, "squatting")),
                     };
                     let _ = swarm.behaviour_mut().infer.send_response(channel, answer);

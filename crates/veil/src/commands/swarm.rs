@@ -152,6 +152,15 @@ pub struct NodeArgs {
     /// critical requests.
     #[arg(long, value_name = "DIR")]
     pub zk_setup: Option<PathBuf>,
+    /// Take the shards of an encrypted model re-encrypted under a new key from this key holder
+    /// (the peer id a `veil serve` gateway over the swarm prints when its key rotates),
+    /// repeatable; from no one by default.
+    #[arg(long = "accept-shards-from", value_name = "PEER_ID")]
+    pub accept_shards_from: Vec<libp2p::PeerId>,
+    /// The largest shard file taken from a key holder, in MiB (default: twice the file this
+    /// node was started with, at least 64 MiB).
+    #[arg(long, value_name = "MIB", requires = "accept_shards_from")]
+    pub max_shard_mib: Option<u64>,
     /// Relay for nodes behind NATs (circuit relay v2): for a node others can dial directly.
     #[arg(long)]
     pub relay_server: bool,
@@ -282,6 +291,12 @@ pub fn node(args: NodeArgs) -> Result<()> {
         probes: veil_net::behaviour::ReachabilityProbes {
             private_addresses: args.private_network,
         },
+        handoff: veil_net::protocol::handoff::HandoffPolicy {
+            from: args.accept_shards_from.into_iter().collect(),
+            max_bytes: args
+                .max_shard_mib
+                .map_or(0, |mib| mib.saturating_mul(1 << 20)),
+        },
     };
     let runtime = runtime()?;
     runtime
@@ -341,6 +356,23 @@ impl SwarmArgs {
         join_timeout: Duration,
     ) -> Result<SwarmClient> {
         Ok(SwarmClient::connect_listening(
+            &self.bootstrap,
+            &self.p2p_listen,
+            request_timeout,
+            join_timeout,
+        )
+        .await?)
+    }
+
+    /// [`SwarmArgs::connect`] under the identity `key`, which nodes recognize.
+    pub async fn connect_as(
+        &self,
+        key: libp2p::identity::Keypair,
+        request_timeout: Duration,
+        join_timeout: Duration,
+    ) -> Result<SwarmClient> {
+        Ok(SwarmClient::connect_as(
+            key,
             &self.bootstrap,
             &self.p2p_listen,
             request_timeout,

@@ -1,0 +1,186 @@
+//! Key rotation on the swarm: the model re-encrypted under the new key is cut into the shards
+//! the nodes serve now, each handed to its node ([`veil_net::protocol::handoff`]), which loads
+//! and stages it beside the old one. Only once every node has staged its shard does the
+//! gateway swap keys; then the nodes are told to promote the new shard. A node that fails to
+//! take its shard fails the rotation: the others drop theirs and the old key keeps serving.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use libp2p::PeerId;
+use tokio::runtime::Handle;
+use veil_ee::EeKey;
+use veil_model::Shard;
+use veil_net::protocol::handoff;
+use veil_net::{Admission, SwarmClient};
+
+use crate::error::{Result, ServeError};
+use crate::key_rotation::{KeyInstaller, NodesServing, Privacy};
+
+/// The checks a node must pass to serve the encrypted file at a path (its weights gate reads
+/// that file).
+pub type AdmissionFor =
+    Box<dyn Fn(&Path) -> Result<Option<Arc<Admission>>, ServeError> + Send + Sync>;
+
+/// Hands each new key's shards to the swarm's nodes.
+pub struct HandToNodes {
+    client: SwarmClient,
+    runtime: Handle,
+    /// The digest the nodes serve before the first rotation.
+    first_digest: String,
+    admission: AdmissionFor,
+}
+
+impl HandToNodes {
+    /// Hands shards through `client` (whose peer id the nodes must accept shards from) to the
+    /// nodes serving `first_digest`, and after each rotation to those serving the model it
+    /// made; `admission` builds the node checks for each new file.
+    pub fn new(
+        client: SwarmClient,
+        runtime: Handle,
+        first_digest: String,
+        admission: AdmissionFor,
+    ) -> Self {
+        Self {
+            client,
+            runtime,
+            first_digest,
+            admission,
+        }
+    }
+
+    fn request(&self, peer: PeerId, request: handoff::Request) -> Result<(), veil_net::NetError> {
+        self.runtime
+            .block_on(self.client.handoff(peer, request))
+            .map(|_| ())
+    }
+
+    /// Tells every node in `staged` to drop its staged shard of `digest`.
+    fn discard(&self, staged: &[PeerId], digest: &str) {
+        for peer in staged {
+            let model = digest.to_string();
+            if let Err(e) = self.request(*peer, handoff::Request::Discard { model }) {
+                tracing::warn!("{peer} did not drop the staged shard: {e}");
+            }
+        }
+    }
+}
+
+impl KeyInstaller for HandToNodes {
+    fn stage(
+        &self,
+        dir: tempfile::TempDir,
+        file: &Path,
+        key: EeKey,
+        old: &Privacy,
+    ) -> Result<Privacy> {
+        let old_digest = old
+            .nodes
+            .as_ref()
+            .map_or(self.first_digest.as_str(), |n| n.digest.as_str());
+        let nodes = self
+            .runtime
+            .block_on(self.client.discover(old_digest))
+            .map_err(|source| ServeError::Handoff {
+                what: "cannot find the nodes serving the model".into(),
+                source,
+            })?;
+        if nodes.is_empty() {
+            return Err(ServeError::Invalid(format!(
+                "no node serves model {old_digest}: nothing to hand the new key's shards to"
+            )));
+        }
+        let ranges: BTreeSet<(usize, usize, bool, bool)> = nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.info.first_block,
+                    n.info.end_block,
+                    n.info.embedding,
+                    n.info.head,
+                )
+            })
+            .collect();
+        let shards: Vec<Shard> = ranges
+            .iter()
+            .map(|&(first, end, embedding, head)| Shard {
+                layers: first..end,
+                embedding,
+                head,
+            })
+            .collect();
+        let cut = dir.path().join("shards");
+        let manifests = veil_model::write_shard_files(file, &shards, &cut, &mut |_, _| {})?;
+        let digest = veil_model::store::file_digest(file)?.1;
+        let mut staged = Vec::new();
+        for node in &nodes {
+            let manifest = manifests.iter().find(|m| {
+                (m.first_block, m.end_block) == (node.info.first_block, node.info.end_block)
+            });
+            let Some(manifest) = manifest else {
+                continue; // every range was cut above
+            };
+            let handed = self.runtime.block_on(
+                self.client
+                    .hand_off_shard(node.peer, &cut.join(&manifest.file)),
+            );
+            let failure = match handed {
+                Ok(info) if info.model_digest == digest => {
+                    staged.push(node.peer);
+                    continue;
+                }
+                Ok(info) => veil_net::NetError::BadMessage(format!(
+                    "it staged model {}, not {digest}",
+                    info.model_digest
+                )),
+                Err(e) => e,
+            };
+            self.discard(&staged, &digest);
+            return Err(ServeError::Handoff {
+                what: format!(
+                    "node {} did not take its shard (blocks {}..{}) of the new key's model",
+                    node.peer, node.info.first_block, node.info.end_block
+                ),
+                source: failure,
+            });
+        }
+        // The cut shards were only for handing over; the whole file stays for weight checks.
+        let _ = std::fs::remove_dir_all(&cut);
+        let admission = match (self.admission)(file) {
+            Ok(admission) => admission,
+            Err(e) => {
+                self.discard(&staged, &digest);
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            "{} nodes staged their shards of model {}",
+            staged.len(),
+            &digest[..12]
+        );
+        Ok(Privacy {
+            key,
+            shards: Vec::new(),
+            nodes: Some(NodesServing {
+                digest,
+                admission,
+                nodes: staged,
+                file: Arc::new(dir),
+            }),
+        })
+    }
+
+    fn promote(&self, _old: &Privacy, new: &Privacy) {
+        let Some(serving) = &new.nodes else {
+            return;
+        };
+        for peer in &serving.nodes {
+            let model = serving.digest.clone();
+            // A node that misses this still serves the new model to sessions that name it.
+            if let Err(e) = self.request(*peer, handoff::Request::Promote { model }) {
+                tracing::warn!("{peer} did not promote the new key's shard: {e}");
+            }
+        }
+    }
+}
