@@ -194,7 +194,13 @@ impl KeyedModel {
             }
             Err(e) => {
                 self.failed.inc();
-                tracing::warn!("key rotation failed, the old key keeps serving: {e:#}");
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why = format!("{why}: {c}");
+                    cause = c.source();
+                }
+                tracing::warn!("key rotation failed, the old key keeps serving: {why}");
             }
         }
         self.rotating.store(false, Ordering::Release);

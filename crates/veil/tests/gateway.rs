@@ -1740,3 +1740,92 @@ fn each_api_key_has_its_own_prefix_cache() {
     let bob = ask_as("sk-bob", "auto");
     assert_eq!(cached(&bob), 0, "{bob}");
 }
+
+#[test]
+fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::copy(model_path(), &plain).unwrap();
+    let (key, enc) = encrypt(dir.path(), &plain);
+    // The gateway's lasting identity, which node a takes shards from and node c does not.
+    let state = dir.path().join("gateway.redb");
+    let holder = veil_net::NodeState::open(&state)
+        .unwrap()
+        .identity()
+        .unwrap()
+        .public()
+        .to_peer_id()
+        .to_string();
+    let a = NodeProcess::start_with(
+        &enc,
+        &dir.path().join("a.redb"),
+        None,
+        &["--accept-shards-from", &holder],
+    );
+    let c = NodeProcess::start_with(&enc, &dir.path().join("c.redb"), Some(&a.addr), &[]);
+    let gateway = Gateway::start_with(&[
+        "--bootstrap",
+        &a.addr,
+        "--model",
+        plain.to_str().unwrap(),
+        "--encrypted",
+        enc.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--rotate-after-tokens",
+        "20",
+    ]);
+    let question = |max_tokens: u32| {
+        ask(
+            "What is the capital of France?",
+            json!({ "max_tokens": max_tokens }),
+        )
+    };
+    let answer = |max_tokens: u32| {
+        // The first requests may find no route while the DHT fills.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, got) = gateway.post("/v1/chat/completions", &question(max_tokens));
+            if status == 200 {
+                return got["choices"][0]["message"]["content"].clone();
+            }
+            assert!(Instant::now() < deadline, "{status}: {got}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let wait_for = |name: &str, value: f64| {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while gateway.metric(name) < value {
+            assert!(Instant::now() < deadline, "{name} never reached {value}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    // Node c refuses its shard: the rotation fails half-way, a drops what it staged (if it got
+    // that far), and the old key answers on.
+    let first = answer(8);
+    wait_for("veil_key_rotation_failures_total", 1.0);
+    assert_eq!(gateway.metric("veil_key_rotations_total"), 0.0);
+    assert_eq!(answer(8), first);
+    c.wait_for_log("refused");
+    drop(c);
+
+    // With only willing nodes left, the next rotation goes through. A long request started
+    // before it (and likely still running as the key is swapped) finishes under the old key.
+    let long = std::thread::scope(|scope| {
+        let running = scope.spawn(|| answer(96));
+        std::thread::sleep(Duration::from_millis(200));
+        let short = answer(8);
+        assert_eq!(short, first);
+        wait_for("veil_key_rotations_total", 1.0);
+        running.join().unwrap()
+    });
+    a.wait_for_log("now serving model");
+    // Under the new key, on the handed shard, the answers are the same (EE is exact).
+    assert_eq!(answer(8), first);
+    assert_eq!(answer(96), long);
+    wait_for("veil_key_rotations_total", 2.0);
+    assert_eq!(answer(8), first);
+}

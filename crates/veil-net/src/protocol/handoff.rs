@@ -180,6 +180,9 @@ impl HandoffService {
         channel: ResponseChannel<Response>,
     ) -> Handled {
         if !self.policy.from.contains(&peer) {
+            warn!(
+                "refused a shard handoff from {peer}: not a key holder this node takes shards from"
+            );
             let why = format!(
                 "this node takes shards only from the key holders its operator named \
                  (--accept-shards-from); {peer} is not one"

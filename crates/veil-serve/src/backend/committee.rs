@@ -87,6 +87,10 @@ impl Backend for Committee {
             },
         );
         let answer = outcome.map_err(Failure::of_verified)?;
+        if let (Some(keyed), Some(privacy)) = (&self.key, &privacy) {
+            let tokens = request.prompt.len() + answer.completion.tokens.len();
+            keyed.spent(privacy, tokens as u64);
+        }
         on_text(&answer.completion.text);
         Ok(Answer {
             completion: answer.completion.clone(),

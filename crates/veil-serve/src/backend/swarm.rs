@@ -146,8 +146,13 @@ impl Backend for SwarmChain {
         );
         let route = Route::of_chain(counted.chain);
         counted.close();
+        let completion = result?;
+        if let (Some(keyed), Some(privacy)) = (&self.key, &privacy) {
+            let tokens = request.prompt.len() + completion.tokens.len();
+            keyed.spent(privacy, tokens as u64);
+        }
         Ok(Answer {
-            completion: result?,
+            completion,
             route,
             verification: None,
             accel: "plain".into(),

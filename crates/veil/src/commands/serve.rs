@@ -73,9 +73,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH", requires = "encrypted")]
     pub key: Option<std::path::PathBuf>,
 
-    /// With --encrypted and --local: replace the key once it has served this many tokens
-    /// (prompts and answers), re-encrypting --model under a fresh key in the background;
-    /// requests running then finish under the old key. 0: never by tokens.
+    /// With --encrypted: replace the key once it has served this many tokens (prompts and
+    /// answers), re-encrypting --model under a fresh key in the background (on the swarm, each
+    /// node is handed its shard of it and must take shards from this gateway: `veil node
+    /// --accept-shards-from`); requests running then finish under the old key. 0: never by
+    /// tokens.
     #[arg(
         long,
         value_name = "N",
@@ -84,8 +86,8 @@ pub struct ServeArgs {
     )]
     pub rotate_after_tokens: u64,
 
-    /// With --encrypted and --local: replace the key once it has been in use this long (checked
-    /// as requests finish). 0: never by age.
+    /// With --encrypted: replace the key once it has been in use this long (checked as requests
+    /// finish). 0: never by age.
     #[arg(
         long,
         value_name = "MINUTES",
@@ -284,8 +286,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
                         .swarm
                         .connect_as(identity, request_timeout, join_timeout)
                         .await;
+                    // On stderr: stdout's first line is the gateway's address, which scripts read.
                     if let Ok(client) = &client {
-                        println!(
+                        eprintln!(
                             "key holder peer id: {} (nodes take this gateway's re-encrypted \
                              shards with `veil node --accept-shards-from {}`)",
                             client.local_id(),
