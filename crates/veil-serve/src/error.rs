@@ -39,9 +39,9 @@ pub enum ServeError {
     Handoff {
         /// What was being done, and with which node.
         what: String,
-        /// The cause.
+        /// The cause (boxed: the network's errors are large).
         #[source]
-        source: veil_net::NetError,
+        source: Box<veil_net::NetError>,
     },
     /// An argument or input that cannot be served, with what to do instead.
     #[error("{0}")]

@@ -84,7 +84,7 @@ impl KeyInstaller for HandToNodes {
             .block_on(self.client.discover(old_digest))
             .map_err(|source| ServeError::Handoff {
                 what: "cannot find the nodes serving the model".into(),
-                source,
+                source: Box::new(source),
             })?;
         if nodes.is_empty() {
             return Err(ServeError::Invalid(format!(
@@ -142,7 +142,7 @@ impl KeyInstaller for HandToNodes {
                     "node {} did not take its shard (blocks {}..{}) of the new key's model",
                     node.peer, node.info.first_block, node.info.end_block
                 ),
-                source: failure,
+                source: Box::new(failure),
             });
         }
         // The cut shards were only for handing over; the whole file stays for weight checks.
