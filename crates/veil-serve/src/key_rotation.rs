@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use veil_ee::{EeKey, KeyUsage, RotationPolicy};
@@ -109,6 +109,9 @@ pub struct KeyRotation {
     pub install: Box<dyn KeyInstaller>,
 }
 
+/// How long after a failed rotation the next is tried.
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(20);
+
 /// The encrypted model in use, what its key has served, and how it is replaced.
 pub struct KeyedModel {
     current: RwLock<Arc<Privacy>>,
@@ -116,6 +119,9 @@ pub struct KeyedModel {
     usage: Mutex<(Instant, u64)>,
     rotation: Option<KeyRotation>,
     rotating: AtomicBool,
+    /// When the last rotation failed: the next waits [`RETRY_AFTER_FAILURE`], so a swarm that
+    /// refuses (or a plaintext file gone) does not cost a re-encryption per request.
+    failed_at: Mutex<Option<Instant>>,
     /// Rotations put into use.
     done: Counter,
     /// Rotations that failed (the old key kept serving).
@@ -130,6 +136,7 @@ impl KeyedModel {
             usage: Mutex::new((Instant::now(), 0)),
             rotation,
             rotating: AtomicBool::new(false),
+            failed_at: Mutex::new(None),
             done: Counter::default(),
             failed: Counter::default(),
         }
@@ -162,6 +169,10 @@ impl KeyedModel {
                 age: usage.0.elapsed(),
             }
         };
+        let failed_at = *self.failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        if failed_at.is_some_and(|at| at.elapsed() < RETRY_AFTER_FAILURE) {
+            return;
+        }
         if !rotation.policy.due(usage, 0) || self.rotating.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -194,6 +205,7 @@ impl KeyedModel {
             }
             Err(e) => {
                 self.failed.inc();
+                *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 let mut why = e.to_string();
                 let mut cause = std::error::Error::source(&e);
                 while let Some(c) = cause {
