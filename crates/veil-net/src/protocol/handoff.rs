@@ -290,7 +290,10 @@ impl HandoffService {
                     .file
                     .sync_all()
                     .map_err(|e| internal(&receiving.path, e))?;
-                let path = self.dir.join(format!("{got}.gguf"));
+                // Unique even when the same file is handed twice: a shard dropped later
+                // removes only its own copy.
+                let tag = hex::encode(rand::random::<[u8; 4]>());
+                let path = self.dir.join(format!("{got}-{tag}.gguf"));
                 std::fs::rename(&receiving.path, &path).map_err(|e| internal(&path, e))?;
                 self.loading = Some(peer);
                 Ok(Step::Load(path))
