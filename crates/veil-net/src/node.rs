@@ -345,7 +345,7 @@ pub async fn run_node(
                             Ok(current) => {
                                 verify.serve(&current.info);
                                 decode_batcher = infer::DecodeBatcher::start(&current.model, &steps_done);
-                                info!("now serving model {} to new sessions (promoted by {peer})", &model[..12.min(model.len())]);
+                                info!("now serving model {} to new sessions (promoted by {peer})", model.get(..12).unwrap_or(&model));
                                 handoff::Response::Promoted
                             }
                             Err(why) => handoff::Response::Refused(protocol::Refusal::new(protocol::ErrorKind::BadRequest, why)),
@@ -356,7 +356,7 @@ pub async fn run_node(
                         let response = match models.discard(&model, peer) {
                             Ok(dropped) => {
                                 unannounce(&mut swarm, &dropped.info, &models);
-                                info!("dropped the staged model {} (discarded by {peer})", &model[..12.min(model.len())]);
+                                info!("dropped the staged model {} (discarded by {peer})", model.get(..12).unwrap_or(&model));
                                 handoff::Response::Discarded
                             }
                             Err(why) => handoff::Response::Refused(protocol::Refusal::new(protocol::ErrorKind::BadRequest, why)),

@@ -157,7 +157,7 @@ impl KeyInstaller for HandToNodes {
         tracing::info!(
             "{} nodes staged their shards of model {}",
             staged.len(),
-            &digest[..12]
+            digest.get(..12).unwrap_or(&digest)
         );
         Ok(Privacy {
             key,

@@ -355,7 +355,11 @@ impl HandoffService {
         if let Ok(s) = &shard {
             info!(
                 "staged model {} from {}",
-                &s.info.model_digest[..12.min(s.info.model_digest.len())],
+                // A digest read from the file: any text, so not sliced blindly.
+                s.info
+                    .model_digest
+                    .get(..12)
+                    .unwrap_or(&s.info.model_digest),
                 loaded.peer
             );
         }
