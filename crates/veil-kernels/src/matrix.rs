@@ -758,32 +758,59 @@ impl QuantMatrix {
                 .map(|i| acts.tile(i, per_token))
                 .collect();
             let mut row_out = vec![0f32; tokens];
+            let mut pair_out = vec![0f32; tokens];
             let mut unpacked = vec![0u8; 2 * self.cols];
-            for r in rows {
+            let mut offsets = vec![0i32; 2 * (self.cols / BLOCK)];
+            let mut r = rows.start;
+            while r < rows.end {
                 let w = self.row(r);
+                if kernel.pairs_tiles() && r + 1 < rows.end {
+                    let pair = [w, self.row(r + 1)];
+                    let out_pair = [&mut row_out[..], &mut pair_out[..]];
+                    kernel.tile_pair(pair, &tiles, &mut offsets, out_pair);
+                    self.finish_row(kernel, r, &tiles, &token, &mut row_out, &out);
+                    self.finish_row(kernel, r + 1, &tiles, &token, &mut pair_out, &out);
+                    r += 2;
+                    continue;
+                }
                 kernel.tiles(w, &tiles, &mut unpacked, &mut row_out);
-                // The tiles cover every token when there are any (the last overlaps).
-                let mut t = if tiles.is_empty() { 0 } else { tokens };
-                while t + SMALL_TILE <= tokens {
-                    let tile: [ActivationRow<'_>; SMALL_TILE] =
-                        std::array::from_fn(|i| token(t + i));
-                    row_out[t..t + SMALL_TILE].copy_from_slice(&kernel.dots(w, tile));
-                    t += SMALL_TILE;
-                }
-                // The last one to three tokens in one call too: the weight row is read once
-                // for all of them (one call per token read it up to three times, which made a
-                // batch of two decode steps slower than two steps alone).
-                match tokens - t {
-                    3 => row_out[t..]
-                        .copy_from_slice(&kernel.dots(w, [token(t), token(t + 1), token(t + 2)])),
-                    2 => row_out[t..].copy_from_slice(&kernel.dots(w, [token(t), token(t + 1)])),
-                    1 => row_out[t] = kernel.one(w, token(t)),
-                    _ => {}
-                }
-                // SAFETY: this thread's range of weight rows is its own (`split_row_ranges`).
-                unsafe { out.write_column(r, &row_out) };
+                self.finish_row(kernel, r, &tiles, &token, &mut row_out, &out);
+                r += 1;
             }
         });
+    }
+
+    /// Row `r`'s tokens past the tiles (none when there are tiles: the last overlaps), in
+    /// four-token calls and one last call for the rest, then its column of `out`.
+    fn finish_row<'a>(
+        &self,
+        kernel: &RowKernel,
+        r: usize,
+        tiles: &[ActivationTile<'_>],
+        token: &impl Fn(usize) -> ActivationRow<'a>,
+        row_out: &mut [f32],
+        out: &TokenColumns<'_>,
+    ) {
+        let w = self.row(r);
+        let tokens = row_out.len();
+        let mut t = if tiles.is_empty() { 0 } else { tokens };
+        while t + SMALL_TILE <= tokens {
+            let tile: [ActivationRow<'_>; SMALL_TILE] = std::array::from_fn(|i| token(t + i));
+            row_out[t..t + SMALL_TILE].copy_from_slice(&kernel.dots(w, tile));
+            t += SMALL_TILE;
+        }
+        // The last one to three tokens in one call too: the weight row is read once for all
+        // of them (one call per token read it up to three times, which made a batch of two
+        // decode steps slower than two steps alone).
+        match tokens - t {
+            3 => row_out[t..]
+                .copy_from_slice(&kernel.dots(w, [token(t), token(t + 1), token(t + 2)])),
+            2 => row_out[t..].copy_from_slice(&kernel.dots(w, [token(t), token(t + 1)])),
+            1 => row_out[t] = kernel.one(w, token(t)),
+            _ => {}
+        }
+        // SAFETY: this thread's range of weight rows is its own (`split_row_ranges`).
+        unsafe { out.write_column(r, row_out) };
     }
 
     /// Weight rows `rows` times `R` tokens (a few decode steps batched, `R` < [`TILE`]), into their columns
@@ -986,6 +1013,36 @@ impl RowKernel {
         for tile in tiles {
             out[tile.start..tile.start + TILE].copy_from_slice(&self.dots(w, tile.rows));
         }
+    }
+
+    /// Whether [`RowKernel::tile_pair`] runs two rows at once on this format and CPU.
+    fn pairs_tiles(&self) -> bool {
+        cfg!(target_arch = "x86_64") && (self.isa, self.format) == (Isa::Avx512, QuantFormat::Q8_0)
+    }
+
+    /// Two weight rows times every tile, as [`RowKernel::tiles`] on each (the same bits),
+    /// where [`RowKernel::pairs_tiles`]; `offsets` is room for two `i32` per block.
+    #[inline]
+    fn tile_pair(
+        &self,
+        w: [WeightRow<'_>; 2],
+        tiles: &[ActivationTile<'_>],
+        offsets: &mut [i32],
+        out: [&mut [f32]; 2],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.pairs_tiles() {
+            // SAFETY: `matmul_with` checked the CPU has AVX-512 VNNI; both rows and the tiles
+            // hold the matrix's blocks.
+            unsafe { crate::x86::tiles_q8_0_pair_vnni(w, tiles, offsets, out) };
+            return;
+        }
+        let _ = offsets;
+        let [w0, w1] = w;
+        let [out0, out1] = out;
+        let mut unpacked = vec![0u8; 36 * w0.d.len()];
+        self.tiles(w0, tiles, &mut unpacked, out0);
+        self.tiles(w1, tiles, &mut unpacked, out1);
     }
 
     /// One weight row times `R` tokens' activations.

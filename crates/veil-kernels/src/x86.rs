@@ -1140,6 +1140,82 @@ macro_rules! q8_0_shifted_tile_kernel {
     };
 }
 
+/// `128 · Σq` of each block of a Q8_0 row (what the shifted tiles' `(x + 128) · q` adds).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q8_0_offsets(w: &WeightRow<'_>, offsets: &mut [i32]) {
+    for (b, offset) in offsets.iter_mut().enumerate().take(w.d.len()) {
+        let q = load32(&w.qs[32 * b..]);
+        let biased = _mm256_sad_epu8(
+            _mm256_xor_si256(q, _mm256_set1_epi8(-128)),
+            _mm256_setzero_si256(),
+        );
+        let mut lanes = [0i64; 4];
+        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), biased);
+        *offset = 128 * (lanes.iter().sum::<i64>() as i32 - 32 * 128);
+    }
+}
+
+/// Two Q8_0 weight rows times every tile (laid out shifted), with VNNI: [`vnni::tiles_q8_0`]
+/// for each row, the same operations in the same order (so the same bits), but each tile's
+/// activation vector is loaded once for both rows. One row at a time, a product issued two
+/// loads (the activations and the broadcast weights) per multiply-add, which the load ports,
+/// not the multipliers, bounded.
+///
+/// # Safety
+/// The CPU must have AVX-512 VNNI and VL; both rows and every tile hold the same number of
+/// blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw")]
+pub(crate) unsafe fn tiles_q8_0_pair_vnni(
+    w: [WeightRow<'_>; 2],
+    tiles: &[ActivationTile<'_>],
+    offsets: &mut [i32],
+    out: [&mut [f32]; 2],
+) {
+    let blocks = w[0].d.len();
+    assert!(
+        w[1].d.len() == blocks && offsets.len() >= 2 * blocks,
+        "pair of rows"
+    );
+    let (first, second) = offsets.split_at_mut(blocks);
+    q8_0_offsets(&w[0], first);
+    q8_0_offsets(&w[1], second);
+    let (o0, o1) = (&offsets[..blocks], &offsets[blocks..2 * blocks]);
+    let (w0, w1) = (w[0].qs.as_ptr(), w[1].qs.as_ptr());
+    let [out0, out1] = out;
+    for tile in tiles {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for b in 0..blocks {
+            let x = &tile.groups[b];
+            let (mut even0, mut odd0) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            let (mut even1, mut odd1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for g in (0..8).step_by(2) {
+                let (xe, xo) = (load32(&x[g]), load32(&x[g + 1]));
+                let (at0, at1) = (w0.add(32 * b + 4 * g), w1.add(32 * b + 4 * g));
+                even0 = _mm256_dpbusd_epi32(even0, xe, broadcast4(at0));
+                odd0 = _mm256_dpbusd_epi32(odd0, xo, broadcast4(at0.add(4)));
+                even1 = _mm256_dpbusd_epi32(even1, xe, broadcast4(at1));
+                odd1 = _mm256_dpbusd_epi32(odd1, xo, broadcast4(at1.add(4)));
+            }
+            let dx = load8(&tile.d[b]);
+            let isums0 = _mm256_sub_epi32(_mm256_add_epi32(even0, odd0), _mm256_set1_epi32(o0[b]));
+            let isums1 = _mm256_sub_epi32(_mm256_add_epi32(even1, odd1), _mm256_set1_epi32(o1[b]));
+            let scaled0 = _mm256_mul_ps(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(isums0), _mm256_set1_ps(w[0].d[b])),
+                dx,
+            );
+            let scaled1 = _mm256_mul_ps(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(isums1), _mm256_set1_ps(w[1].d[b])),
+                dx,
+            );
+            acc0 = _mm256_add_ps(acc0, scaled0);
+            acc1 = _mm256_add_ps(acc1, scaled1);
+        }
+        _mm256_storeu_ps(out0[tile.start..tile.start + TILE].as_mut_ptr(), acc0);
+        _mm256_storeu_ps(out1[tile.start..tile.start + TILE].as_mut_ptr(), acc1);
+    }
+}
+
 /// Block `b` of a Q4_1 row as 32 unsigned values (0..16).
 #[inline]
 #[target_feature(enable = "avx2")]

@@ -13,14 +13,16 @@ use veil_kernels::{ActivationBlock, Isa, KernelError, QuantFormat, QuantMatrix, 
 const FORMATS: [QuantFormat; 2] = [QuantFormat::Q4_1, QuantFormat::Q8_0];
 
 /// (rows, cols, tokens): odd sizes, one block, one row, tokens that are and are not multiples
-/// of the four-token tile, and enough rows to split over threads.
-const SHAPES: [(usize, usize, usize); 9] = [
+/// of the four-token tile, odd rows under prompt tiles (Q8_0 runs them two rows at a time on
+/// AVX-512), and enough rows to split over threads.
+const SHAPES: [(usize, usize, usize); 10] = [
     (1, 32, 1),
     (3, 32, 2),
     (17, 96, 1),
     (17, 96, 5),
     (64, 576, 4),
     (64, 576, 37),
+    (17, 96, 9),
     (1, 1536, 9),
     (1000, 64, 1),
     (1000, 64, 7),
