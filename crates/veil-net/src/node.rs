@@ -343,7 +343,6 @@ pub async fn run_node(
                     handoff::Handled::Promote(model, channel) => {
                         let response = match models.promote(&model, peer) {
                             Ok(current) => {
-                                verify.serve(&current.info);
                                 decode_batcher = infer::DecodeBatcher::start(&current.model, &steps_done);
                                 info!("now serving model {} to new sessions (promoted by {peer})", model.get(..12).unwrap_or(&model));
                                 handoff::Response::Promoted

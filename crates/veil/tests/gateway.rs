@@ -1762,6 +1762,12 @@ fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_
         None,
         &["--accept-shards-from", &holder],
     );
+    let b = NodeProcess::start_with(
+        &enc,
+        &dir.path().join("b.redb"),
+        Some(&a.addr),
+        &["--accept-shards-from", &holder],
+    );
     let c = NodeProcess::start_with(&enc, &dir.path().join("c.redb"), Some(&a.addr), &[]);
     let gateway = Gateway::start_with(&[
         "--bootstrap",
@@ -1825,9 +1831,16 @@ fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_
         running.join().unwrap()
     });
     a.wait_for_log("now serving model");
-    // Under the new key, on the handed shard, the answers are the same (EE is exact).
+    b.wait_for_log("now serving model");
+    // Under the new key, on the handed shards, the answers are the same (EE is exact).
     assert_eq!(answer(8), first);
     assert_eq!(answer(96), long);
     wait_for("veil_key_rotations_total", 2.0);
     assert_eq!(answer(8), first);
+    // A committee of the two nodes generates and judges under the current key.
+    let mut verified = question(8);
+    verified["veil"] = json!({ "verify": 2 });
+    let (status, got) = gateway.post("/v1/chat/completions", &verified);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["message"]["content"], first);
 }

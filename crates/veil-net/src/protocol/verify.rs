@@ -253,21 +253,8 @@ impl VerifyService {
         (service, rx)
     }
 
-    /// Signs and judges for `info` from now on: the node was handed a new shard to serve.
-    /// Judgements already running finish under the claims they started with.
-    pub(crate) fn serve(&mut self, info: &ShardInfo) {
-        self.judge = Arc::new(Judge {
-            key: self.judge.key.clone(),
-            digest: info.model_digest.clone(),
-            format: info.format.clone(),
-            whole: info.is_whole(),
-            misbehave: self.judge.misbehave,
-        });
-    }
-
-    /// Validates a request from `peer` and answers it (`Some`), or starts a judgement whose
-    /// answer comes back later.
-    /// Sessions open on the shard they name; judging runs on the current one.
+    /// Sessions open on the shard they name, and jobs are judged on the shard of the model
+    /// they claim (a node may hold two while an encrypted model's key rotates).
     pub(crate) fn handle(
         &mut self,
         sessions: &mut SessionTable<NodeSession>,
@@ -352,22 +339,32 @@ impl VerifyService {
                 Err(e) => Response::Refused(session_refused(e)),
             },
             Request::JudgeHop { job, inputs } => {
-                match check_hop(info, model.config().vocab_size, &job, &inputs) {
+                // A model not held: judged against the current one, whose claims refuse it.
+                let shard = models
+                    .find(Some(&job.body.model_digest))
+                    .unwrap_or(models.current());
+                match check_hop(&shard.info, model.config().vocab_size, &job, &inputs) {
                     Ok(()) => {
                         let positions = inputs.iter().map(StepInput::len).sum();
                         let work = JudgeWork::Hop(job, inputs);
-                        return self.start(model, peer, work, positions, channel);
+                        return self.start(shard, peer, work, positions, channel);
                     }
                     Err(refusal) => Response::Refused(refusal),
                 }
             }
-            Request::Judge { job } => match check_job(judge, info, &job) {
-                Ok(()) => {
-                    let positions = job.body.claim.prompt.len() + job.body.claim.output.len();
-                    return self.start(model, peer, JudgeWork::Answer(job), positions, channel);
+            Request::Judge { job } => {
+                let shard = models
+                    .find(Some(&job.body.model_digest))
+                    .unwrap_or(models.current());
+                match check_job(judge, &shard.info, &job) {
+                    Ok(()) => {
+                        let positions = job.body.claim.prompt.len() + job.body.claim.output.len();
+                        let work = JudgeWork::Answer(job);
+                        return self.start(shard, peer, work, positions, channel);
+                    }
+                    Err(refusal) => Response::Refused(refusal),
                 }
-                Err(refusal) => Response::Refused(refusal),
-            },
+            }
             // Only to the peer that asked for the judgement: another judge must not copy it.
             Request::Reveal { job } => match self
                 .reveals
@@ -388,7 +385,7 @@ impl VerifyService {
     /// share.
     fn start(
         &mut self,
-        model: &Arc<ShardModel>,
+        shard: &ServedShard,
         peer: PeerId,
         work: JudgeWork,
         positions: usize,
@@ -407,8 +404,8 @@ impl VerifyService {
         }
         self.judging.insert(peer);
         let (model, judge, tx) = (
-            Arc::clone(model),
-            Arc::clone(&self.judge),
+            Arc::clone(&shard.model),
+            Arc::new(self.judge.of_model(&shard.info.model_digest)),
             self.judged.clone(),
         );
         tokio::task::spawn_blocking(move || {
@@ -601,6 +598,7 @@ enum JudgeWork {
 }
 
 /// What a node needs to take part in verification.
+#[derive(Clone)]
 struct Judge {
     key: Keypair,
     digest: String,
@@ -610,6 +608,14 @@ struct Judge {
 }
 
 impl Judge {
+    /// This judge for the held shard of model `digest`.
+    fn of_model(&self, digest: &str) -> Self {
+        Self {
+            digest: digest.to_string(),
+            ..self.clone()
+        }
+    }
+
     /// Recomputes a job or a hop and seals the verdict; the reveal is kept for later.
     fn judge(
         &self,
