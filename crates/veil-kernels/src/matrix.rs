@@ -607,7 +607,7 @@ impl QuantMatrix {
         ACTIVATIONS.with(|cell| {
             let mut acts = cell.borrow_mut();
             if first.format.is_k() {
-                acts.quantize_superblocks(x);
+                acts.quantize_superblocks(x, isa);
             } else {
                 acts.quantize(x, isa);
                 if tokens < TILE {

@@ -10,9 +10,11 @@
 
 use std::arch::x86_64::*;
 
-use crate::activation::{ActivationBlock, ActivationRow, ActivationTile, TILE};
+use crate::activation::{
+    ActivationBlock, ActivationRow, ActivationSuperblock, ActivationTile, SUPERBLOCK_SUMS, TILE,
+};
 use crate::matrix::{QuantFormat, WeightRow};
-use crate::BLOCK;
+use crate::{BLOCK, SUPERBLOCK};
 
 /// Eight i32 sums of four u8 × i8 products each, with AVX2.
 #[inline]
@@ -361,6 +363,61 @@ pub(crate) unsafe fn quantize_avx2(xs: &[f32; BLOCK]) -> ActivationBlock {
     let mut qs = [0i8; BLOCK];
     _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes);
     ActivationBlock::with_values(d, qs)
+}
+
+/// [`ActivationSuperblock::quantize`] with AVX2, bit for bit: the largest magnitude by vector
+/// maxima, then the same products, roundings (adding and taking back off 1.5 · 2^23) and cap
+/// in eight lanes. The scalar loop converted one value at a time (2% of a Q4_K_M prompt).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_superblock_avx2(xs: &[f32; SUPERBLOCK]) -> ActivationSuperblock {
+    let sign_bit = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    for chunk in xs.chunks_exact(8) {
+        m = _mm256_max_ps(
+            m,
+            _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(chunk.as_ptr())),
+        );
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let mut block = ActivationSuperblock {
+        d: 0.0,
+        qs: [0; SUPERBLOCK],
+        bsums: [0; SUPERBLOCK_SUMS],
+    };
+    if amax == 0.0 {
+        return block;
+    }
+    // The first value of that magnitude gives the sign, as the scalar scan keeps it.
+    let max = xs.iter().copied().find(|x| x.abs() == amax).unwrap_or(amax);
+    let iscale = -127.0 / max;
+    let (scale, magic, cap) = (
+        _mm256_set1_ps(iscale),
+        _mm256_set1_ps(12_582_912.0),
+        _mm256_set1_ps(127.0),
+    );
+    for (qs, xs) in block.qs.chunks_exact_mut(32).zip(xs.chunks_exact(32)) {
+        let ints: [__m256i; 4] = std::array::from_fn(|i| {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(xs[8 * i..].as_ptr()), scale);
+            let rounded = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+            _mm256_cvtps_epi32(_mm256_min_ps(rounded, cap))
+        });
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(ints[0], ints[1]),
+            _mm256_packs_epi32(ints[2], ints[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes);
+    }
+    for (sum, qs) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+        *sum = qs.iter().map(|&q| i16::from(q)).sum();
+    }
+    block.d = 1.0 / iscale;
+    block
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -442,6 +442,31 @@ fn superblock_activations_match_ggml_q8_k() {
 }
 
 #[test]
+fn every_family_quantizes_superblocks_like_the_scalar_function() {
+    let mut rng = ChaCha20Rng::seed_from_u64(23);
+    let mut cases: Vec<[f32; SUPERBLOCK]> = [1e-6f32, 1e-2, 1.0, 40.0, 3e4]
+        .iter()
+        .map(|scale| std::array::from_fn(|_| rng.random_range(-1.0f32..1.0) * scale))
+        .collect();
+    // Ties, the largest magnitude twice with both signs (the first sets the sign), zeros.
+    let mut ties = [0f32; SUPERBLOCK];
+    ties[..5].copy_from_slice(&[2.5, -3.5, 127.0, -127.0, 0.5]);
+    let mut both = ties;
+    both[2] = -127.0;
+    both[3] = 127.0;
+    cases.extend([ties, both, [0.0; SUPERBLOCK], [-0.0; SUPERBLOCK]]);
+    for xs in &cases {
+        let scalar = ActivationSuperblock::quantize(xs);
+        for isa in Isa::available() {
+            let got = ActivationSuperblock::quantize_with(isa, xs);
+            assert_eq!(got.d.to_bits(), scalar.d.to_bits(), "{isa}");
+            assert_eq!(got.qs, scalar.qs, "{isa}");
+            assert_eq!(got.bsums, scalar.bsums, "{isa}");
+        }
+    }
+}
+
+#[test]
 fn k_formats_need_whole_superblocks() {
     for format in [QuantFormat::Q4_K, QuantFormat::Q5_K, QuantFormat::Q6_K] {
         let bytes = vec![0u8; 2 * format.block_bytes()];
