@@ -43,6 +43,16 @@ enum Slot {
     Retiring,
 }
 
+/// A model name from a peer, as an answer may quote it: a digest (64 hex digits) as it is,
+/// anything longer by its length only, so a refusal never echoes megabytes back.
+pub(crate) fn quoted(model: &str) -> String {
+    if model.len() <= 64 {
+        format!("{model:?}")
+    } else {
+        format!("<a name of {} bytes>", model.len())
+    }
+}
+
 /// The shards a node holds.
 pub(crate) struct NodeModels {
     current: ServedShard,
@@ -110,7 +120,10 @@ impl NodeModels {
                 if self.current.info.model_digest == digest {
                     return Ok(&self.current); // promoted already: a retried request
                 }
-                Err(format!("no shard of model {digest} staged by {peer}"))
+                Err(format!(
+                    "no shard of model {} staged by {peer}",
+                    quoted(digest)
+                ))
             }
         }
     }
@@ -125,7 +138,10 @@ impl NodeModels {
             }
             other => {
                 self.other = other;
-                Err(format!("no shard of model {digest} staged by {peer}"))
+                Err(format!(
+                    "no shard of model {} staged by {peer}",
+                    quoted(digest)
+                ))
             }
         }
     }

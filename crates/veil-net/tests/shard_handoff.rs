@@ -208,6 +208,11 @@ async fn only_the_named_key_holder_hands_over_and_sessions_keep_their_model() {
         model: Some(digest.clone()),
     };
     refused_with(holder.infer(peer, unknown).await, "this node serves model");
+    // A stranger's long name is not echoed back.
+    let long = infer::Request::Info {
+        model: Some("x".repeat(1 << 20)),
+    };
+    refused_with(rogue.infer(peer, long).await, "<a name of 1048576 bytes>");
 
     // Promoted: new sessions get it; the running one stays on the old shard, which still
     // answers by name (for requests under the old key).

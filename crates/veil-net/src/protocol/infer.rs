@@ -20,7 +20,7 @@ use veil_model::ShardModel;
 use super::{refuse, Answer, ErrorKind, ProtocolSpec, Refusal};
 use crate::error::NetError;
 use crate::history::SessionUsage;
-use crate::node_models::NodeModels;
+use crate::node_models::{quoted, NodeModels};
 use crate::node_session::{run_decode_batch, run_step, NodeSession, StepError};
 use crate::sessions::{SessionRefusal, SessionTable};
 use crate::wire::{SessionId, ShardInfo, StepInput, WireTensor};
@@ -132,8 +132,9 @@ pub(crate) fn handle(
         refuse(
             ErrorKind::BadRequest,
             format!(
-                "this node serves model {}, not {model}",
-                models.current().info.model_digest
+                "this node serves model {}, not {}",
+                models.current().info.model_digest,
+                quoted(model)
             ),
         )
     };
