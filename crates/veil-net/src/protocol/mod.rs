@@ -37,9 +37,9 @@ pub struct ProtocolSpec {
     /// Requests one connection may have in flight at once on this protocol (libp2p's stream
     /// budget, inbound and outbound together). With
     /// [`crate::behaviour::MAX_CONNECTIONS_PER_PEER`] it bounds what one peer can make a node
-    /// hold: libp2p's default of 100 per connection let one peer park 400 requests; the three
-    /// protocols together let it park 2 × (16 + 4 + 4) = 48, at most 1.25 GiB of messages for
-    /// up to the request timeout.
+    /// hold: libp2p's default of 100 per connection let one peer park 400 requests; the four
+    /// protocols together let it park 2 × (16 + 4 + 4 + 2) = 52, at most 1.27 GiB of messages
+    /// for up to the request timeout.
     pub max_streams: usize,
 }
 
