@@ -1153,16 +1153,7 @@ macro_rules! q8_0_shifted_tile_kernel {
             // 128 · Σq of each block, as i32 bytes after the blocks' room.
             let (_, offsets) = unpacked.split_at_mut(32 * blocks);
             for b in 0..blocks {
-                let q = load32(&w.qs[32 * b..]);
-                // Σ (q + 128) by absolute differences from zero, then 32 · 128 off.
-                let biased = _mm256_sad_epu8(
-                    _mm256_xor_si256(q, _mm256_set1_epi8(-128)),
-                    _mm256_setzero_si256(),
-                );
-                let mut lanes = [0i64; 4];
-                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), biased);
-                let sum = lanes.iter().sum::<i64>() as i32 - 32 * 128;
-                offsets[4 * b..4 * b + 4].copy_from_slice(&(128 * sum).to_le_bytes());
+                offsets[4 * b..4 * b + 4].copy_from_slice(&q8_0_offset(&w, b).to_le_bytes());
             }
             let offsets = &unpacked[32 * blocks..36 * blocks];
             let weights = w.qs.as_ptr();
@@ -1197,20 +1188,19 @@ macro_rules! q8_0_shifted_tile_kernel {
     };
 }
 
-/// `128 · Σq` of each block of a Q8_0 row (what the shifted tiles' `(x + 128) · q` adds).
+/// `128 · Σq` of block `b` of a Q8_0 row: what the shifted tiles' `(x + 128) · q` adds.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn q8_0_offsets(w: &WeightRow<'_>, offsets: &mut [i32]) {
-    for (b, offset) in offsets.iter_mut().enumerate().take(w.d.len()) {
-        let q = load32(&w.qs[32 * b..]);
-        let biased = _mm256_sad_epu8(
-            _mm256_xor_si256(q, _mm256_set1_epi8(-128)),
-            _mm256_setzero_si256(),
-        );
-        let mut lanes = [0i64; 4];
-        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), biased);
-        *offset = 128 * (lanes.iter().sum::<i64>() as i32 - 32 * 128);
-    }
+unsafe fn q8_0_offset(w: &WeightRow<'_>, b: usize) -> i32 {
+    let q = load32(&w.qs[32 * b..]);
+    // Σ (q + 128) by absolute differences from zero, then 32 · 128 off.
+    let biased = _mm256_sad_epu8(
+        _mm256_xor_si256(q, _mm256_set1_epi8(-128)),
+        _mm256_setzero_si256(),
+    );
+    let mut lanes = [0i64; 4];
+    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), biased);
+    128 * (lanes.iter().sum::<i64>() as i32 - 32 * 128)
 }
 
 /// Two Q8_0 weight rows times every tile (laid out shifted), with VNNI: [`vnni::tiles_q8_0`]
@@ -1234,9 +1224,10 @@ pub(crate) unsafe fn tiles_q8_0_pair_vnni(
         w[1].d.len() == blocks && offsets.len() >= 2 * blocks,
         "pair of rows"
     );
-    let (first, second) = offsets.split_at_mut(blocks);
-    q8_0_offsets(&w[0], first);
-    q8_0_offsets(&w[1], second);
+    for b in 0..blocks {
+        offsets[b] = q8_0_offset(&w[0], b);
+        offsets[blocks + b] = q8_0_offset(&w[1], b);
+    }
     let (o0, o1) = (&offsets[..blocks], &offsets[blocks..2 * blocks]);
     let (w0, w1) = (w[0].qs.as_ptr(), w[1].qs.as_ptr());
     let [out0, out1] = out;

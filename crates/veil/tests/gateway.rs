@@ -90,6 +90,15 @@ impl Gateway {
         value
     }
 
+    /// Waits (up to three minutes) until metric `name` reaches at least `value`.
+    fn wait_for_metric(&self, name: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while self.metric(name) < value {
+            assert!(Instant::now() < deadline, "{name} never reached {value}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn metric(&self, name: &str) -> f64 {
         let text = client()
             .get(format!("{}/metrics", self.base))
@@ -1318,13 +1327,7 @@ fn the_key_rotates_without_changing_answers_and_a_failed_rotation_keeps_the_old_
         assert_eq!(status, 200, "{got}");
         got["choices"][0]["message"]["content"].clone()
     };
-    let wait_for = |name: &str, value: f64| {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while gateway.metric(name) < value {
-            assert!(Instant::now() < deadline, "{name} never reached {value}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let wait_for = |name: &str, value: f64| gateway.wait_for_metric(name, value);
     let first = answer(&gateway);
     wait_for("veil_key_rotations_total", 1.0);
     // Under the new key the answer is the same (EE is exact), and it rotates again.
@@ -1801,13 +1804,7 @@ fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_
             std::thread::sleep(Duration::from_millis(300));
         }
     };
-    let wait_for = |name: &str, value: f64| {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while gateway.metric(name) < value {
-            assert!(Instant::now() < deadline, "{name} never reached {value}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let wait_for = |name: &str, value: f64| gateway.wait_for_metric(name, value);
 
     // Node c refuses its shard: the rotation fails half-way, a drops what it staged (if it got
     // that far), and the old key answers on.
