@@ -1,6 +1,6 @@
 //! Key rotation on the swarm: the model re-encrypted under the new key is cut into the shards
-//! the nodes serve now, each handed to its node ([`veil_net::protocol::handoff`]), which loads
-//! and stages it beside the old one. Only once every node has staged its shard does the
+//! the nodes serve now, each handed to its node ([`veil_net::protocol::handoff`]), all nodes
+//! at once, and each loads and stages it beside the old one. Only once every node has staged its shard does the
 //! gateway swap keys; then the nodes are told to promote the new shard. A node that fails to
 //! take its shard fails the rotation: the others drop theirs and the old key keeps serving.
 
@@ -113,29 +113,39 @@ impl KeyInstaller for HandToNodes {
         let cut = dir.path().join("shards");
         let manifests = veil_model::write_shard_files(file, &shards, &cut, &mut |_, _| {})?;
         let digest = veil_model::store::file_digest(file)?.1;
-        let mut staged = Vec::new();
-        for node in &nodes {
-            let manifest = manifests.iter().find(|m| {
-                (m.first_block, m.end_block) == (node.info.first_block, node.info.end_block)
-            });
-            let Some(manifest) = manifest else {
-                continue; // every range was cut above
-            };
-            let handed = self.runtime.block_on(
-                self.client
-                    .hand_off_shard(node.peer, &cut.join(&manifest.file)),
-            );
-            let failure = match handed {
-                Ok(info) if info.model_digest == digest => {
-                    staged.push(node.peer);
-                    continue;
-                }
-                Ok(info) => veil_net::NetError::BadMessage(format!(
-                    "it staged model {}, not {digest}",
-                    info.model_digest
-                )),
-                Err(e) => e,
-            };
+        // Every node at once: each transfer waits on its own node's loading.
+        let digest_ref = &digest;
+        let handoffs = nodes.iter().map(|node| {
+            let file = manifests
+                .iter()
+                .find(|m| {
+                    (m.first_block, m.end_block) == (node.info.first_block, node.info.end_block)
+                })
+                .map(|m| cut.join(&m.file));
+            async move {
+                let digest = digest_ref;
+                let Some(file) = file else {
+                    let none = "no shard was cut for its blocks".to_string();
+                    return (node, Err(veil_net::NetError::BadMessage(none)));
+                };
+                let handed = match self.client.hand_off_shard(node.peer, &file).await {
+                    Ok(info) if info.model_digest == *digest => Ok(()),
+                    Ok(info) => Err(veil_net::NetError::BadMessage(format!(
+                        "it staged model {}, not {digest}",
+                        info.model_digest
+                    ))),
+                    Err(e) => Err(e),
+                };
+                (node, handed)
+            }
+        });
+        let outcomes = self.runtime.block_on(futures::future::join_all(handoffs));
+        let staged: Vec<PeerId> = outcomes
+            .iter()
+            .filter(|(_, handed)| handed.is_ok())
+            .map(|(node, _)| node.peer)
+            .collect();
+        if let Some((node, Err(failure))) = outcomes.into_iter().find(|(_, h)| h.is_err()) {
             self.discard(&staged, &digest);
             return Err(ServeError::Handoff {
                 what: format!(
