@@ -764,10 +764,9 @@ impl QuantMatrix {
             let mut r = rows.start;
             while r < rows.end {
                 let w = self.row(r);
-                if kernel.pairs_tiles() && r + 1 < rows.end {
-                    let pair = [w, self.row(r + 1)];
-                    let out_pair = [&mut row_out[..], &mut pair_out[..]];
-                    kernel.tile_pair(pair, &tiles, &mut offsets, out_pair);
+                let pair = (r + 1 < rows.end).then(|| [w, self.row(r + 1)]);
+                let out_pair = [&mut row_out[..], &mut pair_out[..]];
+                if pair.is_some_and(|pair| kernel.tile_pair(pair, &tiles, &mut offsets, out_pair)) {
                     self.finish_row(kernel, r, &tiles, &token, &mut row_out, &out);
                     self.finish_row(kernel, r + 1, &tiles, &token, &mut pair_out, &out);
                     r += 2;
@@ -1015,13 +1014,9 @@ impl RowKernel {
         }
     }
 
-    /// Whether [`RowKernel::tile_pair`] runs two rows at once on this format and CPU.
-    fn pairs_tiles(&self) -> bool {
-        cfg!(target_arch = "x86_64") && (self.isa, self.format) == (Isa::Avx512, QuantFormat::Q8_0)
-    }
-
     /// Two weight rows times every tile, as [`RowKernel::tiles`] on each (the same bits),
-    /// where [`RowKernel::pairs_tiles`]; `offsets` is room for two `i32` per block.
+    /// where the family has such a kernel (Q8_0 on AVX-512); false otherwise. `offsets` is
+    /// room for two `i32` per block.
     #[inline]
     fn tile_pair(
         &self,
@@ -1029,20 +1024,16 @@ impl RowKernel {
         tiles: &[ActivationTile<'_>],
         offsets: &mut [i32],
         out: [&mut [f32]; 2],
-    ) {
+    ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if self.pairs_tiles() {
+        if (self.isa, self.format) == (Isa::Avx512, QuantFormat::Q8_0) {
             // SAFETY: `matmul_with` checked the CPU has AVX-512 VNNI; both rows and the tiles
             // hold the matrix's blocks.
             unsafe { crate::x86::tiles_q8_0_pair_vnni(w, tiles, offsets, out) };
-            return;
+            return true;
         }
-        let _ = offsets;
-        let [w0, w1] = w;
-        let [out0, out1] = out;
-        let mut unpacked = vec![0u8; 36 * w0.d.len()];
-        self.tiles(w0, tiles, &mut unpacked, out0);
-        self.tiles(w1, tiles, &mut unpacked, out1);
+        let _ = (w, tiles, offsets, out);
+        false
     }
 
     /// One weight row times `R` tokens' activations.

@@ -45,7 +45,7 @@ enum Slot {
 
 /// A model name from a peer, as an answer may quote it: a digest (64 hex digits) as it is,
 /// anything longer by its length only, so a refusal never echoes megabytes back.
-pub(crate) fn quoted(model: &str) -> String {
+fn quoted(model: &str) -> String {
     if model.len() <= 64 {
         format!("{model:?}")
     } else {
@@ -81,6 +81,15 @@ impl NodeModels {
         std::iter::once(&self.current)
             .chain(self.other.as_ref().map(|(_, s)| s))
             .find(|s| s.info.model_digest == digest)
+    }
+
+    /// Why a request naming `model`, which this node does not hold, is refused.
+    pub(crate) fn not_held(&self, model: &str) -> String {
+        format!(
+            "this node serves model {}, not {}",
+            self.current.info.model_digest,
+            quoted(model)
+        )
     }
 
     /// What every held shard announces.

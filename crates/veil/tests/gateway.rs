@@ -1262,6 +1262,15 @@ fn encrypt(dir: &std::path::Path, model: &std::path::Path) -> (PathBuf, PathBuf)
     (key, enc)
 }
 
+/// The plaintext model a rotating gateway re-encrypts, copied into `dir` (its name gives the
+/// served model's; a test may take it away), and a key and the model encrypted under it.
+fn plain_and_encrypted(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    let plain = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::copy(model_path(), &plain).unwrap();
+    let (key, enc) = encrypt(dir, &plain);
+    (plain, key, enc)
+}
+
 #[test]
 fn an_encrypted_model_behind_the_gateway_answers_like_the_plaintext_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -1305,11 +1314,7 @@ fn an_encrypted_model_behind_the_gateway_answers_like_the_plaintext_one() {
 #[test]
 fn the_key_rotates_without_changing_answers_and_a_failed_rotation_keeps_the_old_key() {
     let dir = tempfile::tempdir().unwrap();
-    // The plaintext model the gateway re-encrypts: a copy (its name gives the served model's),
-    // so the test can take it away.
-    let plain = dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    std::fs::copy(model_path(), &plain).unwrap();
-    let (key, enc) = encrypt(dir.path(), &plain);
+    let (plain, key, enc) = plain_and_encrypted(dir.path());
     // Every request (a prompt of about 30 tokens and 8 answer tokens) spends the budget.
     let gateway = Gateway::start(&[
         "--model",
@@ -1747,9 +1752,7 @@ fn each_api_key_has_its_own_prefix_cache() {
 #[test]
 fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_key() {
     let dir = tempfile::tempdir().unwrap();
-    let plain = dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    std::fs::copy(model_path(), &plain).unwrap();
-    let (key, enc) = encrypt(dir.path(), &plain);
+    let (plain, key, enc) = plain_and_encrypted(dir.path());
     // The gateway's lasting identity, which node a takes shards from and node c does not.
     let state = dir.path().join("gateway.redb");
     let holder = veil_net::NodeState::open(&state)

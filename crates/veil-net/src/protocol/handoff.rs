@@ -314,14 +314,16 @@ impl HandoffService {
         }
     }
 
-    /// Another key holder whose transfer, load or staged shard takes the node's one slot.
+    /// Who holds the node's one slot against `peer`'s new transfer: another key holder's
+    /// transfer, load or staged shard, or a load of any holder's, `peer`'s own included (its
+    /// own transfer or staged shard it may replace; a load in progress it may not).
     fn busy_with(&self, models: &NodeModels, peer: PeerId) -> Option<PeerId> {
         let receiving = self.receiving.as_ref().map(|r| r.peer);
-        [receiving, self.loading, models.staged_by()]
+        let other = [receiving, self.loading, models.staged_by()]
             .into_iter()
             .flatten()
-            .find(|other| *other != peer)
-            .or(self.loading)
+            .find(|other| *other != peer);
+        other.or(self.loading)
     }
 
     /// Drops a transfer that stalled.

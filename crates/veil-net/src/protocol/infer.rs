@@ -20,7 +20,7 @@ use veil_model::ShardModel;
 use super::{refuse, Answer, ErrorKind, ProtocolSpec, Refusal};
 use crate::error::NetError;
 use crate::history::SessionUsage;
-use crate::node_models::{quoted, NodeModels};
+use crate::node_models::NodeModels;
 use crate::node_session::{run_decode_batch, run_step, NodeSession, StepError};
 use crate::sessions::{SessionRefusal, SessionTable};
 use crate::wire::{SessionId, ShardInfo, StepInput, WireTensor};
@@ -128,16 +128,7 @@ pub(crate) fn handle(
     peer: PeerId,
     request: Request,
 ) -> Handled {
-    let not_held = |model: &str| {
-        refuse(
-            ErrorKind::BadRequest,
-            format!(
-                "this node serves model {}, not {}",
-                models.current().info.model_digest,
-                quoted(model)
-            ),
-        )
-    };
+    let not_held = |model: &str| refuse(ErrorKind::BadRequest, models.not_held(model));
     Handled::Now(match request {
         Request::Info { model } => match models.find(model.as_deref()) {
             Some(shard) => Response::Info(shard.info.clone()),

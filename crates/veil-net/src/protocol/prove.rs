@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use veil_model::GgufFile;
 
 use super::{refuse, Answer, ErrorKind, InFlight, ProtocolSpec, Refusal};
-use crate::node_models::{quoted, NodeModels};
+use crate::node_models::NodeModels;
 
 /// The protocol: requests up to 64 KiB (the most leaves one may ask for is
 /// [`veil_zk::MAX_OPENINGS`]); answers up to 16 MiB (that many 64 KiB chunks with their
@@ -129,8 +129,7 @@ impl ProveService {
                     return Some((channel, refuse(ErrorKind::BadRequest, ask)));
                 }
                 let Some(shard) = models.find(model.as_deref()) else {
-                    let name = model.as_deref().map_or("none".into(), quoted);
-                    let why = format!("this node holds no shard of model {name}");
+                    let why = models.not_held(model.as_deref().unwrap_or_default());
                     return Some((channel, refuse(ErrorKind::BadRequest, why)));
                 };
                 let (weights, path) = (Arc::clone(&shard.weights), shard.file.clone());

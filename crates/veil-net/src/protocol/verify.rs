@@ -29,7 +29,7 @@ use veil_verify::{
 
 use super::infer::session_refused;
 use super::{refuse, Answer, ErrorKind, InFlight, ProtocolSpec, Refusal};
-use crate::node_models::{quoted, NodeModels, ServedShard};
+use crate::node_models::{NodeModels, ServedShard};
 use crate::node_session::{HopSession, NodeSession, VerifiedSession};
 use crate::sessions::SessionTable;
 use crate::wire::{SessionId, ShardInfo, StepInput};
@@ -267,11 +267,8 @@ impl VerifyService {
         let judge = &self.judge;
         let (model, info) = (&models.current().model, &models.current().info);
         let not_held = |model: &Option<String>| {
-            let name = model.as_deref().map_or("none".into(), quoted);
-            refuse(
-                ErrorKind::BadRequest,
-                format!("this node holds no shard of model {name}"),
-            )
+            let why = models.not_held(model.as_deref().unwrap_or_default());
+            refuse(ErrorKind::BadRequest, why)
         };
         let response = match request {
             Request::OpenVerified {
