@@ -7,6 +7,7 @@
 
 use half::f16;
 
+use crate::threads::{part_count, run_parts};
 use crate::{Isa, BLOCK, SUPERBLOCK};
 
 /// Sums kept per [`ActivationSuperblock`]: one per 16 values, as in ggml's Q8_K.
@@ -117,6 +118,9 @@ fn nearest_even(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
+/// Below this many values a product's activations are quantized on the calling thread alone.
+const SERIAL_VALUES: usize = 4096;
+
 /// Tokens per [`ActivationTile`].
 pub(crate) const TILE: usize = 8;
 
@@ -201,28 +205,39 @@ pub(crate) struct ActivationRow<'a> {
 
 impl Activations {
     /// Quantizes `x` (a whole number of blocks), reusing the allocations, with the
-    /// instructions of `isa` (which the caller checked this CPU has).
+    /// instructions of `isa` (which the caller checked this CPU has). A prompt's blocks are
+    /// split over the pool's threads: each block alone gives the same bits anywhere.
     pub fn quantize(&mut self, x: &[f32], isa: Isa) {
-        self.d.clear();
-        self.s.clear();
-        self.sums.clear();
-        self.qs.clear();
+        let blocks = x.len() / BLOCK;
+        self.d.resize(blocks, 0.0);
+        self.s.resize(blocks, 0.0);
+        self.sums.resize(blocks, 0);
+        self.qs.resize(blocks, [0; BLOCK]);
         self.bsums.clear();
         self.words.clear();
         self.per_unit = 1;
-        for xs in x.chunks_exact(BLOCK) {
-            let Ok(xs) = xs.try_into() else { continue };
-            let block = match isa {
-                // SAFETY: both SIMD families include the AVX2 quantizer's features.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 | Isa::Avx512 => unsafe { crate::x86::quantize_avx2(xs) },
-                _ => ActivationBlock::quantize(xs),
-            };
-            self.d.push(block.d);
-            self.s.push(block.s);
-            self.sums.push(block.qs.iter().map(|&q| i32::from(q)).sum());
-            self.qs.push(block.qs);
-        }
+        let per_part = blocks.div_ceil(part_count(x.len(), SERIAL_VALUES)).max(1);
+        let parts = x
+            .chunks(per_part * BLOCK)
+            .zip(self.d.chunks_mut(per_part))
+            .zip(self.s.chunks_mut(per_part))
+            .zip(self.sums.chunks_mut(per_part))
+            .zip(self.qs.chunks_mut(per_part))
+            .collect();
+        run_parts(parts, |((((x, d), s), sums), qs)| {
+            let outputs = d.iter_mut().zip(s).zip(sums).zip(qs);
+            for (xs, (((d, s), sum), qs)) in x.chunks_exact(BLOCK).zip(outputs) {
+                let Ok(xs) = xs.try_into() else { continue };
+                let block = match isa {
+                    // SAFETY: both SIMD families include the AVX2 quantizer's features.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 | Isa::Avx512 => unsafe { crate::x86::quantize_avx2(xs) },
+                    _ => ActivationBlock::quantize(xs),
+                };
+                (*d, *s, *qs) = (block.d, block.s, block.qs);
+                *sum = block.qs.iter().map(|&q| i32::from(q)).sum();
+            }
+        });
     }
 
     /// Regroups each token's whole groups of [`GROUP`] blocks (`per_token` blocks a token)
@@ -249,24 +264,35 @@ impl Activations {
     }
 
     /// Quantizes `x` (a whole number of superblocks) for the K formats on the instructions of
-    /// `isa` (the same bits on each), reusing the allocations.
+    /// `isa` (the same bits on each), reusing the allocations, split over the pool's threads
+    /// as [`quantize`](Self::quantize) is.
     pub fn quantize_superblocks(&mut self, x: &[f32], isa: Isa) {
-        self.d.clear();
+        let units = x.len() / SUPERBLOCK;
+        let per_unit = SUPERBLOCK / BLOCK;
+        self.d.resize(units, 0.0);
+        self.bsums.resize(units, [0; SUPERBLOCK_SUMS]);
+        self.qs.resize(units * per_unit, [0; BLOCK]);
         self.s.clear();
         self.sums.clear();
-        self.qs.clear();
-        self.bsums.clear();
-        self.per_unit = SUPERBLOCK / BLOCK;
-        for xs in x.chunks_exact(SUPERBLOCK) {
-            let Ok(xs) = xs.try_into() else { continue };
-            let block = ActivationSuperblock::quantize_with(isa, xs);
-            self.d.push(block.d);
-            self.bsums.push(block.bsums);
-            for qs in block.qs.chunks_exact(BLOCK) {
-                let Ok(qs) = qs.try_into() else { continue };
-                self.qs.push(qs);
+        self.per_unit = per_unit;
+        let per_part = units.div_ceil(part_count(x.len(), SERIAL_VALUES)).max(1);
+        let parts = x
+            .chunks(per_part * SUPERBLOCK)
+            .zip(self.d.chunks_mut(per_part))
+            .zip(self.bsums.chunks_mut(per_part))
+            .zip(self.qs.chunks_mut(per_part * per_unit))
+            .collect();
+        run_parts(parts, |(((x, d), bsums), qs)| {
+            let outputs = d.iter_mut().zip(bsums).zip(qs.chunks_exact_mut(per_unit));
+            for (xs, ((d, bsums), qs)) in x.chunks_exact(SUPERBLOCK).zip(outputs) {
+                let Ok(xs) = xs.try_into() else { continue };
+                let block = ActivationSuperblock::quantize_with(isa, xs);
+                (*d, *bsums) = (block.d, block.bsums);
+                for (q, values) in qs.iter_mut().zip(block.qs.chunks_exact(BLOCK)) {
+                    q.copy_from_slice(values);
+                }
             }
-        }
+        });
     }
 
     /// Lays out tiles of [`TILE`] tokens (`per_token` units each) for [`tile`](Self::tile):

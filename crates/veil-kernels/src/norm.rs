@@ -42,7 +42,9 @@ fn power_of_two(k: i32) -> f64 {
 
 /// RMSNorm of each row of `x` (rows of `weight.len()` values) into `out`, rounded as ggml's
 /// `rms_norm` followed by its `mul` rounds it: `mean = Σx² / n` (f64, then f32),
-/// `y = (x * (1 / sqrt(mean + eps))) * weight`.
+/// `y = (x * (1 / sqrt(mean + eps))) * weight`. A prompt's rows are split over the pool's
+/// threads (each row alone gives the same bits on any thread): on the calling thread alone they
+/// were 2.4% of a prompt's time, with the pool's worker waiting.
 ///
 /// # Panics
 ///
@@ -54,14 +56,25 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         "rms_norm: {} values are not rows of {n}",
         x.len()
     );
-    for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let mean = (sum_of_squares(row) / n as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for ((y, &v), &w) in out.iter_mut().zip(row).zip(weight) {
-            *y = (v * scale) * w;
+    let rows = x.len() / n;
+    let per_part = rows
+        .div_ceil(crate::threads::part_count(x.len(), SERIAL_VALUES))
+        .max(1)
+        * n;
+    let parts = x.chunks(per_part).zip(out.chunks_mut(per_part)).collect();
+    crate::threads::run_parts(parts, |(x, out)| {
+        for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let mean = (sum_of_squares(row) / n as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for ((y, &v), &w) in out.iter_mut().zip(row).zip(weight) {
+                *y = (v * scale) * w;
+            }
         }
-    }
+    });
 }
+
+/// Below this many values the calling thread norms them alone.
+const SERIAL_VALUES: usize = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -126,11 +139,18 @@ mod tests {
     }
 
     #[test]
-    fn norm_matches_the_formula() {
-        let x = sample(64 * 3, 3);
+    fn norm_matches_the_formula_on_any_split() {
+        // Enough rows that they are split over the pool, and an odd count so the parts differ.
+        let x = sample(64 * 67, 3);
         let w = sample(64, 4);
         let mut out = vec![0f32; x.len()];
-        rms_norm(&x, &w, 1e-5, &mut out);
+        crate::with_thread_limit(1, || rms_norm(&x, &w, 1e-5, &mut out));
+        let mut split = vec![f32::NAN; x.len()];
+        crate::with_thread_limit(2, || rms_norm(&x, &w, 1e-5, &mut split));
+        assert!(out
+            .iter()
+            .zip(&split)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
         for (row, out) in x.chunks(64).zip(out.chunks(64)) {
             let ms: f64 = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / 64.0;
             let m = (ms + 1e-5).sqrt();

@@ -5,6 +5,7 @@
 //! dealt to one thread or to all of them, in one process.
 
 use std::cell::Cell;
+use std::sync::{Mutex, PoisonError};
 
 thread_local! {
     /// The most threads this thread's products are split over (the pool's size by default).
@@ -29,4 +30,30 @@ pub fn with_thread_limit<R>(threads: usize, f: impl FnOnce() -> R) -> R {
 /// Of `available` parts (the pool's workers and the caller), how many to use.
 pub(crate) fn parts(available: usize) -> usize {
     available.min(LIMIT.with(Cell::get)).max(1)
+}
+
+/// Into how many parts to cut `len` values so that each holds at least `min` of them, at most
+/// one per thread this caller may use (1: do it on the calling thread).
+pub(crate) fn part_count(len: usize, min: usize) -> usize {
+    let pool = candle_core::utils::barrier_pool();
+    parts(pool.n_workers() + 1).min(len / min.max(1)).max(1)
+}
+
+/// Runs `work` on each of `parts` (at most one per thread of candle's barrier pool, as
+/// [`part_count`] gives), the calling thread taking one of them. Each part carries its own
+/// disjoint slices; the locks only hand them across threads.
+pub(crate) fn run_parts<P: Send>(parts: Vec<P>, work: impl Fn(P) + Sync) {
+    if parts.len() <= 1 {
+        parts.into_iter().for_each(work);
+        return;
+    }
+    let parts: Vec<Mutex<Option<P>>> = parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
+    candle_core::utils::barrier_pool().execute(|i| {
+        let part = parts
+            .get(i)
+            .and_then(|p| p.lock().unwrap_or_else(PoisonError::into_inner).take());
+        if let Some(part) = part {
+            work(part);
+        }
+    });
 }

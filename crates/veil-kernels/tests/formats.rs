@@ -236,7 +236,7 @@ fn assert_close(got: &[f32], expected: &[f64], magnitude: &[f64], what: &str) {
 
 /// (rows, cols, tokens) for a format: odd row counts (not multiples of the threads), one
 /// block, one row, token counts 1, 2, 5, 8, 9 and 37 (around the tiles of 4 and 8), and enough
-/// work to split over threads.
+/// work to split over threads (the rows, and a prompt's activations as they are quantized).
 fn shapes(format: QuantFormat) -> Vec<(usize, usize, usize)> {
     let unit = format.block_values();
     vec![
@@ -250,6 +250,7 @@ fn shapes(format: QuantFormat) -> Vec<(usize, usize, usize)> {
         (64, 2 * unit, 8),
         (33, 4 * unit, 9),
         (13, 2 * unit, 37),
+        (5, 8 * unit, 37),
         (1, 8 * unit, 9),
         (1000, unit, 1),
         (301, 2 * unit, 7),
