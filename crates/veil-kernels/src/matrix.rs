@@ -2,6 +2,7 @@
 
 use std::cell::RefCell;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::quantized::GgmlDType;
@@ -753,7 +754,7 @@ impl QuantMatrix {
             });
             return;
         }
-        split_row_ranges(work * tokens, self.rows, |rows| {
+        deal_row_chunks(work * tokens, self.rows, |rows| {
             let tiles: Vec<ActivationTile<'_>> = (0..acts.tile_count())
                 .map(|i| acts.tile(i, per_token))
                 .collect();
@@ -808,7 +809,7 @@ impl QuantMatrix {
             1 => row_out[t] = kernel.one(w, token(t)),
             _ => {}
         }
-        // SAFETY: this thread's range of weight rows is its own (`split_row_ranges`).
+        // SAFETY: this thread's range of weight rows is its own (`deal_row_chunks`).
         unsafe { out.write_column(r, row_out) };
     }
 
@@ -896,6 +897,34 @@ fn split_row_ranges(blocks: usize, rows: usize, work: impl Fn(std::ops::Range<us
         }
     });
 }
+
+/// Calls `work(rows)` on consecutive ranges covering `0..rows`, a few per thread of the pool,
+/// which the threads take in turn as each finishes its last: a prompt's products are long
+/// enough that a thread slowed by the host (a shared core, a busy sibling) would otherwise
+/// keep the other spinning at the barrier. Chunks hold an even number of rows, so the two-row
+/// kernels keep their pairs. Small products run on the calling thread, as in
+/// [`split_row_ranges`].
+fn deal_row_chunks(blocks: usize, rows: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
+    let pool = candle_core::utils::barrier_pool();
+    let parts = crate::threads::parts(pool.n_workers() + 1);
+    if parts == 1 || blocks < SERIAL_BLOCKS {
+        work(0..rows);
+        return;
+    }
+    let chunk = rows.div_ceil(parts * CHUNKS_PER_THREAD).next_multiple_of(2);
+    let next = AtomicUsize::new(0);
+    pool.execute(|_| loop {
+        let start = next.fetch_add(chunk, Ordering::Relaxed);
+        if start >= rows {
+            break;
+        }
+        work(start..(start + chunk).min(rows));
+    });
+}
+
+/// Chunks of rows per thread in [`deal_row_chunks`]: enough to even out a slowed thread,
+/// few enough that taking one costs nothing next to its rows.
+const CHUNKS_PER_THREAD: usize = 8;
 
 /// Below this many block products a product runs on the calling thread alone: handing work to
 /// the pool would cost more than it saves.

@@ -236,7 +236,8 @@ fn assert_close(got: &[f32], expected: &[f64], magnitude: &[f64], what: &str) {
 
 /// (rows, cols, tokens) for a format: odd row counts (not multiples of the threads), one
 /// block, one row, token counts 1, 2, 5, 8, 9 and 37 (around the tiles of 4 and 8), and enough
-/// work to split over threads (the rows, and a prompt's activations as they are quantized).
+/// work to split over threads (a prompt's rows in chunks, an odd one last, and its activations
+/// as they are quantized).
 fn shapes(format: QuantFormat) -> Vec<(usize, usize, usize)> {
     let unit = format.block_values();
     vec![
@@ -251,6 +252,7 @@ fn shapes(format: QuantFormat) -> Vec<(usize, usize, usize)> {
         (33, 4 * unit, 9),
         (13, 2 * unit, 37),
         (5, 8 * unit, 37),
+        (101, 2 * unit, 37),
         (1, 8 * unit, 9),
         (1000, unit, 1),
         (301, 2 * unit, 7),
