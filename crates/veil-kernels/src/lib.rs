@@ -41,6 +41,7 @@ pub use isa::Isa;
 pub use layout::SCALE_GROUP;
 pub use matrix::{QuantFormat, QuantMatrix, QuantMatrixBuilder};
 pub use norm::{rms_norm, sum_of_squares};
+pub use pages::keep_freed_buffers;
 pub use threads::with_thread_limit;
 
 /// Values per quantization block of the 32-value formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as

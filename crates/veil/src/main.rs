@@ -79,6 +79,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    veil_kernels::keep_freed_buffers();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
