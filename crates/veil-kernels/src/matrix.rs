@@ -634,8 +634,9 @@ impl QuantMatrix {
         Ok(())
     }
 
-    /// One token through several matrices' rows, split over the pool as one run of rows: each
-    /// thread takes its share of the rows of all the matrices laid end to end.
+    /// One token through several matrices' rows, split over the pool as one run of rows: the
+    /// rows of all the matrices laid end to end are cut into a few chunks per thread, which
+    /// the threads take in turn (as in [`deal_row_chunks`]).
     fn one_token_shared(
         isa: Isa,
         matrices: &[&QuantMatrix],
@@ -646,20 +647,24 @@ impl QuantMatrix {
         let work = rows * (matrices[0].cols / BLOCK);
         let pool = candle_core::utils::barrier_pool();
         let parts = crate::threads::parts(pool.n_workers() + 1);
-        let parts = if work < SERIAL_BLOCKS { 1 } else { parts };
-        let per_part = rows.div_ceil(parts);
-        // Each part's pieces: (matrix, first row, outputs), cut from the outputs in order.
+        let chunks = if work < SERIAL_BLOCKS || parts == 1 {
+            1
+        } else {
+            parts * CHUNKS_PER_THREAD
+        };
+        let per_chunk = rows.div_ceil(chunks);
+        // Each chunk's pieces: (matrix, first row, outputs), cut from the outputs in order.
         let mut dealt: Vec<Vec<(usize, usize, &mut [f32])>> =
-            (0..parts).map(|_| Vec::new()).collect();
+            (0..chunks).map(|_| Vec::new()).collect();
         let mut laid = 0;
         for (i, out) in outs.iter_mut().enumerate() {
             let mut rest: &mut [f32] = out;
             let mut first = 0;
             while !rest.is_empty() {
-                let part = laid / per_part;
-                let take = (per_part - laid % per_part).min(rest.len());
+                let chunk = laid / per_chunk;
+                let take = (per_chunk - laid % per_chunk).min(rest.len());
                 let (piece, tail) = rest.split_at_mut(take);
-                dealt[part].push((i, first, piece));
+                dealt[chunk].push((i, first, piece));
                 (rest, first, laid) = (tail, first + take, laid + take);
             }
         }
@@ -669,14 +674,15 @@ impl QuantMatrix {
                 m.one_token_rows(&RowKernel::new(m.format, isa), acts, *first, out);
             }
         };
-        if parts == 1 {
+        if chunks == 1 {
             dealt.iter_mut().for_each(run);
             return;
         }
-        // Each part takes its own pieces; the locks only hand the disjoint slices across.
+        // Each chunk is taken once; the locks only hand the disjoint slices across.
         let dealt: Vec<Mutex<Vec<_>>> = dealt.into_iter().map(Mutex::new).collect();
-        pool.execute(|part| {
-            if let Some(pieces) = dealt.get(part) {
+        let next = AtomicUsize::new(0);
+        pool.execute(|_| {
+            while let Some(pieces) = dealt.get(next.fetch_add(1, Ordering::Relaxed)) {
                 run(&mut pieces.lock().unwrap_or_else(PoisonError::into_inner));
             }
         });
@@ -741,7 +747,7 @@ impl QuantMatrix {
         if tokens < TILE {
             // Up to seven tokens (a few decode steps batched): a thread's run of rows in one
             // kernel call, as for one token.
-            split_row_ranges(work * tokens, self.rows, |rows| {
+            deal_row_chunks(work * tokens, self.rows, |rows| {
                 let few = |t: usize| token(t);
                 match tokens {
                     2 => self.few_tokens::<2>(kernel, std::array::from_fn(few), rows, &out),
@@ -832,7 +838,7 @@ impl QuantMatrix {
         }
         for (r, row) in rows.zip(values.chunks_exact(R)) {
             // SAFETY: the caller's range of weight rows is this thread's own
-            // (`split_row_ranges`).
+            // (`deal_row_chunks`).
             unsafe { out.write_column(r, row) };
         }
     }
@@ -879,31 +885,12 @@ impl<'a> TokenColumns<'a> {
     }
 }
 
-/// Calls `work(rows)` on consecutive ranges covering `0..rows`, one range per thread of the
-/// pool (or all on the calling thread, for less than [`SERIAL_BLOCKS`] of work).
-fn split_row_ranges(blocks: usize, rows: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
-    let pool = candle_core::utils::barrier_pool();
-    let parts = crate::threads::parts(pool.n_workers() + 1);
-    if parts == 1 || blocks < SERIAL_BLOCKS {
-        work(0..rows);
-        return;
-    }
-    let per_part = rows.div_ceil(parts);
-    pool.execute(|part| {
-        let start = (part * per_part).min(rows);
-        let end = (start + per_part).min(rows);
-        if start < end {
-            work(start..end);
-        }
-    });
-}
-
 /// Calls `work(rows)` on consecutive ranges covering `0..rows`, a few per thread of the pool,
 /// which the threads take in turn as each finishes its last: a prompt's products are long
 /// enough that a thread slowed by the host (a shared core, a busy sibling) would otherwise
 /// keep the other spinning at the barrier. Chunks hold an even number of rows, so the two-row
-/// kernels keep their pairs. Small products run on the calling thread, as in
-/// [`split_row_ranges`].
+/// kernels keep their pairs. Products of less than [`SERIAL_BLOCKS`] run on the calling thread
+/// alone.
 fn deal_row_chunks(blocks: usize, rows: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
     let pool = candle_core::utils::barrier_pool();
     let parts = crate::threads::parts(pool.n_workers() + 1);

@@ -255,6 +255,7 @@ fn shapes(format: QuantFormat) -> Vec<(usize, usize, usize)> {
         (101, 2 * unit, 37),
         (1, 8 * unit, 9),
         (1000, unit, 1),
+        (1000, 4 * unit, 1),
         (301, 2 * unit, 7),
         (67, 640.max(unit), 1),
     ]
