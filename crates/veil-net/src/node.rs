@@ -157,11 +157,19 @@ pub async fn run_node(
 
     let history = config.history.clone().filter(|_| shard_info.is_whole());
     let started_with = std::fs::metadata(&config.shard).map_or(0, |m| m.len());
-    let mut handoff = HandoffService::new(
-        config.handoff.clone(),
-        handoff_dir(&config.state),
-        started_with,
-    );
+    // The database is this process's alone (redb locks it), and so are the files handed to the
+    // node that last ran on it: a transfer cut short, or shards of keys rotated away since.
+    let handoff_dir = handoff_dir(&config.state);
+    match handoff::remove_leftovers(&handoff_dir) {
+        Ok((0, _)) => {}
+        Ok((files, bytes)) => info!(
+            "removed {files} shard files ({} MiB) left in {} by this node's last run",
+            bytes >> 20,
+            handoff_dir.display()
+        ),
+        Err(e) => warn!("cannot clear {}: {e}", handoff_dir.display()),
+    }
+    let mut handoff = HandoffService::new(config.handoff.clone(), handoff_dir, started_with);
     let mut swarm = build_node_swarm(
         key.clone(),
         config.request_timeout,
@@ -691,12 +699,15 @@ fn unannounce(swarm: &mut Swarm<VeilBehaviour>, dropped: &ShardInfo, models: &No
     ));
 }
 
-/// Where a node keeps the shard files handed to it: beside its database.
+/// Where shards handed to the node are kept: beside its database and named after it
+/// (`node.redb.handoff`), so nodes whose databases share a directory never share it, and each
+/// clears only its own leftovers at start.
 fn handoff_dir(state: &std::path::Path) -> PathBuf {
-    state
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .join("handoff")
+    let mut name = state
+        .file_name()
+        .map_or_else(|| "node".into(), std::ffi::OsStr::to_os_string);
+    name.push(".handoff");
+    state.with_file_name(name)
 }
 
 /// The peer id at the end of an address, if any.

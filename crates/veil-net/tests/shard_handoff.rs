@@ -1,6 +1,7 @@
 //! Handing a node a new shard (key rotation on the swarm): only the key holder its operator
 //! named may, the file is checked before it is loaded, a session runs on the model it opened
-//! to its end, and a staged shard can be dropped.
+//! to its end, a staged shard can be dropped, and what a killed node left is cleared when it
+//! starts again.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -95,6 +96,19 @@ async fn only_the_named_key_holder_hands_over_and_sessions_keep_their_model() {
     let successor = cut(&other_model, 10, 20, &dir.path().join("b"));
     let wrong_range = cut(&model, 0, 10, &dir.path().join("c"));
 
+    // What a node killed mid-rotation leaves behind: a transfer cut short and a handed shard.
+    // The next run on the same database removes them, and nothing else there.
+    let handoff_dir = dir.path().join("node").join("node.redb.handoff");
+    std::fs::create_dir_all(&handoff_dir).unwrap();
+    let leftovers = [
+        "incoming-0011223344556677.part",
+        &format!("{}-0011223344556677.gguf", "ab".repeat(32)),
+    ];
+    for name in leftovers {
+        std::fs::write(handoff_dir.join(name), b"left by a killed node").unwrap();
+    }
+    std::fs::write(handoff_dir.join("operator-notes.txt"), b"not the node's").unwrap();
+
     let holder_key = Keypair::generate_ed25519();
     let holder_id = holder_key.public().to_peer_id();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -129,6 +143,13 @@ async fn only_the_named_key_holder_hands_over_and_sessions_keep_their_model() {
     });
     let addr = rx.recv().await.expect("the node listens");
     let peer = peer_of(&addr).unwrap();
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(&handoff_dir), ["operator-notes.txt"]);
     let timeout = Duration::from_secs(30);
     let bootstrap = [addr];
     let holder = SwarmClient::connect_as(holder_key, &bootstrap, &[], timeout, timeout)
@@ -256,9 +277,7 @@ async fn only_the_named_key_holder_hands_over_and_sessions_keep_their_model() {
     refused_with(holder.infer(peer, gone).await, "this node serves model");
     assert_eq!(info(&holder, peer, None).await, new);
     // Handed files are removed once their shard is dropped; only the current one is kept.
-    let kept: Vec<_> = std::fs::read_dir(dir.path().join("node").join("handoff"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(kept.len(), 1, "{kept:?}");
+    let kept = names(&handoff_dir);
+    let handed: Vec<_> = kept.iter().filter(|n| n.ends_with(".gguf")).collect();
+    assert_eq!((kept.len(), handed.len()), (2, 1), "{kept:?}");
 }

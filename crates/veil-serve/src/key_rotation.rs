@@ -209,7 +209,11 @@ impl KeyedModel {
                 let mut why = e.to_string();
                 let mut cause = std::error::Error::source(&e);
                 while let Some(c) = cause {
-                    why = format!("{why}: {c}");
+                    // Some errors already end with their cause's words (`{path}: {source}`).
+                    let words = c.to_string();
+                    if !why.ends_with(&words) {
+                        why = format!("{why}: {words}");
+                    }
                     cause = c.source();
                 }
                 tracing::warn!("key rotation failed, the old key keeps serving: {why}");

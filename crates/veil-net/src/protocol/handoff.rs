@@ -384,6 +384,32 @@ fn internal(path: &std::path::Path, e: std::io::Error) -> Refusal {
     )
 }
 
+/// Removes the files a node's previous run left in its handoff directory `dir` (transfers cut
+/// short, `incoming-*.part`, and handed shards, `*.gguf`: a node that stopped without dropping
+/// them, killed or crashed, no longer serves them), leaving anything else there alone.
+/// Returns how many files and bytes went; a missing directory has none.
+pub(crate) fn remove_leftovers(dir: &std::path::Path) -> std::io::Result<(usize, u64)> {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        other => other?,
+    };
+    let (mut files, mut bytes) = (0, 0);
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours =
+            (name.starts_with("incoming-") && name.ends_with(".part")) || name.ends_with(".gguf");
+        let meta = entry.metadata()?;
+        if ours && meta.is_file() {
+            std::fs::remove_file(entry.path())?;
+            files += 1;
+            bytes += meta.len();
+        }
+    }
+    Ok((files, bytes))
+}
+
 /// Checks a loaded shard against the one the node serves: the same blocks of a model of the
 /// same shape, under another key.
 pub(crate) fn check_successor(current: &ShardInfo, new: &ShardInfo) -> Result<(), String> {
