@@ -57,7 +57,7 @@ impl HandToNodes {
     }
 
     /// Tells every node in `staged` to drop its staged shard of `digest`.
-    fn discard(&self, staged: &[PeerId], digest: &str) {
+    fn discard_staged(&self, staged: &[PeerId], digest: &str) {
         for peer in staged {
             let model = digest.to_string();
             if let Err(e) = self.request(*peer, handoff::Request::Discard { model }) {
@@ -79,13 +79,27 @@ impl KeyInstaller for HandToNodes {
             .nodes
             .as_ref()
             .map_or(self.first_digest.as_str(), |n| n.digest.as_str());
-        let nodes = self
-            .runtime
-            .block_on(self.client.discover(old_digest))
-            .map_err(|source| ServeError::Handoff {
-                what: "cannot find the nodes serving the model".into(),
-                source: Box::new(source),
-            })?;
+        // The nodes serving the key in use, and those serving the model the gateway was started
+        // with: a node restarted since a rotation serves its first file again, and rejoins here.
+        let mut digests = vec![old_digest];
+        if old_digest != self.first_digest {
+            digests.push(&self.first_digest);
+        }
+        let mut nodes: Vec<veil_net::Candidate> = Vec::new();
+        for digest in digests {
+            let found = self
+                .runtime
+                .block_on(self.client.discover(digest))
+                .map_err(|source| ServeError::Handoff {
+                    what: "cannot find the nodes serving the model".into(),
+                    source: Box::new(source),
+                })?;
+            for node in found {
+                if !nodes.iter().any(|n| n.peer == node.peer) {
+                    nodes.push(node);
+                }
+            }
+        }
         if nodes.is_empty() {
             return Err(ServeError::Invalid(format!(
                 "no node serves model {old_digest}: nothing to hand the new key's shards to"
@@ -146,7 +160,7 @@ impl KeyInstaller for HandToNodes {
             .map(|(node, _)| node.peer)
             .collect();
         if let Some((node, Err(failure))) = outcomes.into_iter().find(|(_, h)| h.is_err()) {
-            self.discard(&staged, &digest);
+            self.discard_staged(&staged, &digest);
             return Err(ServeError::Handoff {
                 what: format!(
                     "node {} did not take its shard (blocks {}..{}) of the new key's model",
@@ -160,7 +174,7 @@ impl KeyInstaller for HandToNodes {
         let admission = match (self.admission)(file) {
             Ok(admission) => admission,
             Err(e) => {
-                self.discard(&staged, &digest);
+                self.discard_staged(&staged, &digest);
                 return Err(e);
             }
         };
@@ -176,6 +190,40 @@ impl KeyInstaller for HandToNodes {
                 digest,
                 admission,
                 nodes: staged,
+                file: Arc::new(dir),
+            }),
+        })
+    }
+
+    fn discard(&self, new: &Privacy) {
+        if let Some(serving) = &new.nodes {
+            self.discard_staged(&serving.nodes, &serving.digest);
+        }
+    }
+
+    /// The nodes already serve this key's model (handed to them before the gateway
+    /// restarted): only its digest and checks are needed, and nothing is handed over.
+    fn adopt(
+        &self,
+        dir: tempfile::TempDir,
+        file: &Path,
+        key: EeKey,
+        _: &Privacy,
+    ) -> Result<Privacy> {
+        let digest = veil_model::store::file_digest(file)?.1;
+        let admission = (self.admission)(file)?;
+        tracing::info!(
+            "resuming the key this gateway rotated to before it stopped ({}): the nodes serve model {}",
+            key.fingerprint().get(..16).unwrap_or_default(),
+            digest.get(..12).unwrap_or(&digest)
+        );
+        Ok(Privacy {
+            key,
+            shards: Vec::new(),
+            nodes: Some(NodesServing {
+                digest,
+                admission,
+                nodes: Vec::new(),
                 file: Arc::new(dir),
             }),
         })

@@ -75,6 +75,23 @@ pub trait KeyInstaller: Send + Sync {
 
     /// `new` has replaced `old`: new requests use it, and what only `old` needed may go.
     fn promote(&self, _old: &Privacy, _new: &Privacy) {}
+
+    /// `new` was staged but will not be used (its key could not be kept): drop what staging
+    /// left where the model runs.
+    fn discard(&self, _new: &Privacy) {}
+
+    /// The model encrypted under `key` at `file` (in `dir`) is already where it runs, from
+    /// before this process started (a key kept by [`KeptKey`]): make it the one in use without
+    /// installing it again. By default it is staged like a new one.
+    fn adopt(
+        &self,
+        dir: tempfile::TempDir,
+        file: &Path,
+        key: EeKey,
+        old: &Privacy,
+    ) -> Result<Privacy> {
+        self.stage(dir, file, key, old)
+    }
 }
 
 /// Loads the new model into this process.
@@ -107,6 +124,70 @@ pub struct KeyRotation {
     pub config: LlamaConfig,
     /// Readies each new key's model where it runs.
     pub install: Box<dyn KeyInstaller>,
+    /// Where each new key is kept, for a gateway whose nodes outlive it (`None`: not kept).
+    pub keep: Option<KeptKey>,
+}
+
+impl KeyRotation {
+    /// The key an earlier run of this gateway rotated to, if one was kept for the model of
+    /// `started` (the key the gateway was started with), made the one in use: the plaintext
+    /// model is encrypted under it again and adopted where it runs. `None` when no key was
+    /// kept, or the kept one is of another model or kind (then the next rotation replaces it).
+    pub fn resume(&self, started: &Privacy) -> Result<Option<Privacy>> {
+        let Some(keep) = &self.keep else {
+            return Ok(None);
+        };
+        let Some(key) = keep.load()? else {
+            return Ok(None);
+        };
+        if key.model_digest != started.key.model_digest || key.kind() != started.key.kind() {
+            tracing::warn!(
+                "the key kept in {} is not a {} key of this model: starting with the key given",
+                keep.path.display(),
+                started.key.kind().name()
+            );
+            return Ok(None);
+        }
+        if key.fingerprint() == started.key.fingerprint() {
+            return Ok(None);
+        }
+        let (dir, file) = encrypted_under(self, &key)?;
+        self.install.adopt(dir, &file, key, started).map(Some)
+    }
+}
+
+/// A rotated key, kept sealed on disk (with the passphrase of the key the gateway was started
+/// with) so that a gateway restarted after a rotation goes on with the key its nodes serve:
+/// otherwise it comes back with the key it was started with, whose shards the nodes dropped
+/// two rotations later.
+pub struct KeptKey {
+    /// The sealed key file.
+    pub path: PathBuf,
+    /// Its passphrase.
+    pub passphrase: String,
+}
+
+impl KeptKey {
+    /// Seals `key` into the file; the file is replaced only once the new one is written whole.
+    pub fn save(&self, key: &EeKey) -> Result<()> {
+        let sealed = key.seal(&self.passphrase)?;
+        let what = || format!("cannot keep the new key in {}", self.path.display());
+        let partial = self.path.with_extension("partial");
+        std::fs::write(&partial, sealed).map_err(ServeError::io(what()))?;
+        std::fs::rename(&partial, &self.path).map_err(ServeError::io(what()))
+    }
+
+    /// The key kept by an earlier run, if there is one.
+    pub fn load(&self) -> Result<Option<EeKey>> {
+        match std::fs::read(&self.path) {
+            Ok(sealed) => Ok(Some(EeKey::open(&sealed, &self.passphrase)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ServeError::io(format!(
+                "cannot read the kept key {}",
+                self.path.display()
+            ))(e)),
+        }
+    }
 }
 
 /// How long after a failed rotation the next is tried.
@@ -190,6 +271,12 @@ impl KeyedModel {
         let started = Instant::now();
         match fresh_model(rotation, &old) {
             Ok(fresh) => {
+                // Kept before it is used: a gateway restarted from here on resumes this key.
+                if let Some(Err(e)) = rotation.keep.as_ref().map(|keep| keep.save(&fresh.key)) {
+                    rotation.install.discard(&fresh);
+                    self.failed_rotation(&e);
+                    return;
+                }
                 let fresh = Arc::new(fresh);
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&fresh);
                 *self.usage.lock().unwrap_or_else(|e| e.into_inner()) = (Instant::now(), 0);
@@ -203,23 +290,27 @@ impl KeyedModel {
                     started.elapsed().as_secs_f64()
                 );
             }
-            Err(e) => {
-                self.failed.inc();
-                *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-                let mut why = e.to_string();
-                let mut cause = std::error::Error::source(&e);
-                while let Some(c) = cause {
-                    // Some errors already end with their cause's words (`{path}: {source}`).
-                    let words = c.to_string();
-                    if !why.ends_with(&words) {
-                        why = format!("{why}: {words}");
-                    }
-                    cause = c.source();
-                }
-                tracing::warn!("key rotation failed, the old key keeps serving: {why}");
-            }
+            Err(e) => self.failed_rotation(&e),
         }
         self.rotating.store(false, Ordering::Release);
+    }
+
+    /// Counts and logs a rotation that failed (the old key keeps serving), and holds the next
+    /// back for [`RETRY_AFTER_FAILURE`].
+    fn failed_rotation(&self, e: &ServeError) {
+        self.failed.inc();
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        let mut why = e.to_string();
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            // Some errors already end with their cause's words (`{path}: {source}`).
+            let words = c.to_string();
+            if !why.ends_with(&words) {
+                why = format!("{why}: {words}");
+            }
+            cause = c.source();
+        }
+        tracing::warn!("key rotation failed, the old key keeps serving: {why}");
     }
 }
 
@@ -229,8 +320,14 @@ impl KeyedModel {
 fn fresh_model(rotation: &KeyRotation, old: &Privacy) -> Result<Privacy> {
     let kind = old.key.kind();
     let key = EeKey::generate_of_kind(&rotation.config, &old.key.model_digest, kind);
+    let (dir, file) = encrypted_under(rotation, &key)?;
+    rotation.install.stage(dir, &file, key, old)
+}
+
+/// The plaintext model encrypted under `key`, in a temporary directory of its own.
+fn encrypted_under(rotation: &KeyRotation, key: &EeKey) -> Result<(tempfile::TempDir, PathBuf)> {
     let dir = tempfile::tempdir().map_err(ServeError::io("no room for the re-encrypted model"))?;
     let file = dir.path().join("rotated.gguf");
-    veil_ee::encrypt_model(&rotation.plain, &key, &file)?;
-    rotation.install.stage(dir, &file, key, old)
+    veil_ee::encrypt_model(&rotation.plain, key, &file)?;
+    Ok((dir, file))
 }

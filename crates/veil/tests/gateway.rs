@@ -1775,7 +1775,7 @@ fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_
         &["--accept-shards-from", &holder],
     );
     let c = NodeProcess::start_with(&enc, &dir.path().join("c.redb"), Some(&a.addr), &[]);
-    let gateway = Gateway::start_with(&[
+    let gateway_args = [
         "--bootstrap",
         &a.addr,
         "--model",
@@ -1788,7 +1788,8 @@ fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_
         state.to_str().unwrap(),
         "--rotate-after-tokens",
         "20",
-    ]);
+    ];
+    let gateway = Gateway::start_with(&gateway_args);
     let question = |max_tokens: u32| {
         ask(
             "What is the capital of France?",
@@ -1843,4 +1844,43 @@ fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_
     let (status, got) = gateway.post("/v1/chat/completions", &verified);
     assert_eq!(status, 200, "{got}");
     assert_eq!(got["choices"][0]["message"]["content"], first);
+
+    // The gateway stops (killed, after the rotation the committee's tokens set off) and starts
+    // again on the same database. The nodes no longer hold the shards of the key it was
+    // started with, only those of the last two; it resumes the key it kept, answers the same,
+    // and goes on rotating.
+    wait_for("veil_key_rotations_total", 3.0);
+    assert!(dir.path().join("gateway.redb.rotated-key.veil").exists());
+    drop(gateway);
+    let gateway = Gateway::start_with(&gateway_args);
+    let answer = |max_tokens: u32| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, got) = gateway.post("/v1/chat/completions", &question(max_tokens));
+            if status == 200 {
+                return got["choices"][0]["message"]["content"].clone();
+            }
+            assert!(Instant::now() < deadline, "{status}: {got}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    assert_eq!(answer(8), first);
+    gateway.wait_for_metric("veil_key_rotations_total", 1.0);
+    assert_eq!(answer(8), first);
+
+    // Node b restarts: it clears the shards handed to its last run, serves the file it was
+    // started with again (the first key's model), and the next rotation hands it the new key's
+    // shard with node a's.
+    drop(b);
+    let b = NodeProcess::start_with(
+        &enc,
+        &dir.path().join("b.redb"),
+        Some(&a.addr),
+        &["--accept-shards-from", &holder],
+    );
+    b.wait_for_log("left in");
+    assert_eq!(answer(8), first);
+    b.wait_for_log("now serving model");
+    gateway.wait_for_metric("veil_key_rotations_total", 2.0);
+    assert_eq!(answer(8), first);
 }

@@ -483,10 +483,17 @@ pub fn load_encrypted(path: &Path, key: &EeKey, args: &ModelArgs) -> Result<Vec<
 
 /// Reads and opens a sealed key file.
 pub fn read_key(path: &Path) -> Result<EeKey> {
+    Ok(read_key_and_passphrase(path)?.0)
+}
+
+/// [`read_key`], and the passphrase that opened it (a gateway seals its rotated keys with it).
+pub fn read_key_and_passphrase(path: &Path) -> Result<(EeKey, String)> {
     let sealed =
         std::fs::read(path).with_context(|| format!("cannot read key file {}", path.display()))?;
-    EeKey::open(&sealed, &passphrase()?)
-        .with_context(|| format!("cannot open key file {}", path.display()))
+    let passphrase = passphrase()?;
+    let key = EeKey::open(&sealed, &passphrase)
+        .with_context(|| format!("cannot open key file {}", path.display()))?;
+    Ok((key, passphrase))
 }
 
 /// The key passphrase: `$VEIL_KEY_PASSPHRASE`, or one line read from stdin.

@@ -10,7 +10,7 @@ use veil_serve::backend::{Batching, SwarmConnection};
 use veil_serve::gateway::openai::VeilInfo;
 use veil_serve::gateway::{Gateway, Limits, Serving};
 use veil_serve::key_handoff::HandToNodes;
-use veil_serve::key_rotation::{KeyInstaller, KeyRotation, KeyedModel, LoadHere, Privacy};
+use veil_serve::key_rotation::{KeptKey, KeyInstaller, KeyRotation, KeyedModel, LoadHere, Privacy};
 
 use crate::args::ModelArgs;
 use crate::commands::swarm::SwarmArgs;
@@ -166,17 +166,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let path = args.model.resolve_path()?;
-    let privacy = match (&args.encrypted, &args.key) {
+    let (privacy, passphrase) = match (&args.encrypted, &args.key) {
         (Some(encrypted), Some(key)) => {
-            let key = crate::commands::ee::read_key(key)?;
+            let (key, passphrase) = crate::commands::ee::read_key_and_passphrase(key)?;
             let shards = if args.local {
                 crate::commands::ee::load_encrypted(encrypted, &key, &args.model)?
             } else {
                 Vec::new()
             };
-            Some(Privacy::new(key, shards))
+            (Some(Privacy::new(key, shards)), Some(passphrase))
         }
-        _ => None,
+        _ => (None, None),
     };
     let rotates = !(args.rotate_after_tokens == 0 && args.rotate_after_minutes == 0);
     if privacy.is_some() && rotates && !args.local && args.recheck {
@@ -193,7 +193,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let load_here = LoadHere(Box::new(move |file, key| {
                 crate::commands::ee::load_encrypted(file, key, &loader).map_err(Into::into)
             }));
-            let rotation = key_rotation(&args, &path, Box::new(load_here));
+            let rotation = key_rotation(&args, &path, Box::new(load_here), None);
             (Some(KeyedModel::new(privacy, rotation)), None)
         }
         swarm => (None, swarm),
@@ -263,13 +263,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             (true, None) => Serving::Local { selector },
             (true, Some(keyed)) => Serving::Encrypted(keyed),
             (false, _) => {
-                let state = veil_net::NodeState::open(
-                    &args
-                        .state
-                        .clone()
-                        .unwrap_or_else(|| home.join("client.redb")),
-                )
-                .context(
+                let state_path = args
+                    .state
+                    .clone()
+                    .unwrap_or_else(|| home.join("client.redb"));
+                let state = veil_net::NodeState::open(&state_path).context(
                     "cannot open the reputation database (is another veil client using it?)",
                 )?;
                 let (request_timeout, join_timeout) = (
@@ -313,8 +311,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
                                 .map_err(|e| veil_serve::ServeError::Invalid(format!("{e:#}")))
                         }),
                     );
-                    KeyedModel::new(privacy, key_rotation(&args, &path, Box::new(install)))
+                    // Each new key is kept beside the gateway's database, sealed with the
+                    // passphrase of the key given, and resumed by the next run.
+                    let kept = passphrase.map(|passphrase| KeptKey {
+                        path: kept_key_path(&state_path),
+                        passphrase,
+                    });
+                    let rotation = key_rotation(&args, &path, Box::new(install), kept);
+                    let resumed = match &rotation {
+                        // Re-encrypting takes seconds: off the runtime's scheduling.
+                        Some(rotation) => {
+                            tokio::task::block_in_place(|| rotation.resume(&privacy))?
+                        }
+                        None => None,
+                    };
+                    Ok::<_, anyhow::Error>(KeyedModel::new(resumed.unwrap_or(privacy), rotation))
                 });
+                let key = key.transpose()?;
                 let connection = SwarmConnection {
                     client,
                     runtime: tokio::runtime::Handle::current(),
@@ -371,6 +384,7 @@ fn key_rotation(
     args: &ServeArgs,
     model: &std::path::Path,
     install: Box<dyn KeyInstaller>,
+    keep: Option<KeptKey>,
 ) -> Option<KeyRotation> {
     let never = |n: u64| n == 0;
     if never(args.rotate_after_tokens) && never(args.rotate_after_minutes) {
@@ -402,5 +416,15 @@ fn key_rotation(
         plain: model.to_path_buf(),
         config,
         install,
+        keep,
     })
+}
+
+/// Where a gateway keeps its rotated key: beside its database, named after it.
+fn kept_key_path(state: &std::path::Path) -> std::path::PathBuf {
+    let mut name = state
+        .file_name()
+        .map_or_else(|| "client.redb".into(), std::ffi::OsStr::to_os_string);
+    name.push(".rotated-key.veil");
+    state.with_file_name(name)
 }
