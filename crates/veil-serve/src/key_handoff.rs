@@ -1,8 +1,9 @@
 //! Key rotation on the swarm: the model re-encrypted under the new key is cut into the shards
-//! the nodes serve now, each handed to its node ([`veil_net::protocol::handoff`]), all nodes
-//! at once, and each loads and stages it beside the old one. Only once every node has staged its shard does the
-//! gateway swap keys; then the nodes are told to promote the new shard. A node that fails to
-//! take its shard fails the rotation: the others drop theirs and the old key keeps serving.
+//! the nodes serve now (those of the key in use, and any restarted onto the gateway's first
+//! model), each handed to its node ([`veil_net::protocol::handoff`]), all nodes at once, and
+//! each loads and stages it beside the old one. Only once every node has staged its shard does
+//! the gateway swap keys; then the nodes are told to promote the new shard. A node that fails
+//! to take its shard fails the rotation: the others drop theirs and the old key keeps serving.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -183,16 +184,7 @@ impl KeyInstaller for HandToNodes {
             staged.len(),
             digest.get(..12).unwrap_or(&digest)
         );
-        Ok(Privacy {
-            key,
-            shards: Vec::new(),
-            nodes: Some(NodesServing {
-                digest,
-                admission,
-                nodes: staged,
-                file: Arc::new(dir),
-            }),
-        })
+        Ok(on_nodes(key, digest, admission, staged, dir))
     }
 
     fn discard(&self, new: &Privacy) {
@@ -217,16 +209,7 @@ impl KeyInstaller for HandToNodes {
             key.fingerprint().get(..16).unwrap_or_default(),
             digest.get(..12).unwrap_or(&digest)
         );
-        Ok(Privacy {
-            key,
-            shards: Vec::new(),
-            nodes: Some(NodesServing {
-                digest,
-                admission,
-                nodes: Vec::new(),
-                file: Arc::new(dir),
-            }),
-        })
+        Ok(on_nodes(key, digest, admission, Vec::new(), dir))
     }
 
     fn promote(&self, _old: &Privacy, new: &Privacy) {
@@ -240,5 +223,25 @@ impl KeyInstaller for HandToNodes {
                 tracing::warn!("{peer} did not promote the new key's shard: {e}");
             }
         }
+    }
+}
+
+/// A key whose model `nodes` serve (file `digest`, kept in `dir` for weight checks).
+fn on_nodes(
+    key: EeKey,
+    digest: String,
+    admission: Option<Arc<Admission>>,
+    nodes: Vec<PeerId>,
+    dir: tempfile::TempDir,
+) -> Privacy {
+    Privacy {
+        key,
+        shards: Vec::new(),
+        nodes: Some(NodesServing {
+            digest,
+            admission,
+            nodes,
+            file: Arc::new(dir),
+        }),
     }
 }

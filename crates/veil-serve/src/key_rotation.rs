@@ -137,8 +137,18 @@ impl KeyRotation {
         let Some(keep) = &self.keep else {
             return Ok(None);
         };
-        let Some(key) = keep.load()? else {
-            return Ok(None);
+        let key = match keep.load() {
+            Ok(Some(key)) => key,
+            Ok(None) => return Ok(None),
+            // A passphrase changed since, say: start, and say why the nodes may not answer.
+            Err(e) => {
+                tracing::warn!(
+                    "cannot open the key kept in {} ({e}): starting with the key given, whose \
+                     model the nodes may no longer serve",
+                    keep.path.display()
+                );
+                return Ok(None);
+            }
         };
         if key.model_digest != started.key.model_digest || key.kind() != started.key.kind() {
             tracing::warn!(

@@ -1749,6 +1749,20 @@ fn each_api_key_has_its_own_prefix_cache() {
     assert_eq!(cached(&bob), 0, "{bob}");
 }
 
+/// The text of a chat completion `body` through a gateway on the swarm, asked again for up to
+/// a minute: the first requests may find no route while the DHT fills.
+fn answered(gateway: &Gateway, body: &Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, got) = gateway.post("/v1/chat/completions", body);
+        if status == 200 {
+            return got["choices"][0]["message"]["content"].clone();
+        }
+        assert!(Instant::now() < deadline, "{status}: {got}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -1796,18 +1810,7 @@ fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_
             json!({ "max_tokens": max_tokens }),
         )
     };
-    let answer = |max_tokens: u32| {
-        // The first requests may find no route while the DHT fills.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (status, got) = gateway.post("/v1/chat/completions", &question(max_tokens));
-            if status == 200 {
-                return got["choices"][0]["message"]["content"].clone();
-            }
-            assert!(Instant::now() < deadline, "{status}: {got}");
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    };
+    let answer = |max_tokens: u32| answered(&gateway, &question(max_tokens));
     let wait_for = |name: &str, value: f64| gateway.wait_for_metric(name, value);
 
     // Node c refuses its shard: the rotation fails half-way, a drops what it staged (if it got
@@ -1853,17 +1856,7 @@ fn the_key_rotates_on_the_swarm_and_a_node_that_refuses_its_shard_keeps_the_old_
     assert!(dir.path().join("gateway.redb.rotated-key.veil").exists());
     drop(gateway);
     let gateway = Gateway::start_with(&gateway_args);
-    let answer = |max_tokens: u32| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (status, got) = gateway.post("/v1/chat/completions", &question(max_tokens));
-            if status == 200 {
-                return got["choices"][0]["message"]["content"].clone();
-            }
-            assert!(Instant::now() < deadline, "{status}: {got}");
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    };
+    let answer = |max_tokens: u32| answered(&gateway, &question(max_tokens));
     assert_eq!(answer(8), first);
     gateway.wait_for_metric("veil_key_rotations_total", 1.0);
     assert_eq!(answer(8), first);
