@@ -118,9 +118,6 @@ fn nearest_even(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
-/// Below this many values a product's activations are quantized on the calling thread alone.
-const SERIAL_VALUES: usize = 4096;
-
 /// Tokens per [`ActivationTile`].
 pub(crate) const TILE: usize = 8;
 
@@ -216,7 +213,7 @@ impl Activations {
         self.bsums.clear();
         self.words.clear();
         self.per_unit = 1;
-        let per_part = blocks.div_ceil(part_count(x.len(), SERIAL_VALUES)).max(1);
+        let per_part = blocks.div_ceil(part_count(x.len())).max(1);
         let parts = x
             .chunks(per_part * BLOCK)
             .zip(self.d.chunks_mut(per_part))
@@ -275,7 +272,7 @@ impl Activations {
         self.s.clear();
         self.sums.clear();
         self.per_unit = per_unit;
-        let per_part = units.div_ceil(part_count(x.len(), SERIAL_VALUES)).max(1);
+        let per_part = units.div_ceil(part_count(x.len())).max(1);
         let parts = x
             .chunks(per_part * SUPERBLOCK)
             .zip(self.d.chunks_mut(per_part))

@@ -35,9 +35,6 @@ impl GateActivation {
     }
 }
 
-/// Below this many values the calling thread does it alone.
-const SERIAL_VALUES: usize = 4096;
-
 /// `out[i] = act(gate[i]) · up[i]`, split over candle's barrier pool for long inputs.
 pub fn gated_activation(
     act: GateActivation,
@@ -55,7 +52,7 @@ pub fn gated_activation(
     }
     let per_part = out
         .len()
-        .div_ceil(crate::threads::part_count(out.len(), SERIAL_VALUES))
+        .div_ceil(crate::threads::part_count(out.len()))
         .max(1);
     let parts = out
         .chunks_mut(per_part)
@@ -76,7 +73,7 @@ mod tests {
     #[test]
     fn matches_candles_ops_on_any_split() {
         use candle_core::{Device, Tensor};
-        let n = 3 * SERIAL_VALUES + 5;
+        let n = 3 * crate::threads::SERIAL_VALUES + 5;
         let gate: Vec<f32> = (0..n)
             .map(|i| ((i * 7919) % 2001) as f32 / 100.0 - 10.0)
             .collect();

@@ -57,10 +57,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         x.len()
     );
     let rows = x.len() / n;
-    let per_part = rows
-        .div_ceil(crate::threads::part_count(x.len(), SERIAL_VALUES))
-        .max(1)
-        * n;
+    let per_part = rows.div_ceil(crate::threads::part_count(x.len())).max(1) * n;
     let parts = x.chunks(per_part).zip(out.chunks_mut(per_part)).collect();
     crate::threads::run_parts(parts, |(x, out)| {
         for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
@@ -72,9 +69,6 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         }
     });
 }
-
-/// Below this many values the calling thread norms them alone.
-const SERIAL_VALUES: usize = 4096;
 
 #[cfg(test)]
 mod tests {

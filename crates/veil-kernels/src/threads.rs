@@ -32,11 +32,15 @@ pub(crate) fn parts(available: usize) -> usize {
     available.min(LIMIT.with(Cell::get)).max(1)
 }
 
-/// Into how many parts to cut `len` values so that each holds at least `min` of them, at most
-/// one per thread this caller may use (1: do it on the calling thread).
-pub(crate) fn part_count(len: usize, min: usize) -> usize {
+/// Below this many values, elementwise work (norms, quantizing activations, the gated
+/// activation) runs on the calling thread alone: handing it to the pool would cost more.
+pub(crate) const SERIAL_VALUES: usize = 4096;
+
+/// Into how many parts to cut `len` values of elementwise work: at least [`SERIAL_VALUES`]
+/// each, at most one per thread this caller may use (1: do it on the calling thread).
+pub(crate) fn part_count(len: usize) -> usize {
     let pool = candle_core::utils::barrier_pool();
-    parts(pool.n_workers() + 1).min(len / min.max(1)).max(1)
+    parts(pool.n_workers() + 1).min(len / SERIAL_VALUES).max(1)
 }
 
 /// Runs `work` on each of `parts` (at most one per thread of candle's barrier pool, as
